@@ -1,0 +1,172 @@
+"""The mesh configuration file (tenants, quotas, pools, prices), parsed and validated once."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class QuotaLimits:
+    cpu_millis: int
+    memory_mb: int
+    concurrent_jobs: int
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    tenant_id: str
+    weight: float = 1.0
+    quota: QuotaLimits | None = None
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """Prices in the mesh currency."""
+
+    cpu_core_hour: float = 0.0
+    memory_gb_hour: float = 0.0
+    worker_hour: float = 0.0
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    pool_id: str
+    kind: str  # "static" | "dynamic"
+    worker_cpu_millis: int
+    worker_memory_mb: int
+    min_workers: int = 0
+    max_workers: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    pricing: Pricing = field(default_factory=Pricing)
+    provider: str = "local"
+    max_jobs_per_worker: int = 0  # 0: unlimited reuse
+    scale_up_cooldown_seconds: float = 5.0
+    scale_down_cooldown_seconds: float = 30.0
+    scale_down_idle_seconds: float = 30.0
+    scale_up_step: int = 4
+    scale_down_step: int = 1
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    issuer: str
+    audience: str
+    tenants: dict[str, TenantConfig]
+    default_quota: QuotaLimits
+    pools: tuple[PoolConfig, ...]
+    currency: str = "USD"
+    burst_premium: float = 1.5
+    burst_pool: QuotaLimits | None = None
+    burst_max_duration_seconds: int = 3600
+
+    def pool(self, pool_id: str) -> PoolConfig | None:
+        return next((p for p in self.pools if p.pool_id == pool_id), None)
+
+    def quota_for(self, tenant_id: str) -> QuotaLimits:
+        tenant = self.tenants.get(tenant_id)
+        return tenant.quota if tenant and tenant.quota else self.default_quota
+
+
+def _limits(raw: dict[str, object], where: str) -> QuotaLimits:
+    try:
+        limits = QuotaLimits(
+            cpu_millis=int(raw["cpu_millis"]),  # type: ignore[call-overload]
+            memory_mb=int(raw["memory_mb"]),  # type: ignore[call-overload]
+            concurrent_jobs=int(raw["concurrent_jobs"]),  # type: ignore[call-overload]
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: needs integer cpu_millis, memory_mb, concurrent_jobs ({exc})") from exc
+    if min(limits.cpu_millis, limits.memory_mb, limits.concurrent_jobs) <= 0:
+        raise ConfigError(f"{where}: limits must be positive")
+    return limits
+
+
+def _pool(raw: dict[str, object]) -> PoolConfig:
+    pool_id = str(raw.get("id", ""))
+    if not pool_id:
+        raise ConfigError("pools: every pool needs an id")
+    kind = str(raw.get("kind", "static"))
+    if kind not in ("static", "dynamic"):
+        raise ConfigError(f"pool {pool_id}: kind must be static or dynamic")
+    workers = int(raw.get("workers", 0))  # type: ignore[call-overload]
+    min_w = int(raw.get("min_workers", workers))  # type: ignore[call-overload]
+    max_w = int(raw.get("max_workers", workers))  # type: ignore[call-overload]
+    if kind == "static":
+        min_w = max_w = workers
+    if min_w < 0 or max_w < min_w or max_w == 0:
+        raise ConfigError(f"pool {pool_id}: need 0 <= min_workers <= max_workers and max_workers > 0")
+    pricing_raw = raw.get("pricing", {})
+    assert isinstance(pricing_raw, dict)
+    labels_raw = raw.get("labels", {})
+    assert isinstance(labels_raw, dict)
+    return PoolConfig(
+        pool_id=pool_id,
+        kind=kind,
+        worker_cpu_millis=int(raw.get("worker_cpu_millis", 1000)),  # type: ignore[call-overload]
+        worker_memory_mb=int(raw.get("worker_memory_mb", 1024)),  # type: ignore[call-overload]
+        min_workers=min_w,
+        max_workers=max_w,
+        labels={str(k): str(v) for k, v in labels_raw.items()},
+        pricing=Pricing(**{k: float(v) for k, v in pricing_raw.items()}),
+        provider=str(raw.get("provider", "local")),
+        max_jobs_per_worker=int(raw.get("max_jobs_per_worker", 0)),  # type: ignore[call-overload]
+        scale_up_cooldown_seconds=float(raw.get("scale_up_cooldown_seconds", 5.0)),  # type: ignore[arg-type]
+        scale_down_cooldown_seconds=float(raw.get("scale_down_cooldown_seconds", 30.0)),  # type: ignore[arg-type]
+        scale_down_idle_seconds=float(raw.get("scale_down_idle_seconds", 30.0)),  # type: ignore[arg-type]
+        scale_up_step=int(raw.get("scale_up_step", 4)),  # type: ignore[call-overload]
+        scale_down_step=int(raw.get("scale_down_step", 1)),  # type: ignore[call-overload]
+    )
+
+
+def parse_config(raw: dict[str, object]) -> MeshConfig:
+    auth = raw.get("auth", {})
+    assert isinstance(auth, dict)
+    quota = raw.get("quota", {})
+    assert isinstance(quota, dict)
+    default_quota = _limits(quota.get("defaults", {}), "quota.defaults")
+    tenants_raw = raw.get("tenants", {})
+    assert isinstance(tenants_raw, dict)
+    tenants: dict[str, TenantConfig] = {}
+    for tenant_id, t in tenants_raw.items():
+        tenants[tenant_id] = TenantConfig(
+            tenant_id=tenant_id,
+            weight=float(t.get("weight", 1.0)),
+            quota=_limits(t["quota"], f"tenants.{tenant_id}.quota") if "quota" in t else None,
+        )
+    pools_raw = raw.get("pools", [])
+    assert isinstance(pools_raw, list)
+    pools = tuple(_pool(p) for p in pools_raw)
+    if not pools:
+        raise ConfigError("at least one pool is needed")
+    if len({p.pool_id for p in pools}) != len(pools):
+        raise ConfigError("pool ids must be unique")
+    cost = raw.get("cost", {})
+    assert isinstance(cost, dict)
+    burst = raw.get("burst", {})
+    assert isinstance(burst, dict)
+    burst_pool = _limits(burst["pool"], "burst.pool") if "pool" in burst else None
+    return MeshConfig(
+        burst_pool=burst_pool,
+        burst_max_duration_seconds=int(burst.get("max_duration_seconds", 3600)),
+        issuer=str(auth.get("issuer", "jobmesh-dev")),
+        audience=str(auth.get("audience", "jobmesh")),
+        tenants=tenants,
+        default_quota=default_quota,
+        pools=pools,
+        currency=str(cost.get("currency", "USD")),
+        burst_premium=float(cost.get("burst_premium", 1.5)),
+    )
+
+
+def load_config(path: str | Path) -> MeshConfig:
+    try:
+        with open(path, "rb") as fh:
+            return parse_config(tomllib.load(fh))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read mesh config {path}: {exc}") from exc

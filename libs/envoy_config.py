@@ -1,0 +1,358 @@
+"""Renders the Envoy bootstrap for the public edge: REST/JSON transcoding and native gRPC on one port."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Any
+
+PUBLIC_SERVICES: tuple[str, ...] = (
+    "jobmesh.gateway.v1.JobService",
+    "jobmesh.gateway.v1.TenantService",
+    "jobmesh.gateway.v1.PoolService",
+    "jobmesh.gateway.v1.CostService",
+    "jobmesh.gateway.v1.MetricsService",
+)
+
+# Largest request body accepted from a client (REST JSON or a native gRPC message); larger is 413.
+MAX_REQUEST_BODY_BYTES = 1024 * 1024
+# Largest transcoded response body (e.g. the Prometheus exposition) Envoy will buffer.
+MAX_RESPONSE_BODY_BYTES = 16 * 1024 * 1024
+ROUTE_TIMEOUT_SECONDS = 60
+CONNECT_TIMEOUT_SECONDS = 1
+STREAM_IDLE_TIMEOUT_SECONDS = 300
+REQUEST_HEADERS_TIMEOUT_SECONDS = 10
+MAX_DOWNSTREAM_CONNECTIONS = 10_000
+ENVOY_LOG_LEVEL = "warning"
+
+_GATEWAY_CLUSTER = "jobmesh_gateway"
+_ERROR_DOMAIN = "jobmesh.dev"
+# The transcoder rewrites :method to POST, so the client's method is saved before it runs.
+_METHOD_STATE_KEY = "jobmesh.edge.request_method"
+
+# Envoy's own error answers (not the gateway's) to REST callers, as
+# (HTTP status, google.rpc.Code, ErrorInfo reason); any other status gets _FALLBACK_ERROR.
+_LOCAL_ERRORS: tuple[tuple[int, int, str], ...] = (
+    (400, 3, "INVALID_ARGUMENT"),
+    (404, 5, "ROUTE_NOT_FOUND"),
+    (413, 8, "PAYLOAD_TOO_LARGE"),
+    (503, 14, "DEPENDENCY_UNAVAILABLE"),
+    (504, 4, "DEPENDENCY_TIMEOUT"),
+)
+_FALLBACK_ERROR: tuple[int, str] = (2, "EDGE_ERROR")
+
+# One line per request. No header but x-request-id is logged, so bearer tokens stay out of the log.
+# grpc= is the real status for native gRPC; for REST it is derived from the HTTP status.
+_ACCESS_LOG_FORMAT = (
+    "[%START_TIME(%Y-%m-%dT%H:%M:%S.%3fZ)%] "
+    f'"%FILTER_STATE({_METHOD_STATE_KEY}:PLAIN)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%" '
+    "%RESPONSE_CODE% grpc=%GRPC_STATUS_NUMBER% flags=%RESPONSE_FLAGS% "
+    "in=%BYTES_RECEIVED% out=%BYTES_SENT% %DURATION%ms upstream=%UPSTREAM_HOST% id=%REQ(X-REQUEST-ID)%\n"
+)
+
+
+def _seconds(value: int) -> str:
+    return f"{value}s"
+
+
+def _socket_address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _typed(type_name: str, **fields: Any) -> dict[str, Any]:
+    return {"@type": f"type.googleapis.com/{type_name}", **fields}
+
+
+def _gateway_cluster(gateway_host: str, gateway_port: int) -> dict[str, Any]:
+    try:
+        ipaddress.ip_address(gateway_host)
+        discovery: dict[str, Any] = {"type": "STATIC"}
+    except ValueError:
+        discovery = {"type": "STRICT_DNS", "dns_lookup_family": "V4_PREFERRED"}
+    return {
+        "name": _GATEWAY_CLUSTER,
+        **discovery,
+        "connect_timeout": _seconds(CONNECT_TIMEOUT_SECONDS),
+        "lb_policy": "ROUND_ROBIN",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                explicit_http_config={"http2_protocol_options": {}},
+            )
+        },
+        "load_assignment": {
+            "cluster_name": _GATEWAY_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(gateway_host, gateway_port)}}]}],
+        },
+    }
+
+
+def _remember_method_filter() -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.set_filter_state",
+        "typed_config": _typed(
+            "envoy.extensions.filters.http.set_filter_state.v3.Config",
+            on_request_headers=[
+                {
+                    "object_key": _METHOD_STATE_KEY,
+                    "factory_key": "envoy.string",
+                    "format_string": {"text_format_source": {"inline_string": "%REQ(:METHOD)%"}},
+                }
+            ],
+        ),
+    }
+
+
+def _body_limit_filter() -> dict[str, Any]:
+    # The transcoder's own max_request_body_size does not stop a unary JSON body from being
+    # streamed upstream, so the whole request is buffered here first; overflow is a 413.
+    return {
+        "name": "envoy.filters.http.buffer",
+        "typed_config": _typed(
+            "envoy.extensions.filters.http.buffer.v3.Buffer",
+            max_request_bytes=MAX_REQUEST_BODY_BYTES,
+        ),
+    }
+
+
+def _transcoder_filter(descriptor_path: str) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.grpc_json_transcoder",
+        "typed_config": _typed(
+            "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+            proto_descriptor=descriptor_path,
+            services=list(PUBLIC_SERVICES),
+            print_options={
+                "add_whitespace": False,
+                "preserve_proto_field_names": True,
+                "always_print_primitive_fields": True,
+                "always_print_enums_as_ints": False,
+            },
+            convert_grpc_status=True,
+            ignore_unknown_query_parameters=False,
+            request_validation_options={
+                "reject_unknown_method": True,
+                "reject_unknown_query_parameters": True,
+                "reject_binding_body_field_collisions": True,
+            },
+            case_insensitive_enum_parsing=False,
+            max_request_body_size=MAX_REQUEST_BODY_BYTES,
+            max_response_body_size=MAX_RESPONSE_BODY_BYTES,
+        ),
+    }
+
+
+def _routes() -> list[dict[str, Any]]:
+    # The transcoder rewrites a matched REST request to its gRPC path before routing, so these
+    # prefixes carry both REST and native gRPC traffic; every other path (internal services
+    # included) falls through to the 404 below and never reaches the gateway.
+    routes: list[dict[str, Any]] = [
+        {
+            "name": service,
+            "match": {"prefix": f"/{service}/", "grpc": {}},
+            "route": {
+                "cluster": _GATEWAY_CLUSTER,
+                "timeout": _seconds(ROUTE_TIMEOUT_SECONDS),
+                "max_stream_duration": {"grpc_timeout_header_max": _seconds(ROUTE_TIMEOUT_SECONDS)},
+            },
+        }
+        for service in PUBLIC_SERVICES
+    ]
+    routes.append(
+        {
+            "name": "not_found",
+            "match": {"prefix": "/"},
+            "direct_response": {
+                "status": 404,
+                "body": {"inline_string": "no such endpoint"},
+            },
+        }
+    )
+    return routes
+
+
+def _rest_caller_filter() -> dict[str, Any]:
+    # Native gRPC callers keep Envoy's gRPC-shaped local replies (trailers-only, grpc-status);
+    # everyone else is a REST caller. A transcoded request already carries a gRPC content type
+    # when Envoy answers it, so the transcoder's x-envoy-original-path marks it as REST.
+    not_grpc = {
+        "header_filter": {
+            "header": {
+                "name": "content-type",
+                "string_match": {"prefix": "application/grpc"},
+                "invert_match": True,
+                "treat_missing_header_as_empty": True,
+            }
+        }
+    }
+    transcoded = {"header_filter": {"header": {"name": "x-envoy-original-path", "present_match": True}}}
+    return {"or_filter": {"filters": [not_grpc, transcoded]}}
+
+
+def _status_json(code: int, reason: str) -> dict[str, Any]:
+    detail = {
+        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+        "reason": reason,
+        "domain": _ERROR_DOMAIN,
+    }
+    return {
+        "json_format": {
+            "code": code,
+            "message": "%LOCAL_REPLY_BODY%",
+            "details": [detail],
+        },
+        "content_type": "application/json",
+    }
+
+
+def _local_reply_config() -> dict[str, Any]:
+    mappers: list[dict[str, Any]] = []
+    for http_status, code, reason in _LOCAL_ERRORS:
+        status_filter = {
+            "status_code_filter": {
+                "comparison": {
+                    "op": "EQ",
+                    "value": {
+                        "default_value": http_status,
+                        "runtime_key": f"jobmesh.edge.status_{http_status}",
+                    },
+                }
+            }
+        }
+        mappers.append(
+            {
+                "filter": {"and_filter": {"filters": [status_filter, _rest_caller_filter()]}},
+                "body_format_override": _status_json(code, reason),
+            }
+        )
+    mappers.append(
+        {
+            "filter": _rest_caller_filter(),
+            "body_format_override": _status_json(*_FALLBACK_ERROR),
+        }
+    )
+    return {"mappers": mappers}
+
+
+def _http_connection_manager(descriptor_path: str) -> dict[str, Any]:
+    return _typed(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix="jobmesh_edge",
+        codec_type="AUTO",
+        # This is the edge: trust the peer address, not client-sent X-Forwarded-For, and drop
+        # client-sent x-envoy-* headers.
+        use_remote_address=True,
+        stream_idle_timeout=_seconds(STREAM_IDLE_TIMEOUT_SECONDS),
+        request_headers_timeout=_seconds(REQUEST_HEADERS_TIMEOUT_SECONDS),
+        http2_protocol_options={
+            "max_concurrent_streams": 100,
+            "initial_stream_window_size": 65536,
+            "initial_connection_window_size": 1048576,
+        },
+        normalize_path=True,
+        merge_slashes=True,
+        path_with_escaped_slashes_action="REJECT_REQUEST",
+        access_log=[
+            {
+                "name": "envoy.access_loggers.stdout",
+                "typed_config": _typed(
+                    "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                    log_format={"text_format_source": {"inline_string": _ACCESS_LOG_FORMAT}},
+                ),
+            }
+        ],
+        local_reply_config=_local_reply_config(),
+        route_config={
+            "name": "jobmesh_public",
+            "virtual_hosts": [{"name": "jobmesh", "domains": ["*"], "routes": _routes()}],
+        },
+        http_filters=[
+            _remember_method_filter(),
+            _body_limit_filter(),
+            _transcoder_filter(descriptor_path),
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router"),
+            },
+        ],
+    )
+
+
+def render_envoy_config(
+    *,
+    listen_host: str,
+    listen_port: int,
+    admin_port: int,
+    gateway_host: str,
+    gateway_port: int,
+    descriptor_path: str,
+) -> str:
+    """Return the Envoy v3 bootstrap (as JSON, which is also valid YAML) for the public edge.
+
+    One listener on ``listen_host:listen_port`` speaks HTTP/1.1 and cleartext HTTP/2 (codec AUTO).
+    REST under ``/api/v1/`` is transcoded to gRPC with the descriptor set at ``descriptor_path``
+    (JSON uses proto field names and enum names; gRPC errors come back as JSON google.rpc.Status
+    with their details); native gRPC to the public ``jobmesh.gateway.v1`` services passes as is.
+    Both go over HTTP/2 to the gateway at ``gateway_host:gateway_port``; every other path is a
+    404 and never reaches it. Request bodies are capped at 1 MiB (413), and Envoy's own errors to
+    REST callers are JSON google.rpc.Status bodies too. Admin listens on ``127.0.0.1:admin_port``.
+
+    Some settings live on Envoy's command line, not in the bootstrap: the launcher must start
+    Envoy with ``--concurrency 1`` and ``--log-level warning`` (:func:`envoy_argv` builds that
+    command). Write the result to a file ending in ``.yaml`` or ``.json`` and pass it with ``-c``.
+    """
+    bootstrap: dict[str, Any] = {
+        "admin": {"address": _socket_address("127.0.0.1", admin_port)},
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": _typed(
+                        "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                        max_active_downstream_connections=MAX_DOWNSTREAM_CONNECTIONS,
+                    ),
+                }
+            ]
+        },
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "jobmesh_public",
+                    "address": _socket_address(listen_host, listen_port),
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": _http_connection_manager(descriptor_path),
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [_gateway_cluster(gateway_host, gateway_port)],
+        },
+    }
+    return json.dumps(bootstrap, indent=2) + "\n"
+
+
+def envoy_argv(envoy_binary: str, config_path: str, *, base_id: int | None = None) -> list[str]:
+    """Return the command that runs Envoy on a rendered config: one worker, warning-level logs.
+
+    Access-log lines are flushed every second so they show up promptly on stdout.
+    """
+    argv = [
+        envoy_binary,
+        "-c",
+        config_path,
+        "--concurrency",
+        "1",
+        "--log-level",
+        ENVOY_LOG_LEVEL,
+        "--file-flush-interval-msec",
+        "1000",
+    ]
+    if base_id is not None:
+        argv += ["--base-id", str(base_id)]
+    return argv

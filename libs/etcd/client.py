@@ -1,0 +1,239 @@
+"""A small typed asyncio etcd v3 client over grpc.aio (etcd's own protos, as bundled by etcd3aio)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+from etcd3aio import _protobuf as pb  # etcd's generated messages and stubs; works on the upb backend
+
+from libs.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+Compare = pb.Compare
+RequestOp = pb.RequestOp
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: int
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    kind: str  # "put" | "delete"
+    kv: KeyValue
+    revision: int
+
+
+@dataclass(frozen=True)
+class TxnResult:
+    succeeded: bool
+    revision: int
+    responses: Sequence[pb.ResponseOp]
+
+    def range_kvs(self, index: int) -> list[KeyValue]:
+        return [_kv(kv) for kv in self.responses[index].response_range.kvs]
+
+
+class WatchCompacted(Exception):
+    """The revision a watch asked for was compacted away: the caller must list again."""
+
+    def __init__(self, compact_revision: int):
+        super().__init__(f"compacted at {compact_revision}")
+        self.compact_revision = compact_revision
+
+
+def _kv(kv: pb.kv_pb2.KeyValue) -> KeyValue:  # type: ignore[name-defined]
+    return KeyValue(
+        key=kv.key.decode(),
+        value=kv.value,
+        create_revision=kv.create_revision,
+        mod_revision=kv.mod_revision,
+        version=kv.version,
+        lease=kv.lease,
+    )
+
+
+def prefix_end(prefix: str) -> bytes:
+    raw = bytearray(prefix.encode())
+    for i in range(len(raw) - 1, -1, -1):
+        if raw[i] < 0xFF:
+            raw[i] += 1
+            return bytes(raw[: i + 1])
+    return b"\0"
+
+
+# Builders for transaction predicates and operations.
+
+
+def cmp_mod(key: str, revision: int) -> pb.Compare:
+    return pb.Compare(result=pb.Compare.EQUAL, target=pb.Compare.MOD, key=key.encode(), mod_revision=revision)
+
+
+def cmp_create(key: str, revision: int) -> pb.Compare:
+    return pb.Compare(result=pb.Compare.EQUAL, target=pb.Compare.CREATE, key=key.encode(), create_revision=revision)
+
+
+def cmp_missing(key: str) -> pb.Compare:
+    return cmp_create(key, 0)
+
+
+def op_put(key: str, value: bytes, lease: int = 0) -> pb.RequestOp:
+    return pb.RequestOp(request_put=pb.PutRequest(key=key.encode(), value=value, lease=lease))
+
+
+def op_delete(key: str) -> pb.RequestOp:
+    return pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=key.encode()))
+
+
+def op_get(key: str) -> pb.RequestOp:
+    return pb.RequestOp(request_range=pb.RangeRequest(key=key.encode()))
+
+
+class Etcd:
+    """The operations jobmesh uses; every method maps transport failures to `Unavailable`."""
+
+    def __init__(self, endpoints: Sequence[str], *, timeout: float = 5.0):
+        self.endpoints = list(endpoints)
+        self.timeout = timeout
+        target = self.endpoints[0] if len(self.endpoints) == 1 else "ipv4:" + ",".join(self.endpoints)
+        self._channel = grpc.aio.insecure_channel(
+            target,
+            options=[
+                ("grpc.lb_policy_name", "round_robin"),
+                ("grpc.keepalive_time_ms", 10_000),
+                ("grpc.keepalive_timeout_ms", 5_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ],
+        )
+        self._kv = pb.KVStub(self._channel)
+        self._lease = pb.LeaseStub(self._channel)
+        self._watch = pb.WatchStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, fn, request, attempts: int = 3):  # type: ignore[no-untyped-def]
+        delay = 0.1
+        for attempt in range(attempts):
+            try:
+                return await fn(request, timeout=self.timeout)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE,) or attempt == attempts - 1:
+                    raise Unavailable(f"etcd: {exc.code().name}", reason="STORE_UNAVAILABLE") from exc
+                await asyncio.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    async def wait_ready(self, deadline: float = 30.0) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline
+        while True:
+            try:
+                await self._kv.Range(pb.RangeRequest(key=b"/", count_only=True), timeout=1.0)
+                return
+            except grpc.aio.AioRpcError:
+                if loop.time() > end:
+                    raise
+                await asyncio.sleep(0.2)
+
+    async def get(self, key: str) -> KeyValue | None:
+        resp = await self._call(self._kv.Range, pb.RangeRequest(key=key.encode()))
+        return _kv(resp.kvs[0]) if resp.kvs else None
+
+    async def get_prefix(
+        self, prefix: str, *, start: str | None = None, limit: int = 0, keys_only: bool = False
+    ) -> tuple[list[KeyValue], int, bool]:
+        """Keys under prefix from `start` (inclusive) in key order: (kvs, revision, more)."""
+        request = pb.RangeRequest(
+            key=(start or prefix).encode(), range_end=prefix_end(prefix), limit=limit, keys_only=keys_only
+        )
+        resp = await self._call(self._kv.Range, request)
+        return [_kv(kv) for kv in resp.kvs], resp.header.revision, resp.more
+
+    async def put(self, key: str, value: bytes, lease: int = 0) -> int:
+        resp = await self._call(self._kv.Put, pb.PutRequest(key=key.encode(), value=value, lease=lease))
+        return int(resp.header.revision)
+
+    async def delete(self, key: str) -> int:
+        resp = await self._call(self._kv.DeleteRange, pb.DeleteRangeRequest(key=key.encode()))
+        return int(resp.deleted)
+
+    async def txn(
+        self, compare: Sequence[pb.Compare], success: Sequence[pb.RequestOp], failure: Sequence[pb.RequestOp] = ()
+    ) -> TxnResult:
+        request = pb.TxnRequest(compare=list(compare), success=list(success), failure=list(failure))
+        resp = await self._call(self._kv.Txn, request)
+        return TxnResult(resp.succeeded, resp.header.revision, resp.responses)
+
+    async def grant(self, ttl: int) -> int:
+        resp = await self._call(self._lease.LeaseGrant, pb.LeaseGrantRequest(TTL=ttl))
+        return int(resp.ID)
+
+    async def revoke(self, lease_id: int) -> None:
+        try:
+            await self._call(self._lease.LeaseRevoke, pb.LeaseRevokeRequest(ID=lease_id), attempts=1)
+        except Unavailable:
+            log.warning("lease revoke failed; it will expire on its own")
+
+    async def refresh(self, lease_id: int) -> int:
+        """One keep-alive; returns the remaining TTL (<= 0 when the lease is gone)."""
+
+        async def one() -> AsyncIterator[pb.LeaseKeepAliveRequest]:
+            yield pb.LeaseKeepAliveRequest(ID=lease_id)
+
+        call = self._lease.LeaseKeepAlive(one(), timeout=self.timeout)
+        try:
+            async for resp in call:
+                return int(resp.TTL)
+        except grpc.aio.AioRpcError as exc:
+            raise Unavailable(f"etcd keepalive: {exc.code().name}", reason="STORE_UNAVAILABLE") from exc
+        finally:
+            call.cancel()
+        return 0
+
+    async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[WatchEvent]]:
+        """Batches of events under prefix from start_revision; raises WatchCompacted or Unavailable."""
+        queue: asyncio.Queue[pb.WatchRequest] = asyncio.Queue()
+        await queue.put(
+            pb.WatchRequest(
+                create_request=pb.WatchCreateRequest(
+                    key=prefix.encode(),
+                    range_end=prefix_end(prefix),
+                    start_revision=start_revision,
+                    progress_notify=True,
+                )
+            )
+        )
+
+        async def requests() -> AsyncIterator[pb.WatchRequest]:
+            while True:
+                yield await queue.get()
+
+        call = self._watch.Watch(requests())
+        try:
+            async for resp in call:
+                if resp.compact_revision:
+                    raise WatchCompacted(resp.compact_revision)
+                if resp.canceled:
+                    raise Unavailable(f"etcd watch cancelled: {resp.cancel_reason}", reason="STORE_UNAVAILABLE")
+                if resp.events:
+                    yield [
+                        WatchEvent("delete" if ev.type == ev.DELETE else "put", _kv(ev.kv), ev.kv.mod_revision)
+                        for ev in resp.events
+                    ]
+        except grpc.aio.AioRpcError as exc:
+            raise Unavailable(f"etcd watch: {exc.code().name}", reason="STORE_UNAVAILABLE") from exc
+        finally:
+            call.cancel()

@@ -1,0 +1,131 @@
+"""Leader election on an etcd lease, and fenced writes that only the current leader can make."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from libs.errors import NotLeader, Unavailable
+from libs.etcd.client import Compare, Etcd, RequestOp, TxnResult, cmp_create, cmp_missing, op_put
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Leadership:
+    """Proof of leadership: the leader key's create revision. Every leader write compares it."""
+
+    key: str
+    revision: int
+    lease_id: int
+
+
+class LeaderElection:
+    """Campaigns for `key`; `leadership` is set while this replica leads and cleared the moment it may not."""
+
+    def __init__(self, etcd: Etcd, key: str, identity: str, ttl: int = 5):
+        self.etcd = etcd
+        self.key = key
+        self.identity = identity
+        self.ttl = ttl
+        self.leadership: Leadership | None = None
+        self.changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._resign = False
+
+    @property
+    def is_leader(self) -> bool:
+        return self.leadership is not None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"election:{self.key}")
+
+    async def stop(self) -> None:
+        """Resign: revoke our lease so the other replica takes over at once."""
+        self._resign = True
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        lead = self.leadership
+        self._lose()
+        if lead is not None:
+            await self.etcd.revoke(lead.lease_id)
+
+    def _lose(self) -> None:
+        if self.leadership is not None:
+            log.warning("lost leadership of %s", self.key)
+        self.leadership = None
+        self.changed.set()
+
+    async def _run(self) -> None:
+        while not self._resign:
+            try:
+                await self._campaign_once()
+            except Unavailable as exc:
+                log.warning("election %s: %s", self.key, exc)
+                self._lose()
+                await asyncio.sleep(0.5)
+
+    async def _campaign_once(self) -> None:
+        lease_id = await self.etcd.grant(self.ttl)
+        result = await self.etcd.txn([cmp_missing(self.key)], [op_put(self.key, self.identity.encode(), lease_id)])
+        if not result.succeeded:
+            await self.etcd.revoke(lease_id)
+            await self._wait_for_vacancy()
+            return
+        kv = await self.etcd.get(self.key)
+        if kv is None or kv.lease != lease_id:
+            return
+        self.leadership = Leadership(self.key, kv.create_revision, lease_id)
+        self.changed.set()
+        log.info("became leader of %s at revision %d", self.key, kv.create_revision)
+        # Refresh at a third of the TTL; give up leadership *before* the lease can have expired.
+        loop = asyncio.get_running_loop()
+        last_ok = loop.time()
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            try:
+                ttl_left = await self.etcd.refresh(lease_id)
+            except Unavailable:
+                ttl_left = -1
+            if ttl_left > 0:
+                last_ok = loop.time()
+                continue
+            if ttl_left == 0 or loop.time() - last_ok > self.ttl * 2 / 3:
+                self._lose()
+                return
+
+    async def _wait_for_vacancy(self) -> None:
+        while not self._resign:
+            kv = await self.etcd.get(self.key)
+            if kv is None:
+                return
+            await asyncio.sleep(min(1.0, self.ttl / 5))
+
+    async def wait_leader(self) -> Leadership:
+        while self.leadership is None:
+            self.changed.clear()
+            await self.changed.wait()
+        return self.leadership
+
+    async def fenced_txn(
+        self, compare: Sequence[Compare], success: Sequence[RequestOp], failure: Sequence[RequestOp] = ()
+    ) -> TxnResult:
+        """A transaction that also requires our leader key to be unchanged; fails with NotLeader otherwise."""
+        lead = self.leadership
+        if lead is None:
+            raise NotLeader(f"not the leader of {self.key}")
+        fence = cmp_create(lead.key, lead.revision)
+        result = await self.etcd.txn([fence, *compare], success, failure)
+        if not result.succeeded:
+            # Tell a lost fence from a lost race on the caller's own compares.
+            kv = await self.etcd.get(lead.key)
+            if kv is None or kv.create_revision != lead.revision:
+                self._lose()
+                raise NotLeader(f"leadership of {self.key} was lost")
+        return result

@@ -1,0 +1,102 @@
+"""List-then-watch over an etcd prefix: a local cache kept in step, with every change handed to a callback."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from libs.errors import Unavailable
+from libs.etcd.client import Etcd, KeyValue, WatchCompacted, WatchEvent
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[WatchEvent], Awaitable[None] | None]
+
+
+class Informer:
+    """Keeps `cache` equal to the keys under `prefix`; calls `handler` for each put and delete, in order.
+
+    After a reconnect it resumes from the last revision seen; after a compaction it lists again and
+    replays the difference, so the handler never misses a change (it may see a key's latest value only).
+    """
+
+    def __init__(self, etcd: Etcd, prefix: str, handler: Handler | None = None, name: str = ""):
+        self.etcd = etcd
+        self.prefix = prefix
+        self.handler = handler
+        self.name = name or prefix
+        self.cache: dict[str, KeyValue] = {}
+        self.revision = 0
+        self.synced = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"informer:{self.name}")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    async def wait_synced(self, timeout: float = 30.0) -> None:
+        await asyncio.wait_for(self.synced.wait(), timeout)
+
+    async def _emit(self, event: WatchEvent) -> None:
+        if event.kind == "put":
+            self.cache[event.kv.key] = event.kv
+        else:
+            # A delete carries no value; hand the handler the last value we knew.
+            old = self.cache.pop(event.kv.key, None)
+            if old is not None:
+                event = WatchEvent("delete", old, event.revision)
+        if self.handler is not None:
+            try:
+                result = self.handler(event)
+                if result is not None:
+                    await result
+            except Exception:
+                log.exception("informer %s: handler failed for %s", self.name, event.kv.key)
+
+    async def _list(self) -> None:
+        kvs: list[KeyValue] = []
+        start: str | None = None
+        revision = 0
+        while True:
+            page, revision, more = await self.etcd.get_prefix(self.prefix, start=start, limit=2000)
+            kvs.extend(page)
+            if not more or not page:
+                break
+            start = page[-1].key + "\0"
+        fresh = {kv.key: kv for kv in kvs}
+        for key in [k for k in self.cache if k not in fresh]:
+            await self._emit(WatchEvent("delete", self.cache[key], revision))
+        for key, kv in fresh.items():
+            old = self.cache.get(key)
+            if old is None or old.mod_revision != kv.mod_revision:
+                await self._emit(WatchEvent("put", kv, kv.mod_revision))
+        self.revision = revision
+
+    async def _run(self) -> None:
+        backoff = 0.2
+        need_list = True
+        while True:
+            try:
+                if need_list:
+                    await self._list()
+                    need_list = False
+                    self.synced.set()
+                async for batch in self.etcd.watch(self.prefix, self.revision + 1):
+                    backoff = 0.2
+                    for event in batch:
+                        await self._emit(event)
+                        self.revision = max(self.revision, event.revision)
+            except WatchCompacted:
+                need_list = True
+            except Unavailable as exc:
+                log.warning("informer %s: %s; retrying in %.1fs", self.name, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 3.0)

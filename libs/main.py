@@ -1,0 +1,31 @@
+"""The shared entry point: read settings, set up telemetry, run the service's composition root on uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+
+from libs.settings import CommonSettings, SettingsError
+from libs.telemetry import setup_telemetry
+
+
+def run_service(name: str, default_port: int, root: Callable[[CommonSettings], Awaitable[None]]) -> None:
+    try:
+        settings = CommonSettings.from_env(name, default_port)
+    except SettingsError as exc:
+        print(f"{name}: bad settings: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    provider = setup_telemetry(settings.telemetry)
+    try:
+        import uvloop
+
+        uvloop.run(root(settings))
+    except ImportError:
+        asyncio.run(root(settings))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        provider.shutdown()
+        logging.shutdown()

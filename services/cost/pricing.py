@@ -1,0 +1,47 @@
+"""Pricing of job attempts in integer micro-units of the mesh currency. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import ROUND_HALF_EVEN, Decimal
+
+from libs.config import Pricing
+
+MICROS = 1_000_000
+
+
+@dataclass(frozen=True)
+class AttemptUsage:
+    run_seconds: float
+    requested_cpu_millis: int
+    requested_memory_mb: int
+    used_cpu_seconds: float = 0.0
+    used_max_memory_mb: int = 0
+    burst: bool = False
+
+
+def charged_resources(u: AttemptUsage) -> tuple[Decimal, Decimal]:
+    """Cores and GiB charged: the larger of what was requested and what was used (OpenCost's rule)."""
+    cores_requested = Decimal(u.requested_cpu_millis) / 1000
+    cores_used = Decimal(str(u.used_cpu_seconds)) / Decimal(str(u.run_seconds)) if u.run_seconds > 0 else Decimal(0)
+    gib = Decimal(max(u.requested_memory_mb, u.used_max_memory_mb)) / 1024
+    return max(cores_requested, cores_used), gib
+
+
+def price_attempt(u: AttemptUsage, pricing: Pricing, burst_premium: float) -> int:
+    """(cores x core-hour + GiB x GiB-hour + worker-hour) x hours, times the premium for burst; in micros."""
+    cores, gib = charged_resources(u)
+    hours = Decimal(str(max(u.run_seconds, 0.0))) / 3600
+    per_hour = (
+        cores * Decimal(str(pricing.cpu_core_hour))
+        + gib * Decimal(str(pricing.memory_gb_hour))
+        + Decimal(str(pricing.worker_hour))
+    )
+    amount = per_hour * hours
+    if u.burst:
+        amount *= Decimal(str(burst_premium))
+    return int((amount * MICROS).quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
+
+
+def format_micros(micros: int) -> str:
+    return f"{Decimal(micros) / MICROS:.6f}"

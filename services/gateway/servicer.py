@@ -1,0 +1,263 @@
+"""The public API: authenticate, authorize, validate, then delegate to the internal services."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from google.api import httpbody_pb2
+from prometheus_client import generate_latest
+
+from jobmesh.common.v1 import types_pb2 as t
+from jobmesh.cost.v1 import cost_pb2 as c
+from jobmesh.gateway.v1 import gateway_pb2 as g
+from jobmesh.gateway.v1 import gateway_pb2_grpc
+from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
+from jobmesh.queueing.v1 import queueing_pb2 as q
+from jobmesh.quota.v1 import quota_pb2 as qt
+from libs.auth import Principal, TokenVerifier
+from libs.clock import Clock
+from libs.config import MeshConfig
+from libs.errors import InvalidArgument, NotFound, PermissionDenied
+from libs.jobs import assign_queue, new_job_id, ts, validate_spec
+from libs.keys import safe_segment
+from libs.telemetry import job_id_var, tenant_id_var
+from services.gateway.metrics_scrape import scrape_all
+
+log = logging.getLogger(__name__)
+
+
+class Backends:
+    """Stubs of the internal services."""
+
+    def __init__(self, quota: object, queueing: object, poolmanager: object, cost: object):
+        self.quota = quota
+        self.queueing = queueing
+        self.poolmanager = poolmanager
+        self.cost = cost
+
+
+class Authenticator:
+    def __init__(self, verifier: TokenVerifier):
+        self.verifier = verifier
+
+    def __call__(self, context: grpc.aio.ServicerContext) -> Principal:
+        header = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                header = value if isinstance(value, str) else value.decode()
+        principal = self.verifier.verify(header)
+        tenant_id_var.set(principal.tenant_id)
+        return principal
+
+
+def require_tenant_access(principal: Principal, tenant_id: str) -> None:
+    if not tenant_id:
+        raise InvalidArgument("tenant_id", "is required")
+    if principal.tenant_id != tenant_id and not principal.is_admin:
+        raise PermissionDenied("you may only act on your own tenant", reason="TENANT_FORBIDDEN")
+
+
+def require_admin(principal: Principal) -> None:
+    if not principal.is_admin:
+        raise PermissionDenied("this call needs the admin role", reason="ADMIN_ONLY")
+
+
+def check_job_id(job_id: str) -> None:
+    if not safe_segment(job_id):
+        raise NotFound(f"job {job_id!r} not found", reason="JOB_NOT_FOUND")
+
+
+class JobsServicer(gateway_pb2_grpc.JobServiceServicer):
+    def __init__(self, auth: Authenticator, backends: Backends, config: MeshConfig, clock: Clock):
+        self.auth = auth
+        self.b = backends
+        self.config = config
+        self.clock = clock
+
+    def _scope(self, principal: Principal) -> str:
+        """Tenant to look jobs up in: the caller's own, or any (empty) for an admin."""
+        return "" if principal.is_admin else principal.tenant_id
+
+    async def SubmitJob(self, request: g.SubmitJobRequest, context: grpc.aio.ServicerContext) -> t.Job:
+        principal = self.auth(context)
+        spec = request.spec
+        validate_spec(spec, self.config)
+        now = self.clock.now()
+        job = t.Job(
+            job_id=new_job_id(now),
+            tenant_id=principal.tenant_id,
+            state=t.JOB_STATE_PENDING,
+            spec=spec,
+            create_time=ts(now),
+            update_time=ts(now),
+            waiting_reason="QUEUED",
+            queue=assign_queue(spec, self.config),
+        )
+        job_id_var.set(job.job_id)
+        reserved = await self.b.quota.Reserve(  # type: ignore[attr-defined]
+            qt.ReserveRequest(tenant_id=job.tenant_id, job_id=job.job_id, resources=spec.resources, burst=spec.burst),
+            timeout=5.0,
+        )
+        job.burst_session_id = reserved.burst_session_id
+        try:
+            stored = await self.b.queueing.Enqueue(q.EnqueueRequest(job=job), timeout=10.0)  # type: ignore[attr-defined]
+        except BaseException:
+            await self._release(job)
+            raise
+        if not stored.created:
+            await self._release(job)  # an idempotent replay: the first job holds the quota already
+        else:
+            log.info("job accepted")
+        return stored.job
+
+    async def _release(self, job: t.Job) -> None:
+        try:
+            await self.b.quota.Release(qt.ReleaseRequest(tenant_id=job.tenant_id, job_id=job.job_id), timeout=2.0)  # type: ignore[attr-defined]
+        except grpc.aio.AioRpcError:
+            log.warning("could not release a reservation; it expires by itself")
+
+    async def _with_cost(self, job: t.Job) -> t.Job:
+        if job.attempt == 0:
+            return job
+        try:
+            resp = await self.b.cost.GetJobCost(c.GetJobCostRequest(job=job), timeout=2.0)  # type: ignore[attr-defined]
+            job.cost.CopyFrom(resp.cost)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("cost unavailable for job: %s", exc.code().name)
+        return job
+
+    async def GetJob(self, request: g.GetJobRequest, context: grpc.aio.ServicerContext) -> t.Job:
+        principal = self.auth(context)
+        check_job_id(request.job_id)
+        job_id_var.set(request.job_id)
+        resp = await self.b.queueing.GetJob(  # type: ignore[attr-defined]
+            q.GetJobRequest(tenant_id=self._scope(principal), job_id=request.job_id), timeout=5.0
+        )
+        return await self._with_cost(resp.job)
+
+    async def ListJobs(self, request: g.ListJobsRequest, context: grpc.aio.ServicerContext) -> g.ListJobsResponse:
+        principal = self.auth(context)
+        if request.page_size < 0 or request.page_size > 500:
+            raise InvalidArgument("page_size", "must be between 1 and 500")
+        resp = await self.b.queueing.ListJobs(  # type: ignore[attr-defined]
+            q.ListJobsRequest(
+                tenant_id=principal.tenant_id,
+                state=request.state,
+                page_size=request.page_size,
+                page_token=request.page_token,
+            ),
+            timeout=10.0,
+        )
+        return g.ListJobsResponse(jobs=resp.jobs, next_page_token=resp.next_page_token)
+
+    async def CancelJob(self, request: g.CancelJobRequest, context: grpc.aio.ServicerContext) -> t.Job:
+        principal = self.auth(context)
+        check_job_id(request.job_id)
+        job_id_var.set(request.job_id)
+        resp = await self.b.queueing.CancelJob(  # type: ignore[attr-defined]
+            q.CancelJobRequest(tenant_id=self._scope(principal), job_id=request.job_id), timeout=10.0
+        )
+        log.info("job cancelled")
+        return await self._with_cost(resp.job)
+
+
+class TenantsServicer(gateway_pb2_grpc.TenantServiceServicer):
+    def __init__(self, auth: Authenticator, backends: Backends):
+        self.auth = auth
+        self.b = backends
+
+    async def GetQuota(self, request: g.GetQuotaRequest, context: grpc.aio.ServicerContext) -> object:
+        require_tenant_access(self.auth(context), request.tenant_id)
+        resp = await self.b.quota.GetQuota(qt.GetQuotaRequest(tenant_id=request.tenant_id), timeout=5.0)  # type: ignore[attr-defined]
+        return resp.quota
+
+    async def UpdateQuota(self, request: g.UpdateQuotaRequest, context: grpc.aio.ServicerContext) -> object:
+        require_admin(self.auth(context))
+        resp = await self.b.quota.UpdateQuota(  # type: ignore[attr-defined]
+            qt.UpdateQuotaRequest(tenant_id=request.tenant_id, limits=request.limits), timeout=5.0
+        )
+        return resp.quota
+
+    async def RequestBurst(self, request: g.RequestBurstRequest, context: grpc.aio.ServicerContext) -> object:
+        principal = self.auth(context)
+        require_tenant_access(principal, request.tenant_id)
+        resp = await self.b.quota.RequestBurst(  # type: ignore[attr-defined]
+            qt.RequestBurstRequest(
+                tenant_id=request.tenant_id,
+                cpu_millis=request.cpu_millis,
+                memory_mb=request.memory_mb,
+                concurrent_jobs=request.concurrent_jobs,
+                duration_seconds=request.duration_seconds,
+                requested_by=principal.subject,
+            ),
+            timeout=5.0,
+        )
+        return resp.session
+
+
+class PoolsServicer(gateway_pb2_grpc.PoolServiceServicer):
+    def __init__(self, auth: Authenticator, backends: Backends):
+        self.auth = auth
+        self.b = backends
+
+    async def ListPools(self, request: g.ListPoolsRequest, context: grpc.aio.ServicerContext) -> g.ListPoolsResponse:
+        self.auth(context)
+        resp = await self.b.poolmanager.ListPools(pm.ListPoolsRequest(), timeout=5.0)  # type: ignore[attr-defined]
+        return g.ListPoolsResponse(pools=resp.pools)
+
+    async def GetPoolMetrics(self, request: g.GetPoolMetricsRequest, context: grpc.aio.ServicerContext) -> object:
+        self.auth(context)
+        resp = await self.b.poolmanager.GetPoolMetrics(  # type: ignore[attr-defined]
+            pm.GetPoolMetricsRequest(pool_id=request.pool_id), timeout=5.0
+        )
+        return resp.metrics
+
+    async def GetScalingHistory(
+        self, request: g.GetScalingHistoryRequest, context: grpc.aio.ServicerContext
+    ) -> g.GetScalingHistoryResponse:
+        self.auth(context)
+        resp = await self.b.poolmanager.GetScalingHistory(  # type: ignore[attr-defined]
+            pm.GetScalingHistoryRequest(pool_id=request.pool_id, page_size=request.page_size), timeout=5.0
+        )
+        return g.GetScalingHistoryResponse(events=resp.events)
+
+
+class CostReportsServicer(gateway_pb2_grpc.CostServiceServicer):
+    def __init__(self, auth: Authenticator, backends: Backends):
+        self.auth = auth
+        self.b = backends
+
+    async def GetCostReports(
+        self, request: g.GetCostReportsRequest, context: grpc.aio.ServicerContext
+    ) -> g.GetCostReportsResponse:
+        principal = self.auth(context)
+        tenant_id = request.tenant_id
+        if principal.is_admin:
+            pass  # empty: every tenant
+        elif not tenant_id:
+            tenant_id = principal.tenant_id
+        else:
+            require_tenant_access(principal, tenant_id)
+        resp = await self.b.cost.GetCostReports(  # type: ignore[attr-defined]
+            c.GetCostReportsRequest(tenant_id=tenant_id, start=request.start, end=request.end), timeout=10.0
+        )
+        out = g.GetCostReportsResponse(reports=resp.reports)
+        if principal.is_admin and resp.HasField("idle_cost"):
+            out.idle_cost.CopyFrom(resp.idle_cost)
+        return out
+
+
+class MetricsServicer(gateway_pb2_grpc.MetricsServiceServicer):
+    def __init__(self, auth: Authenticator, targets: tuple[str, ...], own_metrics: object):
+        self.auth = auth
+        self.targets = targets
+        self.own_metrics = own_metrics
+
+    async def GetPrometheusMetrics(
+        self, request: g.GetPrometheusMetricsRequest, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        require_admin(self.auth(context))
+        own = generate_latest(self.own_metrics).decode()  # type: ignore[arg-type]
+        text = await scrape_all(self.targets, own)
+        return httpbody_pb2.HttpBody(content_type="text/plain; version=0.0.4; charset=utf-8", data=text.encode())

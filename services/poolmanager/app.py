@@ -1,0 +1,94 @@
+"""Composition root of the pool-manager (run as several replicas; one leads)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from prometheus_client import CollectorRegistry
+
+from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
+from jobmesh.queueing.v1 import queueing_pb2_grpc
+from libs.clock import SystemClock
+from libs.config import load_config
+from libs.etcd.client import Etcd
+from libs.etcd.election import LeaderElection
+from libs.etcd.informer import Informer
+from libs.interceptors import channel
+from libs.jobstore import JobStore
+from libs.keys import Keys
+from libs.server import start_server
+from libs.settings import CommonSettings
+from services.poolmanager.controller import ControllerMetrics, PoolController, QueueDepthSource
+from services.poolmanager.pools import JobOutcomes, PoolsServicer
+from services.poolmanager.provider import LocalProcessProvider
+from services.poolmanager.registry import RegistryMetrics, WorkerRegistry
+
+REGISTRY_SERVICE = "jobmesh.poolmanager.v1.WorkerRegistryService"
+POOLS_SERVICE = "jobmesh.poolmanager.v1.PoolManagerService"
+
+
+async def run(settings: CommonSettings) -> None:
+    config = load_config(settings.config_path)
+    registry = CollectorRegistry()
+    clock = SystemClock()
+    etcd = Etcd(settings.etcd.endpoints)
+    await etcd.wait_ready()
+    keys = Keys(settings.etcd.prefix)
+    lease_ttl = settings.get_int("JOBMESH_WORKER_LEASE_TTL", 6)
+    leader_ttl = settings.get_int("JOBMESH_LEADER_TTL", 5)
+    queueing = channel(settings.peers.queueing)
+    depth = QueueDepthSource(queueing_pb2_grpc.QueueingServiceStub(queueing))
+
+    assignments = Informer(etcd, keys.assignments, name="assignments")
+    workers = Informer(etcd, keys.workers, name="workers")
+    outcomes = JobOutcomes()
+    jobs = Informer(etcd, keys.jobs, outcomes.on_job_event, "jobs")
+    registry_servicer = WorkerRegistry(
+        etcd, keys, JobStore(etcd, keys), config, clock, lease_ttl, assignments, RegistryMetrics(registry)
+    )
+    election = LeaderElection(etcd, keys.leader("pool-manager"), settings.server.replica_id, ttl=leader_ttl)
+    # Workers we start inherit our settings (etcd is not theirs to use; they only talk to us).
+    provider = LocalProcessProvider({k: v for k, v in os.environ.items() if k != "JOBMESH_REPLICA_ID"})
+    controller = PoolController(
+        etcd, keys, config, clock, election, workers, assignments, provider, ControllerMetrics(registry), depth
+    )
+
+    def on_assignment(event):  # type: ignore[no-untyped-def]
+        registry_servicer.on_assignment(event)
+        controller.on_assignment_event(event)
+
+    assignments.handler = on_assignment
+    workers.handler = controller.on_worker_event
+    for informer in (assignments, workers, jobs):
+        informer.start()
+    for informer in (assignments, workers, jobs):
+        await informer.wait_synced()
+    pools = PoolsServicer(etcd, keys, config, workers, assignments, outcomes, depth)
+    server = await start_server(
+        "poolmanager",
+        settings,
+        registry,
+        [
+            (
+                lambda s: poolmanager_pb2_grpc.add_WorkerRegistryServiceServicer_to_server(registry_servicer, s),
+                REGISTRY_SERVICE,
+            ),
+            (lambda s: poolmanager_pb2_grpc.add_PoolManagerServiceServicer_to_server(pools, s), POOLS_SERVICE),
+        ],
+    )
+    election.start()
+    loop_task = asyncio.create_task(controller.run(), name="pool-controller")
+
+    async def stop() -> None:
+        loop_task.cancel()
+        await election.stop()
+        for informer in (assignments, workers, jobs):
+            await informer.stop()
+
+    server.on_stop.append(stop)
+    try:
+        await server.serve_forever()
+    finally:
+        await queueing.close()
+        await etcd.close()

@@ -1,0 +1,302 @@
+"""Leader-only pool work: declare lost workers, keep static pools full, autoscale dynamic pools with cooldowns."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import asdict, dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from jobmesh.common.v1 import types_pb2 as t
+from libs.clock import Clock
+from libs.config import MeshConfig, PoolConfig
+from libs.errors import JobMeshError, NotLeader
+from libs.etcd.client import Etcd, KeyValue, WatchEvent, cmp_missing, cmp_mod, op_delete, op_put
+from libs.etcd.election import LeaderElection
+from libs.etcd.informer import Informer
+from libs.jobs import apply_worker_lost, decode_job
+from libs.keys import Keys
+from services.poolmanager.provider import WorkerProvider
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScalingDecision:
+    time: float
+    pool_id: str
+    direction: str  # "up" | "down"
+    from_workers: int
+    to_workers: int
+    trigger: str
+    reason: str
+    executed: bool
+
+
+def desired_workers(pool: PoolConfig, busy: int, backlog: int) -> int:
+    """Static pools hold their size; dynamic pools want one worker per running or waiting job, within bounds."""
+    if pool.kind == "static":
+        return pool.max_workers
+    return max(pool.min_workers, min(pool.max_workers, busy + backlog))
+
+
+class ControllerMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.lost = Counter(
+            "jobmesh_poolmanager_workers_lost_total", "Workers declared lost.", ["pool"], registry=registry
+        )
+        self.scaling = Counter(
+            "jobmesh_poolmanager_scaling_actions_total",
+            "Scaling decisions.",
+            ["pool", "direction", "executed"],
+            registry=registry,
+        )
+        self.workers = Gauge(
+            "jobmesh_poolmanager_workers", "Workers by pool and state.", ["pool", "state"], registry=registry
+        )
+        self.provisioning = Histogram(
+            "jobmesh_poolmanager_provisioning_seconds",
+            "Spawn to registration.",
+            ["pool"],
+            registry=registry,
+            buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60),
+        )
+        self.leader = Gauge("jobmesh_poolmanager_is_leader", "1 while this replica leads.", registry=registry)
+
+
+class PoolController:
+    def __init__(
+        self,
+        etcd: Etcd,
+        keys: Keys,
+        config: MeshConfig,
+        clock: Clock,
+        election: LeaderElection,
+        workers: Informer,
+        assignments: Informer,
+        provider: WorkerProvider,
+        metrics: ControllerMetrics,
+        queue_depth: "QueueDepthSource",
+        interval: float = 1.0,
+    ):
+        self.etcd = etcd
+        self.keys = keys
+        self.config = config
+        self.clock = clock
+        self.election = election
+        self.workers = workers
+        self.assignments = assignments
+        self.provider = provider
+        self.metrics = metrics
+        self.queue_depth = queue_depth
+        self.interval = interval
+        self._last_action: dict[tuple[str, str], float] = {}
+        self._last_refusal: dict[tuple[str, str], float] = {}
+        self._idle_since: dict[str, float] = {}
+        self._wake = asyncio.Event()
+
+    # Informer hooks -----------------------------------------------------------------------------
+
+    def on_worker_event(self, event: WatchEvent) -> None:
+        if event.kind == "delete":
+            self._idle_since.pop(Keys.last_segment(event.kv.key), None)
+            self._wake.set()
+        else:
+            worker = decode_worker(event.kv)
+            if worker.spawn_time.seconds and event.kv.version == 1:
+                spawn = worker.spawn_time.ToNanoseconds() / 1e9
+                reg = worker.register_time.ToNanoseconds() / 1e9
+                self.metrics.provisioning.labels(worker.pool_id).observe(max(reg - spawn, 0.0))
+
+    def on_assignment_event(self, event: WatchEvent) -> None:
+        worker_id = Keys.last_segment(event.kv.key)
+        if event.kind == "delete":
+            self._idle_since[worker_id] = self.clock.monotonic()
+        else:
+            self._idle_since.pop(worker_id, None)
+
+    # Leader loop ----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            await self.election.wait_leader()
+            self.metrics.leader.set(1)
+            try:
+                await self.cycle()
+            except NotLeader:
+                self.metrics.leader.set(0)
+                continue
+            except JobMeshError as exc:
+                log.warning("pool cycle failed: %s", exc)
+            except Exception:
+                log.exception("pool cycle crashed")
+            if not self.election.is_leader:
+                self.metrics.leader.set(0)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            except TimeoutError:
+                pass
+
+    async def cycle(self) -> None:
+        # Phase 1: jobs on workers that are gone are retried or failed.
+        await self.reclaim_lost_workers()
+        # Phase 2: every pool moves toward the size its load asks for.
+        depth = await self.queue_depth()
+        for pool in self.config.pools:
+            await self.reconcile_pool(pool, depth)
+
+    async def reclaim_lost_workers(self) -> None:
+        live = {Keys.last_segment(k) for k in self.workers.cache}
+        for key, kv in list(self.assignments.cache.items()):
+            worker_id = Keys.last_segment(key)
+            if worker_id not in live:
+                await self.handle_lost(worker_id, kv)
+
+    async def handle_lost(self, worker_id: str, assign_kv: KeyValue) -> None:
+        assignment = t.Assignment()
+        assignment.ParseFromString(assign_kv.value)
+        job_key = self.keys.job(assignment.tenant_id, assignment.job_id)
+        assign_key = self.keys.assignment(worker_id)
+        job_kv = await self.etcd.get(job_key)
+        ops = [op_delete(assign_key)]
+        compares = [cmp_mod(assign_key, assign_kv.mod_revision)]
+        if job_kv is not None:
+            job = decode_job(job_kv.value)
+            if job.state == t.JOB_STATE_RUNNING and job.attempt == assignment.attempt and job.worker_id == worker_id:
+                apply_worker_lost(job, self.clock.now())
+                compares.append(cmp_mod(job_key, job_kv.mod_revision))
+                ops.append(op_put(job_key, job.SerializeToString()))
+                log.warning(
+                    "worker %s lost during attempt %d: %s",
+                    worker_id,
+                    assignment.attempt,
+                    job.message,
+                    extra={"job_id": job.job_id, "tenant_id": job.tenant_id},
+                )
+        result = await self.election.fenced_txn(compares, ops)
+        if result.succeeded:
+            self.metrics.lost.labels(worker_id.rsplit("-", 1)[0]).inc()
+
+    def _pool_workers(self, pool_id: str) -> list[t.Worker]:
+        return [w for w in (decode_worker(kv) for kv in self.workers.cache.values()) if w.pool_id == pool_id]
+
+    async def reconcile_pool(self, pool: PoolConfig, depth: dict[str, int]) -> None:
+        workers = self._pool_workers(pool.pool_id)
+        busy_ids = {Keys.last_segment(k) for k in self.assignments.cache}
+        active = [w for w in workers if w.state != t.WORKER_STATE_DRAINING]
+        busy = [w for w in active if w.worker_id in busy_ids]
+        idle = [w for w in active if w.worker_id not in busy_ids]
+        pending = self.provider.pending(pool.pool_id, {w.worker_id for w in workers}, max_age=60.0)
+        self.metrics.workers.labels(pool.pool_id, "busy").set(len(busy))
+        self.metrics.workers.labels(pool.pool_id, "idle").set(len(idle))
+        self.metrics.workers.labels(pool.pool_id, "provisioning").set(len(pending))
+        current = len(active) + len(pending)
+        backlog = depth.get(pool.pool_id, 0)
+        if pool.kind == "dynamic" and not self._static_has_room():
+            backlog += depth.get("default", 0)
+        want = desired_workers(pool, len(busy), backlog)
+        if want > current:
+            step = want - current if pool.kind == "static" else min(want - current, pool.scale_up_step)
+            trigger = "pool_size" if pool.kind == "static" else "queue_depth"
+            reason = f"{len(busy)} busy, {backlog} waiting, {current} workers"
+            if pool.kind == "dynamic" and not self._cooled(pool, "up", pool.scale_up_cooldown_seconds):
+                await self._refused(pool, "up", current, current + step, trigger, reason)
+                return
+            for _ in range(step):
+                self.provider.provision(pool)
+            await self._record(pool, "up", current, current + step, trigger, reason, True)
+        elif want < current and pool.kind == "dynamic":
+            now = self.clock.monotonic()
+            idle_long = [
+                w for w in idle if now - self._idle_since.setdefault(w.worker_id, now) >= pool.scale_down_idle_seconds
+            ]
+            if not idle_long:
+                return
+            target = max(want, current - pool.scale_down_step)
+            reason = f"{len(idle_long)} idle for {pool.scale_down_idle_seconds:.0f}s, {backlog} waiting"
+            if not self._cooled(pool, "down", pool.scale_down_cooldown_seconds):
+                await self._refused(pool, "down", current, target, "idle_workers", reason)
+                return
+            removed = 0
+            for worker in idle_long[: current - target]:
+                if await self._drain(worker):
+                    removed += 1
+            if removed:
+                await self._record(pool, "down", current, current - removed, "idle_workers", reason, True)
+
+    def _static_has_room(self) -> bool:
+        busy_ids = {Keys.last_segment(k) for k in self.assignments.cache}
+        return any(
+            w.worker_id not in busy_ids and w.state != t.WORKER_STATE_DRAINING
+            for pool in self.config.pools
+            if pool.kind == "static"
+            for w in self._pool_workers(pool.pool_id)
+        )
+
+    async def _drain(self, worker: t.Worker) -> bool:
+        """Marks an idle worker DRAINING (only if it is still idle) and then stops it: never a busy one."""
+        key = self.keys.worker(worker.worker_id)
+        kv = self.workers.cache.get(key)
+        if kv is None:
+            return False
+        worker.state = t.WORKER_STATE_DRAINING
+        result = await self.election.fenced_txn(
+            [cmp_mod(key, kv.mod_revision), cmp_missing(self.keys.assignment(worker.worker_id))],
+            [op_put(key, worker.SerializeToString(), kv.lease)],
+        )
+        if not result.succeeded:
+            return False
+        self.provider.terminate(worker)
+        return True
+
+    def _cooled(self, pool: PoolConfig, direction: str, cooldown: float) -> bool:
+        last = self._last_action.get((pool.pool_id, direction))
+        return last is None or self.clock.monotonic() - last >= cooldown
+
+    async def _refused(self, pool: PoolConfig, direction: str, cur: int, to: int, trigger: str, reason: str) -> None:
+        # One "in cooldown" record per cooldown window keeps the history readable.
+        key = (pool.pool_id, direction)
+        last = self._last_refusal.get(key, -1e9)
+        cooldown = pool.scale_up_cooldown_seconds if direction == "up" else pool.scale_down_cooldown_seconds
+        if self.clock.monotonic() - last < cooldown:
+            return
+        self._last_refusal[key] = self.clock.monotonic()
+        await self._record(pool, direction, cur, to, trigger, f"in cooldown: {reason}", False)
+
+    async def _record(
+        self, pool: PoolConfig, direction: str, cur: int, to: int, trigger: str, reason: str, executed: bool
+    ) -> None:
+        if executed:
+            self._last_action[(pool.pool_id, direction)] = self.clock.monotonic()
+        now = self.clock.now()
+        decision = ScalingDecision(now, pool.pool_id, direction, cur, to, trigger, reason, executed)
+        key = self.keys.scaling_event(pool.pool_id, int(now * 1000))
+        await self.election.fenced_txn([], [op_put(key, json.dumps(asdict(decision)).encode())])
+        self.metrics.scaling.labels(pool.pool_id, direction, str(executed).lower()).inc()
+        log.info("scale %s %s: %d -> %d (%s; executed=%s)", pool.pool_id, direction, cur, to, reason, executed)
+
+
+def decode_worker(kv: KeyValue) -> t.Worker:
+    worker = t.Worker()
+    worker.ParseFromString(kv.value)
+    return worker
+
+
+class QueueDepthSource:
+    """Reads queue depth per queue from the queueing service."""
+
+    def __init__(self, stub: object):
+        self.stub = stub
+
+    async def __call__(self) -> dict[str, int]:
+        from jobmesh.queueing.v1 import queueing_pb2 as q
+
+        try:
+            resp = await self.stub.GetQueueStats(q.GetQueueStatsRequest(), timeout=2.0)  # type: ignore[attr-defined]
+        except Exception as exc:  # a queueing outage must not stop lost-worker handling
+            log.warning("queue depth unavailable: %s", exc)
+            return {}
+        return dict(resp.depth_by_queue)

@@ -1,0 +1,150 @@
+"""Pool views for the public API: definitions with live counts, metrics, and the scaling history."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import grpc
+
+from jobmesh.common.v1 import pool_pb2 as pl
+from jobmesh.common.v1 import types_pb2 as t
+from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
+from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
+from libs.config import MeshConfig, PoolConfig
+from libs.errors import InvalidArgument, NotFound
+from libs.etcd.client import Etcd, WatchEvent
+from libs.etcd.informer import Informer
+from libs.jobs import decode_job, ts
+from libs.keys import Keys
+from services.poolmanager.controller import QueueDepthSource, decode_worker
+
+
+class JobOutcomes:
+    """Counts finished jobs per pool from the job records (success rate)."""
+
+    def __init__(self) -> None:
+        self.by_job: dict[str, tuple[str, int]] = {}
+
+    def on_job_event(self, event: WatchEvent) -> None:
+        job_id = Keys.last_segment(event.kv.key)
+        if event.kind == "delete":
+            self.by_job.pop(job_id, None)
+            return
+        job = decode_job(event.kv.value)
+        if job.state in (t.JOB_STATE_SUCCEEDED, t.JOB_STATE_FAILED) and job.pool_id:
+            self.by_job[job_id] = (job.pool_id, job.state)
+
+    def counts(self, pool_id: str) -> tuple[int, int]:
+        ok = sum(1 for p, s in self.by_job.values() if p == pool_id and s == t.JOB_STATE_SUCCEEDED)
+        bad = sum(1 for p, s in self.by_job.values() if p == pool_id and s == t.JOB_STATE_FAILED)
+        return ok, bad
+
+
+class PoolsServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
+    def __init__(
+        self,
+        etcd: Etcd,
+        keys: Keys,
+        config: MeshConfig,
+        workers: Informer,
+        assignments: Informer,
+        outcomes: JobOutcomes,
+        queue_depth: QueueDepthSource,
+    ):
+        self.etcd = etcd
+        self.keys = keys
+        self.config = config
+        self.workers = workers
+        self.assignments = assignments
+        self.outcomes = outcomes
+        self.queue_depth = queue_depth
+
+    def _pool(self, pool_id: str) -> PoolConfig:
+        pool = self.config.pool(pool_id)
+        if pool is None:
+            raise NotFound(f"pool {pool_id} not found", reason="POOL_NOT_FOUND")
+        return pool
+
+    def _states(self, pool_id: str) -> tuple[dict[str, int], list[t.Worker]]:
+        busy_ids = {Keys.last_segment(k) for k in self.assignments.cache}
+        workers = [w for w in map(decode_worker, self.workers.cache.values()) if w.pool_id == pool_id]
+        states = {"WORKER_STATE_IDLE": 0, "WORKER_STATE_BUSY": 0, "WORKER_STATE_DRAINING": 0}
+        for w in workers:
+            if w.worker_id in busy_ids:
+                states["WORKER_STATE_BUSY"] += 1
+            elif w.state == t.WORKER_STATE_DRAINING:
+                states["WORKER_STATE_DRAINING"] += 1
+            else:
+                states["WORKER_STATE_IDLE"] += 1
+        return states, workers
+
+    async def ListPools(self, request: pm.ListPoolsRequest, context: grpc.aio.ServicerContext) -> pm.ListPoolsResponse:
+        pools = []
+        for pool in self.config.pools:
+            states, workers = self._states(pool.pool_id)
+            pools.append(
+                pl.Pool(
+                    pool_id=pool.pool_id,
+                    kind=t.POOL_KIND_STATIC if pool.kind == "static" else t.POOL_KIND_DYNAMIC,
+                    min_workers=pool.min_workers,
+                    max_workers=pool.max_workers,
+                    worker_size=t.Resources(cpu_millis=pool.worker_cpu_millis, memory_mb=pool.worker_memory_mb),
+                    labels=pool.labels,
+                    workers=len(workers),
+                    idle_workers=states["WORKER_STATE_IDLE"],
+                    busy_workers=states["WORKER_STATE_BUSY"],
+                )
+            )
+        return pm.ListPoolsResponse(pools=pools)
+
+    async def GetPoolMetrics(
+        self, request: pm.GetPoolMetricsRequest, context: grpc.aio.ServicerContext
+    ) -> pm.GetPoolMetricsResponse:
+        pool = self._pool(request.pool_id)
+        states, workers = self._states(pool.pool_id)
+        provisioning = sorted(
+            (w.register_time.ToNanoseconds() - w.spawn_time.ToNanoseconds()) / 1e9
+            for w in workers
+            if w.spawn_time.seconds
+        )
+        ok, bad = self.outcomes.counts(pool.pool_id)
+        depth = await self.queue_depth()
+        metrics = pl.PoolMetrics(
+            pool_id=pool.pool_id,
+            workers_by_state=states,
+            utilization=round(states["WORKER_STATE_BUSY"] / len(workers), 4) if workers else 0.0,
+            queue_depth=depth.get(pool.pool_id, 0),
+            provisioning_seconds_p50=round(statistics.median(provisioning), 3) if provisioning else 0.0,
+            provisioning_seconds_p95=round(provisioning[min(len(provisioning) - 1, int(len(provisioning) * 0.95))], 3)
+            if provisioning
+            else 0.0,
+            success_rate=round(ok / (ok + bad), 4) if ok + bad else 0.0,
+            jobs_succeeded=ok,
+            jobs_failed=bad,
+        )
+        return pm.GetPoolMetricsResponse(metrics=metrics)
+
+    async def GetScalingHistory(
+        self, request: pm.GetScalingHistoryRequest, context: grpc.aio.ServicerContext
+    ) -> pm.GetScalingHistoryResponse:
+        self._pool(request.pool_id)
+        size = request.page_size or 100
+        if not 0 < size <= 1000:
+            raise InvalidArgument("page_size", "must be between 1 and 1000")
+        kvs, _, _ = await self.etcd.get_prefix(self.keys.scaling_events(request.pool_id))
+        events = []
+        for kv in kvs[-size:]:
+            raw = json.loads(kv.value)
+            events.append(
+                pl.ScalingEvent(
+                    time=ts(raw["time"]),
+                    direction=raw["direction"],
+                    from_workers=raw["from_workers"],
+                    to_workers=raw["to_workers"],
+                    trigger=raw["trigger"],
+                    reason=raw["reason"],
+                    executed=raw["executed"],
+                )
+            )
+        return pm.GetScalingHistoryResponse(events=events)

@@ -1,0 +1,95 @@
+"""Worker providers: how a pool gets and loses worker processes. The local provider spawns agents here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Protocol
+
+from jobmesh.common.v1 import types_pb2 as t
+from libs.config import PoolConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Provisioning:
+    worker_id: str
+    pool_id: str
+    started: float
+    pid: int
+
+
+class WorkerProvider(Protocol):
+    """What the pool controller needs from a place that runs workers (local processes, Kubernetes pods...)."""
+
+    def provision(self, pool: PoolConfig) -> Provisioning: ...
+
+    def terminate(self, worker: t.Worker) -> bool: ...
+
+    def pending(self, pool_id: str, registered: set[str], max_age: float) -> list[Provisioning]: ...
+
+
+class LocalProcessProvider:
+    """Starts `python -m services.worker` processes on this machine, in the caller's process group."""
+
+    def __init__(self, base_env: dict[str, str]):
+        self.base_env = base_env
+        self.host = socket.gethostname()
+        self._pending: dict[str, Provisioning] = {}
+
+    def provision(self, pool: PoolConfig) -> Provisioning:
+        worker_id = f"{pool.pool_id}-{uuid.uuid4().hex[:8]}"
+        env = dict(self.base_env)
+        env.update(
+            JOBMESH_WORKER_ID=worker_id,
+            JOBMESH_POOL_ID=pool.pool_id,
+            JOBMESH_WORKER_CPU_MILLIS=str(pool.worker_cpu_millis),
+            JOBMESH_WORKER_MEMORY_MB=str(pool.worker_memory_mb),
+            JOBMESH_WORKER_LABELS=json.dumps(pool.labels),
+            JOBMESH_WORKER_SPAWN_TIME=str(time.time()),
+            JOBMESH_PORT="0",
+            JOBMESH_METRICS_PORT="0",
+            GRPC_ENABLE_FORK_SUPPORT="0",
+        )
+        proc = subprocess.Popen([sys.executable, "-m", "services.worker"], env=env, stdin=subprocess.DEVNULL)
+        item = Provisioning(worker_id, pool.pool_id, time.monotonic(), proc.pid)
+        self._pending[worker_id] = item
+        log.info("provisioned worker %s (pid %d)", worker_id, proc.pid, extra={"pool_id": pool.pool_id})
+        return item
+
+    def pending(self, pool_id: str, registered: set[str], max_age: float) -> list[Provisioning]:
+        now = time.monotonic()
+        for worker_id in [w for w, p in self._pending.items() if w in registered or now - p.started > max_age]:
+            del self._pending[worker_id]
+        self._reap()
+        return [p for p in self._pending.values() if p.pool_id == pool_id]
+
+    def terminate(self, worker: t.Worker) -> bool:
+        if worker.host != self.host or worker.pid <= 0:
+            return False
+        try:
+            os.kill(worker.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return False
+        self._reap()
+        return True
+
+    @staticmethod
+    def _reap() -> None:
+        # Collect exited children so they do not linger as zombies.
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return

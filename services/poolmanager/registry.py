@@ -1,0 +1,160 @@
+"""Worker registration, heartbeats, assignment streams and results; any replica serves these."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from jobmesh.common.v1 import types_pb2 as t
+from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
+from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
+from libs.clock import Clock
+from libs.config import MeshConfig
+from libs.errors import InvalidArgument
+from libs.etcd.client import Etcd, WatchEvent, cmp_mod, op_put
+from libs.etcd.informer import Informer
+from libs.jobs import RESULT_REASONS, ts
+from libs.jobstore import JobStore
+from libs.keys import Keys, safe_segment
+from libs.telemetry import job_id_var, tenant_id_var
+
+log = logging.getLogger(__name__)
+
+
+class RegistryMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.connected = Gauge(
+            "jobmesh_poolmanager_connected_workers", "Workers streaming from this replica.", registry=registry
+        )
+        self.results = Counter(
+            "jobmesh_poolmanager_results_total",
+            "Results reported by workers.",
+            ["pool", "outcome"],
+            registry=registry,
+        )
+
+
+class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
+    def __init__(
+        self,
+        etcd: Etcd,
+        keys: Keys,
+        store: JobStore,
+        config: MeshConfig,
+        clock: Clock,
+        lease_ttl: int,
+        assignments: Informer,
+        metrics: RegistryMetrics,
+    ):
+        self.etcd = etcd
+        self.keys = keys
+        self.store = store
+        self.config = config
+        self.clock = clock
+        self.lease_ttl = lease_ttl
+        self.assignments = assignments
+        self.metrics = metrics
+        self.streams: dict[str, asyncio.Queue[pm.ConnectResponse]] = {}
+
+    def on_assignment(self, event: WatchEvent) -> None:
+        """Routes assignment changes to the worker's stream, if it is connected to this replica."""
+        worker_id = Keys.last_segment(event.kv.key)
+        queue = self.streams.get(worker_id)
+        if queue is None:
+            return
+        assignment = t.Assignment()
+        assignment.ParseFromString(event.kv.value)
+        if event.kind == "put":
+            queue.put_nowait(pm.ConnectResponse(assignment=assignment))
+        elif assignment.job_id:
+            queue.put_nowait(pm.ConnectResponse(cancel_job_id=assignment.job_id))
+
+    async def Connect(
+        self, request: pm.ConnectRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pm.ConnectResponse]:
+        worker = request.worker
+        if not safe_segment(worker.worker_id):
+            raise InvalidArgument("worker.worker_id", "is not a valid id")
+        if self.config.pool(worker.pool_id) is None:
+            raise InvalidArgument("worker.pool_id", f"unknown pool {worker.pool_id!r}")
+        # A worker that reconnects through another replica keeps its lease, and so its identity and job.
+        lease_id = worker.lease_id
+        if not lease_id or await self.etcd.refresh(lease_id) <= 0:
+            lease_id = await self.etcd.grant(self.lease_ttl)
+        worker.lease_id = lease_id
+        worker.register_time.CopyFrom(ts(self.clock.now()))
+        key = self.keys.worker(worker.worker_id)
+        existing = await self.etcd.get(key)
+        if existing is not None and existing.lease == lease_id:
+            known = t.Worker()
+            known.ParseFromString(existing.value)
+            worker.state = known.state
+            worker.jobs_run = max(worker.jobs_run, known.jobs_run)
+        await self.etcd.put(key, worker.SerializeToString(), lease=lease_id)
+        queue: asyncio.Queue[pm.ConnectResponse] = asyncio.Queue()
+        self.streams[worker.worker_id] = queue
+        self.metrics.connected.set(len(self.streams))
+        log.info("worker %s registered (pool %s, lease %x)", worker.worker_id, worker.pool_id, lease_id)
+        try:
+            yield pm.ConnectResponse(registered=worker)
+            current = self.assignments.cache.get(self.keys.assignment(worker.worker_id))
+            if current is not None:
+                assignment = t.Assignment()
+                assignment.ParseFromString(current.value)
+                yield pm.ConnectResponse(assignment=assignment)
+            while True:
+                yield await queue.get()
+        finally:
+            if self.streams.get(worker.worker_id) is queue:
+                del self.streams[worker.worker_id]
+            self.metrics.connected.set(len(self.streams))
+
+    async def Heartbeat(self, request: pm.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pm.HeartbeatResponse:
+        ttl = await self.etcd.refresh(request.lease_id) if request.lease_id else 0
+        return pm.HeartbeatResponse(alive=ttl > 0)
+
+    async def ReportResult(
+        self, request: pm.ReportResultRequest, context: grpc.aio.ServicerContext
+    ) -> pm.ReportResultResponse:
+        job_id_var.set(request.job_id)
+        tenant_id_var.set(request.tenant_id)
+        if request.reason not in RESULT_REASONS:
+            raise InvalidArgument("reason", f"must be one of {sorted(RESULT_REASONS)}")
+        accepted = await self.store.complete_attempt(
+            request.tenant_id,
+            request.job_id,
+            request.attempt,
+            request.worker_id,
+            self.clock.now(),
+            exit_code=request.exit_code,
+            reason=request.reason,
+            message=request.message,
+            cpu_seconds=request.cpu_seconds,
+            max_memory_mb=request.max_memory_mb,
+        )
+        pool = request.worker_id.rsplit("-", 1)[0]
+        outcome = (
+            "stale"
+            if not accepted
+            else ("succeeded" if request.exit_code == 0 and request.reason == "EXITED" else "failed")
+        )
+        self.metrics.results.labels(pool, outcome).inc()
+        if accepted:
+            await self._count_job(request.worker_id)
+        else:
+            log.warning("rejected stale result for attempt %d from %s", request.attempt, request.worker_id)
+        return pm.ReportResultResponse(accepted=accepted)
+
+    async def _count_job(self, worker_id: str) -> None:
+        key = self.keys.worker(worker_id)
+        kv = await self.etcd.get(key)
+        if kv is None:
+            return
+        worker = t.Worker()
+        worker.ParseFromString(kv.value)
+        worker.jobs_run += 1
+        await self.etcd.txn([cmp_mod(key, kv.mod_revision)], [op_put(key, worker.SerializeToString(), kv.lease)])

@@ -1,0 +1,54 @@
+"""gRPC adapter for the queueing service."""
+
+from __future__ import annotations
+
+import grpc
+
+from jobmesh.queueing.v1 import queueing_pb2 as q
+from jobmesh.queueing.v1 import queueing_pb2_grpc
+from libs.clock import Clock
+from libs.errors import InvalidArgument
+from libs.jobstore import JobStore
+from libs.telemetry import job_id_var, tenant_id_var
+from services.queueing.manager import QueueManager
+
+
+class QueueingServicer(queueing_pb2_grpc.QueueingServiceServicer):
+    def __init__(self, manager: QueueManager, store: JobStore, clock: Clock):
+        self.manager = manager
+        self.store = store
+        self.clock = clock
+
+    async def Enqueue(self, request: q.EnqueueRequest, context: grpc.aio.ServicerContext) -> q.EnqueueResponse:
+        job_id_var.set(request.job.job_id)
+        tenant_id_var.set(request.job.tenant_id)
+        job, created = await self.manager.enqueue(request.job)
+        return q.EnqueueResponse(job=job, created=created)
+
+    async def GetJob(self, request: q.GetJobRequest, context: grpc.aio.ServicerContext) -> q.GetJobResponse:
+        return q.GetJobResponse(job=await self.store.get(request.tenant_id, request.job_id))
+
+    async def ListJobs(self, request: q.ListJobsRequest, context: grpc.aio.ServicerContext) -> q.ListJobsResponse:
+        if not request.tenant_id:
+            raise InvalidArgument("tenant_id", "is required")
+        page_size = request.page_size or 50
+        if not 0 < page_size <= 500:
+            raise InvalidArgument("page_size", "must be between 1 and 500")
+        jobs, token = await self.store.list(request.tenant_id, request.state, page_size, request.page_token)
+        return q.ListJobsResponse(jobs=jobs, next_page_token=token)
+
+    async def CancelJob(self, request: q.CancelJobRequest, context: grpc.aio.ServicerContext) -> q.CancelJobResponse:
+        job_id_var.set(request.job_id)
+        return q.CancelJobResponse(job=await self.store.cancel(request.tenant_id, request.job_id, self.clock.now()))
+
+    async def NextJobs(self, request: q.NextJobsRequest, context: grpc.aio.ServicerContext) -> q.NextJobsResponse:
+        jobs, version = await self.manager.next_jobs(
+            request.limit, request.after_version, min(request.wait_millis, 10_000) / 1000.0
+        )
+        return q.NextJobsResponse(jobs=[q.QueuedJob(job=job, mod_revision=rev) for job, rev in jobs], version=version)
+
+    async def GetQueueStats(
+        self, request: q.GetQueueStatsRequest, context: grpc.aio.ServicerContext
+    ) -> q.GetQueueStatsResponse:
+        by_queue, by_tenant = self.manager.stats()
+        return q.GetQueueStatsResponse(depth_by_queue=by_queue, depth_by_tenant=by_tenant)

@@ -1,0 +1,119 @@
+"""Composition root of the quota service."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from prometheus_client import CollectorRegistry
+
+from jobmesh.quota.v1 import quota_pb2_grpc
+from libs.clock import SystemClock
+from libs.config import QuotaLimits, load_config
+from libs.etcd.client import Etcd, WatchEvent
+from libs.etcd.informer import Informer
+from libs.jobs import ACTIVE, decode_job
+from libs.keys import Keys
+from libs.server import start_server
+from libs.settings import CommonSettings
+from services.quota.manager import BurstPolicy, BurstSession, Holding, QuotaManager
+from services.quota.servicer import QuotaMetrics, QuotaServicer
+
+SERVICE = "jobmesh.quota.v1.QuotaService"
+
+
+def job_handler(manager: QuotaManager):  # type: ignore[no-untyped-def]
+    def handle(event: WatchEvent) -> None:
+        parts = event.kv.key.rsplit("/", 2)
+        tenant_id, job_id = parts[-2], parts[-1]
+        if event.kind == "delete":
+            manager.observe(tenant_id, job_id, False, None)
+            return
+        job = decode_job(event.kv.value)
+        res = job.spec.resources
+        holding = Holding(tenant_id, res.cpu_millis, res.memory_mb, job.burst_session_id)
+        manager.observe(tenant_id, job_id, job.state in ACTIVE, holding)
+
+    return handle
+
+
+def overrides_handler(manager: QuotaManager):  # type: ignore[no-untyped-def]
+    def handle(event: WatchEvent) -> None:
+        tenant_id = event.kv.key.rsplit("/", 1)[-1]
+        if event.kind == "delete":
+            manager.overrides.pop(tenant_id, None)
+        else:
+            raw = json.loads(event.kv.value)
+            manager.overrides[tenant_id] = QuotaLimits(raw["cpu_millis"], raw["memory_mb"], raw["concurrent_jobs"])
+
+    return handle
+
+
+def burst_handler(manager: QuotaManager):  # type: ignore[no-untyped-def]
+    def handle(event: WatchEvent) -> None:
+        session_id = event.kv.key.rsplit("/", 1)[-1]
+        if event.kind == "delete":
+            manager.sessions.pop(session_id, None)
+        else:
+            manager.sessions[session_id] = BurstSession(**json.loads(event.kv.value))
+
+    return handle
+
+
+async def publish_gauges(manager: QuotaManager, metrics: QuotaMetrics) -> None:
+    while True:
+        for tenant_id in manager.config.tenants:
+            limits = manager.limits(tenant_id)
+            usage = manager.usage(tenant_id)
+            for name in ("cpu_millis", "memory_mb", "concurrent_jobs"):
+                metrics.usage.labels(tenant_id, name).set(getattr(usage, name))
+                metrics.limit.labels(tenant_id, name).set(getattr(limits, name))
+                metrics.utilization.labels(tenant_id, name).set(getattr(usage, name) / max(getattr(limits, name), 1))
+        now = manager.clock.now()
+        metrics.burst_active.set(sum(1 for s in manager.sessions.values() if s.start <= now < s.expire))
+        left = manager.burst_left()
+        for name in ("cpu_millis", "memory_mb", "concurrent_jobs"):
+            metrics.burst_left.labels(name).set(getattr(left, name))
+        await asyncio.sleep(2)
+
+
+async def run(settings: CommonSettings) -> None:
+    config = load_config(settings.config_path)
+    registry = CollectorRegistry()
+    etcd = Etcd(settings.etcd.endpoints)
+    await etcd.wait_ready()
+    keys = Keys(settings.etcd.prefix)
+    pool = config.burst_pool
+    policy = BurstPolicy(
+        pool.cpu_millis if pool else 0,
+        pool.memory_mb if pool else 0,
+        pool.concurrent_jobs if pool else 0,
+        config.burst_max_duration_seconds,
+    )
+    manager = QuotaManager(config, SystemClock(), policy)
+    metrics = QuotaMetrics(registry)
+    informers = [
+        Informer(etcd, keys.quota_overrides, overrides_handler(manager), "quota-limits"),
+        Informer(etcd, keys.burst_sessions, burst_handler(manager), "burst-sessions"),
+        # Usage is rebuilt from the stored jobs before we admit anything: no drift after a crash.
+        Informer(etcd, keys.jobs, job_handler(manager), "jobs"),
+    ]
+    for informer in informers:
+        informer.start()
+    for informer in informers:
+        await informer.wait_synced()
+    servicer = QuotaServicer(manager, etcd, keys, metrics)
+    server = await start_server(
+        "quota",
+        settings,
+        registry,
+        [(lambda s: quota_pb2_grpc.add_QuotaServiceServicer_to_server(servicer, s), SERVICE)],
+    )
+    gauges = asyncio.create_task(publish_gauges(manager, metrics))
+    for informer in informers:
+        server.on_stop.append(informer.stop)
+    try:
+        await server.serve_forever()
+    finally:
+        gauges.cancel()
+        await etcd.close()

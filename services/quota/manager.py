@@ -1,0 +1,216 @@
+"""Quota admission core: exact per-tenant accounting over live jobs plus in-flight reservations. Pure."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field, replace
+
+from libs.clock import Clock
+from libs.config import MeshConfig, QuotaLimits
+from libs.errors import InvalidArgument, NotFound, ResourceExhausted
+
+RESERVATION_TTL = 30.0  # a reservation whose job never shows up in etcd is dropped after this
+
+
+@dataclass(frozen=True)
+class Usage:
+    cpu_millis: int = 0
+    memory_mb: int = 0
+    concurrent_jobs: int = 0
+
+    def plus(self, cpu: int, mem: int, jobs: int = 1) -> Usage:
+        return Usage(self.cpu_millis + cpu, self.memory_mb + mem, self.concurrent_jobs + jobs)
+
+
+@dataclass(frozen=True)
+class Holding:
+    tenant_id: str
+    cpu_millis: int
+    memory_mb: int
+    burst_session_id: str = ""
+
+
+@dataclass(frozen=True)
+class BurstPolicy:
+    cpu_millis: int = 0
+    memory_mb: int = 0
+    concurrent_jobs: int = 0
+    max_duration_seconds: int = 3600
+
+
+@dataclass
+class BurstSession:
+    session_id: str
+    tenant_id: str
+    cpu_millis: int
+    memory_mb: int
+    concurrent_jobs: int
+    start: float
+    expire: float
+    requested_by: str = ""
+
+
+@dataclass
+class TenantState:
+    live: dict[str, Holding] = field(default_factory=dict)
+    reserved: dict[str, tuple[Holding, float]] = field(default_factory=dict)
+
+
+def _sum(holdings: list[Holding], session_id: str | None = None) -> Usage:
+    usage = Usage()
+    for h in holdings:
+        if session_id is None or h.burst_session_id == session_id:
+            usage = usage.plus(h.cpu_millis, h.memory_mb)
+    return usage
+
+
+class QuotaManager:
+    def __init__(self, config: MeshConfig, clock: Clock, burst: BurstPolicy | None = None):
+        self.config = config
+        self.clock = clock
+        self.burst_policy = burst or BurstPolicy()
+        self.overrides: dict[str, QuotaLimits] = {}
+        self.sessions: dict[str, BurstSession] = {}
+        self._tenants: dict[str, TenantState] = {}
+
+    def _state(self, tenant_id: str) -> TenantState:
+        return self._tenants.setdefault(tenant_id, TenantState())
+
+    def check_tenant(self, tenant_id: str) -> None:
+        if tenant_id not in self.config.tenants:
+            raise NotFound(f"tenant {tenant_id} not found", reason="TENANT_NOT_FOUND")
+
+    def limits(self, tenant_id: str) -> QuotaLimits:
+        return self.overrides.get(tenant_id) or self.config.quota_for(tenant_id)
+
+    def holdings(self, tenant_id: str) -> list[Holding]:
+        state = self._state(tenant_id)
+        now = self.clock.monotonic()
+        for job_id in [j for j, (_, exp) in state.reserved.items() if exp < now]:
+            del state.reserved[job_id]
+        return [*state.live.values(), *(h for h, _ in state.reserved.values())]
+
+    def usage(self, tenant_id: str) -> Usage:
+        return _sum(self.holdings(tenant_id))
+
+    def active_session(self, tenant_id: str) -> BurstSession | None:
+        now = self.clock.now()
+        for session in self.sessions.values():
+            if session.tenant_id == tenant_id and session.start <= now < session.expire:
+                return session
+        return None
+
+    def reserve(self, tenant_id: str, job_id: str, cpu_millis: int, memory_mb: int, burst: bool) -> str:
+        """Admits or refuses; holds the resources until the job is seen ending. Returns the burst session used."""
+        state = self._state(tenant_id)
+        if job_id in state.live or job_id in state.reserved:
+            held = state.live.get(job_id) or state.reserved[job_id][0]
+            return held.burst_session_id
+        holdings = self.holdings(tenant_id)
+        base = [h for h in holdings if not h.burst_session_id]
+        limits = self.limits(tenant_id)
+        after = _sum(base).plus(cpu_millis, memory_mb)
+        exceeded = self._exceeded(after, limits)
+        session_id = ""
+        if exceeded is not None:
+            session = self.active_session(tenant_id) if burst else None
+            if session is None:
+                self._refuse(exceeded, limits, _sum(base), burst)
+            assert session is not None
+            on_burst = _sum(holdings, session.session_id).plus(cpu_millis, memory_mb)
+            grant = QuotaLimits(session.cpu_millis, session.memory_mb, session.concurrent_jobs)
+            over = self._exceeded(on_burst, grant)
+            if over is not None:
+                self._refuse(over, grant, _sum(holdings, session.session_id), burst, what="burst session")
+            session_id = session.session_id
+        holding = Holding(tenant_id, cpu_millis, memory_mb, session_id)
+        state.reserved[job_id] = (holding, self.clock.monotonic() + RESERVATION_TTL)
+        return session_id
+
+    @staticmethod
+    def _exceeded(usage: Usage, limits: QuotaLimits) -> str | None:
+        if usage.cpu_millis > limits.cpu_millis:
+            return "cpu_millis"
+        if usage.memory_mb > limits.memory_mb:
+            return "memory_mb"
+        if usage.concurrent_jobs > limits.concurrent_jobs:
+            return "concurrent_jobs"
+        return None
+
+    @staticmethod
+    def _refuse(resource: str, limits: QuotaLimits, usage: Usage, burst: bool, what: str = "quota") -> None:
+        limit = getattr(limits, resource)
+        used = getattr(usage, resource)
+        hint = "" if burst else "; ask for a burst session and submit with burst: true"
+        raise ResourceExhausted(
+            f"{what} exceeded: {resource} limit {limit}, in use {used}{hint}; retry when running jobs finish",
+            reason="QUOTA_EXCEEDED",
+            metadata={"limit": resource, "limit_value": str(limit), "usage": str(used), "retry_after_seconds": "5"},
+        )
+
+    def release(self, tenant_id: str, job_id: str) -> None:
+        self._state(tenant_id).reserved.pop(job_id, None)
+
+    def observe(self, tenant_id: str, job_id: str, active: bool, holding: Holding | None) -> None:
+        """Called for every job change seen in etcd: usage is derived from what is stored, so it cannot drift."""
+        state = self._state(tenant_id)
+        state.reserved.pop(job_id, None)
+        if active and holding is not None:
+            state.live[job_id] = holding
+        else:
+            state.live.pop(job_id, None)
+
+    def set_limits(self, tenant_id: str, cpu: int | None, mem: int | None, jobs: int | None) -> QuotaLimits:
+        self.check_tenant(tenant_id)
+        current = self.limits(tenant_id)
+        for name, value in (("cpu_millis", cpu), ("memory_mb", mem), ("concurrent_jobs", jobs)):
+            if value is not None and value <= 0:
+                raise InvalidArgument(f"limits.{name}", "must be greater than 0")
+        updated = replace(
+            current,
+            cpu_millis=current.cpu_millis if cpu is None else cpu,
+            memory_mb=current.memory_mb if mem is None else mem,
+            concurrent_jobs=current.concurrent_jobs if jobs is None else jobs,
+        )
+        self.overrides[tenant_id] = updated
+        return updated
+
+    def grant_burst(
+        self, tenant_id: str, cpu: int, mem: int, jobs: int, duration: int, requested_by: str
+    ) -> BurstSession:
+        self.check_tenant(tenant_id)
+        policy = self.burst_policy
+        if min(cpu, mem, jobs) < 0 or (cpu == 0 and mem == 0 and jobs == 0):
+            raise InvalidArgument("cpu_millis", "ask for a positive amount of cpu_millis, memory_mb or concurrent_jobs")
+        if not 0 < duration <= policy.max_duration_seconds:
+            raise InvalidArgument("duration_seconds", f"must be between 1 and {policy.max_duration_seconds}")
+        if self.active_session(tenant_id) is not None:
+            raise ResourceExhausted("this tenant already has an active burst session", reason="BURST_UNAVAILABLE")
+        now = self.clock.now()
+        left = self.burst_left()
+        if cpu > left.cpu_millis or mem > left.memory_mb or jobs > left.concurrent_jobs:
+            raise ResourceExhausted(
+                f"burst pool has {left.cpu_millis}m CPU, {left.memory_mb} MB, {left.concurrent_jobs} jobs left",
+                reason="BURST_UNAVAILABLE",
+                metadata={
+                    "cpu_millis_left": str(left.cpu_millis),
+                    "memory_mb_left": str(left.memory_mb),
+                    "concurrent_jobs_left": str(left.concurrent_jobs),
+                },
+            )
+        session = BurstSession(uuid.uuid4().hex[:16], tenant_id, cpu, mem, jobs, now, now + duration, requested_by)
+        self.sessions[session.session_id] = session
+        return session
+
+    def burst_left(self) -> Usage:
+        now = self.clock.now()
+        granted = Usage()
+        for s in self.sessions.values():
+            if s.start <= now < s.expire:
+                granted = granted.plus(s.cpu_millis, s.memory_mb, s.concurrent_jobs)
+        p = self.burst_policy
+        return Usage(
+            p.cpu_millis - granted.cpu_millis,
+            p.memory_mb - granted.memory_mb,
+            p.concurrent_jobs - granted.concurrent_jobs,
+        )

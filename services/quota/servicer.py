@@ -1,0 +1,145 @@
+"""gRPC adapter for the quota service."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from jobmesh.common.v1 import quota_pb2 as qt
+from jobmesh.quota.v1 import quota_pb2 as q
+from jobmesh.quota.v1 import quota_pb2_grpc
+from libs.etcd.client import Etcd
+from libs.jobs import ts
+from libs.keys import Keys
+from services.quota.manager import BurstSession, QuotaManager
+
+
+class QuotaMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.decisions = Counter(
+            "jobmesh_quota_decisions_total", "Admission decisions.", ["tenant", "result", "reason"], registry=registry
+        )
+        self.latency = Histogram(
+            "jobmesh_quota_check_seconds",
+            "Time to decide one admission.",
+            registry=registry,
+            buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01),
+        )
+        self.usage = Gauge("jobmesh_quota_usage", "Admitted usage.", ["tenant", "resource"], registry=registry)
+        self.limit = Gauge("jobmesh_quota_limit", "Quota limit.", ["tenant", "resource"], registry=registry)
+        self.utilization = Gauge(
+            "jobmesh_quota_utilization_ratio", "Usage over limit.", ["tenant", "resource"], registry=registry
+        )
+        self.burst_active = Gauge("jobmesh_quota_burst_sessions_active", "Active burst sessions.", registry=registry)
+        self.burst_left = Gauge(
+            "jobmesh_quota_burst_capacity_left", "Burst pool left.", ["resource"], registry=registry
+        )
+
+
+def session_proto(s: BurstSession) -> qt.BurstSession:
+    return qt.BurstSession(
+        session_id=s.session_id,
+        tenant_id=s.tenant_id,
+        cpu_millis=s.cpu_millis,
+        memory_mb=s.memory_mb,
+        concurrent_jobs=s.concurrent_jobs,
+        start_time=ts(s.start),
+        expire_time=ts(s.expire),
+    )
+
+
+class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
+    def __init__(self, manager: QuotaManager, etcd: Etcd, keys: Keys, metrics: QuotaMetrics):
+        self.manager = manager
+        self.etcd = etcd
+        self.keys = keys
+        self.metrics = metrics
+
+    async def Reserve(self, request: q.ReserveRequest, context: grpc.aio.ServicerContext) -> q.ReserveResponse:
+        with self.metrics.latency.time():
+            try:
+                session_id = self.manager.reserve(
+                    request.tenant_id,
+                    request.job_id,
+                    request.resources.cpu_millis,
+                    request.resources.memory_mb,
+                    request.burst,
+                )
+            except Exception as exc:
+                self.metrics.decisions.labels(request.tenant_id, "rejected", getattr(exc, "reason", "ERROR")).inc()
+                raise
+        self.metrics.decisions.labels(request.tenant_id, "admitted", "BURST" if session_id else "QUOTA").inc()
+        return q.ReserveResponse(burst_session_id=session_id)
+
+    async def Release(self, request: q.ReleaseRequest, context: grpc.aio.ServicerContext) -> q.ReleaseResponse:
+        self.manager.release(request.tenant_id, request.job_id)
+        return q.ReleaseResponse()
+
+    def quota(self, tenant_id: str) -> qt.Quota:
+        limits = self.manager.limits(tenant_id)
+        usage = self.manager.usage(tenant_id)
+        quota = qt.Quota(
+            tenant_id=tenant_id,
+            limits=qt.QuotaLimits(
+                cpu_millis=limits.cpu_millis, memory_mb=limits.memory_mb, concurrent_jobs=limits.concurrent_jobs
+            ),
+            usage=qt.QuotaLimits(
+                cpu_millis=usage.cpu_millis, memory_mb=usage.memory_mb, concurrent_jobs=usage.concurrent_jobs
+            ),
+        )
+        for name in ("cpu_millis", "memory_mb", "concurrent_jobs"):
+            quota.utilization[name] = round(getattr(usage, name) / max(getattr(limits, name), 1), 4)
+        session = self.manager.active_session(tenant_id)
+        if session is not None:
+            quota.burst.CopyFrom(session_proto(session))
+        return quota
+
+    async def GetQuota(self, request: q.GetQuotaRequest, context: grpc.aio.ServicerContext) -> q.GetQuotaResponse:
+        self.manager.check_tenant(request.tenant_id)
+        return q.GetQuotaResponse(quota=self.quota(request.tenant_id))
+
+    async def UpdateQuota(
+        self, request: q.UpdateQuotaRequest, context: grpc.aio.ServicerContext
+    ) -> q.UpdateQuotaResponse:
+        lim = request.limits
+        updated = self.manager.set_limits(
+            request.tenant_id,
+            lim.cpu_millis if lim.HasField("cpu_millis") else None,
+            lim.memory_mb if lim.HasField("memory_mb") else None,
+            lim.concurrent_jobs if lim.HasField("concurrent_jobs") else None,
+        )
+        await self.etcd.put(
+            self.keys.quota_limits(request.tenant_id),
+            json.dumps(
+                {
+                    "cpu_millis": updated.cpu_millis,
+                    "memory_mb": updated.memory_mb,
+                    "concurrent_jobs": updated.concurrent_jobs,
+                }
+            ).encode(),
+        )
+        return q.UpdateQuotaResponse(quota=self.quota(request.tenant_id))
+
+    async def RequestBurst(
+        self, request: q.RequestBurstRequest, context: grpc.aio.ServicerContext
+    ) -> q.RequestBurstResponse:
+        session = self.manager.grant_burst(
+            request.tenant_id,
+            request.cpu_millis,
+            request.memory_mb,
+            request.concurrent_jobs,
+            request.duration_seconds,
+            request.requested_by,
+        )
+        record = json.dumps(session.__dict__).encode()
+        try:
+            # The session key lives on a lease as long as the session, so etcd itself ends it on time.
+            lease = await self.etcd.grant(max(1, int(session.expire - session.start) + 1))
+            await self.etcd.put(self.keys.burst_session(session.session_id), record, lease=lease)
+            await self.etcd.put(self.keys.burst_audit(int(session.start * 1000), session.session_id), record)
+        except Exception:
+            self.manager.sessions.pop(session.session_id, None)
+            raise
+        return q.RequestBurstResponse(session=session_proto(session))

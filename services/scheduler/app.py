@@ -1,0 +1,91 @@
+"""Composition root of the scheduler (run as several replicas; one leads)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from jobmesh.queueing.v1 import queueing_pb2_grpc
+from jobmesh.scheduler.v1 import scheduler_pb2 as s
+from jobmesh.scheduler.v1 import scheduler_pb2_grpc
+from libs.clock import SystemClock
+from libs.config import load_config
+from libs.etcd.client import Etcd
+from libs.etcd.election import LeaderElection
+from libs.etcd.informer import Informer
+from libs.interceptors import channel
+from libs.keys import Keys
+from libs.server import start_server
+from libs.settings import CommonSettings
+from services.scheduler.scheduler import Scheduler, SchedulerMetrics
+
+SERVICE = "jobmesh.scheduler.v1.SchedulerService"
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
+    def __init__(self, scheduler: Scheduler, election: LeaderElection, replica_id: str):
+        self.scheduler = scheduler
+        self.election = election
+        self.replica_id = replica_id
+
+    async def GetStatus(self, request: s.GetStatusRequest, context: grpc.aio.ServicerContext) -> s.GetStatusResponse:
+        lead = self.election.leadership
+        return s.GetStatusResponse(
+            replica_id=self.replica_id,
+            leader=lead is not None,
+            leader_revision=lead.revision if lead else 0,
+            dispatched=self.scheduler.dispatched,
+        )
+
+
+async def run(settings: CommonSettings) -> None:
+    config = load_config(settings.config_path)
+    registry = CollectorRegistry()
+    etcd = Etcd(settings.etcd.endpoints)
+    await etcd.wait_ready()
+    keys = Keys(settings.etcd.prefix)
+    queueing = channel(settings.peers.queueing)
+    election = LeaderElection(
+        etcd, keys.leader("scheduler"), settings.server.replica_id, ttl=settings.get_int("JOBMESH_LEADER_TTL", 5)
+    )
+    workers = Informer(etcd, keys.workers, name="workers")
+    assignments = Informer(etcd, keys.assignments, name="assignments")
+    scheduler = Scheduler(
+        keys,
+        config,
+        SystemClock(),
+        election,
+        workers,
+        assignments,
+        queueing_pb2_grpc.QueueingServiceStub(queueing),
+        SchedulerMetrics(registry),
+    )
+    workers.handler = scheduler.on_change
+    assignments.handler = scheduler.on_change
+    for informer in (workers, assignments):
+        informer.start()
+        await informer.wait_synced()
+    servicer = SchedulerServicer(scheduler, election, settings.server.replica_id)
+    server = await start_server(
+        "scheduler",
+        settings,
+        registry,
+        [(lambda srv: scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, srv), SERVICE)],
+    )
+    election.start()
+    loop_task = asyncio.create_task(scheduler.run(), name="scheduler-loop")
+
+    async def stop() -> None:
+        loop_task.cancel()
+        await election.stop()
+        for informer in (workers, assignments):
+            await informer.stop()
+
+    server.on_stop.append(stop)
+    try:
+        await server.serve_forever()
+    finally:
+        await queueing.close()
+        await etcd.close()

@@ -1,0 +1,62 @@
+"""Run a worker agent: `python -m services.worker` (normally started by the pool-manager's provider)."""
+
+from __future__ import annotations
+
+import os
+
+# Set before grpc loads: its fork handlers can crash a job's process forked while RPCs are in flight.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
+import asyncio
+import json
+import signal
+import socket
+import sys
+
+from jobmesh.common.v1 import types_pb2 as t
+from libs.jobs import ts
+from libs.main import run_service
+from libs.settings import CommonSettings
+from services.worker.agent import AgentSettings, WorkerAgent, default_scratch
+from services.worker.executor import JobExecutor
+
+
+def worker_from_env() -> t.Worker:
+    env = os.environ
+    worker = t.Worker(
+        worker_id=env.get("JOBMESH_WORKER_ID") or f"local-{socket.gethostname()}-{os.getpid()}",
+        pool_id=env.get("JOBMESH_POOL_ID", ""),
+        capacity=t.Resources(
+            cpu_millis=int(env.get("JOBMESH_WORKER_CPU_MILLIS", "1000")),
+            memory_mb=int(env.get("JOBMESH_WORKER_MEMORY_MB", "1024")),
+        ),
+        labels=json.loads(env.get("JOBMESH_WORKER_LABELS", "{}")),
+        pid=os.getpid(),
+        host=socket.gethostname(),
+    )
+    if env.get("JOBMESH_WORKER_SPAWN_TIME"):
+        worker.spawn_time.CopyFrom(ts(float(env["JOBMESH_WORKER_SPAWN_TIME"])))
+    return worker
+
+
+async def run(settings: CommonSettings) -> None:
+    worker = worker_from_env()
+    if not worker.pool_id:
+        print("JOBMESH_POOL_ID must be set", file=sys.stderr)
+        raise SystemExit(2)
+    agent = WorkerAgent(
+        AgentSettings(
+            worker=worker,
+            poolmanagers=settings.peers.poolmanager,
+            scratch_root=default_scratch(str(settings.data_dir)),
+        ),
+        JobExecutor(default_scratch(str(settings.data_dir))),
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.stopping.set)
+    await agent.run()
+
+
+if __name__ == "__main__":
+    run_service("worker", 0, run)

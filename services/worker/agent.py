@@ -1,0 +1,189 @@
+"""The worker agent: registers with the pool-manager, heartbeats, runs assigned jobs, reports results."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+
+import grpc
+
+from jobmesh.common.v1 import types_pb2 as t
+from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
+from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
+from libs.interceptors import channel
+from services.worker.executor import ExecResult, ExecSpec, JobExecutor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    worker: t.Worker
+    poolmanagers: tuple[str, ...]
+    scratch_root: str
+    heartbeat_seconds: float = 2.0
+
+
+class WorkerAgent:
+    def __init__(self, settings: AgentSettings, executor: JobExecutor):
+        self.settings = settings
+        self.worker = t.Worker()
+        self.worker.CopyFrom(settings.worker)
+        self.executor = executor
+        self.stopping = asyncio.Event()
+        self._endpoint = 0
+        self._current: tuple[str, int] | None = None
+        self._finished: list[tuple[str, int]] = []  # recent attempts, so a replayed assignment never reruns
+        self._next: t.Assignment | None = None
+        self._job_task: asyncio.Task[None] | None = None
+        self._lost = asyncio.Event()
+
+    def _next_endpoint(self) -> str:
+        addr = self.settings.poolmanagers[self._endpoint % len(self.settings.poolmanagers)]
+        self._endpoint += 1
+        return addr
+
+    async def run(self) -> None:
+        backoff = 0.2
+        while not self.stopping.is_set():
+            addr = self._next_endpoint()
+            try:
+                await self._session(addr)
+                backoff = 0.2
+            except grpc.aio.AioRpcError as exc:
+                log.warning("pool-manager %s: %s; reconnecting", addr, exc.code().name)
+            if self.stopping.is_set():
+                break
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+        if self._job_task is not None:
+            await self._job_task
+
+    async def _session(self, addr: str) -> None:
+        """One registration stream; ends when the stream breaks, the lease is lost, or we stop."""
+        async with channel(addr) as ch:
+            stub = poolmanager_pb2_grpc.WorkerRegistryServiceStub(ch)
+            call = stub.Connect(pm.ConnectRequest(worker=self.worker))
+            self._lost.clear()
+            heartbeat: asyncio.Task[None] | None = None
+            stop_waiter = asyncio.create_task(self._end_signal())
+            stop_waiter.add_done_callback(lambda _: call.cancel())
+            try:
+                async for message in call:
+                    kind = message.WhichOneof("event")
+                    if kind == "registered":
+                        self.worker.lease_id = message.registered.lease_id
+                        log.info("registered with %s (lease %x)", addr, self.worker.lease_id)
+                        if heartbeat is None:
+                            heartbeat = asyncio.create_task(self._heartbeat(stub))
+                    elif kind == "assignment":
+                        self._start(message.assignment)
+                    elif kind == "cancel_job_id":
+                        if self.executor.cancel(message.cancel_job_id):
+                            log.info("cancelling job", extra={"job_id": message.cancel_job_id})
+            except asyncio.CancelledError:
+                if not (self.stopping.is_set() or self._lost.is_set()):
+                    raise
+            finally:
+                stop_waiter.cancel()
+                if heartbeat is not None:
+                    heartbeat.cancel()
+
+    async def _end_signal(self) -> None:
+        stop = asyncio.create_task(self.stopping.wait())
+        lost = asyncio.create_task(self._lost.wait())
+        try:
+            await asyncio.wait({stop, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            lost.cancel()
+
+    async def _heartbeat(self, stub: poolmanager_pb2_grpc.WorkerRegistryServiceStub) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_seconds)
+            try:
+                resp = await stub.Heartbeat(
+                    pm.HeartbeatRequest(worker_id=self.worker.worker_id, lease_id=self.worker.lease_id), timeout=2.0
+                )
+            except grpc.aio.AioRpcError as exc:
+                log.warning("heartbeat failed: %s", exc.code().name)
+                continue
+            if not resp.alive:
+                # We were declared lost: our job was retried elsewhere, so it must not keep running here.
+                log.warning("lease lost; stopping any job and registering again")
+                if self._current is not None:
+                    self.executor.cancel(self._current[0])
+                self.worker.lease_id = 0
+                self._lost.set()
+                return
+
+    def _start(self, assignment: t.Assignment) -> None:
+        key = (assignment.job_id, assignment.attempt)
+        if self._current == key or key in self._finished:
+            return  # the same assignment again after a reconnect
+        if self._current is not None:
+            # The previous job's process is still being reaped; run this one right after it.
+            self._next = assignment
+            return
+        self._current = key
+        self._job_task = asyncio.create_task(self._execute(assignment))
+
+    async def _execute(self, a: t.Assignment) -> None:
+        extra = {"job_id": a.job_id, "tenant_id": a.tenant_id, "attempt": a.attempt}
+        log.info("starting job", extra=extra)
+        spec = ExecSpec(
+            job_id=a.job_id,
+            attempt=a.attempt,
+            command=list(a.spec.command),
+            env=dict(a.spec.env),
+            working_dir=a.spec.working_dir or None,
+            max_runtime_seconds=float(a.spec.max_runtime_seconds) if a.spec.max_runtime_seconds > 0 else None,
+        )
+        try:
+            result = await self.executor.run(spec)
+        finally:
+            self._finished = [*self._finished[-15:], (a.job_id, a.attempt)]
+            self._current = None
+            self.worker.jobs_run += 1
+        log.info("job ended: %s (%s)", result.reason, result.message, extra=extra)
+        waiting, self._next = self._next, None
+        if waiting is not None:
+            self._start(waiting)
+        await self._report(a, result)
+
+    async def _report(self, a: t.Assignment, result: ExecResult) -> None:
+        request = pm.ReportResultRequest(
+            worker_id=self.worker.worker_id,
+            job_id=a.job_id,
+            tenant_id=a.tenant_id,
+            attempt=a.attempt,
+            exit_code=result.exit_code,
+            reason=result.reason,
+            message=result.message,
+            run_seconds=result.run_seconds,
+            cpu_seconds=result.cpu_seconds,
+            max_memory_mb=result.max_memory_mb,
+        )
+        delay = 0.2
+        for _ in range(60):
+            addr = self.settings.poolmanagers[(self._endpoint - 1) % len(self.settings.poolmanagers)]
+            try:
+                async with channel(addr) as ch:
+                    resp = await poolmanager_pb2_grpc.WorkerRegistryServiceStub(ch).ReportResult(request, timeout=5.0)
+                if not resp.accepted:
+                    log.warning("result was stale and not accepted", extra={"job_id": a.job_id})
+                return
+            except grpc.aio.AioRpcError as exc:
+                log.warning("report to %s failed: %s", addr, exc.code().name)
+                self._endpoint += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        log.error("giving up reporting the result", extra={"job_id": a.job_id})
+
+
+def default_scratch(data_dir: str) -> str:
+    path = os.path.join(data_dir, "scratch")
+    os.makedirs(path, exist_ok=True)
+    return path

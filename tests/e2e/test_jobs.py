@@ -1,0 +1,187 @@
+"""A new user's first jobs over REST through Envoy: submit, watch, list, cancel."""
+
+from __future__ import annotations
+
+import time
+
+from libs.launcher import Stack
+from tests.helpers import Api, job_spec, wait_for
+
+
+def test_a_submitted_job_is_pending_then_runs_and_succeeds_with_its_cost(acme: Api) -> None:
+    job = acme.submit(job_spec("hello", ["sh", "-c", "echo hi"]))
+    assert job["state"] == "JOB_STATE_PENDING"
+    assert job["tenant_id"] == "acme"
+    assert job["job_id"]
+    done = acme.wait_terminal(job["job_id"])
+    assert done["state"] == "JOB_STATE_SUCCEEDED", done
+    assert done["exit_code"] == 0
+    assert done["pool_id"] == "static-general"
+    assert done["worker_id"].startswith("static-general-")
+    assert done["attempt"] == 1
+    assert done["start_time"] >= done["create_time"]
+    assert done["end_time"] >= done["start_time"]
+    assert done["cost"]["total"]["currency"] == "USD"
+    assert len(done["cost"]["attempts"]) == 1
+
+
+def test_a_running_job_is_shown_as_running(acme: Api) -> None:
+    job = acme.submit(job_spec("sleeper", ["sleep", "2"]))
+    running = acme.wait_state(job["job_id"], {"JOB_STATE_RUNNING"}, timeout=20)
+    assert running["worker_id"]
+    assert acme.wait_terminal(job["job_id"])["state"] == "JOB_STATE_SUCCEEDED"
+
+
+def test_a_failing_command_fails_with_its_exit_code(acme: Api) -> None:
+    job = acme.submit(job_spec("fails", ["sh", "-c", "exit 3"]))
+    done = acme.wait_terminal(job["job_id"])
+    assert done["state"] == "JOB_STATE_FAILED"
+    assert done["exit_code"] == 3
+    assert done["reason"] == "EXIT_CODE"
+
+
+def test_env_and_max_runtime_reach_the_worker(acme: Api) -> None:
+    ok = acme.submit(job_spec("env", ["sh", "-c", 'test "$GREETING" = hello'], env={"GREETING": "hello"}))
+    slow = acme.submit(job_spec("slow", ["sleep", "30"], max_runtime_seconds=1))
+    assert acme.wait_terminal(ok["job_id"])["state"] == "JOB_STATE_SUCCEEDED"
+    timed_out = acme.wait_terminal(slow["job_id"], timeout=30)
+    assert timed_out["state"] == "JOB_STATE_FAILED"
+    assert timed_out["reason"] == "TIMEOUT"
+
+
+def test_listing_pages_through_only_the_callers_jobs(acme: Api, globex: Api) -> None:
+    theirs = globex.submit(job_spec("globex-job"))
+    mine = {acme.submit(job_spec(f"list-{i}"))["job_id"] for i in range(5)}
+    seen: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        resp = acme.call(
+            "GET", "/api/v1/jobs", params={"page_size": 2, "page_token": token} if token else {"page_size": 2}
+        )
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert len(body["jobs"]) <= 2
+        seen += [j["job_id"] for j in body["jobs"]]
+        assert all(j["tenant_id"] == "acme" for j in body["jobs"])
+        pages += 1
+        token = body["next_page_token"]
+        if not token:
+            break
+    assert mine <= set(seen)
+    assert theirs["job_id"] not in seen
+    assert len(seen) == len(set(seen))
+    assert pages >= 3
+
+
+def test_listing_filters_by_state(acme: Api) -> None:
+    job = acme.submit(job_spec("filtered", ["sh", "-c", "exit 1"]))
+    acme.wait_terminal(job["job_id"])
+    resp = acme.call("GET", "/api/v1/jobs", params={"state": "JOB_STATE_FAILED", "page_size": 500})
+    states = {j["state"] for j in resp.json()["jobs"]}
+    assert states == {"JOB_STATE_FAILED"}
+
+
+def test_cancel_kills_a_running_job_and_cancels_a_pending_one(acme: Api, stack: Stack) -> None:
+    # Fill every static worker so the last job has to wait.
+    blockers = [acme.submit(job_spec(f"block-{i}", ["sleep", "60"], pool="static-general")) for i in range(3)]
+    for b in blockers:
+        acme.wait_state(b["job_id"], {"JOB_STATE_RUNNING"}, timeout=30)
+    waiting = acme.submit(job_spec("waits", ["true"], pool="static-general"))
+    time.sleep(0.5)
+    assert acme.get(waiting["job_id"])["state"] == "JOB_STATE_PENDING"
+
+    resp = acme.cancel(waiting["job_id"])
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["state"] == "JOB_STATE_CANCELLED"
+
+    started = time.monotonic()
+    for b in blockers:
+        resp = acme.cancel(b["job_id"])
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["state"] == "JOB_STATE_CANCELLED"
+    # Killed for real: the workers are free again long before the 60 s sleeps would end.
+    after = acme.submit(job_spec("after-cancel", ["true"], pool="static-general"))
+    assert acme.wait_terminal(after["job_id"], timeout=30)["state"] == "JOB_STATE_SUCCEEDED"
+    assert time.monotonic() - started < 30
+    assert acme.get(waiting["job_id"])["state"] == "JOB_STATE_CANCELLED"
+    assert all(acme.get(b["job_id"])["state"] == "JOB_STATE_CANCELLED" for b in blockers)
+
+
+def test_cancelling_a_finished_job_is_refused_and_changes_nothing(acme: Api) -> None:
+    job = acme.submit(job_spec("quick", ["true"]))
+    acme.wait_terminal(job["job_id"])
+    resp = acme.cancel(job["job_id"])
+    assert resp.status_code == 400
+    assert resp.json()["details"][0]["reason"] == "JOB_FINISHED"
+    assert acme.get(job["job_id"])["state"] == "JOB_STATE_SUCCEEDED"
+
+
+def test_an_idempotency_key_returns_the_first_job(acme: Api) -> None:
+    first = acme.submit(job_spec("idem", ["true"], idempotency_key="nightly-2026-11-28"))
+    again = acme.submit(job_spec("idem", ["true"], idempotency_key="nightly-2026-11-28"))
+    assert again["job_id"] == first["job_id"]
+
+
+def test_a_job_that_needs_the_large_pool_scales_it_up_and_runs_there(acme: Api) -> None:
+    job = acme.submit(
+        job_spec(
+            "large",
+            ["true"],
+            required_capabilities={"class": "large"},
+            resources={"cpu_millis": 1500, "memory_mb": 1500},
+        )
+    )
+    done = acme.wait_terminal(job["job_id"], timeout=60)
+    assert done["state"] == "JOB_STATE_SUCCEEDED", done
+    assert done["pool_id"] == "dynamic-large"
+    history = acme.call("GET", "/api/v1/pools/dynamic-large/scaling/history").json()
+    ups = [e for e in history["events"] if e["direction"] == "up" and e["executed"]]
+    assert ups and ups[0]["from_workers"] == 0 and ups[0]["to_workers"] >= 1
+    assert ups[0]["trigger"] == "queue_depth"
+
+
+def test_pools_and_pool_metrics_show_live_workers(acme: Api) -> None:
+    pools = {p["pool_id"]: p for p in acme.call("GET", "/api/v1/pools").json()["pools"]}
+    assert pools["static-general"]["kind"] == "POOL_KIND_STATIC"
+    assert pools["dynamic-large"]["kind"] == "POOL_KIND_DYNAMIC"
+    assert pools["static-general"]["workers"] == 3
+    metrics = wait_for(
+        lambda: (m := acme.call("GET", "/api/v1/pools/static-general/metrics").json())["jobs_succeeded"] > 0 and m,
+        what="pool metrics",
+    )
+    assert sum(metrics["workers_by_state"].values()) == 3
+    assert 0.0 <= metrics["success_rate"] <= 1.0
+    assert acme.call("GET", "/api/v1/pools/nope/metrics").status_code == 404
+
+
+def test_cost_report_covers_only_the_callers_jobs(acme: Api, globex: Api, admin: Api) -> None:
+    job = acme.submit(job_spec("costed", ["sleep", "0.3"]))
+    acme.wait_terminal(job["job_id"])
+    body = wait_for(
+        lambda: (b := acme.call("GET", "/api/v1/cost-optimization/reports").json())["reports"][0]["jobs"] > 0 and b,
+        what="cost records",
+    )
+    assert [r["tenant_id"] for r in body["reports"]] == ["acme"]
+    assert int(body["reports"][0]["total"]["micros"]) > 0
+    assert globex.call("GET", "/api/v1/cost-optimization/reports", params={"tenant_id": "acme"}).status_code == 403
+    everyone = admin.call("GET", "/api/v1/cost-optimization/reports").json()
+    assert "acme" in {r["tenant_id"] for r in everyone["reports"]}
+
+
+def test_prometheus_endpoint_serves_the_whole_mesh_to_admins_only(acme: Api, admin: Api) -> None:
+    assert acme.call("GET", "/api/v1/metrics/prometheus").status_code == 403
+    resp = admin.call("GET", "/api/v1/metrics/prometheus")
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/plain")
+    text = resp.text
+    for name in (
+        "jobmesh_gateway_rpc_duration_seconds",
+        "jobmesh_quota_decisions_total",
+        "jobmesh_queueing_enqueued_total",
+        "jobmesh_scheduler_dispatched_total",
+        "jobmesh_poolmanager_results_total",
+        "jobmesh_cost_records_total",
+    ):
+        assert name in text, name
+    assert 'jobmesh_up{instance="gateway"} 1' in text
