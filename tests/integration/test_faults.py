@@ -1,0 +1,190 @@
+"""Crashes of single processes and of the whole stack: every accepted job ends, none runs twice."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+
+from jobmesh.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+from libs.etcd.client import Etcd
+from libs.launcher import Stack
+from tests.helpers import Api, job_spec, start_stack, token, wait_for
+
+
+def marked(name: str, marks: Path, before: str = "") -> dict[str, object]:
+    """A job that appends one line to its own file each time it runs, so double runs show."""
+    script = f"{before}echo run >> {marks / name}"
+    return job_spec(name, ["sh", "-c", script])
+
+
+def runs(marks: Path, name: str) -> int:
+    path = marks / name
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def submit_in_background(api: Api, specs: list[dict[str, object]], accepted: list[dict[str, object]],
+                         pace: float = 0.05) -> threading.Thread:
+    def go() -> None:
+        for spec in specs:
+            resp = api.call("POST", "/api/v1/jobs", json=spec)
+            if resp.status_code == 200:
+                accepted.append(resp.json())
+            else:
+                assert resp.status_code in (503, 504), resp.text  # refused while a dependency is down
+            time.sleep(pace)
+
+    thread = threading.Thread(target=go)
+    thread.start()
+    return thread
+
+
+def assert_each_ran_once(api: Api, accepted: list[dict[str, object]], marks: Path) -> None:
+    for job in accepted:
+        done = api.wait_terminal(str(job["job_id"]), timeout=90)
+        assert done["state"] == "JOB_STATE_SUCCEEDED", done
+        name = str(job["spec"]["name"])  # type: ignore[index]
+        assert runs(marks, name) == 1, f"{name} ran {runs(marks, name)} times"
+
+
+def leader_etcd_value(stack: Stack, role: str) -> str:
+    async def read() -> str:
+        etcd = Etcd([f"127.0.0.1:{stack.ports.etcd}"])
+        try:
+            kv = await etcd.get(f"/jobmesh/leader/{role}")
+            return kv.value.decode() if kv else ""
+        finally:
+            await etcd.close()
+
+    return asyncio.run(read())
+
+
+def scheduler_leader(stack: Stack) -> str:
+    for i, port in enumerate(stack.ports.scheduler, start=1):
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            try:
+                status = scheduler_pb2_grpc.SchedulerServiceStub(ch).GetStatus(scheduler_pb2.GetStatusRequest(),
+                                                                                timeout=2)
+            except grpc.RpcError:
+                continue
+            if status.leader:
+                return f"scheduler-{i}"
+    return ""
+
+
+def worker_pid(worker_id: str) -> int:
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.environ().get("JOBMESH_WORKER_ID") == worker_id:
+                return int(proc.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    raise AssertionError(f"no process for worker {worker_id}")
+
+
+@pytest.fixture()
+def marks(tmp_path: Path) -> Path:
+    path = tmp_path / "marks"
+    path.mkdir()
+    return path
+
+
+def ready(stack: Stack) -> Api:
+    api = Api(stack.url, token(stack))
+    wait_for(lambda: api.call("GET", "/api/v1/pools").json()["pools"][0]["idle_workers"] >= 3,
+             what="static workers")
+    return api
+
+
+def test_sigkill_of_the_queueing_service_loses_no_accepted_job(fresh_stack: Stack, marks: Path) -> None:
+    api = ready(fresh_stack)
+    accepted: list[dict[str, object]] = []
+    thread = submit_in_background(api, [marked(f"q{i}", marks) for i in range(40)], accepted)
+    wait_for(lambda: len(accepted) >= 10, what="first submits")
+    fresh_stack.kill("queueing")
+    time.sleep(1.0)
+    fresh_stack.restart("queueing")
+    thread.join(120)
+    assert len(accepted) >= 10
+    assert_each_ran_once(api, accepted, marks)
+
+
+def test_sigkill_of_the_scheduler_leader_hands_over_without_double_runs(fresh_stack: Stack, marks: Path) -> None:
+    api = ready(fresh_stack)
+    leader = wait_for(lambda: scheduler_leader(fresh_stack), what="a scheduler leader")
+    accepted: list[dict[str, object]] = []
+    thread = submit_in_background(api, [marked(f"s{i}", marks, "sleep 0.2; ") for i in range(30)], accepted)
+    wait_for(lambda: len(accepted) >= 8, what="first submits")
+    fresh_stack.kill(leader)
+    thread.join(120)
+    new_leader = wait_for(lambda: scheduler_leader(fresh_stack), timeout=15, what="the other replica to lead")
+    assert new_leader != leader
+    assert_each_ran_once(api, accepted, marks)
+
+
+def test_sigkill_of_the_pool_manager_leader_hands_over_without_double_runs(fresh_stack: Stack, marks: Path) -> None:
+    api = ready(fresh_stack)
+    leader = wait_for(lambda: leader_etcd_value(fresh_stack, "pool-manager"), what="a pool-manager leader")
+    accepted: list[dict[str, object]] = []
+    thread = submit_in_background(api, [marked(f"p{i}", marks, "sleep 0.2; ") for i in range(30)], accepted)
+    wait_for(lambda: len(accepted) >= 8, what="first submits")
+    fresh_stack.kill(leader)
+    thread.join(120)
+    wait_for(lambda: leader_etcd_value(fresh_stack, "pool-manager") not in ("", leader), timeout=15,
+             what="the other pool-manager to lead")
+    assert_each_ran_once(api, accepted, marks)
+
+
+def test_a_worker_killed_mid_job_is_declared_lost_and_the_job_retried_elsewhere(fresh_stack: Stack,
+                                                                                  marks: Path) -> None:
+    api = ready(fresh_stack)
+    job = api.submit(job_spec("retry-me", ["sh", "-c", f"echo run >> {marks / 'retry-me'}; sleep 2"], max_retries=1))
+    running = api.wait_state(job["job_id"], {"JOB_STATE_RUNNING"}, timeout=20)
+    first_worker = running["worker_id"]
+    wait_for(lambda: runs(marks, "retry-me") == 1, what="the first attempt to start")
+    psutil.Process(worker_pid(first_worker)).send_signal(signal.SIGKILL)
+    done = api.wait_terminal(job["job_id"], timeout=60)
+    assert done["state"] == "JOB_STATE_SUCCEEDED", done
+    assert done["attempt"] == 2
+    assert done["worker_id"] != first_worker
+    assert done["attempts"][0]["reason"] == "WORKER_LOST"
+    assert runs(marks, "retry-me") == 2  # one run per attempt, never two for the same attempt
+    # Without retries left, the same loss fails the job with WORKER_LOST.
+    job = api.submit(job_spec("no-retry", ["sleep", "30"], max_retries=0))
+    running = api.wait_state(job["job_id"], {"JOB_STATE_RUNNING"}, timeout=20)
+    psutil.Process(worker_pid(running["worker_id"])).send_signal(signal.SIGKILL)
+    failed = api.wait_terminal(job["job_id"], timeout=60)
+    assert (failed["state"], failed["reason"]) == ("JOB_STATE_FAILED", "WORKER_LOST")
+    # The static pool replaces the lost workers.
+    wait_for(lambda: api.call("GET", "/api/v1/pools").json()["pools"][0]["workers"] == 3, timeout=30,
+             what="replacement workers")
+
+
+def test_restarting_the_whole_stack_resumes_pending_jobs(tmp_path: Path, marks: Path) -> None:
+    data = tmp_path / "stack"
+    stack = start_stack(data)
+    try:
+        api = ready(stack)
+        blockers = [api.submit(job_spec(f"block{i}", ["sleep", "60"], pool="static-general")) for i in range(3)]
+        for b in blockers:
+            api.wait_state(b["job_id"], {"JOB_STATE_RUNNING"}, timeout=30)
+        pending = [api.submit(marked(f"later{i}", marks) | {"pool": "static-general"}) for i in range(5)]
+        assert all(api.get(p["job_id"])["state"] == "JOB_STATE_PENDING" for p in pending)
+    finally:
+        stack.stop()
+    stack = start_stack(data)
+    try:
+        api = Api(stack.url, token(stack))
+        for p in pending:
+            assert api.wait_terminal(p["job_id"], timeout=90)["state"] == "JOB_STATE_SUCCEEDED"
+            assert runs(marks, p["spec"]["name"]) == 1
+        for b in blockers:
+            assert api.wait_terminal(b["job_id"], timeout=90)["state"] in ("JOB_STATE_FAILED", "JOB_STATE_SUCCEEDED")
+    finally:
+        stack.stop()
