@@ -23,6 +23,15 @@ class TenantConfig:
     tenant_id: str
     weight: float = 1.0
     quota: QuotaLimits | None = None
+    # Monthly budget in the mesh currency (None: no budget) and what happens at 100%: "notify" or "enforce".
+    monthly_budget: float | None = None
+    budget_policy: str = "notify"
+
+
+@dataclass(frozen=True)
+class SlaTier:
+    name: str
+    target_wait_seconds: float
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,8 @@ class MeshConfig:
     burst_premium: float = 1.5
     burst_pool: QuotaLimits | None = None
     burst_max_duration_seconds: int = 3600
+    sla_tiers: dict[str, SlaTier] = field(default_factory=dict)
+    default_sla_tier: str = "standard"
 
     def pool(self, pool_id: str) -> PoolConfig | None:
         return next((p for p in self.pools if p.pool_id == pool_id), None)
@@ -134,10 +145,21 @@ def parse_config(raw: dict[str, object]) -> MeshConfig:
     assert isinstance(tenants_raw, dict)
     tenants: dict[str, TenantConfig] = {}
     for tenant_id, t in tenants_raw.items():
+        weight = float(t.get("weight", 1.0))
+        if weight <= 0:
+            raise ConfigError(f"tenants.{tenant_id}.weight must be greater than 0")
+        policy = str(t.get("budget_policy", "notify"))
+        if policy not in ("notify", "enforce"):
+            raise ConfigError(f"tenants.{tenant_id}.budget_policy must be notify or enforce")
+        budget = t.get("monthly_budget")
+        if budget is not None and float(budget) < 0:
+            raise ConfigError(f"tenants.{tenant_id}.monthly_budget must not be negative")
         tenants[tenant_id] = TenantConfig(
             tenant_id=tenant_id,
-            weight=float(t.get("weight", 1.0)),
+            weight=weight,
             quota=_limits(t["quota"], f"tenants.{tenant_id}.quota") if "quota" in t else None,
+            monthly_budget=float(budget) if budget is not None else None,
+            budget_policy=policy,
         )
     pools_raw = raw.get("pools", [])
     assert isinstance(pools_raw, list)
@@ -148,10 +170,23 @@ def parse_config(raw: dict[str, object]) -> MeshConfig:
         raise ConfigError("pool ids must be unique")
     cost = raw.get("cost", {})
     assert isinstance(cost, dict)
+    sla_raw = raw.get("sla", {})
+    assert isinstance(sla_raw, dict)
+    tiers_raw = sla_raw.get("tiers", {"gold": 30.0, "standard": 300.0, "batch": 3600.0})
+    sla_tiers = {}
+    for name, target in tiers_raw.items():
+        if float(target) <= 0:
+            raise ConfigError(f"sla.tiers.{name} must be a positive number of seconds")
+        sla_tiers[name] = SlaTier(name, float(target))
+    default_tier = str(sla_raw.get("default_tier", "standard"))
+    if default_tier not in sla_tiers:
+        raise ConfigError(f"sla.default_tier {default_tier!r} is not one of the tiers")
     burst = raw.get("burst", {})
     assert isinstance(burst, dict)
     burst_pool = _limits(burst["pool"], "burst.pool") if "pool" in burst else None
     return MeshConfig(
+        sla_tiers=sla_tiers,
+        default_sla_tier=default_tier,
         burst_pool=burst_pool,
         burst_max_duration_seconds=int(burst.get("max_duration_seconds", 3600)),
         issuer=str(auth.get("issuer", "jobmesh-dev")),

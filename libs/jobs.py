@@ -37,7 +37,7 @@ def ts(seconds: float) -> Timestamp:
     return stamp
 
 
-def validate_spec(spec: t.JobSpec, config: MeshConfig) -> None:
+def validate_spec(spec: t.JobSpec, config: MeshConfig, now: float | None = None) -> None:
     """Raises InvalidArgument naming the first bad field."""
     if not spec.name.strip():
         raise InvalidArgument("name", "is required")
@@ -97,6 +97,12 @@ def validate_spec(spec: t.JobSpec, config: MeshConfig) -> None:
         raise InvalidArgument("idempotency_key", "must be 1-128 characters of [A-Za-z0-9._:-]")
     if spec.working_dir and not spec.working_dir.startswith("/"):
         raise InvalidArgument("working_dir", "must be an absolute path")
+    if spec.sla_tier and spec.sla_tier not in config.sla_tiers:
+        raise InvalidArgument("sla_tier", f"must be one of {', '.join(sorted(config.sla_tiers))}")
+    if now is not None and spec.HasField("deadline") and spec.deadline.ToNanoseconds() / 1e9 <= now:
+        raise InvalidArgument("deadline", "is already in the past")
+    if abs(spec.priority) > 1000:
+        raise InvalidArgument("priority", "must be between -1000 and 1000")
 
 
 def fits(capacity: t.Resources, labels: dict[str, str], spec: t.JobSpec) -> bool:

@@ -38,7 +38,9 @@ async def scrape_all(targets: tuple[str, ...], own: str, timeout: float = 2.0) -
     lines = ["# HELP jobmesh_up 1 if the service's metrics endpoint answered.", "# TYPE jobmesh_up gauge"]
     lines += [f'jobmesh_up{{instance="{_escape(i)}"}} {v}' for i, v in up]
     for name, (kind, doc, samples) in families.items():
-        lines.append(f"# HELP {name} {doc}")
-        lines.append(f"# TYPE {name} {kind}")
+        # The parser names a counter family without its `_total`; text format 0.0.4 wants the sample name back.
+        header = f"{name}_total" if kind == "counter" and not name.endswith("_total") else name
+        lines.append(f"# HELP {header} {doc}")
+        lines.append(f"# TYPE {header} {'untyped' if kind == 'unknown' else kind}")
         lines.extend(samples)
     return "\n".join(lines) + "\n"

@@ -18,7 +18,7 @@ from jobmesh.quota.v1 import quota_pb2 as qt
 from libs.auth import Principal, TokenVerifier
 from libs.clock import Clock
 from libs.config import MeshConfig
-from libs.errors import InvalidArgument, NotFound, PermissionDenied
+from libs.errors import InvalidArgument, JobMeshError, NotFound, PermissionDenied, ResourceExhausted
 from libs.jobs import assign_queue, new_job_id, ts, validate_spec
 from libs.keys import safe_segment
 from libs.telemetry import job_id_var, tenant_id_var
@@ -68,12 +68,46 @@ def check_job_id(job_id: str) -> None:
         raise NotFound(f"job {job_id!r} not found", reason="JOB_NOT_FOUND")
 
 
+class BudgetGate:
+    """Asks the cost service whether a tenant may still submit; remembers the answer briefly to stay off the hot
+    path (an enforced budget may overshoot by what is submitted within that window)."""
+
+    def __init__(self, cost: object, clock: Clock, ttl: float = 2.0):
+        self.cost = cost
+        self.clock = clock
+        self.ttl = ttl
+        self._known: dict[str, tuple[float, JobMeshError | None]] = {}
+
+    async def check(self, tenant_id: str) -> None:
+        now = self.clock.monotonic()
+        known = self._known.get(tenant_id)
+        if known is None or now - known[0] > self.ttl:
+            refusal: JobMeshError | None = None
+            try:
+                await self.cost.CheckBudget(c.CheckBudgetRequest(tenant_id=tenant_id), timeout=2.0)  # type: ignore[attr-defined]
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    # Cost being down must not stop admission; budgets are re-checked shortly.
+                    log.warning("budget check unavailable: %s", exc.code().name)
+                    return
+                refusal = ResourceExhausted(
+                    exc.details() or "monthly budget exceeded",
+                    reason="BUDGET_EXCEEDED",
+                    metadata={"tenant_id": tenant_id},
+                )
+            known = (now, refusal)
+            self._known[tenant_id] = known
+        if known[1] is not None:
+            raise known[1]
+
+
 class JobsServicer(gateway_pb2_grpc.JobServiceServicer):
     def __init__(self, auth: Authenticator, backends: Backends, config: MeshConfig, clock: Clock):
         self.auth = auth
         self.b = backends
         self.config = config
         self.clock = clock
+        self.budgets = BudgetGate(backends.cost, clock)
 
     def _scope(self, principal: Principal) -> str:
         """Tenant to look jobs up in: the caller's own, or any (empty) for an admin."""
@@ -82,8 +116,9 @@ class JobsServicer(gateway_pb2_grpc.JobServiceServicer):
     async def SubmitJob(self, request: g.SubmitJobRequest, context: grpc.aio.ServicerContext) -> t.Job:
         principal = self.auth(context)
         spec = request.spec
-        validate_spec(spec, self.config)
         now = self.clock.now()
+        validate_spec(spec, self.config, now)
+        await self.budgets.check(principal.tenant_id)
         job = t.Job(
             job_id=new_job_id(now),
             tenant_id=principal.tenant_id,
@@ -194,6 +229,30 @@ class TenantsServicer(gateway_pb2_grpc.TenantServiceServicer):
             timeout=5.0,
         )
         return resp.session
+
+    async def GetBudget(self, request: g.GetBudgetRequest, context: grpc.aio.ServicerContext) -> object:
+        require_tenant_access(self.auth(context), request.tenant_id)
+        resp = await self.b.cost.GetBudget(c.GetBudgetRequest(tenant_id=request.tenant_id), timeout=5.0)  # type: ignore[attr-defined]
+        return resp.budget
+
+    async def UpdateBudget(self, request: g.UpdateBudgetRequest, context: grpc.aio.ServicerContext) -> object:
+        require_admin(self.auth(context))
+        resp = await self.b.cost.UpdateBudget(  # type: ignore[attr-defined]
+            c.UpdateBudgetRequest(
+                tenant_id=request.tenant_id, monthly_limit=request.monthly_limit, policy=request.policy
+            ),
+            timeout=5.0,
+        )
+        return resp.budget
+
+    async def UpdateFairShare(
+        self, request: g.UpdateFairShareRequest, context: grpc.aio.ServicerContext
+    ) -> g.UpdateFairShareResponse:
+        require_admin(self.auth(context))
+        resp = await self.b.queueing.SetTenantWeight(  # type: ignore[attr-defined]
+            q.SetTenantWeightRequest(tenant_id=request.tenant_id, weight=request.weight), timeout=5.0
+        )
+        return g.UpdateFairShareResponse(tenant_id=resp.tenant_id, weight=resp.weight)
 
 
 class PoolsServicer(gateway_pb2_grpc.PoolServiceServicer):

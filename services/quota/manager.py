@@ -101,31 +101,48 @@ class QuotaManager:
         return None
 
     def reserve(self, tenant_id: str, job_id: str, cpu_millis: int, memory_mb: int, burst: bool) -> str:
-        """Admits or refuses; holds the resources until the job is seen ending. Returns the burst session used."""
+        """Admits or refuses; holds the resources until the job is seen ending. Returns the burst session used.
+
+        Without burst the tenant's admitted work must fit its quota. With `burst` and an active session it must fit
+        the quota plus the session's grant, resource by resource; a job admitted beyond the quota is marked with
+        the session so that it is priced at the burst premium.
+        """
         state = self._state(tenant_id)
-        if job_id in state.live or job_id in state.reserved:
-            held = state.live.get(job_id) or state.reserved[job_id][0]
-            return held.burst_session_id
-        holdings = self.holdings(tenant_id)
-        base = [h for h in holdings if not h.burst_session_id]
+        holdings = self.holdings(tenant_id)  # purges expired reservations first
+        if job_id in state.live:
+            return state.live[job_id].burst_session_id
+        if job_id in state.reserved:
+            return state.reserved[job_id][0].burst_session_id
         limits = self.limits(tenant_id)
-        after = _sum(base).plus(cpu_millis, memory_mb)
+        used = _sum(holdings)
+        after = used.plus(cpu_millis, memory_mb)
         exceeded = self._exceeded(after, limits)
         session_id = ""
         if exceeded is not None:
             session = self.active_session(tenant_id) if burst else None
             if session is None:
-                self._refuse(exceeded, limits, _sum(base), burst)
+                self._refuse(exceeded, limits, used, burst)
             assert session is not None
-            on_burst = _sum(holdings, session.session_id).plus(cpu_millis, memory_mb)
-            grant = QuotaLimits(session.cpu_millis, session.memory_mb, session.concurrent_jobs)
-            over = self._exceeded(on_burst, grant)
+            stretched = QuotaLimits(
+                limits.cpu_millis + session.cpu_millis,
+                limits.memory_mb + session.memory_mb,
+                limits.concurrent_jobs + session.concurrent_jobs,
+            )
+            over = self._exceeded(after, stretched)
             if over is not None:
-                self._refuse(over, grant, _sum(holdings, session.session_id), burst, what="burst session")
+                self._refuse(over, stretched, used, burst, what="quota plus burst session")
             session_id = session.session_id
         holding = Holding(tenant_id, cpu_millis, memory_mb, session_id)
         state.reserved[job_id] = (holding, self.clock.monotonic() + RESERVATION_TTL)
         return session_id
+
+    def never_fits(self, tenant_id: str, cpu_millis: int, memory_mb: int) -> str | None:
+        """The resource a job asks more of than the tenant could ever hold (quota plus the largest burst)."""
+        limits = self.limits(tenant_id)
+        policy = self.burst_policy
+        ceiling = QuotaLimits(limits.cpu_millis + policy.cpu_millis, limits.memory_mb + policy.memory_mb,
+                              limits.concurrent_jobs + policy.concurrent_jobs)
+        return self._exceeded(Usage(cpu_millis, memory_mb, 1), ceiling)
 
     @staticmethod
     def _exceeded(usage: Usage, limits: QuotaLimits) -> str | None:

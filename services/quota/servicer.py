@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from jobmesh.common.v1 import quota_pb2 as qt
 from jobmesh.quota.v1 import quota_pb2 as q
 from jobmesh.quota.v1 import quota_pb2_grpc
+from libs.errors import InvalidArgument
 from libs.etcd.client import Etcd
 from libs.jobs import ts
 from libs.keys import Keys
@@ -60,6 +61,15 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
     async def Reserve(self, request: q.ReserveRequest, context: grpc.aio.ServicerContext) -> q.ReserveResponse:
         with self.metrics.latency.time():
             try:
+                too_big = self.manager.never_fits(
+                    request.tenant_id, request.resources.cpu_millis, request.resources.memory_mb
+                )
+                if too_big is not None:
+                    raise InvalidArgument(
+                        f"resources.{too_big}" if too_big != "concurrent_jobs" else "resources",
+                        "is more than this tenant's quota plus the largest burst could ever admit",
+                        reason="NEVER_FITS",
+                    )
                 session_id = self.manager.reserve(
                     request.tenant_id,
                     request.job_id,

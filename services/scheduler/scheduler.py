@@ -224,8 +224,11 @@ class Scheduler:
         if not result.succeeded:
             self._claimed.pop(worker.worker_id, None)
             self.metrics.conflicts.inc()
-            log.info("dispatch to %s lost a race; the job stays queued", worker.worker_id,
-                     extra={"job_id": job.job_id, "tenant_id": job.tenant_id})
+            log.info(
+                "dispatch to %s lost a race; the job stays queued",
+                worker.worker_id,
+                extra={"job_id": job.job_id, "tenant_id": job.tenant_id},
+            )
             return False
         self.dispatched += 1
         self.metrics.dispatched.labels(worker.pool_id).inc()

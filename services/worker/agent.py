@@ -167,8 +167,12 @@ class WorkerAgent:
             max_memory_mb=result.max_memory_mb,
         )
         delay = 0.2
-        for _ in range(60):
-            addr = self.settings.poolmanagers[(self._endpoint - 1) % len(self.settings.poolmanagers)]
+        # Start with the replica our stream is on, then go round the others (own counter: the session loop
+        # rotates too, and sharing one would keep both on a dead replica).
+        endpoints = self.settings.poolmanagers
+        first = (self._endpoint - 1) % len(endpoints)
+        for attempt in range(60):
+            addr = endpoints[(first + attempt) % len(endpoints)]
             try:
                 async with channel(addr) as ch:
                     resp = await poolmanager_pb2_grpc.WorkerRegistryServiceStub(ch).ReportResult(request, timeout=5.0)
@@ -177,7 +181,6 @@ class WorkerAgent:
                 return
             except grpc.aio.AioRpcError as exc:
                 log.warning("report to %s failed: %s", addr, exc.code().name)
-                self._endpoint += 1
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
         log.error("giving up reporting the result", extra={"job_id": a.job_id})

@@ -22,6 +22,7 @@ STARVATION = (
 # finish <= F and every queued one >= F, so n_i / w_i lies in [F - 1/w_i, F]; two tenants thus differ by at most
 # 1 / min(w) = 1 job of a weight-1 tenant.
 LAG_BOUND = 1.0 + 1e-9
+STARVES = pytest.mark.xfail(strict=True, reason=STARVATION)
 
 
 class QueueBuilder:
@@ -111,8 +112,7 @@ WEIGHTINGS = {
 
 def weightings(*broken: str) -> list[object]:
     """Every weighting as a named case; the `broken` ones are strict xfails showing the starvation bug."""
-    marks = pytest.mark.xfail(strict=True, reason=STARVATION)
-    return [pytest.param(w, id=name, marks=marks if name in broken else ()) for name, w in WEIGHTINGS.items()]
+    return [pytest.param(w, id=name, marks=STARVES if name in broken else ()) for name, w in WEIGHTINGS.items()]
 
 
 @pytest.mark.parametrize("weights", weightings("one-two-three", "one-three", "two-three"))
@@ -159,8 +159,8 @@ def test_in_every_prefix_weight_normalised_counts_differ_by_at_most_one_job(
 IDLE_TENANT_CASES = [
     pytest.param({"a": 1.0, "b": 1.0, "late": 2.0}, id="heavy-newcomer"),
     pytest.param({"a": 1.0, "b": 1.0, "late": 1.0}, id="equal-newcomer"),
-    pytest.param({"a": 2.0, "b": 3.0, "late": 1.0}, id="light-newcomer-beside-2-and-3", marks=pytest.mark.xfail(strict=True, reason=STARVATION)),
-]  # fmt: skip
+    pytest.param({"a": 2.0, "b": 3.0, "late": 1.0}, id="light-newcomer-beside-2-and-3", marks=STARVES),
+]
 
 
 @pytest.mark.parametrize("weights", IDLE_TENANT_CASES)

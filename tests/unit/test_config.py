@@ -1,0 +1,139 @@
+"""Unit tests for the mesh configuration parser (libs/config.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from libs.config import ConfigError, QuotaLimits, load_config, parse_config
+from tests.unit.builders import ConfigBuilder
+
+DEV_CONFIG = Path(__file__).resolve().parents[2] / "config" / "dev.toml"
+
+
+def test_a_minimal_config_parses_with_defaults() -> None:
+    raw = {
+        "quota": {"defaults": {"cpu_millis": 1000, "memory_mb": 1024, "concurrent_jobs": 2}},
+        "pools": [{"id": "p", "workers": 1}],
+    }
+
+    config = parse_config(raw)
+
+    assert (config.issuer, config.audience, config.currency, config.burst_premium) == (
+        "jobmesh-dev",
+        "jobmesh",
+        "USD",
+        1.5,
+    )
+    assert config.tenants == {}
+    assert config.burst_pool is None
+    assert config.default_quota == QuotaLimits(1000, 1024, 2)
+    [pool] = config.pools
+    assert (pool.pool_id, pool.kind, pool.min_workers, pool.max_workers) == ("p", "static", 1, 1)
+    assert (pool.worker_cpu_millis, pool.worker_memory_mb) == (1000, 1024)
+
+
+def test_a_tenant_without_its_own_quota_gets_the_defaults() -> None:
+    config = (
+        ConfigBuilder().tenant("acme", 2, cpu_millis=500, memory_mb=512, concurrent_jobs=1).tenant("globex").build()
+    )
+
+    assert config.quota_for("acme") == QuotaLimits(500, 512, 1)
+    assert config.quota_for("globex") == config.default_quota
+    assert config.quota_for("stranger") == config.default_quota
+    assert config.tenants["acme"].weight == 2.0
+
+
+def test_pools_are_found_by_id() -> None:
+    config = ConfigBuilder().pool("a").pool("b", "dynamic", max_workers=3).build()
+
+    assert config.pool("b") is not None
+    assert config.pool("b").max_workers == 3  # type: ignore[union-attr]
+    assert config.pool("c") is None
+
+
+def _spoil(change: Any) -> dict[str, Any]:
+    raw = ConfigBuilder().tenant("acme").pool("static-general").raw()
+    change(raw)
+    return raw
+
+
+CONFIG_ERRORS = [
+    pytest.param(lambda r: r.update(pools=[]), "at least one pool", id="no-pools"),
+    pytest.param(lambda r: r.pop("pools"), "at least one pool", id="pools-left-out"),
+    pytest.param(lambda r: r["pools"].append(dict(r["pools"][0])), "unique", id="duplicate-pool-ids"),
+    pytest.param(lambda r: r["pools"][0].update(kind="spot"), "kind", id="bad-kind"),
+    pytest.param(lambda r: r["pools"][0].pop("id"), "needs an id", id="pool-without-id"),
+    pytest.param(lambda r: r["pools"][0].update(workers=0), "max_workers", id="static-pool-without-workers"),
+    pytest.param(
+        lambda r: r["pools"].append({"id": "d", "kind": "dynamic", "min_workers": 3, "max_workers": 2}),
+        "min_workers <= max_workers",
+        id="dynamic-max-below-min",
+    ),
+    pytest.param(
+        lambda r: r["pools"].append({"id": "d", "kind": "dynamic", "min_workers": -1, "max_workers": 2}),
+        "min_workers",
+        id="negative-min-workers",
+    ),
+    pytest.param(
+        lambda r: r["pools"].append({"id": "d", "kind": "dynamic", "min_workers": 0, "max_workers": 0}),
+        "max_workers > 0",
+        id="dynamic-max-zero",
+    ),
+    pytest.param(lambda r: r["quota"]["defaults"].update(cpu_millis=0), "positive", id="zero-default-cpu"),
+    pytest.param(lambda r: r["quota"]["defaults"].update(memory_mb=-5), "positive", id="negative-default-memory"),
+    pytest.param(
+        lambda r: r["quota"]["defaults"].pop("concurrent_jobs"), "concurrent_jobs", id="default-missing-field"
+    ),
+    pytest.param(lambda r: r["quota"]["defaults"].update(cpu_millis="lots"), "integer", id="default-not-an-integer"),
+    pytest.param(
+        lambda r: r["tenants"]["acme"].update(quota={"cpu_millis": 1, "memory_mb": 1, "concurrent_jobs": 0}),
+        "tenants.acme.quota",
+        id="tenant-zero-jobs",
+    ),
+    pytest.param(
+        lambda r: r.update(burst={"pool": {"cpu_millis": -1, "memory_mb": 1, "concurrent_jobs": 1}}),
+        "burst.pool",
+        id="negative-burst-pool",
+    ),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), CONFIG_ERRORS)
+def test_a_bad_config_is_a_config_error(change: Any, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(_spoil(change))
+
+
+@pytest.mark.parametrize(
+    "weight",
+    [pytest.param(0, id="zero-weight"), pytest.param(-1, id="negative-weight")],
+)
+def test_a_non_positive_tenant_weight_is_a_config_error(weight: int) -> None:
+    with pytest.raises(ConfigError):
+        parse_config(_spoil(lambda r: r["tenants"]["acme"].update(weight=weight)))
+
+
+def test_the_dev_config_loads_three_weighted_tenants_and_one_pool_of_each_kind() -> None:
+    config = load_config(DEV_CONFIG)
+
+    assert {tid: tc.weight for tid, tc in config.tenants.items()} == {"acme": 1.0, "globex": 2.0, "initech": 3.0}
+    assert sorted(p.kind for p in config.pools) == ["dynamic", "static"]
+    static = next(p for p in config.pools if p.kind == "static")
+    dynamic = next(p for p in config.pools if p.kind == "dynamic")
+    assert static.min_workers == static.max_workers > 0
+    assert dynamic.min_workers <= dynamic.max_workers and dynamic.max_workers > 0
+    assert config.burst_pool is not None
+    assert static.pricing.cpu_core_hour > 0
+
+
+def test_an_unreadable_config_file_is_a_config_error(tmp_path: Path) -> None:
+    broken = tmp_path / "mesh.toml"
+    broken.write_text("[quota\n")
+
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
