@@ -144,6 +144,16 @@ class JobStore:
                 if held.job_id == job_id and held.attempt == attempt:
                     compares.append(cmp_mod(assign_key, assign.mod_revision))
                     ops.append(op_delete(assign_key))
+            # The worker's job count moves in the same transaction that frees it, so a worker at its
+            # max-jobs limit is never seen idle with a stale count.
+            worker_key = self.keys.worker(worker_id)
+            worker_kv = await self.etcd.get(worker_key)
+            if worker_kv is not None:
+                worker = t.Worker()
+                worker.ParseFromString(worker_kv.value)
+                worker.jobs_run += 1
+                compares.append(cmp_mod(worker_key, worker_kv.mod_revision))
+                ops.append(op_put(worker_key, worker.SerializeToString(), worker_kv.lease))
             if (await self.etcd.txn(compares, ops)).succeeded:
                 return True
         raise Conflict(f"job {job_id} kept changing while recording its result")

@@ -18,14 +18,18 @@ TERMINAL = {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"}
 FAST_FAILOVER = {"JOBMESH_WORKER_LEASE_TTL": "3", "JOBMESH_LEADER_TTL": "3"}
 
 
-def start_stack(data_dir: Path, env: dict[str, str] | None = None) -> Stack:
-    stack = Stack(data_dir=data_dir, config_path=FIXTURE_CONFIG, ports=Ports.free(), env=dict(env or FAST_FAILOVER))
-    try:
-        stack.start()
-    except BaseException:
-        stack.stop()
-        raise
-    return stack
+def start_stack(data_dir: Path, env: dict[str, str] | None = None, config: Path = FIXTURE_CONFIG) -> Stack:
+    """A whole stack on free ports; a second try on fresh ports if a port was taken in between."""
+    for attempt in range(2):
+        stack = Stack(data_dir=data_dir, config_path=config, ports=Ports.free(), env=dict(env or FAST_FAILOVER))
+        try:
+            stack.start()
+            return stack
+        except (RuntimeError, TimeoutError):
+            stack.stop()
+            if attempt == 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def token(stack: Stack, tenant: str = "acme", admin: bool = False, ttl: int = 3600) -> str:

@@ -64,6 +64,12 @@ class ControllerMetrics:
             buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60),
         )
         self.leader = Gauge("jobmesh_poolmanager_is_leader", "1 while this replica leads.", registry=registry)
+        self.retired = Counter(
+            "jobmesh_poolmanager_workers_retired_total",
+            "Workers stopped because they may not be reused.",
+            ["pool"],
+            registry=registry,
+        )
 
 
 class PoolController:
@@ -143,7 +149,9 @@ class PoolController:
     async def cycle(self) -> None:
         # Phase 1: jobs on workers that are gone are retried or failed.
         await self.reclaim_lost_workers()
-        # Phase 2: every pool moves toward the size its load asks for.
+        # Phase 2: workers that may not be reused (max jobs per worker) are stopped, to be replaced.
+        await self.retire_used_up_workers()
+        # Phase 3: every pool moves toward the size its load asks for.
         depth = await self.queue_depth()
         for pool in self.config.pools:
             await self.reconcile_pool(pool, depth)
@@ -179,6 +187,16 @@ class PoolController:
         result = await self.election.fenced_txn(compares, ops)
         if result.succeeded:
             self.metrics.lost.labels(worker_id.rsplit("-", 1)[0]).inc()
+
+    async def retire_used_up_workers(self) -> None:
+        for pool in self.config.pools:
+            if not pool.max_jobs_per_worker:
+                continue
+            for worker in self._pool_workers(pool.pool_id):
+                if worker.state != t.WORKER_STATE_DRAINING and worker.jobs_run >= pool.max_jobs_per_worker:
+                    if await self._drain(worker):
+                        self.metrics.retired.labels(pool.pool_id).inc()
+                        log.info("retired worker %s after %d jobs", worker.worker_id, worker.jobs_run)
 
     def _pool_workers(self, pool_id: str) -> list[t.Worker]:
         return [w for w in (decode_worker(kv) for kv in self.workers.cache.values()) if w.pool_id == pool_id]

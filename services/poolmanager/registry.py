@@ -15,7 +15,7 @@ from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
 from libs.clock import Clock
 from libs.config import MeshConfig
 from libs.errors import InvalidArgument
-from libs.etcd.client import Etcd, WatchEvent, cmp_mod, op_put
+from libs.etcd.client import Etcd, WatchEvent
 from libs.etcd.informer import Informer
 from libs.jobs import RESULT_REASONS, ts
 from libs.jobstore import JobStore
@@ -143,18 +143,6 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
             else ("succeeded" if request.exit_code == 0 and request.reason == "EXITED" else "failed")
         )
         self.metrics.results.labels(pool, outcome).inc()
-        if accepted:
-            await self._count_job(request.worker_id)
-        else:
+        if not accepted:
             log.warning("rejected stale result for attempt %d from %s", request.attempt, request.worker_id)
         return pm.ReportResultResponse(accepted=accepted)
-
-    async def _count_job(self, worker_id: str) -> None:
-        key = self.keys.worker(worker_id)
-        kv = await self.etcd.get(key)
-        if kv is None:
-            return
-        worker = t.Worker()
-        worker.ParseFromString(kv.value)
-        worker.jobs_run += 1
-        await self.etcd.txn([cmp_mod(key, kv.mod_revision)], [op_put(key, worker.SerializeToString(), kv.lease)])

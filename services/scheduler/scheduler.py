@@ -93,6 +93,7 @@ class Scheduler:
     ):
         self.keys = keys
         self.static_pools = {p.pool_id for p in config.pools if p.kind == "static"}
+        self.max_jobs = {p.pool_id: p.max_jobs_per_worker for p in config.pools if p.max_jobs_per_worker}
         self.clock = clock
         self.election = election
         self.workers = workers
@@ -103,9 +104,13 @@ class Scheduler:
         self.capacity_changed = asyncio.Event()
         self._claimed: dict[str, float] = {}  # worker id -> when we assigned it (until the informer shows it)
         self._version = -1
-        self._stalled = False
+        self._epoch = 0  # bumped on every worker or assignment change
+        # (queue version, epoch) of the last cycle that placed nothing: until one of them moves, waiting is all
+        # there is to do.
+        self._stall: tuple[int, int] | None = None
 
     def on_change(self, _event: object) -> None:
+        self._epoch += 1
         self.capacity_changed.set()
 
     async def run(self) -> None:
@@ -131,14 +136,15 @@ class Scheduler:
     async def schedule_once(self) -> None:
         started = time.perf_counter()
         # Phase 1: snapshot idle workers.
+        self.capacity_changed.clear()
+        epoch = self._epoch
         idle = self.idle_workers()
         mark = self._phase("1_snapshot", started)
         if not idle:
             await self._wait_for_capacity(1.0)
             return
         # Phase 2: heads of the fair queue (long-poll when nothing changed since a fruitless cycle).
-        self.capacity_changed.clear()
-        heads = await self._heads(len(idle))
+        heads = await self._heads(len(idle), epoch)
         mark = self._phase("2_heads", mark)
         # Phase 3: nominate a worker for each head, in queue order.
         plan: list[tuple[q.QueuedJob, Candidate]] = []
@@ -152,10 +158,8 @@ class Scheduler:
         # Phase 4: admit, each as a fenced transaction.
         results = await asyncio.gather(*(self._dispatch(job, cand) for job, cand in plan))
         mark = self._phase("4_admit", mark)
-        # Phase 5: when nothing moved, wait for the queue or the workers to change.
-        self._stalled = not any(results)
-        if self._stalled and heads:
-            await self._wait_for_capacity(0.5)
+        # Phase 5: remember a fruitless cycle, so the next one waits for the queue or the workers to change.
+        self._stall = None if any(results) else (self._version, epoch)
         self._phase("5_requeue", mark)
 
     async def _wait_for_capacity(self, timeout: float) -> None:
@@ -165,8 +169,9 @@ class Scheduler:
             pass
         self.capacity_changed.clear()
 
-    async def _heads(self, idle_count: int) -> list[q.QueuedJob]:
-        after = self._version if self._stalled else -1
+    async def _heads(self, idle_count: int, epoch: int) -> list[q.QueuedJob]:
+        stalled = self._stall is not None and self._stall[1] == epoch
+        after = self._stall[0] if stalled and self._stall else -1
         request = q.NextJobsRequest(limit=max(16, idle_count * 4), after_version=after, wait_millis=1000)
         wait_queue = asyncio.ensure_future(self.queueing.NextJobs(request, timeout=5.0))  # type: ignore[attr-defined]
         wait_workers = asyncio.ensure_future(self.capacity_changed.wait())
@@ -174,7 +179,6 @@ class Scheduler:
         wait_workers.cancel()
         if wait_queue not in done:
             wait_queue.cancel()
-            self._stalled = False
             return []
         resp = wait_queue.result()
         self._version = resp.version
@@ -193,6 +197,9 @@ class Scheduler:
                 continue
             if worker.state == t.WORKER_STATE_DRAINING:
                 continue
+            limit = self.max_jobs.get(worker.pool_id)
+            if limit and worker.jobs_run >= limit:
+                continue  # used up: the pool-manager replaces it
             out.append(Candidate(worker, kv.mod_revision, worker.pool_id in self.static_pools))
         return out
 
