@@ -29,7 +29,7 @@ from tests.helpers import FIXTURE_CONFIG
 def percentile(sorted_values: list[float], pct: float) -> float:
     if not sorted_values:
         return 0.0
-    index = min(len(sorted_values) - 1, int(round(pct / 100 * (len(sorted_values) - 1))))
+    index = min(len(sorted_values) - 1, round(pct / 100 * (len(sorted_values) - 1)))
     return sorted_values[index]
 
 

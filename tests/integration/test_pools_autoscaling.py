@@ -4,6 +4,7 @@ capability matching, and leaders that lose their lease while paused."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import time
@@ -76,7 +77,7 @@ def test_a_burst_on_an_empty_dynamic_pool_scales_it_to_max_and_back_to_min(pstac
     assert downs and downs[-1]["to_workers"] == 0
     assert all(e["trigger"] for e in events) and all(e["reason"] for e in events)
     # Scale-down steps are at least one cooldown (5 s in the fixture) apart.
-    gaps = [when(b) - when(a) for a, b in zip(downs, downs[1:], strict=False)]
+    gaps = [when(b) - when(a) for a, b in itertools.pairwise(downs)]
     assert all(gap >= 5.0 - 0.2 for gap in gaps), gaps
 
 
@@ -91,7 +92,7 @@ def test_oscillating_load_takes_at_most_one_action_per_cooldown_window(pstack: S
     events = [e for e in history(api, "dynamic-large") if when(e) >= start and e["executed"]]
     for direction, cooldown in (("up", 2.0), ("down", 5.0)):
         times = sorted(when(e) for e in events if e["direction"] == direction)
-        assert all(b - a >= cooldown - 0.2 for a, b in zip(times, times[1:], strict=False)), (direction, times)
+        assert all(b - a >= cooldown - 0.2 for a, b in itertools.pairwise(times)), (direction, times)
 
 
 def test_a_job_needing_a_capability_runs_only_where_the_label_matches(pstack: Stack) -> None:
