@@ -7,7 +7,7 @@ SITE = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["
 PROTOS := $(shell find protos -name '*.proto')
 DEPS := build/proto-deps
 
-.PHONY: all venv proto lint typecheck test test-unit test-integration test-e2e run clean bench
+.PHONY: all venv proto lint typecheck test test-unit test-integration test-e2e run clean bench envoy-config
 
 all: proto
 
@@ -66,6 +66,9 @@ test: lint
 
 run: proto
 	$(BIN)/jobmesh run
+
+envoy-config: proto
+	$(BIN)/python -c 'from libs.envoy_config import render_envoy_config as r; print(r(listen_host="127.0.0.1", listen_port=8080, admin_port=9901, gateway_host="127.0.0.1", gateway_port=50051, descriptor_path="build/jobmesh.pb"), end="")' > envoy/envoy.json
 
 bench: proto
 	$(BIN)/python bench/submit_latency.py

@@ -1,0 +1,183 @@
+"""Dispatch benchmark: submit-to-RUNNING latency on a static-pool hit, end-to-end throughput, leader failover.
+
+Starts a private stack with eight static workers (bench/configs/dispatch.toml) and runs three phases:
+  1. latency: --latency-count jobs running `true`, submitted open-loop at --rate jobs/s; submit-to-RUNNING
+     is the job record's start_time minus its create_time (both stamped by the mesh);
+  2. throughput: --throughput-count jobs submitted as fast as --concurrency allows; completed jobs/s is the
+     count over the span from the first create_time to the last end_time;
+  3. failover: jobs at --failover-rate jobs/s while the scheduler leader is SIGKILLed; the takeover time is
+     the longest gap between consecutive dispatches (start_time) around the kill.
+Every loop is bounded by its count and by --timeout-seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+
+from libs.launcher import REPO
+from tests.helpers import job_spec, start_stack, token, wait_for
+from tests.integration.test_faults import scheduler_leader
+
+CONFIG = REPO / "bench" / "configs" / "dispatch.toml"
+TERMINAL = {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"}
+
+
+def stamp(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))] if ordered else 0.0
+
+
+async def submit_paced(
+    client: httpx.AsyncClient, count: int, rate: float | None, concurrency: int, deadline: float, label: str
+) -> list[str]:
+    sem = asyncio.Semaphore(concurrency)
+    ids: list[str] = []
+    start = time.perf_counter()
+
+    async def one(i: int) -> None:
+        if rate:
+            await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+        if time.perf_counter() > deadline:
+            return
+        async with sem:
+            resp = await client.post("/api/v1/jobs", json=job_spec(f"{label}-{i}", ["true"]))
+            if resp.status_code == 200:
+                ids.append(resp.json()["job_id"])
+
+    async def progress() -> None:
+        while True:
+            await asyncio.sleep(1)
+            print(f"  {label}: {len(ids)}/{count} submitted", file=sys.stderr, flush=True)
+
+    reporter = asyncio.create_task(progress())
+    await asyncio.gather(*(one(i) for i in range(count)))
+    reporter.cancel()
+    return ids
+
+
+async def wait_all(client: httpx.AsyncClient, ids: list[str], deadline: float) -> list[dict[str, object]]:
+    done: dict[str, dict[str, object]] = {}
+    sem = asyncio.Semaphore(32)
+
+    async def fetch(job_id: str) -> None:
+        async with sem:
+            job = (await client.get(f"/api/v1/jobs/{job_id}")).json()
+            if job.get("state") in TERMINAL:
+                done[job_id] = job
+
+    while len(done) < len(ids) and time.perf_counter() < deadline:
+        await asyncio.gather(*(fetch(j) for j in ids if j not in done))
+        print(f"  {len(done)}/{len(ids)} finished", file=sys.stderr, flush=True)
+        if len(done) < len(ids):
+            await asyncio.sleep(0.5)
+    return list(done.values())
+
+
+def started_latencies(jobs: list[dict[str, object]]) -> list[float]:
+    return [stamp(str(j["start_time"])) - stamp(str(j["create_time"])) for j in jobs if j.get("start_time")]
+
+
+async def run(args: argparse.Namespace, stack) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    admin = {"Authorization": f"Bearer {token(stack, 'initech', admin=True)}"}
+    async with httpx.AsyncClient(base_url=stack.url, headers=admin, timeout=30) as client:
+        await client.put(
+            "/api/v1/tenants/acme/quotas",
+            json={"limits": {"concurrent_jobs": 100000, "cpu_millis": 10**8, "memory_mb": 10**8}},
+        )
+    headers = {"Authorization": f"Bearer {token(stack, 'acme')}"}
+    limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
+    result: dict[str, object] = {}
+    async with httpx.AsyncClient(base_url=stack.url, headers=headers, timeout=60, limits=limits) as client:
+        deadline = time.perf_counter() + args.timeout_seconds
+        ids = await submit_paced(client, args.latency_count, args.rate, args.concurrency, deadline, "latency")
+        jobs = await wait_all(client, ids, deadline)
+        lat = started_latencies(jobs)
+        result["latency"] = {
+            "jobs": len(jobs),
+            "rate": args.rate,
+            "submit_to_running_p50_ms": round(pct(lat, 50) * 1000, 1),
+            "submit_to_running_p99_ms": round(pct(lat, 99) * 1000, 1),
+            "submit_to_running_max_ms": round(max(lat) * 1000, 1) if lat else 0.0,
+        }
+        deadline = time.perf_counter() + args.timeout_seconds
+        ids = await submit_paced(client, args.throughput_count, None, args.concurrency, deadline, "throughput")
+        jobs = await wait_all(client, ids, deadline)
+        first = min(stamp(str(j["create_time"])) for j in jobs)
+        last = max(stamp(str(j["end_time"])) for j in jobs if j.get("end_time"))
+        ok = sum(1 for j in jobs if j["state"] == "JOB_STATE_SUCCEEDED")
+        result["throughput"] = {
+            "jobs": len(jobs),
+            "succeeded": ok,
+            "span_s": round(last - first, 2),
+            "completed_per_s": round(len(jobs) / (last - first), 1),
+        }
+        leader = wait_for(lambda: scheduler_leader(stack), what="a scheduler leader")
+        deadline = time.perf_counter() + args.timeout_seconds
+        task = asyncio.ensure_future(
+            submit_paced(client, args.failover_count, args.failover_rate, args.concurrency, deadline, "failover")
+        )
+        await asyncio.sleep(args.failover_count / args.failover_rate / 3)
+        killed_at = time.time()
+        stack.kill(leader)
+        ids = await task
+        jobs = await wait_all(client, ids, deadline)
+        starts = sorted(stamp(str(j["start_time"])) for j in jobs if j.get("start_time"))
+        after = [s for s in starts if s >= killed_at]
+        result["failover"] = {
+            "killed": leader,
+            "jobs": len(jobs),
+            "succeeded": sum(1 for j in jobs if j["state"] == "JOB_STATE_SUCCEEDED"),
+            "max_attempt": max(int(str(j["attempt"])) for j in jobs),
+            "first_dispatch_after_kill_s": round(after[0] - killed_at, 2) if after else None,
+            "leader_ttl_s": int(stack.env.get("JOBMESH_LEADER_TTL", "5")),
+        }
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=float, default=50.0)
+    parser.add_argument("--latency-count", type=int, default=500)
+    parser.add_argument("--throughput-count", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--failover-count", type=int, default=300)
+    parser.add_argument("--failover-rate", type=float, default=30.0)
+    parser.add_argument("--leader-ttl", type=int, default=5)
+    parser.add_argument("--timeout-seconds", type=float, default=180.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {"JOBMESH_LEADER_TTL": str(args.leader_ttl), "JOBMESH_WORKER_LEASE_TTL": "6"}
+        stack = start_stack(Path(tmp) / "stack", env=env, config=CONFIG)
+        try:
+            wait_for(
+                lambda: (
+                    httpx.get(f"{stack.url}/api/v1/pools", headers={"Authorization": f"Bearer {token(stack)}"}).json()[
+                        "pools"
+                    ][0]["idle_workers"]
+                    >= 8
+                ),
+                timeout=60,
+                what="eight idle workers",
+            )
+            result = asyncio.run(run(args, stack))
+        finally:
+            stack.stop()
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,50 @@
+"""One submit is one trace: the gateway's span context reaches quota and queueing over gRPC metadata."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from tests.helpers import FAST_FAILOVER, Api, job_spec, start_stack, token, wait_for
+
+
+def spans(log: Path) -> list[dict[str, object]]:
+    """Console-exported spans (multi-line JSON objects) from a service's log."""
+    text = log.read_text(errors="replace")
+    found = []
+    for match in re.finditer(r'^\{\n    "name": .*?^\}$', text, re.MULTILINE | re.DOTALL):
+        try:
+            found.append(json.loads(match.group(0)))
+        except json.JSONDecodeError:
+            continue
+    return found
+
+
+def test_a_submit_is_one_trace_across_gateway_quota_and_queueing(tmp_path: Path) -> None:
+    stack = start_stack(tmp_path / "stack", env={**FAST_FAILOVER, "JOBMESH_OTEL_EXPORTER": "console"})
+    try:
+        api = Api(stack.url, token(stack))
+        job = api.submit(job_spec("traced", ["true"]))
+        api.wait_terminal(job["job_id"])
+        logs = stack.log_dir
+        accepted = next(
+            json.loads(line)
+            for line in (logs / "gateway.log").read_text().splitlines()
+            if line.startswith('{"ts"') and job["job_id"] in line and "job accepted" in line
+        )
+        trace_id = "0x" + accepted["trace_id"]
+
+        def names_in(service: str) -> set[str]:
+            return {str(s["name"]) for s in spans(logs / f"{service}.log") if s["context"]["trace_id"] == trace_id}  # type: ignore[index]
+
+        wait_for(lambda: names_in("queueing"), timeout=15, what="the batch exporter to flush")
+        assert "/jobmesh.gateway.v1.JobService/SubmitJob" in names_in("gateway")
+        assert "/jobmesh.quota.v1.QuotaService/Reserve" in names_in("quota")
+        assert "/jobmesh.queueing.v1.QueueingService/Enqueue" in names_in("queueing")
+        # Parent links: the quota span's parent is a span of the same trace started in the gateway.
+        gateway_ids = {s["context"]["span_id"] for s in spans(logs / "gateway.log")}  # type: ignore[index]
+        quota_span = next(s for s in spans(logs / "quota.log") if s["context"]["trace_id"] == trace_id)  # type: ignore[index]
+        assert quota_span["parent_id"] in gateway_ids
+    finally:
+        stack.stop()
