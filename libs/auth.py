@@ -9,6 +9,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -79,7 +80,7 @@ def issue_token(
     return jwt.encode(claims, private.read_bytes(), algorithm="RS256")
 
 
-def load_verification_keys(path: Path) -> list[object]:
+def load_verification_keys(path: Path) -> list[Any]:
     """A PEM public key, or a JWKS file (every RSA key in it)."""
     raw = path.read_bytes()
     if raw.lstrip().startswith(b"{"):
@@ -91,7 +92,7 @@ def load_verification_keys(path: Path) -> list[object]:
 class TokenVerifier:
     """Verifies bearer tokens; caches verified ones briefly so repeated calls skip the RSA check."""
 
-    def __init__(self, keys: list[object], *, issuer: str, audience: str, tenants: set[str], cache_size: int = 4096):
+    def __init__(self, keys: list[Any], *, issuer: str, audience: str, tenants: set[str], cache_size: int = 4096):
         if not keys:
             raise ValueError("no verification keys")
         self.keys = keys

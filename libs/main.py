@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from libs.settings import CommonSettings, SettingsError
 from libs.telemetry import setup_telemetry
 
 
-def run_service(name: str, default_port: int, root: Callable[[CommonSettings], Awaitable[None]]) -> None:
+def run_service(name: str, default_port: int, root: Callable[[CommonSettings], Coroutine[Any, Any, None]]) -> None:
     try:
         settings = CommonSettings.from_env(name, default_port)
     except SettingsError as exc:

@@ -152,6 +152,15 @@ class Etcd:
         resp = await self._call(self._kv.Range, pb.RangeRequest(key=key.encode()))
         return _kv(resp.kvs[0]) if resp.kvs else None
 
+    async def get_many(self, keys: Sequence[str]) -> tuple[list[KeyValue | None], int]:
+        """Several keys read at one revision in a single round trip."""
+        result = await self.txn([], [op_get(k) for k in keys])
+        out: list[KeyValue | None] = []
+        for i in range(len(keys)):
+            kvs = result.range_kvs(i)
+            out.append(kvs[0] if kvs else None)
+        return out, result.revision
+
     async def get_prefix(
         self, prefix: str, *, start: str | None = None, limit: int = 0, keys_only: bool = False
     ) -> tuple[list[KeyValue], int, bool]:

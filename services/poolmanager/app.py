@@ -20,7 +20,8 @@ from libs.keys import Keys
 from libs.server import start_server
 from libs.settings import CommonSettings
 from services.poolmanager.controller import ControllerMetrics, PoolController, QueueDepthSource
-from services.poolmanager.pools import JobOutcomes, PoolsServicer
+from services.poolmanager.outcomes import JobOutcomes
+from services.poolmanager.pools import PoolsServicer
 from services.poolmanager.provider import LocalProcessProvider
 from services.poolmanager.registry import RegistryMetrics, WorkerRegistry
 
@@ -42,16 +43,26 @@ async def run(settings: CommonSettings) -> None:
 
     assignments = Informer(etcd, keys.assignments, name="assignments")
     workers = Informer(etcd, keys.workers, name="workers")
-    outcomes = JobOutcomes()
-    jobs = Informer(etcd, keys.jobs, outcomes.on_job_event, "jobs")
+    outcomes = JobOutcomes(etcd, keys, settings.server.replica_id)
+    await outcomes.load()
     registry_servicer = WorkerRegistry(
-        etcd, keys, JobStore(etcd, keys), config, clock, lease_ttl, assignments, RegistryMetrics(registry)
+        etcd, keys, JobStore(etcd, keys), config, clock, lease_ttl, assignments, RegistryMetrics(registry), outcomes
     )
     election = LeaderElection(etcd, keys.leader("pool-manager"), settings.server.replica_id, ttl=leader_ttl)
     # Workers we start inherit our settings (etcd is not theirs to use; they only talk to us).
     provider = LocalProcessProvider({k: v for k, v in os.environ.items() if k != "JOBMESH_REPLICA_ID"})
     controller = PoolController(
-        etcd, keys, config, clock, election, workers, assignments, provider, ControllerMetrics(registry), depth
+        etcd,
+        keys,
+        config,
+        clock,
+        election,
+        workers,
+        assignments,
+        provider,
+        ControllerMetrics(registry),
+        depth,
+        outcomes,
     )
 
     def on_assignment(event):  # type: ignore[no-untyped-def]
@@ -60,9 +71,9 @@ async def run(settings: CommonSettings) -> None:
 
     assignments.handler = on_assignment
     workers.handler = controller.on_worker_event
-    for informer in (assignments, workers, jobs):
+    for informer in (assignments, workers):
         informer.start()
-    for informer in (assignments, workers, jobs):
+    for informer in (assignments, workers):
         await informer.wait_synced()
     pools = PoolsServicer(etcd, keys, config, workers, assignments, outcomes, depth)
     server = await start_server(
@@ -79,12 +90,15 @@ async def run(settings: CommonSettings) -> None:
     )
     election.start()
     loop_task = asyncio.create_task(controller.run(), name="pool-controller")
+    flusher = asyncio.create_task(outcomes.flush_forever(), name="outcomes-flush")
 
     async def stop() -> None:
         loop_task.cancel()
+        flusher.cancel()
         await election.stop()
-        for informer in (assignments, workers, jobs):
+        for informer in (assignments, workers):
             await informer.stop()
+        await outcomes.flush()
 
     server.on_stop.append(stop)
     try:

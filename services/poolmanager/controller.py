@@ -18,6 +18,7 @@ from libs.etcd.election import LeaderElection
 from libs.etcd.informer import Informer
 from libs.jobs import apply_worker_lost, decode_job
 from libs.keys import Keys
+from services.poolmanager.outcomes import JobOutcomes
 from services.poolmanager.provider import WorkerProvider
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,8 @@ class PoolController:
         assignments: Informer,
         provider: WorkerProvider,
         metrics: ControllerMetrics,
-        queue_depth: "QueueDepthSource",
+        queue_depth: QueueDepthSource,
+        outcomes: JobOutcomes,
         interval: float = 1.0,
     ):
         self.etcd = etcd
@@ -97,6 +99,7 @@ class PoolController:
         self.provider = provider
         self.metrics = metrics
         self.queue_depth = queue_depth
+        self.outcomes = outcomes
         self.interval = interval
         self._last_action: dict[tuple[str, str], float] = {}
         self._last_refusal: dict[tuple[str, str], float] = {}
@@ -187,6 +190,8 @@ class PoolController:
         result = await self.election.fenced_txn(compares, ops)
         if result.succeeded:
             self.metrics.lost.labels(worker_id.rsplit("-", 1)[0]).inc()
+            if job_kv is not None and job.state == t.JOB_STATE_FAILED:
+                self.outcomes.record(assignment_pool(assignment, worker_id), False)
 
     async def retire_used_up_workers(self) -> None:
         for pool in self.config.pools:
@@ -295,6 +300,10 @@ class PoolController:
         await self.election.fenced_txn([], [op_put(key, json.dumps(asdict(decision)).encode())])
         self.metrics.scaling.labels(pool.pool_id, direction, str(executed).lower()).inc()
         log.info("scale %s %s: %d -> %d (%s; executed=%s)", pool.pool_id, direction, cur, to, reason, executed)
+
+
+def assignment_pool(assignment: t.Assignment, worker_id: str) -> str:
+    return assignment.spec.pool or worker_id.rsplit("-", 1)[0]
 
 
 def decode_worker(kv: KeyValue) -> t.Worker:

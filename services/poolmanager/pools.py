@@ -13,32 +13,12 @@ from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
 from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
 from libs.config import MeshConfig, PoolConfig
 from libs.errors import InvalidArgument, NotFound
-from libs.etcd.client import Etcd, WatchEvent
+from libs.etcd.client import Etcd
 from libs.etcd.informer import Informer
-from libs.jobs import decode_job, ts
+from libs.jobs import ts
 from libs.keys import Keys
 from services.poolmanager.controller import QueueDepthSource, decode_worker
-
-
-class JobOutcomes:
-    """Counts finished jobs per pool from the job records (success rate)."""
-
-    def __init__(self) -> None:
-        self.by_job: dict[str, tuple[str, int]] = {}
-
-    def on_job_event(self, event: WatchEvent) -> None:
-        job_id = Keys.last_segment(event.kv.key)
-        if event.kind == "delete":
-            self.by_job.pop(job_id, None)
-            return
-        job = decode_job(event.kv.value)
-        if job.state in (t.JOB_STATE_SUCCEEDED, t.JOB_STATE_FAILED) and job.pool_id:
-            self.by_job[job_id] = (job.pool_id, job.state)
-
-    def counts(self, pool_id: str) -> tuple[int, int]:
-        ok = sum(1 for p, s in self.by_job.values() if p == pool_id and s == t.JOB_STATE_SUCCEEDED)
-        bad = sum(1 for p, s in self.by_job.values() if p == pool_id and s == t.JOB_STATE_FAILED)
-        return ok, bad
+from services.poolmanager.outcomes import JobOutcomes
 
 
 class PoolsServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
@@ -108,7 +88,7 @@ class PoolsServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
             for w in workers
             if w.spawn_time.seconds
         )
-        ok, bad = self.outcomes.counts(pool.pool_id)
+        ok, bad = await self.outcomes.counts(pool.pool_id)
         depth = await self.queue_depth()
         metrics = pl.PoolMetrics(
             pool_id=pool.pool_id,

@@ -21,6 +21,7 @@ from libs.jobs import RESULT_REASONS, ts
 from libs.jobstore import JobStore
 from libs.keys import Keys, safe_segment
 from libs.telemetry import job_id_var, tenant_id_var
+from services.poolmanager.outcomes import JobOutcomes
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         lease_ttl: int,
         assignments: Informer,
         metrics: RegistryMetrics,
+        outcomes: JobOutcomes,
     ):
         self.etcd = etcd
         self.keys = keys
@@ -58,6 +60,7 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         self.lease_ttl = lease_ttl
         self.assignments = assignments
         self.metrics = metrics
+        self.outcomes = outcomes
         self.streams: dict[str, asyncio.Queue[pm.ConnectResponse]] = {}
 
     def on_assignment(self, event: WatchEvent) -> None:
