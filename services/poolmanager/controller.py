@@ -105,6 +105,10 @@ class PoolController:
         self._last_refusal: dict[tuple[str, str], float] = {}
         self._idle_since: dict[str, float] = {}
         self._wake = asyncio.Event()
+        for pool in config.pools:
+            # Counters exist from the start, so the first loss is an increase that alerts can see.
+            metrics.lost.labels(pool.pool_id)
+            metrics.retired.labels(pool.pool_id)
 
     # Informer hooks -----------------------------------------------------------------------------
 

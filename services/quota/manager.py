@@ -140,8 +140,11 @@ class QuotaManager:
         """The resource a job asks more of than the tenant could ever hold (quota plus the largest burst)."""
         limits = self.limits(tenant_id)
         policy = self.burst_policy
-        ceiling = QuotaLimits(limits.cpu_millis + policy.cpu_millis, limits.memory_mb + policy.memory_mb,
-                              limits.concurrent_jobs + policy.concurrent_jobs)
+        ceiling = QuotaLimits(
+            limits.cpu_millis + policy.cpu_millis,
+            limits.memory_mb + policy.memory_mb,
+            limits.concurrent_jobs + policy.concurrent_jobs,
+        )
         return self._exceeded(Usage(cpu_millis, memory_mb, 1), ceiling)
 
     @staticmethod
