@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import base64
+import builtins
 import logging
 
 from jobmesh.common.v1 import types_pb2 as t
 from libs.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
-from libs.etcd.client import Etcd, cmp_missing, cmp_mod, op_delete, op_get, op_put
-from libs.jobs import TERMINAL, apply_result, decode_job, ts
+from libs.etcd.client import Compare, Etcd, KeyValue, RequestOp, cmp_missing, cmp_mod, op_delete, op_get, op_put
+from libs.jobs import TERMINAL, apply_result, apply_worker_lost, decode_job, ts
 from libs.keys import Keys, safe_segment
 
 log = logging.getLogger(__name__)
@@ -127,20 +128,21 @@ class JobStore:
 
     async def complete_attempt(
         self, tenant_id: str, job_id: str, attempt: int, worker_id: str, now: float, **result: object
-    ) -> bool:
-        """Records a worker's result; False when it is stale (another attempt, or the job already ended)."""
+    ) -> str | None:
+        """Records a worker's result and returns the job's pool; None when the result is stale (another attempt,
+        or the job already ended)."""
         if not safe_segment(job_id) or not safe_segment(tenant_id) or not safe_segment(worker_id):
-            return False
+            return None
         key = self.keys.job(tenant_id, job_id)
         assign_key = self.keys.assignment(worker_id)
         worker_key = self.keys.worker(worker_id)
         for _ in range(10):
             (job_kv, assign, worker_kv), _ = await self.etcd.get_many([key, assign_key, worker_key])
             if job_kv is None:
-                return False
+                return None
             job = decode_job(job_kv.value)
             if job.state != t.JOB_STATE_RUNNING or job.attempt != attempt or job.worker_id != worker_id:
-                return False
+                return None
             compares = [cmp_mod(key, job_kv.mod_revision)]
             ops = [op_put(key, apply_result(job, now=now, **result).SerializeToString())]  # type: ignore[arg-type]
             if assign is not None:
@@ -158,5 +160,29 @@ class JobStore:
                 compares.append(cmp_mod(worker_key, worker_kv.mod_revision))
                 ops.append(op_put(worker_key, worker.SerializeToString(), worker_kv.lease))
             if (await self.etcd.txn(compares, ops)).succeeded:
-                return True
+                return job.pool_id
         raise Conflict(f"job {job_id} kept changing while recording its result")
+
+    async def reclaim_plan(
+        self, worker_id: str, assign_kv: KeyValue, now: float
+    ) -> tuple[builtins.list[Compare], builtins.list[RequestOp], t.Job | None]:
+        """The transaction that takes a lost worker's assignment back: its job retried or failed (WORKER_LOST).
+
+        Safe on its own: it compares the assignment's and the job's revisions, so it changes nothing if either
+        moved. Returns (compares, ops, the job as it will be written or None when the job had moved on)."""
+        assignment = t.Assignment()
+        assignment.ParseFromString(assign_kv.value)
+        assign_key = self.keys.assignment(worker_id)
+        compares = [cmp_mod(assign_key, assign_kv.mod_revision)]
+        ops = [op_delete(assign_key)]
+        job_key = self.keys.job(assignment.tenant_id, assignment.job_id)
+        job_kv = await self.etcd.get(job_key)
+        if job_kv is None:
+            return compares, ops, None
+        job = decode_job(job_kv.value)
+        if job.state != t.JOB_STATE_RUNNING or job.attempt != assignment.attempt or job.worker_id != worker_id:
+            return compares, ops, None
+        apply_worker_lost(job, now)
+        compares.append(cmp_mod(job_key, job_kv.mod_revision))
+        ops.append(op_put(job_key, job.SerializeToString()))
+        return compares, ops, job

@@ -45,8 +45,9 @@ async def run(settings: CommonSettings) -> None:
     workers = Informer(etcd, keys.workers, name="workers")
     outcomes = JobOutcomes(etcd, keys, settings.server.replica_id)
     await outcomes.load()
+    store = JobStore(etcd, keys)
     registry_servicer = WorkerRegistry(
-        etcd, keys, JobStore(etcd, keys), config, clock, lease_ttl, assignments, RegistryMetrics(registry), outcomes
+        etcd, keys, store, config, clock, lease_ttl, assignments, RegistryMetrics(registry), outcomes
     )
     election = LeaderElection(etcd, keys.leader("pool-manager"), settings.server.replica_id, ttl=leader_ttl)
     # Workers we start inherit our settings (etcd is not theirs to use; they only talk to us).
@@ -63,6 +64,7 @@ async def run(settings: CommonSettings) -> None:
         ControllerMetrics(registry),
         depth,
         outcomes,
+        store,
     )
 
     def on_assignment(event):  # type: ignore[no-untyped-def]

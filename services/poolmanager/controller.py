@@ -13,10 +13,10 @@ from jobmesh.common.v1 import types_pb2 as t
 from libs.clock import Clock
 from libs.config import MeshConfig, PoolConfig
 from libs.errors import JobMeshError, NotLeader
-from libs.etcd.client import Etcd, KeyValue, WatchEvent, cmp_missing, cmp_mod, op_delete, op_put
+from libs.etcd.client import Etcd, KeyValue, WatchEvent, cmp_missing, cmp_mod, op_put
 from libs.etcd.election import LeaderElection
 from libs.etcd.informer import Informer
-from libs.jobs import apply_worker_lost, decode_job
+from libs.jobstore import JobStore
 from libs.keys import Keys
 from services.poolmanager.outcomes import JobOutcomes
 from services.poolmanager.provider import WorkerProvider
@@ -87,6 +87,7 @@ class PoolController:
         metrics: ControllerMetrics,
         queue_depth: QueueDepthSource,
         outcomes: JobOutcomes,
+        store: JobStore,
         interval: float = 1.0,
     ):
         self.etcd = etcd
@@ -100,6 +101,7 @@ class PoolController:
         self.metrics = metrics
         self.queue_depth = queue_depth
         self.outcomes = outcomes
+        self.store = store
         self.interval = interval
         self._last_action: dict[tuple[str, str], float] = {}
         self._last_refusal: dict[tuple[str, str], float] = {}
@@ -171,31 +173,19 @@ class PoolController:
                 await self.handle_lost(worker_id, kv)
 
     async def handle_lost(self, worker_id: str, assign_kv: KeyValue) -> None:
-        assignment = t.Assignment()
-        assignment.ParseFromString(assign_kv.value)
-        job_key = self.keys.job(assignment.tenant_id, assignment.job_id)
-        assign_key = self.keys.assignment(worker_id)
-        job_kv = await self.etcd.get(job_key)
-        ops = [op_delete(assign_key)]
-        compares = [cmp_mod(assign_key, assign_kv.mod_revision)]
-        if job_kv is not None:
-            job = decode_job(job_kv.value)
-            if job.state == t.JOB_STATE_RUNNING and job.attempt == assignment.attempt and job.worker_id == worker_id:
-                apply_worker_lost(job, self.clock.now())
-                compares.append(cmp_mod(job_key, job_kv.mod_revision))
-                ops.append(op_put(job_key, job.SerializeToString()))
-                log.warning(
-                    "worker %s lost during attempt %d: %s",
-                    worker_id,
-                    assignment.attempt,
-                    job.message,
-                    extra={"job_id": job.job_id, "tenant_id": job.tenant_id},
-                )
+        compares, ops, job = await self.store.reclaim_plan(worker_id, assign_kv, self.clock.now())
         result = await self.election.fenced_txn(compares, ops)
-        if result.succeeded:
-            self.metrics.lost.labels(worker_id.rsplit("-", 1)[0]).inc()
-            if job_kv is not None and job.state == t.JOB_STATE_FAILED:
-                self.outcomes.record(assignment_pool(assignment, worker_id), False)
+        if result.succeeded and job is not None:
+            log.warning(
+                "worker %s lost during attempt %d: %s",
+                worker_id,
+                job.attempt,
+                job.message,
+                extra={"job_id": job.job_id, "tenant_id": job.tenant_id},
+            )
+            self.metrics.lost.labels(job.pool_id).inc()
+            if job.state == t.JOB_STATE_FAILED:
+                self.outcomes.record(job.pool_id, False)
 
     async def retire_used_up_workers(self) -> None:
         for pool in self.config.pools:
@@ -221,6 +211,8 @@ class PoolController:
         self.metrics.workers.labels(pool.pool_id, "idle").set(len(idle))
         self.metrics.workers.labels(pool.pool_id, "provisioning").set(len(pending))
         current = len(active) + len(pending)
+        if pool.provider != "local":
+            return  # workers of this pool are run by something else (e.g. a Kubernetes Deployment)
         backlog = depth.get(pool.pool_id, 0)
         if pool.kind == "dynamic" and not self._static_has_room():
             backlog += depth.get("default", 0)
@@ -304,10 +296,6 @@ class PoolController:
         await self.election.fenced_txn([], [op_put(key, json.dumps(asdict(decision)).encode())])
         self.metrics.scaling.labels(pool.pool_id, direction, str(executed).lower()).inc()
         log.info("scale %s %s: %d -> %d (%s; executed=%s)", pool.pool_id, direction, cur, to, reason, executed)
-
-
-def assignment_pool(assignment: t.Assignment, worker_id: str) -> str:
-    return assignment.spec.pool or worker_id.rsplit("-", 1)[0]
 
 
 def decode_worker(kv: KeyValue) -> t.Worker:

@@ -87,6 +87,9 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         # A worker that reconnects through another replica keeps its lease, and so its identity and job.
         lease_id = worker.lease_id
         if not lease_id or await self.etcd.refresh(lease_id) <= 0:
+            # A new incarnation (restarted, or declared lost): whatever was assigned to the old one is not ours
+            # to run again. Take it back as a lost worker's, so that attempt never runs twice.
+            await self._reclaim_previous(worker.worker_id)
             lease_id = await self.etcd.grant(self.lease_ttl)
         worker.lease_id = lease_id
         worker.register_time.CopyFrom(ts(self.clock.now()))
@@ -116,6 +119,23 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
                 del self.streams[worker.worker_id]
             self.metrics.connected.set(len(self.streams))
 
+    async def _reclaim_previous(self, worker_id: str) -> None:
+        assign_kv = await self.etcd.get(self.keys.assignment(worker_id))
+        if assign_kv is None:
+            return
+        compares, ops, job = await self.store.reclaim_plan(worker_id, assign_kv, self.clock.now())
+        result = await self.etcd.txn(compares, ops)
+        if result.succeeded and job is not None:
+            log.warning(
+                "worker %s came back without its lease; attempt %d %s",
+                worker_id,
+                job.attempt,
+                "will be retried" if job.state == t.JOB_STATE_PENDING else "failed (WORKER_LOST)",
+                extra={"job_id": job.job_id, "tenant_id": job.tenant_id},
+            )
+            if job.state == t.JOB_STATE_FAILED:
+                self.outcomes.record(job.pool_id, False)
+
     async def Heartbeat(self, request: pm.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pm.HeartbeatResponse:
         ttl = await self.etcd.refresh(request.lease_id) if request.lease_id else 0
         return pm.HeartbeatResponse(alive=ttl > 0)
@@ -127,7 +147,7 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         tenant_id_var.set(request.tenant_id)
         if request.reason not in RESULT_REASONS:
             raise InvalidArgument("reason", f"must be one of {sorted(RESULT_REASONS)}")
-        accepted = await self.store.complete_attempt(
+        pool = await self.store.complete_attempt(
             request.tenant_id,
             request.job_id,
             request.attempt,
@@ -139,13 +159,11 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
             cpu_seconds=request.cpu_seconds,
             max_memory_mb=request.max_memory_mb,
         )
-        pool = request.worker_id.rsplit("-", 1)[0]
-        outcome = (
-            "stale"
-            if not accepted
-            else ("succeeded" if request.exit_code == 0 and request.reason == "EXITED" else "failed")
-        )
-        self.metrics.results.labels(pool, outcome).inc()
-        if not accepted:
+        succeeded = request.exit_code == 0 and request.reason == "EXITED"
+        if pool is None:
+            self.metrics.results.labels("unknown", "stale").inc()
             log.warning("rejected stale result for attempt %d from %s", request.attempt, request.worker_id)
-        return pm.ReportResultResponse(accepted=accepted)
+            return pm.ReportResultResponse(accepted=False)
+        self.metrics.results.labels(pool, "succeeded" if succeeded else "failed").inc()
+        self.outcomes.record(pool, succeeded)
+        return pm.ReportResultResponse(accepted=True)

@@ -29,8 +29,9 @@ def runs(marks: Path, name: str) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def submit_in_background(api: Api, specs: list[dict[str, object]], accepted: list[dict[str, object]],
-                         pace: float = 0.05) -> threading.Thread:
+def submit_in_background(
+    api: Api, specs: list[dict[str, object]], accepted: list[dict[str, object]], pace: float = 0.05
+) -> threading.Thread:
     def go() -> None:
         for spec in specs:
             resp = api.call("POST", "/api/v1/jobs", json=spec)
@@ -69,8 +70,9 @@ def scheduler_leader(stack: Stack) -> str:
     for i, port in enumerate(stack.ports.scheduler, start=1):
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             try:
-                status = scheduler_pb2_grpc.SchedulerServiceStub(ch).GetStatus(scheduler_pb2.GetStatusRequest(),
-                                                                                timeout=2)
+                status = scheduler_pb2_grpc.SchedulerServiceStub(ch).GetStatus(
+                    scheduler_pb2.GetStatusRequest(), timeout=2
+                )
             except grpc.RpcError:
                 continue
             if status.leader:
@@ -97,8 +99,7 @@ def marks(tmp_path: Path) -> Path:
 
 def ready(stack: Stack) -> Api:
     api = Api(stack.url, token(stack))
-    wait_for(lambda: api.call("GET", "/api/v1/pools").json()["pools"][0]["idle_workers"] >= 3,
-             what="static workers")
+    wait_for(lambda: api.call("GET", "/api/v1/pools").json()["pools"][0]["idle_workers"] >= 3, what="static workers")
     return api
 
 
@@ -136,13 +137,17 @@ def test_sigkill_of_the_pool_manager_leader_hands_over_without_double_runs(fresh
     wait_for(lambda: len(accepted) >= 8, what="first submits")
     fresh_stack.kill(leader)
     thread.join(120)
-    wait_for(lambda: leader_etcd_value(fresh_stack, "pool-manager") not in ("", leader), timeout=15,
-             what="the other pool-manager to lead")
+    wait_for(
+        lambda: leader_etcd_value(fresh_stack, "pool-manager") not in ("", leader),
+        timeout=15,
+        what="the other pool-manager to lead",
+    )
     assert_each_ran_once(api, accepted, marks)
 
 
-def test_a_worker_killed_mid_job_is_declared_lost_and_the_job_retried_elsewhere(fresh_stack: Stack,
-                                                                                  marks: Path) -> None:
+def test_a_worker_killed_mid_job_is_declared_lost_and_the_job_retried_elsewhere(
+    fresh_stack: Stack, marks: Path
+) -> None:
     api = ready(fresh_stack)
     job = api.submit(job_spec("retry-me", ["sh", "-c", f"echo run >> {marks / 'retry-me'}; sleep 2"], max_retries=1))
     running = api.wait_state(job["job_id"], {"JOB_STATE_RUNNING"}, timeout=20)
@@ -162,8 +167,11 @@ def test_a_worker_killed_mid_job_is_declared_lost_and_the_job_retried_elsewhere(
     failed = api.wait_terminal(job["job_id"], timeout=60)
     assert (failed["state"], failed["reason"]) == ("JOB_STATE_FAILED", "WORKER_LOST")
     # The static pool replaces the lost workers.
-    wait_for(lambda: api.call("GET", "/api/v1/pools").json()["pools"][0]["workers"] == 3, timeout=30,
-             what="replacement workers")
+    wait_for(
+        lambda: api.call("GET", "/api/v1/pools").json()["pools"][0]["workers"] == 3,
+        timeout=30,
+        what="replacement workers",
+    )
 
 
 def test_restarting_the_whole_stack_resumes_pending_jobs(tmp_path: Path, marks: Path) -> None:
@@ -188,3 +196,24 @@ def test_restarting_the_whole_stack_resumes_pending_jobs(tmp_path: Path, marks: 
             assert api.wait_terminal(b["job_id"], timeout=90)["state"] in ("JOB_STATE_FAILED", "JOB_STATE_SUCCEEDED")
     finally:
         stack.stop()
+
+
+def test_a_worker_paused_past_its_lease_cannot_finish_its_old_attempt(fresh_stack: Stack, marks: Path) -> None:
+    api = ready(fresh_stack)
+    script = f"echo run >> {marks / 'paused'}; sleep 4"
+    job = api.submit(job_spec("paused", ["sh", "-c", script], max_retries=1))
+    running = api.wait_state(job["job_id"], {"JOB_STATE_RUNNING"}, timeout=20)
+    agent = psutil.Process(worker_pid(running["worker_id"]))
+    wait_for(lambda: runs(marks, "paused") == 1, what="the first attempt to start")
+    agent.suspend()  # SIGSTOP: heartbeats stop, the lease (3 s) runs out
+    try:
+        wait_for(lambda: api.get(job["job_id"])["attempt"] == 2, timeout=30, what="a retry elsewhere")
+    finally:
+        agent.resume()
+    done = api.wait_terminal(job["job_id"], timeout=60)
+    assert done["state"] == "JOB_STATE_SUCCEEDED"
+    assert done["attempt"] == 2 and done["worker_id"] != running["worker_id"]
+    assert done["attempts"][0]["reason"] == "WORKER_LOST"
+    time.sleep(2)  # let the resumed agent report its stale result and register again
+    assert api.get(job["job_id"])["attempt"] == 2  # its late result for attempt 1 changed nothing
+    assert runs(marks, "paused") == 2  # one run per attempt

@@ -1,0 +1,392 @@
+"""Structural checks of the Kubernetes manifests (k8s/) and the image recipe (Dockerfile), without a cluster."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from libs.config import load_config
+from libs.envoy_config import render_envoy_config
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "k8s"
+BASE = K8S / "base"
+OVERLAYS = ("dev", "prod")
+WORKLOAD_KINDS = ("Deployment", "StatefulSet")
+LEADER_ELECTED = ("scheduler", "pool-manager")
+SINGLE_WRITERS = ("quota", "queueing", "cost")
+# Created by the operator, not by the manifests (docs/kubernetes.md): the identity provider's keys.
+EXTERNAL_SECRETS = {"jobmesh-jwt-keys"}
+JOBMESH_VAR = re.compile(r"\bJOBMESH_[A-Z0-9_]+\b")
+
+Doc = dict[str, Any]
+
+
+# Loading ---------------------------------------------------------------------------------------------------
+
+
+def yaml_files() -> list[Path]:
+    return sorted(K8S.rglob("*.yaml"))
+
+
+def load_docs(path: Path) -> list[Doc]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def base_resources() -> list[Doc]:
+    kustomization = load_docs(BASE / "kustomization.yaml")[0]
+    # A listed file that is missing is test_every_kustomization_lists_files_that_exist's to report.
+    files = [BASE / name for name in kustomization["resources"]]
+    return [doc for path in files if path.is_file() for doc in load_docs(path)]
+
+
+def workloads(docs: list[Doc]) -> list[Doc]:
+    return [d for d in docs if d.get("kind") in WORKLOAD_KINDS]
+
+
+def by_name(docs: list[Doc], kind: str, name: str) -> Doc:
+    [doc] = [d for d in docs if d.get("kind") == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+def pod_spec(workload: Doc) -> Doc:
+    spec: Doc = workload["spec"]["template"]["spec"]
+    return spec
+
+
+def containers(workload: Doc, *, init: bool = True) -> Iterator[Doc]:
+    spec = pod_spec(workload)
+    yield from spec["containers"]
+    if init:
+        yield from spec.get("initContainers", [])
+
+
+def env_of(container: Doc) -> dict[str, Doc]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def is_worker(workload: Doc) -> bool:
+    return bool(workload["metadata"]["labels"].get("app.kubernetes.io/component") == "worker")
+
+
+def kustomizations() -> list[Path]:
+    return sorted(K8S.rglob("kustomization.yaml"))
+
+
+def configmap_literals() -> dict[str, str]:
+    kustomization = load_docs(BASE / "kustomization.yaml")[0]
+    env = next(g for g in kustomization["configMapGenerator"] if g["name"] == "jobmesh-env")
+    return dict(literal.split("=", 1) for literal in env["literals"])
+
+
+def variables_the_code_reads() -> set[str]:
+    names: set[str] = set()
+    for folder in ("libs", "services"):
+        for source in (REPO / folder).rglob("*.py"):
+            names |= set(JOBMESH_VAR.findall(source.read_text()))
+    return names
+
+
+def millicores(quantity: str) -> int:
+    return int(quantity[:-1]) if quantity.endswith("m") else int(float(quantity) * 1000)
+
+
+def mebibytes(quantity: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)(Mi|Gi)", quantity).groups()  # type: ignore[union-attr]
+    return int(number) * (1024 if unit == "Gi" else 1)
+
+
+def kustomize_build(overlay: str) -> list[Doc]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with its built-in kustomize) is not installed")
+    out = subprocess.run(
+        [kubectl, "kustomize", str(K8S / "overlays" / overlay)], check=True, capture_output=True, text=True
+    ).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc is not None]
+
+
+# Files -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", yaml_files(), ids=lambda p: str(p.relative_to(K8S)))
+def test_every_yaml_document_parses(path: Path) -> None:
+    docs = load_docs(path)
+
+    assert docs, f"{path} holds no document"
+    for doc in docs:
+        assert isinstance(doc, (dict, list)), f"{path}: a document is {type(doc).__name__}"
+
+
+def _listed_files(kustomization: Doc) -> Iterator[str]:
+    yield from kustomization.get("resources", [])
+    yield from kustomization.get("components", [])
+    for patch in kustomization.get("patches", []):
+        if "path" in patch:
+            yield patch["path"]
+    for generator in (*kustomization.get("configMapGenerator", []), *kustomization.get("secretGenerator", [])):
+        for entry in generator.get("files", []):
+            yield entry.split("=", 1)[-1]
+
+
+@pytest.mark.parametrize("path", kustomizations(), ids=lambda p: str(p.parent.relative_to(K8S)))
+def test_every_kustomization_lists_files_that_exist(path: Path) -> None:
+    kustomization = load_docs(path)[0]
+
+    listed = list(_listed_files(kustomization))
+
+    assert listed
+    for name in listed:
+        target = path.parent / name
+        assert target.exists(), f"{path.relative_to(REPO)} lists {name}, which does not exist"
+        if target.is_dir():
+            assert (target / "kustomization.yaml").is_file(), f"{name} is a folder without a kustomization"
+
+
+def test_every_file_in_k8s_is_used_by_a_kustomization() -> None:
+    used = {(path.parent / name).resolve() for path in kustomizations() for name in _listed_files(load_docs(path)[0])}
+    files = {p.resolve() for p in K8S.rglob("*") if p.is_file() and p.name != "kustomization.yaml"}
+
+    assert sorted(str(p.relative_to(K8S)) for p in files - used) == []
+
+
+def test_the_mesh_config_for_kubernetes_loads() -> None:
+    config = load_config(BASE / "mesh.toml")
+
+    assert config.tenants and config.pools
+
+
+def test_the_envoy_bootstrap_is_the_renderer_output_for_the_cluster() -> None:
+    expected = render_envoy_config(
+        listen_host="0.0.0.0",
+        listen_port=8080,
+        admin_port=9901,
+        gateway_host="gateway",
+        gateway_port=50051,
+        descriptor_path="/etc/envoy/descriptors/jobmesh.pb",
+    )
+
+    assert (BASE / "envoy.json").read_text() == expected, "re-render k8s/base/envoy.json (docs/kubernetes.md)"
+    assert json.loads(expected)["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+
+
+# Workloads -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workload", workloads(base_resources()), ids=lambda w: w["metadata"]["name"])
+def test_every_container_has_resources_and_a_locked_down_security_context(workload: Doc) -> None:
+    pod = pod_spec(workload).get("securityContext", {})
+
+    assert pod.get("seccompProfile", {}).get("type") == "RuntimeDefault"
+    assert pod_spec(workload).get("automountServiceAccountToken") is False
+    for container in containers(workload):
+        name = f"{workload['metadata']['name']}/{container['name']}"
+        resources = container.get("resources", {})
+        for bound in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(resources.get(bound, {})), f"{name}: {bound} needs cpu and memory"
+        security = container.get("securityContext", {})
+        assert security.get("runAsNonRoot", pod.get("runAsNonRoot")) is True, name
+        assert security.get("readOnlyRootFilesystem") is True, name
+        assert security.get("allowPrivilegeEscalation") is False, name
+        assert security.get("capabilities", {}).get("drop") == ["ALL"], name
+
+
+@pytest.mark.parametrize("workload", workloads(base_resources()), ids=lambda w: w["metadata"]["name"])
+def test_every_server_has_readiness_and_liveness_probes(workload: Doc) -> None:
+    # Workers are exempt: they serve no port and no Service routes to them; the pool-manager's lease is
+    # their liveness check (k8s/base/worker-static-general.yaml says more).
+    if is_worker(workload):
+        for container in containers(workload, init=False):
+            assert "readinessProbe" not in container and "livenessProbe" not in container
+        return
+    for container in containers(workload, init=False):
+        assert "readinessProbe" in container, container["name"]
+        assert "livenessProbe" in container, container["name"]
+
+
+@pytest.mark.parametrize(
+    "workload",
+    [w for w in workloads(base_resources()) if w["metadata"]["labels"]["app.kubernetes.io/component"] == "server"],
+    ids=lambda w: w["metadata"]["name"],
+)
+def test_every_service_probes_its_own_grpc_port_and_runs_its_module(workload: Doc) -> None:
+    [server] = containers(workload, init=False)
+    port = int(env_of(server)["JOBMESH_PORT"]["value"])
+
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert server[probe]["grpc"]["port"] == port, probe
+    assert {p["containerPort"] for p in server["ports"]} == {port, int(configmap_literals()["JOBMESH_METRICS_PORT"])}
+    python, flag, module = server["command"]
+    assert (python, flag) == ("python", "-m")
+    assert (REPO / module.replace(".", "/") / "__main__.py").is_file(), module
+    annotations = workload["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == configmap_literals()["JOBMESH_METRICS_PORT"]
+
+
+def test_the_services_listen_on_every_interface() -> None:
+    # The settings default to 127.0.0.1, which nothing outside the pod (probes included) can reach.
+    assert configmap_literals()["JOBMESH_HOST"] == "0.0.0.0"
+
+
+def test_etcd_is_three_members_of_a_pinned_current_3_5_release() -> None:
+    docs = base_resources()
+    etcd = by_name(docs, "StatefulSet", "etcd")
+
+    assert etcd["spec"]["replicas"] == 3
+    assert etcd["spec"]["podManagementPolicy"] == "Parallel"
+    [container] = containers(etcd, init=False)
+    match = re.fullmatch(r"quay\.io/coreos/etcd:v3\.5\.(\d+)", container["image"])
+    assert match and int(match.group(1)) >= 17, container["image"]
+    assert by_name(docs, "PodDisruptionBudget", "etcd")["spec"]["minAvailable"] == 2
+    assert by_name(docs, "Service", "etcd")["spec"]["clusterIP"] == "None"
+    assert etcd["spec"]["volumeClaimTemplates"]
+
+
+@pytest.mark.parametrize("name", LEADER_ELECTED)
+def test_leader_elected_services_run_several_replicas_named_after_their_pod(name: str) -> None:
+    deployment = by_name(base_resources(), "Deployment", name)
+
+    assert deployment["spec"]["replicas"] >= 2
+    [server] = containers(deployment, init=False)
+    source = env_of(server)["JOBMESH_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert source == "metadata.name"
+
+
+@pytest.mark.parametrize("name", SINGLE_WRITERS)
+def test_single_writer_services_never_run_two_copies(name: str) -> None:
+    deployment = by_name(base_resources(), "Deployment", name)
+
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+
+
+def test_static_pool_workers_match_the_mesh_config() -> None:
+    config = load_config(BASE / "mesh.toml")
+    docs = base_resources()
+
+    # Dynamic pools need the Kubernetes worker provider: until then their workers would be local processes
+    # of the pool-manager's pod.
+    assert [p.pool_id for p in config.pools if p.kind != "static"] == []
+    for pool in config.pools:
+        deployment = by_name(docs, "Deployment", f"worker-{pool.pool_id}")
+        [worker] = containers(deployment, init=False)
+        env = env_of(worker)
+        assert deployment["spec"]["replicas"] == pool.max_workers
+        assert env["JOBMESH_POOL_ID"]["value"] == pool.pool_id
+        assert int(env["JOBMESH_WORKER_CPU_MILLIS"]["value"]) == pool.worker_cpu_millis
+        assert int(env["JOBMESH_WORKER_MEMORY_MB"]["value"]) == pool.worker_memory_mb
+        assert json.loads(env["JOBMESH_WORKER_LABELS"]["value"]) == pool.labels
+        assert env["JOBMESH_WORKER_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        if "arch" in pool.labels:
+            node_arch = pod_spec(deployment)["nodeSelector"]["kubernetes.io/arch"]
+            assert {"x86_64": "amd64", "aarch64": "arm64"}.get(pool.labels["arch"], pool.labels["arch"]) == node_arch
+        # Jobs may use all the capacity the worker advertises, and the agent needs a little on top.
+        limits = worker["resources"]["limits"]
+        assert millicores(limits["cpu"]) >= pool.worker_cpu_millis
+        assert mebibytes(limits["memory"]) > pool.worker_memory_mb
+
+
+def test_every_jobmesh_variable_in_the_manifests_is_one_the_code_reads() -> None:
+    read = variables_the_code_reads()
+    named = set(configmap_literals())
+    for path in yaml_files():
+        named |= set(JOBMESH_VAR.findall(path.read_text()))
+
+    assert "JOBMESH_PORT" in read  # the scan found the settings module
+    assert sorted(named - read) == []
+
+
+def test_the_workloads_only_mount_config_that_the_base_provides() -> None:
+    kustomization = load_docs(BASE / "kustomization.yaml")[0]
+    generated = {g["name"] for g in kustomization["configMapGenerator"]}
+
+    for workload in workloads(base_resources()):
+        for volume in pod_spec(workload).get("volumes", []):
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] in generated, volume
+            if "secret" in volume:
+                assert volume["secret"]["secretName"] in EXTERNAL_SECRETS, volume
+        for container in containers(workload):
+            for source in container.get("envFrom", []):
+                assert source["configMapRef"]["name"] in generated
+
+
+def test_the_envoy_pod_gets_its_descriptor_set_from_the_jobmesh_image() -> None:
+    envoy = by_name(base_resources(), "Deployment", "envoy")
+    [init] = pod_spec(envoy)["initContainers"]
+    [proxy] = containers(envoy, init=False)
+    descriptor = json.loads((BASE / "envoy.json").read_text())
+    transcoder = json.dumps(descriptor)
+
+    assert init["image"] == "jobmesh"
+    assert init["command"][-2:] == ["/app/build/jobmesh.pb", "/descriptors/jobmesh.pb"]
+    assert proxy["image"].startswith("envoyproxy/envoy:v1.40")
+    assert '"/etc/envoy/descriptors/jobmesh.pb"' in transcoder
+    mounts = {m["name"]: m["mountPath"] for m in proxy["volumeMounts"]}
+    assert mounts["descriptors"] == "/etc/envoy/descriptors"
+    assert proxy["args"][proxy["args"].index("-c") + 1] == mounts["bootstrap"] + "/envoy.json"
+
+
+# The image -------------------------------------------------------------------------------------------------
+
+
+def test_the_image_generates_code_the_way_make_proto_does() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    makefile = (REPO / "Makefile").read_text()
+
+    for flags in (
+        "--python_out=gen --pyi_out=gen --grpc_python_out=gen",
+        "--include_imports --include_source_info --descriptor_set_out=build/jobmesh.pb",
+        "google/api/{annotations,http,httpbody}.proto",
+        "google/rpc/{status,error_details}.proto",
+    ):
+        assert flags in makefile, f"the Makefile changed ({flags}): update the Dockerfile to match"
+        assert flags in dockerfile, flags
+    assert re.search(r"^FROM python:3\.11-slim|^ARG PYTHON_IMAGE=python:3\.11-slim", dockerfile, re.M)
+    assert re.search(r"^USER \d+:\d+$", dockerfile, re.M), "a numeric user, so runAsNonRoot can verify it"
+    assert "PYTHONPATH=/app:/app/gen" in dockerfile
+    assert not re.search(r"^(CMD|ENTRYPOINT)\b", dockerfile, re.M), "each workload names its own command"
+
+
+# Rendered overlays (kubectl's built-in kustomize) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_overlay_builds_into_the_jobmesh_namespace_with_three_etcd_members(overlay: str) -> None:
+    docs = kustomize_build(overlay)
+
+    for doc in docs:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"].get("namespace") == "jobmesh", f"{doc['kind']}/{doc['metadata']['name']}"
+    assert by_name(docs, "StatefulSet", "etcd")["spec"]["replicas"] == 3
+    for name in LEADER_ELECTED:
+        assert by_name(docs, "Deployment", name)["spec"]["replicas"] >= 2
+    for name in SINGLE_WRITERS:
+        assert by_name(docs, "Deployment", name)["spec"]["replicas"] == 1
+    for workload in workloads(docs):
+        for container in containers(workload):
+            assert container["image"] != "jobmesh", "the images transformer did not tag the jobmesh image"
+
+
+def test_the_prod_overlay_adds_replicas_budgets_tracing_and_network_policies() -> None:
+    docs = kustomize_build("prod")
+
+    for name in LEADER_ELECTED:
+        assert by_name(docs, "Deployment", name)["spec"]["replicas"] == 3
+        assert by_name(docs, "PodDisruptionBudget", name)["spec"]["minAvailable"] == 2
+    assert any(d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "default-deny" for d in docs)
+    for workload in workloads(docs):
+        if workload["metadata"]["name"] in ("envoy", "etcd"):
+            continue
+        env = env_of(next(containers(workload, init=False)))
+        assert env["JOBMESH_OTEL_EXPORTER"]["value"] == "otlp", workload["metadata"]["name"]
+        assert "JOBMESH_OTEL_ENDPOINT" in env
