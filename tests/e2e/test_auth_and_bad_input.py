@@ -22,16 +22,22 @@ def _b64(data: dict[str, object]) -> str:
 
 def _claims(**over: object) -> dict[str, object]:
     now = int(time.time())
-    claims: dict[str, object] = {"iss": "jobmesh-test", "aud": "jobmesh", "sub": "mallory", "tenant": "acme",
-                                 "roles": ["admin"], "iat": now, "exp": now + 600}
+    claims: dict[str, object] = {
+        "iss": "jobmesh-test",
+        "aud": "jobmesh",
+        "sub": "mallory",
+        "tenant": "acme",
+        "roles": ["admin"],
+        "iat": now,
+        "exp": now + 600,
+    }
     claims.update(over)
     return claims
 
 
 def _foreign_key_token() -> str:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     return jwt.encode(_claims(), pem, algorithm="RS256")
 
 
@@ -94,8 +100,9 @@ def test_a_refused_submit_stores_nothing(stack: Stack, acme: Api) -> None:
         pytest.param({"name": "x", "resources": {"cpu_millis": 1, "memory_mb": 1}}, "command", id="no command"),
         pytest.param({"name": "x", "command": ["true"]}, "resources", id="no resources"),
         pytest.param(job_spec(resources={"cpu_millis": 0, "memory_mb": 64}), "resources.cpu_millis", id="zero cpu"),
-        pytest.param(job_spec(resources={"cpu_millis": 100, "memory_mb": -5}), "resources.memory_mb",
-                     id="negative memory"),
+        pytest.param(
+            job_spec(resources={"cpu_millis": 100, "memory_mb": -5}), "resources.memory_mb", id="negative memory"
+        ),
         pytest.param(job_spec(pool="atlantis"), "pool", id="unknown pool"),
         pytest.param(job_spec(command=["echo", "x" * 200_000]), "command", id="huge command"),
         pytest.param(job_spec(resources={"cpu_millis": 64_000, "memory_mb": 64}), "resources", id="fits no worker"),

@@ -27,8 +27,11 @@ def test_submit_get_list_and_cancel_over_grpc(jobs) -> None:  # type: ignore[no-
     job = stub.SubmitJob(g.SubmitJobRequest(spec=_spec("native", ["sh", "-c", "exit 4"])), metadata=auth, timeout=10)
     assert job.state == t.JOB_STATE_PENDING
     done = wait_for(
-        lambda: (j := stub.GetJob(g.GetJobRequest(job_id=job.job_id), metadata=auth, timeout=10)).state
-        in (t.JOB_STATE_SUCCEEDED, t.JOB_STATE_FAILED) and j,
+        lambda: (
+            (j := stub.GetJob(g.GetJobRequest(job_id=job.job_id), metadata=auth, timeout=10)).state
+            in (t.JOB_STATE_SUCCEEDED, t.JOB_STATE_FAILED)
+            and j
+        ),
         what="native job to end",
     )
     assert done.state == t.JOB_STATE_FAILED
@@ -67,5 +70,8 @@ def test_internal_services_are_not_reachable_through_the_public_port(stack: Stac
             quota_pb2_grpc.QuotaServiceStub(channel).UpdateQuota(
                 quota_pb2.UpdateQuotaRequest(tenant_id="acme"), timeout=10
             )
-    assert caught.value.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND,
-                                   grpc.StatusCode.UNAVAILABLE)
+    assert caught.value.code() in (
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.UNAVAILABLE,
+    )
