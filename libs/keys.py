@@ -82,6 +82,10 @@ class Keys:
         return f"{self.p}/quota/burst-audit/{ts_ms:015d}-{session_id}"
 
     @property
+    def burst_audits(self) -> str:
+        return f"{self.p}/quota/burst-audit/"
+
+    @property
     def quota_overrides(self) -> str:
         return f"{self.p}/quota/limits/"
 

@@ -60,6 +60,17 @@ def burst_handler(manager: QuotaManager):  # type: ignore[no-untyped-def]
     return handle
 
 
+def audit_handler(manager: QuotaManager):  # type: ignore[no-untyped-def]
+    def handle(event: WatchEvent) -> None:
+        if event.kind == "put":
+            session = BurstSession(**json.loads(event.kv.value))
+            if all(s.session_id != session.session_id for s in manager.audit):
+                manager.audit.append(session)
+                manager.audit.sort(key=lambda s: s.start)
+
+    return handle
+
+
 async def publish_gauges(manager: QuotaManager, metrics: QuotaMetrics) -> None:
     while True:
         for tenant_id in manager.config.tenants:
@@ -95,6 +106,7 @@ async def run(settings: CommonSettings) -> None:
     informers = [
         Informer(etcd, keys.quota_overrides, overrides_handler(manager), "quota-limits"),
         Informer(etcd, keys.burst_sessions, burst_handler(manager), "burst-sessions"),
+        Informer(etcd, keys.burst_audits, audit_handler(manager), "burst-audit"),
         # Usage is rebuilt from the stored jobs before we admit anything: no drift after a crash.
         Informer(etcd, keys.jobs, job_handler(manager), "jobs"),
     ]

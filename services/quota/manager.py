@@ -71,6 +71,7 @@ class QuotaManager:
         self.burst_policy = burst or BurstPolicy()
         self.overrides: dict[str, QuotaLimits] = {}
         self.sessions: dict[str, BurstSession] = {}
+        self.audit: list[BurstSession] = []  # every session ever granted, oldest first
         self._tenants: dict[str, TenantState] = {}
 
     def _state(self, tenant_id: str) -> TenantState:
@@ -221,6 +222,9 @@ class QuotaManager:
         session = BurstSession(uuid.uuid4().hex[:16], tenant_id, cpu, mem, jobs, now, now + duration, requested_by)
         self.sessions[session.session_id] = session
         return session
+
+    def audit_for(self, tenant_id: str, limit: int = 20) -> list[BurstSession]:
+        return [s for s in reversed(self.audit) if s.tenant_id == tenant_id][:limit]
 
     def burst_left(self) -> Usage:
         now = self.clock.now()

@@ -48,6 +48,7 @@ def session_proto(s: BurstSession) -> qt.BurstSession:
         concurrent_jobs=s.concurrent_jobs,
         start_time=ts(s.start),
         expire_time=ts(s.expire),
+        requested_by=s.requested_by,
     )
 
 
@@ -104,6 +105,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         session = self.manager.active_session(tenant_id)
         if session is not None:
             quota.burst.CopyFrom(session_proto(session))
+        quota.burst_sessions.extend(session_proto(s) for s in self.manager.audit_for(tenant_id))
         return quota
 
     async def GetQuota(self, request: q.GetQuotaRequest, context: grpc.aio.ServicerContext) -> q.GetQuotaResponse:
@@ -149,6 +151,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
             lease = await self.etcd.grant(max(1, int(session.expire - session.start) + 1))
             await self.etcd.put(self.keys.burst_session(session.session_id), record, lease=lease)
             await self.etcd.put(self.keys.burst_audit(int(session.start * 1000), session.session_id), record)
+            self.manager.audit.append(session)
         except Exception:
             self.manager.sessions.pop(session.session_id, None)
             raise

@@ -198,3 +198,34 @@ def test_burst_sessions_never_grant_more_than_the_pool_holds_and_expire_on_time(
         what="the session to expire",
     )
     assert time.time() - expire < 1.0
+
+
+def test_a_burst_job_beyond_the_quota_runs_on_the_session_and_is_audited(qstack: Stack) -> None:
+    api = Api(qstack.url, token(qstack, "initech"))
+    set_quota(qstack, "initech", concurrent_jobs=1)
+    try:
+        holder = api.submit(job_spec("holder", ["sleep", "5"]))
+        refused = api.call("POST", "/api/v1/jobs", json=job_spec("extra", ["true"], burst=True))
+        assert refused.status_code == 429  # no session yet
+        resp = api.call(
+            "POST",
+            "/api/v1/tenants/initech/burst",
+            json={"cpu_millis": 500, "memory_mb": 512, "concurrent_jobs": 1, "duration_seconds": 60},
+        )
+        assert resp.status_code == 200, resp.text
+        session = resp.json()
+        assert api.call("POST", "/api/v1/jobs", json=job_spec("plain", ["true"])).status_code == 429
+        extra = api.submit(job_spec("extra", ["sleep", "0.5"], burst=True))
+        assert extra["burst_session_id"] == session["session_id"]
+        done = api.wait_terminal(extra["job_id"])
+        assert done["state"] == "JOB_STATE_SUCCEEDED"
+        cost = wait_for(lambda: api.get(extra["job_id"]).get("cost", {}).get("attempts"), what="the charge")
+        assert cost[0]["burst"] is True
+        quota = api.call("GET", "/api/v1/tenants/initech/quotas").json()
+        audit = quota["burst_sessions"]
+        assert audit[0]["session_id"] == session["session_id"]
+        assert audit[0]["requested_by"] == "dev-user@initech"
+        assert audit[0]["cpu_millis"] == 500
+        api.wait_terminal(holder["job_id"])
+    finally:
+        set_quota(qstack, "initech", concurrent_jobs=2000)
