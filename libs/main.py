@@ -12,7 +12,9 @@ from libs.settings import CommonSettings, SettingsError
 from libs.telemetry import setup_telemetry
 
 
-def run_service(name: str, default_port: int, root: Callable[[CommonSettings], Coroutine[Any, Any, None]]) -> None:
+def run_service(
+    name: str, default_port: int, root: Callable[[CommonSettings], Coroutine[Any, Any, None]], *, uvloop: bool = True
+) -> None:
     try:
         settings = CommonSettings.from_env(name, default_port)
     except SettingsError as exc:
@@ -20,9 +22,11 @@ def run_service(name: str, default_port: int, root: Callable[[CommonSettings], C
         raise SystemExit(2) from exc
     provider = setup_telemetry(settings.telemetry)
     try:
-        import uvloop
+        if not uvloop:
+            raise ImportError("plain asyncio asked for")
+        import uvloop as fast_loop
 
-        uvloop.run(root(settings))
+        fast_loop.run(root(settings))
     except ImportError:
         asyncio.run(root(settings))
     except KeyboardInterrupt:

@@ -3,123 +3,208 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
+import math
+from collections import OrderedDict
+from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from jobmesh.common.v1 import types_pb2 as t
 from libs.clock import Clock
 from libs.config import MeshConfig
+from libs.errors import InvalidArgument, JobMeshError, NotFound
 from libs.etcd.client import WatchEvent
 from libs.jobs import DEFAULT_QUEUE, decode_job
-from libs.jobstore import JobStore
-from services.queueing.fairqueue import QueueItem, WeightedFairQueue, job_cost
+from libs.keys import Keys
+from services.queueing.fairqueue import LaneTags, Placement, QueueItem, WeightedFairQueue, job_cost
+from services.queueing.metrics import QueueMetrics, QueueShape, ShareWindow
+from services.queueing.reasons import DEADLINE_MISSED, waiting_reason
+from services.queueing.settings import QueueingSettings
+from services.queueing.sla import MET, MISSED_DEADLINE, SlaPolicy
 
 log = logging.getLogger(__name__)
 
+MAX_WEIGHT = 1000.0
+RECENTLY_GONE = 10_000  # removed jobs remembered, so a late echo of their creation cannot queue them again
 
-class QueueMetrics:
-    def __init__(self, registry: CollectorRegistry):
-        self.depth = Gauge("jobmesh_queueing_depth_jobs", "Pending jobs per queue.", ["queue"], registry=registry)
-        self.tenant_depth = Gauge(
-            "jobmesh_queueing_tenant_depth_jobs", "Pending jobs per tenant.", ["tenant"], registry=registry
-        )
-        self.enqueued = Counter(
-            "jobmesh_queueing_enqueued_total", "Jobs stored and queued.", ["tenant"], registry=registry
-        )
-        self.dispatched = Counter(
-            "jobmesh_queueing_dispatched_total", "Jobs that left the queue to run.", ["tenant"], registry=registry
-        )
-        self.wait = Histogram(
-            "jobmesh_queueing_wait_seconds",
-            "Time from submit to dispatch.",
-            ["sla_tier"],
-            registry=registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
-        )
-        self.virtual_time = Gauge("jobmesh_queueing_virtual_time", "WFQ virtual time.", registry=registry)
+
+class JobWriter(Protocol):
+    async def create(self, job: t.Job) -> tuple[t.Job, bool, int]: ...
+
+
+class JobReader(Protocol):
+    async def get(self, tenant_id: str, job_id: str) -> t.Job: ...
+
+
+class StateStore(Protocol):
+    async def load_weights(self) -> dict[str, float]: ...
+
+    async def save_weight(self, tenant_id: str, weight: float) -> None: ...
+
+    async def load_tags(self) -> dict[str, LaneTags]: ...
+
+    async def save_tags(self, lanes: dict[str, LaneTags]) -> None: ...
+
+    async def mark_deadline_missed(self, job: t.Job, revision: int, now: float) -> bool: ...
 
 
 def queue_of(job: t.Job) -> str:
     return job.queue or job.spec.pool or DEFAULT_QUEUE
 
 
+def seconds(stamp: Timestamp) -> float:
+    return stamp.ToNanoseconds() / 1e9
+
+
+def deadline_of(job: t.Job) -> float | None:
+    return seconds(job.spec.deadline) if job.spec.HasField("deadline") else None
+
+
 class QueueManager:
-    def __init__(self, store: JobStore, config: MeshConfig, clock: Clock, metrics: QueueMetrics):
-        self.store = store
+    """Keeps the fair queue equal to the PENDING job records in etcd, and answers questions about it.
+
+    Jobs enter through `enqueue` (durable first) or the job informer (`on_job_event`), and leave when the
+    informer shows them RUNNING (dispatched: charged to their tenant), ended or deleted (not charged).
+    """
+
+    def __init__(
+        self,
+        *,
+        writer: JobWriter,
+        reader: JobReader,
+        state: StateStore,
+        config: MeshConfig,
+        clock: Clock,
+        metrics: QueueMetrics,
+        settings: QueueingSettings | None = None,
+    ):
+        self.writer = writer
+        self.reader = reader
+        self.state = state
+        self.config = config
         self.clock = clock
         self.metrics = metrics
+        self.settings = settings or QueueingSettings()
+        self.sla = SlaPolicy.from_config(config, self.settings.boost_fraction, self.settings.start_slack_seconds)
+        self.dynamic_queues = {p.pool_id for p in config.pools if p.kind == "dynamic"}
         self.queue = WeightedFairQueue({tid: tc.weight for tid, tc in config.tenants.items()})
         self.pending: dict[str, tuple[t.Job, int]] = {}  # job id -> (record, mod revision)
+        self.shares = ShareWindow()
+        self._offered: dict[str, float] = {}  # job id -> monotonic time NextJobs last handed it out
+        self._gone: OrderedDict[str, int] = OrderedDict()  # job id -> revision at which it left
+        self._deadlines: list[tuple[float, str]] = []  # heap of pending jobs' deadlines
+        self._deadline_counted: set[str] = set()  # misses already counted while the job waited
+        self._saved_tags = -1
         self._changed = asyncio.Condition()
+        self._weights_lock = asyncio.Lock()
 
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+    # Start-up ----------------------------------------------------------------------------------------
+
+    async def restore(self) -> None:
+        """Before the rebuild from the job records: admins' weights and the last snapshot of the tags."""
+        for tenant_id, weight in (await self.state.load_weights()).items():
+            if 0 < weight <= MAX_WEIGHT:
+                self.queue.set_weight(tenant_id, weight)
+        self.queue.restore(await self.state.load_tags())
+
+    def finish_rebuild(self) -> None:
+        """After the informer listed every job: tenants restored as backlogged with nothing queued go idle."""
+        self.queue.end_restore()
+
+    # Jobs in and out -------------------------------------------------------------------------------
+
+    def _item(self, job: t.Job) -> QueueItem:
+        submitted = seconds(job.create_time)
+        window = self.sla.window(job.spec.sla_tier, submitted, deadline_of(job))
+        return QueueItem(
+            job.job_id,
+            job.tenant_id,
+            job.queue,
+            job_cost(job.spec.resources.cpu_millis, job.spec.resources.memory_mb),
+            job.spec.priority,
+            job.create_time.seconds * 1_000_000 + job.create_time.nanos // 1000,
+            window.urgent_at,
+            window.due,
+        )
 
     def _admit(self, job: t.Job, revision: int) -> bool:
         known = self.pending.get(job.job_id)
-        if known is not None and known[1] >= revision:
+        if known is not None:
+            if revision > known[1]:
+                self.pending[job.job_id] = (job, revision)  # the same wait, a newer record (e.g. sla_miss set)
             return False
-        self.pending[job.job_id] = (job, revision)
+        left_at = self._gone.get(job.job_id)
+        if left_at is not None and left_at >= revision:
+            return False
         job.queue = queue_of(job)
-        seq = job.create_time.seconds * 1_000_000 + job.create_time.nanos // 1000
-        return self.queue.push(
-            QueueItem(
-                job.job_id,
-                job.tenant_id,
-                job.queue,
-                job_cost(job.spec.resources.cpu_millis, job.spec.resources.memory_mb),
-                0,
-                seq,
-            )
-        )
+        self.pending[job.job_id] = (job, revision)
+        self.queue.push(self._item(job))
+        deadline = deadline_of(job)
+        if deadline is not None:
+            heapq.heappush(self._deadlines, (deadline, job.job_id))
+        return True
 
-    def _drop(self, job_id: str, dispatched: t.Job | None) -> None:
-        self.pending.pop(job_id, None)
-        item = self.queue.remove(job_id, dispatched=dispatched is not None)
-        if item is not None and dispatched is not None:
-            self.metrics.dispatched.labels(item.tenant_id).inc()
-            waited = self.clock.now() - dispatched.create_time.ToNanoseconds() / 1e9
-            self.metrics.wait.labels(dispatched.spec.sla_tier or "standard").observe(max(waited, 0.0))
-            self.metrics.virtual_time.set(self.queue.virtual_time)
+    def _remove(self, job_id: str, running: t.Job | None, revision: int) -> None:
+        known = self.pending.pop(job_id, None)
+        self._offered.pop(job_id, None)
+        self._gone[job_id] = revision
+        if len(self._gone) > RECENTLY_GONE:
+            self._gone.popitem(last=False)
+        item = self.queue.remove(job_id, dispatched=running is not None)
+        if item is not None and running is not None and known is not None:
+            self._account_dispatch(known[0], running)
+        self._deadline_counted.discard(job_id)
+
+    def _account_dispatch(self, waited: t.Job, running: t.Job) -> None:
+        tier = self.sla.tier(running.spec.sla_tier)
+        started = seconds(running.start_time) if running.HasField("start_time") else self.clock.now()
+        since = waited.update_time if waited.attempt and waited.HasField("update_time") else waited.create_time
+        self.metrics.dispatched.labels(running.tenant_id).inc()
+        self.metrics.wait.labels(tier).observe(max(started - seconds(since), 0.0))
+        self.shares.add(running.tenant_id)
+        if running.attempt == 1 and running.job_id not in self._deadline_counted:
+            outcome = self.sla.outcome(tier, seconds(running.create_time), started, deadline_of(running))
+            self.metrics.record_outcome(tier, outcome)
+            if outcome != MET:
+                log.info("started after its SLA (%s, tier %s)", outcome, tier, extra={"job_id": running.job_id})
 
     async def on_job_event(self, event: WatchEvent) -> None:
-        job_id = event.kv.key.rsplit("/", 1)[-1]
+        before = self.queue.version
+        job_id = Keys.last_segment(event.kv.key)
         if event.kind == "delete":
-            self._drop(job_id, None)
+            if job_id in self.pending:
+                self._remove(job_id, None, event.revision)
         else:
             job = decode_job(event.kv.value)
             if job.state == t.JOB_STATE_PENDING:
-                if self._admit(job, event.kv.mod_revision):
-                    await self._notify()
-                else:
-                    self.pending[job_id] = (job, max(event.kv.mod_revision, self.pending[job_id][1]))
+                self._admit(job, event.kv.mod_revision)
             elif job_id in self.pending:
-                self._drop(job_id, job if job.state == t.JOB_STATE_RUNNING else None)
-        self._update_depth()
-
-    def _update_depth(self) -> None:
-        by_queue, by_tenant = self.queue.depth_by()
-        self.metrics.depth.clear()
-        for name, n in by_queue.items():
-            self.metrics.depth.labels(name).set(n)
-        self.metrics.tenant_depth.clear()
-        for name, n in by_tenant.items():
-            self.metrics.tenant_depth.labels(name).set(n)
+                self._remove(job_id, job if job.state == t.JOB_STATE_RUNNING else None, event.kv.mod_revision)
+        if self.queue.version != before:
+            await self._notify()
 
     async def enqueue(self, job: t.Job) -> tuple[t.Job, bool]:
+        """Stores the job (durable before this returns), then queues it."""
         job.queue = queue_of(job)
-        stored, created, revision = await self.store.create(job)
+        stored, created, revision = await self.writer.create(job)
         if created:
             self.metrics.enqueued.labels(job.tenant_id).inc()
             if self._admit(stored, revision):
                 await self._notify()
         return stored, created
 
+    # The scheduler's view --------------------------------------------------------------------------
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
     async def next_jobs(
         self, limit: int, after_version: int, wait_seconds: float
     ) -> tuple[list[tuple[t.Job, int]], int]:
+        """The heads in dispatch order; waits up to `wait_seconds` for the queue to change past `after_version`."""
         if self.queue.version <= after_version and wait_seconds > 0:
             try:
                 async with self._changed:
@@ -128,9 +213,160 @@ class QueueManager:
                     )
             except TimeoutError:
                 pass
-        items = self.queue.peek(max(1, min(limit, 1000)))
-        out = [self.pending[i.job_id] for i in items if i.job_id in self.pending]
+        before = self.queue.version
+        items = self.queue.peek(max(1, min(limit, 1000)), now=self.clock.now())
+        offered_at = self.clock.monotonic()
+        out = []
+        for item in items:
+            known = self.pending.get(item.job_id)
+            if known is not None:
+                out.append(known)
+                self._offered[item.job_id] = offered_at
+        if self.queue.version != before:
+            await self._notify()
         return out, self.queue.version
+
+    # What GetJob shows ---------------------------------------------------------------------------------
+
+    async def get_job(self, tenant_id: str, job_id: str) -> t.Job:
+        job = await self.reader.get(tenant_id, job_id)
+        if job.state == t.JOB_STATE_PENDING:
+            before = self.queue.version
+            self.annotate(job)
+            if self.queue.version != before:
+                await self._notify()
+        return self.show_late_start(job)
+
+    def show_late_start(self, job: t.Job) -> t.Job:
+        """sla_miss on a job whose first attempt started after its target wait or deadline. The scheduler writes
+        the start, not us, so the outcome is shown on read (and was counted in the metrics at dispatch)."""
+        if job.attempts and job.attempts[0].HasField("start_time"):
+            started = seconds(job.attempts[0].start_time)
+            if self.sla.outcome(job.spec.sla_tier, seconds(job.create_time), started, deadline_of(job)) != MET:
+                job.sla_miss = True
+        return job
+
+    def annotate(self, job: t.Job) -> t.Job:
+        """Fills a pending job's queue position and waiting reason from the live queue."""
+        now = self.clock.now()
+        deadline = deadline_of(job)
+        missed = job.sla_miss or (deadline is not None and deadline <= now)
+        if missed:
+            job.sla_miss = True
+        item = self.queue.get(job.job_id)
+        placement: Placement | None = self.queue.position(job.job_id, now)
+        if item is None or placement is None:  # not queued yet (the record is newer than our view): as stored
+            if missed:
+                job.waiting_reason = DEADLINE_MISSED
+            return job
+        job.queue = item.queue
+        job.queue_position = placement.position
+        offered = self._offered.get(job.job_id)
+        job.waiting_reason = waiting_reason(
+            recorded=job.waiting_reason,
+            deadline_missed=missed,
+            offered_recently=offered is not None
+            and self.clock.monotonic() - offered <= self.settings.offer_window_seconds,
+            dynamic_queue=job.queue in self.dynamic_queues,
+            ahead_other_tenants=placement.ahead_other_tenants,
+        )
+        return job
+
+    # Admin -----------------------------------------------------------------------------------------------
+
+    async def set_weight(self, tenant_id: str, weight: float) -> float:
+        if tenant_id not in self.config.tenants:
+            raise NotFound(f"tenant {tenant_id!r} not found", reason="TENANT_NOT_FOUND")
+        if not 0 < weight <= MAX_WEIGHT:  # NaN fails too
+            raise InvalidArgument("weight", f"must be greater than 0 and at most {MAX_WEIGHT:g}")
+        async with self._weights_lock:
+            await self.state.save_weight(tenant_id, weight)
+            self.queue.set_weight(tenant_id, weight)
+        log.info("fair-share weight of %s set to %g", tenant_id, weight)
+        await self._notify()
+        return weight
+
+    # Time-driven work ------------------------------------------------------------------------------
+
+    async def tick(self) -> None:
+        """Applies SLA boosts that came due, and records deadlines that passed while jobs waited."""
+        now = self.clock.now()
+        before = self.queue.version
+        self.queue.promote(now)
+        await self._record_missed_deadlines(now)
+        if self.queue.version != before:
+            await self._notify()
+
+    async def _record_missed_deadlines(self, now: float) -> None:
+        retry: list[tuple[float, str]] = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, job_id = heapq.heappop(self._deadlines)
+            known = self.pending.get(job_id)
+            if known is None:
+                continue
+            job, revision = known
+            if not job.sla_miss:
+                try:
+                    marked = await self.state.mark_deadline_missed(job, revision, now)
+                except JobMeshError as exc:
+                    log.warning("could not record a missed deadline: %s", exc, extra={"job_id": job_id})
+                    marked = False
+                if not marked:
+                    if job_id in self.pending:
+                        retry.append((deadline, job_id))  # the record moved on, or etcd is away: next tick
+                    continue
+            if job_id not in self._deadline_counted:
+                self._deadline_counted.add(job_id)
+                self.metrics.record_outcome(self.sla.tier(job.spec.sla_tier), MISSED_DEADLINE)
+                log.info("deadline passed while queued", extra={"job_id": job_id, "tenant_id": job.tenant_id})
+        for entry in retry:
+            heapq.heappush(self._deadlines, entry)
+
+    def next_timer(self) -> float:
+        """Seconds until the next boost or deadline (inf when none)."""
+        deadline = self._deadlines[0][0] if self._deadlines else math.inf
+        return min(self.queue.next_boost(), deadline) - self.clock.now()
+
+    async def run_timers(self, max_sleep: float = 0.5) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("queue timer failed")
+            await asyncio.sleep(min(max(self.next_timer(), 0.05), max_sleep))
+
+    async def save_tags(self) -> bool:
+        """Writes the tags when they changed since the last write."""
+        version = self.queue.tags_version
+        if version == self._saved_tags:
+            return False
+        self.queue.forget_idle_tenants()
+        await self.state.save_tags(self.queue.tags())
+        self._saved_tags = version
+        self.metrics.tags_saved.inc()
+        return True
+
+    async def run_snapshots(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.save_tags()
+            except JobMeshError as exc:
+                log.warning("could not save the fair-queue tags: %s", exc)
+
+    # Reads for metrics and stats -------------------------------------------------------------------
 
     def stats(self) -> tuple[dict[str, int], dict[str, int]]:
         return self.queue.depth_by()
+
+    def shape(self) -> QueueShape:
+        by_queue, by_tenant = self.queue.depth_by()
+        counts = dict(self.shares.counts)
+        tenants = set(by_tenant) | set(counts)
+        return QueueShape(
+            depth_by_queue=by_queue,
+            depth_by_tenant=by_tenant,
+            virtual_time_by_queue=self.queue.virtual_times(),
+            weights={tid: self.queue.weight(tid) for tid in sorted(tenants)},
+            dispatch_counts=counts,
+        )

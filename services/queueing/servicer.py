@@ -1,4 +1,4 @@
-"""gRPC adapter for the queueing service."""
+"""gRPC adapter for the queueing service: proto in, the core, proto out."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ class QueueingServicer(queueing_pb2_grpc.QueueingServiceServicer):
         return q.EnqueueResponse(job=job, created=created)
 
     async def GetJob(self, request: q.GetJobRequest, context: grpc.aio.ServicerContext) -> q.GetJobResponse:
-        return q.GetJobResponse(job=await self.store.get(request.tenant_id, request.job_id))
+        job_id_var.set(request.job_id)
+        return q.GetJobResponse(job=await self.manager.get_job(request.tenant_id, request.job_id))
 
     async def ListJobs(self, request: q.ListJobsRequest, context: grpc.aio.ServicerContext) -> q.ListJobsResponse:
         if not request.tenant_id:
@@ -35,7 +36,7 @@ class QueueingServicer(queueing_pb2_grpc.QueueingServiceServicer):
         if not 0 < page_size <= 500:
             raise InvalidArgument("page_size", "must be between 1 and 500")
         jobs, token = await self.store.list(request.tenant_id, request.state, page_size, request.page_token)
-        return q.ListJobsResponse(jobs=jobs, next_page_token=token)
+        return q.ListJobsResponse(jobs=[self.manager.show_late_start(job) for job in jobs], next_page_token=token)
 
     async def CancelJob(self, request: q.CancelJobRequest, context: grpc.aio.ServicerContext) -> q.CancelJobResponse:
         job_id_var.set(request.job_id)
@@ -52,3 +53,10 @@ class QueueingServicer(queueing_pb2_grpc.QueueingServiceServicer):
     ) -> q.GetQueueStatsResponse:
         by_queue, by_tenant = self.manager.stats()
         return q.GetQueueStatsResponse(depth_by_queue=by_queue, depth_by_tenant=by_tenant)
+
+    async def SetTenantWeight(
+        self, request: q.SetTenantWeightRequest, context: grpc.aio.ServicerContext
+    ) -> q.SetTenantWeightResponse:
+        tenant_id_var.set(request.tenant_id)
+        weight = await self.manager.set_weight(request.tenant_id, request.weight)
+        return q.SetTenantWeightResponse(tenant_id=request.tenant_id, weight=weight)

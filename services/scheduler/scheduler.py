@@ -7,6 +7,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from jobmesh.common.v1 import types_pb2 as t
@@ -123,6 +124,9 @@ class Scheduler:
                 self.metrics.leader.set(0)
             except JobMeshError as exc:
                 log.warning("scheduling cycle failed: %s", exc)
+                await asyncio.sleep(0.2)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("queueing unavailable (%s); retrying", exc.code().name)
                 await asyncio.sleep(0.2)
             except Exception:
                 log.exception("scheduling cycle crashed")

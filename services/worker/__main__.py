@@ -59,4 +59,6 @@ async def run(settings: CommonSettings) -> None:
 
 
 if __name__ == "__main__":
-    run_service("worker", 0, run)
+    # Plain asyncio: uvloop closes a pipe's descriptor twice when handed a file object (MagicStack/uvloop#763),
+    # which can hang the executor's output reader; the agent is not on a hot path.
+    run_service("worker", 0, run, uvloop=False)

@@ -22,18 +22,6 @@ MEASURED = 300  # dispatches counted in the share test
 JOB = ["true"]
 
 
-def without_uvloop(tmp_path: Path) -> dict[str, str]:
-    """Environment that runs this stack on asyncio's own event loop (libs.main falls back when uvloop cannot be
-    imported). A stopgap: on uvloop a worker hangs in a job that has already exited - its executor reads job output
-    through loop.connect_read_pipe, which uvloop double-closes (MagicStack/uvloop#763), so an unrelated fd can be
-    closed - and a stream of hundreds of short jobs stalls both workers in about half the runs. Drop this when the
-    worker is fixed; these tests are about queue order, not the event loop."""
-    shadow = tmp_path / "no-uvloop"
-    shadow.mkdir()
-    (shadow / "uvloop.py").write_text('raise ImportError("uvloop is disabled for this test stack")\n')
-    return {"PYTHONPATH": str(shadow)}
-
-
 # Each tenant's count in the first 300 dispatches may differ from its exact share by: 1 job (WFQ's own lag bound
 # for unit jobs), plus 2 (the two in-flight slots: a head offered to the scheduler while a dispatch is still
 # settling), plus 2 for the holders' release (both workers free within one scheduling cycle). 5 of 300 = 1.7%.
@@ -46,7 +34,7 @@ def fair_stack(tmp_path: Path) -> Iterator[Stack]:
         data_dir=tmp_path / "fairness",
         config_path=FAIRNESS_CONFIG,
         ports=Ports.free(),
-        env={**FAST_FAILOVER, **without_uvloop(tmp_path)},
+        env=dict(FAST_FAILOVER),
     )
     try:
         stack.start()

@@ -38,7 +38,11 @@ def test_a_submit_is_one_trace_across_gateway_quota_and_queueing(tmp_path: Path)
         def names_in(service: str) -> set[str]:
             return {str(s["name"]) for s in spans(logs / f"{service}.log") if s["context"]["trace_id"] == trace_id}  # type: ignore[index]
 
-        wait_for(lambda: names_in("queueing"), timeout=15, what="the batch exporter to flush")
+        wait_for(
+            lambda: all(names_in(s) for s in ("gateway", "quota", "queueing")),
+            timeout=15,
+            what="every batch exporter to flush",
+        )
         assert "/jobmesh.gateway.v1.JobService/SubmitJob" in names_in("gateway")
         assert "/jobmesh.quota.v1.QuotaService/Reserve" in names_in("quota")
         assert "/jobmesh.queueing.v1.QueueingService/Enqueue" in names_in("queueing")

@@ -1,0 +1,38 @@
+"""Why a pending job is still waiting: the codes GetJob shows, derived from what the queueing service sees."""
+
+from __future__ import annotations
+
+QUEUED = "QUEUED"
+BEHIND_FAIR_SHARE = "BEHIND_FAIR_SHARE"
+WAITING_FOR_WORKER = "WAITING_FOR_WORKER"
+POOL_SCALING_UP = "POOL_SCALING_UP"
+RETRYING_AFTER_WORKER_LOST = "RETRYING_AFTER_WORKER_LOST"
+DEADLINE_MISSED = "DEADLINE_MISSED"
+
+
+def waiting_reason(
+    *,
+    recorded: str,
+    deadline_missed: bool,
+    offered_recently: bool,
+    dynamic_queue: bool,
+    ahead_other_tenants: int,
+) -> str:
+    """The first that applies:
+
+    1. DEADLINE_MISSED: its deadline passed while it waited (it still runs, first among urgent jobs).
+    2. RETRYING_AFTER_WORKER_LOST: kept from the record while the retry waits.
+    3. The scheduler was handed it within the offer window and no worker took it: POOL_SCALING_UP in a
+       dynamic pool's queue, WAITING_FOR_WORKER otherwise.
+    4. BEHIND_FAIR_SHARE: other tenants' jobs are ahead of it.
+    5. QUEUED: only its own tenant's jobs are ahead.
+    """
+    if deadline_missed:
+        return DEADLINE_MISSED
+    if recorded == RETRYING_AFTER_WORKER_LOST:
+        return RETRYING_AFTER_WORKER_LOST
+    if offered_recently:
+        return POOL_SCALING_UP if dynamic_queue else WAITING_FOR_WORKER
+    if ahead_other_tenants > 0:
+        return BEHIND_FAIR_SHARE
+    return QUEUED

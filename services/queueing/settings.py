@@ -1,0 +1,47 @@
+"""The queueing service's own settings (on top of CommonSettings), read once and validated at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from libs.settings import CommonSettings, SettingsError
+
+
+@dataclass(frozen=True)
+class QueueingSettings:
+    # SLA boost: a job is urgent once it has used this fraction of its SLA window ...
+    boost_fraction: float = 0.5
+    # ... or is this close to its due time (covers the dispatch path: scheduler cycle, worker start).
+    start_slack_seconds: float = 2.0
+    # A job handed out by NextJobs this recently and still queued waits for a worker, not for its turn.
+    offer_window_seconds: float = 2.0
+    # How often changed virtual-time tags are written to etcd (what a crash can lose, see docs/queueing.md).
+    snapshot_interval_seconds: float = 0.5
+    # Most jobs written in one etcd transaction by the enqueue batcher (2 ops each; etcd allows 128 per txn).
+    max_batch: int = 64
+
+    @classmethod
+    def from_common(cls, settings: CommonSettings) -> QueueingSettings:
+        built = cls(
+            boost_fraction=settings.get_float("JOBMESH_QUEUEING_BOOST_FRACTION", cls.boost_fraction),
+            start_slack_seconds=settings.get_float("JOBMESH_QUEUEING_START_SLACK_SECONDS", cls.start_slack_seconds),
+            offer_window_seconds=settings.get_float("JOBMESH_QUEUEING_OFFER_WINDOW_SECONDS", cls.offer_window_seconds),
+            snapshot_interval_seconds=settings.get_float(
+                "JOBMESH_QUEUEING_SNAPSHOT_INTERVAL_SECONDS", cls.snapshot_interval_seconds
+            ),
+            max_batch=settings.get_int("JOBMESH_QUEUEING_MAX_BATCH", cls.max_batch),
+        )
+        built.validate()
+        return built
+
+    def validate(self) -> None:
+        if not 0.0 <= self.boost_fraction <= 1.0:
+            raise SettingsError("JOBMESH_QUEUEING_BOOST_FRACTION must be between 0 and 1")
+        if self.start_slack_seconds < 0:
+            raise SettingsError("JOBMESH_QUEUEING_START_SLACK_SECONDS must not be negative")
+        if self.offer_window_seconds <= 0:
+            raise SettingsError("JOBMESH_QUEUEING_OFFER_WINDOW_SECONDS must be greater than 0")
+        if not 0.05 <= self.snapshot_interval_seconds <= 60:
+            raise SettingsError("JOBMESH_QUEUEING_SNAPSHOT_INTERVAL_SECONDS must be between 0.05 and 60")
+        if not 1 <= self.max_batch <= 64:
+            raise SettingsError("JOBMESH_QUEUEING_MAX_BATCH must be between 1 and 64")
