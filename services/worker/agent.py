@@ -143,6 +143,17 @@ class WorkerAgent:
         )
         try:
             result = await self.executor.run(spec)
+        except Exception as exc:  # never leave an attempt unreported: the job would sit RUNNING for ever
+            log.exception("the executor failed", extra=extra)
+            result = ExecResult(
+                exit_code=-1,
+                reason="START_FAILED",
+                message=f"worker error: {exc}"[:500],
+                run_seconds=0.0,
+                cpu_seconds=0.0,
+                max_memory_mb=0,
+                output_tail="",
+            )
         finally:
             self._finished = [*self._finished[-15:], (a.job_id, a.attempt)]
             self._current = None
