@@ -14,7 +14,7 @@ tokens are minted from --data-dir's signing key with the issuer/audience of --co
 Before the run the tenant's quota is raised through the admin API (PUT /api/v1/tenants/{t}/quotas)
 so that no submit is refused with 429. Progress goes to stderr every second; the report goes to
 stdout and ends with a one-line JSON summary. Exit status: 0 when every submit succeeded, 1 when
-some failed or did not finish, 2 when the benchmark could not run.
+some failed or did not finish (or --wait timed out), 2 when the benchmark could not run.
 
 Examples:
     .venv/bin/python bench/submit_latency.py --count 1000 --rate 100
@@ -50,9 +50,10 @@ if str(REPO) not in sys.path:  # normally on the venv's path already (jobmesh-de
 
 TERMINAL = ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED")
 INT32_MAX = 2**31 - 1
-REQUEST_TIMEOUT = 30.0  # per request, and never beyond the overall deadline
+REQUEST_TIMEOUT = 30.0  # per request; what is still in flight at the overall deadline is abandoned
 WORKER_WAIT_SECONDS = 60.0
-BASELINE_SECONDS = 3.0  # private stack: idle CPU measured for this long before the run
+BASELINE_SECONDS = 3.0  # idle CPU (stack, machine) measured for this long before the run
+FOREIGN_LOAD_WARN_CORES = 0.25
 
 # A sender returns (status key, job id or None, short error text or None).
 Sender = Callable[[int], Awaitable[tuple[str, str | None, str | None]]]
@@ -203,12 +204,11 @@ def stack_cpu(groups: dict[int, str]) -> dict[str, float]:
     return out
 
 
-def machine_busy() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot."""
+def machine_busy() -> float:
+    """Busy CPU seconds of the whole machine since boot (user, nice, system, irq, softirq; not idle,
+    iowait or steal)."""
     values = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    total = sum(values[:8])
-    return (total - idle) / CLK_TCK, total / CLK_TCK
+    return sum(values[i] for i in (0, 1, 2, 5, 6) if i < len(values)) / CLK_TCK
 
 
 # Statistics ----------------------------------------------------------------------------------------
@@ -357,15 +357,14 @@ async def open_loop(run: Run, send: Sender, label: str) -> None:
         await reporter
 
 
-def rest_sender(client: httpx.AsyncClient, args: argparse.Namespace, deadline: float) -> Sender:
+def rest_sender(client: httpx.AsyncClient, args: argparse.Namespace) -> Sender:
     async def send(i: int) -> tuple[str, str | None, str | None]:
         body = {
             "name": f"bench-{i}",
             "command": args.command,
             "resources": {"cpu_millis": args.cpu_millis, "memory_mb": args.memory_mb},
         }
-        timeout = max(0.1, min(REQUEST_TIMEOUT, deadline - time.perf_counter()))
-        resp = await client.post("/api/v1/jobs", json=body, timeout=timeout)
+        resp = await client.post("/api/v1/jobs", json=body)
         if resp.status_code == 200:
             return "200", resp.json()["job_id"], None
         return str(resp.status_code), None, resp.text[:300]
@@ -373,7 +372,7 @@ def rest_sender(client: httpx.AsyncClient, args: argparse.Namespace, deadline: f
     return send
 
 
-def grpc_sender(stub: Any, token: str, args: argparse.Namespace, deadline: float) -> Sender:
+def grpc_sender(stub: Any, token: str, args: argparse.Namespace) -> Sender:
     import grpc
 
     from jobmesh.common.v1 import types_pb2
@@ -389,9 +388,8 @@ def grpc_sender(stub: Any, token: str, args: argparse.Namespace, deadline: float
                 resources=types_pb2.Resources(cpu_millis=args.cpu_millis, memory_mb=args.memory_mb),
             )
         )
-        timeout = max(0.1, min(REQUEST_TIMEOUT, deadline - time.perf_counter()))
         try:
-            job = await stub.SubmitJob(request, metadata=metadata, timeout=timeout)
+            job = await stub.SubmitJob(request, metadata=metadata, timeout=REQUEST_TIMEOUT)
         except grpc.aio.AioRpcError as exc:
             return exc.code().name, None, (exc.details() or "")[:300]
         return "OK", job.job_id, None
@@ -521,20 +519,28 @@ async def wait_terminal(url: str, token: str, run: Run, timeout: float) -> dict[
 
 
 async def bench(args: argparse.Namespace, url: str, token: str, admin_token: str, groups: dict[int, str]) -> dict:
-    idle_cores = None
-    if groups:  # the stack's own background CPU (elections, informers, workers polling), subtracted below
-        before, t_before = sum(stack_cpu(groups).values()), time.perf_counter()
-        await asyncio.sleep(BASELINE_SECONDS)
-        idle_cores = (sum(stack_cpu(groups).values()) - before) / (time.perf_counter() - t_before)
+    # Before the run: the stack's own background CPU (elections, informers, workers polling), subtracted
+    # below, and whatever else keeps the machine busy (other processes skew every figure).
+    stack_before = sum(stack_cpu(groups).values()) if groups else 0.0
+    machine_before, t_before = machine_busy(), time.perf_counter()
+    await asyncio.sleep(BASELINE_SECONDS)
+    span = time.perf_counter() - t_before
+    idle_cores = (sum(stack_cpu(groups).values()) - stack_before) / span if groups else None
+    busy_before = (machine_busy() - machine_before) / span
+    others_before = busy_before - (idle_cores or 0.0)
+    if others_before > FOREIGN_LOAD_WARN_CORES:
+        log(
+            f"warning: {others_before:.2f} cores were busy outside the benchmarked stack before the run; "
+            "every figure is skewed"
+        )
     quota = await raise_quota(url, admin_token, args)
     mode = "grpc" if args.grpc else "rest"
     run = Run(count=args.count, rate=args.rate, concurrency=args.concurrency, deadline_s=args.timeout_seconds)
 
     cpu0 = stack_cpu(groups) if groups else {}
     window0 = time.perf_counter()
-    busy0, total0 = machine_busy()
+    busy0 = machine_busy()
     client_cpu0 = time.process_time()
-    deadline = time.perf_counter() + args.timeout_seconds  # refined once the run starts
     if args.grpc:
         import grpc
 
@@ -544,14 +550,14 @@ async def bench(args: argparse.Namespace, url: str, token: str, admin_token: str
         async with grpc.aio.insecure_channel(f"{host}:{port}") as channel:
             await asyncio.wait_for(channel.channel_ready(), 10.0)
             stub = gateway_pb2_grpc.JobServiceStub(channel)
-            await open_loop(run, grpc_sender(stub, token, args, deadline), mode)
+            await open_loop(run, grpc_sender(stub, token, args), mode)
     else:
         limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
         headers = {"Authorization": f"Bearer {token}"}
         async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=REQUEST_TIMEOUT) as client:
-            await open_loop(run, rest_sender(client, args, deadline), mode)
+            await open_loop(run, rest_sender(client, args), mode)
     client_cpu = time.process_time() - client_cpu0
-    busy1, total1 = machine_busy()
+    busy1 = machine_busy()
     cpu1 = stack_cpu(groups) if groups else {}
     window = time.perf_counter() - window0
 
@@ -578,7 +584,8 @@ async def bench(args: argparse.Namespace, url: str, token: str, admin_token: str
         "latency_ms": summarize_ms(run.latency),
         "service_ms": summarize_ms(run.service),
         "client_cpu_s": round(client_cpu, 2),
-        "machine_cpu_util": round((busy1 - busy0) / (total1 - total0), 3) if total1 > total0 else None,
+        "machine_busy_cores": round((busy1 - busy0) / window, 2),
+        "machine_busy_cores_before": round(busy_before, 2),
         "quota": quota["after"],
     }
     if run.error_samples:
@@ -593,6 +600,8 @@ async def bench(args: argparse.Namespace, url: str, token: str, admin_token: str
             net = stack_total - idle_cores * window
             result["stack_idle_cpu_cores"] = round(idle_cores, 3)
             result["stack_cpu_ms_per_job_net"] = round(net / run.ok * 1000, 2) if run.ok else None
+        # Busy CPU not charged to the stack or to this client: other processes, unattributed kernel work.
+        result["other_cpu_cores"] = round((busy1 - busy0 - stack_total - client_cpu) / window, 2)
     if args.wait and run.job_ids:
         result["wait"] = await wait_terminal(url, token, run, args.wait_timeout)
     return result
@@ -612,7 +621,10 @@ def print_report(r: dict[str, Any]) -> None:
     print(f"non-OK answers    {r['errors']} ({errors}); unfinished {r['unfinished']}")
     for status, sample in r.get("error_samples", {}).items():
         print(f"  e.g. {status}: {sample}")
-    print(f"client CPU        {r['client_cpu_s']} s; machine CPU busy {r['machine_cpu_util']}")
+    print(
+        f"client CPU        {r['client_cpu_s']} s; machine busy {r['machine_busy_cores']} of {os.cpu_count()} cores "
+        f"(before the run {r['machine_busy_cores_before']})"
+    )
     if "stack_cpu_s" in r:
         procs = ", ".join(f"{k} {v}" for k, v in sorted(r["stack_cpu_by_process_s"].items(), key=lambda kv: -kv[1]))
         print(f"stack CPU         {r['stack_cpu_s']} s = {r['stack_cpu_ms_per_job']} ms/job ({procs})")
@@ -621,6 +633,7 @@ def print_report(r: dict[str, Any]) -> None:
                 f"stack CPU net     {r['stack_cpu_ms_per_job_net']} ms/job after subtracting the idle "
                 f"{r['stack_idle_cpu_cores']} cores measured for {BASELINE_SECONDS:g}s before the run"
             )
+        print(f"other CPU         {r['other_cpu_cores']} cores busy outside the stack and this client during the run")
     if "wait" in r:
         w = r["wait"]
         e2e = w["create_to_end_ms"]
@@ -679,7 +692,12 @@ def main(argv: list[str] | None = None) -> int:
                 failed = True
             result["data_dir"] = str(stack.data_dir)
         print_report(result)
-        if result["errors"] or result["unfinished"] or result["stopped_early"]:
+        if (
+            result["errors"]
+            or result["unfinished"]
+            or result["stopped_early"]
+            or result.get("wait", {}).get("timed_out")
+        ):
             failed = True
         return 1 if failed else 0
     except KeyboardInterrupt:
