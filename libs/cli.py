@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from libs.auth import ensure_dev_keys, issue_token
+from libs.cli_cost import add_cost_parser
 from libs.config import ConfigError, load_config
 from libs.launcher import REPO, Ports, Stack
 
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="start the whole mesh here, in the foreground")
     run.add_argument("--port", type=int, default=8080)
     run.set_defaults(func=cmd_run)
+    add_cost_parser(sub)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

@@ -124,7 +124,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     # A dependency failed: say which status it gave, never its stack.
                     code = err.code().name
                     span.set_status(Status(StatusCode.ERROR, code))
-                    mapped = _dependency_error(err)
+                    mapped = error_from_rpc(err)
                     self.errors.labels(method, mapped.reason).inc()
                     await context.abort_with_status(status_for(mapped))
                 except Exception:
@@ -141,7 +141,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             self.latency.labels(method, code).observe(time.perf_counter() - start)
 
 
-def _dependency_error(err: grpc.aio.AioRpcError) -> JobMeshError:
+def error_from_rpc(err: grpc.aio.AioRpcError) -> JobMeshError:
     """Pass a dependency's domain error through unchanged; turn transport failures into UNAVAILABLE."""
     from libs.errors import Unavailable
 

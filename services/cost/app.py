@@ -2,75 +2,95 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+import asyncio
+import contextlib
+from collections.abc import Iterator
 
-import grpc
 from prometheus_client import CollectorRegistry
 
-from jobmesh.cost.v1 import cost_pb2 as c
+from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.cost.v1 import cost_pb2_grpc
-from libs.clock import Clock, SystemClock
+from libs.clock import SystemClock
 from libs.config import load_config
-from libs.errors import InvalidArgument
 from libs.etcd.client import Etcd
 from libs.etcd.informer import Informer
+from libs.jobs import decode_job
 from libs.keys import Keys
 from libs.server import start_server
 from libs.settings import CommonSettings
-from services.cost.ledger import CostLedger, CostMetrics
+from services.cost.accounts import CostAccounts
+from services.cost.budget_store import BudgetStore
+from services.cost.cycle import CostCycle
+from services.cost.keys import CostKeys
+from services.cost.ledger import CostLedger
+from services.cost.metrics import CostMetrics
+from services.cost.recommendations import Thresholds
+from services.cost.servicer import CostServicer
+from services.cost.settings import CostSettings
+from services.cost.workers import WorkerLedger
 
 SERVICE = "jobmesh.cost.v1.CostService"
 
 
-def parse_time(field: str, value: str, default: float) -> float:
-    if not value:
-        return default
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError as exc:
-        raise InvalidArgument(field, "must be an RFC 3339 time, e.g. 2026-11-01T00:00:00Z") from exc
+def decoded_jobs(informer: Informer) -> Iterator[tuple[str, t.Job]]:
+    for kv in list(informer.cache.values()):
+        yield kv.key, decode_job(kv.value)
 
 
-class CostServicer(cost_pb2_grpc.CostServiceServicer):
-    def __init__(self, ledger: CostLedger, clock: Clock):
-        self.ledger = ledger
-        self.clock = clock
-
-    async def GetCostReports(
-        self, request: c.GetCostReportsRequest, context: grpc.aio.ServicerContext
-    ) -> c.GetCostReportsResponse:
-        now = self.clock.now()
-        end = parse_time("end", request.end, now + 1)
-        start = parse_time("start", request.start, (datetime.fromtimestamp(now, UTC) - timedelta(days=30)).timestamp())
-        if start >= end:
-            raise InvalidArgument("start", "must be before end")
-        return c.GetCostReportsResponse(reports=self.ledger.reports(request.tenant_id, start, end))
-
-    async def GetJobCost(self, request: c.GetJobCostRequest, context: grpc.aio.ServicerContext) -> c.GetJobCostResponse:
-        return c.GetJobCostResponse(cost=self.ledger.job_cost(request.job))
-
-
-async def run(settings: CommonSettings) -> None:
-    config = load_config(settings.config_path)
+async def run(common: CommonSettings) -> None:
+    settings = CostSettings.from_common(common)
+    config = load_config(common.config_path)
     registry = CollectorRegistry()
+    metrics = CostMetrics(registry)
     clock = SystemClock()
-    etcd = Etcd(settings.etcd.endpoints)
+    etcd = Etcd(common.etcd.endpoints)
     await etcd.wait_ready()
-    keys = Keys(settings.etcd.prefix)
-    ledger = CostLedger(etcd, keys, config, clock, CostMetrics(registry))
-    # Records first, so that replaying the jobs only charges what was never charged.
-    records = Informer(etcd, keys.cost_records, ledger.on_record_event, "cost-records")
-    records.start()
-    await records.wait_synced()
-    jobs = Informer(etcd, keys.jobs, ledger.on_job_event, "jobs")
-    jobs.start()
-    await jobs.wait_synced()
-    servicer = CostServicer(ledger, clock)
-    server = await start_server(
-        "cost", settings, registry, [(lambda s: cost_pb2_grpc.add_CostServiceServicer_to_server(servicer, s), SERVICE)]
+    keys, cost_keys = Keys(common.etcd.prefix), CostKeys(common.etcd.prefix)
+
+    ledger = CostLedger(etcd, keys, config, clock, metrics)
+    workers = WorkerLedger(etcd, cost_keys, config, clock, metrics)
+    budgets = BudgetStore(etcd, cost_keys, config)
+    accounts = CostAccounts(ledger, workers, budgets, config, clock, Thresholds())
+
+    informers = [
+        Informer(etcd, cost_keys.budgets, budgets.on_budget_event, "cost-budgets"),
+        # Records before jobs, so that replaying the jobs only charges what was never charged.
+        Informer(etcd, keys.cost_records, ledger.on_record_event, "cost-records"),
+    ]
+    for informer in informers:
+        informer.start()
+        await informer.wait_synced()
+    # Stored lifetimes before the live workers, so a worker keeps its first start across restarts.
+    await workers.load()
+    worker_informer = Informer(etcd, keys.workers, workers.on_worker_event, "workers")
+    job_informer = Informer(etcd, keys.jobs, ledger.on_job_event, "jobs")
+    for informer in (worker_informer, job_informer):
+        informers.append(informer)
+        informer.start()
+        await informer.wait_synced()
+    await workers.close_missing({Keys.last_segment(k) for k in worker_informer.cache})
+
+    cycle = CostCycle(
+        accounts,
+        lambda: decoded_jobs(job_informer),
+        metrics,
+        interval=settings.cycle_seconds,
+        rescan_every=settings.rescan_every,
     )
-    server.on_stop.append(jobs.stop)
-    server.on_stop.append(records.stop)
+    cycle_task = asyncio.create_task(cycle.run_forever(), name="cost-cycle")
+    servicer = CostServicer(accounts)
+    server = await start_server(
+        "cost", common, registry, [(lambda s: cost_pb2_grpc.add_CostServiceServicer_to_server(servicer, s), SERVICE)]
+    )
+
+    async def stop_cycle() -> None:
+        cycle_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await cycle_task
+
+    server.on_stop.append(stop_cycle)
+    for informer in reversed(informers):
+        server.on_stop.append(informer.stop)
     try:
         await server.serve_forever()
     finally:

@@ -1,216 +1,187 @@
-"""The cost ledger: charges every ended attempt exactly once (a create-only etcd record) and reports on them."""
+"""The cost ledger: charges every ended attempt exactly once (a create-only etcd record), retries what it could
+not write, and answers what was charged, what is accruing and what was spent."""
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
-
-from jobmesh.common.v1 import cost_pb2 as ct
 from jobmesh.common.v1 import types_pb2 as t
 from libs.clock import Clock
-from libs.config import MeshConfig, Pricing
+from libs.config import MeshConfig
 from libs.errors import JobMeshError
-from libs.etcd.client import Etcd, WatchEvent, cmp_missing, op_put
+from libs.etcd.client import Compare, RequestOp, TxnResult, WatchEvent, cmp_missing, op_get, op_put
 from libs.jobs import decode_job
 from libs.keys import Keys
-from services.cost.pricing import AttemptUsage, format_micros, price_attempt
+from services.cost.idle import Allocation
+from services.cost.metrics import CostMetrics
+from services.cost.records import (
+    CostRecord,
+    base_micros,
+    day_of,
+    ended_attempts,
+    month_of,
+    record_for_attempt,
+    running_attempt,
+)
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class CostRecord:
-    tenant_id: str
-    job_id: str
-    attempt: int
-    pool_id: str
-    start: float
-    end: float
-    run_seconds: float
-    cost_micros: int
-    burst: bool
-    requested_cpu_millis: int
-    requested_memory_mb: int
-    used_cpu_seconds: float
-    used_max_memory_mb: int
-    currency: str
+class RecordStore(Protocol):
+    """The one etcd operation the ledger writes with."""
 
-
-class CostMetrics:
-    def __init__(self, registry: CollectorRegistry):
-        self.charged = Counter(
-            "jobmesh_cost_charged_micros_total", "Charged cost in micro-units.", ["tenant", "pool"], registry=registry
-        )
-        self.records = Counter("jobmesh_cost_records_total", "Cost records written.", registry=registry)
-        self.write_failures = Counter(
-            "jobmesh_cost_record_write_failures_total", "Cost record writes that failed.", registry=registry
-        )
-        self.tenant_total = Gauge(
-            "jobmesh_cost_tenant_total", "Cost charged per tenant (currency units).", ["tenant"], registry=registry
-        )
-
-
-def money(micros: int, currency: str) -> t.Money:
-    return t.Money(currency=currency, micros=micros, amount=format_micros(micros))
+    async def txn(
+        self, compare: Sequence[Compare], success: Sequence[RequestOp], failure: Sequence[RequestOp] = ()
+    ) -> TxnResult: ...
 
 
 class CostLedger:
-    def __init__(self, etcd: Etcd, keys: Keys, config: MeshConfig, clock: Clock, metrics: CostMetrics):
-        self.etcd = etcd
+    def __init__(self, store: RecordStore, keys: Keys, config: MeshConfig, clock: Clock, metrics: CostMetrics):
+        self.store = store
         self.keys = keys
         self.config = config
         self.clock = clock
         self.metrics = metrics
-        self.records: dict[str, CostRecord] = {}  # record key -> record
+        self.records: dict[str, CostRecord] = {}  # record key -> durable record
+        self.pending: dict[str, CostRecord] = {}  # record key -> ended attempt whose record is not written yet
+        self.running: dict[str, t.Job] = {}  # job key -> job whose current attempt has not ended
+        self._by_day: dict[tuple[str, str], int] = {}  # (tenant, UTC day) -> micros of durable records
+        self._base: dict[str, int] = {}  # record key -> its price without burst premium, for idle cost
 
-    def pricing(self, pool_id: str) -> Pricing:
-        pool = self.config.pool(pool_id)
-        return pool.pricing if pool else Pricing()
+    # Records read back from etcd (ours, and any written before a restart) --------------------------------
 
     def on_record_event(self, event: WatchEvent) -> None:
         if event.kind == "delete":
-            self.records.pop(event.kv.key, None)
+            old = self.records.pop(event.kv.key, None)
+            self._base.pop(event.kv.key, None)
+            if old is not None:
+                self._count(old, -1)
             return
-        record = CostRecord(**json.loads(event.kv.value))
-        if event.kv.key not in self.records:
-            self.metrics.tenant_total.labels(record.tenant_id).inc(record.cost_micros / 1e6)
-        self.records[event.kv.key] = record
+        self._remember(event.kv.key, CostRecord.from_json(event.kv.value))
+
+    def _remember(self, key: str, record: CostRecord) -> bool:
+        self.pending.pop(key, None)
+        if key in self.records:
+            return False
+        self.records[key] = record
+        self._base[key] = base_micros(record, self.config)
+        self._count(record, 1)
+        return True
+
+    def _count(self, record: CostRecord, sign: int) -> None:
+        cell = (record.tenant_id, day_of(record.end))
+        self._by_day[cell] = self._by_day.get(cell, 0) + sign * record.cost_micros
+
+    # Following the jobs ----------------------------------------------------------------------------------------
 
     async def on_job_event(self, event: WatchEvent) -> None:
-        if event.kind == "delete":
-            return
         job = decode_job(event.kv.value)
+        if event.kind == "delete":
+            self.running.pop(event.kv.key, None)  # a deleted job's ended attempts are still charged below
+        new = self.observe(event.kv.key, job)
+        if new:
+            await self.flush(new)
+
+    def observe(self, job_key: str, job: t.Job) -> list[str]:
+        """Tracks the job's running attempt and queues its ended, uncharged attempts; returns their keys."""
+        if running_attempt(job) is not None:
+            self.running[job_key] = job
+        else:
+            self.running.pop(job_key, None)
+        new: list[str] = []
+        for attempt in ended_attempts(job):
+            key = self.keys.cost_record(job.tenant_id, job.job_id, attempt.attempt)
+            if key not in self.records and key not in self.pending:
+                self.pending[key] = record_for_attempt(job, attempt, self.config)
+                new.append(key)
+        self.metrics.unrecorded.set(len(self.pending))
+        return new
+
+    async def rescan(self, jobs: Iterable[tuple[str, t.Job]]) -> int:
+        """Re-reads every known job for ended attempts without a record, then writes what is pending."""
+        for job_key, job in jobs:
+            self.observe(job_key, job)
+        return await self.flush()
+
+    async def flush(self, keys: Iterable[str] | None = None) -> int:
+        """Writes pending records create-only; a failed write stays pending for the next cycle. Returns how many
+        are still pending."""
+        for key in list(self.pending if keys is None else keys):
+            record = self.pending.get(key)
+            if record is None:
+                continue
+            try:
+                # Create-only: a second charge of the same attempt (a replay, a restart, a retry) changes nothing.
+                result = await self.store.txn([cmp_missing(key)], [op_put(key, record.to_json())], [op_get(key)])
+            except JobMeshError as exc:
+                self.metrics.write_failures.labels("attempt").inc()
+                log.warning("cost record %s not written (%s); retrying next cycle", key, exc.reason)
+                continue
+            if result.succeeded:
+                # We wrote it (the records informer may have handed it back to us already).
+                self._remember(key, record)
+                self.metrics.records.inc()
+                self.metrics.charged.labels(record.tenant_id, record.pool_id).inc(record.cost_micros)
+            else:
+                stored = result.range_kvs(0)
+                if stored:
+                    self._remember(key, CostRecord.from_json(stored[0].value))
+        self.metrics.unrecorded.set(len(self.pending))
+        return len(self.pending)
+
+    # Queries ----------------------------------------------------------------------------------------------------
+
+    def job_cost(self, job: t.Job) -> list[CostRecord]:
+        """Each attempt's charge: its record, what it will be charged (ended, record not written yet), or what it
+        has accrued so far (running)."""
+        out: list[CostRecord] = []
+        now_ns = int(self.clock.now() * 1e9)
         for attempt in job.attempts:
-            if attempt.HasField("end_time"):
-                await self.charge(job, attempt)
+            key = self.keys.cost_record(job.tenant_id, job.job_id, attempt.attempt)
+            if key in self.records:
+                out.append(self.records[key])
+            elif attempt.HasField("end_time"):
+                out.append(self.pending.get(key) or record_for_attempt(job, attempt, self.config))
+            elif job.state == t.JOB_STATE_RUNNING and attempt.attempt == job.attempt:
+                out.append(record_for_attempt(job, attempt, self.config, end_ns=now_ns))
+        return out
 
-    def _record(self, job: t.Job, a: t.AttemptRecord) -> CostRecord:
-        start = a.start_time.ToNanoseconds() / 1e9
-        end = a.end_time.ToNanoseconds() / 1e9
-        usage = AttemptUsage(
-            run_seconds=max(end - start, 0.0),
-            requested_cpu_millis=job.spec.resources.cpu_millis,
-            requested_memory_mb=job.spec.resources.memory_mb,
-            used_cpu_seconds=a.cpu_seconds,
-            used_max_memory_mb=a.max_memory_mb,
-            burst=bool(job.burst_session_id),
+    def accruing(self) -> list[CostRecord]:
+        """The running attempts, priced from their start to now."""
+        now_ns = int(self.clock.now() * 1e9)
+        out = []
+        for job in self.running.values():
+            attempt = running_attempt(job)
+            if attempt is not None:
+                out.append(record_for_attempt(job, attempt, self.config, end_ns=now_ns))
+        return out
+
+    def spent(self, tenant_id: str, month: str | None = None, day: str | None = None) -> int:
+        """Charged in a UTC month ("YYYY-MM") or day, including ended attempts not yet written; excludes running."""
+
+        def wanted(when: str) -> bool:
+            return (month is None or when.startswith(month)) and (day is None or when == day)
+
+        recorded = sum(v for (tid, d), v in self._by_day.items() if tid == tenant_id and wanted(d))
+        unwritten = sum(
+            r.cost_micros for r in self.pending.values() if r.tenant_id == tenant_id and wanted(day_of(r.end))
         )
-        return CostRecord(
-            tenant_id=job.tenant_id,
-            job_id=job.job_id,
-            attempt=a.attempt,
-            pool_id=a.pool_id,
-            start=start,
-            end=end,
-            run_seconds=usage.run_seconds,
-            cost_micros=price_attempt(usage, self.pricing(a.pool_id), self.config.burst_premium),
-            burst=usage.burst,
-            requested_cpu_millis=usage.requested_cpu_millis,
-            requested_memory_mb=usage.requested_memory_mb,
-            used_cpu_seconds=a.cpu_seconds,
-            used_max_memory_mb=a.max_memory_mb,
-            currency=self.config.currency,
-        )
+        return recorded + unwritten
 
-    async def charge(self, job: t.Job, a: t.AttemptRecord) -> None:
-        key = self.keys.cost_record(job.tenant_id, job.job_id, a.attempt)
-        if key in self.records:
-            return
-        record = self._record(job, a)
-        try:
-            # Create-only: a second charge of the same attempt (a replay, a restart) changes nothing.
-            result = await self.etcd.txn([cmp_missing(key)], [op_put(key, json.dumps(asdict(record)).encode())])
-        except JobMeshError:
-            self.metrics.write_failures.inc()
-            raise
-        if result.succeeded:
-            self.records[key] = record
-            self.metrics.records.inc()
-            self.metrics.charged.labels(record.tenant_id, record.pool_id).inc(record.cost_micros)
-            self.metrics.tenant_total.labels(record.tenant_id).inc(record.cost_micros / 1e6)
+    def spent_with_running(self, tenant_id: str, now: float, *, today: bool = False) -> int:
+        """This month's (or today's) spend so far: charged attempts plus what running ones have accrued."""
+        running = sum(r.cost_micros for r in self.accruing() if r.tenant_id == tenant_id)
+        if today:
+            return self.spent(tenant_id, day=day_of(now)) + running
+        return self.spent(tenant_id, month=month_of(now)) + running
 
-    def job_cost(self, job: t.Job) -> t.JobCost:
-        prefix = self.keys.cost_record(job.tenant_id, job.job_id, 0)[:-4]
-        charged = sorted((r for k, r in self.records.items() if k.startswith(prefix)), key=lambda r: r.attempt)
-        attempts = [
-            t.AttemptCost(
-                attempt=r.attempt, cost=money(r.cost_micros, r.currency), run_seconds=r.run_seconds, burst=r.burst
-            )
-            for r in charged
+    def allocations(self, since: float = 0.0) -> list[Allocation]:
+        """Worker time used by attempts (ended or running) that ran after `since`, at base price (for idle cost)."""
+        out = [
+            Allocation(r.pool_id, r.start, r.end, self._base[key]) for key, r in self.records.items() if r.end > since
         ]
-        done = {r.attempt for r in charged}
-        if job.state == t.JOB_STATE_RUNNING and job.attempt not in done and job.attempts:
-            # Accrued so far: the running attempt priced up to now.
-            running = t.AttemptRecord()
-            running.CopyFrom(job.attempts[-1])
-            running.end_time.FromNanoseconds(int(self.clock.now() * 1e9))
-            accrued = self._record(job, running)
-            attempts.append(
-                t.AttemptCost(
-                    attempt=accrued.attempt,
-                    cost=money(accrued.cost_micros, accrued.currency),
-                    run_seconds=accrued.run_seconds,
-                    burst=accrued.burst,
-                )
-            )
-        total = sum(a.cost.micros for a in attempts)
-        return t.JobCost(total=money(total, self.config.currency), attempts=attempts)
-
-    def reports(self, tenant_id: str, start: float, end: float) -> list[ct.CostReport]:
-        by_tenant: dict[str, list[CostRecord]] = {}
-        for r in self.records.values():
-            if (not tenant_id or r.tenant_id == tenant_id) and start <= r.end < end:
-                by_tenant.setdefault(r.tenant_id, []).append(r)
-        if tenant_id and tenant_id not in by_tenant:
-            by_tenant[tenant_id] = []
-        return [self._report(tid, recs) for tid, recs in sorted(by_tenant.items())]
-
-    def _report(self, tenant_id: str, recs: list[CostRecord]) -> ct.CostReport:
-        cur = self.config.currency
-        by_pool: dict[str, int] = {}
-        by_day: dict[str, int] = {}
-        for r in recs:
-            by_pool[r.pool_id] = by_pool.get(r.pool_id, 0) + r.cost_micros
-            day = datetime.fromtimestamp(r.end, tz=UTC).strftime("%Y-%m-%d")
-            by_day[day] = by_day.get(day, 0) + r.cost_micros
-        report = ct.CostReport(
-            tenant_id=tenant_id,
-            total=money(sum(r.cost_micros for r in recs), cur),
-            by_pool=[ct.CostLine(key=k, cost=money(v, cur)) for k, v in sorted(by_pool.items())],
-            by_day=[ct.CostLine(key=k, cost=money(v, cur)) for k, v in sorted(by_day.items())],
-            burst_spend=money(sum(r.cost_micros for r in recs if r.burst), cur),
-            jobs=len({r.job_id for r in recs}),
-        )
-        report.recommendations.extend(self._rightsizing(recs))
-        return report
-
-    def _rightsizing(self, recs: list[CostRecord]) -> list[ct.Recommendation]:
-        """Jobs that asked for far more memory than they used: what asking for 2x their peak would save."""
-        oversized = [r for r in recs if r.used_max_memory_mb and r.used_max_memory_mb * 4 <= r.requested_memory_mb]
-        if not oversized:
-            return []
-        savings = 0
-        for r in oversized:
-            right = AttemptUsage(
-                r.run_seconds,
-                r.requested_cpu_millis,
-                max(r.used_max_memory_mb * 2, 1),
-                r.used_cpu_seconds,
-                r.used_max_memory_mb,
-                r.burst,
-            )
-            savings += max(r.cost_micros - price_attempt(right, self.pricing(r.pool_id), self.config.burst_premium), 0)
-        if savings <= 0:
-            return []
-        return [
-            ct.Recommendation(
-                kind="RIGHTSIZE_MEMORY",
-                description=f"{len(oversized)} job attempts used under a quarter of the memory they requested; "
-                "request about twice their peak instead",
-                estimated_savings=money(savings, self.config.currency),
-            )
-        ]
+        unwritten = [r for r in [*self.pending.values(), *self.accruing()] if r.end > since]
+        out += [Allocation(r.pool_id, r.start, r.end, base_micros(r, self.config)) for r in unwritten]
+        return out

@@ -18,7 +18,8 @@ from jobmesh.quota.v1 import quota_pb2 as qt
 from libs.auth import Principal, TokenVerifier
 from libs.clock import Clock
 from libs.config import MeshConfig
-from libs.errors import InvalidArgument, JobMeshError, NotFound, PermissionDenied, ResourceExhausted
+from libs.errors import InvalidArgument, JobMeshError, NotFound, PermissionDenied
+from libs.interceptors import error_from_rpc
 from libs.jobs import assign_queue, new_job_id, ts, validate_spec
 from libs.keys import safe_segment
 from libs.telemetry import job_id_var, tenant_id_var
@@ -90,11 +91,7 @@ class BudgetGate:
                     # Cost being down must not stop admission; budgets are re-checked shortly.
                     log.warning("budget check unavailable: %s", exc.code().name)
                     return
-                refusal = ResourceExhausted(
-                    exc.details() or "monthly budget exceeded",
-                    reason="BUDGET_EXCEEDED",
-                    metadata={"tenant_id": tenant_id},
-                )
+                refusal = error_from_rpc(exc)  # keeps BUDGET_EXCEEDED and its limit/spent metadata
             known = (now, refusal)
             self._known[tenant_id] = known
         if known[1] is not None:

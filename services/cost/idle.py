@@ -1,0 +1,188 @@
+"""Idle cost: what the pools' workers cost minus what the jobs on them were charged at base price. Pure.
+
+The identity, exact in integer micros for every pool p and cell (p, UTC day) of a window, capped at `now`:
+
+    capacity(p, cell) = allocated(p, cell) + idle(p, cell)
+
+    capacity(p, cell)  = sum over workers w of p of
+                         round((worker_hour + cores(w) x core_hour + GiB(w) x gb_hour) x hours(life(w) ∩ cell))
+    allocated(p, cell) = sum over attempts a that ran on p of
+                         round(base(a) x |run(a) ∩ cell| / |run(a)|)
+
+where base(a) is what the attempt is charged without the burst premium (the premium is the tenant's surcharge, not
+a use of the pool). Idle is negative only when jobs used more than their worker's nominal capacity.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal
+
+from libs.config import MeshConfig, Pricing
+from services.cost.pricing import AttemptUsage, price_attempt
+
+
+@dataclass(frozen=True)
+class WorkerInterval:
+    """A worker's lifetime: registered at `start`, gone at `end` (None while it lives)."""
+
+    worker_id: str
+    pool_id: str
+    start: float
+    end: float | None
+    cpu_millis: int
+    memory_mb: int
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> WorkerInterval:
+        data = json.loads(raw)
+        return cls(
+            worker_id=str(data["worker_id"]),
+            pool_id=str(data["pool_id"]),
+            start=float(data["start"]),
+            end=None if data.get("end") is None else float(data["end"]),
+            cpu_millis=int(data["cpu_millis"]),
+            memory_mb=int(data["memory_mb"]),
+        )
+
+
+class WorkerLifetimes:
+    """Worker lifetimes as seen through the workers prefix; every method returns whether an interval changed."""
+
+    def __init__(self) -> None:
+        self.intervals: dict[str, WorkerInterval] = {}
+
+    def restore(self, interval: WorkerInterval) -> None:
+        self.intervals[interval.worker_id] = interval
+
+    def registered(self, worker_id: str, pool_id: str, start: float, cpu_millis: int, memory_mb: int) -> bool:
+        known = self.intervals.get(worker_id)
+        if known is None:
+            self.intervals[worker_id] = WorkerInterval(worker_id, pool_id, start, None, cpu_millis, memory_mb)
+            return True
+        if known.end is not None:
+            # Back under the same id (its lease lapsed, the process lived on): it existed, and cost, in between.
+            self.intervals[worker_id] = replace(known, end=None)
+            return True
+        return False  # a re-registration or an update of a live worker keeps its first start
+
+    def gone(self, worker_id: str, at: float) -> bool:
+        known = self.intervals.get(worker_id)
+        if known is None or known.end is not None:
+            return False
+        self.intervals[worker_id] = replace(known, end=max(at, known.start))
+        return True
+
+    def close_missing(self, alive: set[str], at: float) -> list[str]:
+        """Ends the open intervals of workers that are no longer registered (they left while we were not looking)."""
+        closed = [w for w, i in self.intervals.items() if i.end is None and w not in alive]
+        for worker_id in closed:
+            self.gone(worker_id, at)
+        return closed
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Worker time an attempt used: [start, end) on a pool, worth `base_micros` over its whole run."""
+
+    pool_id: str
+    start: float
+    end: float
+    base_micros: int
+
+
+@dataclass(frozen=True)
+class IdleCell:
+    capacity_micros: int = 0
+    allocated_micros: int = 0
+
+    @property
+    def idle_micros(self) -> int:
+        return self.capacity_micros - self.allocated_micros
+
+    @property
+    def idle_share(self) -> float:
+        return self.idle_micros / self.capacity_micros if self.capacity_micros > 0 else 0.0
+
+    def __add__(self, other: IdleCell) -> IdleCell:
+        return IdleCell(self.capacity_micros + other.capacity_micros, self.allocated_micros + other.allocated_micros)
+
+
+def overlap(start: float, end: float, w_start: float, w_end: float) -> float:
+    return max(0.0, min(end, w_end) - max(start, w_start))
+
+
+def prorate(micros: int, part: float, whole: float) -> int:
+    """micros x part / whole, to the nearest micro (half to even)."""
+    if whole <= 0:
+        return 0  # a zero-length run costs nothing to share
+    share = Decimal(micros) * Decimal(str(part)) / Decimal(str(whole))
+    return int(share.quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
+
+
+def capacity_micros(seconds: float, cpu_millis: int, memory_mb: int, pricing: Pricing) -> int:
+    """A whole worker for `seconds`: its worker-hour plus its full CPU and memory at the pool's prices."""
+    return price_attempt(AttemptUsage(seconds, cpu_millis, memory_mb), pricing, 1.0)
+
+
+def day_windows(start: float, end: float) -> list[tuple[str, float, float]]:
+    """[start, end) cut at UTC midnights: (day, from, to)."""
+    out: list[tuple[str, float, float]] = []
+    day = datetime.fromtimestamp(start, tz=UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    while day.timestamp() < end:
+        nxt = day + timedelta(days=1)
+        out.append((day.strftime("%Y-%m-%d"), max(start, day.timestamp()), min(end, nxt.timestamp())))
+        day = nxt
+    return out
+
+
+def idle_cells(
+    config: MeshConfig,
+    intervals: Iterable[WorkerInterval],
+    allocations: Iterable[Allocation],
+    start: float,
+    end: float,
+    now: float,
+) -> dict[tuple[str, str], IdleCell]:
+    """Capacity and allocation per (pool, UTC day) over [start, min(end, now)); see the module docstring."""
+    end = min(end, now)
+    workers = [i for i in intervals if i.start < end and (i.end is None or i.end > start)]
+    allocs = [a for a in allocations if a.start < end and a.end > start]
+    cells: dict[tuple[str, str], IdleCell] = {}
+    for day, d_start, d_end in day_windows(start, end) if start < end else []:
+        for w in workers:
+            pool = config.pool(w.pool_id)
+            seconds = overlap(w.start, now if w.end is None else w.end, d_start, d_end)
+            if pool is None or seconds <= 0:
+                continue
+            cost = capacity_micros(seconds, w.cpu_millis, w.memory_mb, pool.pricing)
+            cells[(w.pool_id, day)] = cells.get((w.pool_id, day), IdleCell()) + IdleCell(cost, 0)
+        for a in allocs:
+            share = prorate(a.base_micros, overlap(a.start, a.end, d_start, d_end), a.end - a.start)
+            if share:
+                cells[(a.pool_id, day)] = cells.get((a.pool_id, day), IdleCell()) + IdleCell(0, share)
+    return cells
+
+
+def by_pool(cells: dict[tuple[str, str], IdleCell]) -> dict[str, IdleCell]:
+    out: dict[str, IdleCell] = {}
+    for (pool_id, _), cell in cells.items():
+        out[pool_id] = out.get(pool_id, IdleCell()) + cell
+    return out
+
+
+def by_day(cells: dict[tuple[str, str], IdleCell]) -> dict[str, IdleCell]:
+    out: dict[str, IdleCell] = {}
+    for (_, day), cell in cells.items():
+        out[day] = out.get(day, IdleCell()) + cell
+    return out
+
+
+def total(cells: dict[tuple[str, str], IdleCell]) -> IdleCell:
+    return sum(cells.values(), IdleCell())

@@ -1,0 +1,27 @@
+"""The cost service's own etcd keys (records live in libs.keys, which other services read too)."""
+
+from __future__ import annotations
+
+
+class CostKeys:
+    def __init__(self, prefix: str):
+        self.p = prefix.rstrip("/")
+
+    @property
+    def workers(self) -> str:
+        """Worker lifetimes, kept after the worker's own (leased) key is gone."""
+        return f"{self.p}/cost/workers/"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.p}/cost/workers/{worker_id}"
+
+    @property
+    def budgets(self) -> str:
+        return f"{self.p}/cost/budgets/"
+
+    def budget(self, tenant_id: str) -> str:
+        return f"{self.p}/cost/budgets/{tenant_id}"
+
+    def budget_alert(self, tenant_id: str, month: str, percent: int) -> str:
+        """Marks that a threshold's warning was logged for a tenant and month, so it is logged once."""
+        return f"{self.p}/cost/budget-alerts/{tenant_id}/{month}/{percent}"

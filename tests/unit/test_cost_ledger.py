@@ -1,0 +1,232 @@
+"""The ledger (services/cost/ledger.py) over an in-memory etcd: each attempt charged exactly once, failed writes
+retried, running attempts accruing, and worker lifetimes kept."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from jobmesh.common.v1 import types_pb2 as t
+from libs.clock import FakeClock
+from libs.etcd.client import KeyValue, TxnResult, WatchEvent
+from libs.keys import Keys
+from services.cost.keys import CostKeys
+from services.cost.ledger import CostLedger
+from services.cost.metrics import CostMetrics
+from services.cost.records import CostRecord
+from services.cost.workers import WorkerLedger
+from tests.unit.test_cost_builders import HOUR, MIDNIGHT, FakeEtcd, JobBuilder, priced_mesh
+
+pytestmark = pytest.mark.asyncio
+
+CONFIG = priced_mesh()
+KEYS = Keys("/jobmesh")
+
+
+class Harness:
+    def __init__(self, etcd: FakeEtcd | None = None, now: float = MIDNIGHT + 2 * HOUR):
+        self.etcd = etcd or FakeEtcd()
+        self.clock = FakeClock(now)
+        self.registry = CollectorRegistry()
+        self.ledger = CostLedger(self.etcd, KEYS, CONFIG, self.clock, CostMetrics(self.registry))
+
+    async def see(self, job: t.Job, kind: str = "put") -> None:
+        key = KEYS.job(job.tenant_id, job.job_id)
+        await self.ledger.on_job_event(WatchEvent(kind, KeyValue(key, job.SerializeToString(), 1, 1, 1, 0), 1))
+
+    def stored(self) -> dict[str, CostRecord]:
+        return {k: CostRecord.from_json(v) for k, v in self.etcd.data.items() if k.startswith(KEYS.cost_records)}
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+
+# One hour of 1 core and 1 GiB on the static pool: 0.100000.
+ONE_HOUR = JobBuilder("job-1").ended(MIDNIGHT, MIDNIGHT + HOUR).build()
+
+
+async def test_an_ended_attempt_is_charged_once_even_when_its_job_is_seen_again() -> None:
+    h = Harness()
+
+    await h.see(ONE_HOUR)
+    await h.see(ONE_HOUR)
+    await h.ledger.rescan([("k", ONE_HOUR)])
+
+    assert list(h.stored()) == [KEYS.cost_record("acme", "job-1", 1)]
+    assert h.stored()[KEYS.cost_record("acme", "job-1", 1)].cost_micros == 100_000
+    assert h.metric("jobmesh_cost_records_total") == 1
+    assert h.metric("jobmesh_cost_charged_micros_total", tenant="acme", pool="static-general") == 100_000
+
+
+async def test_a_record_the_informer_hands_back_before_the_write_returns_is_still_counted_once() -> None:
+    h = Harness()
+    write = h.etcd.txn
+
+    async def write_then_echo(*args: Any, **kwargs: Any) -> TxnResult:
+        result = await write(*args, **kwargs)
+        for key, value in h.etcd.data.items():  # the watch delivers the put before the txn call returns
+            h.ledger.on_record_event(WatchEvent("put", KeyValue(key, value, 1, 1, 1, 0), 1))
+        return result
+
+    h.etcd.txn = write_then_echo  # type: ignore[method-assign]
+    await h.see(ONE_HOUR)
+
+    assert h.metric("jobmesh_cost_records_total") == 1
+    assert h.metric("jobmesh_cost_charged_micros_total", tenant="acme", pool="static-general") == 100_000
+    assert h.ledger.spent("acme", month="2026-03") == 100_000
+
+
+async def test_a_second_ledger_after_a_restart_adopts_the_stored_record_and_writes_nothing() -> None:
+    first = Harness()
+    await first.see(ONE_HOUR)
+    before = dict(first.etcd.data)
+
+    again = Harness(first.etcd)  # restarted without having read the records back
+    await again.see(ONE_HOUR)
+
+    assert first.etcd.data == before
+    assert again.ledger.records == first.ledger.records
+    assert again.metric("jobmesh_cost_records_total") == 0
+
+
+async def test_every_attempt_of_a_retried_job_is_charged_once() -> None:
+    h = Harness()
+    job = JobBuilder("job-2").ended(MIDNIGHT, MIDNIGHT + HOUR / 2).ended(MIDNIGHT + HOUR, MIDNIGHT + 2 * HOUR).build()
+
+    await h.see(job)
+
+    assert sorted(r.attempt for r in h.stored().values()) == [1, 2]
+    assert sum(r.cost_micros for r in h.stored().values()) == 50_000 + 100_000
+
+
+async def test_a_record_that_cannot_be_written_is_counted_and_written_by_the_next_cycle() -> None:
+    h = Harness()
+    h.etcd.fail_next(1)
+
+    await h.see(ONE_HOUR)
+
+    assert h.stored() == {}
+    assert h.metric("jobmesh_cost_record_write_failures_total", record="attempt") == 1
+    assert h.metric("jobmesh_cost_unrecorded_attempts") == 1
+    assert await h.ledger.flush() == 0
+    assert len(h.stored()) == 1
+    assert h.metric("jobmesh_cost_unrecorded_attempts") == 0
+
+
+async def test_a_rescan_charges_ended_attempts_that_no_event_delivered() -> None:
+    h = Harness()
+
+    still_pending = await h.ledger.rescan([(KEYS.job("acme", "job-1"), ONE_HOUR)])
+
+    assert still_pending == 0
+    assert len(h.stored()) == 1
+
+
+async def test_a_deleted_job_still_has_its_ended_attempts_charged() -> None:
+    h = Harness()
+
+    await h.see(ONE_HOUR, kind="delete")
+
+    assert len(h.stored()) == 1
+
+
+async def test_a_running_attempt_accrues_at_its_requested_resources_as_time_passes() -> None:
+    h = Harness(now=MIDNIGHT + HOUR / 2)
+    job = JobBuilder("job-3").running(MIDNIGHT).build()
+    await h.see(job)
+
+    half = h.ledger.job_cost(job)
+    h.clock.advance(HOUR / 2)
+    whole = h.ledger.job_cost(job)
+
+    assert [r.cost_micros for r in half] == [50_000]
+    assert [r.cost_micros for r in whole] == [100_000]
+    assert h.stored() == {}  # nothing is charged before the attempt ends
+
+
+async def test_the_cost_of_an_ended_attempt_is_shown_before_its_record_is_written() -> None:
+    h = Harness()
+    h.etcd.fail_next(1)
+    await h.see(ONE_HOUR)
+
+    (shown,) = h.ledger.job_cost(ONE_HOUR)
+    await h.ledger.flush()
+
+    assert shown == h.stored()[KEYS.cost_record("acme", "job-1", 1)]
+
+
+async def test_month_spend_counts_charged_unwritten_and_running_attempts_of_this_month_only() -> None:
+    h = Harness(now=MIDNIGHT + 3 * HOUR)
+    last_month = JobBuilder("old").ended(MIDNIGHT - 20 * 24 * HOUR, MIDNIGHT - 20 * 24 * HOUR + HOUR).build()
+    await h.see(last_month)
+    await h.see(ONE_HOUR)
+    h.etcd.fail_next(1)
+    await h.see(JobBuilder("unwritten").ended(MIDNIGHT + HOUR, MIDNIGHT + 2 * HOUR).build())
+    await h.see(JobBuilder("running").running(MIDNIGHT + 2 * HOUR).build())
+    await h.see(JobBuilder("globex-job", tenant_id="globex").ended(MIDNIGHT, MIDNIGHT + HOUR).build())
+
+    assert h.ledger.spent_with_running("acme", h.clock.now()) == 3 * 100_000
+    assert h.ledger.spent("acme", month="2026-02") == 100_000
+
+
+async def test_records_read_back_from_etcd_count_towards_spend_once() -> None:
+    h = Harness()
+    await h.see(ONE_HOUR)
+    key = KEYS.cost_record("acme", "job-1", 1)
+
+    h.ledger.on_record_event(WatchEvent("put", KeyValue(key, h.etcd.data[key], 1, 1, 1, 0), 1))
+
+    assert h.ledger.spent("acme", month="2026-03") == 100_000
+
+
+class TestWorkerLedger:
+    @staticmethod
+    def event(kind: str, worker_id: str, registered: float) -> WatchEvent:
+        worker = t.Worker(worker_id=worker_id, pool_id="static-general", capacity=t.Resources(cpu_millis=1000))
+        worker.register_time.FromNanoseconds(int(registered * 1e9))
+        return WatchEvent(kind, KeyValue(KEYS.worker(worker_id), worker.SerializeToString(), 1, 1, 1, 0), 1)
+
+    async def test_a_worker_lifetime_is_persisted_from_registration_to_deletion(self) -> None:
+        etcd, clock = FakeEtcd(), FakeClock(MIDNIGHT)
+        workers = WorkerLedger(etcd, CostKeys("/jobmesh"), CONFIG, clock, CostMetrics(CollectorRegistry()))
+
+        await workers.on_worker_event(self.event("put", "w1", MIDNIGHT - 60))
+        clock.advance(HOUR)
+        await workers.on_worker_event(self.event("delete", "w1", MIDNIGHT - 60))
+
+        (interval,) = workers.intervals
+        assert (interval.start, interval.end) == (MIDNIGHT - 60, MIDNIGHT + HOUR)
+        assert (interval.cpu_millis, interval.memory_mb) == (1000, 1024)  # memory from the pool's config
+        assert etcd.data["/jobmesh/cost/workers/w1"] == interval.to_json()
+
+    async def test_lifetimes_survive_a_restart_and_workers_gone_meanwhile_are_closed(self) -> None:
+        etcd, clock = FakeEtcd(), FakeClock(MIDNIGHT)
+        first = WorkerLedger(etcd, CostKeys("/jobmesh"), CONFIG, clock, CostMetrics(CollectorRegistry()))
+        await first.on_worker_event(self.event("put", "w1", MIDNIGHT))
+        await first.on_worker_event(self.event("put", "w2", MIDNIGHT))
+
+        clock.advance(HOUR)
+        second = WorkerLedger(etcd, CostKeys("/jobmesh"), CONFIG, clock, CostMetrics(CollectorRegistry()))
+        await second.load()
+        await second.on_worker_event(self.event("put", "w2", MIDNIGHT + HOUR))  # re-registered since
+        await second.close_missing({"w2"})
+
+        ends = {i.worker_id: (i.start, i.end) for i in second.intervals}
+        assert ends == {"w1": (MIDNIGHT, MIDNIGHT + HOUR), "w2": (MIDNIGHT, None)}
+
+    async def test_a_lifetime_that_cannot_be_written_is_retried(self) -> None:
+        etcd, registry = FakeEtcd(), CollectorRegistry()
+        workers = WorkerLedger(etcd, CostKeys("/jobmesh"), CONFIG, FakeClock(MIDNIGHT), CostMetrics(registry))
+        etcd.fail_next(1)
+
+        await workers.on_worker_event(self.event("put", "w1", MIDNIGHT))
+        assert workers.dirty == {"w1"}
+        await workers.flush()
+
+        assert workers.dirty == set()
+        assert "/jobmesh/cost/workers/w1" in etcd.data
+        assert registry.get_sample_value(
+            "jobmesh_cost_record_write_failures_total", {"record": "worker_lifetime"}
+        ) == pytest.approx(1)
