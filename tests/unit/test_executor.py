@@ -35,12 +35,18 @@ def executor(tmp_path: Path) -> JobExecutor:
 
 
 async def job_root_pid(timeout: float = 5.0, min_descendants: int = 0) -> int:
-    """Pid of the job's root process (a child of this test process leading its own group)."""
+    """Pid of the job's root process: a child of this test process leading its own group, started just now
+    (a whole stack started by an earlier test tier may also be among our children, leading groups of its own)."""
     deadline = time.monotonic() + timeout
+    since = time.time() - 0.5
     while time.monotonic() < deadline:
         for child in psutil.Process().children():
             try:
-                if os.getpgid(child.pid) == child.pid and len(child.children(recursive=True)) >= min_descendants:
+                if (
+                    child.create_time() >= since
+                    and os.getpgid(child.pid) == child.pid
+                    and len(child.children(recursive=True)) >= min_descendants
+                ):
                     return int(child.pid)
             except (ProcessLookupError, psutil.Error):
                 continue
