@@ -61,7 +61,7 @@ test-integration: proto
 test-e2e: proto
 	$(BIN)/python -m pytest tests/e2e -q
 
-test: lint
+test: lint typecheck
 	$(BIN)/python -m pytest tests -q
 
 run: proto

@@ -38,12 +38,13 @@ async def job_root_pid(timeout: float = 5.0, min_descendants: int = 0) -> int:
     """Pid of the job's root process: a child of this test process leading its own group, started just now
     (a whole stack started by an earlier test tier may also be among our children, leading groups of its own)."""
     deadline = time.monotonic() + timeout
-    since = time.time() - 0.5
+    # Called right after the job's task was created and before it ran: every child already here is not the job.
+    before = {child.pid for child in psutil.Process().children()}
     while time.monotonic() < deadline:
         for child in psutil.Process().children():
             try:
                 if (
-                    child.create_time() >= since
+                    child.pid not in before
                     and os.getpgid(child.pid) == child.pid
                     and len(child.children(recursive=True)) >= min_descendants
                 ):
