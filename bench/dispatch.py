@@ -69,21 +69,29 @@ async def submit_paced(
 
 
 async def wait_all(client: httpx.AsyncClient, ids: list[str], deadline: float) -> list[dict[str, object]]:
-    done: dict[str, dict[str, object]] = {}
-    sem = asyncio.Semaphore(32)
-
-    async def fetch(job_id: str) -> None:
-        async with sem:
-            job = (await client.get(f"/api/v1/jobs/{job_id}")).json()
-            if job.get("state") in TERMINAL:
-                done[job_id] = job
-
-    while len(done) < len(ids) and time.perf_counter() < deadline:
-        await asyncio.gather(*(fetch(j) for j in ids if j not in done))
-        print(f"  {len(done)}/{len(ids)} finished", file=sys.stderr, flush=True)
-        if len(done) < len(ids):
-            await asyncio.sleep(0.5)
-    return list(done.values())
+    """Waits with one cheap list call a second (not a GET per job, which would load the mesh we measure),
+    then reads every job of the run in pages."""
+    wanted = set(ids)
+    while time.perf_counter() < deadline:
+        busy = 0
+        for state in ("JOB_STATE_PENDING", "JOB_STATE_RUNNING"):
+            body = (await client.get("/api/v1/jobs", params={"state": state, "page_size": 500})).json()
+            busy += sum(1 for j in body.get("jobs", []) if j["job_id"] in wanted)
+        print(f"  {len(ids) - busy}/{len(ids)} finished", file=sys.stderr, flush=True)
+        if busy == 0:
+            break
+        await asyncio.sleep(1.0)
+    jobs: list[dict[str, object]] = []
+    token = ""
+    while True:
+        params: dict[str, object] = {"page_size": 500}
+        if token:
+            params["page_token"] = token
+        body = (await client.get("/api/v1/jobs", params=params)).json()
+        jobs += [j for j in body.get("jobs", []) if j["job_id"] in wanted and j["state"] in TERMINAL]
+        token = body.get("next_page_token", "")
+        if not token:
+            return jobs
 
 
 def started_latencies(jobs: list[dict[str, object]]) -> list[float]:

@@ -23,10 +23,24 @@ from libs.envoy_config import envoy_argv, render_envoy_config
 REPO = Path(__file__).resolve().parent.parent
 
 
+_taken: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free port below the kernel's ephemeral range (32768+), so that outgoing connections made between
+    choosing it and binding it cannot grab it; never the same port twice in one process."""
+    for _ in range(1000):
+        port = random.randint(20000, 32000)
+        if port in _taken:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _taken.add(port)
+        return port
+    raise RuntimeError("no free port found")
 
 
 def etcd_binary() -> str:

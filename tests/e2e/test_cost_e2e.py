@@ -15,8 +15,8 @@ import pytest
 
 from libs import cli_cost
 from libs.config import MeshConfig, load_config
-from libs.launcher import REPO, Ports, Stack
-from tests.helpers import FAST_FAILOVER, Api, job_spec, token, wait_for
+from libs.launcher import REPO, Stack
+from tests.helpers import FAST_FAILOVER, Api, job_spec, start_stack, token, wait_for
 
 COST_CONFIG = REPO / "tests" / "fixtures" / "cost.toml"
 REPORTS = "/api/v1/cost-optimization/reports"
@@ -24,14 +24,12 @@ REPORTS = "/api/v1/cost-optimization/reports"
 
 def start_cost_stack(data_dir: Path) -> Stack:
     """A stack on the cost fixture, publishing cost gauges every second."""
-    stack = Stack(
-        data_dir=data_dir,
-        config_path=COST_CONFIG,
-        ports=Ports.free(),
+    stack = start_stack(
+        data_dir,
         env=dict(FAST_FAILOVER, JOBMESH_COST_CYCLE_SECONDS="1", JOBMESH_COST_RESCAN_EVERY="2"),
+        config=COST_CONFIG,
     )
     try:
-        stack.start()
         api = Api(stack.url, token(stack))
         wait_for(
             lambda: api.call("GET", "/api/v1/pools").json()["pools"][0]["idle_workers"] >= 3,

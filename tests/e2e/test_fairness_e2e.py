@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from libs.launcher import REPO, Ports, Stack
-from tests.helpers import FAST_FAILOVER, Api, job_spec, token, wait_for
+from libs.launcher import REPO, Stack
+from tests.helpers import FAST_FAILOVER, Api, job_spec, start_stack, token, wait_for
 
 FAIRNESS_CONFIG = REPO / "tests" / "fixtures" / "fairness.toml"
 WEIGHTS = {"acme": 1, "globex": 2, "initech": 3}
@@ -30,14 +30,8 @@ SHARE_TOLERANCE = 5
 
 @pytest.fixture()
 def fair_stack(tmp_path: Path) -> Iterator[Stack]:
-    stack = Stack(
-        data_dir=tmp_path / "fairness",
-        config_path=FAIRNESS_CONFIG,
-        ports=Ports.free(),
-        env=dict(FAST_FAILOVER),
-    )
+    stack = start_stack(tmp_path / "fairness", env=dict(FAST_FAILOVER), config=FAIRNESS_CONFIG)
     try:
-        stack.start()
         api = Api(stack.url, token(stack, "acme"))
         wait_for(
             lambda: api.call("GET", "/api/v1/pools").json()["pools"][0]["idle_workers"] >= 2,
