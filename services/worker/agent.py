@@ -39,6 +39,12 @@ class WorkerAgent:
         self._next: t.Assignment | None = None
         self._job_task: asyncio.Task[None] | None = None
         self._lost = asyncio.Event()
+        self._channels: dict[str, grpc.aio.Channel] = {}  # one long-lived channel per replica, for reports
+
+    def _registry(self, addr: str) -> poolmanager_pb2_grpc.WorkerRegistryServiceStub:
+        if addr not in self._channels:
+            self._channels[addr] = channel(addr)
+        return poolmanager_pb2_grpc.WorkerRegistryServiceStub(self._channels[addr])
 
     def _next_endpoint(self) -> str:
         addr = self.settings.poolmanagers[self._endpoint % len(self.settings.poolmanagers)]
@@ -60,6 +66,8 @@ class WorkerAgent:
             backoff = min(backoff * 2, 2.0)
         if self._job_task is not None:
             await self._job_task
+        for ch in self._channels.values():
+            await ch.close()
 
     async def _session(self, addr: str) -> None:
         """One registration stream; ends when the stream breaks, the lease is lost, or we stop."""
@@ -185,8 +193,7 @@ class WorkerAgent:
         for attempt in range(60):
             addr = endpoints[(first + attempt) % len(endpoints)]
             try:
-                async with channel(addr) as ch:
-                    resp = await poolmanager_pb2_grpc.WorkerRegistryServiceStub(ch).ReportResult(request, timeout=5.0)
+                resp = await self._registry(addr).ReportResult(request, timeout=5.0)
                 if not resp.accepted:
                     log.warning("result was stale and not accepted", extra={"job_id": a.job_id})
                 return
