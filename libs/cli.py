@@ -39,7 +39,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    stack = Stack(data_dir=args.data_dir, config_path=args.config, ports=Ports(envoy=args.port), quiet=False)
+    stack = Stack(data_dir=args.data_dir, config_path=args.config, ports=Ports(envoy=args.port))
     stop = {"now": False}
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -111,7 +111,6 @@ class Stack:
     config_path: Path = REPO / "config" / "dev.toml"
     ports: Ports = field(default_factory=Ports)
     env: dict[str, str] = field(default_factory=dict)
-    quiet: bool = True
     procs: dict[str, Proc] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from libs.errors import NotLeader, Unavailable
+import grpc
+
+from libs.errors import JobMeshError, NotLeader, Unavailable
 from libs.etcd.client import Compare, Etcd, RequestOp, TxnResult, cmp_create, cmp_missing, op_put
 
 log = logging.getLogger(__name__)
@@ -129,3 +132,28 @@ class LeaderElection:
                 self._lose()
                 raise NotLeader(f"leadership of {self.key} was lost")
         return result
+
+
+class _Gauge(Protocol):
+    def set(self, value: float) -> None: ...
+
+
+async def run_while_leader(
+    election: LeaderElection, cycle: Callable[[], Awaitable[None]], leader_gauge: _Gauge, what: str
+) -> None:
+    """Runs `cycle` over and over while this replica leads; waits for leadership otherwise. A failed cycle is
+    logged and retried shortly; a lost fence ends the turn at once."""
+    while True:
+        await election.wait_leader()
+        leader_gauge.set(1)
+        try:
+            await cycle()
+        except NotLeader:
+            pass
+        except (JobMeshError, grpc.aio.AioRpcError) as exc:
+            log.warning("%s cycle failed: %s", what, exc)
+            await asyncio.sleep(0.2)
+        except Exception:
+            log.exception("%s cycle crashed", what)
+            await asyncio.sleep(0.5)
+        leader_gauge.set(1 if election.is_leader else 0)

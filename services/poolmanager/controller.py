@@ -12,9 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from jobmesh.common.v1 import types_pb2 as t
 from libs.clock import Clock
 from libs.config import MeshConfig, PoolConfig
-from libs.errors import JobMeshError, NotLeader
 from libs.etcd.client import Etcd, KeyValue, WatchEvent, cmp_missing, cmp_mod, op_put
-from libs.etcd.election import LeaderElection
+from libs.etcd.election import LeaderElection, run_while_leader
 from libs.etcd.informer import Informer
 from libs.jobstore import JobStore
 from libs.keys import Keys
@@ -135,25 +134,17 @@ class PoolController:
     # Leader loop ----------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        while True:
-            await self.election.wait_leader()
-            self.metrics.leader.set(1)
-            try:
-                await self.cycle()
-            except NotLeader:
-                self.metrics.leader.set(0)
-                continue
-            except JobMeshError as exc:
-                log.warning("pool cycle failed: %s", exc)
-            except Exception:
-                log.exception("pool cycle crashed")
-            if not self.election.is_leader:
-                self.metrics.leader.set(0)
+        await run_while_leader(self.election, self._cycle_then_wait, self.metrics.leader, "pool")
+
+    async def _cycle_then_wait(self) -> None:
+        try:
+            await self.cycle()
+        finally:
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.interval)
-            except TimeoutError:
-                pass
+        try:
+            await asyncio.wait_for(self._wake.wait(), self.interval)
+        except TimeoutError:
+            pass
 
     async def cycle(self) -> None:
         # Phase 1: jobs on workers that are gone are retried or failed.

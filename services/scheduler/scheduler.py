@@ -7,16 +7,14 @@ import logging
 import time
 from dataclasses import dataclass
 
-import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.queueing.v1 import queueing_pb2 as q
 from libs.clock import Clock
 from libs.config import MeshConfig
-from libs.errors import JobMeshError, NotLeader
 from libs.etcd.client import cmp_missing, cmp_mod, op_put
-from libs.etcd.election import LeaderElection
+from libs.etcd.election import LeaderElection, run_while_leader
 from libs.etcd.informer import Informer
 from libs.jobs import apply_dispatch, fits, ts
 from libs.keys import Keys
@@ -115,22 +113,7 @@ class Scheduler:
         self.capacity_changed.set()
 
     async def run(self) -> None:
-        while True:
-            await self.election.wait_leader()
-            self.metrics.leader.set(1)
-            try:
-                await self.schedule_once()
-            except NotLeader:
-                self.metrics.leader.set(0)
-            except JobMeshError as exc:
-                log.warning("scheduling cycle failed: %s", exc)
-                await asyncio.sleep(0.2)
-            except grpc.aio.AioRpcError as exc:
-                log.warning("queueing unavailable (%s); retrying", exc.code().name)
-                await asyncio.sleep(0.2)
-            except Exception:
-                log.exception("scheduling cycle crashed")
-                await asyncio.sleep(0.5)
+        await run_while_leader(self.election, self.schedule_once, self.metrics.leader, "scheduling")
 
     def _phase(self, name: str, start: float) -> float:
         now = time.perf_counter()

@@ -23,7 +23,7 @@ from services.cost.metrics import CostMetrics
 from services.cost.records import CostRecord
 from tests.e2e.test_cost_e2e import COST_CONFIG, hand_cost_micros, start_cost_stack
 from tests.helpers import Api, job_spec, token, wait_for
-from tests.unit.test_cost_builders import JobBuilder
+from tests.unit.cost_builders import JobBuilder
 
 KEYS = Keys("/jobmesh")
 

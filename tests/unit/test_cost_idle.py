@@ -18,7 +18,7 @@ from services.cost.idle import (
     total,
 )
 from services.cost.records import base_micros
-from tests.unit.test_cost_builders import HOUR, MIDNIGHT, priced, priced_mesh, record
+from tests.unit.cost_builders import HOUR, MIDNIGHT, priced, priced_mesh, record
 
 CONFIG = priced_mesh()
 

@@ -17,7 +17,7 @@ from services.cost.ledger import CostLedger
 from services.cost.metrics import CostMetrics
 from services.cost.records import CostRecord
 from services.cost.workers import WorkerLedger
-from tests.unit.test_cost_builders import HOUR, MIDNIGHT, FakeEtcd, JobBuilder, priced_mesh
+from tests.unit.cost_builders import HOUR, MIDNIGHT, FakeEtcd, JobBuilder, priced_mesh
 
 pytestmark = pytest.mark.asyncio
 

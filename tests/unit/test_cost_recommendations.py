@@ -20,7 +20,7 @@ from services.cost.recommendations import (
     tenant_recommendations,
 )
 from services.cost.records import CostRecord
-from tests.unit.test_cost_builders import HOUR, MIDNIGHT, priced, priced_mesh, record
+from tests.unit.cost_builders import HOUR, MIDNIGHT, priced, priced_mesh, record
 
 CONFIG = priced_mesh()
 TH = Thresholds()

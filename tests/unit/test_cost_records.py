@@ -6,7 +6,7 @@ import json
 
 from jobmesh.common.v1 import types_pb2 as t
 from services.cost.records import CostRecord, record_for_attempt, running_attempt
-from tests.unit.test_cost_builders import HOUR, MIDNIGHT, JobBuilder, priced_mesh
+from tests.unit.cost_builders import HOUR, MIDNIGHT, JobBuilder, priced_mesh
 
 CONFIG = priced_mesh()
 

@@ -6,7 +6,7 @@ from services.cost.idle import Allocation, WorkerInterval
 from services.cost.recommendations import Thresholds
 from services.cost.records import CostRecord, base_micros
 from services.cost.reports import IDLE_ROW, Period, Reports, build_reports
-from tests.unit.test_cost_builders import HOUR, MIDNIGHT, priced, priced_mesh, record
+from tests.unit.cost_builders import HOUR, MIDNIGHT, priced, priced_mesh, record
 
 CONFIG = priced_mesh()
 DAY = 24 * HOUR
