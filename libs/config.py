@@ -46,7 +46,7 @@ class Pricing:
 @dataclass(frozen=True)
 class PoolConfig:
     pool_id: str
-    kind: str  # "static" | "dynamic"
+    kind: str  # "static" | "dynamic" | "burst"
     worker_cpu_millis: int
     worker_memory_mb: int
     min_workers: int = 0
@@ -98,13 +98,18 @@ def _limits(raw: dict[str, object], where: str) -> QuotaLimits:
     return limits
 
 
+# Placement tries them in this order: static pools, then dynamic ones (scaling up within their max), then burst
+# capacity, which only jobs admitted against a burst session may use.
+POOL_KINDS = ("static", "dynamic", "burst")
+
+
 def _pool(raw: dict[str, object]) -> PoolConfig:
     pool_id = str(raw.get("id", ""))
     if not pool_id:
         raise ConfigError("pools: every pool needs an id")
     kind = str(raw.get("kind", "static"))
-    if kind not in ("static", "dynamic"):
-        raise ConfigError(f"pool {pool_id}: kind must be static or dynamic")
+    if kind not in POOL_KINDS:
+        raise ConfigError(f"pool {pool_id}: kind must be one of {', '.join(POOL_KINDS)}")
     workers = int(raw.get("workers", 0))  # type: ignore[call-overload]
     min_w = int(raw.get("min_workers", workers))  # type: ignore[call-overload]
     max_w = int(raw.get("max_workers", workers))  # type: ignore[call-overload]

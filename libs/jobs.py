@@ -208,4 +208,5 @@ def assign_queue(spec: t.JobSpec, config: MeshConfig) -> str:
     ]
     if not fitting or any(p.kind == "static" for p in fitting):
         return DEFAULT_QUEUE
-    return fitting[0].pool_id
+    # Dynamic before burst: burst capacity is the last resort, and only for some jobs.
+    return min(fitting, key=lambda p: p.kind == "burst").pool_id

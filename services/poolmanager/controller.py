@@ -35,8 +35,17 @@ class ScalingDecision:
     executed: bool
 
 
+@dataclass(frozen=True)
+class QueueDepth:
+    """Waiting jobs per queue, and how many of them were admitted against a burst session."""
+
+    by_queue: dict[str, int]
+    burst_by_queue: dict[str, int]
+
+
 def desired_workers(pool: PoolConfig, busy: int, backlog: int) -> int:
-    """Static pools hold their size; dynamic pools want one worker per running or waiting job, within bounds."""
+    """Static pools hold their size; dynamic and burst pools want one worker per running or waiting job, within
+    bounds."""
     if pool.kind == "static":
         return pool.max_workers
     return max(pool.min_workers, min(pool.max_workers, busy + backlog))
@@ -191,34 +200,59 @@ class PoolController:
     def _pool_workers(self, pool_id: str) -> list[t.Worker]:
         return [w for w in (decode_worker(kv) for kv in self.workers.cache.values()) if w.pool_id == pool_id]
 
-    async def reconcile_pool(self, pool: PoolConfig, depth: dict[str, int]) -> None:
+    def _size(self, pool: PoolConfig) -> tuple[list[t.Worker], list[t.Worker], int]:
+        """(active workers, idle ones among them, workers still starting) of a pool."""
         workers = self._pool_workers(pool.pool_id)
         busy_ids = {Keys.last_segment(k) for k in self.assignments.cache}
         active = [w for w in workers if w.state != t.WORKER_STATE_DRAINING]
-        busy = [w for w in active if w.worker_id in busy_ids]
         idle = [w for w in active if w.worker_id not in busy_ids]
         pending = self.provider.pending(pool.pool_id, {w.worker_id for w in workers}, max_age=60.0)
-        self.metrics.workers.labels(pool.pool_id, "busy").set(len(busy))
+        return active, idle, len(pending)
+
+    def _backlog(self, pool: PoolConfig, depth: QueueDepth) -> int:
+        backlog = depth.by_queue.get(pool.pool_id, 0)
+        if pool.kind == "dynamic" and not self._static_has_room():
+            backlog += depth.by_queue.get("default", 0)
+        if pool.kind != "burst":
+            return backlog
+        # Burst capacity serves only jobs admitted against a burst session, and only what static and dynamic
+        # capacity cannot: its own queue, a dynamic pool's queue once that pool is at its max, and `default`
+        # once static pools are full and every dynamic pool is at its max.
+        backlog = depth.burst_by_queue.get(pool.pool_id, 0)
+        dynamic = [p for p in self.config.pools if p.kind == "dynamic"]
+        at_max = {p.pool_id for p in dynamic if self._at_max(p)}
+        backlog += sum(depth.burst_by_queue.get(pool_id, 0) for pool_id in at_max)
+        if len(at_max) == len(dynamic) and not self._static_has_room():
+            backlog += depth.burst_by_queue.get("default", 0)
+        return backlog
+
+    def _at_max(self, pool: PoolConfig) -> bool:
+        active, _, starting = self._size(pool)
+        return len(active) + starting >= pool.max_workers
+
+    async def reconcile_pool(self, pool: PoolConfig, depth: QueueDepth) -> None:
+        active, idle, starting = self._size(pool)
+        busy = len(active) - len(idle)
+        self.metrics.workers.labels(pool.pool_id, "busy").set(busy)
         self.metrics.workers.labels(pool.pool_id, "idle").set(len(idle))
-        self.metrics.workers.labels(pool.pool_id, "provisioning").set(len(pending))
-        current = len(active) + len(pending)
+        self.metrics.workers.labels(pool.pool_id, "provisioning").set(starting)
+        current = len(active) + starting
         if pool.provider != "local":
             return  # workers of this pool are run by something else (e.g. a Kubernetes Deployment)
-        backlog = depth.get(pool.pool_id, 0)
-        if pool.kind == "dynamic" and not self._static_has_room():
-            backlog += depth.get("default", 0)
-        want = desired_workers(pool, len(busy), backlog)
+        backlog = self._backlog(pool, depth)
+        want = desired_workers(pool, busy, backlog)
+        elastic = pool.kind != "static"
         if want > current:
-            step = want - current if pool.kind == "static" else min(want - current, pool.scale_up_step)
-            trigger = "pool_size" if pool.kind == "static" else "queue_depth"
-            reason = f"{len(busy)} busy, {backlog} waiting, {current} workers"
-            if pool.kind == "dynamic" and not self._cooled(pool, "up", pool.scale_up_cooldown_seconds):
+            step = min(want - current, pool.scale_up_step) if elastic else want - current
+            trigger = {"static": "pool_size", "dynamic": "queue_depth", "burst": "burst_demand"}[pool.kind]
+            reason = f"{busy} busy, {backlog} waiting, {current} workers"
+            if elastic and not self._cooled(pool, "up", pool.scale_up_cooldown_seconds):
                 await self._refused(pool, "up", current, current + step, trigger, reason)
                 return
             for _ in range(step):
                 self.provider.provision(pool)
             await self._record(pool, "up", current, current + step, trigger, reason, True)
-        elif want < current and pool.kind == "dynamic":
+        elif want < current and elastic:
             now = self.clock.monotonic()
             idle_long = [
                 w for w in idle if now - self._idle_since.setdefault(w.worker_id, now) >= pool.scale_down_idle_seconds
@@ -301,12 +335,12 @@ class QueueDepthSource:
     def __init__(self, stub: object):
         self.stub = stub
 
-    async def __call__(self) -> dict[str, int]:
+    async def __call__(self) -> QueueDepth:
         from jobmesh.queueing.v1 import queueing_pb2 as q
 
         try:
             resp = await self.stub.GetQueueStats(q.GetQueueStatsRequest(), timeout=2.0)  # type: ignore[attr-defined]
         except Exception as exc:  # a queueing outage must not stop lost-worker handling
             log.warning("queue depth unavailable: %s", exc)
-            return {}
-        return dict(resp.depth_by_queue)
+            return QueueDepth({}, {})
+        return QueueDepth(dict(resp.depth_by_queue), dict(resp.burst_depth_by_queue))

@@ -20,6 +20,8 @@ from libs.keys import Keys
 from services.poolmanager.controller import QueueDepthSource, decode_worker
 from services.poolmanager.outcomes import JobOutcomes
 
+POOL_KINDS = {"static": t.POOL_KIND_STATIC, "dynamic": t.POOL_KIND_DYNAMIC, "burst": t.POOL_KIND_BURST}
+
 
 class PoolsServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
     def __init__(
@@ -66,7 +68,7 @@ class PoolsServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
             pools.append(
                 pl.Pool(
                     pool_id=pool.pool_id,
-                    kind=t.POOL_KIND_STATIC if pool.kind == "static" else t.POOL_KIND_DYNAMIC,
+                    kind=POOL_KINDS[pool.kind],
                     min_workers=pool.min_workers,
                     max_workers=pool.max_workers,
                     worker_size=t.Resources(cpu_millis=pool.worker_cpu_millis, memory_mb=pool.worker_memory_mb),
@@ -94,7 +96,7 @@ class PoolsServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
             pool_id=pool.pool_id,
             workers_by_state=states,
             utilization=round(states["WORKER_STATE_BUSY"] / len(workers), 4) if workers else 0.0,
-            queue_depth=depth.get(pool.pool_id, 0),
+            queue_depth=depth.by_queue.get(pool.pool_id, 0),
             provisioning_seconds_p50=round(statistics.median(provisioning), 3) if provisioning else 0.0,
             provisioning_seconds_p95=round(provisioning[min(len(provisioning) - 1, int(len(provisioning) * 0.95))], 3)
             if provisioning

@@ -88,7 +88,8 @@ class QueueManager:
         self.metrics = metrics
         self.settings = settings or QueueingSettings()
         self.sla = SlaPolicy.from_config(config, self.settings.boost_fraction, self.settings.start_slack_seconds)
-        self.dynamic_queues = {p.pool_id for p in config.pools if p.kind == "dynamic"}
+        # Queues whose jobs wait for a pool to grow rather than for a busy worker to free up.
+        self.dynamic_queues = {p.pool_id for p in config.pools if p.kind in ("dynamic", "burst")}
         self.queue = WeightedFairQueue({tid: tc.weight for tid, tc in config.tenants.items()})
         self.pending: dict[str, tuple[t.Job, int]] = {}  # job id -> (record, mod revision)
         self.shares = ShareWindow()
@@ -358,6 +359,14 @@ class QueueManager:
 
     def stats(self) -> tuple[dict[str, int], dict[str, int]]:
         return self.queue.depth_by()
+
+    def burst_depth_by_queue(self) -> dict[str, int]:
+        """Waiting jobs admitted against a burst session, per queue: the demand burst capacity may serve."""
+        out: dict[str, int] = {}
+        for job, _ in self.pending.values():
+            if job.burst_session_id:
+                out[job.queue] = out.get(job.queue, 0) + 1
+        return out
 
     def shape(self) -> QueueShape:
         by_queue, by_tenant = self.queue.depth_by()

@@ -52,7 +52,11 @@ class QueueingServicer(queueing_pb2_grpc.QueueingServiceServicer):
         self, request: q.GetQueueStatsRequest, context: grpc.aio.ServicerContext
     ) -> q.GetQueueStatsResponse:
         by_queue, by_tenant = self.manager.stats()
-        return q.GetQueueStatsResponse(depth_by_queue=by_queue, depth_by_tenant=by_tenant)
+        return q.GetQueueStatsResponse(
+            depth_by_queue=by_queue,
+            depth_by_tenant=by_tenant,
+            burst_depth_by_queue=self.manager.burst_depth_by_queue(),
+        )
 
     async def SetTenantWeight(
         self, request: q.SetTenantWeightRequest, context: grpc.aio.ServicerContext

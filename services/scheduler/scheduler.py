@@ -22,26 +22,34 @@ from libs.keys import Keys
 log = logging.getLogger(__name__)
 
 
+# Placement order (the seed's pool selection chart): static, then dynamic, then burst capacity.
+TIER_STATIC, TIER_DYNAMIC, TIER_BURST = 0, 1, 2
+TIERS = {"static": TIER_STATIC, "dynamic": TIER_DYNAMIC, "burst": TIER_BURST}
+
+
 @dataclass(frozen=True)
 class Candidate:
     worker: t.Worker
     mod_revision: int
-    static: bool
+    tier: int = TIER_STATIC
 
 
-def pick_worker(spec: t.JobSpec, idle: list[Candidate]) -> Candidate | None:
-    """Static pools first, then the tightest fit (least spare CPU, then memory), so big workers stay free."""
+def pick_worker(spec: t.JobSpec, idle: list[Candidate], burst_ok: bool = False) -> Candidate | None:
+    """Static pools first, then dynamic, then (only for a job admitted against a burst session) burst capacity;
+    within a tier the tightest fit (least spare CPU, then memory), so big workers stay free."""
     suitable = [
         c
         for c in idle
-        if (not spec.pool or c.worker.pool_id == spec.pool) and fits(c.worker.capacity, dict(c.worker.labels), spec)
+        if (burst_ok or c.tier != TIER_BURST)
+        and (not spec.pool or c.worker.pool_id == spec.pool)
+        and fits(c.worker.capacity, dict(c.worker.labels), spec)
     ]
     if not suitable:
         return None
     return min(
         suitable,
         key=lambda c: (
-            not c.static,
+            c.tier,
             c.worker.capacity.cpu_millis - spec.resources.cpu_millis,
             c.worker.capacity.memory_mb - spec.resources.memory_mb,
             c.worker.worker_id,
@@ -91,7 +99,7 @@ class Scheduler:
         metrics: SchedulerMetrics,
     ):
         self.keys = keys
-        self.static_pools = {p.pool_id for p in config.pools if p.kind == "static"}
+        self.tiers = {p.pool_id: TIERS[p.kind] for p in config.pools}
         self.max_jobs = {p.pool_id: p.max_jobs_per_worker for p in config.pools if p.max_jobs_per_worker}
         self.clock = clock
         self.election = election
@@ -136,7 +144,7 @@ class Scheduler:
         # Phase 3: nominate a worker for each head, in queue order.
         plan: list[tuple[q.QueuedJob, Candidate]] = []
         for queued in heads:
-            choice = pick_worker(queued.job.spec, idle)
+            choice = pick_worker(queued.job.spec, idle, burst_ok=bool(queued.job.burst_session_id))
             if choice is not None:
                 idle.remove(choice)
                 plan.append((queued, choice))
@@ -187,7 +195,7 @@ class Scheduler:
             limit = self.max_jobs.get(worker.pool_id)
             if limit and worker.jobs_run >= limit:
                 continue  # used up: the pool-manager replaces it
-            out.append(Candidate(worker, kv.mod_revision, worker.pool_id in self.static_pools))
+            out.append(Candidate(worker, kv.mod_revision, self.tiers.get(worker.pool_id, TIER_DYNAMIC)))
         return out
 
     async def _dispatch(self, queued: q.QueuedJob, cand: Candidate) -> bool:

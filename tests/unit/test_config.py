@@ -120,13 +120,15 @@ def test_the_dev_config_loads_three_weighted_tenants_and_one_pool_of_each_kind()
     config = load_config(DEV_CONFIG)
 
     assert {tid: tc.weight for tid, tc in config.tenants.items()} == {"acme": 1.0, "globex": 2.0, "initech": 3.0}
-    assert sorted(p.kind for p in config.pools) == ["dynamic", "static"]
+    assert sorted(p.kind for p in config.pools) == ["burst", "dynamic", "static"]
     static = next(p for p in config.pools if p.kind == "static")
     dynamic = next(p for p in config.pools if p.kind == "dynamic")
     assert static.min_workers == static.max_workers > 0
     assert dynamic.min_workers <= dynamic.max_workers and dynamic.max_workers > 0
     assert config.burst_pool is not None
     assert static.pricing.cpu_core_hour > 0
+    burst = next(p for p in config.pools if p.kind == "burst")
+    assert burst.min_workers == 0 and burst.pricing.cpu_core_hour > static.pricing.cpu_core_hour
 
 
 def test_an_unreadable_config_file_is_a_config_error(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from libs.jobs import (
     new_job_id,
     validate_spec,
 )
-from tests.unit.builders import SpecBuilder, mixed_pools
+from tests.unit.builders import ConfigBuilder, SpecBuilder, mixed_pools
 
 T0 = 1_700_000_000.0
 
@@ -255,3 +255,17 @@ def test_job_ids_in_the_same_millisecond_share_a_prefix_but_differ() -> None:
 
     assert len(issued) == 50
     assert {i[:12] for i in issued} == {f"{int(T0 * 1000):012x}"}
+
+
+def test_assign_queue_prefers_a_dynamic_pool_to_burst_capacity_listed_first() -> None:
+    config = (
+        ConfigBuilder()
+        .pool("static-small", "static", cpu=1000, mem=1024)
+        .pool("burst-large", "burst", cpu=8000, mem=16384, max_workers=2)
+        .pool("dynamic-large", "dynamic", cpu=4000, mem=8192)
+        .build()
+    )
+
+    assert assign_queue(spec().resources(3000, 2048).build(), config) == "dynamic-large"
+    assert assign_queue(spec().resources(6000, 2048).build(), config) == "burst-large"
+    assert assign_queue(spec().resources(500, 512).build(), config) == DEFAULT_QUEUE

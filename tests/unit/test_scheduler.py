@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from jobmesh.common.v1 import types_pb2 as t
-from services.scheduler.scheduler import Candidate, pick_worker
+from services.scheduler.scheduler import TIER_BURST, TIER_DYNAMIC, TIER_STATIC, Candidate, pick_worker
 from tests.unit.builders import SpecBuilder
 
 
@@ -20,26 +20,29 @@ class Fleet:
         worker_id: str,
         *,
         pool: str = "static-general",
-        static: bool = True,
+        tier: int = TIER_STATIC,
         cpu: int = 2000,
         mem: int = 2048,
         **labels: str,
     ) -> Fleet:
         w = t.Worker(worker_id=worker_id, pool_id=pool, capacity=t.Resources(cpu_millis=cpu, memory_mb=mem))
         w.labels.update(labels)
-        self._idle.append(Candidate(worker=w, mod_revision=len(self._idle) + 1, static=static))
+        self._idle.append(Candidate(worker=w, mod_revision=len(self._idle) + 1, tier=tier))
         return self
 
     def dynamic(self, worker_id: str, *, cpu: int = 4000, mem: int = 8192, **labels: str) -> Fleet:
-        return self.worker(worker_id, pool="dynamic-large", static=False, cpu=cpu, mem=mem, **labels)
+        return self.worker(worker_id, pool="dynamic-large", tier=TIER_DYNAMIC, cpu=cpu, mem=mem, **labels)
+
+    def burst(self, worker_id: str, *, cpu: int = 2000, mem: int = 2048, **labels: str) -> Fleet:
+        return self.worker(worker_id, pool="burst", tier=TIER_BURST, cpu=cpu, mem=mem, **labels)
 
     @property
     def idle(self) -> list[Candidate]:
         return list(self._idle)
 
 
-def picked(spec: SpecBuilder, fleet: Fleet) -> str | None:
-    choice = pick_worker(spec.build(), fleet.idle)
+def picked(spec: SpecBuilder, fleet: Fleet, burst_ok: bool = False) -> str | None:
+    choice = pick_worker(spec.build(), fleet.idle, burst_ok)
     return None if choice is None else choice.worker.worker_id
 
 
@@ -119,4 +122,20 @@ def test_pick_worker_returns_the_candidate_with_its_revision() -> None:
     choice = pick_worker(SpecBuilder().resources(1000, 256).build(), fleet.idle)
 
     assert choice is not None
-    assert (choice.worker.worker_id, choice.mod_revision, choice.static) == ("b", 2, True)
+    assert (choice.worker.worker_id, choice.mod_revision, choice.tier) == ("b", 2, TIER_STATIC)
+
+
+@pytest.mark.parametrize(
+    ("fleet", "burst_ok", "expected"),
+    [
+        pytest.param(Fleet().burst("b1").dynamic("d1").worker("s1"), True, "s1", id="static-before-all"),
+        pytest.param(Fleet().burst("b1").dynamic("d1"), True, "d1", id="dynamic-before-burst"),
+        pytest.param(Fleet().burst("b1"), True, "b1", id="burst-when-nothing-else"),
+        pytest.param(Fleet().burst("b1"), False, None, id="burst-refused-without-session"),
+        pytest.param(Fleet().burst("b1", cpu=500), True, None, id="burst-worker-too-small"),
+    ],
+)
+def test_burst_capacity_is_the_last_resort_and_only_for_burst_jobs(
+    fleet: Fleet, burst_ok: bool, expected: str | None
+) -> None:
+    assert picked(SpecBuilder().resources(1000, 256), fleet, burst_ok) == expected
