@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -89,13 +90,22 @@ class _RunState:
 class JobExecutor:
     """Runs at most one job at a time; see ``run`` and ``cancel``."""
 
-    def __init__(self, scratch_root: str, sample_interval: float = 0.2, kill_grace_seconds: float = 2.0) -> None:
-        if sample_interval <= 0:
-            raise ValueError("sample_interval must be positive")
+    def __init__(
+        self,
+        scratch_root: str,
+        sample_interval: float = 0.2,
+        kill_grace_seconds: float = 2.0,
+        first_sample_delay: float = 0.05,
+    ) -> None:
+        if sample_interval <= 0 or first_sample_delay < 0:
+            raise ValueError("sample_interval must be positive, first_sample_delay not negative")
         if kill_grace_seconds < 0:
             raise ValueError("kill_grace_seconds must not be negative")
         self._scratch_root = scratch_root
         self._sample_interval = sample_interval
+        # Sampling walks the whole process table; a job that ends sooner than this is never walked (its CPU
+        # still comes exactly from the kernel's accounting of reaped children).
+        self._first_sample_delay = first_sample_delay
         self._kill_grace_seconds = kill_grace_seconds
         self._state: _RunState | None = None
 
@@ -135,7 +145,7 @@ class JobExecutor:
         scratch: str | None = None
         if spec.working_dir is None:
             try:
-                scratch = await asyncio.to_thread(self._make_scratch_dir, spec)
+                scratch = self._make_scratch_dir(spec)
             except OSError as exc:
                 return _start_failed(f"cannot create scratch directory: {exc}")
             cwd = scratch
@@ -153,12 +163,17 @@ class JobExecutor:
         # job_id comes over the wire; never let it climb out of scratch_root.
         safe_id = re.sub(r"[^A-Za-z0-9._-]", "_", spec.job_id) or "job"
         path = os.path.join(self._scratch_root, f"{safe_id}-{spec.attempt}")
-        os.makedirs(self._scratch_root, exist_ok=True)
-        # A leftover from a crashed agent would leak old files into a retry that expects a fresh dir.
-        if os.path.islink(path) or os.path.isfile(path):
-            os.unlink(path)
-        elif os.path.isdir(path):
-            shutil.rmtree(path)
+        try:
+            os.mkdir(path, 0o700)
+            return path
+        except FileNotFoundError:
+            os.makedirs(self._scratch_root, exist_ok=True)
+        except FileExistsError:
+            # A leftover from a crashed agent would leak old files into a retry that expects a fresh dir.
+            if os.path.islink(path) or os.path.isfile(path):
+                os.unlink(path)
+            else:
+                shutil.rmtree(path)
         os.mkdir(path, 0o700)
         return path
 
@@ -184,8 +199,9 @@ class JobExecutor:
         started = time.monotonic()
         try:
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    *spec.command,
+                # Popen only forks and execs (vfork), then returns; the child is reaped through its pidfd.
+                proc = subprocess.Popen(  # noqa: ASYNC220
+                    spec.command,
                     stdin=subprocess.DEVNULL,
                     stdout=write_fd,
                     stderr=subprocess.STDOUT,
@@ -204,27 +220,27 @@ class JobExecutor:
             transport.close()
             raise
 
-        return await self._supervise(spec, state, proc, reader, transport, started)
+        return await self._supervise(spec, state, _Child(proc, loop), reader, transport, started)
 
     async def _supervise(
         self,
         spec: ExecSpec,
         state: _RunState,
-        proc: asyncio.subprocess.Process,
+        child: _Child,
         reader: asyncio.StreamReader,
         transport: asyncio.ReadTransport,
         started: float,
     ) -> ExecResult:
-        pgid = proc.pid
+        pgid = child.pid
         try:
-            state.root = psutil.Process(proc.pid)
+            state.root = psutil.Process(child.pid)
         except psutil.Error:
             state.root = None  # already gone; nothing to sample
 
         tail = bytearray()
         pump = asyncio.create_task(_pump_output(reader, tail))
         sampler = asyncio.create_task(self._sample_forever(state))
-        exited = asyncio.create_task(proc.wait())
+        exited = child.exited
         stop = asyncio.create_task(state.stop_requested.wait())
         limit = spec.max_runtime_seconds
         if limit is not None and limit <= 0:
@@ -232,21 +248,25 @@ class JobExecutor:
         reason = REASON_EXITED
         escalated = False
         try:
-            done, _ = await asyncio.wait({exited, stop}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+            waiting: set[asyncio.Future[object]] = {exited, stop}  # type: ignore[arg-type]
+            done, _ = await asyncio.wait(waiting, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
             if exited not in done:
                 reason = REASON_KILLED if stop in done else REASON_TIMEOUT
                 # Last look before the tree disappears, so the report covers the whole run.
                 await self._sample(state)
                 escalated = await self._terminate(pgid, exited)
-            returncode = await exited
+            returncode, usage = await exited
             run_seconds = time.monotonic() - started
             state.root = None
+            # The kernel's account of the root and every descendant it waited for: exact, however short the job.
+            state.cpu_seconds = max(state.cpu_seconds, usage.ru_utime + usage.ru_stime)
+            state.peak_rss_bytes = max(state.peak_rss_bytes, usage.ru_maxrss * 1024)
             # Whatever the job left behind in its group must not outlive it.
             _signal_group(pgid, signal.SIGKILL)
             await _drain(pump, _DRAIN_TIMEOUT_SECONDS)
         finally:
             _signal_group(pgid, signal.SIGKILL)
-            for task in (stop, sampler, exited, pump):
+            for task in (stop, sampler, pump):
                 task.cancel()
             transport.close()
 
@@ -268,7 +288,7 @@ class JobExecutor:
             output_tail=_decode_tail(tail),
         )
 
-    async def _terminate(self, pgid: int, exited: asyncio.Task[int]) -> bool:
+    async def _terminate(self, pgid: int, exited: asyncio.Future[tuple[int, resource.struct_rusage]]) -> bool:
         """SIGTERM the group, SIGKILL it if the root outlives the grace period; True if escalated."""
         _signal_group(pgid, signal.SIGTERM)
         done, _ = await asyncio.wait({exited}, timeout=self._kill_grace_seconds)
@@ -278,6 +298,7 @@ class JobExecutor:
         return True
 
     async def _sample_forever(self, state: _RunState) -> None:
+        await asyncio.sleep(self._first_sample_delay)
         while True:
             await self._sample(state)
             await asyncio.sleep(self._sample_interval)
@@ -326,6 +347,46 @@ def _measure_tree(root: psutil.Process) -> _TreeUsage:
     return _TreeUsage(cpu, rss, high_water)
 
 
+class _Child:
+    """A job's root process, reaped by us through a pidfd: no watcher thread per job, and wait4 hands back the
+    kernel's exact CPU time and peak RSS of the root and the descendants it waited for."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], loop: asyncio.AbstractEventLoop) -> None:
+        self.pid = popen.pid
+        self._popen = popen
+        self._loop = loop
+        self.exited: asyncio.Future[tuple[int, resource.struct_rusage]] = loop.create_future()
+        self._fd = -1
+        try:
+            self._fd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):
+            # No pidfd (old kernel, not Linux): a thread blocks in wait4 instead.
+            loop.run_in_executor(None, self._wait_blocking)
+            return
+        loop.add_reader(self._fd, self._reap)
+
+    def _reap(self) -> None:
+        try:
+            pid, status, usage = os.wait4(self.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped elsewhere: no status or usage left to read
+            pid, status, usage = self.pid, 0, resource.struct_rusage((0,) * 16)
+        if pid == 0:
+            return  # not exited yet
+        self._loop.remove_reader(self._fd)
+        os.close(self._fd)
+        self._finish(status, usage)
+
+    def _wait_blocking(self) -> None:
+        _, status, usage = os.wait4(self.pid, 0)
+        self._loop.call_soon_threadsafe(self._finish, status, usage)
+
+    def _finish(self, status: int, usage: resource.struct_rusage) -> None:
+        code = os.waitstatus_to_exitcode(status)
+        self._popen.returncode = code  # reaped here: Popen must not wait for it again
+        if not self.exited.done():
+            self.exited.set_result((code, usage))
+
+
 def _high_water_rss(pid: int) -> int:
     # The kernel's per-process peak catches spikes shorter than the sampling interval (Linux only).
     try:
@@ -354,6 +415,11 @@ async def _drain(pump: asyncio.Task[None], timeout: float) -> None:
 
 
 async def _remove_tree(path: str) -> None:
+    try:
+        os.rmdir(path)  # most jobs leave their scratch dir empty
+        return
+    except OSError:
+        pass
     try:
         await asyncio.to_thread(shutil.rmtree, path, ignore_errors=True)
     except asyncio.CancelledError:
