@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import builtins
 import logging
+from collections.abc import Collection
+from dataclasses import dataclass
 
 from jobmesh.common.v1 import types_pb2 as t
 from libs.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
@@ -15,10 +17,23 @@ from libs.keys import Keys, safe_segment
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Completion:
+    """A worker's report of how one attempt ended."""
+
+    tenant_id: str
+    job_id: str
+    attempt: int
+    worker_id: str
+    result: dict[str, object]
+
+
 class JobStore:
-    def __init__(self, etcd: Etcd, keys: Keys):
+    def __init__(self, etcd: Etcd, keys: Keys, counted_pools: Collection[str] | None = None):
         self.etcd = etcd
         self.keys = keys
+        # Pools whose workers' job counts matter (a max jobs per worker); None: count on every pool.
+        self.counted_pools = None if counted_pools is None else frozenset(counted_pools)
 
     async def create(self, job: t.Job) -> tuple[t.Job, bool, int]:
         """Stores a PENDING job; with an idempotency key already used, returns the first job instead."""
@@ -131,37 +146,89 @@ class JobStore:
     ) -> str | None:
         """Records a worker's result and returns the job's pool; None when the result is stale (another attempt,
         or the job already ended)."""
-        if not safe_segment(job_id) or not safe_segment(tenant_id) or not safe_segment(worker_id):
+        done = Completion(tenant_id, job_id, attempt, worker_id, result)
+        if not _safe(done):
             return None
-        key = self.keys.job(tenant_id, job_id)
-        assign_key = self.keys.assignment(worker_id)
-        worker_key = self.keys.worker(worker_id)
         for _ in range(10):
-            (job_kv, assign, worker_kv), _ = await self.etcd.get_many([key, assign_key, worker_key])
-            if job_kv is None:
+            (job_kv, assign_kv, worker_kv), _ = await self.etcd.get_many(self._completion_keys(done))
+            plan = self._completion_plan(done, job_kv, assign_kv, worker_kv, now)
+            if plan is None:
                 return None
-            job = decode_job(job_kv.value)
-            if job.state != t.JOB_STATE_RUNNING or job.attempt != attempt or job.worker_id != worker_id:
-                return None
-            compares = [cmp_mod(key, job_kv.mod_revision)]
-            ops = [op_put(key, apply_result(job, now=now, **result).SerializeToString())]  # type: ignore[arg-type]
-            if assign is not None:
-                held = t.Assignment()
-                held.ParseFromString(assign.value)
-                if held.job_id == job_id and held.attempt == attempt:
-                    compares.append(cmp_mod(assign_key, assign.mod_revision))
-                    ops.append(op_delete(assign_key))
-            # The worker's job count moves in the same transaction that frees it, so a worker at its
-            # max-jobs limit is never seen idle with a stale count.
-            if worker_kv is not None:
-                worker = t.Worker()
-                worker.ParseFromString(worker_kv.value)
-                worker.jobs_run += 1
-                compares.append(cmp_mod(worker_key, worker_kv.mod_revision))
-                ops.append(op_put(worker_key, worker.SerializeToString(), worker_kv.lease))
+            compares, ops, pool = plan
             if (await self.etcd.txn(compares, ops)).succeeded:
-                return job.pool_id
+                return pool
         raise Conflict(f"job {job_id} kept changing while recording its result")
+
+    async def complete_attempts(self, batch: builtins.list[Completion], now: float) -> builtins.list[str | None]:
+        """`complete_attempt` for many reports with one read and one transaction; when anything moved under
+        it (or two reports touch the same keys), each report goes on its own."""
+        wanted = [c for c in batch if _safe(c)]
+        kvs, _ = await self.etcd.get_many([key for c in wanted for key in self._completion_keys(c)])
+        plans: dict[int, tuple[builtins.list[Compare], builtins.list[RequestOp], str]] = {}
+        touched: set[str] = set()
+        alone: builtins.list[int] = []
+        offset = 0
+        for i, done in enumerate(batch):
+            if not _safe(done):
+                continue
+            job_kv, assign_kv, worker_kv = kvs[offset : offset + 3]
+            offset += 3
+            plan = self._completion_plan(done, job_kv, assign_kv, worker_kv, now)
+            if plan is None:
+                continue
+            keys = set(self._completion_keys(done))
+            if keys & touched:
+                alone.append(i)  # e.g. the same report twice: the second must see the first's write
+                continue
+            touched |= keys
+            plans[i] = plan
+        if plans:
+            compares = [c for plan in plans.values() for c in plan[0]]
+            ops = [op for plan in plans.values() for op in plan[1]]
+            if not (await self.etcd.txn(compares, ops)).succeeded:
+                alone = sorted([*plans, *alone])
+                plans = {}
+        outcomes: builtins.list[str | None] = [plans[i][2] if i in plans else None for i in range(len(batch))]
+        for i in alone:
+            c = batch[i]
+            outcomes[i] = await self.complete_attempt(c.tenant_id, c.job_id, c.attempt, c.worker_id, now, **c.result)
+        return outcomes
+
+    def _completion_keys(self, done: Completion) -> builtins.list[str]:
+        return [
+            self.keys.job(done.tenant_id, done.job_id),
+            self.keys.assignment(done.worker_id),
+            self.keys.worker(done.worker_id),
+        ]
+
+    def _completion_plan(
+        self, done: Completion, job_kv: KeyValue | None, assign: KeyValue | None, worker_kv: KeyValue | None, now: float
+    ) -> tuple[builtins.list[Compare], builtins.list[RequestOp], str] | None:
+        """The transaction that records the result, or None when the report is stale."""
+        if job_kv is None:
+            return None
+        job = decode_job(job_kv.value)
+        if job.state != t.JOB_STATE_RUNNING or job.attempt != done.attempt or job.worker_id != done.worker_id:
+            return None
+        key, assign_key, worker_key = self._completion_keys(done)
+        compares = [cmp_mod(key, job_kv.mod_revision)]
+        ops = [op_put(key, apply_result(job, now=now, **done.result).SerializeToString())]  # type: ignore[arg-type]
+        if assign is not None:
+            held = t.Assignment()
+            held.ParseFromString(assign.value)
+            if held.job_id == done.job_id and held.attempt == done.attempt:
+                compares.append(cmp_mod(assign_key, assign.mod_revision))
+                ops.append(op_delete(assign_key))
+        # Where a pool limits jobs per worker, the worker's count moves in the same transaction that frees it,
+        # so a worker at its limit is never seen idle with a stale count.
+        counted = self.counted_pools is None or job.pool_id in self.counted_pools
+        if worker_kv is not None and counted:
+            worker = t.Worker()
+            worker.ParseFromString(worker_kv.value)
+            worker.jobs_run += 1
+            compares.append(cmp_mod(worker_key, worker_kv.mod_revision))
+            ops.append(op_put(worker_key, worker.SerializeToString(), worker_kv.lease))
+        return compares, ops, job.pool_id
 
     async def reclaim_plan(
         self, worker_id: str, assign_kv: KeyValue, now: float
@@ -186,3 +253,7 @@ class JobStore:
         compares.append(cmp_mod(job_key, job_kv.mod_revision))
         ops.append(op_put(job_key, job.SerializeToString()))
         return compares, ops, job
+
+
+def _safe(done: Completion) -> bool:
+    return safe_segment(done.job_id) and safe_segment(done.tenant_id) and safe_segment(done.worker_id)

@@ -45,7 +45,7 @@ async def run(settings: CommonSettings) -> None:
     workers = Informer(etcd, keys.workers, name="workers")
     outcomes = JobOutcomes(etcd, keys, settings.server.replica_id)
     await outcomes.load()
-    store = JobStore(etcd, keys)
+    store = JobStore(etcd, keys, counted_pools=[p.pool_id for p in config.pools if p.max_jobs_per_worker])
     registry_servicer = WorkerRegistry(
         etcd, keys, store, config, clock, lease_ttl, assignments, RegistryMetrics(registry), outcomes
     )

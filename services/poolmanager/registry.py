@@ -12,13 +12,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
 from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
+from libs.batching import GroupCommit
 from libs.clock import Clock
 from libs.config import MeshConfig
 from libs.errors import InvalidArgument
 from libs.etcd.client import Etcd, WatchEvent
 from libs.etcd.informer import Informer
 from libs.jobs import RESULT_REASONS, ts
-from libs.jobstore import JobStore
+from libs.jobstore import Completion, JobStore
 from libs.keys import Keys, safe_segment
 from libs.telemetry import job_id_var, tenant_id_var
 from services.poolmanager.outcomes import JobOutcomes
@@ -62,6 +63,13 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         self.metrics = metrics
         self.outcomes = outcomes
         self.streams: dict[str, asyncio.Queue[pm.ConnectResponse]] = {}
+        # Results that arrive while one transaction is in flight are recorded together in the next.
+        self.results: GroupCommit[Completion, str | None] = GroupCommit(
+            self._record_results, max_batch=32, name="result-writer"
+        )
+
+    async def _record_results(self, batch: list[Completion]) -> list[str | Exception | None]:
+        return list(await self.store.complete_attempts(batch, self.clock.now()))
 
     def on_assignment(self, event: WatchEvent) -> None:
         """Routes assignment changes to the worker's stream, if it is connected to this replica."""
@@ -147,17 +155,20 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         tenant_id_var.set(request.tenant_id)
         if request.reason not in RESULT_REASONS:
             raise InvalidArgument("reason", f"must be one of {sorted(RESULT_REASONS)}")
-        pool = await self.store.complete_attempt(
-            request.tenant_id,
-            request.job_id,
-            request.attempt,
-            request.worker_id,
-            self.clock.now(),
-            exit_code=request.exit_code,
-            reason=request.reason,
-            message=request.message,
-            cpu_seconds=request.cpu_seconds,
-            max_memory_mb=request.max_memory_mb,
+        pool = await self.results.submit(
+            Completion(
+                request.tenant_id,
+                request.job_id,
+                request.attempt,
+                request.worker_id,
+                {
+                    "exit_code": request.exit_code,
+                    "reason": request.reason,
+                    "message": request.message,
+                    "cpu_seconds": request.cpu_seconds,
+                    "max_memory_mb": request.max_memory_mb,
+                },
+            )
         )
         succeeded = request.exit_code == 0 and request.reason == "EXITED"
         if pool is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from prometheus_client import Histogram
 
 from jobmesh.common.v1 import types_pb2 as t
+from libs.batching import GroupCommit
 from libs.etcd.client import Etcd, cmp_missing, cmp_mod, op_put
 from libs.jobs import ts
 from libs.jobstore import JobStore
@@ -91,68 +91,45 @@ def decode_lane(raw: dict[str, Any]) -> LaneTags:
 
 
 class BatchingJobWriter:
-    """Creates job records durably; concurrent creates without an idempotency key share one etcd transaction.
-
-    A batch is whatever arrived while the previous transaction was in flight (no timer, so no added latency
-    when idle). Every caller is answered only after the transaction holding its job succeeded.
-    """
+    """Creates job records durably; concurrent creates without an idempotency key share one etcd transaction
+    (a group commit, see libs/batching.py). Every caller is answered only after the transaction holding its
+    job succeeded."""
 
     def __init__(self, store: JobStore, max_batch: int = 64, batch_sizes: Histogram | None = None):
         self.store = store
-        self.max_batch = max_batch
         self.batch_sizes = batch_sizes
-        self._waiting: list[tuple[t.Job, asyncio.Future[tuple[t.Job, bool, int]]]] = []
-        self._flusher: asyncio.Task[None] | None = None
         self.batches = 0
         self.batched_jobs = 0
+        self._commit: GroupCommit[t.Job, tuple[t.Job, bool, int]] = GroupCommit(
+            self._write, max_batch, self._count, "queueing-batch-writer"
+        )
 
     async def create(self, job: t.Job) -> tuple[t.Job, bool, int]:
-        if job.spec.idempotency_key or self.max_batch <= 1:
+        if job.spec.idempotency_key or self._commit.max_batch <= 1:
             return await self.store.create(job)
-        future: asyncio.Future[tuple[t.Job, bool, int]] = asyncio.get_running_loop().create_future()
-        self._waiting.append((job, future))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush(), name="queueing-batch-writer")
-        return await future
+        return await self._commit.submit(job)
 
-    async def _flush(self) -> None:
-        try:
-            while self._waiting:
-                batch, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch :]
-                await self._write(batch)
-        finally:
-            self._flusher = None
+    def _count(self, size: int) -> None:
+        self.batches += 1
+        self.batched_jobs += size
+        if self.batch_sizes is not None:
+            self.batch_sizes.observe(size)
 
-    async def _write(self, batch: list[tuple[t.Job, asyncio.Future[tuple[t.Job, bool, int]]]]) -> None:
+    async def _write(self, batch: list[t.Job]) -> list[tuple[t.Job, bool, int] | Exception]:
         keys = self.store.keys
-        compares = [cmp_missing(keys.job(job.tenant_id, job.job_id)) for job, _ in batch]
+        compares = [cmp_missing(keys.job(job.tenant_id, job.job_id)) for job in batch]
         ops = []
-        for job, _ in batch:
+        for job in batch:
             ops.append(op_put(keys.job(job.tenant_id, job.job_id), job.SerializeToString()))
             ops.append(op_put(keys.job_index(job.job_id), job.tenant_id.encode()))
-        try:
-            result = await self.store.etcd.txn(compares, ops)
-        except Exception as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        self.batches += 1
-        self.batched_jobs += len(batch)
-        if self.batch_sizes is not None:
-            self.batch_sizes.observe(len(batch))
+        result = await self.store.etcd.txn(compares, ops)
         if result.succeeded:
-            for job, future in batch:
-                if not future.done():
-                    future.set_result((job, True, result.revision))
-            return
+            return [(job, True, result.revision) for job in batch]
         # A job id already taken (astronomically rare): each job on its own, so only that one fails.
-        for job, future in batch:
+        outcomes: list[tuple[t.Job, bool, int] | Exception] = []
+        for job in batch:
             try:
-                outcome = await self.store.create(job)
+                outcomes.append(await self.store.create(job))
             except Exception as exc:
-                if not future.done():
-                    future.set_exception(exc)
-            else:
-                if not future.done():
-                    future.set_result(outcome)
+                outcomes.append(exc)
+        return outcomes

@@ -1,0 +1,106 @@
+"""Recording workers' results over a real etcd (libs/jobstore.py): many reports in one transaction, each
+report still exactly-once, stale ones refused, and job counts kept only where a pool limits them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from jobmesh.common.v1 import types_pb2 as t
+from libs.etcd.client import Etcd, op_put
+from libs.jobs import apply_dispatch, decode_job, new_job_id, ts
+from libs.jobstore import Completion, JobStore
+from libs.keys import Keys
+from libs.launcher import Ports, Stack
+from tests.helpers import FIXTURE_CONFIG
+
+KEYS = Keys("/jobmesh")
+OK = {"exit_code": 0, "reason": "EXITED", "message": "exit code 0", "cpu_seconds": 0.01, "max_memory_mb": 1}
+
+
+@pytest.fixture()
+def etcd_stack(tmp_path: Path) -> Iterator[Stack]:
+    stack = Stack(data_dir=tmp_path / "stack", config_path=FIXTURE_CONFIG, ports=Ports.free(), env={})
+    try:
+        stack.start_etcd()
+        stack.wait_etcd(30)
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest_asyncio.fixture()
+async def etcd(etcd_stack: Stack) -> AsyncIterator[Etcd]:
+    client = Etcd([f"127.0.0.1:{etcd_stack.ports.etcd}"])
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def running(etcd: Etcd, worker_id: str, pool_id: str) -> t.Job:
+    """A job RUNNING on a registered worker, with its assignment, as the scheduler leaves them."""
+    now = time.time()
+    worker = t.Worker(worker_id=worker_id, pool_id=pool_id, state=t.WORKER_STATE_IDLE)
+    job = t.Job(job_id=new_job_id(now), tenant_id="acme", state=t.JOB_STATE_PENDING, create_time=ts(now))
+    job.spec.name = "j"
+    job.spec.max_retries = 1
+    apply_dispatch(job, worker, now)
+    assignment = t.Assignment(job_id=job.job_id, tenant_id="acme", attempt=job.attempt, worker_id=worker_id)
+    await etcd.txn(
+        [],
+        [
+            op_put(KEYS.job("acme", job.job_id), job.SerializeToString()),
+            op_put(KEYS.assignment(worker_id), assignment.SerializeToString()),
+            op_put(KEYS.worker(worker_id), worker.SerializeToString()),
+        ],
+    )
+    return job
+
+
+def report(job: t.Job, attempt: int | None = None) -> Completion:
+    return Completion(job.tenant_id, job.job_id, job.attempt if attempt is None else attempt, job.worker_id, OK)
+
+
+@pytest.mark.asyncio
+async def test_a_batch_of_reports_lands_in_one_transaction_and_each_counts_once(etcd: Etcd) -> None:
+    store = JobStore(etcd, KEYS, counted_pools=["limited"])
+    a = await running(etcd, "w-a", "limited")
+    b = await running(etcd, "w-b", "unlimited")
+    c = await running(etcd, "w-c", "unlimited")
+    _, before = await etcd.get_many([KEYS.job("acme", a.job_id)])
+
+    outcomes = await store.complete_attempts(
+        [report(a), report(b), report(c, attempt=c.attempt + 1), report(b), report(c)], time.time()
+    )
+
+    # The stale attempt and the repeated report are refused; the others are recorded.
+    assert outcomes == ["limited", "unlimited", None, None, "unlimited"]
+    (ja, jb, jc), after = await etcd.get_many([KEYS.job("acme", j.job_id) for j in (a, b, c)])
+    assert [decode_job(kv.value).state for kv in (ja, jb, jc) if kv] == [t.JOB_STATE_SUCCEEDED] * 3
+    assert ja is not None and jb is not None and ja.mod_revision == jb.mod_revision  # one transaction
+    assert after > before
+    assignments, _ = await etcd.get_many([KEYS.assignment(w) for w in ("w-a", "w-b", "w-c")])
+    assert assignments == [None, None, None]
+    workers, _ = await etcd.get_many([KEYS.worker(w) for w in ("w-a", "w-b")])
+    counts = []
+    for kv in workers:
+        assert kv is not None
+        worker = t.Worker()
+        worker.ParseFromString(kv.value)
+        counts.append(worker.jobs_run)
+    assert counts == [1, 0]  # only the pool with a max jobs per worker counts
+
+
+@pytest.mark.asyncio
+async def test_a_report_repeated_after_it_landed_is_refused(etcd: Etcd) -> None:
+    store = JobStore(etcd, KEYS)
+    job = await running(etcd, "w-1", "p")
+
+    assert await store.complete_attempts([report(job)], time.time()) == ["p"]
+    assert await store.complete_attempts([report(job)], time.time()) == [None]
+    assert await store.complete_attempt(job.tenant_id, job.job_id, job.attempt, "w-1", time.time(), **OK) is None

@@ -1,0 +1,88 @@
+"""Unit tests for libs/batching.py: what arrives during a write shares the next one; results and errors map back."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from libs.batching import GroupCommit
+
+
+class Recorder:
+    def __init__(self, fail_on: int | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.fail_on = fail_on
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def write(self, batch: list[int]) -> list[int]:
+        self.batches.append(list(batch))
+        await self.gate.wait()
+        if self.fail_on is not None and self.fail_on in batch:
+            raise RuntimeError(f"cannot write {self.fail_on}")
+        return [item * 10 for item in batch]
+
+
+@pytest.mark.asyncio
+async def test_a_lone_caller_is_written_at_once() -> None:
+    rec = Recorder()
+    commit = GroupCommit(rec.write)
+
+    assert await commit.submit(4) == 40
+    assert rec.batches == [[4]]
+
+
+@pytest.mark.asyncio
+async def test_callers_arriving_during_a_write_share_the_next_one_and_get_their_own_results() -> None:
+    rec = Recorder()
+    rec.gate.clear()
+    sizes: list[int] = []
+    commit = GroupCommit(rec.write, on_batch=sizes.append)
+    first = asyncio.ensure_future(commit.submit(1))
+    await asyncio.sleep(0)
+    rest = [asyncio.ensure_future(commit.submit(i)) for i in range(2, 6)]
+    await asyncio.sleep(0)
+    rec.gate.set()
+
+    results = await asyncio.gather(first, *rest)
+
+    assert results == [10, 20, 30, 40, 50]
+    assert rec.batches == [[1], [2, 3, 4, 5]]
+    assert sizes == [1, 4]
+
+
+@pytest.mark.asyncio
+async def test_batches_are_capped_at_max_batch() -> None:
+    rec = Recorder()
+    rec.gate.clear()
+    commit = GroupCommit(rec.write, max_batch=2)
+    futures = [asyncio.ensure_future(commit.submit(i)) for i in range(5)]
+    await asyncio.sleep(0)
+    rec.gate.set()
+
+    assert await asyncio.gather(*futures) == [0, 10, 20, 30, 40]
+    assert [len(b) for b in rec.batches] == [2, 2, 1]
+
+
+@pytest.mark.asyncio
+async def test_a_failed_write_fails_only_its_own_batch() -> None:
+    rec = Recorder(fail_on=2)
+    rec.gate.clear()
+    commit = GroupCommit(rec.write)
+    first = asyncio.ensure_future(commit.submit(1))
+    await asyncio.sleep(0)
+    doomed = [asyncio.ensure_future(commit.submit(i)) for i in (2, 3)]
+    await asyncio.sleep(0)
+    rec.gate.set()
+
+    assert await first == 10
+    for future in doomed:
+        with pytest.raises(RuntimeError, match="cannot write 2"):
+            await future
+    assert await commit.submit(7) == 70
+
+
+def test_max_batch_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_batch"):
+        GroupCommit(Recorder().write, max_batch=0)
