@@ -34,13 +34,23 @@ class Informer:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"informer:{self.name}")
 
-    async def stop(self) -> None:
+    async def stop(self, forget: bool = False) -> None:
+        """Stops watching; with `forget`, also drops the cache so that a later `start` lists afresh."""
         if self._task:
             self._task.cancel()
             try:
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass
+            self._task = None
+        if forget:
+            self.cache = {}
+            self.revision = 0
+            self.synced.clear()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
 
     async def wait_synced(self, timeout: float = 30.0) -> None:
         await asyncio.wait_for(self.synced.wait(), timeout)

@@ -63,10 +63,7 @@ async def run(settings: CommonSettings) -> None:
         SchedulerMetrics(registry),
     )
     workers.handler = scheduler.on_change
-    assignments.handler = scheduler.on_change
-    for informer in (workers, assignments):
-        informer.start()
-        await informer.wait_synced()
+    assignments.handler = scheduler.on_change  # both watched only while this replica leads
     servicer = SchedulerServicer(scheduler, election, settings.server.replica_id)
     server = await start_server(
         "scheduler",

@@ -13,7 +13,7 @@ from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.queueing.v1 import queueing_pb2 as q
 from libs.clock import Clock
 from libs.config import MeshConfig
-from libs.etcd.client import cmp_missing, cmp_mod, op_put
+from libs.etcd.client import Compare, RequestOp, cmp_missing, cmp_mod, op_put
 from libs.etcd.election import LeaderElection, run_while_leader
 from libs.etcd.informer import Informer
 from libs.jobs import apply_dispatch, fits, ts
@@ -25,6 +25,21 @@ log = logging.getLogger(__name__)
 # Placement order (the seed's pool selection chart): static, then dynamic, then burst capacity.
 TIER_STATIC, TIER_DYNAMIC, TIER_BURST = 0, 1, 2
 TIERS = {"static": TIER_STATIC, "dynamic": TIER_DYNAMIC, "burst": TIER_BURST}
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """One job to one worker: the transaction that says so."""
+
+    job: t.Job
+    worker: t.Worker
+    now: float
+    compares: list[Compare]
+    ops: list[RequestOp]
+
+
+# Jobs per dispatch transaction: 3 compares each (+ the fence) stay under etcd's default of 128 per list.
+DISPATCH_CHUNK = 32
 
 
 @dataclass(frozen=True)
@@ -115,13 +130,38 @@ class Scheduler:
         # (queue version, epoch) of the last cycle that placed nothing: until one of them moves, waiting is all
         # there is to do.
         self._stall: tuple[int, int] | None = None
+        self._decoded: dict[str, tuple[int, t.Worker]] = {}  # worker key -> (mod revision, parsed record)
 
     def on_change(self, _event: object) -> None:
         self._epoch += 1
         self.capacity_changed.set()
 
     async def run(self) -> None:
-        await run_while_leader(self.election, self.schedule_once, self.metrics.leader, "scheduling")
+        watcher = asyncio.create_task(self._watch_while_leading(), name="scheduler-informers")
+        try:
+            await run_while_leader(self.election, self.schedule_once, self.metrics.leader, "scheduling")
+        finally:
+            watcher.cancel()
+
+    async def _watch_while_leading(self) -> None:
+        """Only the leader keeps the worker and assignment caches: a standby would decode every change for
+        nothing. Taking over lists both prefixes afresh (milliseconds), well inside the lease TTL."""
+        informers = (self.workers, self.assignments)
+        try:
+            while True:
+                await self.election.wait_leader()
+                for informer in informers:
+                    if not informer.running:
+                        informer.start()
+                while self.election.is_leader:
+                    self.election.changed.clear()
+                    await self.election.changed.wait()
+                for informer in informers:
+                    await informer.stop(forget=True)
+                self._claimed.clear()
+        finally:
+            for informer in informers:
+                await informer.stop()
 
     def _phase(self, name: str, start: float) -> float:
         now = time.perf_counter()
@@ -129,6 +169,8 @@ class Scheduler:
         return now
 
     async def schedule_once(self) -> None:
+        for informer in (self.workers, self.assignments):
+            await informer.wait_synced()  # just after taking over, until the first list is in
         started = time.perf_counter()
         # Phase 1: snapshot idle workers.
         self.capacity_changed.clear()
@@ -150,11 +192,11 @@ class Scheduler:
                 plan.append((queued, choice))
         self.metrics.unplaced.set(len(heads) - len(plan))
         mark = self._phase("3_nominate", mark)
-        # Phase 4: admit, each as a fenced transaction.
-        results = await asyncio.gather(*(self._dispatch(job, cand) for job, cand in plan))
+        # Phase 4: admit, in fenced transactions (the whole plan in one while nothing raced it).
+        placed = await self._dispatch_all(plan)
         mark = self._phase("4_admit", mark)
         # Phase 5: remember a fruitless cycle, so the next one waits for the queue or the workers to change.
-        self._stall = None if any(results) else (self._version, epoch)
+        self._stall = None if placed else (self._version, epoch)
         self._phase("5_requeue", mark)
 
     async def _wait_for_capacity(self, timeout: float) -> None:
@@ -167,7 +209,8 @@ class Scheduler:
     async def _heads(self, idle_count: int, epoch: int) -> list[q.QueuedJob]:
         stalled = self._stall is not None and self._stall[1] == epoch
         after = self._stall[0] if stalled and self._stall else -1
-        request = q.NextJobsRequest(limit=max(16, idle_count * 4), after_version=after, wait_millis=1000)
+        # A few more heads than idle workers, so jobs no idle worker suits do not starve the ones behind them.
+        request = q.NextJobsRequest(limit=idle_count * 2 + 4, after_version=after, wait_millis=1000)
         wait_queue = asyncio.ensure_future(self.queueing.NextJobs(request, timeout=5.0))  # type: ignore[attr-defined]
         wait_workers = asyncio.ensure_future(self.capacity_changed.wait())
         done, _ = await asyncio.wait({wait_queue, wait_workers}, return_when=asyncio.FIRST_COMPLETED)
@@ -185,9 +228,15 @@ class Scheduler:
         for worker_id in [w for w, at in self._claimed.items() if w in busy or now - at > 5.0]:
             del self._claimed[worker_id]
         out = []
-        for kv in self.workers.cache.values():
-            worker = t.Worker()
-            worker.ParseFromString(kv.value)
+        decoded: dict[str, tuple[int, t.Worker]] = {}
+        for key, kv in self.workers.cache.items():
+            known = self._decoded.get(key)
+            if known is not None and known[0] == kv.mod_revision:
+                worker = known[1]
+            else:
+                worker = t.Worker()
+                worker.ParseFromString(kv.value)
+            decoded[key] = (kv.mod_revision, worker)
             if worker.worker_id in busy or worker.worker_id in self._claimed:
                 continue
             if worker.state == t.WORKER_STATE_DRAINING:
@@ -196,9 +245,32 @@ class Scheduler:
             if limit and worker.jobs_run >= limit:
                 continue  # used up: the pool-manager replaces it
             out.append(Candidate(worker, kv.mod_revision, self.tiers.get(worker.pool_id, TIER_DYNAMIC)))
+        self._decoded = decoded
         return out
 
-    async def _dispatch(self, queued: q.QueuedJob, cand: Candidate) -> bool:
+    async def _dispatch_all(self, plan: list[tuple[q.QueuedJob, Candidate]]) -> int:
+        """Writes the plan in one fenced transaction per chunk; a chunk that lost a race goes job by job, so
+        only the jobs that raced stay queued. Returns how many were dispatched."""
+        placed = 0
+        for first in range(0, len(plan), DISPATCH_CHUNK):
+            chunk = [self._prepare(queued, cand) for queued, cand in plan[first : first + DISPATCH_CHUNK]]
+            if len(chunk) > 1:
+                compares = [c for d in chunk for c in d.compares]
+                ops = [op for d in chunk for op in d.ops]
+                if (await self.election.fenced_txn(compares, ops)).succeeded:
+                    for d in chunk:
+                        self._dispatched(d)
+                    placed += len(chunk)
+                    continue
+            for d in chunk:
+                if (await self.election.fenced_txn(d.compares, d.ops)).succeeded:
+                    self._dispatched(d)
+                    placed += 1
+                else:
+                    self._lost_race(d)
+        return placed
+
+    def _prepare(self, queued: q.QueuedJob, cand: Candidate) -> Dispatch:
         job = t.Job()
         job.CopyFrom(queued.job)
         worker = cand.worker
@@ -215,7 +287,10 @@ class Scheduler:
             assign_time=ts(now),
         )
         self._claimed[worker.worker_id] = time.monotonic()
-        result = await self.election.fenced_txn(
+        return Dispatch(
+            job,
+            worker,
+            now,
             [
                 cmp_mod(job_key, queued.mod_revision),
                 cmp_missing(assign_key),
@@ -223,22 +298,24 @@ class Scheduler:
             ],
             [op_put(job_key, job.SerializeToString()), op_put(assign_key, assignment.SerializeToString())],
         )
-        if not result.succeeded:
-            self._claimed.pop(worker.worker_id, None)
-            self.metrics.conflicts.inc()
-            log.info(
-                "dispatch to %s lost a race; the job stays queued",
-                worker.worker_id,
-                extra={"job_id": job.job_id, "tenant_id": job.tenant_id},
-            )
-            return False
+
+    def _lost_race(self, d: Dispatch) -> None:
+        self._claimed.pop(d.worker.worker_id, None)
+        self.metrics.conflicts.inc()
+        log.info(
+            "dispatch to %s lost a race; the job stays queued",
+            d.worker.worker_id,
+            extra={"job_id": d.job.job_id, "tenant_id": d.job.tenant_id},
+        )
+
+    def _dispatched(self, d: Dispatch) -> None:
+        job = d.job
         self.dispatched += 1
-        self.metrics.dispatched.labels(worker.pool_id).inc()
-        self.metrics.allocation.observe(max(now - job.create_time.ToNanoseconds() / 1e9, 0.0))
+        self.metrics.dispatched.labels(d.worker.pool_id).inc()
+        self.metrics.allocation.observe(max(d.now - job.create_time.ToNanoseconds() / 1e9, 0.0))
         log.info(
             "dispatched attempt %d to %s",
             job.attempt,
-            worker.worker_id,
-            extra={"job_id": job.job_id, "tenant_id": job.tenant_id, "worker_id": worker.worker_id},
+            d.worker.worker_id,
+            extra={"job_id": job.job_id, "tenant_id": job.tenant_id, "worker_id": d.worker.worker_id},
         )
-        return True
