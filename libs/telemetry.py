@@ -12,6 +12,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 
 from libs.settings import TelemetrySettings
 
@@ -63,7 +64,6 @@ def setup_logging(service: str, level: str) -> None:
 
 
 def setup_tracing(settings: TelemetrySettings) -> TracerProvider:
-    provider = TracerProvider(resource=Resource.create({"service.name": settings.service_name}))
     exporter: SpanExporter | None = None
     if settings.exporter == "console":
         exporter = ConsoleSpanExporter(out=sys.stderr)
@@ -71,6 +71,12 @@ def setup_tracing(settings: TelemetrySettings) -> TracerProvider:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         exporter = OTLPSpanExporter(endpoint=settings.otlp_endpoint, insecure=True)
+    # With nowhere to send spans, record none: trace ids are still made and propagated (logs carry them),
+    # but no span objects are filled in on every call.
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": settings.service_name}),
+        sampler=ParentBased(ALWAYS_ON) if exporter is not None else ALWAYS_OFF,
+    )
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
