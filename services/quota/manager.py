@@ -52,16 +52,36 @@ class BurstSession:
 
 @dataclass
 class TenantState:
+    """A tenant's live jobs and in-flight reservations, with their sum kept as they come and go (O(1) per
+    admission however many jobs the tenant holds)."""
+
     live: dict[str, Holding] = field(default_factory=dict)
+    # job id -> (holding, expiry); one TTL on a monotonic clock, so insertion order is expiry order.
     reserved: dict[str, tuple[Holding, float]] = field(default_factory=dict)
+    cpu_millis: int = 0
+    memory_mb: int = 0
+    jobs: int = 0
 
+    @property
+    def usage(self) -> Usage:
+        return Usage(self.cpu_millis, self.memory_mb, self.jobs)
 
-def _sum(holdings: list[Holding], session_id: str | None = None) -> Usage:
-    usage = Usage()
-    for h in holdings:
-        if session_id is None or h.burst_session_id == session_id:
-            usage = usage.plus(h.cpu_millis, h.memory_mb)
-    return usage
+    def add(self, h: Holding, sign: int = 1) -> None:
+        self.cpu_millis += sign * h.cpu_millis
+        self.memory_mb += sign * h.memory_mb
+        self.jobs += sign
+
+    def drop_reservation(self, job_id: str) -> None:
+        entry = self.reserved.pop(job_id, None)
+        if entry is not None:
+            self.add(entry[0], -1)
+
+    def expire(self, now: float) -> None:
+        while self.reserved:
+            job_id, (_, expiry) = next(iter(self.reserved.items()))
+            if expiry >= now:
+                return
+            self.drop_reservation(job_id)
 
 
 class QuotaManager:
@@ -84,15 +104,10 @@ class QuotaManager:
     def limits(self, tenant_id: str) -> QuotaLimits:
         return self.overrides.get(tenant_id) or self.config.quota_for(tenant_id)
 
-    def holdings(self, tenant_id: str) -> list[Holding]:
-        state = self._state(tenant_id)
-        now = self.clock.monotonic()
-        for job_id in [j for j, (_, exp) in state.reserved.items() if exp < now]:
-            del state.reserved[job_id]
-        return [*state.live.values(), *(h for h, _ in state.reserved.values())]
-
     def usage(self, tenant_id: str) -> Usage:
-        return _sum(self.holdings(tenant_id))
+        state = self._state(tenant_id)
+        state.expire(self.clock.monotonic())
+        return state.usage
 
     def active_session(self, tenant_id: str) -> BurstSession | None:
         now = self.clock.now()
@@ -109,13 +124,13 @@ class QuotaManager:
         the session so that it is priced at the burst premium.
         """
         state = self._state(tenant_id)
-        holdings = self.holdings(tenant_id)  # purges expired reservations first
+        state.expire(self.clock.monotonic())
         if job_id in state.live:
             return state.live[job_id].burst_session_id
         if job_id in state.reserved:
             return state.reserved[job_id][0].burst_session_id
         limits = self.limits(tenant_id)
-        used = _sum(holdings)
+        used = state.usage
         after = used.plus(cpu_millis, memory_mb)
         exceeded = self._exceeded(after, limits)
         session_id = ""
@@ -135,6 +150,7 @@ class QuotaManager:
             session_id = session.session_id
         holding = Holding(tenant_id, cpu_millis, memory_mb, session_id)
         state.reserved[job_id] = (holding, self.clock.monotonic() + RESERVATION_TTL)
+        state.add(holding)
         return session_id
 
     def never_fits(self, tenant_id: str, cpu_millis: int, memory_mb: int) -> str | None:
@@ -170,16 +186,18 @@ class QuotaManager:
         )
 
     def release(self, tenant_id: str, job_id: str) -> None:
-        self._state(tenant_id).reserved.pop(job_id, None)
+        self._state(tenant_id).drop_reservation(job_id)
 
     def observe(self, tenant_id: str, job_id: str, active: bool, holding: Holding | None) -> None:
         """Called for every job change seen in etcd: usage is derived from what is stored, so it cannot drift."""
         state = self._state(tenant_id)
-        state.reserved.pop(job_id, None)
+        state.drop_reservation(job_id)
+        old = state.live.pop(job_id, None)
+        if old is not None:
+            state.add(old, -1)
         if active and holding is not None:
             state.live[job_id] = holding
-        else:
-            state.live.pop(job_id, None)
+            state.add(holding)
 
     def set_limits(self, tenant_id: str, cpu: int | None, mem: int | None, jobs: int | None) -> QuotaLimits:
         self.check_tenant(tenant_id)

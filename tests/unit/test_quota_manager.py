@@ -311,3 +311,32 @@ def test_a_cpu_only_burst_session_admits_a_job_that_only_needs_more_cpu(world: Q
     session = world.quota.grant_burst("acme", 2000, 0, 0, 60, "me")
 
     assert world.admit(cpu=1000, mem=64, burst=True) == session.session_id
+
+
+def test_running_usage_always_equals_the_sum_of_what_is_held() -> None:
+    """Reserve, observe (running, ended, changed), release and expiry in a seeded random order: the kept
+    totals never drift from a recount of the holdings."""
+    import random
+
+    world = QuotaWorld()
+    rng = random.Random(7)
+    state = world.quota._state("globex")
+    for step in range(3000):
+        job_id = f"j{rng.randrange(200)}"
+        action = rng.random()
+        if action < 0.4:
+            try:
+                world.quota.reserve("globex", job_id, rng.choice((100, 250)), rng.choice((64, 128)), False)
+            except ResourceExhausted:
+                pass
+        elif action < 0.7:
+            holding = Holding("globex", rng.choice((100, 500)), rng.choice((64, 256)))
+            world.quota.observe("globex", job_id, rng.random() < 0.6, holding)
+        elif action < 0.85:
+            world.quota.release("globex", job_id)
+        else:
+            world.clock.advance(rng.choice((1.0, RESERVATION_TTL / 2)))
+        kept = world.usage("globex")  # drops expired reservations first
+        held = [*state.live.values(), *(h for h, _ in state.reserved.values())]
+        recount = Usage(sum(h.cpu_millis for h in held), sum(h.memory_mb for h in held), len(held))
+        assert kept == recount, f"drift at step {step}"
