@@ -12,19 +12,30 @@ from libs.etcd.client import Etcd, KeyValue, WatchCompacted, WatchEvent
 log = logging.getLogger(__name__)
 
 Handler = Callable[[WatchEvent], Awaitable[None] | None]
+BatchHandler = Callable[[list[WatchEvent]], Awaitable[None] | None]
 
 
 class Informer:
-    """Keeps `cache` equal to the keys under `prefix`; calls `handler` for each put and delete, in order.
+    """Keeps `cache` equal to the keys under `prefix`; calls `handler` for each put and delete, in order, and
+    `batch_handler` once with the events of each watch response (one etcd transaction's changes arrive
+    together), for handlers that do better work in bulk.
 
     After a reconnect it resumes from the last revision seen; after a compaction it lists again and
     replays the difference, so the handler never misses a change (it may see a key's latest value only).
     """
 
-    def __init__(self, etcd: Etcd, prefix: str, handler: Handler | None = None, name: str = ""):
+    def __init__(
+        self,
+        etcd: Etcd,
+        prefix: str,
+        handler: Handler | None = None,
+        name: str = "",
+        batch_handler: BatchHandler | None = None,
+    ):
         self.etcd = etcd
         self.prefix = prefix
         self.handler = handler
+        self.batch_handler = batch_handler
         self.name = name or prefix
         self.cache: dict[str, KeyValue] = {}
         self.revision = 0
@@ -55,7 +66,7 @@ class Informer:
     async def wait_synced(self, timeout: float = 30.0) -> None:
         await asyncio.wait_for(self.synced.wait(), timeout)
 
-    async def _emit(self, event: WatchEvent) -> None:
+    async def _emit(self, event: WatchEvent) -> WatchEvent:
         if event.kind == "put":
             self.cache[event.kv.key] = event.kv
         else:
@@ -70,6 +81,17 @@ class Informer:
                     await result
             except Exception:
                 log.exception("informer %s: handler failed for %s", self.name, event.kv.key)
+        return event
+
+    async def _emit_batch(self, events: list[WatchEvent]) -> None:
+        if self.batch_handler is None or not events:
+            return
+        try:
+            result = self.batch_handler(events)
+            if result is not None:
+                await result
+        except Exception:
+            log.exception("informer %s: batch handler failed for %d events", self.name, len(events))
 
     async def _list(self) -> None:
         kvs: list[KeyValue] = []
@@ -82,12 +104,14 @@ class Informer:
                 break
             start = page[-1].key + "\0"
         fresh = {kv.key: kv for kv in kvs}
+        seen: list[WatchEvent] = []
         for key in [k for k in self.cache if k not in fresh]:
-            await self._emit(WatchEvent("delete", self.cache[key], revision))
+            seen.append(await self._emit(WatchEvent("delete", self.cache[key], revision)))
         for key, kv in fresh.items():
             old = self.cache.get(key)
             if old is None or old.mod_revision != kv.mod_revision:
-                await self._emit(WatchEvent("put", kv, kv.mod_revision))
+                seen.append(await self._emit(WatchEvent("put", kv, kv.mod_revision)))
+        await self._emit_batch(seen)
         self.revision = revision
 
     async def _run(self) -> None:
@@ -101,9 +125,11 @@ class Informer:
                     self.synced.set()
                 async for batch in self.etcd.watch(self.prefix, self.revision + 1):
                     backoff = 0.2
+                    seen = []
                     for event in batch:
-                        await self._emit(event)
+                        seen.append(await self._emit(event))
                         self.revision = max(self.revision, event.revision)
+                    await self._emit_batch(seen)
             except WatchCompacted:
                 need_list = True
             except Unavailable as exc:

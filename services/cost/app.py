@@ -63,7 +63,7 @@ async def run(common: CommonSettings) -> None:
     # Stored lifetimes before the live workers, so a worker keeps its first start across restarts.
     await workers.load()
     worker_informer = Informer(etcd, keys.workers, workers.on_worker_event, "workers")
-    job_informer = Informer(etcd, keys.jobs, ledger.on_job_event, "jobs")
+    job_informer = Informer(etcd, keys.jobs, name="jobs", batch_handler=ledger.on_job_events)
     for informer in (worker_informer, job_informer):
         informers.append(informer)
         informer.start()

@@ -74,7 +74,10 @@ class CostCycle:
     def publish_pools(self) -> None:
         a, now = self.accounts, self.accounts.clock.now()
         start, end = month_window(now)
-        pools = by_pool(idle_cells(a.config, a.workers.intervals, a.ledger.allocations(since=start), start, end, now))
+        # Month windows start at a UTC midnight, so durable records count through their per-day index.
+        unwritten = a.ledger.unwritten_allocations(since=start)
+        cells = idle_cells(a.config, a.workers.intervals, unwritten, start, end, now, a.ledger.allocated_by_day)
+        pools = by_pool(cells)
         for pool in a.config.pools:
             cell = pools.get(pool.pool_id)
             self.metrics.pool_month.labels(pool.pool_id).set(cell.capacity_micros if cell else 0)

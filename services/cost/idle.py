@@ -16,7 +16,7 @@ a use of the pool). Idle is negative only when jobs used more than their worker'
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -142,6 +142,18 @@ def day_windows(start: float, end: float) -> list[tuple[str, float, float]]:
     return out
 
 
+def daily_shares(a: Allocation) -> list[tuple[str, int]]:
+    """(UTC day, the part of the attempt's base price that falls on that day), as idle_cells splits it."""
+    if a.end <= a.start:
+        return []
+    shares = []
+    for day, d_start, d_end in day_windows(a.start, a.end):
+        share = prorate(a.base_micros, overlap(a.start, a.end, d_start, d_end), a.end - a.start)
+        if share:
+            shares.append((day, share))
+    return shares
+
+
 def idle_cells(
     config: MeshConfig,
     intervals: Iterable[WorkerInterval],
@@ -149,8 +161,12 @@ def idle_cells(
     start: float,
     end: float,
     now: float,
+    allocated: Mapping[tuple[str, str], int] | None = None,
 ) -> dict[tuple[str, str], IdleCell]:
-    """Capacity and allocation per (pool, UTC day) over [start, min(end, now)); see the module docstring."""
+    """Capacity and allocation per (pool, UTC day) over [start, min(end, now)); see the module docstring.
+
+    `allocated` holds allocations already split by (pool, UTC day) (see daily_shares); only whole days of it
+    are counted, so a window that starts or ends inside a day must pass those attempts in `allocations`."""
     end = min(end, now)
     workers = [i for i in intervals if i.start < end and (i.end is None or i.end > start)]
     allocs = [a for a in allocations if a.start < end and a.end > start]
@@ -167,6 +183,10 @@ def idle_cells(
             share = prorate(a.base_micros, overlap(a.start, a.end, d_start, d_end), a.end - a.start)
             if share:
                 cells[(a.pool_id, day)] = cells.get((a.pool_id, day), IdleCell()) + IdleCell(0, share)
+    days = {day for day, _, _ in day_windows(start, end)} if start < end and allocated else set()
+    for (pool_id, day), micros in (allocated or {}).items():
+        if day in days and micros:
+            cells[(pool_id, day)] = cells.get((pool_id, day), IdleCell()) + IdleCell(0, micros)
     return cells
 
 

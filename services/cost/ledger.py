@@ -14,7 +14,7 @@ from libs.errors import JobMeshError
 from libs.etcd.client import Compare, RequestOp, TxnResult, WatchEvent, cmp_missing, op_get, op_put
 from libs.jobs import decode_job
 from libs.keys import Keys
-from services.cost.idle import Allocation
+from services.cost.idle import Allocation, daily_shares
 from services.cost.metrics import CostMetrics
 from services.cost.records import (
     CostRecord,
@@ -27,6 +27,9 @@ from services.cost.records import (
 )
 
 log = logging.getLogger(__name__)
+
+# Records per create-only transaction (one compare and one put each; etcd allows 128 of either).
+WRITE_CHUNK = 32
 
 
 class RecordStore(Protocol):
@@ -49,15 +52,17 @@ class CostLedger:
         self.running: dict[str, t.Job] = {}  # job key -> job whose current attempt has not ended
         self._by_day: dict[tuple[str, str], int] = {}  # (tenant, UTC day) -> micros of durable records
         self._base: dict[str, int] = {}  # record key -> its price without burst premium, for idle cost
+        # (pool, UTC day) -> base micros of durable records that fall on that day: idle cost without a rescan.
+        self.allocated_by_day: dict[tuple[str, str], int] = {}
 
     # Records read back from etcd (ours, and any written before a restart) --------------------------------
 
     def on_record_event(self, event: WatchEvent) -> None:
         if event.kind == "delete":
             old = self.records.pop(event.kv.key, None)
-            self._base.pop(event.kv.key, None)
-            if old is not None:
-                self._count(old, -1)
+            base = self._base.pop(event.kv.key, None)
+            if old is not None and base is not None:
+                self._count(old, base, -1)
             return
         self._remember(event.kv.key, CostRecord.from_json(event.kv.value))
 
@@ -66,21 +71,30 @@ class CostLedger:
         if key in self.records:
             return False
         self.records[key] = record
-        self._base[key] = base_micros(record, self.config)
-        self._count(record, 1)
+        base = self._base[key] = base_micros(record, self.config)
+        self._count(record, base, 1)
         return True
 
-    def _count(self, record: CostRecord, sign: int) -> None:
+    def _count(self, record: CostRecord, base: int, sign: int) -> None:
         cell = (record.tenant_id, day_of(record.end))
         self._by_day[cell] = self._by_day.get(cell, 0) + sign * record.cost_micros
+        for day, share in daily_shares(Allocation(record.pool_id, record.start, record.end, base)):
+            key = (record.pool_id, day)
+            self.allocated_by_day[key] = self.allocated_by_day.get(key, 0) + sign * share
 
     # Following the jobs ----------------------------------------------------------------------------------------
 
     async def on_job_event(self, event: WatchEvent) -> None:
-        job = decode_job(event.kv.value)
-        if event.kind == "delete":
-            self.running.pop(event.kv.key, None)  # a deleted job's ended attempts are still charged below
-        new = self.observe(event.kv.key, job)
+        await self.on_job_events([event])
+
+    async def on_job_events(self, events: list[WatchEvent]) -> None:
+        """The job changes of one watch response: the attempts they ended are charged in one transaction."""
+        new: list[str] = []
+        for event in events:
+            job = decode_job(event.kv.value)
+            if event.kind == "delete":
+                self.running.pop(event.kv.key, None)  # a deleted job's ended attempts are still charged below
+            new += self.observe(event.kv.key, job)
         if new:
             await self.flush(new)
 
@@ -106,30 +120,55 @@ class CostLedger:
         return await self.flush()
 
     async def flush(self, keys: Iterable[str] | None = None) -> int:
-        """Writes pending records create-only; a failed write stays pending for the next cycle. Returns how many
-        are still pending."""
-        for key in list(self.pending if keys is None else keys):
-            record = self.pending.get(key)
-            if record is None:
-                continue
+        """Writes pending records create-only, up to WRITE_CHUNK per transaction; a failed write stays pending
+        for the next cycle. Returns how many are still pending."""
+        wanted = [key for key in (self.pending if keys is None else keys) if key in self.pending]
+        for first in range(0, len(wanted), WRITE_CHUNK):
+            chunk = wanted[first : first + WRITE_CHUNK]
+            if len(chunk) == 1 or not await self._write_together(chunk):
+                for key in chunk:
+                    await self._write_one(key)
+        self.metrics.unrecorded.set(len(self.pending))
+        return len(self.pending)
+
+    async def _write_together(self, keys: list[str]) -> bool:
+        """One create-only transaction for several records; False (nothing written) when any already exists
+        or the write failed, and each is then written on its own."""
+        records = [(key, self.pending[key]) for key in keys]
+        try:
+            result = await self.store.txn(
+                [cmp_missing(key) for key, _ in records], [op_put(key, r.to_json()) for key, r in records]
+            )
+        except JobMeshError:
+            return False
+        if not result.succeeded:
+            return False
+        for key, record in records:
+            self._charged(key, record)
+        return True
+
+    def _charged(self, key: str, record: CostRecord) -> None:
+        # We wrote it (the records informer may have handed it back to us already).
+        self._remember(key, record)
+        self.metrics.records.inc()
+        self.metrics.charged.labels(record.tenant_id, record.pool_id).inc(record.cost_micros)
+
+    async def _write_one(self, key: str) -> None:
+        record = self.pending.get(key)
+        if record is not None:
             try:
                 # Create-only: a second charge of the same attempt (a replay, a restart, a retry) changes nothing.
                 result = await self.store.txn([cmp_missing(key)], [op_put(key, record.to_json())], [op_get(key)])
             except JobMeshError as exc:
                 self.metrics.write_failures.labels("attempt").inc()
                 log.warning("cost record %s not written (%s); retrying next cycle", key, exc.reason)
-                continue
+                return
             if result.succeeded:
-                # We wrote it (the records informer may have handed it back to us already).
-                self._remember(key, record)
-                self.metrics.records.inc()
-                self.metrics.charged.labels(record.tenant_id, record.pool_id).inc(record.cost_micros)
+                self._charged(key, record)
             else:
                 stored = result.range_kvs(0)
                 if stored:
                     self._remember(key, CostRecord.from_json(stored[0].value))
-        self.metrics.unrecorded.set(len(self.pending))
-        return len(self.pending)
 
     # Queries ----------------------------------------------------------------------------------------------------
 
@@ -182,6 +221,9 @@ class CostLedger:
         out = [
             Allocation(r.pool_id, r.start, r.end, self._base[key]) for key, r in self.records.items() if r.end > since
         ]
+        return out + self.unwritten_allocations(since)
+
+    def unwritten_allocations(self, since: float = 0.0) -> list[Allocation]:
+        """`allocations` less the durable records (those are in `allocated_by_day`)."""
         unwritten = [r for r in [*self.pending.values(), *self.accruing()] if r.end > since]
-        out += [Allocation(r.pool_id, r.start, r.end, base_micros(r, self.config)) for r in unwritten]
-        return out
+        return [Allocation(r.pool_id, r.start, r.end, base_micros(r, self.config)) for r in unwritten]

@@ -230,3 +230,66 @@ class TestWorkerLedger:
         assert registry.get_sample_value(
             "jobmesh_cost_record_write_failures_total", {"record": "worker_lifetime"}
         ) == pytest.approx(1)
+
+
+def job_key(job: t.Job) -> str:
+    return KEYS.job(job.tenant_id, job.job_id)
+
+
+async def test_attempts_ended_in_one_watch_response_are_charged_in_one_transaction() -> None:
+    h = Harness()
+    jobs = [JobBuilder(f"job-{i}").ended(MIDNIGHT, MIDNIGHT + HOUR).build() for i in range(5)]
+
+    await h.ledger.on_job_events(
+        [WatchEvent("put", KeyValue(job_key(j), j.SerializeToString(), 1, 1, 1, 0), 1) for j in jobs]
+    )
+
+    assert h.etcd.calls == 1
+    assert len(h.stored()) == 5
+    assert h.metric("jobmesh_cost_records_total") == 5
+
+
+async def test_a_batch_holding_an_already_charged_attempt_charges_each_of_the_others_once() -> None:
+    h = Harness()
+    first = JobBuilder("job-0").ended(MIDNIGHT, MIDNIGHT + HOUR).build()
+    await Harness(h.etcd).see(first)  # charged by an earlier incarnation this ledger never heard from
+    jobs = [first, *(JobBuilder(f"job-{i}").ended(MIDNIGHT, MIDNIGHT + HOUR).build() for i in (1, 2))]
+
+    await h.ledger.on_job_events(
+        [WatchEvent("put", KeyValue(job_key(j), j.SerializeToString(), 1, 1, 1, 0), 1) for j in jobs]
+    )
+
+    assert len(h.stored()) == 3
+    assert h.metric("jobmesh_cost_records_total") == 2  # the stored one is adopted, not charged again
+    assert h.ledger.spent("acme", month="2026-03") == 300_000
+
+
+async def test_the_per_day_index_gives_the_month_s_idle_cost_exactly_as_a_full_recount() -> None:
+    from services.cost.budgets import month_window
+    from services.cost.idle import WorkerInterval, idle_cells
+
+    now = MIDNIGHT + 5 * HOUR
+    h = Harness(now=now)
+    jobs = [
+        JobBuilder("across-months").ended(MIDNIGHT - 10 * 24 * HOUR - HOUR, MIDNIGHT - 9 * 24 * HOUR + 7),
+        JobBuilder("across-midnight").ended(MIDNIGHT - 3 * HOUR, MIDNIGHT + 2 * HOUR + 0.3),
+        JobBuilder("burst").burst().ended(MIDNIGHT + HOUR, MIDNIGHT + HOUR + 91.7),
+        JobBuilder("retried").ended(MIDNIGHT - 30 * HOUR, MIDNIGHT - 29 * HOUR).ended(MIDNIGHT, MIDNIGHT + 1.5),
+        JobBuilder("running").running(MIDNIGHT + 4 * HOUR),
+    ]
+    for job in jobs:
+        await h.see(job.build())
+    # One record written by someone else and only read back, one still unwritten.
+    h.etcd.fail_next(1)
+    await h.see(JobBuilder("unwritten").ended(MIDNIGHT + 2 * HOUR, MIDNIGHT + 3 * HOUR).build())
+    assert h.ledger.pending
+    start, end = month_window(now)
+    workers = [WorkerInterval("w1", "static-general", MIDNIGHT - 40 * 24 * HOUR, None, 2000, 2048)]
+
+    full = idle_cells(CONFIG, workers, h.ledger.allocations(since=start), start, end, now)
+    fast = idle_cells(
+        CONFIG, workers, h.ledger.unwritten_allocations(since=start), start, end, now, h.ledger.allocated_by_day
+    )
+
+    assert fast == full
+    assert sum(cell.allocated_micros for cell in full.values()) > 0
