@@ -49,6 +49,9 @@ async def run(settings: CommonSettings) -> None:
             worker=worker,
             poolmanagers=settings.peers.poolmanager,
             scratch_root=default_scratch(str(settings.data_dir)),
+            # Three heartbeats per lease: a missed one (a replica that does not answer) still leaves time
+            # to refresh the lease through another replica.
+            heartbeat_seconds=settings.get_int("JOBMESH_WORKER_LEASE_TTL", 6) / 3,
         ),
         JobExecutor(default_scratch(str(settings.data_dir))),
     )

@@ -39,6 +39,7 @@ class WorkerAgent:
         self._next: t.Assignment | None = None
         self._job_task: asyncio.Task[None] | None = None
         self._lost = asyncio.Event()
+        self._reconnect = asyncio.Event()  # the session's replica stopped answering: end the session
         self._channels: dict[str, grpc.aio.Channel] = {}  # one long-lived channel per replica, for reports
 
     def _registry(self, addr: str) -> poolmanager_pb2_grpc.WorkerRegistryServiceStub:
@@ -75,6 +76,7 @@ class WorkerAgent:
             stub = poolmanager_pb2_grpc.WorkerRegistryServiceStub(ch)
             call = stub.Connect(pm.ConnectRequest(worker=self.worker))
             self._lost.clear()
+            self._reconnect.clear()
             heartbeat: asyncio.Task[None] | None = None
             stop_waiter = asyncio.create_task(self._end_signal())
             stop_waiter.add_done_callback(lambda _: call.cancel())
@@ -85,14 +87,14 @@ class WorkerAgent:
                         self.worker.lease_id = message.registered.lease_id
                         log.info("registered with %s (lease %x)", addr, self.worker.lease_id)
                         if heartbeat is None:
-                            heartbeat = asyncio.create_task(self._heartbeat(stub))
+                            heartbeat = asyncio.create_task(self._heartbeat(addr))
                     elif kind == "assignment":
                         self._start(message.assignment)
                     elif kind == "cancel_job_id":
                         if self.executor.cancel(message.cancel_job_id):
                             log.info("cancelling job", extra={"job_id": message.cancel_job_id})
             except asyncio.CancelledError:
-                if not (self.stopping.is_set() or self._lost.is_set()):
+                if not (self.stopping.is_set() or self._lost.is_set() or self._reconnect.is_set()):
                     raise
             finally:
                 stop_waiter.cancel()
@@ -100,24 +102,35 @@ class WorkerAgent:
                     heartbeat.cancel()
 
     async def _end_signal(self) -> None:
-        stop = asyncio.create_task(self.stopping.wait())
-        lost = asyncio.create_task(self._lost.wait())
+        waiters = [asyncio.create_task(e.wait()) for e in (self.stopping, self._lost, self._reconnect)]
         try:
-            await asyncio.wait({stop, lost}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            stop.cancel()
-            lost.cancel()
+            for waiter in waiters:
+                waiter.cancel()
 
-    async def _heartbeat(self, stub: poolmanager_pb2_grpc.WorkerRegistryServiceStub) -> None:
+    async def _heartbeat(self, addr: str) -> None:
+        """Keeps the lease alive through the session's replica; when that one does not answer (dead, or frozen
+        with its connections open), through the others at once, and the session is dropped so that the next
+        one streams our assignments from a replica that works."""
+        endpoints = self.settings.poolmanagers
+        others = [a for a in endpoints if a != addr]
+        request = pm.HeartbeatRequest(worker_id=self.worker.worker_id, lease_id=self.worker.lease_id)
         while True:
             await asyncio.sleep(self.settings.heartbeat_seconds)
-            try:
-                resp = await stub.Heartbeat(
-                    pm.HeartbeatRequest(worker_id=self.worker.worker_id, lease_id=self.worker.lease_id), timeout=2.0
-                )
-            except grpc.aio.AioRpcError as exc:
-                log.warning("heartbeat failed: %s", exc.code().name)
+            resp = None
+            for target in [addr, *others]:
+                try:
+                    resp = await self._registry(target).Heartbeat(request, timeout=self.settings.heartbeat_seconds)
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    log.warning("heartbeat through %s failed: %s", target, exc.code().name)
+            if resp is None:
                 continue
+            if target != addr:
+                log.warning("pool-manager %s does not answer; reconnecting through another replica", addr)
+                self._reconnect.set()
+                return
             if not resp.alive:
                 # We were declared lost: our job was retried elsewhere, so it must not keep running here.
                 log.warning("lease lost; stopping any job and registering again")
