@@ -69,7 +69,17 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         )
 
     async def _record_results(self, batch: list[Completion]) -> list[str | Exception | None]:
-        return list(await self.store.complete_attempts(batch, self.clock.now()))
+        pools = await self.store.complete_attempts(batch, self.clock.now())
+        # Counted here, where the transaction landed, not by the caller: a report whose RPC was cancelled
+        # after its result was written still counts (its retry is refused as stale).
+        for done, pool in zip(batch, pools, strict=True):
+            if pool is None:
+                self.metrics.results.labels("unknown", "stale").inc()
+                continue
+            succeeded = done.result.get("exit_code") == 0 and done.result.get("reason") == "EXITED"
+            self.metrics.results.labels(pool, "succeeded" if succeeded else "failed").inc()
+            self.outcomes.record(pool, succeeded)
+        return list(pools)
 
     def on_assignment(self, event: WatchEvent) -> None:
         """Routes assignment changes to the worker's stream, if it is connected to this replica."""
@@ -170,11 +180,7 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
                 },
             )
         )
-        succeeded = request.exit_code == 0 and request.reason == "EXITED"
         if pool is None:
-            self.metrics.results.labels("unknown", "stale").inc()
             log.warning("rejected stale result for attempt %d from %s", request.attempt, request.worker_id)
             return pm.ReportResultResponse(accepted=False)
-        self.metrics.results.labels(pool, "succeeded" if succeeded else "failed").inc()
-        self.outcomes.record(pool, succeeded)
         return pm.ReportResultResponse(accepted=True)
