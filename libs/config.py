@@ -60,6 +60,11 @@ class PoolConfig:
     scale_down_idle_seconds: float = 30.0
     scale_up_step: int = 4
     scale_down_step: int = 1
+    # Scale-up triggers of dynamic and burst pools: this many waiting jobs; a waiting job older than this
+    # (0: off); this share of the active workers busy, which adds one worker of headroom (0: off).
+    scale_up_queue_depth: int = 1
+    scale_up_queue_wait_seconds: float = 0.0
+    scale_up_utilization: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,14 @@ def _pool(raw: dict[str, object]) -> PoolConfig:
         min_w = max_w = workers
     if min_w < 0 or max_w < min_w or max_w == 0:
         raise ConfigError(f"pool {pool_id}: need 0 <= min_workers <= max_workers and max_workers > 0")
+    depth = int(raw.get("scale_up_queue_depth", 1))  # type: ignore[call-overload]
+    wait = float(raw.get("scale_up_queue_wait_seconds", 0.0))  # type: ignore[arg-type]
+    utilization = float(raw.get("scale_up_utilization", 0.0))  # type: ignore[arg-type]
+    if depth < 1 or wait < 0 or not 0 <= utilization <= 1:
+        raise ConfigError(
+            f"pool {pool_id}: need scale_up_queue_depth >= 1, scale_up_queue_wait_seconds >= 0 and "
+            "0 <= scale_up_utilization <= 1"
+        )
     pricing_raw = raw.get("pricing", {})
     assert isinstance(pricing_raw, dict)
     labels_raw = raw.get("labels", {})
@@ -137,6 +150,9 @@ def _pool(raw: dict[str, object]) -> PoolConfig:
         scale_down_idle_seconds=float(raw.get("scale_down_idle_seconds", 30.0)),  # type: ignore[arg-type]
         scale_up_step=int(raw.get("scale_up_step", 4)),  # type: ignore[call-overload]
         scale_down_step=int(raw.get("scale_down_step", 1)),  # type: ignore[call-overload]
+        scale_up_queue_depth=depth,
+        scale_up_queue_wait_seconds=wait,
+        scale_up_utilization=utilization,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,3 +100,19 @@ def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.2, what:
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(interval)
+
+
+def pool_view(api: Api, pool_id: str) -> dict[str, Any]:
+    """One pool as `GET /api/v1/pools` shows it."""
+    return next(p for p in api.call("GET", "/api/v1/pools").json()["pools"] if p["pool_id"] == pool_id)
+
+
+def stack_with_idle_worker(data_dir: Path, config: Path, pool_id: str) -> Iterator[Stack]:
+    """A module fixture's body: a stack on `config`, yielded once `pool_id` has an idle worker, then stopped."""
+    stack = start_stack(data_dir, config=config)
+    try:
+        api = Api(stack.url, token(stack))
+        wait_for(lambda: pool_view(api, pool_id)["idle_workers"] >= 1, what=f"an idle worker in {pool_id}")
+        yield stack
+    finally:
+        stack.stop()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -37,18 +38,58 @@ class ScalingDecision:
 
 @dataclass(frozen=True)
 class QueueDepth:
-    """Waiting jobs per queue, and how many of them were admitted against a burst session."""
+    """Waiting jobs per queue, how many of them were admitted against a burst session, and how long the
+    longest-waiting one has waited (seconds)."""
 
     by_queue: dict[str, int]
     burst_by_queue: dict[str, int]
+    oldest_wait: dict[str, float] = field(default_factory=dict)
 
 
-def desired_workers(pool: PoolConfig, busy: int, backlog: int) -> int:
-    """Static pools hold their size; dynamic and burst pools want one worker per running or waiting job, within
-    bounds."""
+@dataclass(frozen=True)
+class PoolLoad:
+    active: int  # registered and not draining
+    starting: int  # provisioned, not registered yet
+    busy: int
+    backlog: int  # waiting jobs this pool may take
+    oldest_wait: float = 0.0  # seconds the longest-waiting of them has waited
+
+    @property
+    def current(self) -> int:
+        return self.active + self.starting
+
+
+def scaling_target(pool: PoolConfig, load: PoolLoad) -> tuple[int, str]:
+    """The size a pool should move to, and the trigger that asks for it. Pure.
+
+    Static pools hold their size. Dynamic and burst pools grow to one worker per running or waiting job when
+    enough jobs wait (`scale_up_queue_depth`) or one has waited too long (`scale_up_queue_wait_seconds`), and
+    by one worker of headroom when `scale_up_utilization` of the active workers are busy; they shrink (idle
+    workers only, see the controller) to what the running and waiting jobs need plus that headroom, never
+    below `min_workers`. The controller applies steps and cooldowns."""
+    current = load.current
     if pool.kind == "static":
-        return pool.max_workers
-    return max(pool.min_workers, min(pool.max_workers, busy + backlog))
+        return pool.max_workers, "pool_size"
+    need = load.busy + load.backlog
+    utilization = pool.scale_up_utilization
+    want, trigger = current, ""
+    if need > current and load.backlog >= pool.scale_up_queue_depth:
+        want, trigger = need, "burst_demand" if pool.kind == "burst" else "queue_depth"
+    elif need > current and load.backlog and 0 < pool.scale_up_queue_wait_seconds <= load.oldest_wait:
+        want, trigger = need, "queue_wait"
+    elif utilization and load.active and load.busy >= utilization * load.active and load.starting == 0:
+        want, trigger = current + 1, "utilization"
+    else:
+        keep = need
+        if utilization and load.busy:
+            keep = max(keep, math.floor(load.busy / utilization) + 1)  # scaling down must not re-trigger it
+        want = min(current, keep)
+    want = max(pool.min_workers, min(pool.max_workers, want))
+    if want > current and not trigger:
+        trigger = "min_workers"
+    elif want < current:
+        trigger = "idle_workers"
+    return want, trigger
 
 
 class ControllerMetrics:
@@ -209,22 +250,24 @@ class PoolController:
         pending = self.provider.pending(pool.pool_id, {w.worker_id for w in workers}, max_age=60.0)
         return active, idle, len(pending)
 
-    def _backlog(self, pool: PoolConfig, depth: QueueDepth) -> int:
-        backlog = depth.by_queue.get(pool.pool_id, 0)
+    def _backlog(self, pool: PoolConfig, depth: QueueDepth) -> tuple[int, float]:
+        """(waiting jobs this pool may take, the longest wait among their queues)."""
+        queues = [pool.pool_id]
         if pool.kind == "dynamic" and not self._static_has_room():
-            backlog += depth.by_queue.get("default", 0)
+            queues.append("default")
         if pool.kind != "burst":
-            return backlog
+            return sum(depth.by_queue.get(q, 0) for q in queues), max(depth.oldest_wait.get(q, 0.0) for q in queues)
         # Burst capacity serves only jobs admitted against a burst session, and only what static and dynamic
         # capacity cannot: its own queue, a dynamic pool's queue once that pool is at its max, and `default`
         # once static pools are full and every dynamic pool is at its max.
-        backlog = depth.burst_by_queue.get(pool.pool_id, 0)
         dynamic = [p for p in self.config.pools if p.kind == "dynamic"]
-        at_max = {p.pool_id for p in dynamic if self._at_max(p)}
-        backlog += sum(depth.burst_by_queue.get(pool_id, 0) for pool_id in at_max)
+        at_max = [p.pool_id for p in dynamic if self._at_max(p)]
+        queues += at_max
         if len(at_max) == len(dynamic) and not self._static_has_room():
-            backlog += depth.burst_by_queue.get("default", 0)
-        return backlog
+            queues.append("default")
+        waiting = [q for q in queues if depth.burst_by_queue.get(q, 0)]
+        backlog = sum(depth.burst_by_queue.get(q, 0) for q in waiting)
+        return backlog, max((depth.oldest_wait.get(q, 0.0) for q in waiting), default=0.0)
 
     def _at_max(self, pool: PoolConfig) -> bool:
         active, _, starting = self._size(pool)
@@ -239,13 +282,13 @@ class PoolController:
         current = len(active) + starting
         if pool.provider != "local":
             return  # workers of this pool are run by something else (e.g. a Kubernetes Deployment)
-        backlog = self._backlog(pool, depth)
-        want = desired_workers(pool, busy, backlog)
+        backlog, oldest_wait = self._backlog(pool, depth)
+        load = PoolLoad(len(active), starting, busy, backlog, oldest_wait)
+        want, trigger = scaling_target(pool, load)
         elastic = pool.kind != "static"
         if want > current:
             step = min(want - current, pool.scale_up_step) if elastic else want - current
-            trigger = {"static": "pool_size", "dynamic": "queue_depth", "burst": "burst_demand"}[pool.kind]
-            reason = f"{busy} busy, {backlog} waiting, {current} workers"
+            reason = f"{busy} busy, {backlog} waiting (longest {oldest_wait:.1f}s), {current} workers"
             if elastic and not self._cooled(pool, "up", pool.scale_up_cooldown_seconds):
                 await self._refused(pool, "up", current, current + step, trigger, reason)
                 return
@@ -343,4 +386,6 @@ class QueueDepthSource:
         except Exception as exc:  # a queueing outage must not stop lost-worker handling
             log.warning("queue depth unavailable: %s", exc)
             return QueueDepth({}, {})
-        return QueueDepth(dict(resp.depth_by_queue), dict(resp.burst_depth_by_queue))
+        return QueueDepth(
+            dict(resp.depth_by_queue), dict(resp.burst_depth_by_queue), dict(resp.oldest_wait_seconds_by_queue)
+        )

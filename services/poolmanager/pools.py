@@ -97,6 +97,7 @@ class PoolsServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
             workers_by_state=states,
             utilization=round(states["WORKER_STATE_BUSY"] / len(workers), 4) if workers else 0.0,
             queue_depth=depth.by_queue.get(pool.pool_id, 0),
+            oldest_wait_seconds=round(depth.oldest_wait.get(pool.pool_id, 0.0), 3),
             provisioning_seconds_p50=round(statistics.median(provisioning), 3) if provisioning else 0.0,
             provisioning_seconds_p95=round(provisioning[min(len(provisioning) - 1, int(len(provisioning) * 0.95))], 3)
             if provisioning

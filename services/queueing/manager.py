@@ -360,13 +360,19 @@ class QueueManager:
     def stats(self) -> tuple[dict[str, int], dict[str, int]]:
         return self.queue.depth_by()
 
-    def burst_depth_by_queue(self) -> dict[str, int]:
-        """Waiting jobs admitted against a burst session, per queue: the demand burst capacity may serve."""
-        out: dict[str, int] = {}
+    def demand_by_queue(self) -> tuple[dict[str, int], dict[str, float]]:
+        """What autoscaling reads, per queue: waiting jobs admitted against a burst session (the demand burst
+        capacity may serve), and how long the longest-waiting job has waited (seconds)."""
+        burst: dict[str, int] = {}
+        oldest: dict[str, float] = {}
         for job, _ in self.pending.values():
             if job.burst_session_id:
-                out[job.queue] = out.get(job.queue, 0) + 1
-        return out
+                burst[job.queue] = burst.get(job.queue, 0) + 1
+            submitted = seconds(job.create_time)
+            if submitted < oldest.get(job.queue, math.inf):
+                oldest[job.queue] = submitted
+        now = self.clock.now()
+        return burst, {queue: max(0.0, now - submitted) for queue, submitted in oldest.items()}
 
     def shape(self) -> QueueShape:
         by_queue, by_tenant = self.queue.depth_by()

@@ -52,10 +52,12 @@ class QueueingServicer(queueing_pb2_grpc.QueueingServiceServicer):
         self, request: q.GetQueueStatsRequest, context: grpc.aio.ServicerContext
     ) -> q.GetQueueStatsResponse:
         by_queue, by_tenant = self.manager.stats()
+        burst, oldest_wait = self.manager.demand_by_queue()
         return q.GetQueueStatsResponse(
             depth_by_queue=by_queue,
             depth_by_tenant=by_tenant,
-            burst_depth_by_queue=self.manager.burst_depth_by_queue(),
+            burst_depth_by_queue=burst,
+            oldest_wait_seconds_by_queue=oldest_wait,
         )
 
     async def SetTenantWeight(

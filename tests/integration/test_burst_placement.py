@@ -9,24 +9,14 @@ from collections.abc import Iterator
 import pytest
 
 from libs.launcher import REPO, Stack
-from tests.helpers import Api, job_spec, start_stack, token, wait_for
+from tests.helpers import Api, job_spec, pool_view, stack_with_idle_worker, token, wait_for
 
 CONFIG = REPO / "tests" / "fixtures" / "burst.toml"
 
 
 @pytest.fixture(scope="module")
 def bstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = start_stack(tmp_path_factory.mktemp("burst-stack"), config=CONFIG)
-    try:
-        api = Api(s.url, token(s))
-        wait_for(lambda: api.call("GET", "/api/v1/pools").json()["pools"][0]["idle_workers"] >= 1, what="static")
-        yield s
-    finally:
-        s.stop()
-
-
-def pool(api: Api, pool_id: str) -> dict[str, object]:
-    return next(p for p in api.call("GET", "/api/v1/pools").json()["pools"] if p["pool_id"] == pool_id)
+    yield from stack_with_idle_worker(tmp_path_factory.mktemp("burst-stack"), CONFIG, "static-small")
 
 
 def running_on(api: Api, job_id: str, timeout: float = 30.0) -> str:
@@ -64,8 +54,8 @@ def test_burst_jobs_overflow_to_burst_capacity_that_other_jobs_never_use(bstack:
 
         # 3. A burst worker goes idle; another tenant's ordinary job still waits for static or dynamic capacity.
         assert acme.cancel(bursts[0]["job_id"]).status_code == 200
-        assert pool(acme, "burst-small")["kind"] == "POOL_KIND_BURST"
-        wait_for(lambda: pool(acme, "burst-small")["idle_workers"] >= 1, what="an idle burst worker")
+        assert pool_view(acme, "burst-small")["kind"] == "POOL_KIND_BURST"
+        wait_for(lambda: pool_view(acme, "burst-small")["idle_workers"] >= 1, what="an idle burst worker")
         plain = globex.submit(job_spec("plain", ["true"]))
         deadline = time.monotonic() + 3.0
         while time.monotonic() < deadline:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from libs.launcher import Stack
-from tests.helpers import Api, job_spec, start_stack, token, wait_for
+from tests.helpers import Api, job_spec, pool_view, start_stack, token, wait_for
 from tests.integration.test_faults import leader_etcd_value, scheduler_leader
 
 
@@ -34,10 +34,6 @@ def pstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 def history(api: Api, pool: str) -> list[dict[str, object]]:
     return list(api.call("GET", f"/api/v1/pools/{pool}/scaling/history").json().get("events", []))
-
-
-def pool(api: Api, pool_id: str) -> dict[str, object]:
-    return next(p for p in api.call("GET", "/api/v1/pools").json()["pools"] if p["pool_id"] == pool_id)
 
 
 def when(event: dict[str, object]) -> float:
@@ -62,13 +58,13 @@ async def submit_many(stack: Stack, specs: list[dict[str, object]]) -> list[dict
 
 def test_a_burst_on_an_empty_dynamic_pool_scales_it_to_max_and_back_to_min(pstack: Stack) -> None:
     api = Api(pstack.url, token(pstack))
-    assert pool(api, "dynamic-large")["workers"] == 0
+    assert pool_view(api, "dynamic-large")["workers"] == 0
     jobs = asyncio.run(submit_many(pstack, [job_spec(f"burst{i}", ["true"], pool="dynamic-large") for i in range(200)]))
-    wait_for(lambda: pool(api, "dynamic-large")["workers"] == 2, timeout=30, what="scale up to max")
+    wait_for(lambda: pool_view(api, "dynamic-large")["workers"] == 2, timeout=30, what="scale up to max")
     for job in jobs:
         done = api.wait_terminal(str(job["job_id"]), timeout=120)
         assert done["state"] == "JOB_STATE_SUCCEEDED" and done["pool_id"] == "dynamic-large"
-    wait_for(lambda: pool(api, "dynamic-large")["workers"] == 0, timeout=60, what="scale down to min")
+    wait_for(lambda: pool_view(api, "dynamic-large")["workers"] == 0, timeout=60, what="scale down to min")
     events = history(api, "dynamic-large")
     executed = [e for e in events if e["executed"]]
     ups = [e for e in executed if e["direction"] == "up"]
@@ -117,7 +113,7 @@ def test_a_worker_that_may_not_be_reused_is_replaced_after_its_jobs(pstack: Stac
     assert max(workers.count(w) for w in workers) <= 2, workers
     assert len(set(workers)) == 3, workers
     assert [w for i, w in enumerate(workers) if i == 0 or workers[i - 1] != w] == list(dict.fromkeys(workers))
-    wait_for(lambda: pool(api, "static-recycled")["workers"] == 1, timeout=30, what="the pool back at size")
+    wait_for(lambda: pool_view(api, "static-recycled")["workers"] == 1, timeout=30, what="the pool back at size")
 
 
 @pytest.mark.parametrize("role", ["scheduler", "pool-manager"])
