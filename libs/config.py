@@ -65,6 +65,10 @@ class PoolConfig:
     scale_up_queue_depth: int = 1
     scale_up_queue_wait_seconds: float = 0.0
     scale_up_utilization: float = 0.0
+    # Run on each worker every interval (and after a job once the interval has passed); a non-zero exit
+    # marks the worker unhealthy: it takes no more jobs and is replaced. Empty: built-in checks only.
+    health_check_command: tuple[str, ...] = ()
+    health_check_interval_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,13 @@ def _pool(raw: dict[str, object]) -> PoolConfig:
     depth = int(raw.get("scale_up_queue_depth", 1))  # type: ignore[call-overload]
     wait = float(raw.get("scale_up_queue_wait_seconds", 0.0))  # type: ignore[arg-type]
     utilization = float(raw.get("scale_up_utilization", 0.0))  # type: ignore[arg-type]
+    health_raw = raw.get("health_check_command", [])
+    if not isinstance(health_raw, list) or not all(isinstance(a, str) for a in health_raw):
+        raise ConfigError(f"pool {pool_id}: health_check_command must be a list of strings")
+    health_command = tuple(health_raw)
+    health_interval = float(raw.get("health_check_interval_seconds", 30.0))  # type: ignore[arg-type]
+    if health_interval <= 0:
+        raise ConfigError(f"pool {pool_id}: health_check_interval_seconds must be positive")
     if depth < 1 or wait < 0 or not 0 <= utilization <= 1:
         raise ConfigError(
             f"pool {pool_id}: need scale_up_queue_depth >= 1, scale_up_queue_wait_seconds >= 0 and "
@@ -153,6 +164,8 @@ def _pool(raw: dict[str, object]) -> PoolConfig:
         scale_up_queue_depth=depth,
         scale_up_queue_wait_seconds=wait,
         scale_up_utilization=utilization,
+        health_check_command=health_command,
+        health_check_interval_seconds=health_interval,
     )
 
 

@@ -26,6 +26,7 @@ class Completion:
     attempt: int
     worker_id: str
     result: dict[str, object]
+    unhealthy: str = ""  # the worker failed its health check: drain it in the same transaction
 
 
 class JobStore:
@@ -142,11 +143,18 @@ class JobStore:
         raise Conflict(f"job {job_id} kept changing; retry the cancel")
 
     async def complete_attempt(
-        self, tenant_id: str, job_id: str, attempt: int, worker_id: str, now: float, **result: object
+        self,
+        tenant_id: str,
+        job_id: str,
+        attempt: int,
+        worker_id: str,
+        now: float,
+        unhealthy: str = "",
+        **result: object,
     ) -> str | None:
         """Records a worker's result and returns the job's pool; None when the result is stale (another attempt,
         or the job already ended)."""
-        done = Completion(tenant_id, job_id, attempt, worker_id, result)
+        done = Completion(tenant_id, job_id, attempt, worker_id, result, unhealthy)
         if not _safe(done):
             return None
         for _ in range(10):
@@ -191,7 +199,9 @@ class JobStore:
         outcomes: builtins.list[str | None] = [plans[i][2] if i in plans else None for i in range(len(batch))]
         for i in alone:
             c = batch[i]
-            outcomes[i] = await self.complete_attempt(c.tenant_id, c.job_id, c.attempt, c.worker_id, now, **c.result)
+            outcomes[i] = await self.complete_attempt(
+                c.tenant_id, c.job_id, c.attempt, c.worker_id, now, c.unhealthy, **c.result
+            )
         return outcomes
 
     def _completion_keys(self, done: Completion) -> builtins.list[str]:
@@ -222,10 +232,14 @@ class JobStore:
         # Where a pool limits jobs per worker, the worker's count moves in the same transaction that frees it,
         # so a worker at its limit is never seen idle with a stale count.
         counted = self.counted_pools is None or job.pool_id in self.counted_pools
-        if worker_kv is not None and counted:
+        if worker_kv is not None and (counted or done.unhealthy):
             worker = t.Worker()
             worker.ParseFromString(worker_kv.value)
-            worker.jobs_run += 1
+            if counted:
+                worker.jobs_run += 1
+            if done.unhealthy:
+                # Freed and drained at once, so the scheduler never sees it idle and healthy.
+                worker.state = t.WORKER_STATE_DRAINING
             compares.append(cmp_mod(worker_key, worker_kv.mod_revision))
             ops.append(op_put(worker_key, worker.SerializeToString(), worker_kv.lease))
         return compares, ops, job.pool_id

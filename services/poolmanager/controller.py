@@ -155,6 +155,7 @@ class PoolController:
         self._last_action: dict[tuple[str, str], float] = {}
         self._last_refusal: dict[tuple[str, str], float] = {}
         self._idle_since: dict[str, float] = {}
+        self._stopped: set[str] = set()  # workers we asked to stop, until their record is gone
         self._wake = asyncio.Event()
         for pool in config.pools:
             # Counters exist from the start, so the first loss is an increase that alerts can see.
@@ -166,6 +167,7 @@ class PoolController:
     def on_worker_event(self, event: WatchEvent) -> None:
         if event.kind == "delete":
             self._idle_since.pop(Keys.last_segment(event.kv.key), None)
+            self._stopped.discard(Keys.last_segment(event.kv.key))
             self._wake.set()
         else:
             worker = decode_worker(event.kv)
@@ -199,7 +201,8 @@ class PoolController:
     async def cycle(self) -> None:
         # Phase 1: jobs on workers that are gone are retried or failed.
         await self.reclaim_lost_workers()
-        # Phase 2: workers that may not be reused (max jobs per worker) are stopped, to be replaced.
+        # Phase 2: workers that may not be reused (max jobs per worker, failed health check) are stopped, to be
+        # replaced.
         await self.retire_used_up_workers()
         # Phase 3: every pool moves toward the size its load asks for.
         depth = await self.queue_depth()
@@ -229,14 +232,23 @@ class PoolController:
                 self.outcomes.record(job.pool_id, False)
 
     async def retire_used_up_workers(self) -> None:
+        busy = {Keys.last_segment(k) for k in self.assignments.cache}
         for pool in self.config.pools:
-            if not pool.max_jobs_per_worker:
-                continue
             for worker in self._pool_workers(pool.pool_id):
-                if worker.state != t.WORKER_STATE_DRAINING and worker.jobs_run >= pool.max_jobs_per_worker:
+                if worker.state == t.WORKER_STATE_DRAINING:
+                    # Drained by its failed health check (or by us): stopped once its job, if any, is over.
+                    if worker.worker_id not in busy and worker.worker_id not in self._stopped:
+                        self._stop(worker)
+                        self.metrics.retired.labels(pool.pool_id).inc()
+                        log.info("stopped drained worker %s", worker.worker_id)
+                elif pool.max_jobs_per_worker and worker.jobs_run >= pool.max_jobs_per_worker:
                     if await self._drain(worker):
                         self.metrics.retired.labels(pool.pool_id).inc()
                         log.info("retired worker %s after %d jobs", worker.worker_id, worker.jobs_run)
+
+    def _stop(self, worker: t.Worker) -> None:
+        self._stopped.add(worker.worker_id)
+        self.provider.terminate(worker)
 
     def _pool_workers(self, pool_id: str) -> list[t.Worker]:
         return [w for w in (decode_worker(kv) for kv in self.workers.cache.values()) if w.pool_id == pool_id]
@@ -336,7 +348,7 @@ class PoolController:
         )
         if not result.succeeded:
             return False
-        self.provider.terminate(worker)
+        self._stop(worker)
         return True
 
     def _cooled(self, pool: PoolConfig, direction: str, cooldown: float) -> bool:

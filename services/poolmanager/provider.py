@@ -56,6 +56,8 @@ class LocalProcessProvider:
             JOBMESH_WORKER_MEMORY_MB=str(pool.worker_memory_mb),
             JOBMESH_WORKER_LABELS=json.dumps(pool.labels),
             JOBMESH_WORKER_SPAWN_TIME=str(time.time()),
+            JOBMESH_WORKER_HEALTH_CHECK=json.dumps(list(pool.health_check_command)),
+            JOBMESH_WORKER_HEALTH_INTERVAL=str(pool.health_check_interval_seconds),
             JOBMESH_PORT="0",
             JOBMESH_METRICS_PORT="0",
             GRPC_ENABLE_FORK_SUPPORT="0",

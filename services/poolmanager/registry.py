@@ -16,7 +16,7 @@ from libs.batching import GroupCommit
 from libs.clock import Clock
 from libs.config import MeshConfig
 from libs.errors import InvalidArgument
-from libs.etcd.client import Etcd, WatchEvent
+from libs.etcd.client import Etcd, WatchEvent, cmp_mod, op_put
 from libs.etcd.informer import Informer
 from libs.jobs import RESULT_REASONS, ts
 from libs.jobstore import Completion, JobStore
@@ -156,7 +156,26 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
 
     async def Heartbeat(self, request: pm.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pm.HeartbeatResponse:
         ttl = await self.etcd.refresh(request.lease_id) if request.lease_id else 0
+        if ttl > 0 and request.unhealthy_reason and safe_segment(request.worker_id):
+            await self._mark_unhealthy(request.worker_id, request.lease_id, request.unhealthy_reason)
         return pm.HeartbeatResponse(alive=ttl > 0)
+
+    async def _mark_unhealthy(self, worker_id: str, lease_id: int, reason: str) -> None:
+        """DRAINING takes the worker out of scheduling; the leader stops it once it has no job, and the pool's
+        policy replaces it."""
+        key = self.keys.worker(worker_id)
+        kv = await self.etcd.get(key)
+        if kv is None or kv.lease != lease_id:
+            return
+        worker = t.Worker()
+        worker.ParseFromString(kv.value)
+        if worker.state == t.WORKER_STATE_DRAINING:
+            return
+        worker.state = t.WORKER_STATE_DRAINING
+        if (
+            await self.etcd.txn([cmp_mod(key, kv.mod_revision)], [op_put(key, worker.SerializeToString(), lease_id)])
+        ).succeeded:
+            log.warning("worker %s failed its health check (%s): draining it", worker_id, reason[:200])
 
     async def ReportResult(
         self, request: pm.ReportResultRequest, context: grpc.aio.ServicerContext
@@ -178,6 +197,7 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
                     "cpu_seconds": request.cpu_seconds,
                     "max_memory_mb": request.max_memory_mb,
                 },
+                request.unhealthy_reason,
             )
         )
         if pool is None:

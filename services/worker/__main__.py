@@ -19,6 +19,7 @@ from libs.main import run_service
 from libs.settings import CommonSettings
 from services.worker.agent import AgentSettings, WorkerAgent, default_scratch
 from services.worker.executor import JobExecutor
+from services.worker.health import HealthCheck
 
 
 def worker_from_env() -> t.Worker:
@@ -44,16 +45,29 @@ async def run(settings: CommonSettings) -> None:
     if not worker.pool_id:
         print("JOBMESH_POOL_ID must be set", file=sys.stderr)
         raise SystemExit(2)
+    scratch = default_scratch(str(settings.data_dir))
+    health = HealthCheck(
+        scratch,
+        json.loads(os.environ.get("JOBMESH_WORKER_HEALTH_CHECK", "[]")),
+        float(os.environ.get("JOBMESH_WORKER_HEALTH_INTERVAL", "30")),
+        settings.get_int("JOBMESH_WORKER_MIN_FREE_MB", 64),
+        {
+            "JOBMESH_WORKER_ID": worker.worker_id,
+            "JOBMESH_POOL_ID": worker.pool_id,
+            "JOBMESH_DATA_DIR": str(settings.data_dir),
+        },
+    )
     agent = WorkerAgent(
         AgentSettings(
             worker=worker,
             poolmanagers=settings.peers.poolmanager,
-            scratch_root=default_scratch(str(settings.data_dir)),
+            scratch_root=scratch,
             # Three heartbeats per lease: a missed one (a replica that does not answer) still leaves time
             # to refresh the lease through another replica.
             heartbeat_seconds=settings.get_int("JOBMESH_WORKER_LEASE_TTL", 6) / 3,
         ),
-        JobExecutor(default_scratch(str(settings.data_dir))),
+        JobExecutor(scratch),
+        health,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

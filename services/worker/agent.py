@@ -14,6 +14,7 @@ from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
 from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
 from libs.interceptors import channel
 from services.worker.executor import ExecResult, ExecSpec, JobExecutor
+from services.worker.health import HealthCheck
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,9 @@ class AgentSettings:
 
 
 class WorkerAgent:
-    def __init__(self, settings: AgentSettings, executor: JobExecutor):
+    def __init__(self, settings: AgentSettings, executor: JobExecutor, health: HealthCheck | None = None):
         self.settings = settings
+        self.health = health or HealthCheck(settings.scratch_root)
         self.worker = t.Worker()
         self.worker.CopyFrom(settings.worker)
         self.executor = executor
@@ -40,6 +42,7 @@ class WorkerAgent:
         self._job_task: asyncio.Task[None] | None = None
         self._lost = asyncio.Event()
         self._reconnect = asyncio.Event()  # the session's replica stopped answering: end the session
+        self._said_unhealthy = False
         self._channels: dict[str, grpc.aio.Channel] = {}  # one long-lived channel per replica, for reports
 
     def _registry(self, addr: str) -> poolmanager_pb2_grpc.WorkerRegistryServiceStub:
@@ -118,6 +121,7 @@ class WorkerAgent:
         request = pm.HeartbeatRequest(worker_id=self.worker.worker_id, lease_id=self.worker.lease_id)
         while True:
             await asyncio.sleep(self.settings.heartbeat_seconds)
+            request.unhealthy_reason = await self._health()
             resp = None
             for target in [addr, *others]:
                 try:
@@ -183,9 +187,19 @@ class WorkerAgent:
         waiting, self._next = self._next, None
         if waiting is not None:
             self._start(waiting)
-        await self._report(a, result)
+        await self._report(a, result, await self._health())
 
-    async def _report(self, a: t.Assignment, result: ExecResult) -> None:
+    async def _health(self) -> str:
+        try:
+            reason = await self.health.check()
+        except Exception as exc:  # a broken check must not stop heartbeats or reports
+            reason = f"health check failed: {exc}"
+        if reason and not self._said_unhealthy:
+            self._said_unhealthy = True
+            log.warning("unhealthy: %s; asking to be replaced", reason)
+        return reason
+
+    async def _report(self, a: t.Assignment, result: ExecResult, unhealthy: str = "") -> None:
         request = pm.ReportResultRequest(
             worker_id=self.worker.worker_id,
             job_id=a.job_id,
@@ -197,6 +211,7 @@ class WorkerAgent:
             run_seconds=result.run_seconds,
             cpu_seconds=result.cpu_seconds,
             max_memory_mb=result.max_memory_mb,
+            unhealthy_reason=unhealthy,
         )
         delay = 0.2
         # Start with the replica our stream is on, then go round the others (own counter: the session loop

@@ -63,3 +63,21 @@ def test_a_job_that_waits_too_long_scales_a_pool_its_queue_depth_would_not(astac
     assert (event["trigger"], event["from_workers"], event["to_workers"]) == ("queue_wait", 0, 1)
     assert stamp(event["time"]) - stamp(done["create_time"]) >= 2.0
     assert time.time() - stamp(done["create_time"]) < 60
+
+
+def test_a_worker_that_fails_its_health_check_finishes_its_job_and_is_replaced(astack: Stack) -> None:
+    api = Api(astack.url, token(astack))
+    wait_for(lambda: pool_view(api, "checked")["idle_workers"] == 1, what="the checked pool's worker")
+    first = api.submit(job_spec("before", ["sleep", "2"], pool="checked"))
+    sick = str(api.wait_state(first["job_id"], {"JOB_STATE_RUNNING"}, timeout=30)["worker_id"])
+    (astack.data_dir / f"sick-{sick}").touch()
+
+    # The running job is not disturbed; the worker takes no other job and a new one replaces it.
+    assert api.wait_terminal(first["job_id"], timeout=30)["state"] == "JOB_STATE_SUCCEEDED"
+    after = api.submit(job_spec("after", ["true"], pool="checked"))
+    done = api.wait_terminal(after["job_id"], timeout=60)
+    assert done["state"] == "JOB_STATE_SUCCEEDED"
+    assert done["worker_id"] != sick
+    wait_for(lambda: pool_view(api, "checked")["workers"] == 1, timeout=30, what="the pool back at one worker")
+    refills = [e for e in ups(api, "checked") if e["trigger"] == "pool_size"]
+    assert len(refills) >= 2  # the first worker, then its replacement

@@ -104,3 +104,19 @@ async def test_a_report_repeated_after_it_landed_is_refused(etcd: Etcd) -> None:
     assert await store.complete_attempts([report(job)], time.time()) == ["p"]
     assert await store.complete_attempts([report(job)], time.time()) == [None]
     assert await store.complete_attempt(job.tenant_id, job.job_id, job.attempt, "w-1", time.time(), **OK) is None
+
+
+@pytest.mark.asyncio
+async def test_a_result_from_an_unhealthy_worker_drains_it_in_the_same_transaction(etcd: Etcd) -> None:
+    store = JobStore(etcd, KEYS, counted_pools=[])
+    job = await running(etcd, "w-sick", "p")
+    sick = Completion(job.tenant_id, job.job_id, job.attempt, "w-sick", OK, unhealthy="health check exited 1")
+
+    assert await store.complete_attempts([sick], time.time()) == ["p"]
+
+    (job_kv, worker_kv), _ = await etcd.get_many([KEYS.job("acme", job.job_id), KEYS.worker("w-sick")])
+    assert job_kv is not None and worker_kv is not None
+    worker = t.Worker()
+    worker.ParseFromString(worker_kv.value)
+    assert worker.state == t.WORKER_STATE_DRAINING
+    assert worker_kv.mod_revision == job_kv.mod_revision
