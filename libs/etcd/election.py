@@ -11,7 +11,16 @@ from typing import Protocol
 import grpc
 
 from libs.errors import JobMeshError, NotLeader, Unavailable
-from libs.etcd.client import Compare, Etcd, RequestOp, TxnResult, cmp_create, cmp_missing, op_put
+from libs.etcd.client import (
+    Compare,
+    Etcd,
+    RequestOp,
+    TxnResult,
+    WatchCompacted,
+    cmp_create,
+    cmp_missing,
+    op_put,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +113,22 @@ class LeaderElection:
                 return
 
     async def _wait_for_vacancy(self) -> None:
+        """Returns once the leader key is gone: at once through a watch on it (a crashed leader's key goes when
+        its lease expires), re-reading it now and then in case a watch event is missed."""
         while not self._resign:
-            kv = await self.etcd.get(self.key)
+            (kv,), revision = await self.etcd.get_many([self.key])
             if kv is None:
                 return
-            await asyncio.sleep(min(1.0, self.ttl / 5))
+            try:
+                await asyncio.wait_for(self._key_deleted(revision + 1), timeout=self.ttl)
+                return
+            except (TimeoutError, WatchCompacted):
+                continue
+
+    async def _key_deleted(self, start_revision: int) -> None:
+        async for batch in self.etcd.watch(self.key, start_revision):
+            if any(e.kind == "delete" and e.kv.key == self.key for e in batch):
+                return
 
     async def wait_leader(self) -> Leadership:
         while self.leadership is None:
