@@ -84,6 +84,8 @@ class MeshConfig:
     burst_max_duration_seconds: int = 3600
     sla_tiers: dict[str, SlaTier] = field(default_factory=dict)
     default_sla_tier: str = "standard"
+    # How long a finished job's record is kept before it is deleted (its cost records stay); 0: for ever.
+    finished_job_retention_seconds: float = 7 * 86400.0
 
     def pool(self, pool_id: str) -> PoolConfig | None:
         return next((p for p in self.pools if p.pool_id == pool_id), None)
@@ -218,7 +220,13 @@ def parse_config(raw: dict[str, object]) -> MeshConfig:
     burst = raw.get("burst", {})
     assert isinstance(burst, dict)
     burst_pool = _limits(burst["pool"], "burst.pool") if "pool" in burst else None
+    retention = raw.get("retention", {})
+    assert isinstance(retention, dict)
+    finished_retention = float(retention.get("finished_job_seconds", 7 * 86400))
+    if finished_retention < 0:
+        raise ConfigError("retention.finished_job_seconds must be 0 (keep for ever) or positive")
     return MeshConfig(
+        finished_job_retention_seconds=finished_retention,
         sla_tiers=sla_tiers,
         default_sla_tier=default_tier,
         burst_pool=burst_pool,

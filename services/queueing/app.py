@@ -19,6 +19,7 @@ from libs.server import start_server
 from libs.settings import CommonSettings
 from services.queueing.manager import QueueManager
 from services.queueing.metrics import QueueMetrics
+from services.queueing.retention import FinishedJobs, RetentionSweeper
 from services.queueing.servicer import QueueingServicer
 from services.queueing.settings import QueueingSettings
 from services.queueing.store import BatchingJobWriter, QueueStateStore
@@ -48,6 +49,8 @@ async def run(settings: CommonSettings) -> None:
         settings=own,
     )
     metrics.watch_shape(manager.shape)
+    manager.finished = FinishedJobs(keys, config.finished_job_retention_seconds)
+    sweeper = RetentionSweeper(etcd, manager.finished, clock, own.retention_sweep_seconds)
     # The queue is rebuilt before we serve: weights and tags from their snapshot, then every pending job.
     await manager.restore()
     informer = Informer(etcd, keys.jobs, manager.on_job_event, "jobs")
@@ -56,6 +59,7 @@ async def run(settings: CommonSettings) -> None:
     manager.finish_rebuild()
     timers = asyncio.create_task(manager.run_timers(), name="queueing-timers")
     snapshots = asyncio.create_task(manager.run_snapshots(own.snapshot_interval_seconds), name="queueing-tags")
+    retention = asyncio.create_task(sweeper.run_forever(), name="queueing-retention")
     servicer = QueueingServicer(manager, store, clock)
     server = await start_server(
         "queueing",
@@ -65,7 +69,7 @@ async def run(settings: CommonSettings) -> None:
     )
 
     async def stop() -> None:
-        for task in (timers, snapshots):
+        for task in (timers, snapshots, retention):
             task.cancel()
         await informer.stop()
         try:

@@ -21,6 +21,7 @@ from libs.keys import Keys
 from services.queueing.fairqueue import LaneTags, Placement, QueueItem, WeightedFairQueue, job_cost
 from services.queueing.metrics import QueueMetrics, QueueShape, ShareWindow
 from services.queueing.reasons import DEADLINE_MISSED, waiting_reason
+from services.queueing.retention import FinishedJobs
 from services.queueing.settings import QueueingSettings
 from services.queueing.sla import MET, MISSED_DEADLINE, SlaPolicy
 
@@ -99,6 +100,7 @@ class QueueManager:
         self._deadline_counted: set[str] = set()  # misses already counted while the job waited
         self._saved_tags = -1
         self._changed = asyncio.Condition()
+        self.finished: FinishedJobs | None = None  # set to have finished jobs deleted after their retention
         self._weights_lock = asyncio.Lock()
 
     # Start-up ----------------------------------------------------------------------------------------
@@ -183,6 +185,8 @@ class QueueManager:
                 self._admit(job, event.kv.mod_revision)
             elif job_id in self.pending:
                 self._remove(job_id, job if job.state == t.JOB_STATE_RUNNING else None, event.kv.mod_revision)
+            if self.finished is not None:
+                self.finished.observe(job, event.kv.mod_revision)
         if self.queue.version != before:
             await self._notify()
 

@@ -19,6 +19,8 @@ class QueueingSettings:
     snapshot_interval_seconds: float = 0.5
     # Most jobs written in one etcd transaction by the enqueue batcher (2 ops each; etcd allows 128 per txn).
     max_batch: int = 64
+    # How often finished jobs past their retention ([retention] in the mesh config) are deleted.
+    retention_sweep_seconds: float = 30.0
 
     @classmethod
     def from_common(cls, settings: CommonSettings) -> QueueingSettings:
@@ -30,6 +32,9 @@ class QueueingSettings:
                 "JOBMESH_QUEUEING_SNAPSHOT_INTERVAL_SECONDS", cls.snapshot_interval_seconds
             ),
             max_batch=settings.get_int("JOBMESH_QUEUEING_MAX_BATCH", cls.max_batch),
+            retention_sweep_seconds=settings.get_float(
+                "JOBMESH_QUEUEING_RETENTION_SWEEP_SECONDS", cls.retention_sweep_seconds
+            ),
         )
         built.validate()
         return built
@@ -45,3 +50,5 @@ class QueueingSettings:
             raise SettingsError("JOBMESH_QUEUEING_SNAPSHOT_INTERVAL_SECONDS must be between 0.05 and 60")
         if not 1 <= self.max_batch <= 64:
             raise SettingsError("JOBMESH_QUEUEING_MAX_BATCH must be between 1 and 64")
+        if self.retention_sweep_seconds <= 0:
+            raise SettingsError("JOBMESH_QUEUEING_RETENTION_SWEEP_SECONDS must be greater than 0")

@@ -98,6 +98,10 @@ CONFIG_ERRORS = [
         "burst.pool",
         id="negative-burst-pool",
     ),
+    pytest.param(lambda r: r.update(retention={"finished_job_seconds": -1}), "retention", id="negative-retention"),
+    pytest.param(
+        lambda r: r["pools"][0].update(health_check_command="true"), "health_check_command", id="health-not-a-list"
+    ),
 ]
 
 
@@ -127,6 +131,7 @@ def test_the_dev_config_loads_three_weighted_tenants_and_one_pool_of_each_kind()
     assert dynamic.min_workers <= dynamic.max_workers and dynamic.max_workers > 0
     assert config.burst_pool is not None
     assert static.pricing.cpu_core_hour > 0
+    assert config.finished_job_retention_seconds == 7 * 86400
     burst = next(p for p in config.pools if p.kind == "burst")
     assert burst.min_workers == 0 and burst.pricing.cpu_core_hour > static.pricing.cpu_core_hour
 

@@ -1,0 +1,109 @@
+"""Retention of finished jobs: a job's record (with its id index and idempotency key) is deleted a while after
+it ended, like Kubernetes' ttlSecondsAfterFinished, so that etcd and every cache of the job prefix stay
+bounded. What a job cost stays: its cost records are separate and never expire here."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+from dataclasses import dataclass, field
+
+from jobmesh.common.v1 import types_pb2 as t
+from libs.clock import Clock
+from libs.errors import JobMeshError
+from libs.etcd.client import Compare, Etcd, RequestOp, cmp_mod, op_delete
+from libs.jobs import TERMINAL
+from libs.keys import Keys
+
+log = logging.getLogger(__name__)
+
+# Jobs per delete transaction: one compare and up to three deletes each, under etcd's 128 per list.
+DELETE_CHUNK = 32
+
+
+@dataclass(order=True, frozen=True)
+class Finished:
+    expires: float
+    key: str = field(compare=False)
+    mod_revision: int = field(compare=False)
+    keys: tuple[str, ...] = field(compare=False)  # what goes with the record: its index, its idempotency key
+
+
+class FinishedJobs:
+    """Finished jobs in order of expiry; `due(now)` hands out the expired ones. Pure."""
+
+    def __init__(self, keys: Keys, retention_seconds: float):
+        self.keys = keys
+        self.retention = retention_seconds
+        self._heap: list[Finished] = []
+
+    def observe(self, job: t.Job, mod_revision: int) -> None:
+        if self.retention <= 0 or job.state not in TERMINAL or not job.HasField("end_time"):
+            return
+        ended = job.end_time.seconds + job.end_time.nanos / 1e9
+        extra = [self.keys.job_index(job.job_id)]
+        if job.spec.idempotency_key:
+            extra.append(self.keys.idempotency(job.tenant_id, job.spec.idempotency_key))
+        key = self.keys.job(job.tenant_id, job.job_id)
+        heapq.heappush(self._heap, Finished(ended + self.retention, key, mod_revision, tuple(extra)))
+
+    def due(self, now: float, limit: int = 1000) -> list[Finished]:
+        out: list[Finished] = []
+        while self._heap and self._heap[0].expires <= now and len(out) < limit:
+            out.append(heapq.heappop(self._heap))
+        return out
+
+    def requeue(self, items: list[Finished]) -> None:
+        for item in items:
+            heapq.heappush(self._heap, item)
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+
+class RetentionSweeper:
+    """Deletes expired finished jobs, each only if its record has not changed since it was seen finished."""
+
+    def __init__(self, etcd: Etcd, finished: FinishedJobs, clock: Clock, interval: float = 30.0):
+        self.etcd = etcd
+        self.finished = finished
+        self.clock = clock
+        self.interval = interval
+        self.deleted = 0
+
+    async def sweep(self) -> int:
+        due = self.finished.due(self.clock.now())
+        deleted = 0
+        for first in range(0, len(due), DELETE_CHUNK):
+            chunk = due[first : first + DELETE_CHUNK]
+            deleted += await self._delete(chunk)
+        self.deleted += deleted
+        if deleted:
+            log.info("deleted %d finished jobs past their retention", deleted)
+        return deleted
+
+    async def _delete(self, chunk: list[Finished]) -> int:
+        """All of the chunk in one transaction; when one of them changed (or is gone), one by one."""
+        try:
+            if len(chunk) > 1 and (await self.etcd.txn(*self._plan(chunk))).succeeded:
+                return len(chunk)
+            done = 0
+            for item in chunk:
+                done += int((await self.etcd.txn(*self._plan([item]))).succeeded)
+            return done
+        except JobMeshError as exc:
+            log.warning("finished jobs not deleted (%s); retrying next sweep", exc.reason)
+            self.finished.requeue(chunk)
+            return 0
+
+    @staticmethod
+    def _plan(items: list[Finished]) -> tuple[list[Compare], list[RequestOp]]:
+        compares = [cmp_mod(item.key, item.mod_revision) for item in items]
+        ops = [op_delete(k) for item in items for k in (item.key, *item.keys)]
+        return compares, ops
+
+    async def run_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.sweep()
