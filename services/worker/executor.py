@@ -186,11 +186,8 @@ class JobExecutor:
         # close, which a backgrounded grandchild can hold open long after the job itself exited.
         read_fd, write_fd = os.pipe()
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
         try:
-            transport, _ = await loop.connect_read_pipe(
-                lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
-            )
+            output = _OutputTail(read_fd, loop)
         except BaseException:
             os.close(read_fd)
             os.close(write_fd)
@@ -214,22 +211,16 @@ class JobExecutor:
                 # The child holds its own copy; ours would keep the pipe from ever reaching EOF.
                 os.close(write_fd)
         except (OSError, ValueError) as exc:
-            transport.close()
+            output.close()
             return _start_failed(_describe_start_error(exc, spec.command[0], cwd))
         except BaseException:
-            transport.close()
+            output.close()
             raise
 
-        return await self._supervise(spec, state, _Child(proc, loop), reader, transport, started)
+        return await self._supervise(spec, state, _Child(proc, loop), output, started)
 
     async def _supervise(
-        self,
-        spec: ExecSpec,
-        state: _RunState,
-        child: _Child,
-        reader: asyncio.StreamReader,
-        transport: asyncio.ReadTransport,
-        started: float,
+        self, spec: ExecSpec, state: _RunState, child: _Child, output: _OutputTail, started: float
     ) -> ExecResult:
         pgid = child.pid
         try:
@@ -237,8 +228,6 @@ class JobExecutor:
         except psutil.Error:
             state.root = None  # already gone; nothing to sample
 
-        tail = bytearray()
-        pump = asyncio.create_task(_pump_output(reader, tail))
         sampler = asyncio.create_task(self._sample_forever(state))
         exited = child.exited
         stop = asyncio.create_task(state.stop_requested.wait())
@@ -263,12 +252,12 @@ class JobExecutor:
             state.peak_rss_bytes = max(state.peak_rss_bytes, usage.ru_maxrss * 1024)
             # Whatever the job left behind in its group must not outlive it.
             _signal_group(pgid, signal.SIGKILL)
-            await _drain(pump, _DRAIN_TIMEOUT_SECONDS)
+            await asyncio.wait({output.closed}, timeout=_DRAIN_TIMEOUT_SECONDS)
         finally:
             _signal_group(pgid, signal.SIGKILL)
-            for task in (stop, sampler, pump):
+            for task in (stop, sampler):
                 task.cancel()
-            transport.close()
+            output.close()
 
         if reason == REASON_TIMEOUT:
             message = f"killed after {_fmt_seconds(limit or 0.0)}s max runtime"
@@ -285,7 +274,7 @@ class JobExecutor:
             run_seconds=run_seconds,
             cpu_seconds=state.cpu_seconds,
             max_memory_mb=state.peak_rss_bytes // _MIB,
-            output_tail=_decode_tail(tail),
+            output_tail=_decode_tail(output.tail),
         )
 
     async def _terminate(self, pgid: int, exited: asyncio.Future[tuple[int, resource.struct_rusage]]) -> bool:
@@ -399,19 +388,40 @@ def _high_water_rss(pid: int) -> int:
     return 0
 
 
-async def _pump_output(reader: asyncio.StreamReader, tail: bytearray) -> None:
-    while chunk := await reader.read(_READ_CHUNK):
-        tail += chunk
-        if len(tail) > _TAIL_BYTES:
-            del tail[:-_TAIL_BYTES]
+class _OutputTail:
+    """The job's output pipe, read as it comes with a reader callback on the raw descriptor (no transport or
+    stream objects, and the same on asyncio and uvloop), keeping the last _TAIL_BYTES. `closed` resolves at
+    end of file: once every process holding the write end is gone."""
 
+    def __init__(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
+        os.set_blocking(fd, False)
+        self._fd = fd
+        self._loop = loop
+        self.tail = bytearray()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(fd, self._read)
 
-async def _drain(pump: asyncio.Task[None], timeout: float) -> None:
-    done, _ = await asyncio.wait({pump}, timeout=timeout)
-    if not done:
-        pump.cancel()
-    elif not pump.cancelled():
-        pump.exception()  # output is best effort; just mark a read error as retrieved
+    def _read(self) -> None:
+        try:
+            chunk = os.read(self._fd, _READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""  # output is best effort: a read error ends it
+        if not chunk:
+            self.close()
+            return
+        self.tail += chunk
+        if len(self.tail) > _TAIL_BYTES:
+            del self.tail[:-_TAIL_BYTES]
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+        if not self.closed.done():
+            self.closed.set_result(None)
 
 
 async def _remove_tree(path: str) -> None:
