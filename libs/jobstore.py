@@ -9,7 +9,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from jobmesh.common.v1 import types_pb2 as t
-from libs.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
+from libs.errors import Conflict, FailedPrecondition, InvalidArgument, JobMeshError, NotFound
 from libs.etcd.client import Compare, Etcd, KeyValue, RequestOp, cmp_missing, cmp_mod, op_delete, op_get, op_put
 from libs.jobs import TERMINAL, apply_result, apply_worker_lost, decode_job, ts
 from libs.keys import Keys, safe_segment
@@ -167,9 +167,12 @@ class JobStore:
                 return pool
         raise Conflict(f"job {job_id} kept changing while recording its result")
 
-    async def complete_attempts(self, batch: builtins.list[Completion], now: float) -> builtins.list[str | None]:
+    async def complete_attempts(
+        self, batch: builtins.list[Completion], now: float
+    ) -> builtins.list[str | Exception | None]:
         """`complete_attempt` for many reports with one read and one transaction; when anything moved under
-        it (or two reports touch the same keys), each report goes on its own."""
+        it (or two reports touch the same keys), each report goes on its own, and one that fails then comes
+        back as its exception without failing the others."""
         wanted = [c for c in batch if _safe(c)]
         kvs, _ = await self.etcd.get_many([key for c in wanted for key in self._completion_keys(c)])
         plans: dict[int, tuple[builtins.list[Compare], builtins.list[RequestOp], str]] = {}
@@ -196,12 +199,17 @@ class JobStore:
             if not (await self.etcd.txn(compares, ops)).succeeded:
                 alone = sorted([*plans, *alone])
                 plans = {}
-        outcomes: builtins.list[str | None] = [plans[i][2] if i in plans else None for i in range(len(batch))]
+        outcomes: builtins.list[str | Exception | None] = [
+            plans[i][2] if i in plans else None for i in range(len(batch))
+        ]
         for i in alone:
             c = batch[i]
-            outcomes[i] = await self.complete_attempt(
-                c.tenant_id, c.job_id, c.attempt, c.worker_id, now, c.unhealthy, **c.result
-            )
+            try:
+                outcomes[i] = await self.complete_attempt(
+                    c.tenant_id, c.job_id, c.attempt, c.worker_id, now, c.unhealthy, **c.result
+                )
+            except JobMeshError as exc:
+                outcomes[i] = exc
         return outcomes
 
     def _completion_keys(self, done: Completion) -> builtins.list[str]:

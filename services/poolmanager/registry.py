@@ -73,13 +73,15 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         # Counted here, where the transaction landed, not by the caller: a report whose RPC was cancelled
         # after its result was written still counts (its retry is refused as stale).
         for done, pool in zip(batch, pools, strict=True):
+            if isinstance(pool, Exception):
+                continue  # not recorded: the worker retries it
             if pool is None:
                 self.metrics.results.labels("unknown", "stale").inc()
                 continue
             succeeded = done.result.get("exit_code") == 0 and done.result.get("reason") == "EXITED"
             self.metrics.results.labels(pool, "succeeded" if succeeded else "failed").inc()
             self.outcomes.record(pool, succeeded)
-        return list(pools)
+        return pools
 
     def on_assignment(self, event: WatchEvent) -> None:
         """Routes assignment changes to the worker's stream, if it is connected to this replica."""
