@@ -19,12 +19,14 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Coroutine
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
-import psutil
 
+from bench.submit_latency import stack_cpu
 from libs.launcher import REPO, Stack
 from tests.helpers import job_spec, start_stack, token, wait_for
 from tests.integration.test_faults import scheduler_leader
@@ -60,15 +62,23 @@ async def submit_paced(
             if resp.status_code == 200:
                 ids.append(resp.json()["job_id"])
 
+    await with_progress([one(i) for i in range(count)], ids, label)
+    return ids
+
+
+async def with_progress(calls: list[Coroutine[Any, Any, None]], ids: list[str], label: str) -> None:
+    """Runs the submit calls, saying once a second how many were accepted."""
+
     async def progress() -> None:
         while True:
             await asyncio.sleep(1)
-            print(f"  {label}: {len(ids)}/{count} submitted", file=sys.stderr, flush=True)
+            print(f"  {label}: {len(ids)}/{len(calls)} submitted", file=sys.stderr, flush=True)
 
     reporter = asyncio.create_task(progress())
-    await asyncio.gather(*(one(i) for i in range(count)))
-    reporter.cancel()
-    return ids
+    try:
+        await asyncio.gather(*calls)
+    finally:
+        reporter.cancel()
 
 
 async def submit_grpc(stack: Stack, count: int, concurrency: int, deadline: float, label: str) -> list[str]:
@@ -97,41 +107,8 @@ async def submit_grpc(stack: Stack, count: int, concurrency: int, deadline: floa
                 job = await stub.SubmitJob(gateway_pb2.SubmitJobRequest(spec=spec), metadata=metadata, timeout=60)
                 ids.append(job.job_id)
 
-        async def progress() -> None:
-            while True:
-                await asyncio.sleep(1)
-                print(f"  {label}: {len(ids)}/{count} submitted", file=sys.stderr, flush=True)
-
-        reporter = asyncio.create_task(progress())
-        await asyncio.gather(*(one(i) for i in range(count)))
-        reporter.cancel()
+        await with_progress([one(i) for i in range(count)], ids, label)
     return ids
-
-
-def mesh_processes(stack: Stack) -> dict[str, list[psutil.Process]]:
-    """The stack's processes by name, the workers (children of the pool-managers) as one group."""
-    out: dict[str, list[psutil.Process]] = {}
-    for name, proc in stack.procs.items():
-        root = psutil.Process(proc.pid)
-        out[name] = [root]
-        workers = [c for c in root.children() if "services.worker" in " ".join(c.cmdline())]
-        out.setdefault("workers", []).extend(workers)
-    return out
-
-
-def cpu_seconds(groups: dict[str, list[psutil.Process]]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for name, procs in groups.items():
-        total = 0.0
-        for p in procs:
-            try:
-                times = p.cpu_times()
-            except psutil.Error:
-                continue
-            # Reaped children are the jobs a worker ran: their CPU is part of running them.
-            total += times.user + times.system + times.children_user + times.children_system
-        out[name] = total
-    return out
 
 
 async def wait_all(client: httpx.AsyncClient, ids: list[str], deadline: float) -> list[dict[str, object]]:
@@ -189,14 +166,15 @@ async def run(args: argparse.Namespace, stack: Stack) -> dict[str, object]:
             "submit_to_running_max_ms": round(max(lat) * 1000, 1) if lat else 0.0,
         }
         deadline = time.perf_counter() + args.timeout_seconds
-        groups = mesh_processes(stack)
-        cpu_before = cpu_seconds(groups)
+        # Each stack process leads its own process group; a pool-manager's group holds its workers.
+        groups = {proc.pid: name for name, proc in stack.procs.items() if proc.popen is not None}
+        cpu_before = stack_cpu(groups)
         if args.throughput_via == "grpc":
             ids = await submit_grpc(stack, args.throughput_count, args.concurrency, deadline, "throughput")
         else:
             ids = await submit_paced(client, args.throughput_count, None, args.concurrency, deadline, "throughput")
         jobs = await wait_all(client, ids, deadline)
-        cpu_after = cpu_seconds(groups)
+        cpu_after = stack_cpu(groups)
         first = min(stamp(str(j["create_time"])) for j in jobs)
         last = max(stamp(str(j["end_time"])) for j in jobs if j.get("end_time"))
         ok = sum(1 for j in jobs if j["state"] == "JOB_STATE_SUCCEEDED")

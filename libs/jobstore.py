@@ -173,21 +173,17 @@ class JobStore:
         """`complete_attempt` for many reports with one read and one transaction; when anything moved under
         it (or two reports touch the same keys), each report goes on its own, and one that fails then comes
         back as its exception without failing the others."""
-        wanted = [c for c in batch if _safe(c)]
-        kvs, _ = await self.etcd.get_many([key for c in wanted for key in self._completion_keys(c)])
+        wanted = {i: self._completion_keys(c) for i, c in enumerate(batch) if _safe(c)}
+        kvs, _ = await self.etcd.get_many([key for keys in wanted.values() for key in keys])
         plans: dict[int, tuple[builtins.list[Compare], builtins.list[RequestOp], str]] = {}
         touched: set[str] = set()
         alone: builtins.list[int] = []
-        offset = 0
-        for i, done in enumerate(batch):
-            if not _safe(done):
-                continue
-            job_kv, assign_kv, worker_kv = kvs[offset : offset + 3]
-            offset += 3
-            plan = self._completion_plan(done, job_kv, assign_kv, worker_kv, now)
+        for n, (i, read) in enumerate(wanted.items()):
+            job_kv, assign_kv, worker_kv = kvs[3 * n : 3 * n + 3]
+            plan = self._completion_plan(batch[i], job_kv, assign_kv, worker_kv, now)
             if plan is None:
                 continue
-            keys = set(self._completion_keys(done))
+            keys = set(read)
             if keys & touched:
                 alone.append(i)  # e.g. the same report twice: the second must see the first's write
                 continue

@@ -70,7 +70,6 @@ class RetentionSweeper:
         self.finished = finished
         self.clock = clock
         self.interval = interval
-        self.deleted = 0
 
     async def sweep(self) -> int:
         due = self.finished.due(self.clock.now())
@@ -78,7 +77,6 @@ class RetentionSweeper:
         for first in range(0, len(due), DELETE_CHUNK):
             chunk = due[first : first + DELETE_CHUNK]
             deleted += await self._delete(chunk)
-        self.deleted += deleted
         if deleted:
             log.info("deleted %d finished jobs past their retention", deleted)
         return deleted

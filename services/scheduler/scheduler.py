@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.queueing.v1 import queueing_pb2 as q
 from libs.clock import Clock
-from libs.config import MeshConfig
+from libs.config import POOL_KINDS, MeshConfig
 from libs.etcd.client import Compare, RequestOp, cmp_missing, cmp_mod, op_put
 from libs.etcd.election import LeaderElection, run_while_leader
 from libs.etcd.informer import Informer
@@ -22,9 +22,9 @@ from libs.keys import Keys
 log = logging.getLogger(__name__)
 
 
-# Placement order (the seed's pool selection chart): static, then dynamic, then burst capacity.
-TIER_STATIC, TIER_DYNAMIC, TIER_BURST = 0, 1, 2
-TIERS = {"static": TIER_STATIC, "dynamic": TIER_DYNAMIC, "burst": TIER_BURST}
+# Placement order (the seed's pool selection chart) is the order of POOL_KINDS: static, dynamic, burst.
+TIERS = {kind: rank for rank, kind in enumerate(POOL_KINDS)}
+TIER_STATIC, TIER_DYNAMIC, TIER_BURST = TIERS["static"], TIERS["dynamic"], TIERS["burst"]
 
 
 @dataclass(frozen=True)
