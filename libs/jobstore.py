@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import builtins
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from jobmesh.common.v1 import types_pb2 as t
@@ -159,7 +159,7 @@ class JobStore:
             return None
         for _ in range(10):
             (job_kv, assign_kv, worker_kv), _ = await self.etcd.get_many(self._completion_keys(done))
-            plan = self._completion_plan(done, job_kv, assign_kv, worker_kv, now)
+            plan = self._completion_plan(done, _job_at(job_kv), assign_kv, worker_kv, now)
             if plan is None:
                 return None
             compares, ops, pool = plan
@@ -168,22 +168,42 @@ class JobStore:
         raise Conflict(f"job {job_id} kept changing while recording its result")
 
     async def complete_attempts(
-        self, batch: builtins.list[Completion], now: float
+        self,
+        batch: builtins.list[Completion],
+        now: float,
+        cached: Callable[[str], KeyValue | None] | None = None,
     ) -> builtins.list[str | Exception | None]:
-        """`complete_attempt` for many reports with one read and one transaction; when anything moved under
-        it (or two reports touch the same keys), each report goes on its own, and one that fails then comes
-        back as its exception without failing the others."""
-        wanted = {i: self._completion_keys(c) for i, c in enumerate(batch) if _safe(c)}
-        kvs, _ = await self.etcd.get_many([key for keys in wanted.values() for key in keys])
+        """`complete_attempt` for many reports with at most one read and one transaction; when anything moved
+        under it (or two reports touch the same keys), each report goes on its own, and one that fails then comes
+        back as its exception without failing the others.
+
+        With `cached` (a watch cache of assignments and workers), a report whose assignment is in the cache is
+        recorded from the job the assignment carries, without a read; the transaction's compares catch a cache
+        that is behind, and the report is then read afresh."""
+        known: dict[int, tuple[tuple[t.Job, int] | None, KeyValue | None, KeyValue | None]] = {}
+        unread: dict[int, builtins.list[str]] = {}
+        for i, c in enumerate(batch):
+            if not _safe(c):
+                continue
+            hit = self._from_cache(c, cached) if cached is not None else None
+            if hit is not None:
+                known[i] = hit
+            else:
+                unread[i] = self._completion_keys(c)
+        if unread:
+            kvs, _ = await self.etcd.get_many([key for keys in unread.values() for key in keys])
+            for n, i in enumerate(unread):
+                job_kv, assign_kv, worker_kv = kvs[3 * n : 3 * n + 3]
+                known[i] = (_job_at(job_kv), assign_kv, worker_kv)
         plans: dict[int, tuple[builtins.list[Compare], builtins.list[RequestOp], str]] = {}
         touched: set[str] = set()
         alone: builtins.list[int] = []
-        for n, (i, read) in enumerate(wanted.items()):
-            job_kv, assign_kv, worker_kv = kvs[3 * n : 3 * n + 3]
-            plan = self._completion_plan(batch[i], job_kv, assign_kv, worker_kv, now)
+        for i in sorted(known):
+            job_at, assign_kv, worker_kv = known[i]
+            plan = self._completion_plan(batch[i], job_at, assign_kv, worker_kv, now)
             if plan is None:
                 continue
-            keys = set(read)
+            keys = set(self._completion_keys(batch[i]))
             if keys & touched:
                 alone.append(i)  # e.g. the same report twice: the second must see the first's write
                 continue
@@ -215,17 +235,47 @@ class JobStore:
             self.keys.worker(done.worker_id),
         ]
 
-    def _completion_plan(
-        self, done: Completion, job_kv: KeyValue | None, assign: KeyValue | None, worker_kv: KeyValue | None, now: float
-    ) -> tuple[builtins.list[Compare], builtins.list[RequestOp], str] | None:
-        """The transaction that records the result, or None when the report is stale."""
-        if job_kv is None:
+    def _counted(self, pool_id: str) -> bool:
+        return self.counted_pools is None or pool_id in self.counted_pools
+
+    def _from_cache(
+        self, done: Completion, cached: Callable[[str], KeyValue | None]
+    ) -> tuple[tuple[t.Job, int], KeyValue, KeyValue | None] | None:
+        """(the job at its dispatch revision, the assignment, the worker if the result changes it) from the
+        cache; None when the cache cannot say (then the keys are read)."""
+        _, assign_key, worker_key = self._completion_keys(done)
+        assign = cached(assign_key)
+        if assign is None:
             return None
-        job = decode_job(job_kv.value)
+        held = t.Assignment()
+        held.ParseFromString(assign.value)
+        if held.job_id != done.job_id or held.attempt != done.attempt or not held.HasField("job"):
+            return None
+        worker_kv = None
+        if self._counted(held.job.pool_id) or done.unhealthy:
+            worker_kv = cached(worker_key)
+            if worker_kv is None:
+                return None
+        # The dispatch wrote the job and the assignment in one transaction: the job is at the same revision.
+        return (held.job, assign.mod_revision), assign, worker_kv
+
+    def _completion_plan(
+        self,
+        done: Completion,
+        job_at: tuple[t.Job, int] | None,
+        assign: KeyValue | None,
+        worker_kv: KeyValue | None,
+        now: float,
+    ) -> tuple[builtins.list[Compare], builtins.list[RequestOp], str] | None:
+        """The transaction that records the result, or None when the report is stale. `job_at` is the job record
+        and its mod revision."""
+        if job_at is None:
+            return None
+        job, revision = job_at
         if job.state != t.JOB_STATE_RUNNING or job.attempt != done.attempt or job.worker_id != done.worker_id:
             return None
         key, assign_key, worker_key = self._completion_keys(done)
-        compares = [cmp_mod(key, job_kv.mod_revision)]
+        compares = [cmp_mod(key, revision)]
         ops = [op_put(key, apply_result(job, now=now, **done.result).SerializeToString())]  # type: ignore[arg-type]
         if assign is not None:
             held = t.Assignment()
@@ -235,7 +285,7 @@ class JobStore:
                 ops.append(op_delete(assign_key))
         # Where a pool limits jobs per worker, the worker's count moves in the same transaction that frees it,
         # so a worker at its limit is never seen idle with a stale count.
-        counted = self.counted_pools is None or job.pool_id in self.counted_pools
+        counted = self._counted(job.pool_id)
         if worker_kv is not None and (counted or done.unhealthy):
             worker = t.Worker()
             worker.ParseFromString(worker_kv.value)
@@ -271,6 +321,10 @@ class JobStore:
         compares.append(cmp_mod(job_key, job_kv.mod_revision))
         ops.append(op_put(job_key, job.SerializeToString()))
         return compares, ops, job
+
+
+def _job_at(kv: KeyValue | None) -> tuple[t.Job, int] | None:
+    return None if kv is None else (decode_job(kv.value), kv.mod_revision)
 
 
 def _safe(done: Completion) -> bool:

@@ -47,7 +47,16 @@ async def run(settings: CommonSettings) -> None:
     await outcomes.load()
     store = JobStore(etcd, keys, counted_pools=[p.pool_id for p in config.pools if p.max_jobs_per_worker])
     registry_servicer = WorkerRegistry(
-        etcd, keys, store, config, clock, lease_ttl, assignments, RegistryMetrics(registry), outcomes
+        etcd,
+        keys,
+        store,
+        config,
+        clock,
+        lease_ttl,
+        assignments,
+        workers,
+        RegistryMetrics(registry),
+        outcomes,
     )
     election = LeaderElection(etcd, keys.leader("pool-manager"), settings.server.replica_id, ttl=leader_ttl)
     # Workers we start inherit our settings (etcd is not theirs to use; they only talk to us).

@@ -16,7 +16,7 @@ from libs.batching import GroupCommit
 from libs.clock import Clock
 from libs.config import MeshConfig
 from libs.errors import InvalidArgument
-from libs.etcd.client import Etcd, WatchEvent, cmp_mod, op_put
+from libs.etcd.client import Etcd, KeyValue, WatchEvent, cmp_mod, op_put
 from libs.etcd.informer import Informer
 from libs.jobs import RESULT_REASONS, ts
 from libs.jobstore import Completion, JobStore
@@ -50,6 +50,7 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         clock: Clock,
         lease_ttl: int,
         assignments: Informer,
+        workers: Informer,
         metrics: RegistryMetrics,
         outcomes: JobOutcomes,
     ):
@@ -60,6 +61,7 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         self.clock = clock
         self.lease_ttl = lease_ttl
         self.assignments = assignments
+        self.workers = workers
         self.metrics = metrics
         self.outcomes = outcomes
         self.streams: dict[str, asyncio.Queue[pm.ConnectResponse]] = {}
@@ -69,7 +71,7 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         )
 
     async def _record_results(self, batch: list[Completion]) -> list[str | Exception | None]:
-        pools = await self.store.complete_attempts(batch, self.clock.now())
+        pools = await self.store.complete_attempts(batch, self.clock.now(), cached=self._cached)
         # Counted here, where the transaction landed, not by the caller: a report whose RPC was cancelled
         # after its result was written still counts (its retry is refused as stale).
         for done, pool in zip(batch, pools, strict=True):
@@ -83,14 +85,16 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
             self.outcomes.record(pool, succeeded)
         return pools
 
+    def _cached(self, key: str) -> KeyValue | None:
+        return self.assignments.cache.get(key) or self.workers.cache.get(key)
+
     def on_assignment(self, event: WatchEvent) -> None:
         """Routes assignment changes to the worker's stream, if it is connected to this replica."""
         worker_id = Keys.last_segment(event.kv.key)
         queue = self.streams.get(worker_id)
         if queue is None:
             return
-        assignment = t.Assignment()
-        assignment.ParseFromString(event.kv.value)
+        assignment = _for_worker(event.kv.value)
         if event.kind == "put":
             queue.put_nowait(pm.ConnectResponse(assignment=assignment))
         elif assignment.job_id:
@@ -129,9 +133,7 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
             yield pm.ConnectResponse(registered=worker)
             current = self.assignments.cache.get(self.keys.assignment(worker.worker_id))
             if current is not None:
-                assignment = t.Assignment()
-                assignment.ParseFromString(current.value)
-                yield pm.ConnectResponse(assignment=assignment)
+                yield pm.ConnectResponse(assignment=_for_worker(current.value))
             while True:
                 yield await queue.get()
         finally:
@@ -206,3 +208,11 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
             log.warning("rejected stale result for attempt %d from %s", request.attempt, request.worker_id)
             return pm.ReportResultResponse(accepted=False)
         return pm.ReportResultResponse(accepted=True)
+
+
+def _for_worker(stored: bytes) -> t.Assignment:
+    """An assignment as its worker gets it: without the job record it carries for recording the result."""
+    assignment = t.Assignment()
+    assignment.ParseFromString(stored)
+    assignment.ClearField("job")
+    return assignment

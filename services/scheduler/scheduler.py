@@ -285,6 +285,7 @@ class Scheduler:
             worker_id=worker.worker_id,
             spec=job.spec,
             assign_time=ts(now),
+            job=job,
         )
         self._claimed[worker.worker_id] = time.monotonic()
         return Dispatch(

@@ -11,7 +11,7 @@ import pytest
 import pytest_asyncio
 
 from jobmesh.common.v1 import types_pb2 as t
-from libs.etcd.client import Etcd, op_put
+from libs.etcd.client import Etcd, KeyValue, op_put
 from libs.jobs import apply_dispatch, decode_job, new_job_id, ts
 from libs.jobstore import Completion, JobStore
 from libs.keys import Keys
@@ -50,7 +50,7 @@ async def running(etcd: Etcd, worker_id: str, pool_id: str) -> t.Job:
     job.spec.name = "j"
     job.spec.max_retries = 1
     apply_dispatch(job, worker, now)
-    assignment = t.Assignment(job_id=job.job_id, tenant_id="acme", attempt=job.attempt, worker_id=worker_id)
+    assignment = t.Assignment(job_id=job.job_id, tenant_id="acme", attempt=job.attempt, worker_id=worker_id, job=job)
     await etcd.txn(
         [],
         [
@@ -120,3 +120,58 @@ async def test_a_result_from_an_unhealthy_worker_drains_it_in_the_same_transacti
     worker.ParseFromString(worker_kv.value)
     assert worker.state == t.WORKER_STATE_DRAINING
     assert worker_kv.mod_revision == job_kv.mod_revision
+
+
+class CountingReads:
+    """The real client, counting the reads a store makes through it."""
+
+    def __init__(self, etcd: Etcd) -> None:
+        self.etcd = etcd
+        self.reads = 0
+
+    async def get_many(self, keys: list[str]) -> tuple[list[KeyValue | None], int]:
+        self.reads += 1
+        return await self.etcd.get_many(keys)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.etcd, name)
+
+
+async def watch_cache(etcd: Etcd, *worker_ids: str) -> dict[str, KeyValue]:
+    """What the pool-manager's assignment and worker caches hold right now."""
+    keys = [k for w in worker_ids for k in (KEYS.assignment(w), KEYS.worker(w))]
+    kvs, _ = await etcd.get_many(keys)
+    return {kv.key: kv for kv in kvs if kv is not None}
+
+
+@pytest.mark.asyncio
+async def test_reports_are_recorded_from_the_cached_assignments_without_a_read(etcd: Etcd) -> None:
+    counting = CountingReads(etcd)
+    store = JobStore(counting, KEYS, counted_pools=["limited"])  # type: ignore[arg-type]
+    a = await running(etcd, "w-a", "limited")
+    b = await running(etcd, "w-b", "unlimited")
+    cache = await watch_cache(etcd, "w-a", "w-b")
+
+    outcomes = await store.complete_attempts([report(a), report(b)], time.time(), cached=cache.get)
+
+    assert outcomes == ["limited", "unlimited"]
+    assert counting.reads == 0
+    (ja, jb, wa), _ = await etcd.get_many([KEYS.job("acme", a.job_id), KEYS.job("acme", b.job_id), KEYS.worker("w-a")])
+    assert ja is not None and jb is not None and wa is not None
+    assert [decode_job(kv.value).state for kv in (ja, jb)] == [t.JOB_STATE_SUCCEEDED] * 2
+    worker = t.Worker()
+    worker.ParseFromString(wa.value)
+    assert worker.jobs_run == 1
+
+
+@pytest.mark.asyncio
+async def test_a_cache_that_is_behind_the_job_is_caught_and_the_report_read_afresh(etcd: Etcd) -> None:
+    store = JobStore(etcd, KEYS)
+    job = await running(etcd, "w-1", "p")
+    cache = await watch_cache(etcd, "w-1")
+    cancelled = await store.cancel("acme", job.job_id, time.time())  # the cache has not seen it yet
+
+    assert await store.complete_attempts([report(job)], time.time(), cached=cache.get) == [None]
+
+    after = await store.get("acme", job.job_id)
+    assert after.state == t.JOB_STATE_CANCELLED == cancelled.state
