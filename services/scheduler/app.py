@@ -63,7 +63,7 @@ async def run(settings: CommonSettings) -> None:
         SchedulerMetrics(registry),
     )
     workers.handler = scheduler.on_change
-    assignments.handler = scheduler.on_change  # both watched only while this replica leads
+    assignments.handler = scheduler.on_assignment  # both watched only while this replica leads
     servicer = SchedulerServicer(scheduler, election, settings.server.replica_id)
     server = await start_server(
         "scheduler",

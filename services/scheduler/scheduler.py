@@ -13,7 +13,7 @@ from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.queueing.v1 import queueing_pb2 as q
 from libs.clock import Clock
 from libs.config import POOL_KINDS, MeshConfig
-from libs.etcd.client import Compare, RequestOp, cmp_missing, cmp_mod, op_put
+from libs.etcd.client import Compare, RequestOp, WatchEvent, cmp_missing, cmp_mod, op_put
 from libs.etcd.election import LeaderElection, run_while_leader
 from libs.etcd.informer import Informer
 from libs.jobs import apply_dispatch, fits, ts
@@ -124,7 +124,8 @@ class Scheduler:
         self.metrics = metrics
         self.dispatched = 0
         self.capacity_changed = asyncio.Event()
-        self._claimed: dict[str, float] = {}  # worker id -> when we assigned it (until the informer shows it)
+        # worker id -> when we assigned it, until the assignment cache has caught up with that dispatch
+        self._claimed: dict[str, float] = {}
         self._version = -1
         self._epoch = 0  # bumped on every worker or assignment change
         # (queue version, epoch) of the last cycle that placed nothing: until one of them moves, waiting is all
@@ -135,6 +136,14 @@ class Scheduler:
     def on_change(self, _event: object) -> None:
         self._epoch += 1
         self.capacity_changed.set()
+
+    def on_assignment(self, event: WatchEvent) -> None:
+        """Any assignment change of a worker we claimed is our dispatch or later (we only claim a worker whose
+        last assignment the cache had already seen go), so the cache now speaks for it and the claim can go.
+        Waiting to see the worker busy instead would miss a job that started and ended between two cycles,
+        and leave its worker unused until the claim expired."""
+        self._claimed.pop(Keys.last_segment(event.kv.key), None)
+        self.on_change(event)
 
     async def run(self) -> None:
         watcher = asyncio.create_task(self._watch_while_leading(), name="scheduler-informers")

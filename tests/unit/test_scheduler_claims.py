@@ -1,0 +1,103 @@
+"""Unit tests of the scheduler's worker claims (services/scheduler/scheduler.py): a worker it dispatched to is
+not offered again until its assignment cache has caught up, and is offered again as soon as it has, even when
+the job started and ended between two cycles."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry
+
+from jobmesh.common.v1 import types_pb2 as t
+from jobmesh.queueing.v1 import queueing_pb2 as q
+from libs.clock import FakeClock
+from libs.config import load_config
+from libs.etcd.client import KeyValue, WatchEvent
+from libs.keys import Keys
+from services.scheduler.scheduler import Candidate, Scheduler, SchedulerMetrics
+from tests.helpers import FIXTURE_CONFIG
+
+KEYS = Keys("/jobmesh")
+
+
+@dataclass
+class Cache:
+    """What the scheduler reads of an informer: its cache."""
+
+    cache: dict[str, KeyValue] = field(default_factory=dict)
+
+
+def kv(key: str, value: bytes, revision: int) -> KeyValue:
+    return KeyValue(key, value, revision, revision, 1, 0)
+
+
+def scheduler_with(worker_ids: list[str]) -> tuple[Scheduler, Cache]:
+    workers, assignments = Cache(), Cache()
+    for n, worker_id in enumerate(worker_ids, start=1):
+        worker = t.Worker(worker_id=worker_id, pool_id="static-general", state=t.WORKER_STATE_IDLE)
+        worker.capacity.cpu_millis, worker.capacity.memory_mb = 1000, 1024
+        workers.cache[KEYS.worker(worker_id)] = kv(KEYS.worker(worker_id), worker.SerializeToString(), n)
+    sched = Scheduler(
+        KEYS,
+        load_config(FIXTURE_CONFIG),
+        FakeClock(1_700_000_000.0),
+        election=None,  # type: ignore[arg-type]
+        workers=workers,  # type: ignore[arg-type]
+        assignments=assignments,  # type: ignore[arg-type]
+        queueing=None,
+        metrics=SchedulerMetrics(CollectorRegistry()),
+    )
+    return sched, assignments
+
+
+def dispatch(sched: Scheduler, cand: Candidate, job_id: str) -> t.Assignment:
+    job = t.Job(job_id=job_id, tenant_id="acme", state=t.JOB_STATE_PENDING)
+    job.spec.resources.cpu_millis, job.spec.resources.memory_mb = 100, 64
+    d = sched._prepare(q.QueuedJob(job=job, mod_revision=5), cand)
+    assignment = t.Assignment()
+    assignment.ParseFromString(d.ops[1].request_put.value)
+    return assignment
+
+
+def idle_ids(sched: Scheduler) -> list[str]:
+    return sorted(c.worker.worker_id for c in sched.idle_workers())
+
+
+def test_a_worker_just_dispatched_to_is_not_offered_before_the_cache_shows_it() -> None:
+    sched, _ = scheduler_with(["w-1", "w-2"])
+    first = sched.idle_workers()
+    chosen = next(c for c in first if c.worker.worker_id == "w-1")
+
+    dispatch(sched, chosen, "job-1")
+
+    assert idle_ids(sched) == ["w-2"]
+
+
+def test_a_job_that_started_and_ended_between_two_cycles_frees_its_worker_at_once() -> None:
+    sched, assignments = scheduler_with(["w-1"])
+    (chosen,) = sched.idle_workers()
+    assignment = dispatch(sched, chosen, "job-1")
+    key = KEYS.assignment("w-1")
+
+    # The informer hands over our put and the result's delete before the next cycle looks.
+    put = kv(key, assignment.SerializeToString(), 10)
+    assignments.cache[key] = put
+    sched.on_assignment(WatchEvent("put", put, 10))
+    del assignments.cache[key]
+    sched.on_assignment(WatchEvent("delete", kv(key, assignment.SerializeToString(), 11), 11))
+
+    assert idle_ids(sched) == ["w-1"]
+
+
+def test_a_worker_stays_busy_while_its_assignment_is_in_the_cache() -> None:
+    sched, assignments = scheduler_with(["w-1"])
+    (chosen,) = sched.idle_workers()
+    assignment = dispatch(sched, chosen, "job-1")
+    key = KEYS.assignment("w-1")
+    put = kv(key, assignment.SerializeToString(), 10)
+    assignments.cache[key] = put
+    sched.on_assignment(WatchEvent("put", put, 10))
+
+    assert idle_ids(sched) == []
+    assert assignment.job.job_id == "job-1"  # the assignment carries the job as dispatched
+    assert assignment.job.state == t.JOB_STATE_RUNNING
