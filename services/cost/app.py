@@ -47,7 +47,7 @@ async def run(common: CommonSettings) -> None:
     await etcd.wait_ready()
     keys, cost_keys = Keys(common.etcd.prefix), CostKeys(common.etcd.prefix)
 
-    ledger = CostLedger(etcd, keys, config, clock, metrics)
+    ledger = CostLedger(etcd, keys, config, clock, metrics, record_delay=settings.record_delay_seconds)
     workers = WorkerLedger(etcd, cost_keys, config, clock, metrics)
     budgets = BudgetStore(etcd, cost_keys, config)
     accounts = CostAccounts(ledger, workers, budgets, config, clock, Thresholds())
@@ -91,6 +91,7 @@ async def run(common: CommonSettings) -> None:
     server.on_stop.append(stop_cycle)
     for informer in reversed(informers):
         server.on_stop.append(informer.stop)
+    server.on_stop.append(ledger.close)  # after the job informer: what it charged last is written before we exit
     try:
         await server.serve_forever()
     finally:

@@ -3,6 +3,8 @@ not write, and answers what was charged, what is accruing and what was spent."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Iterable, Sequence
 from typing import Protocol
@@ -41,8 +43,20 @@ class RecordStore(Protocol):
 
 
 class CostLedger:
-    def __init__(self, store: RecordStore, keys: Keys, config: MeshConfig, clock: Clock, metrics: CostMetrics):
+    def __init__(
+        self,
+        store: RecordStore,
+        keys: Keys,
+        config: MeshConfig,
+        clock: Clock,
+        metrics: CostMetrics,
+        record_delay: float = 0.0,
+    ):
         self.store = store
+        # 0: each watch response's ended attempts are written before the next is handled; else they wait up to
+        # this long for others, in one delayed write (a crash before it is covered by the rescan).
+        self.record_delay = record_delay
+        self._delayed: asyncio.Task[None] | None = None
         self.keys = keys
         self.config = config
         self.clock = clock
@@ -95,8 +109,30 @@ class CostLedger:
             if event.kind == "delete":
                 self.running.pop(event.kv.key, None)  # a deleted job's ended attempts are still charged below
             new += self.observe(event.kv.key, job)
-        if new:
+        if not new:
+            return
+        if self.record_delay <= 0:
             await self.flush(new)
+        elif self._delayed is None:
+            self._delayed = asyncio.create_task(self._flush_later(), name="cost-records")
+
+    async def _flush_later(self) -> None:
+        try:
+            await asyncio.sleep(self.record_delay)
+        finally:
+            self._delayed = None
+        try:
+            await self.flush()
+        except Exception:
+            log.exception("writing cost records failed; the cost cycle retries them")
+
+    async def close(self) -> None:
+        """Writes what a delayed write was waiting for (on a graceful stop)."""
+        if self._delayed is not None:
+            self._delayed.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._delayed
+        await self.flush()
 
     def observe(self, job_key: str, job: t.Job) -> list[str]:
         """Tracks the job's running attempt and queues its ended, uncharged attempts; returns their keys."""

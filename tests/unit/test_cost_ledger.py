@@ -3,6 +3,7 @@ retried, running attempts accruing, and worker lifetimes kept."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -293,3 +294,31 @@ async def test_the_per_day_index_gives_the_month_s_idle_cost_exactly_as_a_full_r
 
     assert fast == full
     assert sum(cell.allocated_micros for cell in full.values()) > 0
+
+
+async def test_with_a_record_delay_attempts_from_several_watch_responses_share_one_delayed_write() -> None:
+    h = Harness()
+    h.ledger.record_delay = 0.05
+    jobs = [JobBuilder(f"job-{i}").ended(MIDNIGHT, MIDNIGHT + HOUR).build() for i in range(3)]
+
+    for j in jobs:  # three watch responses, one ended attempt each
+        await h.ledger.on_job_events([WatchEvent("put", KeyValue(job_key(j), j.SerializeToString(), 1, 1, 1, 0), 1)])
+    assert h.etcd.calls == 0
+    assert h.ledger.spent("acme", month="2026-03") == 300_000  # charged (shown) before it is written
+
+    await asyncio.sleep(0.2)
+
+    assert h.etcd.calls == 1
+    assert len(h.stored()) == 3
+    assert h.metric("jobmesh_cost_records_total") == 3
+
+
+async def test_closing_the_ledger_writes_what_a_delayed_write_was_waiting_for() -> None:
+    h = Harness()
+    h.ledger.record_delay = 60.0
+
+    await h.see(ONE_HOUR)
+    assert h.stored() == {}
+    await h.ledger.close()
+
+    assert list(h.stored()) == [KEYS.cost_record("acme", "job-1", 1)]
