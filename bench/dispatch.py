@@ -204,7 +204,7 @@ async def run(args: argparse.Namespace, stack: Stack) -> dict[str, object]:
             "killed": leader,
             "jobs": len(jobs),
             "succeeded": sum(1 for j in jobs if j["state"] == "JOB_STATE_SUCCEEDED"),
-            "max_attempt": max(int(str(j["attempt"])) for j in jobs),
+            "max_attempt": max((int(str(j["attempt"])) for j in jobs), default=0),
             "first_dispatch_after_kill_s": round(after[0] - killed_at, 2) if after else None,
             "leader_ttl_s": int(stack.env.get("JOBMESH_LEADER_TTL", "5")),
         }
