@@ -186,13 +186,14 @@ class TracingClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.Un
         return await continuation(self._with_context(client_call_details), request)
 
 
-def channel(target: str | tuple[str, ...]) -> grpc.aio.Channel:
-    """A client channel to another service (round-robin over several replicas), with trace propagation."""
+def channel(target: str | tuple[str, ...], *, propagate: bool = True) -> grpc.aio.Channel:
+    """A client channel to another service (round-robin over several replicas), with trace propagation unless
+    the caller has no trace to carry on (`propagate=False` spares every call the interceptor)."""
     if isinstance(target, tuple):
         target = target[0] if len(target) == 1 else "ipv4:" + ",".join(target)
     return grpc.aio.insecure_channel(
         target,
-        interceptors=[TracingClientInterceptor()],
+        interceptors=[TracingClientInterceptor()] if propagate else None,
         options=[
             ("grpc.keepalive_time_ms", 10_000),
             ("grpc.keepalive_timeout_ms", 5_000),

@@ -47,7 +47,8 @@ class WorkerAgent:
 
     def _registry(self, addr: str) -> poolmanager_pb2_grpc.WorkerRegistryServiceStub:
         if addr not in self._channels:
-            self._channels[addr] = channel(addr)
+            # A worker starts no traces and gets none with its assignments: nothing to propagate.
+            self._channels[addr] = channel(addr, propagate=False)
         return poolmanager_pb2_grpc.WorkerRegistryServiceStub(self._channels[addr])
 
     def _next_endpoint(self) -> str:
@@ -75,7 +76,7 @@ class WorkerAgent:
 
     async def _session(self, addr: str) -> None:
         """One registration stream; ends when the stream breaks, the lease is lost, or we stop."""
-        async with channel(addr) as ch:
+        async with channel(addr, propagate=False) as ch:
             stub = poolmanager_pb2_grpc.WorkerRegistryServiceStub(ch)
             call = stub.Connect(pm.ConnectRequest(worker=self.worker))
             self._lost.clear()
@@ -157,7 +158,7 @@ class WorkerAgent:
 
     async def _execute(self, a: t.Assignment) -> None:
         extra = {"job_id": a.job_id, "tenant_id": a.tenant_id, "attempt": a.attempt}
-        log.info("starting job", extra=extra)
+        log.debug("starting job", extra=extra)  # one INFO line per job, when it ends
         spec = ExecSpec(
             job_id=a.job_id,
             attempt=a.attempt,

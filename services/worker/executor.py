@@ -62,8 +62,9 @@ class _RunState:
     def __init__(self, job_id: str, loop: asyncio.AbstractEventLoop) -> None:
         self.job_id = job_id
         self.loop = loop
-        self.stop_requested = asyncio.Event()
-        self.root: psutil.Process | None = None
+        self.stop_requested: asyncio.Future[None] = loop.create_future()
+        self.pid = 0  # the job's root process, until it has been reaped
+        self.root: psutil.Process | None = None  # made at the first sample: most jobs end before one
         self.cpu_seconds = 0.0
         self.peak_rss_bytes = 0
 
@@ -73,13 +74,26 @@ class _RunState:
         except RuntimeError:
             current = None
         if current is self.loop:
-            self.stop_requested.set()
+            self._stop()
             return
-        # asyncio.Event is not thread-safe; a cancel from a gRPC thread must hop onto the job's loop.
+        # Futures are not thread-safe; a cancel from a gRPC thread must hop onto the job's loop.
         try:
-            self.loop.call_soon_threadsafe(self.stop_requested.set)
+            self.loop.call_soon_threadsafe(self._stop)
         except RuntimeError:
             pass  # loop already closed: the job is over anyway
+
+    def _stop(self) -> None:
+        if not self.stop_requested.done():
+            self.stop_requested.set_result(None)
+
+    def sampled_root(self) -> psutil.Process | None:
+        """The root process to sample, looked up on first use (its pid stays ours until we reap it)."""
+        if self.root is None and self.pid:
+            try:
+                self.root = psutil.Process(self.pid)
+            except psutil.Error:
+                self.pid = 0  # already gone; nothing to sample
+        return self.root
 
     def record(self, usage: _TreeUsage) -> None:
         # Sampled totals can dip when a child is orphaned out of the tree, so keep the high-water marks.
@@ -125,7 +139,7 @@ class JobExecutor:
     async def live_usage(self) -> tuple[float, int]:
         """Current (cpu_seconds, rss_mb) of the running job's process tree; (0.0, 0) when idle."""
         state = self._state
-        if state is None or state.root is None:
+        if state is None or state.sampled_root() is None:
             return (0.0, 0)
         rss_bytes = await self._sample(state)
         return (state.cpu_seconds, rss_bytes // _MIB)
@@ -199,7 +213,7 @@ class JobExecutor:
                 # Popen only forks and execs (vfork), then returns; the child is reaped through its pidfd.
                 proc = subprocess.Popen(  # noqa: ASYNC220
                     spec.command,
-                    stdin=subprocess.DEVNULL,
+                    stdin=_devnull(),
                     stdout=write_fd,
                     stderr=subprocess.STDOUT,
                     cwd=cwd,
@@ -223,14 +237,17 @@ class JobExecutor:
         self, spec: ExecSpec, state: _RunState, child: _Child, output: _OutputTail, started: float
     ) -> ExecResult:
         pgid = child.pid
-        try:
-            state.root = psutil.Process(child.pid)
-        except psutil.Error:
-            state.root = None  # already gone; nothing to sample
+        state.pid = child.pid
+        sampler: asyncio.Task[None] | None = None
 
-        sampler = asyncio.create_task(self._sample_forever(state))
+        def start_sampling() -> None:
+            nonlocal sampler
+            sampler = asyncio.create_task(self._sample_forever(state))
+
+        # A job that ends before the first sample (most) never starts a sampler.
+        first_sample = state.loop.call_later(self._first_sample_delay, start_sampling)
         exited = child.exited
-        stop = asyncio.create_task(state.stop_requested.wait())
+        stop = state.stop_requested
         limit = spec.max_runtime_seconds
         if limit is not None and limit <= 0:
             limit = None
@@ -246,7 +263,7 @@ class JobExecutor:
                 escalated = await self._terminate(pgid, exited)
             returncode, usage = await exited
             run_seconds = time.monotonic() - started
-            state.root = None
+            state.root, state.pid = None, 0
             # The kernel's account of the root and every descendant it waited for: exact, however short the job.
             state.cpu_seconds = max(state.cpu_seconds, usage.ru_utime + usage.ru_stime)
             state.peak_rss_bytes = max(state.peak_rss_bytes, usage.ru_maxrss * 1024)
@@ -255,8 +272,9 @@ class JobExecutor:
             await asyncio.wait({output.closed}, timeout=_DRAIN_TIMEOUT_SECONDS)
         finally:
             _signal_group(pgid, signal.SIGKILL)
-            for task in (stop, sampler):
-                task.cancel()
+            first_sample.cancel()
+            if sampler is not None:
+                sampler.cancel()
             output.close()
 
         if reason == REASON_TIMEOUT:
@@ -287,20 +305,30 @@ class JobExecutor:
         return True
 
     async def _sample_forever(self, state: _RunState) -> None:
-        await asyncio.sleep(self._first_sample_delay)
         while True:
             await self._sample(state)
             await asyncio.sleep(self._sample_interval)
 
     async def _sample(self, state: _RunState) -> int:
         """Record one usage sample into ``state``; returns the tree's current RSS in bytes."""
-        root = state.root
+        root = state.sampled_root()
         if root is None:
             return 0
         # Walking the process table reads all of /proc; keep that off the event loop.
         usage = await asyncio.to_thread(_measure_tree, root)
         state.record(usage)
         return usage.rss_bytes
+
+
+_DEVNULL = -1
+
+
+def _devnull() -> int:
+    """Jobs read an empty stdin: one descriptor for the process (subprocess.DEVNULL opens one per job)."""
+    global _DEVNULL
+    if _DEVNULL < 0:
+        _DEVNULL = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    return _DEVNULL
 
 
 def _job_env(extra: dict[str, str], home: str) -> dict[str, str]:

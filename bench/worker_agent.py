@@ -1,0 +1,148 @@
+"""Worker agent benchmark: the CPU one real worker process spends per short job, without the rest of the mesh.
+
+Starts `python -m services.worker` against a pool-manager stand-in served in this process (the same
+WorkerRegistryService: Connect, Heartbeat, ReportResult). The stand-in hands out one assignment of --command at a
+time and the next one as soon as the previous result is reported, --jobs times. Prints the worker's CPU per job
+(its own, and that of the job processes it reaped), the wall time per job and the stand-in's own CPU per job.
+Bounded by --jobs and --timeout-seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+
+from jobmesh.common.v1 import types_pb2 as t
+from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
+from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
+from libs.launcher import REPO
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class StandIn(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
+    """Hands out `jobs` assignments one after another; `finished` is set once the last result is in."""
+
+    def __init__(self, jobs: int, command: list[str]):
+        self.jobs = jobs
+        self.command = command
+        self.outbox: asyncio.Queue[pm.ConnectResponse] = asyncio.Queue()
+        self.reported = 0
+        self.failed = 0
+        self.finished = asyncio.Event()
+
+    def assignment(self, n: int) -> pm.ConnectResponse:
+        spec = t.JobSpec(name=f"bench-{n}", command=self.command, resources=t.Resources(cpu_millis=100, memory_mb=64))
+        return pm.ConnectResponse(
+            assignment=t.Assignment(job_id=f"bench-{n:07d}", tenant_id="acme", attempt=1, worker_id="w-0", spec=spec)
+        )
+
+    async def Connect(
+        self, request: pm.ConnectRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pm.ConnectResponse]:
+        worker = request.worker
+        worker.lease_id = 1
+        yield pm.ConnectResponse(registered=worker)
+        while True:
+            yield await self.outbox.get()
+
+    async def Heartbeat(self, request: pm.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pm.HeartbeatResponse:
+        return pm.HeartbeatResponse(alive=True)
+
+    async def ReportResult(
+        self, request: pm.ReportResultRequest, context: grpc.aio.ServicerContext
+    ) -> pm.ReportResultResponse:
+        self.reported += 1
+        self.failed += request.exit_code != 0
+        if self.reported < self.jobs:
+            self.outbox.put_nowait(self.assignment(self.reported))
+        else:
+            self.finished.set()
+        return pm.ReportResultResponse(accepted=True)
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(own, reaped children) CPU seconds of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return (utime + stime) / CLK_TCK, (cutime + cstime) / CLK_TCK
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    stand_in = StandIn(args.jobs, args.command)
+    server = grpc.aio.server()
+    poolmanager_pb2_grpc.add_WorkerRegistryServiceServicer_to_server(stand_in, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    with tempfile.TemporaryDirectory() as data_dir:
+        worker = start_worker(port, Path(data_dir))
+        try:
+            await asyncio.sleep(1.0)  # registered, first heartbeat out of the way
+            own0, kids0 = cpu_seconds(worker.pid)
+            ours0, wall0 = time.process_time(), time.perf_counter()
+            stand_in.outbox.put_nowait(stand_in.assignment(0))
+            progress = asyncio.create_task(report_progress(stand_in))
+            try:
+                await asyncio.wait_for(stand_in.finished.wait(), args.timeout_seconds)
+            finally:
+                progress.cancel()
+            own1, kids1 = cpu_seconds(worker.pid)
+            ours1, wall1 = time.process_time(), time.perf_counter()
+        finally:
+            worker.terminate()
+            worker.wait(timeout=10)
+            await server.stop(0)
+    n = stand_in.reported
+    return {
+        "jobs": n,
+        "failed": stand_in.failed,
+        "command": args.command,
+        "worker_cpu_ms_per_job": round((own1 - own0) * 1000 / n, 3),
+        "job_processes_cpu_ms_per_job": round((kids1 - kids0) * 1000 / n, 3),
+        "wall_ms_per_job": round((wall1 - wall0) * 1000 / n, 3),
+        "stand_in_cpu_ms_per_job": round((ours1 - ours0) * 1000 / n, 3),
+    }
+
+
+def start_worker(port: int, data_dir: Path) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO}:{REPO / 'gen'}",
+        "JOBMESH_POOLMANAGER_ADDRS": f"127.0.0.1:{port}",
+        "JOBMESH_POOL_ID": "static-general",
+        "JOBMESH_WORKER_ID": "w-0",
+        "JOBMESH_DATA_DIR": str(data_dir),
+        "JOBMESH_CONFIG": str(REPO / "tests" / "fixtures" / "mesh.toml"),
+    }
+    with open(data_dir / "worker.log", "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "services.worker"], env=env, cwd=REPO, stdout=log, stderr=log)
+
+
+async def report_progress(stand_in: StandIn) -> None:
+    while True:
+        await asyncio.sleep(1)
+        print(f"  {stand_in.reported}/{stand_in.jobs} jobs", file=sys.stderr, flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=2000)
+    parser.add_argument("--command", nargs="+", default=["true"])
+    parser.add_argument("--timeout-seconds", type=float, default=120.0)
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(run(args))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
