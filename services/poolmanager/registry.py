@@ -27,10 +27,19 @@ from services.poolmanager.outcomes import JobOutcomes
 log = logging.getLogger(__name__)
 
 
+# Ended attempts remembered until their assignment's delete is seen (a bound, not a working set).
+_ENDED_KEPT = 10_000
+
+
 class RegistryMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.connected = Gauge(
             "jobmesh_poolmanager_connected_workers", "Workers streaming from this replica.", registry=registry
+        )
+        self.cancels = Counter(
+            "jobmesh_poolmanager_cancels_sent_total",
+            "Running jobs a worker was told to stop (cancelled, or taken back from it).",
+            registry=registry,
         )
         self.results = Counter(
             "jobmesh_poolmanager_results_total",
@@ -65,12 +74,19 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         self.metrics = metrics
         self.outcomes = outcomes
         self.streams: dict[str, asyncio.Queue[pm.ConnectResponse]] = {}
+        # Attempts whose results we are recording or have recorded, until their assignment's delete comes by:
+        # that delete means the job ended, not that it was cancelled, so the worker needs no word of it.
+        self._ended: dict[tuple[str, int], None] = {}
         # Results that arrive while one transaction is in flight are recorded together in the next.
         self.results: GroupCommit[Completion, str | None] = GroupCommit(
             self._record_results, max_batch=32, name="result-writer"
         )
 
     async def _record_results(self, batch: list[Completion]) -> list[str | Exception | None]:
+        for done in batch:
+            self._ended[(done.job_id, done.attempt)] = None
+        while len(self._ended) > _ENDED_KEPT:
+            del self._ended[next(iter(self._ended))]
         pools = await self.store.complete_attempts(batch, self.clock.now(), cached=self._cached)
         # Counted here, where the transaction landed, not by the caller: a report whose RPC was cancelled
         # after its result was written still counts (its retry is refused as stale).
@@ -98,7 +114,12 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         if event.kind == "put":
             queue.put_nowait(pm.ConnectResponse(assignment=assignment))
         elif assignment.job_id:
-            queue.put_nowait(pm.ConnectResponse(cancel_job_id=assignment.job_id))
+            attempt = (assignment.job_id, assignment.attempt)
+            if attempt in self._ended:
+                del self._ended[attempt]  # it ended: nothing to tell the worker
+            else:
+                queue.put_nowait(pm.ConnectResponse(cancel_job_id=assignment.job_id))  # withdrawn: cancel it
+                self.metrics.cancels.inc()
 
     async def Connect(
         self, request: pm.ConnectRequest, context: grpc.aio.ServicerContext

@@ -108,6 +108,27 @@ def test_cancel_kills_a_running_job_and_cancels_a_pending_one(acme: Api, stack: 
     assert all(acme.get(b["job_id"])["state"] == "JOB_STATE_CANCELLED" for b in blockers)
 
 
+def cancels_sent(admin: Api) -> float:
+    """Cancels the pool-manager replicas sent to workers, summed."""
+    text = admin.call("GET", "/api/v1/metrics/prometheus").text
+    return sum(
+        float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith("jobmesh_poolmanager_cancels_sent_total")
+    )
+
+
+def test_workers_hear_of_cancelled_jobs_only_not_of_jobs_that_ended(acme: Api, admin: Api) -> None:
+    before = cancels_sent(admin)
+    for job in [acme.submit(job_spec(f"ends-{i}", ["true"])) for i in range(4)]:
+        assert acme.wait_terminal(job["job_id"])["state"] == "JOB_STATE_SUCCEEDED"
+    time.sleep(0.5)  # the assignments' deletes have reached both replicas
+    assert cancels_sent(admin) == before
+
+    sleeper = acme.submit(job_spec("cancelled-while-running", ["sleep", "60"]))
+    acme.wait_state(sleeper["job_id"], {"JOB_STATE_RUNNING"}, timeout=30)
+    assert acme.cancel(sleeper["job_id"]).status_code == 200
+    assert wait_for(lambda: cancels_sent(admin) == before + 1, timeout=10, what="one cancel sent to the worker")
+
+
 def test_cancelling_a_finished_job_is_refused_and_changes_nothing(acme: Api) -> None:
     job = acme.submit(job_spec("quick", ["true"]))
     acme.wait_terminal(job["job_id"])
