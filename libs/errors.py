@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import grpc
 
+from jobmesh.common.v1 import types_pb2 as t
+
 
 class JobMeshError(Exception):
     """Root of every error we raise on purpose; the server interceptor maps it to a status."""
@@ -70,3 +72,15 @@ class NotLeader(JobMeshError):
 
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "NOT_LEADER"
+
+
+def item_error(err: JobMeshError) -> t.ItemError:
+    """One failed item of a batch call, as the single call would have failed."""
+    return t.ItemError(code=err.code.name, message=err.message, reason=err.reason, metadata=err.metadata)
+
+
+def from_item_error(item: t.ItemError) -> JobMeshError:
+    """The error a caller of the single call would have got back (unknown codes become INTERNAL)."""
+    err = JobMeshError(item.message, reason=item.reason or None, metadata=dict(item.metadata))
+    err.code = grpc.StatusCode.__members__.get(item.code, grpc.StatusCode.INTERNAL)
+    return err

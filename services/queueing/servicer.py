@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import grpc
 
 from jobmesh.queueing.v1 import queueing_pb2 as q
 from jobmesh.queueing.v1 import queueing_pb2_grpc
 from libs.clock import Clock
-from libs.errors import InvalidArgument
+from libs.errors import InvalidArgument, JobMeshError, item_error
 from libs.jobstore import JobStore
 from libs.telemetry import job_id_var, tenant_id_var
 from services.queueing.manager import QueueManager
+
+log = logging.getLogger(__name__)
 
 
 class QueueingServicer(queueing_pb2_grpc.QueueingServiceServicer):
@@ -24,6 +29,27 @@ class QueueingServicer(queueing_pb2_grpc.QueueingServiceServicer):
         tenant_id_var.set(request.job.tenant_id)
         job, created = await self.manager.enqueue(request.job)
         return q.EnqueueResponse(job=job, created=created)
+
+    async def EnqueueMany(
+        self, request: q.EnqueueManyRequest, context: grpc.aio.ServicerContext
+    ) -> q.EnqueueManyResponse:
+        """Stored together: the jobs' writes share the store's group commit."""
+        results = await asyncio.gather(
+            *(self.manager.enqueue(item.job) for item in request.items), return_exceptions=True
+        )
+        outcomes = []
+        for result in results:
+            if isinstance(result, JobMeshError):
+                outcomes.append(q.EnqueueOutcome(error=item_error(result)))
+            elif isinstance(result, Exception):
+                log.error("enqueue failed", exc_info=result)
+                outcomes.append(q.EnqueueOutcome(error=item_error(JobMeshError("internal error"))))
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                job, created = result
+                outcomes.append(q.EnqueueOutcome(enqueued=q.EnqueueResponse(job=job, created=created)))
+        return q.EnqueueManyResponse(outcomes=outcomes)
 
     async def GetJob(self, request: q.GetJobRequest, context: grpc.aio.ServicerContext) -> q.GetJobResponse:
         job_id_var.set(request.job_id)

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from jobmesh.common.v1 import quota_pb2 as qt
 from jobmesh.quota.v1 import quota_pb2 as q
 from jobmesh.quota.v1 import quota_pb2_grpc
-from libs.errors import InvalidArgument
+from libs.errors import InvalidArgument, JobMeshError, item_error
 from libs.etcd.client import Etcd
 from libs.jobs import ts
 from libs.keys import Keys
@@ -60,6 +60,20 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         self.metrics = metrics
 
     async def Reserve(self, request: q.ReserveRequest, context: grpc.aio.ServicerContext) -> q.ReserveResponse:
+        return self._reserve(request)
+
+    async def ReserveMany(
+        self, request: q.ReserveManyRequest, context: grpc.aio.ServicerContext
+    ) -> q.ReserveManyResponse:
+        outcomes = []
+        for item in request.reservations:
+            try:
+                outcomes.append(q.ReserveOutcome(reserved=self._reserve(item)))
+            except JobMeshError as err:
+                outcomes.append(q.ReserveOutcome(error=item_error(err)))
+        return q.ReserveManyResponse(outcomes=outcomes)
+
+    def _reserve(self, request: q.ReserveRequest) -> q.ReserveResponse:
         with self.metrics.latency.time():
             try:
                 too_big = self.manager.never_fits(
