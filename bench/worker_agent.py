@@ -1,9 +1,10 @@
 """Worker agent benchmark: the CPU one real worker process spends per short job, without the rest of the mesh.
 
 Starts `python -m services.worker` against a pool-manager stand-in served in this process (the same
-WorkerRegistryService: Connect, Heartbeat, ReportResult). The stand-in hands out one assignment of --command at a
-time and the next one as soon as the previous result is reported, --jobs times. Prints the worker's CPU per job
-(its own, and that of the job processes it reaped), the wall time per job and the stand-in's own CPU per job.
+WorkerRegistryService: Attach, Connect, Heartbeat, ReportResult). The stand-in hands out one assignment of
+--command at a time and the next one as soon as the previous result is reported, --jobs times. Prints the
+worker's CPU per job (its own, and that of the job processes it reaped), the wall time per job and the
+stand-in's own CPU per job.
 Bounded by --jobs and --timeout-seconds.
 """
 
@@ -38,6 +39,8 @@ class StandIn(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         self.command = command
         self.outbox: asyncio.Queue[pm.ConnectResponse] = asyncio.Queue()
         self.reported = 0
+        self.seen: set[str] = set()
+        self.on_stream = 0  # results that came on the Attach stream (the others by ReportResult)
         self.failed = 0
         self.finished = asyncio.Event()
 
@@ -56,19 +59,65 @@ class StandIn(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         while True:
             yield await self.outbox.get()
 
+    async def Attach(
+        self, request_iterator: AsyncIterator[pm.AttachRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pm.AttachResponse]:
+        first = await anext(aiter(request_iterator))
+        worker = first.connect.worker
+        worker.lease_id = 1
+        yield pm.AttachResponse(event=pm.ConnectResponse(registered=worker))
+        acks: asyncio.Queue[pm.ResultAck] = asyncio.Queue()
+
+        async def read_results() -> None:
+            async for message in request_iterator:
+                self.record(message.result, on_stream=True)
+                acks.put_nowait(
+                    pm.ResultAck(job_id=message.result.job_id, attempt=message.result.attempt, accepted=True)
+                )
+
+        reader = asyncio.create_task(read_results())
+        try:
+            while True:
+                outgoing = [asyncio.ensure_future(self.outbox.get()), asyncio.ensure_future(acks.get())]
+                done, pending = await asyncio.wait(outgoing, return_when=asyncio.FIRST_COMPLETED)
+                for future in pending:
+                    future.cancel()
+                for future in outgoing:
+                    if future in done:
+                        item = future.result()
+                        if isinstance(item, pm.ResultAck):
+                            yield pm.AttachResponse(result_ack=item)
+                        else:
+                            yield pm.AttachResponse(event=item)
+        finally:
+            reader.cancel()
+
+    def record(self, result: pm.ReportResultRequest, on_stream: bool) -> None:
+        if result.job_id in self.seen:
+            return  # sent again after its acknowledgement was cut off (the worker stopping): counted once
+        self.seen.add(result.job_id)
+        self.reported += 1
+        self.on_stream += on_stream
+        self.failed += result.exit_code != 0
+        if self.reported < self.jobs:
+            self.outbox.put_nowait(self.assignment(self.reported))
+        else:
+            self.finished.set()
+
     async def Heartbeat(self, request: pm.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pm.HeartbeatResponse:
         return pm.HeartbeatResponse(alive=True)
 
     async def ReportResult(
         self, request: pm.ReportResultRequest, context: grpc.aio.ServicerContext
     ) -> pm.ReportResultResponse:
-        self.reported += 1
-        self.failed += request.exit_code != 0
-        if self.reported < self.jobs:
-            self.outbox.put_nowait(self.assignment(self.reported))
-        else:
-            self.finished.set()
+        self.record(request, on_stream=False)
         return pm.ReportResultResponse(accepted=True)
+
+
+class ConnectOnly(StandIn):
+    """A pool-manager from before Attach: the worker falls back to Connect and unary ReportResult."""
+
+    Attach = poolmanager_pb2_grpc.WorkerRegistryServiceServicer.Attach  # type: ignore[assignment]
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
@@ -79,7 +128,7 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
-    stand_in = StandIn(args.jobs, args.command)
+    stand_in = (ConnectOnly if args.without_attach else StandIn)(args.jobs, args.command)
     server = grpc.aio.server()
     poolmanager_pb2_grpc.add_WorkerRegistryServiceServicer_to_server(stand_in, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -100,13 +149,14 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             ours1, wall1 = time.process_time(), time.perf_counter()
         finally:
             worker.terminate()
-            worker.wait(timeout=10)
+            await asyncio.to_thread(worker.wait, 10)  # the stand-in keeps serving while the worker stops
             await server.stop(0)
     n = stand_in.reported
     return {
         "jobs": n,
         "failed": stand_in.failed,
         "command": args.command,
+        "results_on_stream": stand_in.on_stream,
         "worker_cpu_ms_per_job": round((own1 - own0) * 1000 / n, 3),
         "job_processes_cpu_ms_per_job": round((kids1 - kids0) * 1000 / n, 3),
         "wall_ms_per_job": round((wall1 - wall0) * 1000 / n, 3),
@@ -139,6 +189,11 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--command", nargs="+", default=["true"])
     parser.add_argument("--timeout-seconds", type=float, default=120.0)
+    parser.add_argument(
+        "--without-attach",
+        action="store_true",
+        help="serve no Attach, as an older pool-manager: results go by unary ReportResult",
+    )
     args = parser.parse_args()
     print(json.dumps(asyncio.run(run(args))))
     return 0

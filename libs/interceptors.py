@@ -93,6 +93,19 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 stream, handler.request_deserializer, handler.response_serializer
             )
+        if handler.stream_stream is not None:
+            inner_bidi = handler.stream_stream
+
+            async def bidi(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                async def drain() -> None:
+                    async for item in inner_bidi(requests, context):
+                        await context.write(item)
+
+                await self._run(method, details, drain, context)
+
+            return grpc.stream_stream_rpc_method_handler(
+                bidi, handler.request_deserializer, handler.response_serializer
+            )
         return handler
 
     async def _run(

@@ -73,7 +73,8 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         self.workers = workers
         self.metrics = metrics
         self.outcomes = outcomes
-        self.streams: dict[str, asyncio.Queue[pm.ConnectResponse]] = {}
+        self.streams: dict[str, asyncio.Queue[pm.ConnectResponse | pm.ResultAck]] = {}
+        self._acks: set[asyncio.Task[None]] = set()  # results from Attach streams being recorded
         # Attempts whose results we are recording or have recorded, until their assignment's delete comes by:
         # that delete means the job ended, not that it was cancelled, so the worker needs no word of it.
         self._ended: dict[tuple[str, int], None] = {}
@@ -124,7 +125,54 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
     async def Connect(
         self, request: pm.ConnectRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pm.ConnectResponse]:
-        worker = request.worker
+        async for item in self._session(request.worker):
+            if isinstance(item, pm.ConnectResponse):
+                yield item
+
+    async def Attach(
+        self, request_iterator: AsyncIterator[pm.AttachRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pm.AttachResponse]:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("connect"):
+            raise InvalidArgument("connect", "must be the first message of a session")
+        worker_id = first.connect.worker.worker_id
+        reader: asyncio.Task[None] | None = None
+        try:
+            async for item in self._session(first.connect.worker):
+                if reader is None:  # registered: results may come from now on
+                    reader = asyncio.create_task(self._read_results(request_iterator, worker_id))
+                if isinstance(item, pm.ResultAck):
+                    yield pm.AttachResponse(result_ack=item)
+                else:
+                    yield pm.AttachResponse(event=item)
+        finally:
+            if reader is not None:
+                reader.cancel()
+
+    async def _read_results(self, requests: AsyncIterator[pm.AttachRequest], worker_id: str) -> None:
+        """Records each result that comes on a session's stream, and acknowledges it on the same stream."""
+        async for message in requests:
+            if message.HasField("result"):
+                if message.result.worker_id != worker_id:
+                    log.warning("ignored a result for worker %r on %s's stream", message.result.worker_id, worker_id)
+                    continue
+                task = asyncio.create_task(self._acknowledge(message.result, worker_id))
+                self._acks.add(task)
+                task.add_done_callback(self._acks.discard)
+
+    async def _acknowledge(self, result: pm.ReportResultRequest, worker_id: str) -> None:
+        try:
+            accepted = await self._record(result)
+        except Exception as exc:  # unacknowledged: the worker sends it again with ReportResult
+            log.warning("result on the stream not recorded: %s", exc, extra={"job_id": result.job_id})
+            return
+        queue = self.streams.get(worker_id)
+        if queue is not None:
+            queue.put_nowait(pm.ResultAck(job_id=result.job_id, attempt=result.attempt, accepted=accepted))
+
+    async def _session(self, worker: t.Worker) -> AsyncIterator[pm.ConnectResponse | pm.ResultAck]:
+        """Registers the worker and streams what it must hear: its registration, its current assignment, then
+        assignments, cancellations and (on an Attach stream) acknowledgements of its results."""
         if not safe_segment(worker.worker_id):
             raise InvalidArgument("worker.worker_id", "is not a valid id")
         if self.config.pool(worker.pool_id) is None:
@@ -146,7 +194,7 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
             worker.state = known.state
             worker.jobs_run = max(worker.jobs_run, known.jobs_run)
         await self.etcd.put(key, worker.SerializeToString(), lease=lease_id)
-        queue: asyncio.Queue[pm.ConnectResponse] = asyncio.Queue()
+        queue: asyncio.Queue[pm.ConnectResponse | pm.ResultAck] = asyncio.Queue()
         self.streams[worker.worker_id] = queue
         self.metrics.connected.set(len(self.streams))
         log.info("worker %s registered (pool %s, lease %x)", worker.worker_id, worker.pool_id, lease_id)
@@ -205,6 +253,10 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
     async def ReportResult(
         self, request: pm.ReportResultRequest, context: grpc.aio.ServicerContext
     ) -> pm.ReportResultResponse:
+        return pm.ReportResultResponse(accepted=await self._record(request))
+
+    async def _record(self, request: pm.ReportResultRequest) -> bool:
+        """Records a worker's result: True, or False when it was stale (and refused)."""
         job_id_var.set(request.job_id)
         tenant_id_var.set(request.tenant_id)
         if request.reason not in RESULT_REASONS:
@@ -227,8 +279,8 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         )
         if pool is None:
             log.warning("rejected stale result for attempt %d from %s", request.attempt, request.worker_id)
-            return pm.ReportResultResponse(accepted=False)
-        return pm.ReportResultResponse(accepted=True)
+            return False
+        return True
 
 
 def _for_worker(stored: bytes) -> t.Assignment:

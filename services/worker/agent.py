@@ -44,6 +44,12 @@ class WorkerAgent:
         self._reconnect = asyncio.Event()  # the session's replica stopped answering: end the session
         self._said_unhealthy = False
         self._channels: dict[str, grpc.aio.Channel] = {}  # one long-lived channel per replica, for reports
+        # Results go on the session's own stream (Attach) and are acknowledged there; a pool-manager without
+        # Attach (older) gets Connect and unary reports.
+        self._attach = True
+        self._stream: grpc.aio.StreamStreamCall[pm.AttachRequest, pm.AttachResponse] | None = None
+        self._stream_writes = asyncio.Lock()
+        self._acks: dict[tuple[str, int], asyncio.Future[pm.ResultAck | None]] = {}
 
     def _registry(self, addr: str) -> poolmanager_pb2_grpc.WorkerRegistryServiceStub:
         if addr not in self._channels:
@@ -78,16 +84,31 @@ class WorkerAgent:
         """One registration stream; ends when the stream breaks, the lease is lost, or we stop."""
         async with channel(addr, propagate=False) as ch:
             stub = poolmanager_pb2_grpc.WorkerRegistryServiceStub(ch)
-            call = stub.Connect(pm.ConnectRequest(worker=self.worker))
+            connect = pm.ConnectRequest(worker=self.worker)
+            call: grpc.aio.Call
+            if self._attach:
+                call = stream = stub.Attach()
+                await stream.write(pm.AttachRequest(connect=connect))
+            else:
+                call = stub.Connect(connect)
             self._lost.clear()
             self._reconnect.clear()
             heartbeat: asyncio.Task[None] | None = None
             stop_waiter = asyncio.create_task(self._end_signal())
             stop_waiter.add_done_callback(lambda _: call.cancel())
             try:
-                async for message in call:
+                async for response in call:  # type: ignore[attr-defined]
+                    if self._attach:
+                        if response.HasField("result_ack"):
+                            self._acknowledged(response.result_ack)
+                            continue
+                        message = response.event
+                    else:
+                        message = response
                     kind = message.WhichOneof("event")
                     if kind == "registered":
+                        if self._attach:
+                            self._stream = stream
                         self.worker.lease_id = message.registered.lease_id
                         log.info("registered with %s (lease %x)", addr, self.worker.lease_id)
                         if heartbeat is None:
@@ -100,7 +121,16 @@ class WorkerAgent:
             except asyncio.CancelledError:
                 if not (self.stopping.is_set() or self._lost.is_set() or self._reconnect.is_set()):
                     raise
+            except grpc.aio.AioRpcError as exc:
+                if self._attach and exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    log.warning("pool-manager %s has no Attach; connecting without results on the stream", addr)
+                    self._attach = False
+                raise
             finally:
+                self._stream = None
+                for waiting in self._acks.values():  # sent on this stream, never to be acknowledged on it
+                    if not waiting.done():
+                        waiting.set_result(None)
                 stop_waiter.cancel()
                 if heartbeat is not None:
                     heartbeat.cancel()
@@ -200,6 +230,34 @@ class WorkerAgent:
             log.warning("unhealthy: %s; asking to be replaced", reason)
         return reason
 
+    def _acknowledged(self, ack: pm.ResultAck) -> None:
+        waiting = self._acks.get((ack.job_id, ack.attempt))
+        if waiting is not None and not waiting.done():
+            waiting.set_result(ack)
+
+    async def _report_on_stream(self, request: pm.ReportResultRequest) -> bool:
+        """Sends the result on the session's stream; True once the pool-manager acknowledged it."""
+        stream = self._stream
+        if stream is None:
+            return False
+        key = (request.job_id, request.attempt)
+        waiting: asyncio.Future[pm.ResultAck | None] = asyncio.get_running_loop().create_future()
+        self._acks[key] = waiting
+        try:
+            async with self._stream_writes:
+                await stream.write(pm.AttachRequest(result=request))
+            ack = await asyncio.wait_for(waiting, timeout=5.0)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError) as exc:
+            log.warning("result not acknowledged on the stream (%s); reporting it again", type(exc).__name__)
+            return False
+        finally:
+            self._acks.pop(key, None)
+        if ack is None:
+            return False  # the session ended first
+        if not ack.accepted:
+            log.warning("result was stale and not accepted", extra={"job_id": request.job_id})
+        return True
+
     async def _report(self, a: t.Assignment, result: ExecResult, unhealthy: str = "") -> None:
         request = pm.ReportResultRequest(
             worker_id=self.worker.worker_id,
@@ -214,6 +272,8 @@ class WorkerAgent:
             max_memory_mb=result.max_memory_mb,
             unhealthy_reason=unhealthy,
         )
+        if await self._report_on_stream(request):
+            return
         delay = 0.2
         # Start with the replica our stream is on, then go round the others (own counter: the session loop
         # rotates too, and sharing one would keep both on a dead replica).
