@@ -81,32 +81,30 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
         if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
-
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                async def drain() -> None:
-                    async for item in inner_stream(request, context):
-                        await context.write(item)
-
-                await self._run(method, details, drain, context)
-
             return grpc.unary_stream_rpc_method_handler(
-                stream, handler.request_deserializer, handler.response_serializer
+                self._streaming(method, details, handler.unary_stream),
+                handler.request_deserializer,
+                handler.response_serializer,
             )
         if handler.stream_stream is not None:
-            inner_bidi = handler.stream_stream
-
-            async def bidi(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                async def drain() -> None:
-                    async for item in inner_bidi(requests, context):
-                        await context.write(item)
-
-                await self._run(method, details, drain, context)
-
             return grpc.stream_stream_rpc_method_handler(
-                bidi, handler.request_deserializer, handler.response_serializer
+                self._streaming(method, details, handler.stream_stream),
+                handler.request_deserializer,
+                handler.response_serializer,
             )
         return handler
+
+    def _streaming(self, method: str, details: grpc.HandlerCallDetails, inner: Any) -> Any:
+        """A handler with a response stream (its request one message or a stream), written out under `_run`."""
+
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def drain() -> None:
+                async for item in inner(request, context):
+                    await context.write(item)
+
+            await self._run(method, details, drain, context)
+
+        return handle
 
     async def _run(
         self,

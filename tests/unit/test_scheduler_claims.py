@@ -73,16 +73,21 @@ def test_a_worker_just_dispatched_to_is_not_offered_before_the_cache_shows_it() 
     assert idle_ids(sched) == ["w-2"]
 
 
-def test_a_job_that_started_and_ended_between_two_cycles_frees_its_worker_at_once() -> None:
-    sched, assignments = scheduler_with(["w-1"])
+def dispatched_and_seen(sched: Scheduler, assignments: Cache) -> tuple[t.Assignment, str]:
+    """Dispatches job-1 to the only worker, w-1, and hands the scheduler the informer's put of it."""
     (chosen,) = sched.idle_workers()
     assignment = dispatch(sched, chosen, "job-1")
     key = KEYS.assignment("w-1")
-
-    # The informer hands over our put and the result's delete before the next cycle looks.
     put = kv(key, assignment.SerializeToString(), 10)
     assignments.cache[key] = put
     sched.on_assignment(WatchEvent("put", put, 10))
+    return assignment, key
+
+
+def test_a_job_that_started_and_ended_between_two_cycles_frees_its_worker_at_once() -> None:
+    sched, assignments = scheduler_with(["w-1"])
+    # The informer hands over our put and the result's delete before the next cycle looks.
+    assignment, key = dispatched_and_seen(sched, assignments)
     del assignments.cache[key]
     sched.on_assignment(WatchEvent("delete", kv(key, assignment.SerializeToString(), 11), 11))
 
@@ -91,12 +96,7 @@ def test_a_job_that_started_and_ended_between_two_cycles_frees_its_worker_at_onc
 
 def test_a_worker_stays_busy_while_its_assignment_is_in_the_cache() -> None:
     sched, assignments = scheduler_with(["w-1"])
-    (chosen,) = sched.idle_workers()
-    assignment = dispatch(sched, chosen, "job-1")
-    key = KEYS.assignment("w-1")
-    put = kv(key, assignment.SerializeToString(), 10)
-    assignments.cache[key] = put
-    sched.on_assignment(WatchEvent("put", put, 10))
+    assignment, _ = dispatched_and_seen(sched, assignments)
 
     assert idle_ids(sched) == []
     assert assignment.job.job_id == "job-1"  # the assignment carries the job as dispatched
