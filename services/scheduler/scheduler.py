@@ -141,9 +141,12 @@ class Scheduler:
         """Any assignment change of a worker we claimed is our dispatch or later (we only claim a worker whose
         last assignment the cache had already seen go), so the cache now speaks for it and the claim can go.
         Waiting to see the worker busy instead would miss a job that started and ended between two cycles,
-        and leave its worker unused until the claim expired."""
+        and leave its worker unused until the claim expired.
+
+        Only a delete frees a worker: a put is our own dispatch landing, so it wakes no scheduling cycle."""
         self._claimed.pop(Keys.last_segment(event.kv.key), None)
-        self.on_change(event)
+        if event.kind == "delete":
+            self.on_change(event)
 
     async def run(self) -> None:
         watcher = asyncio.create_task(self._watch_while_leading(), name="scheduler-informers")

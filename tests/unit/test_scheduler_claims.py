@@ -101,3 +101,15 @@ def test_a_worker_stays_busy_while_its_assignment_is_in_the_cache() -> None:
     assert idle_ids(sched) == []
     assert assignment.job.job_id == "job-1"  # the assignment carries the job as dispatched
     assert assignment.job.state == t.JOB_STATE_RUNNING
+
+
+def test_only_a_freed_worker_wakes_the_scheduling_loop() -> None:
+    sched, assignments = scheduler_with(["w-1"])
+    sched.capacity_changed.clear()
+    assignment, key = dispatched_and_seen(sched, assignments)  # our own dispatch landing
+    assert not sched.capacity_changed.is_set()
+
+    del assignments.cache[key]
+    sched.on_assignment(WatchEvent("delete", kv(key, assignment.SerializeToString(), 11), 11))
+
+    assert sched.capacity_changed.is_set()
