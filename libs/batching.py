@@ -1,7 +1,8 @@
 """Group commit: callers that arrive while a write is in flight share the next write.
 
-There is no timer, so a lone caller is written at once; under load, batches grow by themselves to what
-arrived during the previous write (one etcd transaction instead of one per caller).
+A lone caller is written at once; under load, batches grow by themselves to what arrived during the previous
+write (one etcd transaction instead of one per caller). With `linger`, a batch that starts within
+`10 * linger` of the previous write's end (that is, under steady load) waits `linger` first for more callers.
 """
 
 from __future__ import annotations
@@ -24,9 +25,14 @@ class GroupCommit(Generic[In, Out]):
         max_batch: int = 64,
         on_batch: Callable[[int], None] | None = None,
         name: str = "group-commit",
+        linger: float = 0.0,
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if linger < 0:
+            raise ValueError("linger must not be negative")
+        self.linger = linger
+        self._last_write = float("-inf")
         self.write = write
         self.max_batch = max_batch
         self.on_batch = on_batch
@@ -43,9 +49,13 @@ class GroupCommit(Generic[In, Out]):
 
     async def _flush(self) -> None:
         try:
+            loop = asyncio.get_running_loop()
+            if self.linger and loop.time() - self._last_write < 10 * self.linger:
+                await asyncio.sleep(self.linger)
             while self._waiting:
                 batch, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch :]
                 await self._write(batch)
+            self._last_write = loop.time()
         finally:
             self._flusher = None
 

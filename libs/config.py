@@ -55,6 +55,9 @@ class PoolConfig:
     pricing: Pricing = field(default_factory=Pricing)
     provider: str = "local"
     max_jobs_per_worker: int = 0  # 0: unlimited reuse
+    # Jobs a worker runs at once, packed by CPU and memory within the worker's size (as pods on a node).
+    # 1: a worker runs one job at a time, whatever its size.
+    worker_slots: int = 1
     scale_up_cooldown_seconds: float = 5.0
     scale_down_cooldown_seconds: float = 30.0
     scale_down_idle_seconds: float = 30.0
@@ -138,6 +141,9 @@ def _pool(raw: dict[str, object]) -> PoolConfig:
     health_interval = float(raw.get("health_check_interval_seconds", 30.0))  # type: ignore[arg-type]
     if health_interval <= 0:
         raise ConfigError(f"pool {pool_id}: health_check_interval_seconds must be positive")
+    slots = int(raw.get("worker_slots", 1))  # type: ignore[call-overload]
+    if not 1 <= slots <= 64:
+        raise ConfigError(f"pool {pool_id}: worker_slots must be between 1 and 64")
     if depth < 1 or wait < 0 or not 0 <= utilization <= 1:
         raise ConfigError(
             f"pool {pool_id}: need scale_up_queue_depth >= 1, scale_up_queue_wait_seconds >= 0 and "
@@ -158,6 +164,7 @@ def _pool(raw: dict[str, object]) -> PoolConfig:
         pricing=Pricing(**{k: float(v) for k, v in pricing_raw.items()}),
         provider=str(raw.get("provider", "local")),
         max_jobs_per_worker=int(raw.get("max_jobs_per_worker", 0)),  # type: ignore[call-overload]
+        worker_slots=slots,
         scale_up_cooldown_seconds=float(raw.get("scale_up_cooldown_seconds", 5.0)),  # type: ignore[arg-type]
         scale_down_cooldown_seconds=float(raw.get("scale_down_cooldown_seconds", 30.0)),  # type: ignore[arg-type]
         scale_down_idle_seconds=float(raw.get("scale_down_idle_seconds", 30.0)),  # type: ignore[arg-type]

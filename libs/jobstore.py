@@ -117,7 +117,7 @@ class JobStore:
             compares = [cmp_mod(key, revision)]
             ops = []
             if job.state == t.JOB_STATE_RUNNING and job.worker_id:
-                assign_key = self.keys.assignment(job.worker_id)
+                assign_key = self.keys.assignment(job.worker_id, job.job_id)
                 assign = await self.etcd.get(assign_key)
                 if assign is not None:
                     held = t.Assignment()
@@ -231,7 +231,7 @@ class JobStore:
     def _completion_keys(self, done: Completion) -> builtins.list[str]:
         return [
             self.keys.job(done.tenant_id, done.job_id),
-            self.keys.assignment(done.worker_id),
+            self.keys.assignment(done.worker_id, done.job_id),
             self.keys.worker(done.worker_id),
         ]
 
@@ -307,7 +307,7 @@ class JobStore:
         moved. Returns (compares, ops, the job as it will be written or None when the job had moved on)."""
         assignment = t.Assignment()
         assignment.ParseFromString(assign_kv.value)
-        assign_key = self.keys.assignment(worker_id)
+        assign_key = assign_kv.key
         compares = [cmp_mod(assign_key, assign_kv.mod_revision)]
         ops = [op_delete(assign_key)]
         job_key = self.keys.job(assignment.tenant_id, assignment.job_id)

@@ -45,8 +45,17 @@ class Keys:
     def assignments(self) -> str:
         return f"{self.p}/assign/"
 
-    def assignment(self, worker_id: str) -> str:
-        return f"{self.p}/assign/{worker_id}"
+    def worker_assignments(self, worker_id: str) -> str:
+        return f"{self.p}/assign/{worker_id}/"
+
+    def assignment(self, worker_id: str, job_id: str) -> str:
+        """One key per job a worker holds: a worker with several slots holds several."""
+        return f"{self.p}/assign/{worker_id}/{job_id}"
+
+    @staticmethod
+    def assignment_worker(key: str) -> str:
+        """The worker an assignment key belongs to."""
+        return key.rsplit("/", 2)[-2]
 
     def leader(self, role: str) -> str:
         return f"{self.p}/leader/{role}"

@@ -88,6 +88,17 @@ def cmp_missing(key: str) -> pb.Compare:
     return cmp_create(key, 0)
 
 
+def cmp_none_under(prefix: str) -> pb.Compare:
+    """True while no key exists under prefix (etcd applies a ranged compare to every key in the range)."""
+    return pb.Compare(
+        result=pb.Compare.EQUAL,
+        target=pb.Compare.CREATE,
+        key=prefix.encode(),
+        range_end=prefix_end(prefix),
+        create_revision=0,
+    )
+
+
 def op_put(key: str, value: bytes, lease: int = 0) -> pb.RequestOp:
     return pb.RequestOp(request_put=pb.PutRequest(key=key.encode(), value=value, lease=lease))
 

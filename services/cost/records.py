@@ -60,8 +60,14 @@ _FIELDS = frozenset(f.name for f in fields(CostRecord))
 
 
 def pricing_of(config: MeshConfig, pool_id: str) -> Pricing:
+    """The prices one attempt on the pool pays: a worker with several slots shares its worker-hour among them,
+    so jobs that fill a worker together pay for it once."""
     pool = config.pool(pool_id)
-    return pool.pricing if pool else Pricing()
+    if pool is None:
+        return Pricing()
+    if pool.worker_slots == 1:
+        return pool.pricing
+    return replace(pool.pricing, worker_hour=pool.pricing.worker_hour / pool.worker_slots)
 
 
 def base_micros(record: CostRecord, config: MeshConfig) -> int:

@@ -57,6 +57,8 @@ async def run(settings: CommonSettings) -> None:
         workers,
         RegistryMetrics(registry),
         outcomes,
+        # Under steady load a result waits this long to share its transaction with other workers' results.
+        result_linger=settings.get_float("JOBMESH_RESULT_LINGER_MS", 4.0) / 1000,
     )
     election = LeaderElection(etcd, keys.leader("pool-manager"), settings.server.replica_id, ttl=leader_ttl)
     # Workers we start inherit our settings (etcd is not theirs to use; they only talk to us).

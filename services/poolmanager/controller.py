@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from jobmesh.common.v1 import types_pb2 as t
 from libs.clock import Clock
 from libs.config import MeshConfig, PoolConfig
-from libs.etcd.client import Etcd, KeyValue, WatchEvent, cmp_missing, cmp_mod, op_put
+from libs.etcd.client import Etcd, KeyValue, WatchEvent, cmp_mod, cmp_none_under, op_put
 from libs.etcd.election import LeaderElection, run_while_leader
 from libs.etcd.informer import Informer
 from libs.jobstore import JobStore
@@ -62,7 +62,8 @@ class PoolLoad:
 def scaling_target(pool: PoolConfig, load: PoolLoad) -> tuple[int, str]:
     """The size a pool should move to, and the trigger that asks for it. Pure.
 
-    Static pools hold their size. Dynamic and burst pools grow to one worker per running or waiting job when
+    Static pools hold their size. Dynamic and burst pools grow to their busy workers plus one worker per
+    `worker_slots` waiting jobs (one per job with the default single slot) when
     enough jobs wait (`scale_up_queue_depth`) or one has waited too long (`scale_up_queue_wait_seconds`), and
     by one worker of headroom when `scale_up_utilization` of the active workers are busy; they shrink (idle
     workers only, see the controller) to what the running and waiting jobs need plus that headroom, never
@@ -70,7 +71,7 @@ def scaling_target(pool: PoolConfig, load: PoolLoad) -> tuple[int, str]:
     current = load.current
     if pool.kind == "static":
         return pool.max_workers, "pool_size"
-    need = load.busy + load.backlog
+    need = load.busy + math.ceil(load.backlog / pool.worker_slots)
     utilization = pool.scale_up_utilization
     want, trigger = current, ""
     if need > current and load.backlog >= pool.scale_up_queue_depth:
@@ -177,9 +178,11 @@ class PoolController:
                 self.metrics.provisioning.labels(worker.pool_id).observe(max(reg - spawn, 0.0))
 
     def on_assignment_event(self, event: WatchEvent) -> None:
-        worker_id = Keys.last_segment(event.kv.key)
+        worker_id = Keys.assignment_worker(event.kv.key)
         if event.kind == "delete":
-            self._idle_since[worker_id] = self.clock.monotonic()
+            held = self.keys.worker_assignments(worker_id)
+            if not any(key.startswith(held) for key in self.assignments.cache):
+                self._idle_since[worker_id] = self.clock.monotonic()
         else:
             self._idle_since.pop(worker_id, None)
 
@@ -212,7 +215,7 @@ class PoolController:
     async def reclaim_lost_workers(self) -> None:
         live = {Keys.last_segment(k) for k in self.workers.cache}
         for key, kv in list(self.assignments.cache.items()):
-            worker_id = Keys.last_segment(key)
+            worker_id = Keys.assignment_worker(key)
             if worker_id not in live:
                 await self.handle_lost(worker_id, kv)
 
@@ -232,7 +235,7 @@ class PoolController:
                 self.outcomes.record(job.pool_id, False)
 
     async def retire_used_up_workers(self) -> None:
-        busy = {Keys.last_segment(k) for k in self.assignments.cache}
+        busy = {Keys.assignment_worker(k) for k in self.assignments.cache}
         for pool in self.config.pools:
             for worker in self._pool_workers(pool.pool_id):
                 if worker.state == t.WORKER_STATE_DRAINING:
@@ -256,7 +259,7 @@ class PoolController:
     def _size(self, pool: PoolConfig) -> tuple[list[t.Worker], list[t.Worker], int]:
         """(active workers, idle ones among them, workers still starting) of a pool."""
         workers = self._pool_workers(pool.pool_id)
-        busy_ids = {Keys.last_segment(k) for k in self.assignments.cache}
+        busy_ids = {Keys.assignment_worker(k) for k in self.assignments.cache}
         active = [w for w in workers if w.state != t.WORKER_STATE_DRAINING]
         idle = [w for w in active if w.worker_id not in busy_ids]
         pending = self.provider.pending(pool.pool_id, {w.worker_id for w in workers}, max_age=60.0)
@@ -327,7 +330,7 @@ class PoolController:
                 await self._record(pool, "down", current, current - removed, "idle_workers", reason, True)
 
     def _static_has_room(self) -> bool:
-        busy_ids = {Keys.last_segment(k) for k in self.assignments.cache}
+        busy_ids = {Keys.assignment_worker(k) for k in self.assignments.cache}
         return any(
             w.worker_id not in busy_ids and w.state != t.WORKER_STATE_DRAINING
             for pool in self.config.pools
@@ -343,7 +346,7 @@ class PoolController:
             return False
         worker.state = t.WORKER_STATE_DRAINING
         result = await self.election.fenced_txn(
-            [cmp_mod(key, kv.mod_revision), cmp_missing(self.keys.assignment(worker.worker_id))],
+            [cmp_mod(key, kv.mod_revision), cmp_none_under(self.keys.worker_assignments(worker.worker_id))],
             [op_put(key, worker.SerializeToString(), kv.lease)],
         )
         if not result.succeeded:

@@ -49,7 +49,7 @@ class PoolsServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
         return pool
 
     def _states(self, pool_id: str) -> tuple[dict[str, int], list[t.Worker]]:
-        busy_ids = {Keys.last_segment(k) for k in self.assignments.cache}
+        busy_ids = {Keys.assignment_worker(k) for k in self.assignments.cache}
         workers = [w for w in map(decode_worker, self.workers.cache.values()) if w.pool_id == pool_id]
         states = {"WORKER_STATE_IDLE": 0, "WORKER_STATE_BUSY": 0, "WORKER_STATE_DRAINING": 0}
         for w in workers:

@@ -55,6 +55,7 @@ class LocalProcessProvider:
             JOBMESH_WORKER_CPU_MILLIS=str(pool.worker_cpu_millis),
             JOBMESH_WORKER_MEMORY_MB=str(pool.worker_memory_mb),
             JOBMESH_WORKER_LABELS=json.dumps(pool.labels),
+            JOBMESH_WORKER_SLOTS=str(pool.worker_slots),
             JOBMESH_WORKER_SPAWN_TIME=str(time.time()),
             JOBMESH_WORKER_HEALTH_CHECK=json.dumps(list(pool.health_check_command)),
             JOBMESH_WORKER_HEALTH_INTERVAL=str(pool.health_check_interval_seconds),

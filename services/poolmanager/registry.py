@@ -62,6 +62,7 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         workers: Informer,
         metrics: RegistryMetrics,
         outcomes: JobOutcomes,
+        result_linger: float = 0.0,
     ):
         self.etcd = etcd
         self.keys = keys
@@ -80,7 +81,7 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         self._ended: dict[tuple[str, int], None] = {}
         # Results that arrive while one transaction is in flight are recorded together in the next.
         self.results: GroupCommit[Completion, str | None] = GroupCommit(
-            self._record_results, max_batch=32, name="result-writer"
+            self._record_results, max_batch=32, name="result-writer", linger=result_linger
         )
 
     async def _record_results(self, batch: list[Completion]) -> list[str | Exception | None]:
@@ -107,7 +108,7 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
 
     def on_assignment(self, event: WatchEvent) -> None:
         """Routes assignment changes to the worker's stream, if it is connected to this replica."""
-        worker_id = Keys.last_segment(event.kv.key)
+        worker_id = Keys.assignment_worker(event.kv.key)
         queue = self.streams.get(worker_id)
         if queue is None:
             return
@@ -200,9 +201,10 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         log.info("worker %s registered (pool %s, lease %x)", worker.worker_id, worker.pool_id, lease_id)
         try:
             yield pm.ConnectResponse(registered=worker)
-            current = self.assignments.cache.get(self.keys.assignment(worker.worker_id))
-            if current is not None:
-                yield pm.ConnectResponse(assignment=_for_worker(current.value))
+            held = self.keys.worker_assignments(worker.worker_id)
+            for key, current in list(self.assignments.cache.items()):
+                if key.startswith(held):
+                    yield pm.ConnectResponse(assignment=_for_worker(current.value))
             while True:
                 yield await queue.get()
         finally:
@@ -211,9 +213,11 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
             self.metrics.connected.set(len(self.streams))
 
     async def _reclaim_previous(self, worker_id: str) -> None:
-        assign_kv = await self.etcd.get(self.keys.assignment(worker_id))
-        if assign_kv is None:
-            return
+        held, _, _ = await self.etcd.get_prefix(self.keys.worker_assignments(worker_id))
+        for assign_kv in held:
+            await self._reclaim_one(worker_id, assign_kv)
+
+    async def _reclaim_one(self, worker_id: str, assign_kv: KeyValue) -> None:
         compares, ops, job = await self.store.reclaim_plan(worker_id, assign_kv, self.clock.now())
         result = await self.etcd.txn(compares, ops)
         if result.succeeded and job is not None:

@@ -61,6 +61,7 @@ async def run(settings: CommonSettings) -> None:
         assignments,
         queueing_pb2_grpc.QueueingServiceStub(queueing),
         SchedulerMetrics(registry),
+        min_interval=settings.get_float("JOBMESH_SCHEDULER_MIN_INTERVAL_MS", 10.0) / 1000,
     )
     workers.handler = scheduler.on_change
     assignments.handler = scheduler.on_assignment  # both watched only while this replica leads

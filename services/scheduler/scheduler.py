@@ -13,7 +13,7 @@ from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.queueing.v1 import queueing_pb2 as q
 from libs.clock import Clock
 from libs.config import POOL_KINDS, MeshConfig
-from libs.etcd.client import Compare, RequestOp, WatchEvent, cmp_missing, cmp_mod, op_put
+from libs.etcd.client import Compare, RequestOp, WatchEvent, cmp_missing, cmp_mod, cmp_none_under, op_put
 from libs.etcd.election import LeaderElection, run_while_leader
 from libs.etcd.informer import Informer
 from libs.jobs import apply_dispatch, fits, ts
@@ -38,26 +38,63 @@ class Dispatch:
     ops: list[RequestOp]
 
 
-# Jobs per dispatch transaction: 3 compares each (+ the fence) stay under etcd's default of 128 per list.
-DISPATCH_CHUNK = 32
+# Jobs per dispatch transaction: up to 4 compares each (+ the fence) stay under etcd's default of 128 per list.
+DISPATCH_CHUNK = 31
 
 
 @dataclass(frozen=True)
+class _Claim:
+    worker_id: str
+    at: float
+    cpu_millis: int
+    memory_mb: int
+
+
+def _add(holdings: dict[str, list[int]], worker_id: str, cpu_millis: int, memory_mb: int) -> None:
+    held = holdings.setdefault(worker_id, [0, 0, 0])
+    held[0] += 1
+    held[1] += cpu_millis
+    held[2] += memory_mb
+
+
+@dataclass
 class Candidate:
+    """A worker with room for at least one more job: `free` is what its running jobs leave of its size, `slots`
+    how many more jobs it may take."""
+
     worker: t.Worker
     mod_revision: int
     tier: int = TIER_STATIC
+    slots: int = 1
+    free: t.Resources | None = None
+
+    def __post_init__(self) -> None:
+        if self.free is None:
+            self.free = t.Resources()
+            self.free.CopyFrom(self.worker.capacity)
+
+    def room(self) -> t.Resources:
+        assert self.free is not None
+        return self.free
+
+    def take(self, spec: t.JobSpec) -> None:
+        """Counts a job placed on this worker within the cycle that placed it."""
+        self.slots -= 1
+        self.room().cpu_millis -= spec.resources.cpu_millis
+        self.room().memory_mb -= spec.resources.memory_mb
 
 
 def pick_worker(spec: t.JobSpec, idle: list[Candidate], burst_ok: bool = False) -> Candidate | None:
     """Static pools first, then dynamic, then (only for a job admitted against a burst session) burst capacity;
-    within a tier the tightest fit (least spare CPU, then memory), so big workers stay free."""
+    within a tier the tightest fit (least CPU, then memory, left over), so jobs pack onto busy workers and
+    big workers stay free."""
     suitable = [
         c
         for c in idle
-        if (burst_ok or c.tier != TIER_BURST)
+        if c.slots > 0
+        and (burst_ok or c.tier != TIER_BURST)
         and (not spec.pool or c.worker.pool_id == spec.pool)
-        and fits(c.worker.capacity, dict(c.worker.labels), spec)
+        and fits(c.room(), dict(c.worker.labels), spec)
     ]
     if not suitable:
         return None
@@ -65,8 +102,8 @@ def pick_worker(spec: t.JobSpec, idle: list[Candidate], burst_ok: bool = False) 
         suitable,
         key=lambda c: (
             c.tier,
-            c.worker.capacity.cpu_millis - spec.resources.cpu_millis,
-            c.worker.capacity.memory_mb - spec.resources.memory_mb,
+            c.room().cpu_millis - spec.resources.cpu_millis,
+            c.room().memory_mb - spec.resources.memory_mb,
             c.worker.worker_id,
         ),
     )
@@ -112,10 +149,15 @@ class Scheduler:
         assignments: Informer,
         queueing: object,
         metrics: SchedulerMetrics,
+        min_interval: float = 0.0,
     ):
         self.keys = keys
+        # After a cycle that placed jobs, the next starts no sooner than this after it (Slurm's
+        # sched_min_interval): under load, freed room and new jobs gather and go out in one transaction.
+        self.min_interval = min_interval
         self.tiers = {p.pool_id: TIERS[p.kind] for p in config.pools}
         self.max_jobs = {p.pool_id: p.max_jobs_per_worker for p in config.pools if p.max_jobs_per_worker}
+        self.slots = {p.pool_id: p.worker_slots for p in config.pools}
         self.clock = clock
         self.election = election
         self.workers = workers
@@ -124,8 +166,9 @@ class Scheduler:
         self.metrics = metrics
         self.dispatched = 0
         self.capacity_changed = asyncio.Event()
-        # worker id -> when we assigned it, until the assignment cache has caught up with that dispatch
-        self._claimed: dict[str, float] = {}
+        # Assignments we wrote that the assignment cache has not shown yet: they hold their worker's room.
+        self._claimed: dict[str, _Claim] = {}
+        self._held: dict[str, tuple[int, int, int]] = {}  # assignment key -> (mod revision, CPU, memory)
         self._version = -1
         self._epoch = 0  # bumped on every worker or assignment change
         # (queue version, epoch) of the last cycle that placed nothing: until one of them moves, waiting is all
@@ -138,13 +181,12 @@ class Scheduler:
         self.capacity_changed.set()
 
     def on_assignment(self, event: WatchEvent) -> None:
-        """Any assignment change of a worker we claimed is our dispatch or later (we only claim a worker whose
-        last assignment the cache had already seen go), so the cache now speaks for it and the claim can go.
-        Waiting to see the worker busy instead would miss a job that started and ended between two cycles,
-        and leave its worker unused until the claim expired.
+        """Any change of an assignment we claimed means the cache now speaks for it, and the claim can go.
+        Waiting to see it in the cache instead would miss a job that started and ended between two cycles,
+        and leave its room unused until the claim expired.
 
-        Only a delete frees a worker: a put is our own dispatch landing, so it wakes no scheduling cycle."""
-        self._claimed.pop(Keys.last_segment(event.kv.key), None)
+        Only a delete frees room: a put is our own dispatch landing, so it wakes no scheduling cycle."""
+        self._claimed.pop(event.kv.key, None)
         if event.kind == "delete":
             self.on_change(event)
 
@@ -193,15 +235,17 @@ class Scheduler:
             await self._wait_for_capacity(1.0)
             return
         # Phase 2: heads of the fair queue (long-poll when nothing changed since a fruitless cycle).
-        heads = await self._heads(len(idle), epoch)
+        heads = await self._heads(sum(c.slots for c in idle), epoch)
         mark = self._phase("2_heads", mark)
         # Phase 3: nominate a worker for each head, in queue order.
         plan: list[tuple[q.QueuedJob, Candidate]] = []
         for queued in heads:
             choice = pick_worker(queued.job.spec, idle, burst_ok=bool(queued.job.burst_session_id))
             if choice is not None:
-                idle.remove(choice)
                 plan.append((queued, choice))
+                choice.take(queued.job.spec)
+                if choice.slots <= 0:
+                    idle.remove(choice)
         self.metrics.unplaced.set(len(heads) - len(plan))
         mark = self._phase("3_nominate", mark)
         # Phase 4: admit, in fenced transactions (the whole plan in one while nothing raced it).
@@ -210,6 +254,10 @@ class Scheduler:
         # Phase 5: remember a fruitless cycle, so the next one waits for the queue or the workers to change.
         self._stall = None if placed else (self._version, epoch)
         self._phase("5_requeue", mark)
+        if placed and self.min_interval > 0:
+            rest = self.min_interval - (time.perf_counter() - started)
+            if rest > 0:
+                await asyncio.sleep(rest)
 
     async def _wait_for_capacity(self, timeout: float) -> None:
         try:
@@ -234,11 +282,31 @@ class Scheduler:
         self._version = resp.version
         return list(resp.jobs)
 
-    def idle_workers(self) -> list[Candidate]:
+    def _holdings(self) -> dict[str, list[int]]:
+        """worker id -> [jobs, CPU, memory] it holds: its assignments in the cache and the ones we claimed."""
+        cache = self.assignments.cache
         now = time.monotonic()
-        busy = {Keys.last_segment(k) for k in self.assignments.cache}
-        for worker_id in [w for w, at in self._claimed.items() if w in busy or now - at > 5.0]:
-            del self._claimed[worker_id]
+        for key in [k for k, c in self._claimed.items() if k in cache or now - c.at > 5.0]:
+            del self._claimed[key]
+        held: dict[str, tuple[int, int, int]] = {}
+        out: dict[str, list[int]] = {}
+        for key, kv in cache.items():
+            known = self._held.get(key)
+            if known is None or known[0] != kv.mod_revision:
+                assignment = t.Assignment()
+                assignment.ParseFromString(kv.value)
+                res = assignment.spec.resources
+                known = (kv.mod_revision, res.cpu_millis, res.memory_mb)
+            held[key] = known
+            _add(out, Keys.assignment_worker(key), known[1], known[2])
+        self._held = held
+        for claim in self._claimed.values():
+            _add(out, claim.worker_id, claim.cpu_millis, claim.memory_mb)
+        return out
+
+    def idle_workers(self) -> list[Candidate]:
+        """Workers with room for another job (an idle one, or one with a free slot)."""
+        holdings = self._holdings()
         out = []
         decoded: dict[str, tuple[int, t.Worker]] = {}
         for key, kv in self.workers.cache.items():
@@ -249,14 +317,20 @@ class Scheduler:
                 worker = t.Worker()
                 worker.ParseFromString(kv.value)
             decoded[key] = (kv.mod_revision, worker)
-            if worker.worker_id in busy or worker.worker_id in self._claimed:
-                continue
             if worker.state == t.WORKER_STATE_DRAINING:
                 continue
+            jobs, cpu, memory = holdings.get(worker.worker_id, (0, 0, 0))
+            slots = self.slots.get(worker.pool_id, 1) - jobs
             limit = self.max_jobs.get(worker.pool_id)
-            if limit and worker.jobs_run >= limit:
-                continue  # used up: the pool-manager replaces it
-            out.append(Candidate(worker, kv.mod_revision, self.tiers.get(worker.pool_id, TIER_DYNAMIC)))
+            if limit:
+                slots = min(slots, limit - worker.jobs_run - jobs)  # used up: the pool-manager replaces it
+            if slots <= 0:
+                continue
+            free = t.Resources(
+                cpu_millis=worker.capacity.cpu_millis - cpu, memory_mb=worker.capacity.memory_mb - memory
+            )
+            tier = self.tiers.get(worker.pool_id, TIER_DYNAMIC)
+            out.append(Candidate(worker, kv.mod_revision, tier, slots=slots, free=free))
         self._decoded = decoded
         return out
 
@@ -289,7 +363,7 @@ class Scheduler:
         now = self.clock.now()
         apply_dispatch(job, worker, now)
         job_key = self.keys.job(job.tenant_id, job.job_id)
-        assign_key = self.keys.assignment(worker.worker_id)
+        assign_key = self.keys.assignment(worker.worker_id, job.job_id)
         assignment = t.Assignment(
             job_id=job.job_id,
             tenant_id=job.tenant_id,
@@ -299,21 +373,26 @@ class Scheduler:
             assign_time=ts(now),
             job=job,
         )
-        self._claimed[worker.worker_id] = time.monotonic()
+        res = job.spec.resources
+        self._claimed[assign_key] = _Claim(worker.worker_id, time.monotonic(), res.cpu_millis, res.memory_mb)
+        compares = [
+            cmp_mod(job_key, queued.mod_revision),
+            cmp_missing(assign_key),
+            cmp_mod(self.keys.worker(worker.worker_id), cand.mod_revision),
+        ]
+        if self.slots.get(worker.pool_id, 1) == 1:
+            # One job at a time: the store itself refuses a second, whatever our caches said.
+            compares.append(cmp_none_under(self.keys.worker_assignments(worker.worker_id)))
         return Dispatch(
             job,
             worker,
             now,
-            [
-                cmp_mod(job_key, queued.mod_revision),
-                cmp_missing(assign_key),
-                cmp_mod(self.keys.worker(worker.worker_id), cand.mod_revision),
-            ],
+            compares,
             [op_put(job_key, job.SerializeToString()), op_put(assign_key, assignment.SerializeToString())],
         )
 
     def _lost_race(self, d: Dispatch) -> None:
-        self._claimed.pop(d.worker.worker_id, None)
+        self._claimed.pop(self.keys.assignment(d.worker.worker_id, d.job.job_id), None)
         self.metrics.conflicts.inc()
         log.info(
             "dispatch to %s lost a race; the job stays queued",

@@ -65,6 +65,7 @@ async def run(settings: CommonSettings) -> None:
             # Three heartbeats per lease: a missed one (a replica that does not answer) still leaves time
             # to refresh the lease through another replica.
             heartbeat_seconds=settings.get_int("JOBMESH_WORKER_LEASE_TTL", 6) / 3,
+            slots=max(1, settings.get_int("JOBMESH_WORKER_SLOTS", 1)),
         ),
         JobExecutor(scratch),
         health,

@@ -25,6 +25,7 @@ class AgentSettings:
     poolmanagers: tuple[str, ...]
     scratch_root: str
     heartbeat_seconds: float = 2.0
+    slots: int = 1  # jobs run at once (the pool's worker_slots)
 
 
 class WorkerAgent:
@@ -36,10 +37,12 @@ class WorkerAgent:
         self.executor = executor
         self.stopping = asyncio.Event()
         self._endpoint = 0
-        self._current: tuple[str, int] | None = None
+        # One executor per slot; an attempt holds one while it runs.
+        self._free = [executor, *(executor.sibling() for _ in range(settings.slots - 1))]
+        self._running: dict[tuple[str, int], JobExecutor] = {}
         self._finished: list[tuple[str, int]] = []  # recent attempts, so a replayed assignment never reruns
-        self._next: t.Assignment | None = None
-        self._job_task: asyncio.Task[None] | None = None
+        self._waiting: list[t.Assignment] = []  # arrived while every slot was busy (a job still being reaped)
+        self._job_tasks: set[asyncio.Task[None]] = set()
         self._lost = asyncio.Event()
         self._reconnect = asyncio.Event()  # the session's replica stopped answering: end the session
         self._said_unhealthy = False
@@ -75,8 +78,8 @@ class WorkerAgent:
                 break
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
-        if self._job_task is not None:
-            await self._job_task
+        while self._job_tasks:
+            await asyncio.wait(set(self._job_tasks))
         for ch in self._channels.values():
             await ch.close()
 
@@ -116,8 +119,7 @@ class WorkerAgent:
                     elif kind == "assignment":
                         self._start(message.assignment)
                     elif kind == "cancel_job_id":
-                        if self.executor.cancel(message.cancel_job_id):
-                            log.info("cancelling job", extra={"job_id": message.cancel_job_id})
+                        self._cancel(message.cancel_job_id)
             except asyncio.CancelledError:
                 if not (self.stopping.is_set() or self._lost.is_set() or self._reconnect.is_set()):
                     raise
@@ -169,24 +171,34 @@ class WorkerAgent:
             if not resp.alive:
                 # We were declared lost: our job was retried elsewhere, so it must not keep running here.
                 log.warning("lease lost; stopping any job and registering again")
-                if self._current is not None:
-                    self.executor.cancel(self._current[0])
+                for job_id, _ in list(self._running):
+                    self._cancel(job_id)
                 self.worker.lease_id = 0
                 self._lost.set()
                 return
 
     def _start(self, assignment: t.Assignment) -> None:
         key = (assignment.job_id, assignment.attempt)
-        if self._current == key or key in self._finished:
+        if key in self._running or key in self._finished:
             return  # the same assignment again after a reconnect
-        if self._current is not None:
-            # The previous job's process is still being reaped; run this one right after it.
-            self._next = assignment
+        if not self._free:
+            # A previous job's process is still being reaped; run this one right after it.
+            if all((w.job_id, w.attempt) != key for w in self._waiting):
+                self._waiting.append(assignment)
             return
-        self._current = key
-        self._job_task = asyncio.create_task(self._execute(assignment))
+        executor = self._free.pop()
+        self._running[key] = executor
+        task = asyncio.create_task(self._execute(assignment, executor))
+        self._job_tasks.add(task)
+        task.add_done_callback(self._job_tasks.discard)
 
-    async def _execute(self, a: t.Assignment) -> None:
+    def _cancel(self, job_id: str) -> None:
+        self._waiting = [w for w in self._waiting if w.job_id != job_id]  # withdrawn before it started
+        for (running_id, _), executor in self._running.items():
+            if running_id == job_id and executor.cancel(job_id):
+                log.info("cancelling job", extra={"job_id": job_id})
+
+    async def _execute(self, a: t.Assignment, executor: JobExecutor) -> None:
         extra = {"job_id": a.job_id, "tenant_id": a.tenant_id, "attempt": a.attempt}
         log.debug("starting job", extra=extra)  # one INFO line per job, when it ends
         spec = ExecSpec(
@@ -198,7 +210,7 @@ class WorkerAgent:
             max_runtime_seconds=float(a.spec.max_runtime_seconds) if a.spec.max_runtime_seconds > 0 else None,
         )
         try:
-            result = await self.executor.run(spec)
+            result = await executor.run(spec)
         except Exception as exc:  # never leave an attempt unreported: the job would sit RUNNING for ever
             log.exception("the executor failed", extra=extra)
             result = ExecResult(
@@ -211,13 +223,13 @@ class WorkerAgent:
                 output_tail="",
             )
         finally:
-            self._finished = [*self._finished[-15:], (a.job_id, a.attempt)]
-            self._current = None
+            self._finished = [*self._finished[-(16 * self.settings.slots - 1) :], (a.job_id, a.attempt)]
+            del self._running[(a.job_id, a.attempt)]
+            self._free.append(executor)
             self.worker.jobs_run += 1
         log.info("job ended: %s (%s)", result.reason, result.message, extra=extra)
-        waiting, self._next = self._next, None
-        if waiting is not None:
-            self._start(waiting)
+        if self._waiting:
+            self._start(self._waiting.pop(0))
         await self._report(a, result, await self._health())
 
     async def _health(self) -> str:

@@ -123,6 +123,12 @@ class JobExecutor:
         self._kill_grace_seconds = kill_grace_seconds
         self._state: _RunState | None = None
 
+    def sibling(self) -> JobExecutor:
+        """Another executor with the same settings, for a worker that runs several jobs at once."""
+        return JobExecutor(
+            self._scratch_root, self._sample_interval, self._kill_grace_seconds, self._first_sample_delay
+        )
+
     @property
     def running_job_id(self) -> str | None:
         state = self._state

@@ -55,7 +55,7 @@ async def running(etcd: Etcd, worker_id: str, pool_id: str) -> t.Job:
         [],
         [
             op_put(KEYS.job("acme", job.job_id), job.SerializeToString()),
-            op_put(KEYS.assignment(worker_id), assignment.SerializeToString()),
+            op_put(KEYS.assignment(worker_id, job.job_id), assignment.SerializeToString()),
             op_put(KEYS.worker(worker_id), worker.SerializeToString()),
         ],
     )
@@ -84,8 +84,8 @@ async def test_a_batch_of_reports_lands_in_one_transaction_and_each_counts_once(
     assert [decode_job(kv.value).state for kv in (ja, jb, jc) if kv] == [t.JOB_STATE_SUCCEEDED] * 3
     assert ja is not None and jb is not None and ja.mod_revision == jb.mod_revision  # one transaction
     assert after > before
-    assignments, _ = await etcd.get_many([KEYS.assignment(w) for w in ("w-a", "w-b", "w-c")])
-    assert assignments == [None, None, None]
+    assignments, _, _ = await etcd.get_prefix(KEYS.assignments)
+    assert assignments == []
     workers, _ = await etcd.get_many([KEYS.worker(w) for w in ("w-a", "w-b")])
     counts = []
     for kv in workers:
@@ -139,9 +139,11 @@ class CountingReads:
 
 async def watch_cache(etcd: Etcd, *worker_ids: str) -> dict[str, KeyValue]:
     """What the pool-manager's assignment and worker caches hold right now."""
-    keys = [k for w in worker_ids for k in (KEYS.assignment(w), KEYS.worker(w))]
-    kvs, _ = await etcd.get_many(keys)
-    return {kv.key: kv for kv in kvs if kv is not None}
+    held: list[KeyValue | None] = []
+    for worker_id in worker_ids:
+        held += (await etcd.get_prefix(KEYS.worker_assignments(worker_id)))[0]
+    kvs, _ = await etcd.get_many([KEYS.worker(w) for w in worker_ids])
+    return {kv.key: kv for kv in [*held, *kvs] if kv is not None}
 
 
 @pytest.mark.asyncio

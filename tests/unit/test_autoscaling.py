@@ -26,6 +26,9 @@ def load(active: int = 0, busy: int = 0, backlog: int = 0, wait: float = 0.0, st
     [
         pytest.param(pool("static", workers=3), load(active=1), (3, "pool_size"), id="static-holds-its-size"),
         pytest.param(pool(), load(backlog=5), (5, "queue_depth"), id="depth-one-worker-per-job"),
+        pytest.param(
+            pool(worker_slots=2), load(active=1, busy=1, backlog=5), (4, "queue_depth"), id="depth-one-worker-per-slots"
+        ),
         pytest.param(pool(max_workers=3), load(backlog=5), (3, "queue_depth"), id="depth-capped-at-max"),
         pytest.param(pool("burst"), load(backlog=2), (2, "burst_demand"), id="burst-pool-names-its-demand"),
         pytest.param(

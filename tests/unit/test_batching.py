@@ -86,3 +86,30 @@ async def test_a_failed_write_fails_only_its_own_batch() -> None:
 def test_max_batch_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_batch"):
         GroupCommit(Recorder().write, max_batch=0)
+
+
+@pytest.mark.asyncio
+async def test_with_linger_a_lone_caller_is_still_written_at_once() -> None:
+    rec = Recorder()
+    commit = GroupCommit(rec.write, linger=10.0)  # a wait this long would time the test out
+
+    assert await asyncio.wait_for(commit.submit(1), timeout=1.0) == 10
+
+
+@pytest.mark.asyncio
+async def test_with_linger_a_write_soon_after_the_last_one_waits_for_more_callers() -> None:
+    rec = Recorder()
+    commit = GroupCommit(rec.write, linger=0.05)
+    await commit.submit(1)  # written at once: nothing was written before it
+
+    first = asyncio.ensure_future(commit.submit(2))  # right after a write: under load, so it lingers
+    await asyncio.sleep(0.01)
+    late = asyncio.ensure_future(commit.submit(3))  # arrives during the linger and shares the write
+
+    assert await asyncio.gather(first, late) == [20, 30]
+    assert rec.batches == [[1], [2, 3]]
+
+
+def test_a_negative_linger_is_refused() -> None:
+    with pytest.raises(ValueError):
+        GroupCommit(Recorder().write, linger=-1.0)

@@ -33,6 +33,17 @@ def test_a_minimal_config_parses_with_defaults() -> None:
     [pool] = config.pools
     assert (pool.pool_id, pool.kind, pool.min_workers, pool.max_workers) == ("p", "static", 1, 1)
     assert (pool.worker_cpu_millis, pool.worker_memory_mb) == (1000, 1024)
+    assert pool.worker_slots == 1  # one job at a time unless a pool says otherwise
+
+
+@pytest.mark.parametrize("slots", [0, -1, 65])
+def test_worker_slots_out_of_range_are_refused(slots: int) -> None:
+    raw = {
+        "quota": {"defaults": {"cpu_millis": 1000, "memory_mb": 1024, "concurrent_jobs": 2}},
+        "pools": [{"id": "p", "workers": 1, "worker_slots": slots}],
+    }
+    with pytest.raises(ConfigError, match="worker_slots"):
+        parse_config(raw)
 
 
 def test_a_tenant_without_its_own_quota_gets_the_defaults() -> None:

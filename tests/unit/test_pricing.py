@@ -8,6 +8,8 @@ import pytest
 
 from libs.config import Pricing
 from services.cost.pricing import AttemptUsage, charged_resources, format_micros, price_attempt
+from services.cost.records import pricing_of
+from tests.unit.builders import ConfigBuilder
 
 GENERAL = Pricing(cpu_core_hour=0.040, memory_gb_hour=0.005, worker_hour=0.010)
 HOUR = 3600.0
@@ -106,3 +108,19 @@ def test_charged_resources_take_the_larger_of_requested_and_used() -> None:
 )
 def test_format_micros(micros: int, text: str) -> None:
     assert format_micros(micros) == text
+
+
+def test_jobs_sharing_a_worker_with_slots_share_its_worker_hour() -> None:
+    prices = {"cpu_core_hour": 0.04, "memory_gb_hour": 0.005, "worker_hour": 0.01}
+    config = (
+        ConfigBuilder()
+        .pool("single", "static", pricing=prices)
+        .pool("shared", "static", worker_slots=4, pricing=prices)
+        .build()
+    )
+
+    assert pricing_of(config, "single") == Pricing(**prices)
+    assert pricing_of(config, "shared") == Pricing(cpu_core_hour=0.04, memory_gb_hour=0.005, worker_hour=0.0025)
+    # Four one-hour jobs filling the shared worker pay its worker-hour once between them.
+    alone = AttemptUsage(3600.0, 0, 0)
+    assert 4 * price_attempt(alone, pricing_of(config, "shared"), 1.0) == price_attempt(alone, Pricing(**prices), 1.0)

@@ -77,7 +77,7 @@ def dispatched_and_seen(sched: Scheduler, assignments: Cache) -> tuple[t.Assignm
     """Dispatches job-1 to the only worker, w-1, and hands the scheduler the informer's put of it."""
     (chosen,) = sched.idle_workers()
     assignment = dispatch(sched, chosen, "job-1")
-    key = KEYS.assignment("w-1")
+    key = KEYS.assignment("w-1", "job-1")
     put = kv(key, assignment.SerializeToString(), 10)
     assignments.cache[key] = put
     sched.on_assignment(WatchEvent("put", put, 10))
