@@ -80,6 +80,8 @@ class WorkerAgent:
             backoff = min(backoff * 2, 2.0)
         while self._job_tasks:
             await asyncio.wait(set(self._job_tasks))
+        for executor in self._free:
+            executor.close()
         for ch in self._channels.values():
             await ch.close()
 

@@ -8,6 +8,7 @@ import re
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from dataclasses import dataclass
@@ -122,6 +123,9 @@ class JobExecutor:
         self._first_sample_delay = first_sample_delay
         self._kill_grace_seconds = kill_grace_seconds
         self._state: _RunState | None = None
+        # The last job's scratch directory when that job left it empty: the next job gets it under its own name
+        # (a rename), sparing the file system a directory made and removed per job.
+        self._spare: str | None = None
 
     def sibling(self) -> JobExecutor:
         """Another executor with the same settings, for a worker that runs several jobs at once."""
@@ -177,12 +181,31 @@ class JobExecutor:
             return await self._spawn_and_supervise(spec, state, cwd)
         finally:
             if scratch is not None:
-                await _remove_tree(scratch)
+                if self._spare is None and _empty_own_dir(scratch):
+                    self._spare = scratch
+                else:
+                    await _remove_tree(scratch)
+
+    def close(self) -> None:
+        """Removes the kept scratch directory (the agent stops)."""
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            shutil.rmtree(spare, ignore_errors=True)
 
     def _make_scratch_dir(self, spec: ExecSpec) -> str:
         # job_id comes over the wire; never let it climb out of scratch_root.
         safe_id = re.sub(r"[^A-Za-z0-9._-]", "_", spec.job_id) or "job"
         path = os.path.join(self._scratch_root, f"{safe_id}-{spec.attempt}")
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            # Checked again now: a process of the last job that escaped its group may have written to it since.
+            if _empty_own_dir(spare) and not os.path.lexists(path):
+                try:
+                    os.rename(spare, path)
+                    return path
+                except OSError:
+                    pass
+            shutil.rmtree(spare, ignore_errors=True)
         try:
             os.mkdir(path, 0o700)
             return path
@@ -456,6 +479,18 @@ class _OutputTail:
             self._fd = -1
         if not self.closed.done():
             self.closed.set_result(None)
+
+
+def _empty_own_dir(path: str) -> bool:
+    """A real directory (no link), ours, private, and empty: fit to be a later job's fresh scratch directory."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) != 0o700:
+            return False
+        with os.scandir(path) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return False
 
 
 async def _remove_tree(path: str) -> None:

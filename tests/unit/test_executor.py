@@ -66,6 +66,14 @@ def live_members_of_group(pgid: int) -> list[int]:
     return members
 
 
+async def group_gone(pgid: int, timeout: float = 2.0) -> list[int]:
+    """The group's live members once SIGKILL has had time to land (delivery is asynchronous): [] when all died."""
+    deadline = time.monotonic() + timeout
+    while (members := live_members_of_group(pgid)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return members
+
+
 async def run_and_cancel(executor: JobExecutor, spec: ExecSpec, min_descendants: int) -> tuple[ExecResult, int]:
     task = asyncio.create_task(executor.run(spec))
     pgid = await job_root_pid(min_descendants=min_descendants)
@@ -175,7 +183,7 @@ async def test_a_job_over_its_max_runtime_times_out_quickly_and_leaves_no_proces
     assert result.exit_code == 128 + 15
     assert result.message == "killed after 0.5s max runtime"
     assert time.monotonic() - started < 3.0
-    assert live_members_of_group(pgid) == []
+    assert await group_gone(pgid) == []
 
 
 @pytest.mark.asyncio
@@ -186,7 +194,7 @@ async def test_cancel_kills_the_job_and_the_children_it_spawned(executor: JobExe
 
     assert result.reason == "KILLED"
     assert result.exit_code == 128 + 15
-    assert live_members_of_group(pgid) == []
+    assert await group_gone(pgid) == []
     assert executor.running_job_id is None
 
 
@@ -200,7 +208,7 @@ async def test_a_job_ignoring_sigterm_is_sigkilled_after_the_grace_period(execut
     assert result.exit_code == 128 + 9
     assert "SIGKILL" in result.message
     assert 0.4 < result.run_seconds < 3.0
-    assert live_members_of_group(pgid) == []
+    assert await group_gone(pgid) == []
 
 
 @pytest.mark.asyncio
@@ -212,7 +220,7 @@ async def test_background_processes_left_by_a_finished_job_are_swept(executor: J
 
     assert (result.reason, result.exit_code) == ("EXITED", 0)
     assert result.run_seconds < 3.0
-    assert live_members_of_group(pgid) == []
+    assert await group_gone(pgid) == []
 
 
 @pytest.mark.asyncio
@@ -288,6 +296,36 @@ async def test_the_scratch_dir_is_home_and_cwd_and_is_removed_after_the_job(
     assert str(scratch) in result.output_tail
     assert f"home={scratch}" in result.output_tail
     assert not scratch.exists()
+
+
+@pytest.mark.asyncio
+async def test_an_empty_scratch_dir_is_the_next_jobs_under_its_own_name(executor: JobExecutor, tmp_path: Path) -> None:
+    root = tmp_path / "scratch"
+    first = await executor.run(make_spec(["sh", "-c", "ls -A; echo dir=$PWD"]))
+    assert first.reason == "EXITED"
+    assert sorted(p.name for p in root.iterdir()) == ["job-1-1"]  # left empty: kept for the next job
+
+    second = await executor.run(make_spec(["sh", "-c", "ls -A; echo dir=$PWD; touch mine"], job_id="job-2"))
+    assert second.output_tail.strip() == f"dir={root / 'job-2-1'}"  # its own name, and nothing in it
+    assert list(root.iterdir()) == []  # it left a file: removed, not kept
+
+    third = await executor.run(make_spec(["sh", "-c", "ls -A"], job_id="job-3"))
+    assert (third.reason, third.output_tail) == ("EXITED", "")
+    executor.close()
+    assert list(root.iterdir()) == []
+
+
+@pytest.mark.asyncio
+async def test_a_kept_scratch_dir_that_changed_is_not_handed_on(executor: JobExecutor, tmp_path: Path) -> None:
+    root = tmp_path / "scratch"
+    await executor.run(make_spec(["true"]))
+    kept = root / "job-1-1"
+    (kept / "late").write_text("written after its job ended")  # e.g. by a process that escaped the job's group
+
+    result = await executor.run(make_spec(["sh", "-c", "ls -A"], job_id="job-2"))
+
+    assert (result.reason, result.output_tail) == ("EXITED", "")
+    assert not kept.exists()
 
 
 @pytest.mark.asyncio
