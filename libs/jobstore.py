@@ -203,7 +203,8 @@ class JobStore:
             plan = self._completion_plan(batch[i], job_at, assign_kv, worker_kv, now)
             if plan is None:
                 continue
-            keys = set(self._completion_keys(batch[i]))
+            # The keys the plan compares are the keys it writes (a worker's record only where its count moves).
+            keys = {c.key.decode() for c in plan[0]}
             if keys & touched:
                 alone.append(i)  # e.g. the same report twice: the second must see the first's write
                 continue

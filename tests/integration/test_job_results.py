@@ -97,6 +97,25 @@ async def test_a_batch_of_reports_lands_in_one_transaction_and_each_counts_once(
 
 
 @pytest.mark.asyncio
+async def test_reports_of_two_jobs_on_one_worker_share_a_transaction_unless_its_count_moves(etcd: Etcd) -> None:
+    store = JobStore(etcd, KEYS, counted_pools=["limited"])
+    shared = [await running(etcd, "w-slots", "unlimited") for _ in range(2)]
+
+    assert await store.complete_attempts([report(j) for j in shared], time.time()) == ["unlimited"] * 2
+    kvs, _ = await etcd.get_many([KEYS.job("acme", j.job_id) for j in shared])
+    assert len({kv.mod_revision for kv in kvs if kv}) == 1  # one transaction: the worker's record is not written
+
+    # Where a pool counts jobs per worker, both write the worker's count: the second goes after the first.
+    counted = [await running(etcd, "w-counted", "limited") for _ in range(2)]
+    assert await store.complete_attempts([report(j) for j in counted], time.time()) == ["limited"] * 2
+    (worker_kv,), _ = await etcd.get_many([KEYS.worker("w-counted")])
+    assert worker_kv is not None
+    worker = t.Worker()
+    worker.ParseFromString(worker_kv.value)
+    assert worker.jobs_run == 2
+
+
+@pytest.mark.asyncio
 async def test_a_report_repeated_after_it_landed_is_refused(etcd: Etcd) -> None:
     store = JobStore(etcd, KEYS)
     job = await running(etcd, "w-1", "p")
