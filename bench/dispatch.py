@@ -1,6 +1,7 @@
 """Dispatch benchmark: submit-to-RUNNING latency on a static-pool hit, end-to-end throughput, leader failover.
 
-Starts a private stack with eight static workers (bench/configs/dispatch.toml) and runs three phases:
+Starts a private stack with eight static workers of two slots each (bench/configs/dispatch.toml; --worker-slots
+changes the slots) and runs three phases:
   1. latency: --latency-count jobs running `true`, submitted open-loop at --rate jobs/s; submit-to-RUNNING
      is the job record's start_time minus its create_time (both stamped by the mesh);
   2. throughput: --throughput-count jobs submitted as fast as --concurrency allows (native gRPC through Envoy
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 import tempfile
 import time
@@ -227,10 +229,20 @@ def main() -> int:
     parser.add_argument("--failover-rate", type=float, default=30.0)
     parser.add_argument("--leader-ttl", type=int, default=5)
     parser.add_argument("--timeout-seconds", type=float, default=180.0)
+    parser.add_argument(
+        "--worker-slots", type=int, default=None, help="jobs each static worker runs at once (default: the config's)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         env = {"JOBMESH_LEADER_TTL": str(args.leader_ttl), "JOBMESH_WORKER_LEASE_TTL": "6"}
-        stack = start_stack(Path(tmp) / "stack", env=env, config=CONFIG)
+        config = CONFIG
+        if args.worker_slots is not None:
+            config = Path(tmp) / "dispatch.toml"
+            text, n = re.subn(r"(?m)^worker_slots = \d+$", f"worker_slots = {args.worker_slots}", CONFIG.read_text())
+            if n != 1:
+                raise SystemExit(f"{CONFIG}: expected one worker_slots line")
+            config.write_text(text)
+        stack = start_stack(Path(tmp) / "stack", env=env, config=config)
         try:
             wait_for(
                 lambda: (
