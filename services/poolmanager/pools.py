@@ -48,6 +48,10 @@ class PoolsServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
             raise NotFound(f"pool {pool_id} not found", reason="POOL_NOT_FOUND")
         return pool
 
+    def _running(self, workers: list[t.Worker]) -> int:
+        ids = {w.worker_id for w in workers}
+        return sum(1 for key in self.assignments.cache if Keys.assignment_worker(key) in ids)
+
     def _states(self, pool_id: str) -> tuple[dict[str, int], list[t.Worker]]:
         busy_ids = {Keys.assignment_worker(k) for k in self.assignments.cache}
         workers = [w for w in map(decode_worker, self.workers.cache.values()) if w.pool_id == pool_id]
@@ -76,6 +80,8 @@ class PoolsServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
                     workers=len(workers),
                     idle_workers=states["WORKER_STATE_IDLE"],
                     busy_workers=states["WORKER_STATE_BUSY"],
+                    worker_slots=pool.worker_slots,
+                    running_jobs=self._running(workers),
                 )
             )
         return pm.ListPoolsResponse(pools=pools)
@@ -98,6 +104,7 @@ class PoolsServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
             utilization=round(states["WORKER_STATE_BUSY"] / len(workers), 4) if workers else 0.0,
             queue_depth=depth.by_queue.get(pool.pool_id, 0),
             oldest_wait_seconds=round(depth.oldest_wait.get(pool.pool_id, 0.0), 3),
+            running_jobs=self._running(workers),
             provisioning_seconds_p50=round(statistics.median(provisioning), 3) if provisioning else 0.0,
             provisioning_seconds_p95=round(provisioning[min(len(provisioning) - 1, int(len(provisioning) * 0.95))], 3)
             if provisioning

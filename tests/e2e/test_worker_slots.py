@@ -53,6 +53,9 @@ def test_two_jobs_share_a_worker_and_a_third_waits_for_a_slot(api: Api) -> None:
     a = api.wait_state(first["job_id"], {"JOB_STATE_RUNNING"}, timeout=30)
     b = api.wait_state(second["job_id"], {"JOB_STATE_RUNNING"}, timeout=30)
     assert a["worker_id"] == b["worker_id"]  # both on the pool's only worker, at once
+    (pool,) = api.call("GET", "/api/v1/pools").json()["pools"]
+    assert (pool["worker_slots"], pool["running_jobs"], pool["busy_workers"]) == (2, 2, 1)
+    assert api.call("GET", "/api/v1/pools/packed/metrics").json()["running_jobs"] == 2
 
     third = api.submit(sized("third", 100))
     stays_waiting(api, third["job_id"])  # both slots taken, though 200m of CPU is free
