@@ -173,6 +173,7 @@ class WorkerAgent:
             if not resp.alive:
                 # We were declared lost: our job was retried elsewhere, so it must not keep running here.
                 log.warning("lease lost; stopping any job and registering again")
+                self._waiting.clear()  # taken back with the lease: never to start here
                 for job_id, _ in list(self._running):
                     self._cancel(job_id)
                 self.worker.lease_id = 0
