@@ -340,6 +340,12 @@ class Stack:
             proc = self.procs.get(name)
             if proc is None or proc.popen is None:
                 continue
+            if name == "etcd":
+                # The services write their last state on the way out (e.g. the pool-manager's outcome counts):
+                # etcd goes only once they are gone.
+                for other in self.procs.values():
+                    if other is not proc:
+                        self._reap(other, grace)
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
