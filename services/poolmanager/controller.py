@@ -235,7 +235,7 @@ class PoolController:
                 self.outcomes.record(job.pool_id, False)
 
     async def retire_used_up_workers(self) -> None:
-        busy = {Keys.assignment_worker(k) for k in self.assignments.cache}
+        busy = self._busy_ids()
         for pool in self.config.pools:
             for worker in self._pool_workers(pool.pool_id):
                 if worker.state == t.WORKER_STATE_DRAINING:
@@ -253,13 +253,17 @@ class PoolController:
         self._stopped.add(worker.worker_id)
         self.provider.terminate(worker)
 
+    def _busy_ids(self) -> set[str]:
+        """Workers holding at least one job."""
+        return {Keys.assignment_worker(k) for k in self.assignments.cache}
+
     def _pool_workers(self, pool_id: str) -> list[t.Worker]:
         return [w for w in (decode_worker(kv) for kv in self.workers.cache.values()) if w.pool_id == pool_id]
 
     def _size(self, pool: PoolConfig) -> tuple[list[t.Worker], list[t.Worker], int]:
         """(active workers, idle ones among them, workers still starting) of a pool."""
         workers = self._pool_workers(pool.pool_id)
-        busy_ids = {Keys.assignment_worker(k) for k in self.assignments.cache}
+        busy_ids = self._busy_ids()
         active = [w for w in workers if w.state != t.WORKER_STATE_DRAINING]
         idle = [w for w in active if w.worker_id not in busy_ids]
         pending = self.provider.pending(pool.pool_id, {w.worker_id for w in workers}, max_age=60.0)
@@ -330,7 +334,7 @@ class PoolController:
                 await self._record(pool, "down", current, current - removed, "idle_workers", reason, True)
 
     def _static_has_room(self) -> bool:
-        busy_ids = {Keys.assignment_worker(k) for k in self.assignments.cache}
+        busy_ids = self._busy_ids()
         return any(
             w.worker_id not in busy_ids and w.state != t.WORKER_STATE_DRAINING
             for pool in self.config.pools

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections import Counter
 
 import grpc
 
@@ -48,27 +49,24 @@ class PoolsServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
             raise NotFound(f"pool {pool_id} not found", reason="POOL_NOT_FOUND")
         return pool
 
-    def _running(self, workers: list[t.Worker]) -> int:
-        ids = {w.worker_id for w in workers}
-        return sum(1 for key in self.assignments.cache if Keys.assignment_worker(key) in ids)
-
-    def _states(self, pool_id: str) -> tuple[dict[str, int], list[t.Worker]]:
-        busy_ids = {Keys.assignment_worker(k) for k in self.assignments.cache}
+    def _states(self, pool_id: str) -> tuple[dict[str, int], list[t.Worker], int]:
+        """(workers by state, the pool's workers, the jobs they hold)."""
+        held = Counter(Keys.assignment_worker(k) for k in self.assignments.cache)
         workers = [w for w in map(decode_worker, self.workers.cache.values()) if w.pool_id == pool_id]
         states = {"WORKER_STATE_IDLE": 0, "WORKER_STATE_BUSY": 0, "WORKER_STATE_DRAINING": 0}
         for w in workers:
-            if w.worker_id in busy_ids:
+            if held[w.worker_id]:
                 states["WORKER_STATE_BUSY"] += 1
             elif w.state == t.WORKER_STATE_DRAINING:
                 states["WORKER_STATE_DRAINING"] += 1
             else:
                 states["WORKER_STATE_IDLE"] += 1
-        return states, workers
+        return states, workers, sum(held[w.worker_id] for w in workers)
 
     async def ListPools(self, request: pm.ListPoolsRequest, context: grpc.aio.ServicerContext) -> pm.ListPoolsResponse:
         pools = []
         for pool in self.config.pools:
-            states, workers = self._states(pool.pool_id)
+            states, workers, running = self._states(pool.pool_id)
             pools.append(
                 pl.Pool(
                     pool_id=pool.pool_id,
@@ -81,7 +79,7 @@ class PoolsServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
                     idle_workers=states["WORKER_STATE_IDLE"],
                     busy_workers=states["WORKER_STATE_BUSY"],
                     worker_slots=pool.worker_slots,
-                    running_jobs=self._running(workers),
+                    running_jobs=running,
                 )
             )
         return pm.ListPoolsResponse(pools=pools)
@@ -90,7 +88,7 @@ class PoolsServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
         self, request: pm.GetPoolMetricsRequest, context: grpc.aio.ServicerContext
     ) -> pm.GetPoolMetricsResponse:
         pool = self._pool(request.pool_id)
-        states, workers = self._states(pool.pool_id)
+        states, workers, running = self._states(pool.pool_id)
         provisioning = sorted(
             (w.register_time.ToNanoseconds() - w.spawn_time.ToNanoseconds()) / 1e9
             for w in workers
@@ -104,7 +102,7 @@ class PoolsServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
             utilization=round(states["WORKER_STATE_BUSY"] / len(workers), 4) if workers else 0.0,
             queue_depth=depth.by_queue.get(pool.pool_id, 0),
             oldest_wait_seconds=round(depth.oldest_wait.get(pool.pool_id, 0.0), 3),
-            running_jobs=self._running(workers),
+            running_jobs=running,
             provisioning_seconds_p50=round(statistics.median(provisioning), 3) if provisioning else 0.0,
             provisioning_seconds_p95=round(provisioning[min(len(provisioning) - 1, int(len(provisioning) * 0.95))], 3)
             if provisioning
