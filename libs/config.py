@@ -89,6 +89,8 @@ class MeshConfig:
     default_sla_tier: str = "standard"
     # How long a finished job's record is kept before it is deleted (its cost records stay); 0: for ever.
     finished_job_retention_seconds: float = 7 * 86400.0
+    # The largest job spec accepted, in bytes of its protobuf encoding (argv, env, labels and all).
+    max_spec_bytes: int = 64 * 1024
 
     def pool(self, pool_id: str) -> PoolConfig | None:
         return next((p for p in self.pools if p.pool_id == pool_id), None)
@@ -232,7 +234,13 @@ def parse_config(raw: dict[str, object]) -> MeshConfig:
     finished_retention = float(retention.get("finished_job_seconds", 7 * 86400))
     if finished_retention < 0:
         raise ConfigError("retention.finished_job_seconds must be 0 (keep for ever) or positive")
+    limits = raw.get("limits", {})
+    assert isinstance(limits, dict)
+    max_spec_bytes = int(limits.get("max_spec_bytes", 64 * 1024))
+    if not 1024 <= max_spec_bytes <= 512 * 1024:
+        raise ConfigError("limits.max_spec_bytes must be between 1024 and 524288")
     return MeshConfig(
+        max_spec_bytes=max_spec_bytes,
         finished_job_retention_seconds=finished_retention,
         sla_tiers=sla_tiers,
         default_sla_tier=default_tier,
