@@ -85,6 +85,8 @@ class MeshConfig:
     burst_premium: float = 1.5
     burst_pool: QuotaLimits | None = None
     burst_max_duration_seconds: int = 3600
+    # The largest share of the burst pool (each of CPU, memory, jobs) one tenant's session may hold.
+    burst_max_tenant_share: float = 0.5
     sla_tiers: dict[str, SlaTier] = field(default_factory=dict)
     default_sla_tier: str = "standard"
     # How long a finished job's record is kept before it is deleted (its cost records stay); 0: for ever.
@@ -229,6 +231,9 @@ def parse_config(raw: dict[str, object]) -> MeshConfig:
     burst = raw.get("burst", {})
     assert isinstance(burst, dict)
     burst_pool = _limits(burst["pool"], "burst.pool") if "pool" in burst else None
+    burst_share = float(burst.get("max_tenant_share", 0.5))
+    if not 0 < burst_share <= 1:
+        raise ConfigError("burst.max_tenant_share must be more than 0 and at most 1")
     retention = raw.get("retention", {})
     assert isinstance(retention, dict)
     finished_retention = float(retention.get("finished_job_seconds", 7 * 86400))
@@ -246,6 +251,7 @@ def parse_config(raw: dict[str, object]) -> MeshConfig:
         default_sla_tier=default_tier,
         burst_pool=burst_pool,
         burst_max_duration_seconds=int(burst.get("max_duration_seconds", 3600)),
+        burst_max_tenant_share=burst_share,
         issuer=str(auth.get("issuer", "jobmesh-dev")),
         audience=str(auth.get("audience", "jobmesh")),
         tenants=tenants,

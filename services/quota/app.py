@@ -100,6 +100,7 @@ async def run(settings: CommonSettings) -> None:
         pool.memory_mb if pool else 0,
         pool.concurrent_jobs if pool else 0,
         config.burst_max_duration_seconds,
+        config.burst_max_tenant_share,
     )
     manager = QuotaManager(config, SystemClock(), policy)
     metrics = QuotaMetrics(registry)

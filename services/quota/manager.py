@@ -36,6 +36,12 @@ class BurstPolicy:
     memory_mb: int = 0
     concurrent_jobs: int = 0
     max_duration_seconds: int = 3600
+    max_tenant_share: float = 0.5  # of each of the pool's CPU, memory and jobs, for one tenant's session
+
+    def tenant_cap(self) -> Usage:
+        """The most one tenant's session may hold: its share of the pool, rounded down."""
+        share = self.max_tenant_share
+        return Usage(int(self.cpu_millis * share), int(self.memory_mb * share), int(self.concurrent_jobs * share))
 
 
 @dataclass
@@ -235,6 +241,19 @@ class QuotaManager:
                     "cpu_millis_left": str(left.cpu_millis),
                     "memory_mb_left": str(left.memory_mb),
                     "concurrent_jobs_left": str(left.concurrent_jobs),
+                },
+            )
+        cap = policy.tenant_cap()
+        if cpu > cap.cpu_millis or mem > cap.memory_mb or jobs > cap.concurrent_jobs:
+            raise ResourceExhausted(
+                f"one tenant may hold at most {policy.max_tenant_share:.0%} of the burst pool: "
+                f"{cap.cpu_millis}m CPU, {cap.memory_mb} MB, {cap.concurrent_jobs} jobs",
+                reason="BURST_UNAVAILABLE",
+                metadata={
+                    "tenant_cap_cpu_millis": str(cap.cpu_millis),
+                    "tenant_cap_memory_mb": str(cap.memory_mb),
+                    "tenant_cap_concurrent_jobs": str(cap.concurrent_jobs),
+                    "max_tenant_share": f"{policy.max_tenant_share:g}",
                 },
             )
         session = BurstSession(uuid.uuid4().hex[:16], tenant_id, cpu, mem, jobs, now, now + duration, requested_by)

@@ -171,6 +171,11 @@ def test_burst_sessions_never_grant_more_than_the_pool_holds_and_expire_on_time(
     async def race() -> list[httpx.Response]:
         return list(await asyncio.gather(ask("acme", 3000, 3), ask("globex", 3000, 3)))
 
+    # Beyond one tenant's share (75% here) is refused, naming the cap, whatever is free.
+    capped = asyncio.run(ask("initech", 3500, 3))
+    assert capped.status_code == 429
+    assert capped.json()["details"][0]["metadata"]["tenant_cap_cpu_millis"] == "3000"
+
     answers = asyncio.run(race())
     granted = [r for r in answers if r.status_code == 200]
     refused = [r for r in answers if r.status_code == 429]

@@ -112,6 +112,8 @@ CONFIG_ERRORS = [
     ),
     pytest.param(lambda r: r.update(retention={"finished_job_seconds": -1}), "retention", id="negative-retention"),
     pytest.param(lambda r: r.update(limits={"max_spec_bytes": 100}), "max_spec_bytes", id="tiny-spec-limit"),
+    pytest.param(lambda r: r.update(burst={"max_tenant_share": 0}), "max_tenant_share", id="no-burst-share"),
+    pytest.param(lambda r: r.update(burst={"max_tenant_share": 1.5}), "max_tenant_share", id="burst-share-over-1"),
     pytest.param(
         lambda r: r.update(limits={"max_spec_bytes": 2**20}), "max_spec_bytes", id="spec-limit-over-etcd-room"
     ),

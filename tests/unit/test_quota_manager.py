@@ -12,7 +12,8 @@ from tests.unit.builders import ConfigBuilder
 
 # acme: 4 cores, 4 GiB, 4 jobs; globex has the (large) defaults; the burst pool lends 8 cores, 8 GiB, 8 jobs.
 ACME = QuotaLimits(cpu_millis=4000, memory_mb=4096, concurrent_jobs=4)
-POOL = BurstPolicy(cpu_millis=8000, memory_mb=8192, concurrent_jobs=8, max_duration_seconds=600)
+# The pool-accounting tests let one tenant take it all; the per-tenant cap has tests of its own.
+POOL = BurstPolicy(cpu_millis=8000, memory_mb=8192, concurrent_jobs=8, max_duration_seconds=600, max_tenant_share=1.0)
 
 
 class QuotaWorld:
@@ -215,6 +216,22 @@ def test_two_tenants_cannot_together_exceed_the_burst_pool(world: QuotaWorld) ->
     assert refused.value.metadata["cpu_millis_left"] == "2000"
     assert granted.tenant_id == "globex"
     assert world.quota.burst_left() == Usage(0, 0, 0)
+
+
+def test_one_tenant_may_take_only_its_share_of_the_burst_pool_and_the_error_names_the_cap() -> None:
+    world = QuotaWorld(BurstPolicy(8000, 8192, 8, 600, max_tenant_share=0.5))
+
+    with pytest.raises(ResourceExhausted) as refused:
+        world.quota.grant_burst("acme", 4001, 1024, 1, 600, "me")
+    granted = world.quota.grant_burst("acme", 4000, 4096, 4, 600, "me")
+
+    assert refused.value.reason == "BURST_UNAVAILABLE"
+    assert refused.value.metadata["tenant_cap_cpu_millis"] == "4000"
+    assert "50% of the burst pool" in str(refused.value)
+    assert granted.cpu_millis == 4000
+    # The other half stays for the others.
+    assert world.quota.burst_left() == Usage(4000, 4096, 4)
+    assert world.quota.grant_burst("globex", 4000, 4096, 4, 600, "me").tenant_id == "globex"
 
 
 def test_a_second_burst_for_the_same_tenant_is_refused_while_one_is_active(world: QuotaWorld) -> None:
