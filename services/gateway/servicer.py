@@ -49,8 +49,10 @@ class Backends:
         self._reservations: GroupCommit[_Traced[qt.ReserveRequest], qt.ReserveResponse] = GroupCommit(
             self._reserve_many, max_batch=_BATCH, name="reserve"
         )
+        # Bounded in bytes too: a batch of large specs stays well under queueing's 4 MiB receive limit and etcd's
+        # request limit, and one tenant's large specs never fail another's submit that shares the batch.
         self._enqueues: GroupCommit[_Traced[q.EnqueueRequest], q.EnqueueResponse] = GroupCommit(
-            self._enqueue_many, max_batch=_BATCH, name="enqueue"
+            self._enqueue_many, max_batch=_BATCH, name="enqueue", size=lambda item: item[0].ByteSize()
         )
 
     async def reserve(self, request: qt.ReserveRequest) -> qt.ReserveResponse:
