@@ -93,6 +93,8 @@ class MeshConfig:
     finished_job_retention_seconds: float = 7 * 86400.0
     # The largest job spec accepted, in bytes of its protobuf encoding (argv, env, labels and all).
     max_spec_bytes: int = 64 * 1024
+    # The most job records one tenant may keep stored (pending, running and finished within retention).
+    max_jobs_per_tenant: int = 250_000
 
     def pool(self, pool_id: str) -> PoolConfig | None:
         return next((p for p in self.pools if p.pool_id == pool_id), None)
@@ -244,8 +246,12 @@ def parse_config(raw: dict[str, object]) -> MeshConfig:
     max_spec_bytes = int(limits.get("max_spec_bytes", 64 * 1024))
     if not 1024 <= max_spec_bytes <= 512 * 1024:
         raise ConfigError("limits.max_spec_bytes must be between 1024 and 524288")
+    max_jobs = int(limits.get("max_jobs_per_tenant", 250_000))
+    if max_jobs < 1:
+        raise ConfigError("limits.max_jobs_per_tenant must be at least 1")
     return MeshConfig(
         max_spec_bytes=max_spec_bytes,
+        max_jobs_per_tenant=max_jobs,
         finished_job_retention_seconds=finished_retention,
         sla_tiers=sla_tiers,
         default_sla_tier=default_tier,
