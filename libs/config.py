@@ -87,6 +87,8 @@ class MeshConfig:
     burst_max_duration_seconds: int = 3600
     # The largest share of the burst pool (each of CPU, memory, jobs) one tenant's session may hold.
     burst_max_tenant_share: float = 0.5
+    # How long the session opened by a burst submit beyond the quota lasts.
+    burst_session_at_submit_seconds: int = 900
     sla_tiers: dict[str, SlaTier] = field(default_factory=dict)
     default_sla_tier: str = "standard"
     # How long a finished job's record is kept before it is deleted (its cost records stay); 0: for ever.
@@ -236,6 +238,9 @@ def parse_config(raw: dict[str, object]) -> MeshConfig:
     burst_share = float(burst.get("max_tenant_share", 0.5))
     if not 0 < burst_share <= 1:
         raise ConfigError("burst.max_tenant_share must be more than 0 and at most 1")
+    at_submit = int(burst.get("session_at_submit_seconds", 900))
+    if at_submit <= 0:
+        raise ConfigError("burst.session_at_submit_seconds must be positive")
     retention = raw.get("retention", {})
     assert isinstance(retention, dict)
     finished_retention = float(retention.get("finished_job_seconds", 7 * 86400))
@@ -258,6 +263,7 @@ def parse_config(raw: dict[str, object]) -> MeshConfig:
         burst_pool=burst_pool,
         burst_max_duration_seconds=int(burst.get("max_duration_seconds", 3600)),
         burst_max_tenant_share=burst_share,
+        burst_session_at_submit_seconds=at_submit,
         issuer=str(auth.get("issuer", "jobmesh-dev")),
         audience=str(auth.get("audience", "jobmesh")),
         tenants=tenants,

@@ -101,6 +101,7 @@ async def run(settings: CommonSettings) -> None:
         pool.concurrent_jobs if pool else 0,
         config.burst_max_duration_seconds,
         config.burst_max_tenant_share,
+        config.burst_session_at_submit_seconds,
     )
     manager = QuotaManager(config, SystemClock(), policy)
     metrics = QuotaMetrics(registry)
