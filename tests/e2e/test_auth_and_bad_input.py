@@ -131,6 +131,14 @@ def test_a_body_over_the_size_limit_is_refused(acme: Api) -> None:
     assert resp.status_code == 413
 
 
+def test_a_page_size_above_the_maximum_is_coerced_and_a_negative_one_refused(acme: Api) -> None:
+    resp = acme.call("GET", "/api/v1/jobs", params={"page_size": 1000})
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json().get("jobs", [])) <= 500
+    body = _assert_clean_error(acme.call("GET", "/api/v1/jobs", params={"page_size": -1}), 400)
+    assert body["details"][0]["metadata"]["field"] == "page_size"
+
+
 def test_malformed_json_and_unknown_query_parameters_are_400(acme: Api) -> None:
     resp = acme.call("POST", "/api/v1/jobs", content=b"{not json", headers={"content-type": "application/json"})
     _assert_clean_error(resp, 400)
