@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from libs.auth import issue_token
 from libs.config import load_config
@@ -100,6 +101,17 @@ def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.2, what:
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(interval)
+
+
+def worker_pid(worker_id: str) -> int:
+    """The pid of a local worker agent, found by the id its provider gave it."""
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.environ().get("JOBMESH_WORKER_ID") == worker_id:
+                return int(proc.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    raise AssertionError(f"no process for worker {worker_id}")
 
 
 def pool_view(api: Api, pool_id: str) -> dict[str, Any]:

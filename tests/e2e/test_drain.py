@@ -1,0 +1,107 @@
+"""SIGTERM to a worker agent mid-job (a rollout, a drain, a scale-down): the job is stopped after the pool's drain
+grace, retried once elsewhere without using a retry, never runs twice at once, and each attempt is charged only
+for the time it ran."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from libs.launcher import Stack
+from tests.helpers import Api, job_spec, start_stack, token, wait_for, worker_pid
+
+
+@dataclass
+class Copies:
+    """Samples the host's process table every ~50 ms for the processes whose command line holds `marker`: how
+    many were alive at each sample, and for each pid the first and last time it was seen."""
+
+    marker: str
+    most_at_once: int = 0
+    seen: dict[int, list[float]] = field(default_factory=dict)
+    samples: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def sample(self) -> None:
+        now = time.monotonic()
+        alive = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            cmdline = proc.info["cmdline"] or []
+            # The job's shell (not its `sleep`, which shares nothing with it but the process group).
+            if cmdline[:2] == ["sh", "-c"] and self.marker in cmdline[2]:
+                alive.append(proc.info["pid"])
+        for pid in alive:
+            self.seen.setdefault(pid, [now, now])[1] = now
+        self.most_at_once = max(self.most_at_once, len(alive))
+        self.samples += 1
+
+    def watch(self, seconds: float) -> threading.Thread:
+        def run() -> None:
+            end = time.monotonic() + seconds
+            while not self._stop.is_set() and time.monotonic() < end:
+                self.sample()
+                time.sleep(0.05)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def lifetimes(self) -> list[float]:
+        """Seconds each copy was seen alive, in the order they started."""
+        return [last - first for first, last in sorted(self.seen.values())]
+
+
+def test_sigterm_to_a_busy_worker_interrupts_its_job_and_retries_it_once_elsewhere(tmp_path: Path) -> None:
+    # tests/fixtures/mesh.toml gives static-general a drain grace of 2 s.
+    stack: Stack = start_stack(tmp_path / "stack")
+    try:
+        api = Api(stack.url, token(stack))
+        wait_for(lambda: api.call("GET", "/api/v1/pools").json()["pools"][0]["idle_workers"] >= 3, what="workers")
+        marker = f"drain-{uuid.uuid4().hex}"
+        copies = Copies(marker)
+        watcher = copies.watch(90)
+        job = api.submit(
+            job_spec("drained", ["sh", "-c", f"sleep 10; : {marker}"], max_retries=1, pool="static-general")
+        )
+        running = api.wait_state(job["job_id"], {"JOB_STATE_RUNNING"}, timeout=20)
+        wait_for(lambda: copies.seen, interval=0.05, what="the job's process")
+        time.sleep(1.0)
+        psutil.Process(worker_pid(running["worker_id"])).send_signal(signal.SIGTERM)
+
+        done = api.wait_terminal(job["job_id"], timeout=60)
+        copies.stop()
+        watcher.join(5)
+
+        assert copies.samples > 100
+        assert copies.most_at_once == 1, copies.seen  # never two copies of the job at any sample
+        assert done["state"] == "JOB_STATE_SUCCEEDED", done
+        first, second = done["attempts"]
+        assert first["reason"] == "INTERRUPTED" and first["worker_id"] == running["worker_id"]
+        assert second["reason"] == "COMPLETED" and second["worker_id"] != running["worker_id"]
+        assert done.get("retries", 0) == 0  # an interruption does not use up max_retries
+        assert done.get("interruptions") == 1
+        ran = copies.lifetimes()
+        assert len(ran) == 2, copies.seen
+        # Stopped after the pool's 2 s drain grace (plus the second before the signal), not run to its end.
+        assert 2.0 < ran[0] < 6.0, ran
+        assert 9.5 < ran[1] < 11.5, ran
+
+        def charged() -> list[dict[str, object]] | None:
+            attempts = api.get(job["job_id"]).get("cost", {}).get("attempts", [])
+            return attempts if len(attempts) == 2 else None
+
+        costs = sorted(wait_for(charged, what="both attempts charged"), key=lambda a: int(a["attempt"]))  # type: ignore[arg-type]
+        # Each attempt is charged for the seconds it ran (dispatch to recorded end), within what reporting adds.
+        for cost, seconds in zip(costs, ran, strict=True):
+            assert seconds - 0.2 < float(cost["run_seconds"]) < seconds + 1.5, (costs, ran)  # type: ignore[arg-type]
+    finally:
+        stack.stop()
