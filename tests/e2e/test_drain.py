@@ -5,59 +5,14 @@ for the time it ran."""
 from __future__ import annotations
 
 import signal
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
 from libs.launcher import Stack
-from tests.helpers import Api, job_spec, start_stack, token, wait_for, worker_pid
-
-
-@dataclass
-class Copies:
-    """Samples the host's process table every ~50 ms for the processes whose command line holds `marker`: how
-    many were alive at each sample, and for each pid the first and last time it was seen."""
-
-    marker: str
-    most_at_once: int = 0
-    seen: dict[int, list[float]] = field(default_factory=dict)
-    samples: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-
-    def sample(self) -> None:
-        now = time.monotonic()
-        alive = []
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            cmdline = proc.info["cmdline"] or []
-            # The job's shell (not its `sleep`, which shares nothing with it but the process group).
-            if cmdline[:2] == ["sh", "-c"] and self.marker in cmdline[2]:
-                alive.append(proc.info["pid"])
-        for pid in alive:
-            self.seen.setdefault(pid, [now, now])[1] = now
-        self.most_at_once = max(self.most_at_once, len(alive))
-        self.samples += 1
-
-    def watch(self, seconds: float) -> threading.Thread:
-        def run() -> None:
-            end = time.monotonic() + seconds
-            while not self._stop.is_set() and time.monotonic() < end:
-                self.sample()
-                time.sleep(0.05)
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        return thread
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def lifetimes(self) -> list[float]:
-        """Seconds each copy was seen alive, in the order they started."""
-        return [last - first for first, last in sorted(self.seen.values())]
+from tests.helpers import Api, Copies, job_spec, start_stack, token, wait_for, worker_pid
 
 
 def test_sigterm_to_a_busy_worker_interrupts_its_job_and_retries_it_once_elsewhere(tmp_path: Path) -> None:
