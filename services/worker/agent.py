@@ -269,8 +269,15 @@ class WorkerAgent:
         if self._running:
             why = f"the worker was stopped; still running after the {self._drain_grace:g}s drain grace"
             self._interrupt(why, list(self._running), False)
-        if self._job_tasks:
-            await asyncio.wait(set(self._job_tasks), timeout=STOP_MARGIN_SECONDS - 1.0)
+        # The reports, including any kept for the next session (sent again once registered): bounded by the margin.
+        end = time.monotonic() + STOP_MARGIN_SECONDS - 1.0
+        while (self._job_tasks or self._unreported) and time.monotonic() < end:
+            if self._job_tasks:
+                await asyncio.wait(set(self._job_tasks), timeout=end - time.monotonic())
+            else:
+                await asyncio.sleep(0.1)
+        if self._unreported:
+            log.error("stopping with %d result(s) unreported: the lease will lapse first", len(self._unreported))
         self.stopping.set()
 
     def _interrupt(self, why: str, keys: list[tuple[str, int]], kill_now: bool) -> None:
