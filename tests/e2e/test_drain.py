@@ -57,6 +57,6 @@ def test_sigterm_to_a_busy_worker_interrupts_its_job_and_retries_it_once_elsewhe
         costs = sorted(wait_for(charged, what="both attempts charged"), key=lambda a: int(a["attempt"]))  # type: ignore[arg-type]
         # Each attempt is charged for the seconds it ran (dispatch to recorded end), within what reporting adds.
         for cost, seconds in zip(costs, ran, strict=True):
-            assert seconds - 0.2 < float(cost["run_seconds"]) < seconds + 1.5, (costs, ran)  # type: ignore[arg-type]
+            assert seconds - 0.2 < float(cost["run_seconds"]) < seconds + 2.0, (costs, ran)  # type: ignore[arg-type]
     finally:
         stack.stop()
