@@ -134,24 +134,28 @@ def stack_with_idle_worker(data_dir: Path, config: Path, pool_id: str) -> Iterat
 @dataclass
 class Copies:
     """Samples the host's process table every ~50 ms for the processes whose command line holds `marker`: how
-    many were alive at each sample, and for each pid the first and last time it was seen."""
+    many were alive at each sample and, for each pid, when it started (the kernel's start time), when it was last
+    seen and the first sample that no longer saw it. Times are wall-clock seconds (time.time())."""
 
     marker: str
     most_at_once: int = 0
-    seen: dict[int, list[float]] = field(default_factory=dict)
+    seen: dict[int, list[float]] = field(default_factory=dict)  # pid: [started, last seen]
+    gone: dict[int, float] = field(default_factory=dict)  # pid: the first sample without it
     samples: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def sample(self) -> None:
-        now = time.monotonic()
-        alive = []
-        for proc in psutil.process_iter(["pid", "cmdline"]):
+        alive: dict[int, float] = {}
+        for proc in psutil.process_iter(["pid", "cmdline", "create_time"]):
             cmdline = proc.info["cmdline"] or []
             # The job's shell (not its `sleep`, which shares nothing with it but the process group).
             if cmdline[:2] == ["sh", "-c"] and self.marker in cmdline[2]:
-                alive.append(proc.info["pid"])
-        for pid in alive:
-            self.seen.setdefault(pid, [now, now])[1] = now
+                alive[proc.info["pid"]] = proc.info["create_time"]
+        now = time.time()
+        for pid, started in alive.items():
+            self.seen.setdefault(pid, [started, now])[1] = now
+        for pid in self.seen.keys() - alive.keys() - self.gone.keys():
+            self.gone[pid] = now
         self.most_at_once = max(self.most_at_once, len(alive))
         self.samples += 1
 
@@ -170,12 +174,12 @@ class Copies:
         self._stop.set()
 
     def lifetimes(self) -> list[float]:
-        """Seconds each copy was seen alive, in the order they started."""
-        return [last - first for first, last in sorted(self.seen.values())]
+        """Seconds each copy ran (from its start to the last sample that saw it), in the order they started."""
+        return [last - started for started, last in sorted(self.seen.values())]
 
-    def first_gone_since(self) -> float | None:
-        """When the first copy was last seen, once it has not been seen for a sample or two."""
+    def first_gone_at(self) -> float | None:
+        """The first sample that no longer saw the first copy: it had died by then."""
         if not self.seen:
             return None
-        last = min(self.seen.values())[1]
-        return last if time.monotonic() - last > 0.2 else None
+        first = min(self.seen, key=lambda pid: self.seen[pid][0])
+        return self.gone.get(first)

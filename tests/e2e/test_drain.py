@@ -48,7 +48,7 @@ def test_sigterm_to_a_busy_worker_interrupts_its_job_and_retries_it_once_elsewhe
         assert len(ran) == 2, copies.seen
         # Stopped after the pool's 2 s drain grace (plus the second before the signal), not run to its end.
         assert 2.0 < ran[0] < 6.0, ran
-        assert 9.5 < ran[1] < 11.5, ran
+        assert 9.0 < ran[1] < 11.5, ran
 
         def charged() -> list[dict[str, object]] | None:
             attempts = api.get(job["job_id"]).get("cost", {}).get("attempts", [])

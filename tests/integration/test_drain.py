@@ -55,11 +55,12 @@ def test_a_worker_no_pool_manager_answers_kills_its_job_before_its_lease_can_exp
     managers = ["poolmanager-1", "poolmanager-2"]
     for name in managers:
         fresh_stack.kill(name, signal.SIGSTOP)  # frozen with their connections open: no refresh, no leader
-    frozen = time.monotonic()
+    frozen = time.time()
     try:
-        # Its last refresh was before the freeze: the lease can expire from `frozen + LEASE_TTL` on.
-        gone = wait_for(copies.first_gone_since, interval=0.05, timeout=5, what="the job to be killed")
-        assert gone < frozen + LEASE_TTL - 0.3, (gone - frozen, copies.seen)
+        # Its last refresh was before the freeze, so the lease expires by `frozen + LEASE_TTL`: the job must be dead
+        # by then (a sample that no longer sees it is an upper bound on when it died).
+        gone = wait_for(copies.first_gone_at, interval=0.05, timeout=5, what="the job to be killed")
+        assert gone < frozen + LEASE_TTL, (gone - frozen, copies.seen)
         time.sleep(LEASE_TTL)  # past the lease: now the leader may retry the job elsewhere
     finally:
         for name in managers:
@@ -74,4 +75,3 @@ def test_a_worker_no_pool_manager_answers_kills_its_job_before_its_lease_can_exp
     # Reported INTERRUPTED if the worker's report landed first, WORKER_LOST if the leader's reclaim did.
     assert done["attempts"][0]["reason"] in ("INTERRUPTED", "WORKER_LOST"), done["attempts"]
     assert len(copies.lifetimes()) == 2, copies.seen
-    assert 5.5 < copies.lifetimes()[1] < 7.5, copies.seen
