@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -142,22 +144,34 @@ class Copies:
     seen: dict[int, list[float]] = field(default_factory=dict)  # pid: [started, last seen]
     gone: dict[int, float] = field(default_factory=dict)  # pid: the first sample without it
     samples: int = 0
+    longest_gap: float = 0.0  # seconds between two samples, at most
+    _last_sample: float = 0.0
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def sample(self) -> None:
         alive: dict[int, float] = {}
-        for proc in psutil.process_iter(["pid", "cmdline", "create_time"]):
+        for proc in psutil.process_iter(["cmdline"]):
             cmdline = proc.info["cmdline"] or []
             # The job's shell (not its `sleep`, which shares nothing with it but the process group).
             if cmdline[:2] == ["sh", "-c"] and self.marker in cmdline[2]:
-                alive[proc.info["pid"]] = proc.info["create_time"]
+                started = _started_at(proc.pid)
+                if started is not None:
+                    alive[proc.pid] = started
         now = time.time()
         for pid, started in alive.items():
             self.seen.setdefault(pid, [started, now])[1] = now
         for pid in self.seen.keys() - alive.keys() - self.gone.keys():
             self.gone[pid] = now
         self.most_at_once = max(self.most_at_once, len(alive))
+        if self.samples:
+            self.longest_gap = max(self.longest_gap, now - self._last_sample)
+        self._last_sample = now
         self.samples += 1
+
+    def overlapped(self) -> bool:
+        """Whether a copy started (by the kernel's clock) before an earlier one was last seen alive."""
+        spans = sorted(self.seen.values())
+        return any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans))
 
     def watch(self, seconds: float) -> threading.Thread:
         def run() -> None:
@@ -183,3 +197,15 @@ class Copies:
             return None
         first = min(self.seen, key=lambda pid: self.seen[pid][0])
         return self.gone.get(first)
+
+
+def _started_at(pid: int) -> float | None:
+    """When a process started, on the wall clock, to the kernel's tick (psutil's create_time adds an uptime to a
+    boot time rounded to the second, so it can be a second off time.time())."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    ticks_after_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks_after_boot)

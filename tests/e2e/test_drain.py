@@ -36,8 +36,11 @@ def test_sigterm_to_a_busy_worker_interrupts_its_job_and_retries_it_once_elsewhe
         copies.stop()
         watcher.join(5)
 
-        assert copies.samples > 100
-        assert copies.most_at_once == 1, copies.seen  # never two copies of the job at any sample
+        # Sampled every ~50 ms (less often on a loaded machine, never a second apart): never two copies at one
+        # sample, and none started (by the kernel's clock) before the one before it was last seen.
+        assert copies.longest_gap < 1.0, copies.longest_gap
+        assert copies.most_at_once == 1, copies.seen
+        assert not copies.overlapped(), copies.seen
         assert done["state"] == "JOB_STATE_SUCCEEDED", done
         first, second = done["attempts"]
         assert first["reason"] == "INTERRUPTED" and first["worker_id"] == running["worker_id"]

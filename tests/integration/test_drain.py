@@ -69,7 +69,9 @@ def test_a_worker_no_pool_manager_answers_kills_its_job_before_its_lease_can_exp
     done = api.wait_terminal(job["job_id"], timeout=60)
     copies.stop()
     watcher.join(5)
+    assert copies.longest_gap < 1.0, copies.longest_gap
     assert copies.most_at_once == 1, copies.seen
+    assert not copies.overlapped(), copies.seen
     assert done["state"] == "JOB_STATE_SUCCEEDED", done
     assert done["attempt"] == 2
     # Reported INTERRUPTED if the worker's report landed first, WORKER_LOST if the leader's reclaim did.
