@@ -77,3 +77,18 @@ def test_a_worker_no_pool_manager_answers_kills_its_job_before_its_lease_can_exp
     # Reported INTERRUPTED if the worker's report landed first, WORKER_LOST if the leader's reclaim did.
     assert done["attempts"][0]["reason"] in ("INTERRUPTED", "WORKER_LOST"), done["attempts"]
     assert len(copies.lifetimes()) == 2, copies.seen
+
+
+def test_a_worker_the_pool_manager_scales_down_drains_and_exits(fresh_stack: Stack) -> None:
+    api = ready(fresh_stack)
+    job = api.submit(job_spec("large", ["sleep", "0.5"], required_capabilities={"class": "large"}))
+    done = api.wait_terminal(job["job_id"], timeout=60)
+    assert done["state"] == "JOB_STATE_SUCCEEDED"
+    agent = psutil.Process(worker_pid(done["worker_id"]))
+
+    # Idle for the fixture's 5 s: the leader marks it DRAINING and sends SIGTERM (provider.terminate); an idle
+    # worker's drain ends at once.
+    agent.wait(40)
+    wait_for(lambda: pool_view(api, "dynamic-large")["workers"] == 0, timeout=10, what="the pool to be empty")
+    history = api.call("GET", "/api/v1/pools/dynamic-large/scaling/history").json()["events"]
+    assert any(e["direction"] == "down" and e["executed"] for e in history), history
