@@ -144,7 +144,8 @@ def apply_dispatch(job: t.Job, worker: t.Worker, now: float) -> t.Job:
     return job
 
 
-RESULT_REASONS = {"EXITED", "KILLED", "TIMEOUT", "START_FAILED"}
+# OOM_KILLED: the kernel killed a process of the job at its memory limit (a sandboxed job's cgroup).
+RESULT_REASONS = {"EXITED", "KILLED", "TIMEOUT", "START_FAILED", "OOM_KILLED"}
 
 
 def apply_result(

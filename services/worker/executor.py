@@ -129,6 +129,7 @@ class JobExecutor:
         kill_grace_seconds: float = 2.0,
         first_sample_delay: float = 0.05,
         sandbox: Sandbox | None = None,
+        refusal: str | None = None,
     ) -> None:
         if sample_interval <= 0 or first_sample_delay < 0:
             raise ValueError("sample_interval must be positive, first_sample_delay not negative")
@@ -141,6 +142,8 @@ class JobExecutor:
         self._first_sample_delay = first_sample_delay
         self._kill_grace_seconds = kill_grace_seconds
         self._sandbox = sandbox
+        # Set when the pool wants a sandbox this machine cannot give: every job is refused, none runs unconfined.
+        self._refusal = refusal
         self._state: _RunState | None = None
         # The last job's scratch directory when that job left it empty: the next job gets it under its own name
         # (a rename), sparing the file system a directory made and removed per job.
@@ -154,6 +157,7 @@ class JobExecutor:
             self._kill_grace_seconds,
             self._first_sample_delay,
             self._sandbox,
+            self._refusal,
         )
 
     @property
@@ -189,6 +193,8 @@ class JobExecutor:
             self._state = None
 
     async def _run_in_dir(self, spec: ExecSpec, state: _RunState) -> ExecResult:
+        if self._refusal is not None:
+            return _start_failed(self._refusal)
         if self._sandbox is not None:
             return await self._run_sandboxed(spec, state, self._sandbox)
         scratch: str | None = None

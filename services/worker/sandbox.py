@@ -29,10 +29,9 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from libs.config import NETWORK_MODES, SANDBOX_MODES
 from services.worker.cgroups import CgroupDriver, CgroupError, JobCgroup, limits_for
 
-SANDBOX_MODES = ("bwrap", "none")
-NETWORK_MODES = ("none", "host")
 SCRATCH = "/scratch"  # where the job sees its scratch directory (its cwd and HOME)
 JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _MIB = 1024 * 1024

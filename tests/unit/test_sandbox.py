@@ -1,0 +1,112 @@
+"""Unit tests for the job sandbox's pure parts (services/worker/sandbox.py): settings, the uid pool and the
+command line a job starts with. The sandbox itself is tested with real processes in tests/integration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.worker.sandbox import JobSandbox, SandboxError, SandboxSettings, UidPool, parse_uid_range
+
+
+def test_settings_come_from_the_pools_worker_variables() -> None:
+    env = {
+        "JOBMESH_WORKER_SANDBOX": "bwrap",
+        "JOBMESH_WORKER_NETWORK": "host",
+        "JOBMESH_WORKER_JOB_UIDS": "300000-300099",
+        "JOBMESH_WORKER_PIDS_MAX": "64",
+    }
+
+    settings = SandboxSettings.from_env(env)
+
+    assert (settings.mode, settings.network, settings.uid_first, settings.uid_count, settings.pids_max) == (
+        "bwrap",
+        "host",
+        300_000,
+        100,
+        64,
+    )
+
+
+def test_without_settings_a_worker_sandboxes_jobs_without_network() -> None:
+    settings = SandboxSettings.from_env({})
+
+    assert (settings.mode, settings.network) == ("bwrap", "none")
+    assert (settings.uid_first, settings.uid_count) == (200_000, 65_536)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        pytest.param({"JOBMESH_WORKER_SANDBOX": "off"}, id="unknown-mode"),
+        pytest.param({"JOBMESH_WORKER_NETWORK": "bridge"}, id="unknown-network"),
+        pytest.param({"JOBMESH_WORKER_JOB_UIDS": "0-100"}, id="uids-include-root"),
+        pytest.param({"JOBMESH_WORKER_JOB_UIDS": "300000"}, id="uids-not-a-range"),
+        pytest.param({"JOBMESH_WORKER_PIDS_MAX": "0"}, id="no-processes"),
+    ],
+)
+def test_bad_settings_are_refused(env: dict[str, str]) -> None:
+    with pytest.raises(ValueError):
+        SandboxSettings.from_env(env)
+
+
+def test_a_uid_range_includes_both_ends() -> None:
+    assert parse_uid_range("200000-200009") == (200_000, 10)
+
+
+def test_running_jobs_never_share_a_uid_and_a_released_one_is_handed_out_again(tmp_path: Path) -> None:
+    pool = UidPool(str(tmp_path / "locks"), 500_000, 3)
+    other_agent = UidPool(str(tmp_path / "locks"), 500_000, 3)  # another agent on the same host
+    held = [pool.acquire(), other_agent.acquire(), pool.acquire()]
+
+    assert sorted(uid for uid, _ in held) == [500_000, 500_001, 500_002]
+    with pytest.raises(SandboxError, match="in use"):
+        other_agent.acquire()
+    UidPool.release(held[1][1])
+    assert other_agent.acquire()[0] == held[1][0]
+
+
+def test_uids_to_avoid_are_never_handed_out(tmp_path: Path) -> None:
+    pool = UidPool(str(tmp_path / "locks"), 500_000, 2, avoid=frozenset({500_000}))
+
+    assert pool.acquire()[0] == 500_001
+    with pytest.raises(SandboxError):
+        pool.acquire()
+
+
+class _Group:
+    procs_files = ("/cg/memory/job/cgroup.procs",)
+
+
+def test_the_jobs_environment_is_set_only_after_the_uid_switch_and_its_command_comes_last() -> None:
+    job = JobSandbox(
+        uid=200_123,
+        cgroup=_Group(),  # type: ignore[arg-type]
+        _enter=["/bin/sh", "-c", "...", "enter", "--"],
+        _bwrap=["bwrap", "--unshare-pid"],
+        _switch=["setpriv", "--reuid=200123", "--", "env", "-i"],
+        _lock_fd=-1,
+    )
+
+    argv = job.argv(["python3", "-c", "print(1)"], {"LD_PRELOAD": "/scratch/x.so"}, "/data/scratch/j-1", "/scratch")
+
+    assert argv[argv.index("bwrap") :] == [
+        "bwrap",
+        "--unshare-pid",
+        "--bind",
+        "/data/scratch/j-1",
+        "/scratch",
+        "--chdir",
+        "/scratch",
+        "--",
+        "setpriv",
+        "--reuid=200123",
+        "--",
+        "env",
+        "-i",
+        "LD_PRELOAD=/scratch/x.so",
+        "python3",
+        "-c",
+        "print(1)",
+    ]
