@@ -93,7 +93,9 @@ class SandboxSettings:
     pids_max: int = 512
     max_file_mb: int = 4096  # RLIMIT_FSIZE
     max_open_files: int = 4096  # RLIMIT_NOFILE
-    lock_dir: str = "/run/jobmesh/job-uids"  # one lock file per uid in use, shared by every agent on the host
+    # Root-only state on this host: job-uids/ (one lock file per uid in use, shared by every agent) and
+    # agent-<pid>/etc (the /etc jobs see, copied at the agent's start).
+    state_dir: str = "/run/jobmesh"
 
     def __post_init__(self) -> None:
         if self.mode not in SANDBOX_MODES:
@@ -116,7 +118,7 @@ class SandboxSettings:
             pids_max=int(env.get("JOBMESH_WORKER_PIDS_MAX") or 512),
             max_file_mb=int(env.get("JOBMESH_WORKER_MAX_FILE_MB") or 4096),
             max_open_files=int(env.get("JOBMESH_WORKER_MAX_OPEN_FILES") or 4096),
-            lock_dir=env.get("JOBMESH_WORKER_UID_LOCK_DIR") or "/run/jobmesh/job-uids",
+            state_dir=env.get("JOBMESH_WORKER_SANDBOX_STATE_DIR") or "/run/jobmesh",
         )
 
 
@@ -142,6 +144,7 @@ class UidPool:
         self._count = count
         self._avoid = avoid
         os.makedirs(lock_dir, mode=0o700, exist_ok=True)
+        os.chmod(lock_dir, 0o700)
 
     def acquire(self) -> tuple[int, int]:
         """(uid, lock fd); SandboxError when every uid of the range is in use."""
@@ -188,6 +191,38 @@ class JobSandbox:
         ]
 
 
+def _copy_etc(own_dir: str, state_dir: str) -> str:
+    """Copies the allowed part of /etc (links kept as links) into `own_dir`/etc, read by jobs through one bind
+    mount; sweeps the copies of agents that are gone. A change to /etc reaches jobs when their agent restarts."""
+    for name in os.listdir(state_dir) if os.path.isdir(state_dir) else []:
+        if name.startswith("agent-") and name[6:].isdigit() and not _pid_alive(int(name[6:])):
+            shutil.rmtree(os.path.join(state_dir, name), ignore_errors=True)
+    etc = os.path.join(own_dir, "etc")
+    shutil.rmtree(own_dir, ignore_errors=True)
+    os.makedirs(own_dir, mode=0o700)
+    os.mkdir(etc, 0o755)
+    for name in ETC_ALLOWED:
+        source, target = os.path.join("/etc", name), os.path.join(etc, name)
+        if not os.path.lexists(source):
+            continue
+        os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+        if os.path.isdir(source) and not os.path.islink(source):
+            shutil.copytree(source, target, symlinks=True)
+        else:
+            shutil.copy2(source, target, follow_symlinks=False)
+    return etc
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 class Sandbox:
     """Sets up the sandbox of each job of one agent; shared by the agent's slots."""
 
@@ -195,8 +230,13 @@ class Sandbox:
         self.settings = settings
         self.cgroups = cgroups
         self._uids = UidPool(
-            settings.lock_dir, settings.uid_first, settings.uid_count, frozenset({os.getuid(), 0, 65534})
+            os.path.join(settings.state_dir, "job-uids"),
+            settings.uid_first,
+            settings.uid_count,
+            frozenset({os.getuid(), 0, 65534}),
         )
+        self._own_dir = os.path.join(settings.state_dir, f"agent-{os.getpid()}")
+        self._etc = _copy_etc(self._own_dir, settings.state_dir)
         self._static = self._static_bwrap_args(bwrap)
         self._setpriv = setpriv
         self._env = env
@@ -287,6 +327,7 @@ class Sandbox:
 
     def close(self) -> None:
         self.cgroups.close()
+        shutil.rmtree(self._own_dir, ignore_errors=True)
 
     def _static_bwrap_args(self, bwrap: str) -> list[str]:
         args = [bwrap, "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
@@ -303,14 +344,10 @@ class Sandbox:
                 args += ["--symlink", os.readlink(host), host]
             elif os.path.isdir(host):
                 args += ["--ro-bind", host, host]
-        args += ["--perms", "0755", "--dir", "/etc"]
-        for name in ETC_ALLOWED:
-            host = f"/etc/{name}"
-            if os.path.exists(host):
-                if "/" in name:
-                    args += ["--perms", "0755", "--dir", os.path.dirname(host)]
-                args += ["--ro-bind", host, host]
+        # One bind of a copy rather than one per allowed file: bwrap rereads the mount table for every
+        # read-only bind, and that cost (a few ms of CPU, charged to the job's cgroup) grows with their number.
+        args += ["--ro-bind", self._etc, "/etc"]
         args += ["--proc", "/proc", "--dev", "/dev"]
         args += ["--perms", "1777", "--tmpfs", "/dev/shm", "--perms", "1777", "--tmpfs", "/tmp"]
-        args += ["--perms", "0755", "--dir", "/var", "--perms", "1777", "--tmpfs", "/var/tmp"]
+        args += ["--perms", "0755", "--dir", "/var", "--symlink", "/tmp", "/var/tmp"]
         return args

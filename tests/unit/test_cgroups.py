@@ -33,9 +33,9 @@ V1_OWN = "8:pids:/\n4:memory:/agents/a1\n2:cpuacct:/\n1:cpu:/\n0::/\n"
 @pytest.mark.parametrize(
     ("memory_mb", "cpu_millis", "expected"),
     [
-        pytest.param(64, 100, CgroupLimits(64 * 1024 * 1024, 10_000, 100_000, 512), id="a tenth of a core"),
-        pytest.param(1024, 2500, CgroupLimits(1 << 30, 250_000, 100_000, 512), id="two and a half cores"),
-        pytest.param(1, 1, CgroupLimits(1 << 20, 1_000, 100_000, 512), id="quota floored at the kernel's 1 ms"),
+        pytest.param(64, 100, CgroupLimits(64 * 1024 * 1024, 25_000, 250_000, 512), id="a tenth of a core"),
+        pytest.param(1024, 2500, CgroupLimits(1 << 30, 625_000, 250_000, 512), id="two and a half cores"),
+        pytest.param(1, 1, CgroupLimits(1 << 20, 1_000, 250_000, 512), id="quota floored at the kernel's 1 ms"),
     ],
 )
 def test_limits_are_the_jobs_request(memory_mb: int, cpu_millis: int, expected: CgroupLimits) -> None:
@@ -121,7 +121,7 @@ def test_a_v1_job_group_gets_its_limits_in_each_hierarchy_and_one_procs_file_per
     mem = tmp_path / "memory" / "jobmesh-worker-4242" / "job-1-1"
     assert (mem / "memory.limit_in_bytes").read_text() == str(64 * 1024 * 1024)
     cpu = tmp_path / "cpu" / "jobmesh-worker-4242" / "job-1-1"
-    assert ((cpu / "cpu.cfs_quota_us").read_text(), (cpu / "cpu.cfs_period_us").read_text()) == ("25000", "100000")
+    assert ((cpu / "cpu.cfs_quota_us").read_text(), (cpu / "cpu.cfs_period_us").read_text()) == ("62500", "250000")
     assert (tmp_path / "pids" / "jobmesh-worker-4242" / "job-1-1" / "pids.max").read_text() == "100"
     assert len(group.procs_files) == 4 and all(f.endswith("/job-1-1/cgroup.procs") for f in group.procs_files)
 
@@ -154,7 +154,7 @@ def test_a_v2_job_group_writes_max_files_and_reads_its_events(tmp_path: Path) ->
 
     job = tmp_path / "jobmesh-worker-7" / "job-9-2"
     assert (job / "memory.max").read_text() == str(128 << 20)
-    assert (job / "cpu.max").read_text() == "50000 100000"
+    assert (job / "cpu.max").read_text() == "125000 250000"
     assert (job / "pids.max").read_text() == "64"
     assert (tmp_path / "jobmesh-worker-7" / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
     (job / "cpu.stat").write_text("usage_usec 250000\nuser_usec 200000\n")
