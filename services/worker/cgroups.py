@@ -144,6 +144,11 @@ class JobCgroup(Protocol):
 
     def remove(self) -> bool: ...
 
+    def reuse(self, limits: CgroupLimits) -> bool:
+        """Ready this (empty) group for the next job with `limits`, its usage counted from zero again; False
+        when it cannot be (then make a new one)."""
+        ...
+
 
 def _read(path: str) -> str:
     try:
@@ -188,18 +193,53 @@ def _rmdir(path: str) -> bool:
 
 
 class _V1Group:
-    def __init__(self, dirs: dict[str, str]) -> None:
+    def __init__(self, dirs: dict[str, str], limits: CgroupLimits) -> None:
         self._dirs = dirs
+        self._mem = dirs["memory"]
         self.procs_files = tuple(os.path.join(d, "cgroup.procs") for d in sorted(set(dirs.values())))
+        self._limits: CgroupLimits | None = None
+        self._oom_base = 0  # oom_kill cannot be reset: a reused group counts from here
+        self._apply(limits)
+
+    def _apply(self, limits: CgroupLimits) -> None:
+        old = self._limits
+        mem = str(limits.memory_bytes)
+        limit, memsw = (os.path.join(self._mem, f) for f in ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes"))
+        # memory + swap must stay >= memory at every step; equal, so the limit cannot be dodged by swapping.
+        if old is None or limits.memory_bytes < old.memory_bytes:
+            _write(limit, mem)
+            _write_if_present(memsw, mem)
+        elif limits.memory_bytes > old.memory_bytes:
+            _write_if_present(memsw, mem)
+            _write(limit, mem)
+        cpu = self._dirs["cpu"]
+        if old is None or limits.cpu_period_us != old.cpu_period_us:
+            _write(os.path.join(cpu, "cpu.cfs_period_us"), str(limits.cpu_period_us))
+        if old is None or (limits.cpu_quota_us, limits.cpu_period_us) != (old.cpu_quota_us, old.cpu_period_us):
+            _write(os.path.join(cpu, "cpu.cfs_quota_us"), str(limits.cpu_quota_us))
+        if old is None or limits.pids_max != old.pids_max:
+            _write(os.path.join(self._dirs["pids"], "pids.max"), str(limits.pids_max))
+        self._limits = limits
+
+    def reuse(self, limits: CgroupLimits) -> bool:
+        if self.pids():
+            return False
+        try:
+            _write(os.path.join(self._mem, "memory.max_usage_in_bytes"), "0")
+            _write(os.path.join(self._dirs["cpuacct"], "cpuacct.usage"), "0")
+            self._apply(limits)
+        except OSError:
+            return False  # e.g. a lower limit the kernel could not reclaim down to
+        self._oom_base = parse_keyed(_read(os.path.join(self._mem, "memory.oom_control"))).get("oom_kill", 0)
+        return True
 
     def usage(self) -> CgroupUsage:
-        mem = self._dirs["memory"]
-        oom = parse_keyed(_read(os.path.join(mem, "memory.oom_control")))
+        oom = parse_keyed(_read(os.path.join(self._mem, "memory.oom_control")))
         return CgroupUsage(
             cpu_seconds=_read_int(os.path.join(self._dirs["cpuacct"], "cpuacct.usage")) / 1e9,
-            memory_bytes=_read_int(os.path.join(mem, "memory.usage_in_bytes")),
-            peak_memory_bytes=_read_int(os.path.join(mem, "memory.max_usage_in_bytes")),
-            oom_kills=oom.get("oom_kill", 0),
+            memory_bytes=_read_int(os.path.join(self._mem, "memory.usage_in_bytes")),
+            peak_memory_bytes=_read_int(os.path.join(self._mem, "memory.max_usage_in_bytes")),
+            oom_kills=oom.get("oom_kill", 0) - self._oom_base,
         )
 
     def pids(self) -> list[int]:
@@ -238,6 +278,9 @@ class _V2Group:
 
     def remove(self) -> bool:
         return _rmdir(self._path)
+
+    def reuse(self, limits: CgroupLimits) -> bool:
+        return False  # memory.peak resets only per open file (6.12+): a new group is simpler and always right
 
 
 class CgroupDriver:
@@ -321,18 +364,11 @@ class CgroupDriver:
             _write(os.path.join(path, "pids.max"), str(limits.pids_max))
             group = _V2Group(path)
         else:
-            mem = dirs["memory"]
-            _write(os.path.join(mem, "memory.limit_in_bytes"), str(limits.memory_bytes))
-            # Memory plus swap no larger than memory: the limit cannot be dodged by swapping.
-            _write_if_present(os.path.join(mem, "memory.memsw.limit_in_bytes"), str(limits.memory_bytes))
-            _write(os.path.join(dirs["cpu"], "cpu.cfs_period_us"), str(limits.cpu_period_us))
-            _write(os.path.join(dirs["cpu"], "cpu.cfs_quota_us"), str(limits.cpu_quota_us))
-            _write(os.path.join(dirs["pids"], "pids.max"), str(limits.pids_max))
-            group = _V1Group(dirs)
+            group = _V1Group(dirs, limits)
         return group
 
     def close(self) -> None:
-        """Removes the agent's base groups (each job group was removed when its job ended)."""
+        """Removes the agent's base groups and the job groups its slots kept for their next jobs."""
         for base in sorted(set(self._bases.values())):
             for entry in _subdirs(base):
                 signal_pids(_pids_of(os.path.join(entry, "cgroup.procs")))

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import resource
+import secrets
 import shutil
 import signal
 import stat
@@ -142,6 +143,8 @@ class JobExecutor:
         self._first_sample_delay = first_sample_delay
         self._kill_grace_seconds = kill_grace_seconds
         self._sandbox = sandbox
+        self._cgroup: JobCgroup | None = None  # this slot's cgroup, empty, kept from its last sandboxed job
+        self._cgroup_name = f"slot-{secrets.token_hex(4)}"
         # Set when the pool wants a sandbox this machine cannot give: every job is refused, none runs unconfined.
         self._refusal = refusal
         self._state: _RunState | None = None
@@ -223,10 +226,13 @@ class JobExecutor:
         inner_cwd = _inner_working_dir(spec.working_dir)
         if inner_cwd is None:
             return _start_failed(f"working_dir must be {SCRATCH} or inside it for a sandboxed job: {spec.working_dir}")
+        kept, self._cgroup = self._cgroup, None
         try:
-            job = sandbox.prepare(_safe_name(spec), memory_mb=spec.memory_mb, cpu_millis=spec.cpu_millis)
+            job = sandbox.prepare(self._cgroup_name, spec.memory_mb, spec.cpu_millis, reuse=kept)
         except (OSError, SandboxError, ValueError) as exc:
             return _start_failed(f"cannot set up the job's sandbox: {exc}")
+        if kept is not None and job.cgroup is not kept:
+            _remove_cgroup(kept)
         scratch: str | None = None
         try:
             try:
@@ -241,9 +247,10 @@ class JobExecutor:
             return await self._spawn_and_supervise(spec, state, argv, "/", {"PATH": JOB_PATH}, job)
         finally:
             state.cgroup = None
-            emptied = await _empty_cgroup(job.cgroup)
-            if emptied and _remove_cgroup(job.cgroup):
+            if await _empty_cgroup(job.cgroup):
                 sandbox.release(job)
+                # The slot's next job gets this group back, its counters reset: no group made and removed per job.
+                self._cgroup = job.cgroup
             else:
                 # Keep the uid (and the group) out of use rather than hand a live process's uid to another job.
                 log.error("job %s left processes in its cgroup; its uid %d stays reserved", spec.job_id, job.uid)
@@ -262,7 +269,10 @@ class JobExecutor:
         await _remove_tree(scratch)
 
     def close(self) -> None:
-        """Removes the kept scratch directory (the agent stops)."""
+        """Removes the kept scratch directory and cgroup (the agent stops)."""
+        cgroup, self._cgroup = self._cgroup, None
+        if cgroup is not None:
+            _remove_cgroup(cgroup)
         spare, self._spare = self._spare, None
         if spare is not None:
             shutil.rmtree(spare, ignore_errors=True)
@@ -366,8 +376,9 @@ class JobExecutor:
             nonlocal sampler
             sampler = asyncio.create_task(self._sample_forever(state))
 
-        # A job that ends before the first sample (most) never starts a sampler.
-        first_sample = state.loop.call_later(self._first_sample_delay, start_sampling)
+        # A job that ends before the first sample (most) never starts a sampler. A sandboxed job never does: its
+        # cgroup keeps the exact CPU total and memory peak, read when it ends (and by live_usage on demand).
+        first_sample = None if job is not None else state.loop.call_later(self._first_sample_delay, start_sampling)
         exited = child.exited
         stop = state.stop_requested
         limit = spec.max_runtime_seconds
@@ -404,7 +415,8 @@ class JobExecutor:
             await asyncio.wait({output.closed}, timeout=_DRAIN_TIMEOUT_SECONDS)
         finally:
             _signal_group(pgid, signal.SIGKILL)
-            first_sample.cancel()
+            if first_sample is not None:
+                first_sample.cancel()
             if sampler is not None:
                 sampler.cancel()
             output.close()

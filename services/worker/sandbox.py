@@ -285,12 +285,13 @@ class Sandbox:
             detail = (proc.stderr or proc.stdout).decode(errors="replace").strip()[-300:]
             raise SandboxError(f"a sandboxed test job failed (exit {proc.returncode}): {detail}")
 
-    def prepare(self, name: str, memory_mb: int, cpu_millis: int) -> JobSandbox:
-        """Takes a uid and makes the job's cgroup; ``release`` gives the uid back once the job is gone."""
+    def prepare(self, name: str, memory_mb: int, cpu_millis: int, reuse: JobCgroup | None = None) -> JobSandbox:
+        """Takes a uid and readies the job's cgroup: `reuse` (the slot's group from its last job, empty) when it
+        can be, a new one called `name` otherwise. ``release`` gives the uid back once the job is gone."""
         uid, fd = self._uids.acquire()
         try:
             limits = limits_for(memory_mb, cpu_millis, self.settings.pids_max)
-            cgroup = self.cgroups.create(name, limits)
+            cgroup = reuse if reuse is not None and reuse.reuse(limits) else self.cgroups.create(name, limits)
         except BaseException:
             self._uids.release(fd)
             raise

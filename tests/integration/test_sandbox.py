@@ -266,6 +266,9 @@ async def test_a_job_using_four_times_its_memory_is_oom_killed(executor: JobExec
     assert result.exit_code != 0
     assert "allocated" not in result.output_tail
     assert "64 MB" in result.message
+    # The slot's cgroup is reused: the next job starts from clean counters and its own limit.
+    after = await executor.run(spec(["python3", "-c", "b = bytearray(100 * 1024 * 1024)"], job_id="job-2"))
+    assert (after.reason, after.exit_code) == ("EXITED", 0), after
 
 
 @pytest.mark.asyncio

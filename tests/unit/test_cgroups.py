@@ -177,3 +177,30 @@ def test_groups_left_by_an_agent_that_died_are_swept_and_a_live_agents_are_not(t
     assert live.exists()
     v1_driver_for_memory.close()
     assert not (memory / "jobmesh-worker-4242").exists()
+
+
+def test_a_v1_group_is_reused_with_its_counters_reset_and_only_changed_limits_written(tmp_path: Path) -> None:
+    driver = v1_driver(tmp_path)
+    group = driver.create("slot-1", limits_for(64, 250, 100))
+    mem = tmp_path / "memory" / "jobmesh-worker-4242" / "slot-1"
+    pids = tmp_path / "pids" / "jobmesh-worker-4242" / "slot-1" / "pids.max"
+    (mem / "memory.max_usage_in_bytes").write_text("67108864\n")
+    (mem / "memory.oom_control").write_text("oom_kill 1\n")  # the last job was OOM-killed
+    pids.write_text("unchanged")
+
+    assert group.reuse(limits_for(128, 250, 100)) is True
+
+    assert (mem / "memory.limit_in_bytes").read_text() == str(128 << 20)
+    assert (mem / "memory.max_usage_in_bytes").read_text() == "0"
+    assert pids.read_text() == "unchanged"  # same limit: not written again
+    assert group.usage().oom_kills == 0  # counted from the reuse on
+    (mem / "memory.oom_control").write_text("oom_kill 3\n")
+    assert group.usage().oom_kills == 2
+
+
+def test_a_v1_group_with_a_process_left_in_it_is_not_reused(tmp_path: Path) -> None:
+    driver = v1_driver(tmp_path)
+    group = driver.create("slot-1", limits_for(64, 250, 100))
+    (tmp_path / "pids" / "jobmesh-worker-4242" / "slot-1" / "cgroup.procs").write_text("12345\n")
+
+    assert group.reuse(limits_for(64, 250, 100)) is False
