@@ -135,7 +135,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     with tempfile.TemporaryDirectory() as data_dir:
-        worker = start_worker(port, Path(data_dir), args.sandbox)
+        worker = start_worker(port, Path(data_dir), args.sandbox, args.network)
         try:
             await asyncio.sleep(1.0)  # registered, first heartbeat out of the way
             own0, kids0 = cpu_seconds(worker.pid)
@@ -158,6 +158,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "failed": stand_in.failed,
         "command": args.command,
         "sandbox": args.sandbox,
+        "network": args.network,
         "results_on_stream": stand_in.on_stream,
         "worker_cpu_ms_per_job": round((own1 - own0) * 1000 / n, 3),
         "job_processes_cpu_ms_per_job": round((kids1 - kids0) * 1000 / n, 3),
@@ -166,7 +167,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def start_worker(port: int, data_dir: Path, sandbox: str = "bwrap") -> subprocess.Popen[bytes]:
+def start_worker(port: int, data_dir: Path, sandbox: str = "bwrap", network: str = "none") -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "PYTHONPATH": f"{REPO}:{REPO / 'gen'}",
@@ -176,6 +177,7 @@ def start_worker(port: int, data_dir: Path, sandbox: str = "bwrap") -> subproces
         "JOBMESH_DATA_DIR": str(data_dir),
         "JOBMESH_CONFIG": str(REPO / "tests" / "fixtures" / "mesh.toml"),
         "JOBMESH_WORKER_SANDBOX": sandbox,
+        "JOBMESH_WORKER_NETWORK": network,
     }
     with open(data_dir / "worker.log", "w") as log:
         return subprocess.Popen([sys.executable, "-m", "services.worker"], env=env, cwd=REPO, stdout=log, stderr=log)
@@ -193,6 +195,7 @@ def main() -> int:
     parser.add_argument("--command", nargs="+", default=["true"])
     parser.add_argument("--timeout-seconds", type=float, default=120.0)
     parser.add_argument("--sandbox", choices=["bwrap", "none"], default="bwrap", help="the pool's job sandbox")
+    parser.add_argument("--network", choices=["none", "host"], default="none", help="the pool's job network")
     parser.add_argument(
         "--without-attach",
         action="store_true",

@@ -15,7 +15,7 @@ from bench.worker_agent import run
 @pytest.mark.parametrize("without_attach", [False, True], ids=["attach", "connect-only"])
 async def test_every_job_is_assigned_run_and_reported_once(without_attach: bool) -> None:
     args = argparse.Namespace(
-        jobs=30, command=["true"], timeout_seconds=60.0, without_attach=without_attach, sandbox="bwrap"
+        jobs=30, command=["true"], timeout_seconds=60.0, without_attach=without_attach, sandbox="bwrap", network="none"
     )
 
     result = await run(args)
