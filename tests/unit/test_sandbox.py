@@ -3,10 +3,13 @@ command line a job starts with. The sandbox itself is tested with real processes
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from libs.launcher import REPO
 from services.worker.sandbox import JobSandbox, SandboxError, SandboxSettings, UidPool, parse_uid_range
 
 
@@ -110,3 +113,15 @@ def test_the_jobs_environment_is_set_only_after_the_uid_switch_and_its_command_c
         "-c",
         "print(1)",
     ]
+
+
+def test_the_agent_marks_itself_non_dumpable() -> None:
+    # In a process of its own: the flag cannot be undone, and the test run must stay debuggable.
+    code = (
+        "import ctypes\nfrom services.worker.__main__ import make_non_dumpable\nmake_non_dumpable()\n"
+        "print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))"  # PR_GET_DUMPABLE
+    )
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+
+    assert out.stdout.strip() == "0"
