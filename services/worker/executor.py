@@ -228,11 +228,10 @@ class JobExecutor:
             return _start_failed(f"working_dir must be {SCRATCH} or inside it for a sandboxed job: {spec.working_dir}")
         kept, self._cgroup = self._cgroup, None
         try:
+            # The slot's group from its last job is reused if it can be; prepare removes it otherwise.
             job = sandbox.prepare(self._cgroup_name, spec.memory_mb, spec.cpu_millis, reuse=kept)
         except (OSError, SandboxError, ValueError) as exc:
             return _start_failed(f"cannot set up the job's sandbox: {exc}")
-        if kept is not None and job.cgroup is not kept:
-            _remove_cgroup(kept)
         scratch: str | None = None
         try:
             try:

@@ -291,7 +291,12 @@ class Sandbox:
         uid, fd = self._uids.acquire()
         try:
             limits = limits_for(memory_mb, cpu_millis, self.settings.pids_max)
-            cgroup = reuse if reuse is not None and reuse.reuse(limits) else self.cgroups.create(name, limits)
+            if reuse is not None and reuse.reuse(limits):
+                cgroup = reuse
+            else:
+                if reuse is not None:
+                    reuse.remove()  # v2, or a group that could not be reset: a new one, perhaps of the same name
+                cgroup = self.cgroups.create(name, limits)
         except BaseException:
             self._uids.release(fd)
             raise

@@ -3,6 +3,8 @@ command line a job starts with. The sandbox itself is tested with real processes
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from libs.launcher import REPO
-from services.worker.sandbox import JobSandbox, SandboxError, SandboxSettings, UidPool, parse_uid_range
+from services.worker import cgroups
+from services.worker.cgroups import CgroupDriver, Layout
+from services.worker.sandbox import JobSandbox, Sandbox, SandboxError, SandboxSettings, UidPool, parse_uid_range
 
 
 def test_settings_come_from_the_pools_worker_variables() -> None:
@@ -125,3 +129,26 @@ def test_the_agent_marks_itself_non_dumpable() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
 
     assert out.stdout.strip() == "0"
+
+
+def test_a_v2_slot_gets_a_new_group_of_the_same_name_for_each_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # cgroupfs removes a group with its control files; a plain directory needs them removed first.
+    monkeypatch.setattr(cgroups, "_rmdir", lambda path: shutil.rmtree(path, ignore_errors=True) or True)
+    cgroup_root = tmp_path / "cgroup"
+    cgroup_root.mkdir()
+    (cgroup_root / "cgroup.subtree_control").write_text("cpu memory pids")
+    driver = CgroupDriver(Layout(2, {"": str(cgroup_root)}), agent_pid=7)
+    driver.start()
+    box = Sandbox(SandboxSettings(state_dir=str(tmp_path / "state")), driver, "bwrap", "setpriv", "env")
+    first = box.prepare("slot-1", memory_mb=64, cpu_millis=100)
+    box.release(first)
+
+    second = box.prepare("slot-1", memory_mb=128, cpu_millis=100, reuse=first.cgroup)
+
+    group = cgroup_root / "jobmesh-worker-7" / "slot-1"
+    assert (group / "memory.max").read_text() == str(128 << 20)  # made again, with the new job's limit
+    assert second.cgroup.procs_files == (str(group / "cgroup.procs"),)
+    assert (tmp_path / "state" / f"agent-{os.getpid()}" / "etc" / "passwd").exists()
+    box.release(second)
