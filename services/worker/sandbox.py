@@ -322,6 +322,7 @@ class Sandbox:
             "--",
             self._env,
             "-i",
+            "--",  # a command that starts with "-" is the job's command, not an option of env
         ]
         return JobSandbox(uid, cgroup, enter, self._static, switch, fd)
 

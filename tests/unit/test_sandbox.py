@@ -92,7 +92,7 @@ def test_the_jobs_environment_is_set_only_after_the_uid_switch_and_its_command_c
         cgroup=_Group(),  # type: ignore[arg-type]
         _enter=["/bin/sh", "-c", "...", "enter", "--"],
         _bwrap=["bwrap", "--unshare-pid"],
-        _switch=["setpriv", "--reuid=200123", "--", "env", "-i"],
+        _switch=["setpriv", "--reuid=200123", "--", "env", "-i", "--"],
         _lock_fd=-1,
     )
 
@@ -112,6 +112,7 @@ def test_the_jobs_environment_is_set_only_after_the_uid_switch_and_its_command_c
         "--",
         "env",
         "-i",
+        "--",
         "LD_PRELOAD=/scratch/x.so",
         "python3",
         "-c",
