@@ -215,8 +215,10 @@ class _V1Group:
         cpu = self._dirs["cpu"]
         if old is None or limits.cpu_period_us != old.cpu_period_us:
             _write(os.path.join(cpu, "cpu.cfs_period_us"), str(limits.cpu_period_us))
-        if old is None or (limits.cpu_quota_us, limits.cpu_period_us) != (old.cpu_quota_us, old.cpu_period_us):
-            _write(os.path.join(cpu, "cpu.cfs_quota_us"), str(limits.cpu_quota_us))
+        # Written for every job, even unchanged: that refills the group's CPU budget for the current period.
+        # Otherwise back-to-back jobs of a slot share one period's quota, and a job starting late in a period
+        # whose quota the last job used up waits, throttled, for the next one.
+        _write(os.path.join(cpu, "cpu.cfs_quota_us"), str(limits.cpu_quota_us))
         if old is None or limits.pids_max != old.pids_max:
             _write(os.path.join(self._dirs["pids"], "pids.max"), str(limits.pids_max))
         self._limits = limits

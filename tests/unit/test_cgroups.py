@@ -187,12 +187,15 @@ def test_a_v1_group_is_reused_with_its_counters_reset_and_only_changed_limits_wr
     (mem / "memory.max_usage_in_bytes").write_text("67108864\n")
     (mem / "memory.oom_control").write_text("oom_kill 1\n")  # the last job was OOM-killed
     pids.write_text("unchanged")
+    (tmp_path / "cpu" / "jobmesh-worker-4242" / "slot-1" / "cpu.cfs_quota_us").write_text("spent")
 
     assert group.reuse(limits_for(128, 250, 100)) is True
 
     assert (mem / "memory.limit_in_bytes").read_text() == str(128 << 20)
     assert (mem / "memory.max_usage_in_bytes").read_text() == "0"
     assert pids.read_text() == "unchanged"  # same limit: not written again
+    quota = tmp_path / "cpu" / "jobmesh-worker-4242" / "slot-1" / "cpu.cfs_quota_us"
+    assert quota.read_text() == "62500"  # always written: a fresh CPU budget for each job
     assert group.usage().oom_kills == 0  # counted from the reuse on
     (mem / "memory.oom_control").write_text("oom_kill 3\n")
     assert group.usage().oom_kills == 2
