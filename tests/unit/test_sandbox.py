@@ -14,6 +14,7 @@ import pytest
 from libs.launcher import REPO
 from services.worker import cgroups
 from services.worker.cgroups import CgroupDriver, Layout
+from services.worker.executor import ExecSpec, JobExecutor
 from services.worker.sandbox import JobSandbox, Sandbox, SandboxError, SandboxSettings, UidPool, parse_uid_range
 
 
@@ -153,3 +154,34 @@ def test_a_v2_slot_gets_a_new_group_of_the_same_name_for_each_job(
     assert second.cgroup.procs_files == (str(group / "cgroup.procs"),)
     assert (tmp_path / "state" / f"agent-{os.getpid()}" / "etc" / "passwd").exists()
     box.release(second)
+
+
+def test_a_worker_that_cannot_sandbox_refuses_every_job_unless_its_pool_says_none(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("GRPC_ENABLE_FORK_SUPPORT", "0")  # what importing the worker's entry point sets
+    from services.worker import __main__ as worker_main
+
+    def no_namespaces(settings: SandboxSettings) -> Sandbox:
+        raise SandboxError("missing bwrap")
+
+    monkeypatch.setattr(Sandbox, "for_this_machine", staticmethod(no_namespaces))
+    monkeypatch.setenv("JOBMESH_WORKER_SANDBOX", "bwrap")
+
+    sandbox, refusal = worker_main.job_sandbox("static-general")
+
+    assert sandbox is None and refusal is not None and "missing bwrap" in refusal
+    assert "REFUSING TENANT JOBS" in caplog.text
+    monkeypatch.setenv("JOBMESH_WORKER_SANDBOX", "none")
+    assert worker_main.job_sandbox("laptop") == (None, None)
+    assert "JOB SANDBOX OFF" in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_a_refusing_executor_ends_the_job_start_failed_with_the_reason(tmp_path: Path) -> None:
+    executor = JobExecutor(str(tmp_path / "scratch"), refusal="this worker cannot sandbox jobs (missing bwrap)")
+
+    result = await executor.run(ExecSpec("job-1", 1, ["true"], {}, None, 10.0))
+
+    assert (result.reason, result.message) == ("START_FAILED", "this worker cannot sandbox jobs (missing bwrap)")
+    assert not (tmp_path / "scratch").exists()  # nothing ran, nothing was made
