@@ -7,7 +7,7 @@ SITE = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["
 PROTOS := $(shell find protos -name '*.proto')
 DEPS := build/proto-deps
 
-.PHONY: all venv proto lint typecheck test test-unit test-integration test-e2e run clean bench envoy-config
+.PHONY: all venv proto sandbox-tools lint typecheck test test-unit test-integration test-e2e run clean bench envoy-config
 
 all: proto
 
@@ -44,6 +44,22 @@ gen/.stamp: $(PROTOS) $(DEPS)/.copied
 
 proto: venv gen/.stamp
 
+# The job sandbox (docs/security.md) runs each job through bubblewrap and util-linux's setpriv, as root. Installed
+# here when missing and we are root on a Debian-like system; otherwise we say how, and workers refuse tenant jobs
+# (unless their pool says sandbox = "none").
+sandbox-tools:
+	@if ! command -v bwrap >/dev/null 2>&1 || ! command -v setpriv >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing bubblewrap for the job sandbox"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      bubblewrap util-linux >/dev/null) || echo "warning: could not install bubblewrap" >&2; \
+	  else \
+	    echo "warning: the job sandbox needs bubblewrap and setpriv, and root: run 'sudo apt-get install" \
+	      "bubblewrap' (or your system's package) and start the mesh as root; until then workers refuse" \
+	      "tenant jobs unless their pool says sandbox = \"none\" (docs/security.md)" >&2; \
+	  fi; \
+	fi
+
 lint: proto
 	$(BIN)/buf lint
 	$(BIN)/ruff check libs services tests bench
@@ -55,16 +71,16 @@ typecheck: proto
 test-unit: proto
 	$(BIN)/python -m pytest tests/unit -q
 
-test-integration: proto
+test-integration: proto sandbox-tools
 	$(BIN)/python -m pytest tests/integration -q
 
 test-e2e: proto
 	$(BIN)/python -m pytest tests/e2e -q
 
-test: lint typecheck
+test: lint typecheck sandbox-tools
 	$(BIN)/python -m pytest tests -q
 
-run: proto
+run: proto sandbox-tools
 	$(BIN)/jobmesh run
 
 envoy-config: proto

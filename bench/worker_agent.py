@@ -4,7 +4,8 @@ Starts `python -m services.worker` against a pool-manager stand-in served in thi
 WorkerRegistryService: Attach, Connect, Heartbeat, ReportResult). The stand-in hands out one assignment of
 --command at a time and the next one as soon as the previous result is reported, --jobs times. Prints the
 worker's CPU per job (its own, and that of the job processes it reaped), the wall time per job and the
-stand-in's own CPU per job.
+stand-in's own CPU per job. --sandbox none runs the jobs unsandboxed (the pool setting sandbox = "none"); the
+default is the job sandbox (bubblewrap, a uid and a cgroup per job), so the difference is its cost per job start.
 Bounded by --jobs and --timeout-seconds.
 """
 
@@ -134,7 +135,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     with tempfile.TemporaryDirectory() as data_dir:
-        worker = start_worker(port, Path(data_dir))
+        worker = start_worker(port, Path(data_dir), args.sandbox, args.network)
         try:
             await asyncio.sleep(1.0)  # registered, first heartbeat out of the way
             own0, kids0 = cpu_seconds(worker.pid)
@@ -156,6 +157,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "jobs": n,
         "failed": stand_in.failed,
         "command": args.command,
+        "sandbox": args.sandbox,
+        "network": args.network,
         "results_on_stream": stand_in.on_stream,
         "worker_cpu_ms_per_job": round((own1 - own0) * 1000 / n, 3),
         "job_processes_cpu_ms_per_job": round((kids1 - kids0) * 1000 / n, 3),
@@ -164,7 +167,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def start_worker(port: int, data_dir: Path) -> subprocess.Popen[bytes]:
+def start_worker(port: int, data_dir: Path, sandbox: str = "bwrap", network: str = "none") -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "PYTHONPATH": f"{REPO}:{REPO / 'gen'}",
@@ -173,6 +176,8 @@ def start_worker(port: int, data_dir: Path) -> subprocess.Popen[bytes]:
         "JOBMESH_WORKER_ID": "w-0",
         "JOBMESH_DATA_DIR": str(data_dir),
         "JOBMESH_CONFIG": str(REPO / "tests" / "fixtures" / "mesh.toml"),
+        "JOBMESH_WORKER_SANDBOX": sandbox,
+        "JOBMESH_WORKER_NETWORK": network,
     }
     with open(data_dir / "worker.log", "w") as log:
         return subprocess.Popen([sys.executable, "-m", "services.worker"], env=env, cwd=REPO, stdout=log, stderr=log)
@@ -189,6 +194,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--command", nargs="+", default=["true"])
     parser.add_argument("--timeout-seconds", type=float, default=120.0)
+    parser.add_argument("--sandbox", choices=["bwrap", "none"], default="bwrap", help="the pool's job sandbox")
+    parser.add_argument("--network", choices=["none", "host"], default="none", help="the pool's job network")
     parser.add_argument(
         "--without-attach",
         action="store_true",

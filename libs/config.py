@@ -5,6 +5,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -75,6 +76,15 @@ class PoolConfig:
     # A worker told to stop (SIGTERM: a rollout, a drain, a scale-down) takes no new job and lets the ones it
     # runs go on this long; then it stops them and reports them interrupted, to be retried elsewhere.
     drain_grace_seconds: float = 30.0
+    # The job sandbox of the pool's local workers (docs/security.md, "Job sandbox"). "bwrap": each job under its
+    # own uid from job_uids, in its own namespaces and cgroup; "none": jobs run as the agent's user with its view
+    # of the host (a developer laptop only; the worker says so loudly at start).
+    sandbox: str = "bwrap"
+    network: str = "none"  # "none": the job has only its own loopback; "host": the host's network
+    job_uids: tuple[int, int] = (200_000, 265_535)  # first and last uid, both included
+    pids_max: int = 512  # processes and threads of one job
+    max_file_mb: int = 4096  # RLIMIT_FSIZE of a job's processes
+    max_open_files: int = 4096  # RLIMIT_NOFILE
 
 
 @dataclass(frozen=True)
@@ -165,6 +175,7 @@ def _pool(raw: dict[str, object]) -> PoolConfig:
             f"pool {pool_id}: need scale_up_queue_depth >= 1, scale_up_queue_wait_seconds >= 0 and "
             "0 <= scale_up_utilization <= 1"
         )
+    sandbox = _sandbox(raw, pool_id)
     pricing_raw = raw.get("pricing", {})
     assert isinstance(pricing_raw, dict)
     labels_raw = raw.get("labels", {})
@@ -192,7 +203,35 @@ def _pool(raw: dict[str, object]) -> PoolConfig:
         health_check_command=health_command,
         health_check_interval_seconds=health_interval,
         drain_grace_seconds=drain_grace,
+        **sandbox,
     )
+
+
+SANDBOX_MODES = ("bwrap", "none")
+NETWORK_MODES = ("none", "host")
+
+
+def _sandbox(raw: dict[str, object], pool_id: str) -> dict[str, Any]:
+    """The pool's job sandbox settings, checked: a typo must not quietly weaken isolation."""
+    mode = str(raw.get("sandbox", "bwrap"))
+    if mode not in SANDBOX_MODES:
+        raise ConfigError(f"pool {pool_id}: sandbox must be one of {', '.join(SANDBOX_MODES)}")
+    network = str(raw.get("network", "none"))
+    if network not in NETWORK_MODES:
+        raise ConfigError(f"pool {pool_id}: network must be one of {', '.join(NETWORK_MODES)}")
+    uids = raw.get("job_uids", [200_000, 265_535])
+    if not (isinstance(uids, list) and len(uids) == 2 and all(isinstance(u, int) for u in uids)):
+        raise ConfigError(f"pool {pool_id}: job_uids must be [first, last], e.g. [200000, 265535]")
+    first, last = uids
+    if not 1000 <= first <= last < 2**32 - 2:
+        raise ConfigError(f"pool {pool_id}: job_uids must be a non-empty range of uids from 1000 up")
+    limits = {}
+    for key, default in (("pids_max", 512), ("max_file_mb", 4096), ("max_open_files", 4096)):
+        value = raw.get(key, default)
+        if not isinstance(value, int) or value < 16:
+            raise ConfigError(f"pool {pool_id}: {key} must be an integer of at least 16")
+        limits[key] = value
+    return {"sandbox": mode, "network": network, "job_uids": (first, last), **limits}
 
 
 def parse_config(raw: dict[str, object]) -> MeshConfig:

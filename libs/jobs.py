@@ -154,7 +154,8 @@ def apply_dispatch(job: t.Job, worker: t.Worker, now: float) -> t.Job:
 # INTERRUPTED: a draining worker stopped the attempt after its grace (or gave it back before starting it), or a
 # worker that could not refresh its lease stopped it before the lease could expire (self-fencing).
 INTERRUPTED = "INTERRUPTED"
-RESULT_REASONS = {"EXITED", "KILLED", "TIMEOUT", "START_FAILED", INTERRUPTED}
+# OOM_KILLED: the kernel killed a process of the job at its memory limit (a sandboxed job's cgroup).
+RESULT_REASONS = {"EXITED", "KILLED", "TIMEOUT", "START_FAILED", "OOM_KILLED", INTERRUPTED}
 # Interruptions retried without using up max_retries; past them an interruption counts as a retry, so a job that
 # keeps landing on workers being drained cannot bounce for ever.
 FREE_INTERRUPTIONS = 3

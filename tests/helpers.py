@@ -37,6 +37,15 @@ def start_stack(data_dir: Path, env: dict[str, str] | None = None, config: Path 
     raise AssertionError("unreachable")
 
 
+def without_sandbox(config: Path, dest: Path) -> Path:
+    """A copy of `config` whose pools run jobs unsandboxed: for tests whose jobs leave marks on the host's file
+    system as the witness of how often they ran, which a sandboxed job cannot reach (docs/security.md)."""
+    text = config.read_text().replace("[[pools]]\n", '[[pools]]\nsandbox = "none"\n')
+    path = dest / f"{config.stem}-unsandboxed.toml"
+    path.write_text(text)
+    return path
+
+
 def token(stack: Stack, tenant: str = "acme", admin: bool = False, ttl: int = 3600) -> str:
     config = load_config(stack.config_path)
     return issue_token(

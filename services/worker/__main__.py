@@ -8,7 +8,9 @@ import os
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import asyncio
+import ctypes
 import json
+import logging
 import signal
 import socket
 import sys
@@ -20,6 +22,10 @@ from libs.settings import CommonSettings
 from services.worker.agent import AgentSettings, WorkerAgent, default_scratch
 from services.worker.executor import JobExecutor
 from services.worker.health import HealthCheck
+from services.worker.sandbox import Sandbox, SandboxError, SandboxSettings
+
+log = logging.getLogger("services.worker")
+_PR_SET_DUMPABLE = 4
 
 
 def worker_from_env() -> t.Worker:
@@ -40,11 +46,54 @@ def worker_from_env() -> t.Worker:
     return worker
 
 
+def make_non_dumpable() -> None:
+    """No core dumps, and no ptrace or /proc/<pid>/mem|environ of the agent by any process that is not root."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        log.warning("could not mark the agent non-dumpable: %s", os.strerror(ctypes.get_errno()))
+
+
+def job_sandbox(pool_id: str) -> tuple[Sandbox | None, str | None]:
+    """The sandbox for this pool's jobs; or none, with the reason every job will be refused."""
+    try:
+        settings = SandboxSettings.from_env(os.environ)
+    except ValueError as exc:
+        return None, f"this worker's sandbox settings are invalid: {exc}"
+    if settings.mode == "none":
+        log.warning(
+            'JOB SANDBOX OFF: pool %s says sandbox = "none"; jobs run as uid %d with this host\'s view of every '
+            "file, process and secret. For a developer laptop only.",
+            pool_id,
+            os.getuid(),
+        )
+        return None, None
+    try:
+        sandbox = Sandbox.for_this_machine(settings)
+    except SandboxError as exc:
+        reason = (
+            f"this worker cannot sandbox jobs ({exc}); it runs none until it can, or until the pool says "
+            'sandbox = "none" (a developer laptop only)'
+        )
+        log.error("REFUSING TENANT JOBS on pool %s: %s", pool_id, reason)
+        return None, reason
+    log.info(
+        "jobs sandboxed: bwrap, cgroup v%d, network %s, uids %d-%d, pids.max %d",
+        sandbox.cgroups.version,
+        settings.network,
+        settings.uid_first,
+        settings.uid_first + settings.uid_count - 1,
+        settings.pids_max,
+    )
+    return sandbox, None
+
+
 async def run(settings: CommonSettings) -> None:
     worker = worker_from_env()
     if not worker.pool_id:
         print("JOBMESH_POOL_ID must be set", file=sys.stderr)
         raise SystemExit(2)
+    make_non_dumpable()
+    sandbox, refusal = job_sandbox(worker.pool_id)
     scratch = default_scratch(str(settings.data_dir))
     health = HealthCheck(
         scratch,
@@ -68,7 +117,7 @@ async def run(settings: CommonSettings) -> None:
             slots=max(1, settings.get_int("JOBMESH_WORKER_SLOTS", 1)),
             lease_ttl_seconds=settings.get_int("JOBMESH_WORKER_LEASE_TTL", 6),
         ),
-        JobExecutor(scratch),
+        JobExecutor(scratch, sandbox=sandbox, refusal=refusal),
         health,
     )
     loop = asyncio.get_running_loop()
@@ -76,7 +125,11 @@ async def run(settings: CommonSettings) -> None:
     # grace, interrupt the rest (retried elsewhere), then stop.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.request_drain)
-    await agent.run()
+    try:
+        await agent.run()
+    finally:
+        if sandbox is not None:
+            sandbox.close()
 
 
 if __name__ == "__main__":

@@ -343,6 +343,8 @@ class WorkerAgent:
             env=dict(a.spec.env),
             working_dir=a.spec.working_dir or None,
             max_runtime_seconds=float(a.spec.max_runtime_seconds) if a.spec.max_runtime_seconds > 0 else None,
+            cpu_millis=a.spec.resources.cpu_millis or 1000,
+            memory_mb=a.spec.resources.memory_mb or 1024,
         )
         try:
             result = await executor.run(spec)

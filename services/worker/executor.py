@@ -1,11 +1,17 @@
-"""Runs one job as an isolated subprocess tree and reports how it ended and what it used."""
+"""Runs one job as an isolated subprocess tree and reports how it ended and what it used.
+
+With a Sandbox (services/worker/sandbox.py) each job runs under its own uid, namespaces and cgroup: its usage is
+read from the cgroup and every process it started dies with it. Without one (`sandbox = "none"`, and the unit
+tests) it runs as the agent's user in its own process group."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import resource
+import secrets
 import shutil
 import signal
 import stat
@@ -15,10 +21,16 @@ from dataclasses import dataclass
 
 import psutil
 
+from services.worker.cgroups import JobCgroup, signal_pids
+from services.worker.sandbox import JOB_PATH, SCRATCH, JobSandbox, Sandbox, SandboxError
+
 REASON_EXITED = "EXITED"
 REASON_KILLED = "KILLED"
 REASON_TIMEOUT = "TIMEOUT"
 REASON_START_FAILED = "START_FAILED"
+REASON_OOM_KILLED = "OOM_KILLED"
+
+log = logging.getLogger(__name__)
 
 _TAIL_BYTES = 4096
 _READ_CHUNK = 64 * 1024
@@ -27,6 +39,8 @@ _READ_CHUNK = 64 * 1024
 _DRAIN_TIMEOUT_SECONDS = 1.0
 _FALLBACK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _MIB = 1024 * 1024
+# Waiting for a sandboxed job's last processes to go once its namespace was killed: usually a few ms.
+_EMPTY_TIMEOUT_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
@@ -37,6 +51,9 @@ class ExecSpec:
     env: dict[str, str]
     working_dir: str | None
     max_runtime_seconds: float | None
+    # What the job asked for: its cgroup's limits when sandboxed (memory is a hard limit, CPU a quota).
+    cpu_millis: int = 1000
+    memory_mb: int = 1024
 
 
 @dataclass(frozen=True)
@@ -69,6 +86,7 @@ class _RunState:
         self.root: psutil.Process | None = None  # made at the first sample: most jobs end before one
         self.cpu_seconds = 0.0
         self.peak_rss_bytes = 0
+        self.cgroup: JobCgroup | None = None  # a sandboxed job's: its usage comes from there
 
     def request_stop(self) -> None:
         try:
@@ -112,6 +130,8 @@ class JobExecutor:
         sample_interval: float = 0.2,
         kill_grace_seconds: float = 2.0,
         first_sample_delay: float = 0.05,
+        sandbox: Sandbox | None = None,
+        refusal: str | None = None,
     ) -> None:
         if sample_interval <= 0 or first_sample_delay < 0:
             raise ValueError("sample_interval must be positive, first_sample_delay not negative")
@@ -123,6 +143,11 @@ class JobExecutor:
         # still comes exactly from the kernel's accounting of reaped children).
         self._first_sample_delay = first_sample_delay
         self._kill_grace_seconds = kill_grace_seconds
+        self._sandbox = sandbox
+        self._cgroup: JobCgroup | None = None  # this slot's cgroup, empty, kept from its last sandboxed job
+        self._cgroup_name = f"slot-{secrets.token_hex(4)}"
+        # Set when the pool wants a sandbox this machine cannot give: every job is refused, none runs unconfined.
+        self._refusal = refusal
         self._state: _RunState | None = None
         # The last job's scratch directory when that job left it empty: the next job gets it under its own name
         # (a rename), sparing the file system a directory made and removed per job.
@@ -131,7 +156,12 @@ class JobExecutor:
     def sibling(self) -> JobExecutor:
         """Another executor with the same settings, for a worker that runs several jobs at once."""
         return JobExecutor(
-            self._scratch_root, self._sample_interval, self._kill_grace_seconds, self._first_sample_delay
+            self._scratch_root,
+            self._sample_interval,
+            self._kill_grace_seconds,
+            self._first_sample_delay,
+            self._sandbox,
+            self._refusal,
         )
 
     @property
@@ -152,7 +182,7 @@ class JobExecutor:
     async def live_usage(self) -> tuple[float, int]:
         """Current (cpu_seconds, rss_mb) of the running job's process tree; (0.0, 0) when idle."""
         state = self._state
-        if state is None or state.sampled_root() is None:
+        if state is None or (state.cgroup is None and state.sampled_root() is None):
             return (0.0, 0)
         rss_bytes = await self._sample(state)
         return (state.cpu_seconds, rss_bytes // _MIB)
@@ -169,6 +199,10 @@ class JobExecutor:
             self._state = None
 
     async def _run_in_dir(self, spec: ExecSpec, state: _RunState) -> ExecResult:
+        if self._refusal is not None:
+            return _start_failed(self._refusal)
+        if self._sandbox is not None:
+            return await self._run_sandboxed(spec, state, self._sandbox)
         scratch: str | None = None
         if spec.working_dir is None:
             try:
@@ -181,28 +215,83 @@ class JobExecutor:
         else:
             cwd = spec.working_dir
         try:
-            return await self._spawn_and_supervise(spec, state, cwd)
+            return await self._spawn_and_supervise(
+                spec, state, spec.command, cwd, _job_env(spec.env, home=cwd, path=os.environ.get("PATH"))
+            )
         finally:
             if scratch is not None:
-                if self._spare is None and _empty_own_dir(scratch):
-                    self._spare = scratch
-                else:
-                    await _remove_tree(scratch)
+                await self._keep_or_remove(scratch, os.getuid())
+
+    async def _run_sandboxed(self, spec: ExecSpec, state: _RunState, sandbox: Sandbox) -> ExecResult:
+        """The job in its own sandbox; its uid is given back only once the last of its processes is gone."""
+        if not spec.command:
+            return _start_failed("empty command")
+        inner_cwd = _inner_working_dir(spec.working_dir)
+        if inner_cwd is None:
+            return _start_failed(f"working_dir must be {SCRATCH} or inside it for a sandboxed job: {spec.working_dir}")
+        kept, self._cgroup = self._cgroup, None
+        try:
+            # The slot's group from its last job is reused if it can be; prepare removes it otherwise.
+            job = sandbox.prepare(self._cgroup_name, spec.memory_mb, spec.cpu_millis, reuse=kept)
+        except (OSError, SandboxError, ValueError) as exc:
+            return _start_failed(f"cannot set up the job's sandbox: {exc}")
+        scratch: str | None = None
+        try:
+            try:
+                scratch = self._make_scratch_dir(spec, owner=job.uid)
+                _make_inner_dirs(scratch, inner_cwd, job.uid)
+            except OSError as exc:
+                return _start_failed(f"cannot create scratch directory: {exc}")
+            state.cgroup = job.cgroup
+            env = _job_env(spec.env, home=SCRATCH, path=JOB_PATH)
+            argv = job.argv(spec.command, env, scratch, inner_cwd)
+            # The root shell and bwrap get nothing of the job's environment: env -i sets it, as the job's uid.
+            return await self._spawn_and_supervise(spec, state, argv, "/", {"PATH": JOB_PATH}, job)
+        finally:
+            state.cgroup = None
+            if await _empty_cgroup(job.cgroup):
+                sandbox.release(job)
+                # The slot's next job gets this group back, its counters reset: no group made and removed per job.
+                self._cgroup = job.cgroup
+            else:
+                # Keep the uid (and the group) out of use rather than hand a live process's uid to another job.
+                log.error("job %s left processes in its cgroup; its uid %d stays reserved", spec.job_id, job.uid)
+            if scratch is not None:
+                await self._keep_or_remove(scratch, job.uid)
+
+    async def _keep_or_remove(self, scratch: str, owner: int) -> None:
+        if self._spare is None and _empty_own_dir(scratch, owner):
+            try:
+                if owner != os.getuid():
+                    os.chown(scratch, os.getuid(), os.getgid())  # kept by the agent until the next job takes it
+                self._spare = scratch
+                return
+            except OSError:
+                pass
+        await _remove_tree(scratch)
 
     def close(self) -> None:
-        """Removes the kept scratch directory (the agent stops)."""
+        """Removes the kept scratch directory and cgroup (the agent stops)."""
+        cgroup, self._cgroup = self._cgroup, None
+        if cgroup is not None:
+            _remove_cgroup(cgroup)
         spare, self._spare = self._spare, None
         if spare is not None:
             shutil.rmtree(spare, ignore_errors=True)
 
-    def _make_scratch_dir(self, spec: ExecSpec) -> str:
-        # job_id comes over the wire; never let it climb out of scratch_root.
-        safe_id = re.sub(r"[^A-Za-z0-9._-]", "_", spec.job_id) or "job"
-        path = os.path.join(self._scratch_root, f"{safe_id}-{spec.attempt}")
+    def _make_scratch_dir(self, spec: ExecSpec, owner: int | None = None) -> str:
+        """A fresh, empty 0700 directory for the job, owned by `owner` (the job's uid when sandboxed)."""
+        path = os.path.join(self._scratch_root, _safe_name(spec))
+        path = self._fresh_dir(path)
+        if owner is not None and owner != os.getuid():
+            os.chown(path, owner, owner)
+        return path
+
+    def _fresh_dir(self, path: str) -> str:
         spare, self._spare = self._spare, None
         if spare is not None:
             # Checked again now: a process of the last job that escaped its group may have written to it since.
-            if _empty_own_dir(spare) and not os.path.lexists(path):
+            if _empty_own_dir(spare, os.getuid()) and not os.path.lexists(path):
                 try:
                     os.rename(spare, path)
                     return path
@@ -223,10 +312,17 @@ class JobExecutor:
         os.mkdir(path, 0o700)
         return path
 
-    async def _spawn_and_supervise(self, spec: ExecSpec, state: _RunState, cwd: str) -> ExecResult:
+    async def _spawn_and_supervise(
+        self,
+        spec: ExecSpec,
+        state: _RunState,
+        argv: list[str],
+        cwd: str,
+        env: dict[str, str],
+        job: JobSandbox | None = None,
+    ) -> ExecResult:
         if not spec.command:
             return _start_failed("empty command")
-        env = _job_env(spec.env, home=cwd)
 
         # Our own pipe rather than stdout=PIPE: asyncio's Process.wait() also waits for PIPE streams to
         # close, which a backgrounded grandchild can hold open long after the job itself exited.
@@ -244,7 +340,7 @@ class JobExecutor:
             try:
                 # Popen only forks and execs (vfork), then returns; the child is reaped through its pidfd.
                 proc = subprocess.Popen(  # noqa: ASYNC220
-                    spec.command,
+                    argv,
                     stdin=_devnull(),
                     stdout=write_fd,
                     stderr=subprocess.STDOUT,
@@ -263,10 +359,16 @@ class JobExecutor:
             output.close()
             raise
 
-        return await self._supervise(spec, state, _Child(proc, loop), output, started)
+        return await self._supervise(spec, state, _Child(proc, loop), output, started, job)
 
     async def _supervise(
-        self, spec: ExecSpec, state: _RunState, child: _Child, output: _OutputTail, started: float
+        self,
+        spec: ExecSpec,
+        state: _RunState,
+        child: _Child,
+        output: _OutputTail,
+        started: float,
+        job: JobSandbox | None,
     ) -> ExecResult:
         pgid = child.pid
         state.pid = child.pid
@@ -276,8 +378,9 @@ class JobExecutor:
             nonlocal sampler
             sampler = asyncio.create_task(self._sample_forever(state))
 
-        # A job that ends before the first sample (most) never starts a sampler.
-        first_sample = state.loop.call_later(self._first_sample_delay, start_sampling)
+        # A job that ends before the first sample (most) never starts a sampler. A sandboxed job never does: its
+        # cgroup keeps the exact CPU total and memory peak, read when it ends (and by live_usage on demand).
+        first_sample = None if job is not None else state.loop.call_later(self._first_sample_delay, start_sampling)
         exited = child.exited
         stop = state.stop_requested
         limit = spec.max_runtime_seconds
@@ -292,19 +395,31 @@ class JobExecutor:
                 reason = REASON_KILLED if stop in done else REASON_TIMEOUT
                 # Last look before the tree disappears, so the report covers the whole run.
                 await self._sample(state)
-                escalated = await self._terminate(pgid, exited, 0.0 if state.kill_now else self._kill_grace_seconds)
+                grace = 0.0 if state.kill_now else self._kill_grace_seconds
+                if job is not None:
+                    escalated = await self._terminate_sandbox(child.pid, job.cgroup, exited, grace)
+                else:
+                    escalated = await self._terminate(pgid, exited, grace)
             returncode, usage = await exited
             run_seconds = time.monotonic() - started
             state.root, state.pid = None, 0
             # The kernel's account of the root and every descendant it waited for: exact, however short the job.
             state.cpu_seconds = max(state.cpu_seconds, usage.ru_utime + usage.ru_stime)
             state.peak_rss_bytes = max(state.peak_rss_bytes, usage.ru_maxrss * 1024)
-            # Whatever the job left behind in its group must not outlive it.
+            # Whatever the job left behind in its group (its cgroup, when sandboxed) must not outlive it.
             _signal_group(pgid, signal.SIGKILL)
+            oom_kills = 0
+            if job is not None:
+                await _empty_cgroup(job.cgroup)
+                final = job.cgroup.usage()
+                state.cpu_seconds = max(state.cpu_seconds, final.cpu_seconds)
+                state.peak_rss_bytes = max(state.peak_rss_bytes, final.peak_memory_bytes)
+                oom_kills = final.oom_kills
             await asyncio.wait({output.closed}, timeout=_DRAIN_TIMEOUT_SECONDS)
         finally:
             _signal_group(pgid, signal.SIGKILL)
-            first_sample.cancel()
+            if first_sample is not None:
+                first_sample.cancel()
             if sampler is not None:
                 sampler.cancel()
             output.close()
@@ -317,8 +432,11 @@ class JobExecutor:
                 message += "; SIGKILL at once"
             elif escalated:
                 message += f"; SIGKILL after {_fmt_seconds(self._kill_grace_seconds)}s grace"
+        elif oom_kills and returncode != 0:
+            reason = REASON_OOM_KILLED
+            message = f"out of memory: a process was killed at the job's {spec.memory_mb} MB limit"
         else:
-            message = _describe_exit(returncode)
+            message = _describe_exit(returncode, sandboxed=job is not None)
         return ExecResult(
             exit_code=_shell_exit_code(returncode),
             reason=reason,
@@ -343,6 +461,26 @@ class JobExecutor:
         _signal_group(pgid, signal.SIGKILL)
         return True
 
+    async def _terminate_sandbox(
+        self,
+        outer: int,
+        cgroup: JobCgroup,
+        exited: asyncio.Future[tuple[int, resource.struct_rusage]],
+        grace: float,
+    ) -> bool:
+        """SIGTERM the job's own processes (not bwrap: that would kill the namespace at once), then SIGKILL the
+        whole namespace and cgroup if the job's first process outlives the grace period (at once without one);
+        True if escalated."""
+        if grace > 0:
+            keep = {outer, *_children_of(outer)}  # bwrap, and bwrap as pid 1 of the job's namespace
+            signal_pids([p for p in cgroup.pids() if p not in keep], signal.SIGTERM)
+            done, _ = await asyncio.wait({exited}, timeout=grace)
+            if done:
+                return False
+        signal_pids([outer], signal.SIGKILL)
+        cgroup.kill()
+        return True
+
     async def _sample_forever(self, state: _RunState) -> None:
         while True:
             await self._sample(state)
@@ -350,6 +488,11 @@ class JobExecutor:
 
     async def _sample(self, state: _RunState) -> int:
         """Record one usage sample into ``state``; returns the tree's current RSS in bytes."""
+        if state.cgroup is not None:
+            # A few small files the kernel keeps up to date: no walk of the process table.
+            now = state.cgroup.usage()
+            state.record(_TreeUsage(now.cpu_seconds, now.memory_bytes, now.peak_memory_bytes))
+            return now.memory_bytes
         root = state.sampled_root()
         if root is None:
             return 0
@@ -370,10 +513,10 @@ def _devnull() -> int:
     return _DEVNULL
 
 
-def _job_env(extra: dict[str, str], home: str) -> dict[str, str]:
+def _job_env(extra: dict[str, str], home: str, path: str | None) -> dict[str, str]:
     # PATH is the only thing taken from the agent, so jobs find the host's tools but never its secrets.
     env = {
-        "PATH": os.environ.get("PATH") or _FALLBACK_PATH,
+        "PATH": path or _FALLBACK_PATH,
         "HOME": home,
         "LANG": "C.UTF-8",
     }
@@ -491,11 +634,11 @@ class _OutputTail:
             self.closed.set_result(None)
 
 
-def _empty_own_dir(path: str) -> bool:
-    """A real directory (no link), ours, private, and empty: fit to be a later job's fresh scratch directory."""
+def _empty_own_dir(path: str, owner: int) -> bool:
+    """A real directory (no link), `owner`'s, private, and empty: fit to be a later job's fresh scratch directory."""
     try:
         st = os.lstat(path)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) != 0o700:
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != owner or stat.S_IMODE(st.st_mode) != 0o700:
             return False
         with os.scandir(path) as entries:
             return next(entries, None) is None
@@ -524,11 +667,70 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         pass  # group already empty
 
 
+def _safe_name(spec: ExecSpec) -> str:
+    # job_id comes over the wire; never let it climb out of scratch_root (or out of the agent's cgroup).
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', spec.job_id) or 'job'}-{spec.attempt}"
+
+
+def _inner_working_dir(working_dir: str | None) -> str | None:
+    """Where a sandboxed job starts: /scratch, or a directory inside it; None for anywhere else."""
+    if not working_dir:
+        return SCRATCH
+    path = os.path.normpath(working_dir)
+    return path if path == SCRATCH or path.startswith(SCRATCH + "/") else None
+
+
+def _make_inner_dirs(scratch: str, inner_cwd: str, owner: int) -> None:
+    """Makes a working_dir below /scratch in the host's scratch dir, owned by the job."""
+    current = scratch
+    for part in os.path.relpath(inner_cwd, SCRATCH).split("/"):
+        if part in ("", "."):
+            continue
+        current = os.path.join(current, part)
+        os.mkdir(current, 0o700)
+        os.chown(current, owner, owner)
+
+
+def _children_of(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(p) for p in fh.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+async def _empty_cgroup(cgroup: JobCgroup) -> bool:
+    """Kills what is left in the job's cgroup until nothing is; False if something outlived the bound."""
+    deadline = time.monotonic() + _EMPTY_TIMEOUT_SECONDS
+    pause = 0.0005
+    while cgroup.pids():
+        if time.monotonic() > deadline:
+            return False
+        cgroup.kill()
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.05)
+    return True
+
+
+def _remove_cgroup(cgroup: JobCgroup) -> bool:
+    for _ in range(20):  # an emptied group can stay busy for a moment while the last exits are accounted
+        if cgroup.remove():
+            return True
+        time.sleep(0.005)
+    return False
+
+
 def _shell_exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _describe_exit(returncode: int) -> str:
+def _describe_exit(returncode: int, sandboxed: bool = False) -> str:
+    if sandboxed and 128 < returncode <= 128 + 64:
+        # bwrap reports a job killed by signal N as exit code 128 + N, as a shell does.
+        try:
+            return f"exit code {returncode} (128 + {signal.Signals(returncode - 128).name})"
+        except ValueError:
+            return f"exit code {returncode}"
     if returncode >= 0:
         return f"exit code {returncode}"
     try:

@@ -4,7 +4,6 @@ enforced budget stops submits."""
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
 from fractions import Fraction
@@ -111,17 +110,18 @@ def report_of(api: Api, **params: str) -> dict[str, Any]:
 
 def test_reported_costs_match_a_hand_computation_from_the_recorded_attempt_times(acme: Api, config: MeshConfig) -> None:
     since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1))
-    hog = "b = bytearray(96 * 1024 * 1024); import time; end = time.time() + 1\nwhile time.time() < end: pass"
+    hog = "b = bytearray(80 * 1024 * 1024); import time; end = time.time() + 1\nwhile time.time() < end: pass"
     specs = [
         job_spec("sleep-small", ["sleep", "1"]),
         job_spec("sleep-bigger", ["sleep", "1"], resources={"cpu_millis": 500, "memory_mb": 512}),
-        # Uses a whole core and ~100 MB while asking for 100 millicores and 16 MB: charged for what it used.
-        job_spec("overuser", [sys.executable, "-c", hog], resources={"cpu_millis": 100, "memory_mb": 16}),
+        # Uses its whole core and most of its 128 MB: charged at the larger of requested and used. (A sandboxed
+        # job cannot use more than it asked for: memory is a hard limit, CPU a quota.)
+        job_spec("busy", ["python3", "-c", hog], resources={"cpu_millis": 1000, "memory_mb": 128}),
     ]
     jobs = [acme.wait_terminal(acme.submit(spec)["job_id"], timeout=60) for spec in specs]
     assert all(j["state"] == "JOB_STATE_SUCCEEDED" for j in jobs), jobs
-    overuser = jobs[2]["attempts"][0]
-    assert overuser["max_memory_mb"] > 16 and overuser["cpu_seconds"] > 0.1, overuser
+    busy = jobs[2]["attempts"][0]
+    assert busy["max_memory_mb"] > 64 and busy["cpu_seconds"] > 0.5, busy
 
     hand = {j["job_id"]: hand_cost_micros(j, config) for j in jobs}
     for job in jobs:

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from libs.launcher import REPO, Stack
-from tests.helpers import FAST_FAILOVER, Api, job_spec, start_stack, token, wait_for
+from tests.helpers import FAST_FAILOVER, Api, job_spec, start_stack, token, wait_for, without_sandbox
 from tests.integration.test_faults import worker_pid
 
 SLOTS_CONFIG = REPO / "tests" / "fixtures" / "slots.toml"
@@ -22,7 +22,17 @@ LONG = ["sleep", "30"]
 
 @pytest.fixture()
 def api(tmp_path: Path) -> Iterator[Api]:
-    stack: Stack = start_stack(tmp_path / "slots", env=dict(FAST_FAILOVER), config=SLOTS_CONFIG)
+    yield from slots_stack(tmp_path, SLOTS_CONFIG)
+
+
+@pytest.fixture()
+def unsandboxed_api(tmp_path: Path) -> Iterator[Api]:
+    """The same pool with its job sandbox off, for jobs that leave marks on the host's file system."""
+    yield from slots_stack(tmp_path, without_sandbox(SLOTS_CONFIG, tmp_path))
+
+
+def slots_stack(tmp_path: Path, config: Path) -> Iterator[Api]:
+    stack: Stack = start_stack(tmp_path / "slots", env=dict(FAST_FAILOVER), config=config)
     try:
         client = Api(stack.url, token(stack, "acme"))
         wait_for(
@@ -91,7 +101,10 @@ def test_a_job_waits_while_the_room_left_on_a_worker_is_too_small(api: Api) -> N
         assert api.cancel(job["job_id"]).status_code == 200
 
 
-def test_both_jobs_of_a_killed_worker_are_retried_and_each_attempt_runs_once(api: Api, tmp_path: Path) -> None:
+def test_both_jobs_of_a_killed_worker_are_retried_and_each_attempt_runs_once(
+    unsandboxed_api: Api, tmp_path: Path
+) -> None:
+    api = unsandboxed_api
     marks = tmp_path / "marks"
     marks.mkdir()
     jobs = [

@@ -6,6 +6,7 @@ import asyncio
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -15,7 +16,17 @@ import pytest
 from jobmesh.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from libs.etcd.client import Etcd
 from libs.launcher import Stack
-from tests.helpers import Api, job_spec, start_stack, token, wait_for, worker_pid
+from tests.helpers import FIXTURE_CONFIG, Api, job_spec, start_stack, token, wait_for, without_sandbox, worker_pid
+
+
+@pytest.fixture()
+def fresh_stack(tmp_path: Path) -> Iterator[Stack]:
+    """A stack of its own whose jobs may write their marks to the host (their pools' sandbox is off)."""
+    s = start_stack(tmp_path / "stack", config=without_sandbox(FIXTURE_CONFIG, tmp_path))
+    try:
+        yield s
+    finally:
+        s.stop()
 
 
 def marked(name: str, marks: Path, before: str = "") -> dict[str, object]:
@@ -166,7 +177,8 @@ def test_a_worker_killed_mid_job_is_declared_lost_and_the_job_retried_elsewhere(
 
 def test_restarting_the_whole_stack_resumes_pending_jobs(tmp_path: Path, marks: Path) -> None:
     data = tmp_path / "stack"
-    stack = start_stack(data)
+    config = without_sandbox(FIXTURE_CONFIG, tmp_path)
+    stack = start_stack(data, config=config)
     try:
         api = ready(stack)
         blockers = [api.submit(job_spec(f"block{i}", ["sleep", "60"], pool="static-general")) for i in range(3)]
@@ -176,7 +188,7 @@ def test_restarting_the_whole_stack_resumes_pending_jobs(tmp_path: Path, marks: 
         assert all(api.get(p["job_id"])["state"] == "JOB_STATE_PENDING" for p in pending)
     finally:
         stack.stop()
-    stack = start_stack(data)
+    stack = start_stack(data, config=config)
     try:
         api = Api(stack.url, token(stack))
         for p in pending:

@@ -36,6 +36,8 @@ def test_a_minimal_config_parses_with_defaults() -> None:
     assert pool.worker_slots == 1  # one job at a time unless a pool says otherwise
     assert config.max_spec_bytes == 64 * 1024
     assert pool.drain_grace_seconds == 30.0
+    # Sandboxed, without network, unless a pool says otherwise.
+    assert (pool.sandbox, pool.network, pool.job_uids, pool.pids_max) == ("bwrap", "none", (200_000, 265_535), 512)
 
 
 @pytest.mark.parametrize("slots", [0, -1, 65])
@@ -131,6 +133,13 @@ CONFIG_ERRORS = [
     pytest.param(
         lambda r: r["pools"][0].update(health_check_command="true"), "health_check_command", id="health-not-a-list"
     ),
+    pytest.param(lambda r: r["pools"][0].update(sandbox="off"), "sandbox must be", id="sandbox-typo"),
+    pytest.param(lambda r: r["pools"][0].update(network="bridge"), "network must be", id="unknown-network"),
+    pytest.param(lambda r: r["pools"][0].update(job_uids=[0, 100]), "job_uids", id="uids-include-root"),
+    pytest.param(lambda r: r["pools"][0].update(job_uids=[300000, 200000]), "job_uids", id="uids-empty-range"),
+    pytest.param(lambda r: r["pools"][0].update(job_uids="200000-265535"), "job_uids", id="uids-not-a-pair"),
+    pytest.param(lambda r: r["pools"][0].update(pids_max=0), "pids_max", id="no-processes"),
+    pytest.param(lambda r: r["pools"][0].update(max_open_files="many"), "max_open_files", id="files-not-int"),
 ]
 
 

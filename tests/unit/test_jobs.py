@@ -173,6 +173,7 @@ def test_dispatch_starts_attempt_one_on_the_worker() -> None:
         pytest.param(-9, "KILLED", t.JOB_STATE_FAILED, "KILLED", id="killed"),
         pytest.param(0, "TIMEOUT", t.JOB_STATE_FAILED, "TIMEOUT", id="timeout-even-with-exit-zero"),
         pytest.param(127, "START_FAILED", t.JOB_STATE_FAILED, "START_FAILED", id="start-failed"),
+        pytest.param(137, "OOM_KILLED", t.JOB_STATE_FAILED, "OOM_KILLED", id="oom-killed-at-its-memory-limit"),
     ],
 )
 def test_a_result_ends_the_job_and_closes_its_attempt(exit_code: int, reason: str, state: int, job_reason: str) -> None:

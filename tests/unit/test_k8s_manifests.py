@@ -287,6 +287,7 @@ def test_static_pool_workers_match_the_mesh_config() -> None:
         assert int(env["JOBMESH_WORKER_MEMORY_MB"]["value"]) == pool.worker_memory_mb
         assert json.loads(env["JOBMESH_WORKER_LABELS"]["value"]) == pool.labels
         assert env["JOBMESH_WORKER_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        assert env["JOBMESH_WORKER_SANDBOX"]["value"] == pool.sandbox  # "none": a restricted pod cannot sandbox
         if "arch" in pool.labels:
             node_arch = pod_spec(deployment)["nodeSelector"]["kubernetes.io/arch"]
             assert {"x86_64": "amd64", "aarch64": "arm64"}.get(pool.labels["arch"], pool.labels["arch"]) == node_arch

@@ -1,0 +1,360 @@
+"""The job sandbox: one unprivileged uid, one set of namespaces (bubblewrap) and one cgroup per job.
+
+A sandboxed job starts as this chain of execs, each step doing one thing and then getting out of the way:
+
+  sh (root, on the host)   sets the rlimits, writes its own pid into the job's cgroup(s), execs
+  bwrap (root)             new pid, mount, ipc, uts, cgroup (and, by pool, net) namespaces; a root file system of
+                           read-only system directories, a fresh /proc, a minimal /dev, private tmpfs /tmp and
+                           /dev/shm and the job's scratch directory; every capability dropped but the four
+                           setpriv needs; dies with the agent; execs, as pid 2 of the namespace,
+  setpriv                  switches to the job's uid and gid, drops every group and capability (bounding set
+                           included) and sets no_new_privs, then execs
+  env -i                   with the job's environment only (so nothing the tenant sets, LD_PRELOAD say, ever
+                           reaches a process that runs as root), which execs the job's command.
+
+Everything the job starts is in its cgroup and its pid namespace: when its first process ends, bwrap's init
+(pid 1 of the namespace) dies and the kernel kills the rest; the agent then empties and removes the cgroup.
+See docs/security.md ("Job sandbox").
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from libs.config import NETWORK_MODES, SANDBOX_MODES
+from services.worker.cgroups import CgroupDriver, CgroupError, JobCgroup, limits_for
+
+SCRATCH = "/scratch"  # where the job sees its scratch directory (its cwd and HOME)
+JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_MIB = 1024 * 1024
+
+# The parts of /etc a job may read: what the C library, the dynamic loader, TLS clients and common tools need.
+# An allowlist, not /etc minus a denylist: whatever an operator adds to /etc later (credentials of a cloud
+# agent, the mesh's own config) stays out without anyone having to remember it.
+ETC_ALLOWED = (
+    "alternatives",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "debian_version",
+    "gai.conf",
+    "group",
+    "host.conf",
+    "hosts",
+    "inputrc",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "localtime",
+    "magic",
+    "mime.types",
+    "nsswitch.conf",
+    "os-release",
+    "passwd",
+    "protocols",
+    "resolv.conf",
+    "services",
+    "ssl/certs",
+    "ssl/openssl.cnf",
+    "timezone",
+)
+# Top-level system directories: bound read-only when real directories, recreated as symlinks when (as on a
+# merged-/usr system) they are symlinks into /usr. Not /opt, /srv, /home, /root, /var or /run: what lives there
+# is some installation's or some user's, not the system's.
+SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
+
+# Sets the rlimits, joins the cgroup(s) listed before "--", execs the rest. Builtins only: no fork.
+_ENTER = (
+    'ulimit -n "$1" && ulimit -f "$2" && shift 2 || exit 125\n'
+    'while [ "$1" != -- ]; do echo $$ >"$1" || exit 125; shift; done\n'
+    'shift\nexec "$@"\n'
+)
+
+
+class SandboxError(RuntimeError):
+    """This machine cannot sandbox jobs, or one job's sandbox could not be set up."""
+
+
+@dataclass(frozen=True)
+class SandboxSettings:
+    """The pool's sandbox settings, as the provider hands them to the worker (JOBMESH_WORKER_* variables)."""
+
+    mode: str = "bwrap"  # "bwrap" | "none" (jobs run as the agent's user with its view: a developer laptop only)
+    network: str = "none"  # "none": a network namespace of its own (loopback only) | "host"
+    uid_first: int = 200_000
+    uid_count: int = 65_536
+    pids_max: int = 512
+    max_file_mb: int = 4096  # RLIMIT_FSIZE
+    max_open_files: int = 4096  # RLIMIT_NOFILE
+    # Root-only state on this host: job-uids/ (one lock file per uid in use, shared by every agent) and
+    # agent-<pid>/etc (the /etc jobs see, copied at the agent's start).
+    state_dir: str = "/run/jobmesh"
+
+    def __post_init__(self) -> None:
+        if self.mode not in SANDBOX_MODES:
+            raise ValueError(f"sandbox must be one of {', '.join(SANDBOX_MODES)}")
+        if self.network not in NETWORK_MODES:
+            raise ValueError(f"network must be one of {', '.join(NETWORK_MODES)}")
+        if self.uid_first < 1000 or self.uid_count < 1 or self.uid_first + self.uid_count > 2**32 - 2:
+            raise ValueError("job uids must be a range above 999 (and below 2^32 - 2)")
+        if min(self.pids_max, self.max_file_mb, self.max_open_files) < 1:
+            raise ValueError("pids_max, max_file_mb and max_open_files must be positive")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> SandboxSettings:
+        first, count = parse_uid_range(env.get("JOBMESH_WORKER_JOB_UIDS") or "200000-265535")
+        return cls(
+            mode=env.get("JOBMESH_WORKER_SANDBOX") or "bwrap",
+            network=env.get("JOBMESH_WORKER_NETWORK") or "none",
+            uid_first=first,
+            uid_count=count,
+            pids_max=int(env.get("JOBMESH_WORKER_PIDS_MAX") or 512),
+            max_file_mb=int(env.get("JOBMESH_WORKER_MAX_FILE_MB") or 4096),
+            max_open_files=int(env.get("JOBMESH_WORKER_MAX_OPEN_FILES") or 4096),
+            state_dir=env.get("JOBMESH_WORKER_SANDBOX_STATE_DIR") or "/run/jobmesh",
+        )
+
+
+def parse_uid_range(text: str) -> tuple[int, int]:
+    """'200000-265535' -> (first, count); both ends included."""
+    try:
+        low, high = (int(part) for part in text.split("-", 1))
+    except ValueError as exc:
+        raise ValueError(f"job uids must look like 200000-265535, got {text!r}") from exc
+    if high < low:
+        raise ValueError(f"job uids {text!r}: the range is empty")
+    return low, high - low + 1
+
+
+class UidPool:
+    """Hands out uids from a range, one per running job, never one in use by a job of any agent on this host:
+    a uid is taken by an exclusive flock on its file in `lock_dir`, held until the job's last process is gone,
+    and the kernel drops it if the agent dies."""
+
+    def __init__(self, lock_dir: str, first: int, count: int, avoid: frozenset[int] = frozenset()) -> None:
+        self._dir = lock_dir
+        self._first = first
+        self._count = count
+        self._avoid = avoid
+        os.makedirs(lock_dir, mode=0o700, exist_ok=True)
+        os.chmod(lock_dir, 0o700)
+
+    def acquire(self) -> tuple[int, int]:
+        """(uid, lock fd); SandboxError when every uid of the range is in use."""
+        start = random.randrange(self._count)  # spreads agents over the range: the first try almost always wins
+        for step in range(self._count):
+            uid = self._first + (start + step) % self._count
+            if uid in self._avoid:
+                continue
+            fd = os.open(os.path.join(self._dir, str(uid)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return uid, fd
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+        raise SandboxError(f"all {self._count} job uids from {self._first} are in use")
+
+    @staticmethod
+    def release(fd: int) -> None:
+        os.close(fd)  # drops the flock
+
+
+@dataclass
+class JobSandbox:
+    """One job's sandbox: its uid (held until released), its cgroup, and how to start its command."""
+
+    uid: int
+    cgroup: JobCgroup
+    _enter: list[str]  # the root shell that sets rlimits and joins the cgroup, up to bwrap
+    _bwrap: list[str]
+    _switch: list[str]  # setpriv and env -i
+    _lock_fd: int
+
+    def argv(self, command: list[str], env: Mapping[str, str], scratch: str, cwd: str = SCRATCH) -> list[str]:
+        """The whole command line: `scratch` (a host directory) is the job's /scratch, `cwd` is inside the sandbox."""
+        return [
+            *self._enter,
+            *self._bwrap,
+            *("--bind", scratch, SCRATCH, "--chdir", cwd, "--"),
+            *self._switch,
+            *(f"{k}={v}" for k, v in env.items()),
+            *command,
+        ]
+
+
+def _copy_etc(own_dir: str, state_dir: str) -> str:
+    """Copies the allowed part of /etc (links kept as links) into `own_dir`/etc, read by jobs through one bind
+    mount; sweeps the copies of agents that are gone. A change to /etc reaches jobs when their agent restarts."""
+    for name in os.listdir(state_dir) if os.path.isdir(state_dir) else []:
+        if name.startswith("agent-") and name[6:].isdigit() and not _pid_alive(int(name[6:])):
+            shutil.rmtree(os.path.join(state_dir, name), ignore_errors=True)
+    etc = os.path.join(own_dir, "etc")
+    shutil.rmtree(own_dir, ignore_errors=True)
+    os.makedirs(own_dir, mode=0o700)
+    os.mkdir(etc, 0o755)
+    for name in ETC_ALLOWED:
+        source, target = os.path.join("/etc", name), os.path.join(etc, name)
+        if not os.path.lexists(source):
+            continue
+        os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+        if os.path.isdir(source) and not os.path.islink(source):
+            shutil.copytree(source, target, symlinks=True)
+        else:
+            shutil.copy2(source, target, follow_symlinks=False)
+    return etc
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+class Sandbox:
+    """Sets up the sandbox of each job of one agent; shared by the agent's slots."""
+
+    def __init__(self, settings: SandboxSettings, cgroups: CgroupDriver, bwrap: str, setpriv: str, env: str):
+        self.settings = settings
+        self.cgroups = cgroups
+        self._uids = UidPool(
+            os.path.join(settings.state_dir, "job-uids"),
+            settings.uid_first,
+            settings.uid_count,
+            frozenset({os.getuid(), 0, 65534}),
+        )
+        self._own_dir = os.path.join(settings.state_dir, f"agent-{os.getpid()}")
+        self._etc = _copy_etc(self._own_dir, settings.state_dir)
+        self._static = self._static_bwrap_args(bwrap)
+        self._setpriv = setpriv
+        self._env = env
+
+    @classmethod
+    def for_this_machine(cls, settings: SandboxSettings) -> Sandbox:
+        """The sandbox, checked to work here by starting one; SandboxError saying what is missing otherwise."""
+        if os.geteuid() != 0:
+            raise SandboxError("the worker must run as root to start jobs under their own uids")
+        tools = {name: shutil.which(name, path=JOB_PATH) for name in ("bwrap", "setpriv", "env")}
+        missing = [name for name, path in tools.items() if path is None]
+        if missing:
+            hint = " (Debian: apt-get install bubblewrap)" if "bwrap" in missing else ""
+            raise SandboxError(f"missing {', '.join(missing)}{hint}")
+        try:
+            cgroups = CgroupDriver.detect()
+        except CgroupError as exc:
+            raise SandboxError(f"no cgroups for jobs: {exc.strerror or exc}") from exc
+        sandbox = cls(settings, cgroups, tools["bwrap"] or "", tools["setpriv"] or "", tools["env"] or "")
+        try:
+            sandbox.self_test()
+        except BaseException:
+            cgroups.close()
+            raise
+        return sandbox
+
+    def self_test(self) -> None:
+        """Starts `true` in a sandbox the way jobs start: a machine without namespaces fails here, not per job."""
+        with tempfile.TemporaryDirectory(prefix="jobmesh-sandbox-check-") as scratch:
+            job = self.prepare("self-test", memory_mb=64, cpu_millis=1000)
+            try:
+                os.chown(scratch, job.uid, job.uid)
+                proc = subprocess.run(
+                    job.argv(["true"], {"PATH": JOB_PATH}, scratch),
+                    env={"PATH": JOB_PATH},
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    timeout=10,
+                    check=False,
+                )
+            finally:
+                job.cgroup.kill()
+                job.cgroup.remove()
+                self.release(job)
+        if proc.returncode != 0:
+            detail = (proc.stderr or proc.stdout).decode(errors="replace").strip()[-300:]
+            raise SandboxError(f"a sandboxed test job failed (exit {proc.returncode}): {detail}")
+
+    def prepare(self, name: str, memory_mb: int, cpu_millis: int, reuse: JobCgroup | None = None) -> JobSandbox:
+        """Takes a uid and readies the job's cgroup: `reuse` (the slot's group from its last job, empty) when it
+        can be, a new one called `name` otherwise. ``release`` gives the uid back once the job is gone."""
+        uid, fd = self._uids.acquire()
+        try:
+            limits = limits_for(memory_mb, cpu_millis, self.settings.pids_max)
+            if reuse is not None and reuse.reuse(limits):
+                cgroup = reuse
+            else:
+                if reuse is not None:
+                    reuse.remove()  # v2, or a group that could not be reset: a new one, perhaps of the same name
+                cgroup = self.cgroups.create(name, limits)
+        except BaseException:
+            self._uids.release(fd)
+            raise
+        s = self.settings
+        enter = [
+            "/bin/sh",
+            "-c",
+            _ENTER,
+            "jobmesh-enter",
+            str(s.max_open_files),
+            str(s.max_file_mb * _MIB // 512),  # POSIX ulimit -f counts 512-byte blocks
+            *cgroup.procs_files,
+            "--",
+        ]
+        switch = [
+            self._setpriv,
+            f"--reuid={uid}",
+            f"--regid={uid}",
+            "--clear-groups",
+            "--no-new-privs",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+            self._env,
+            "-i",
+            "--",  # a command that starts with "-" is the job's command, not an option of env
+        ]
+        return JobSandbox(uid, cgroup, enter, self._static, switch, fd)
+
+    def release(self, job: JobSandbox) -> None:
+        """Gives the uid back: only once every process of the job is gone."""
+        if job._lock_fd >= 0:
+            self._uids.release(job._lock_fd)
+            job._lock_fd = -1
+
+    def close(self) -> None:
+        self.cgroups.close()
+        shutil.rmtree(self._own_dir, ignore_errors=True)
+
+    def _static_bwrap_args(self, bwrap: str) -> list[str]:
+        args = [bwrap, "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+        if self.settings.network == "none":
+            args.append("--unshare-net")
+        args += ["--die-with-parent", "--new-session", "--hostname", "jobmesh-job", "--cap-drop", "ALL"]
+        # What setpriv needs to become the job's uid and drop the bounding set (and to chdir into the job's
+        # 0700 scratch dir before it has): all gone once it has switched uid.
+        for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_DAC_OVERRIDE"):
+            args += ["--cap-add", cap]
+        for name in SYSTEM_DIRS:
+            host = f"/{name}"
+            if os.path.islink(host):
+                args += ["--symlink", os.readlink(host), host]
+            elif os.path.isdir(host):
+                args += ["--ro-bind", host, host]
+        # One bind of a copy rather than one per allowed file: bwrap rereads the mount table for every
+        # read-only bind, and that cost (a few ms of CPU, charged to the job's cgroup) grows with their number.
+        args += ["--ro-bind", self._etc, "/etc"]
+        args += ["--proc", "/proc", "--dev", "/dev"]
+        args += ["--perms", "1777", "--tmpfs", "/dev/shm", "--perms", "1777", "--tmpfs", "/tmp"]
+        args += ["--perms", "0755", "--dir", "/var", "--symlink", "/tmp", "/var/tmp"]
+        return args

@@ -1,0 +1,187 @@
+"""Unit tests for the job sandbox's pure parts (services/worker/sandbox.py): settings, the uid pool and the
+command line a job starts with. The sandbox itself is tested with real processes in tests/integration."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from libs.launcher import REPO
+from services.worker import cgroups
+from services.worker.cgroups import CgroupDriver, Layout
+from services.worker.executor import ExecSpec, JobExecutor
+from services.worker.sandbox import JobSandbox, Sandbox, SandboxError, SandboxSettings, UidPool, parse_uid_range
+
+
+def test_settings_come_from_the_pools_worker_variables() -> None:
+    env = {
+        "JOBMESH_WORKER_SANDBOX": "bwrap",
+        "JOBMESH_WORKER_NETWORK": "host",
+        "JOBMESH_WORKER_JOB_UIDS": "300000-300099",
+        "JOBMESH_WORKER_PIDS_MAX": "64",
+    }
+
+    settings = SandboxSettings.from_env(env)
+
+    assert (settings.mode, settings.network, settings.uid_first, settings.uid_count, settings.pids_max) == (
+        "bwrap",
+        "host",
+        300_000,
+        100,
+        64,
+    )
+
+
+def test_without_settings_a_worker_sandboxes_jobs_without_network() -> None:
+    settings = SandboxSettings.from_env({})
+
+    assert (settings.mode, settings.network) == ("bwrap", "none")
+    assert (settings.uid_first, settings.uid_count) == (200_000, 65_536)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        pytest.param({"JOBMESH_WORKER_SANDBOX": "off"}, id="unknown-mode"),
+        pytest.param({"JOBMESH_WORKER_NETWORK": "bridge"}, id="unknown-network"),
+        pytest.param({"JOBMESH_WORKER_JOB_UIDS": "0-100"}, id="uids-include-root"),
+        pytest.param({"JOBMESH_WORKER_JOB_UIDS": "300000"}, id="uids-not-a-range"),
+        pytest.param({"JOBMESH_WORKER_PIDS_MAX": "0"}, id="no-processes"),
+    ],
+)
+def test_bad_settings_are_refused(env: dict[str, str]) -> None:
+    with pytest.raises(ValueError):
+        SandboxSettings.from_env(env)
+
+
+def test_a_uid_range_includes_both_ends() -> None:
+    assert parse_uid_range("200000-200009") == (200_000, 10)
+
+
+def test_running_jobs_never_share_a_uid_and_a_released_one_is_handed_out_again(tmp_path: Path) -> None:
+    pool = UidPool(str(tmp_path / "locks"), 500_000, 3)
+    other_agent = UidPool(str(tmp_path / "locks"), 500_000, 3)  # another agent on the same host
+    held = [pool.acquire(), other_agent.acquire(), pool.acquire()]
+
+    assert sorted(uid for uid, _ in held) == [500_000, 500_001, 500_002]
+    with pytest.raises(SandboxError, match="in use"):
+        other_agent.acquire()
+    UidPool.release(held[1][1])
+    assert other_agent.acquire()[0] == held[1][0]
+
+
+def test_uids_to_avoid_are_never_handed_out(tmp_path: Path) -> None:
+    pool = UidPool(str(tmp_path / "locks"), 500_000, 2, avoid=frozenset({500_000}))
+
+    assert pool.acquire()[0] == 500_001
+    with pytest.raises(SandboxError):
+        pool.acquire()
+
+
+class _Group:
+    procs_files = ("/cg/memory/job/cgroup.procs",)
+
+
+def test_the_jobs_environment_is_set_only_after_the_uid_switch_and_its_command_comes_last() -> None:
+    job = JobSandbox(
+        uid=200_123,
+        cgroup=_Group(),  # type: ignore[arg-type]
+        _enter=["/bin/sh", "-c", "...", "enter", "--"],
+        _bwrap=["bwrap", "--unshare-pid"],
+        _switch=["setpriv", "--reuid=200123", "--", "env", "-i", "--"],
+        _lock_fd=-1,
+    )
+
+    argv = job.argv(["python3", "-c", "print(1)"], {"LD_PRELOAD": "/scratch/x.so"}, "/data/scratch/j-1", "/scratch")
+
+    assert argv[argv.index("bwrap") :] == [
+        "bwrap",
+        "--unshare-pid",
+        "--bind",
+        "/data/scratch/j-1",
+        "/scratch",
+        "--chdir",
+        "/scratch",
+        "--",
+        "setpriv",
+        "--reuid=200123",
+        "--",
+        "env",
+        "-i",
+        "--",
+        "LD_PRELOAD=/scratch/x.so",
+        "python3",
+        "-c",
+        "print(1)",
+    ]
+
+
+def test_the_agent_marks_itself_non_dumpable() -> None:
+    # In a process of its own: the flag cannot be undone, and the test run must stay debuggable.
+    code = (
+        "import ctypes\nfrom services.worker.__main__ import make_non_dumpable\nmake_non_dumpable()\n"
+        "print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))"  # PR_GET_DUMPABLE
+    )
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+
+    assert out.stdout.strip() == "0"
+
+
+def test_a_v2_slot_gets_a_new_group_of_the_same_name_for_each_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # cgroupfs removes a group with its control files; a plain directory needs them removed first.
+    monkeypatch.setattr(cgroups, "_rmdir", lambda path: shutil.rmtree(path, ignore_errors=True) or True)
+    cgroup_root = tmp_path / "cgroup"
+    cgroup_root.mkdir()
+    (cgroup_root / "cgroup.subtree_control").write_text("cpu memory pids")
+    driver = CgroupDriver(Layout(2, {"": str(cgroup_root)}), agent_pid=7)
+    driver.start()
+    box = Sandbox(SandboxSettings(state_dir=str(tmp_path / "state")), driver, "bwrap", "setpriv", "env")
+    first = box.prepare("slot-1", memory_mb=64, cpu_millis=100)
+    box.release(first)
+
+    second = box.prepare("slot-1", memory_mb=128, cpu_millis=100, reuse=first.cgroup)
+
+    group = cgroup_root / "jobmesh-worker-7" / "slot-1"
+    assert (group / "memory.max").read_text() == str(128 << 20)  # made again, with the new job's limit
+    assert second.cgroup.procs_files == (str(group / "cgroup.procs"),)
+    assert (tmp_path / "state" / f"agent-{os.getpid()}" / "etc" / "passwd").exists()
+    box.release(second)
+
+
+def test_a_worker_that_cannot_sandbox_refuses_every_job_unless_its_pool_says_none(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("GRPC_ENABLE_FORK_SUPPORT", "0")  # what importing the worker's entry point sets
+    from services.worker import __main__ as worker_main
+
+    def no_namespaces(settings: SandboxSettings) -> Sandbox:
+        raise SandboxError("missing bwrap")
+
+    monkeypatch.setattr(Sandbox, "for_this_machine", staticmethod(no_namespaces))
+    monkeypatch.setenv("JOBMESH_WORKER_SANDBOX", "bwrap")
+
+    sandbox, refusal = worker_main.job_sandbox("static-general")
+
+    assert sandbox is None and refusal is not None and "missing bwrap" in refusal
+    assert "REFUSING TENANT JOBS" in caplog.text
+    monkeypatch.setenv("JOBMESH_WORKER_SANDBOX", "none")
+    assert worker_main.job_sandbox("laptop") == (None, None)
+    assert "JOB SANDBOX OFF" in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_a_refusing_executor_ends_the_job_start_failed_with_the_reason(tmp_path: Path) -> None:
+    executor = JobExecutor(str(tmp_path / "scratch"), refusal="this worker cannot sandbox jobs (missing bwrap)")
+
+    result = await executor.run(ExecSpec("job-1", 1, ["true"], {}, None, 10.0))
+
+    assert (result.reason, result.message) == ("START_FAILED", "this worker cannot sandbox jobs (missing bwrap)")
+    assert not (tmp_path / "scratch").exists()  # nothing ran, nothing was made
