@@ -212,7 +212,7 @@ export function JobDetailView({ jobId }: { jobId: string }) {
       {pending && (
         <Section title="Why it waits" id="waiting">
           <dl class="stats">
-            <Stat label="Reason" value={<span data-testid="waiting-reason">{job.waiting_reason || "—"}</span>} hint={explainWaiting(job.waiting_reason)} />
+            <Stat label="Reason" value={<span class="code" data-testid="waiting-reason">{job.waiting_reason || "—"}</span>} hint={explainWaiting(job.waiting_reason)} />
             <Stat
               label="Queue position"
               value={<span data-testid="queue-position">{job.queue_position ? `#${job.queue_position}` : "—"}</span>}
