@@ -18,17 +18,20 @@ export function parseTime(value?: string): number | null {
 }
 
 const timeFormat = new Intl.DateTimeFormat(undefined, {
-  year: "numeric",
   month: "short",
   day: "2-digit",
   hour: "2-digit",
   minute: "2-digit",
   second: "2-digit",
+  hour12: false,
 });
+const yearFormat = new Intl.DateTimeFormat(undefined, { year: "numeric", month: "short", day: "2-digit" });
 
 export function formatTime(value?: string): string {
   const ms = parseTime(value);
-  return ms === null ? "—" : timeFormat.format(ms);
+  if (ms === null) return "—";
+  // The year only when it is not this one.
+  return new Date(ms).getFullYear() === new Date().getFullYear() ? timeFormat.format(ms) : yearFormat.format(ms);
 }
 
 export function formatDuration(seconds: number): string {

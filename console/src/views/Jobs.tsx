@@ -5,7 +5,7 @@ import { postJson } from "../api";
 import { ErrorNote, Note } from "../components/Status";
 import { between, cpu, formatDuration, formatTime, memory, stateClass, stateLabel } from "../format";
 import { navigate, usePolling, type Route } from "../hooks";
-import { listPage, newestJobs, scanByName } from "../jobsource";
+import { listPage, newestJobs, recallHint, rememberHint, scanByName } from "../jobsource";
 import { TERMINAL_STATES, type Job } from "../types";
 
 const STATES = ["", "JOB_STATE_PENDING", "JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"];
@@ -52,6 +52,7 @@ export function JobsView({ route, admin, tenant }: { route: Route; admin: boolea
   const [outcome, setOutcome] = useState("");
   const [nameDraft, setNameDraft] = useState(name);
   const [openId, setOpenId] = useState("");
+  const [reading, setReading] = useState(0); // jobs read while looking for the newest
   const hint = useRef("");
 
   const key = `${order}|${state}|${name}|${pageSize}|${index}|${tokens[index]}`;
@@ -61,14 +62,18 @@ export function JobsView({ route, admin, tenant }: { route: Route; admin: boolea
       try {
         const token = tokens[index] ?? "";
         if (hintFor.current !== `${order}|${state}`) {
-          hint.current = "";
+          hint.current = recallHint(tenant, state);
           hintFor.current = `${order}|${state}`;
         }
         if (order === "newest") {
-          const r = await newestJobs(state, hint.current, signal);
+          const named = (all: Job[]) => (name ? all.filter((j) => j.spec?.name?.toLowerCase().includes(name.toLowerCase())) : all);
+          const r = await newestJobs(state, hint.current, name ? 1000 : shown + pageSize, signal, setReading, (found) => {
+            if (!signal.aborted) setJobs(named(found));
+          });
           hint.current = r.hint;
-          const matching = name ? r.jobs.filter((j) => j.spec?.name?.toLowerCase().includes(name.toLowerCase())) : r.jobs;
-          setJobs(matching);
+          rememberHint(tenant, state, r.hint);
+          setReading(0);
+          setJobs(named(r.jobs));
           setNext("");
           setScanNote(name ? `Name filter over the newest ${r.jobs.length} jobs.` : "");
         } else if (name) {
@@ -275,7 +280,7 @@ export function JobsView({ route, admin, tenant }: { route: Route; admin: boolea
             {jobs === null && (
               <tr>
                 <td colSpan={8} class="placeholder">
-                  Loading jobs…
+                  {reading > 500 ? `Finding the newest jobs: ${reading.toLocaleString()} read (the API lists oldest first)…` : "Loading jobs…"}
                 </td>
               </tr>
             )}
@@ -305,13 +310,13 @@ export function JobsView({ route, admin, tenant }: { route: Route; admin: boolea
                   {job.sla_miss && <span class="tag tag-warn" title="Started after its SLA target">SLA miss</span>}
                 </td>
                 <td class="where">{whereText(job)}</td>
-                <td>{formatTime(job.create_time)}</td>
+                <td class="nowrap">{formatTime(job.create_time)}</td>
                 <td>
                   {job.start_time
                     ? formatDuration(between(job.start_time, job.end_time) ?? 0)
                     : `waited ${formatDuration(between(job.create_time, job.end_time) ?? 0)}`}
                 </td>
-                <td class="small">
+                <td class="small nowrap">
                   {cpu(job.spec?.resources?.cpu_millis)}, {memory(job.spec?.resources?.memory_mb)}
                 </td>
                 <td class="mono small">{job.job_id}</td>

@@ -106,7 +106,7 @@ export function TenantsView({ ownTenant, admin }: { ownTenant: string; admin: bo
         setSlaInfo(null);
         return;
       }
-      const newest = await newestJobs("", "", signal);
+      const newest = await newestJobs("", "", 1000, signal);
       setSlaInfo(sla(newest.jobs));
     },
     30_000,
@@ -178,7 +178,7 @@ export function TenantsView({ ownTenant, admin }: { ownTenant: string; admin: bo
           {own ? (
             slaInfo ? (
               <dl class="stats" data-testid="sla">
-                <Stat label="Started within target" value={percent(slaRate, 1)} hint={`${slaInfo.met} of ${slaInfo.started} started jobs among the newest 1,000`} />
+                <Stat label="Started within target" value={percent(slaRate, 1)} hint={`${slaInfo.met} of ${slaInfo.started} started jobs among the newest 500 to 1,000`} />
                 <Stat label="Pending past target" value={slaInfo.missedPending} />
               </dl>
             ) : (
