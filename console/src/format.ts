@@ -70,7 +70,9 @@ export function percent(fraction: number, digits = 0): string {
 }
 
 export function cpu(millis?: number): string {
-  return `${((millis ?? 0) / 1000).toFixed(millis && millis % 1000 ? 1 : 0)} CPU`;
+  const m = millis ?? 0;
+  if (m > 0 && m < 100) return `${m} mCPU`;
+  return `${(m / 1000).toFixed(m % 1000 ? 1 : 0)} CPU`;
 }
 
 export function memory(mb?: number): string {

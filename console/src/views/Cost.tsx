@@ -10,6 +10,8 @@ import { usePolling } from "../hooks";
 import type { Budget, CostReportsResponse, Money } from "../types";
 
 const DAYS = 14;
+// The all-tenants (admin) reports carry idle worker cost as one more row (services/cost/reports.py).
+const IDLE_ROW = "__idle__";
 const DAY_MS = 86_400_000;
 
 function utcDay(ms: number): string {
@@ -45,8 +47,9 @@ async function dailyByPool(signal: AbortSignal): Promise<Daily> {
       const row: Record<string, number> = {};
       for (const r of a.reports) {
         for (const line of r.by_pool ?? []) {
-          row[line.key] = (row[line.key] ?? 0) + moneyValue(line.cost);
-          pools.add(line.key);
+          const key = r.tenant_id === IDLE_ROW ? `${line.key} (idle)` : line.key;
+          row[key] = (row[key] ?? 0) + moneyValue(line.cost);
+          pools.add(key);
           currency ||= line.cost?.currency ?? "";
         }
       }
@@ -83,10 +86,14 @@ export function CostView({ tenant, admin }: { tenant: string; admin: boolean }) 
   );
 
   const currency = daily?.currency || month?.reports[0]?.total?.currency || "";
-  const total = (month?.reports ?? []).reduce((s, r) => s + moneyValue(r.total), 0);
-  const burst = (month?.reports ?? []).reduce((s, r) => s + moneyValue(r.burst_spend), 0);
-  const jobs = (month?.reports ?? []).reduce((s, r) => s + (r.jobs || 0), 0);
-  const recs = (month?.reports ?? []).flatMap((r) => (r.recommendations ?? []).map((x) => ({ ...x, tenant: r.tenant_id })));
+  const tenants = (month?.reports ?? []).filter((r) => r.tenant_id !== IDLE_ROW);
+  const total = tenants.reduce((s, r) => s + moneyValue(r.total), 0);
+  const burst = tenants.reduce((s, r) => s + moneyValue(r.burst_spend), 0);
+  const jobs = tenants.reduce((s, r) => s + (r.jobs || 0), 0);
+  const idle = moneyValue(month?.idle_cost);
+  const recs = (month?.reports ?? []).flatMap((r) =>
+    (r.recommendations ?? []).map((x) => ({ ...x, tenant: r.tenant_id === IDLE_ROW ? "idle capacity" : r.tenant_id })),
+  );
   const asMoney = (v: number): Money => ({ currency, micros: Math.round(v * 1e6), amount: v.toFixed(6) });
   const limit = moneyValue(budget?.monthly_limit);
   const spent = moneyValue(budget?.spent_this_month);
@@ -99,18 +106,22 @@ export function CostView({ tenant, admin }: { tenant: string; admin: boolean }) 
       </div>
       <ErrorNote error={error} />
       <dl class="stats stats-wide">
-        <Stat label="Last 30 days" value={month ? formatMoney(asMoney(total)) : "…"} hint={`${jobs} jobs charged`} />
+        <Stat
+          label={admin ? "Charged to tenants, 30 days" : "Last 30 days"}
+          value={month ? formatMoney(asMoney(total)) : "…"}
+          hint={`${jobs} jobs charged${admin ? `; with idle, the mesh cost ${formatMoney(asMoney(total + idle))}` : ""}`}
+        />
         <Stat label="Burst spend" value={month ? formatMoney(asMoney(burst)) : "…"} hint="included in the total" />
         <Stat
           label="Idle cost"
-          value={month?.idle_cost ? formatMoney(month.idle_cost) : admin ? formatMoney(asMoney(0)) : "admins only"}
+          value={admin ? formatMoney(asMoney(idle)) : "admins only"}
           hint="Worker time no job used, per pool; not charged to tenants"
         />
       </dl>
       <ChartPanel
         kind="bar"
         stacked
-        title={`Cost per day by pool, last ${DAYS} days (UTC)`}
+        title={`Cost per day by pool, last ${DAYS} days (UTC)${admin ? ", with idle worker cost per pool" : ""}`}
         testId="cost-chart"
         labels={daily?.days ?? []}
         yLabel={currency}
@@ -118,7 +129,7 @@ export function CostView({ tenant, admin }: { tenant: string; admin: boolean }) 
         series={(daily?.pools ?? []).map((p) => ({ label: p, values: (daily?.days ?? []).map((d) => daily?.cells[d]?.[p] ?? 0) }))}
       />
       <div class="grid-2">
-        <Section title="Monthly budget" id="budget">
+        <Section title={`Monthly budget of ${tenant}`} id="budget">
           {budget && limit > 0 ? (
             <div data-testid="budget">
               <Meter

@@ -122,7 +122,7 @@ export function PoolsView() {
       <div class="pool-cards">
         {pools.map((p) => {
           const m = metrics[p.pool_id];
-          const events = history[p.pool_id] ?? [];
+          const events = [...(history[p.pool_id] ?? [])].reverse(); // newest first
           return (
             <Section key={p.pool_id} title={p.pool_id} id={`pool-${p.pool_id}`}>
               <p class="subtle">
@@ -147,7 +147,7 @@ export function PoolsView() {
                   hint={m ? `${m.jobs_succeeded} succeeded, ${m.jobs_failed} failed` : undefined}
                 />
               </dl>
-              <h3>Scaling history</h3>
+              <h3>Scaling history (newest first)</h3>
               {events.length ? (
                 <ol class="timeline scaling">
                   {events.map((e, i) => (
