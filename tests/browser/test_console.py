@@ -61,6 +61,30 @@ def test_a_token_fragment_signs_in_and_the_token_goes_only_to_the_api(
     assert not [u for u, _ in watched.requests if "token=" in u]
 
 
+def test_a_pasted_token_signs_in_and_signing_out_forgets_it(stack: Stack, globex: Api, watched: Watched) -> None:
+    page = watched.page
+    page.goto(f"{stack.url}/console/")
+    page.get_by_label("API token (JWT)").fill(globex.token)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_selector("[data-testid=jobs-table][aria-busy=false]")
+    assert "Tenant globex" in page.locator(".view-head").inner_text()
+    page.get_by_role("button", name="Sign out").click()
+    page.get_by_label("API token (JWT)").wait_for()
+    assert page.evaluate("sessionStorage.length + Object.keys(localStorage).length") == 0
+
+
+def test_the_views_are_reachable_by_keyboard_alone(stack: Stack, acme: Api, watched: Watched) -> None:
+    page = sign_in(watched, stack, acme.token)
+    page.locator("body").focus()
+    for _ in range(10):  # Tab through the skip link and the navigation to "Pools"
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.textContent") == "Pools":
+            break
+    page.keyboard.press("Enter")
+    page.get_by_role("heading", name="Pools", level=1).wait_for()
+    assert page.get_by_role("link", name="Pools").get_attribute("aria-current") == "page"
+
+
 def test_a_job_submitted_through_the_api_appears_and_succeeds_without_a_reload(
     stack: Stack, acme: Api, watched: Watched
 ) -> None:
