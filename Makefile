@@ -7,7 +7,8 @@ SITE = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["
 PROTOS := $(shell find protos -name '*.proto')
 DEPS := build/proto-deps
 
-.PHONY: all venv proto sandbox-tools lint typecheck test test-unit test-integration test-e2e run clean bench envoy-config
+.PHONY: all venv proto sandbox-tools lint typecheck test test-unit test-integration test-e2e test-browser run clean \
+	bench envoy-config console node chromium
 
 all: proto
 
@@ -60,6 +61,32 @@ sandbox-tools:
 	  fi; \
 	fi
 
+# The web console (console/): TypeScript built by Vite into console/dist, which the console service serves
+# under /console/. Node.js and npm are the machine's, or Debian's when missing (installed as root).
+CONSOLE_SRC := $(shell find console/src console/public -type f 2>/dev/null) console/index.html \
+	console/vite.config.ts console/tsconfig.json console/package.json
+
+node:
+	@command -v npm >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null); \
+	  else echo "Node.js and npm are needed to build the console (Debian: apt-get install nodejs npm)" >&2; exit 1; fi; }
+
+console/node_modules/.package-lock.json: console/package-lock.json | node
+	cd console && npm ci --no-audit --no-fund --loglevel=error
+
+console/dist/index.html: console/node_modules/.package-lock.json $(CONSOLE_SRC)
+	cd console && npm run --silent build
+
+console: console/dist/index.html
+
+# Debian's Chromium for the browser tests (tests/browser); Playwright drives it, it downloads no browser.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null); \
+	  else echo "warning: chromium is missing; the browser tests will be skipped (apt-get install chromium)" >&2; fi; }
+
 lint: proto
 	$(BIN)/buf lint
 	$(BIN)/ruff check libs services tests bench
@@ -77,10 +104,13 @@ test-integration: proto sandbox-tools
 test-e2e: proto
 	$(BIN)/python -m pytest tests/e2e -q
 
-test: lint typecheck sandbox-tools
+test-browser: proto console chromium
+	$(BIN)/python -m pytest tests/browser -q
+
+test: lint typecheck sandbox-tools console chromium
 	$(BIN)/python -m pytest tests -q
 
-run: proto sandbox-tools
+run: proto sandbox-tools console
 	$(BIN)/jobmesh run
 
 envoy-config: proto
@@ -90,4 +120,4 @@ bench: proto
 	$(BIN)/python bench/submit_latency.py
 
 clean:
-	rm -rf .jobmesh build gen
+	rm -rf .jobmesh build gen console/dist

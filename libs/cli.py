@@ -70,6 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"\njobmesh is up: {stack.url}  (REST under /api/v1, native gRPC on the same port)\n"
         f"processes: {', '.join(stack.procs)}\n\n"
         f"dev token for tenant acme (24 h):\n{token}\n\n"
+        f"console (signs in with that token): {stack.url}/console/#token={token}\n\n"
         f"try:\n  TOKEN=$(.venv/bin/jobmesh token --tenant acme)\n"
         f'  curl -H "Authorization: Bearer $TOKEN" -d \'{{"name":"hello","command":["sh","-c","echo hi"],'
         f'"resources":{{"cpu_millis":100,"memory_mb":64}}}}\' {stack.url}/api/v1/jobs\n\n'

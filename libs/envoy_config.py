@@ -26,6 +26,9 @@ MAX_DOWNSTREAM_CONNECTIONS = 10_000
 ENVOY_LOG_LEVEL = "warning"
 
 _GATEWAY_CLUSTER = "jobmesh_gateway"
+_CONSOLE_CLUSTER = "jobmesh_console"
+CONSOLE_PREFIX = "/console/"
+CONSOLE_ROUTE_TIMEOUT_SECONDS = 10
 _ERROR_DOMAIN = "jobmesh.dev"
 # The transcoder rewrites :method to POST, so the client's method is saved before it runs.
 _METHOD_STATE_KEY = "jobmesh.edge.request_method"
@@ -87,6 +90,41 @@ def _gateway_cluster(gateway_host: str, gateway_port: int) -> dict[str, Any]:
     }
 
 
+def _console_cluster(console_port: int) -> dict[str, Any]:
+    # The console's static-file service on loopback (HTTP/1.1); only Envoy talks to it.
+    return {
+        "name": _CONSOLE_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": _seconds(CONNECT_TIMEOUT_SECONDS),
+        "lb_policy": "ROUND_ROBIN",
+        "load_assignment": {
+            "cluster_name": _CONSOLE_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address("127.0.0.1", console_port)}}]}],
+        },
+    }
+
+
+def _console_routes() -> list[dict[str, Any]]:
+    # Static files, not gRPC: the transcoder (which refuses paths it cannot map to a method) is off here.
+    transcoder_off = {
+        "envoy.filters.http.grpc_json_transcoder": _typed("envoy.config.route.v3.FilterConfig", disabled=True)
+    }
+    return [
+        {
+            "name": "console_redirect",
+            "match": {"path": CONSOLE_PREFIX.rstrip("/")},
+            "redirect": {"path_redirect": CONSOLE_PREFIX},
+            "typed_per_filter_config": transcoder_off,
+        },
+        {
+            "name": "console",
+            "match": {"prefix": CONSOLE_PREFIX},
+            "route": {"cluster": _CONSOLE_CLUSTER, "timeout": _seconds(CONSOLE_ROUTE_TIMEOUT_SECONDS)},
+            "typed_per_filter_config": transcoder_off,
+        },
+    ]
+
+
 def _remember_method_filter() -> dict[str, Any]:
     return {
         "name": "envoy.filters.http.set_filter_state",
@@ -142,7 +180,7 @@ def _transcoder_filter(descriptor_path: str) -> dict[str, Any]:
     }
 
 
-def _routes() -> list[dict[str, Any]]:
+def _routes(console: bool = False) -> list[dict[str, Any]]:
     # The transcoder rewrites a matched REST request to its gRPC path before routing, so these
     # prefixes carry both REST and native gRPC traffic; every other path (internal services
     # included) falls through to the 404 below and never reaches the gateway.
@@ -158,6 +196,8 @@ def _routes() -> list[dict[str, Any]]:
         }
         for service in PUBLIC_SERVICES
     ]
+    if console:
+        routes += _console_routes()
     routes.append(
         {
             "name": "not_found",
@@ -234,7 +274,7 @@ def _local_reply_config() -> dict[str, Any]:
     return {"mappers": mappers}
 
 
-def _http_connection_manager(descriptor_path: str) -> dict[str, Any]:
+def _http_connection_manager(descriptor_path: str, console: bool = False) -> dict[str, Any]:
     return _typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="jobmesh_edge",
@@ -264,7 +304,7 @@ def _http_connection_manager(descriptor_path: str) -> dict[str, Any]:
         local_reply_config=_local_reply_config(),
         route_config={
             "name": "jobmesh_public",
-            "virtual_hosts": [{"name": "jobmesh", "domains": ["*"], "routes": _routes()}],
+            "virtual_hosts": [{"name": "jobmesh", "domains": ["*"], "routes": _routes(console)}],
         },
         http_filters=[
             _remember_method_filter(),
@@ -286,6 +326,7 @@ def render_envoy_config(
     gateway_host: str,
     gateway_port: int,
     descriptor_path: str,
+    console_port: int | None = None,
 ) -> str:
     """Return the Envoy v3 bootstrap (as JSON, which is also valid YAML) for the public edge.
 
@@ -296,6 +337,7 @@ def render_envoy_config(
     Both go over HTTP/2 to the gateway at ``gateway_host:gateway_port``; every other path is a
     404 and never reaches it. Request bodies are capped at 1 MiB (413), and Envoy's own errors to
     REST callers are JSON google.rpc.Status bodies too. Admin listens on ``127.0.0.1:admin_port``.
+    With ``console_port``, ``/console/`` is routed to the console's static-file service on that loopback port.
 
     Some settings live on Envoy's command line, not in the bootstrap: the launcher must start
     Envoy with ``--concurrency 1`` and ``--log-level warning`` (:func:`envoy_argv` builds that
@@ -324,7 +366,7 @@ def render_envoy_config(
                             "filters": [
                                 {
                                     "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": _http_connection_manager(descriptor_path),
+                                    "typed_config": _http_connection_manager(descriptor_path, console_port is not None),
                                 }
                             ]
                         }
@@ -334,6 +376,8 @@ def render_envoy_config(
             "clusters": [_gateway_cluster(gateway_host, gateway_port)],
         },
     }
+    if console_port is not None:
+        bootstrap["static_resources"]["clusters"].append(_console_cluster(console_port))
     return json.dumps(bootstrap, indent=2) + "\n"
 
 

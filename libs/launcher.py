@@ -67,6 +67,7 @@ class Ports:
     scheduler: tuple[int, ...] = (50054, 50064)
     poolmanager: tuple[int, ...] = (50055, 50065)
     cost: int = 50056
+    console: int = 50057
     metrics_base: int = 9100  # each service gets metrics_base + n
 
     @classmethod
@@ -82,6 +83,7 @@ class Ports:
             scheduler=(free_port(), free_port()),
             poolmanager=(free_port(), free_port()),
             cost=free_port(),
+            console=free_port(),
             metrics_base=0,
         )
 
@@ -226,10 +228,19 @@ class Stack:
                 gateway_host="127.0.0.1",
                 gateway_port=p.gateway,
                 descriptor_path=str(REPO / "build" / "jobmesh.pb"),
+                console_port=p.console,
             )
         )
         argv = envoy_argv(envoy_binary(), str(config), base_id=random.randint(1, 2**20))
         return self._spawn(Proc("envoy", argv, dict(os.environ), self.log_dir / "envoy.log", p.envoy))
+
+    def start_console(self) -> Proc:
+        """The console's static-file service (console/dist) on loopback, behind Envoy's /console/ route."""
+        env = self.service_env()
+        env.update(JOBMESH_PORT=str(self.ports.console))
+        proc = Proc("console", [sys.executable, "-m", "services.console"], env, self.log_dir / "console.log")
+        proc.port = self.ports.console
+        return self._spawn(proc)
 
     SERVICES = ("quota", "queueing", "cost", "scheduler-1", "scheduler-2", "poolmanager-1", "poolmanager-2", "gateway")
 
@@ -239,6 +250,8 @@ class Stack:
             return self.start_etcd()
         if name == "envoy":
             return self.start_envoy()
+        if name == "console":
+            return self.start_console()
         if name.startswith("scheduler-"):
             i = int(name.rsplit("-", 1)[1]) - 1
             return self.start_service(name, "services.scheduler", p.scheduler[i], replica=name)
@@ -260,8 +273,10 @@ class Stack:
         self.wait_etcd(timeout)
         for name in self.SERVICES:
             self.start_named(name)
+        self.start_console()
         for name in self.SERVICES:
             self.wait_healthy(name, timeout)
+        self.wait_console(timeout)
         self.start_envoy()
         self.wait_envoy(timeout)
 
@@ -304,6 +319,20 @@ class Stack:
                     raise TimeoutError(f"{name} did not become healthy")
                 time.sleep(0.1)
 
+    def wait_console(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while True:
+            self._check_alive("console")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.ports.console}/healthz", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > end:
+                raise TimeoutError("console did not become healthy")
+            time.sleep(0.1)
+
     def wait_envoy(self, timeout: float) -> None:
         end = time.monotonic() + timeout
         while True:
@@ -334,6 +363,8 @@ class Stack:
             self.wait_etcd(timeout)
         elif name == "envoy":
             self.wait_envoy(timeout)
+        elif name == "console":
+            self.wait_console(timeout)
         else:
             self.wait_healthy(name, timeout)
         return proc
