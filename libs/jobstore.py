@@ -22,6 +22,19 @@ log = logging.getLogger(__name__)
 LIST_SCAN_LIMIT = 5000
 
 
+def _from_token(page_token: str) -> str:
+    """The job id a page token continues after; "" for none."""
+    if not page_token:
+        return ""
+    try:
+        after = base64.urlsafe_b64decode(page_token.encode()).decode()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument("page_token", "is not a token this API returned") from exc
+    if not safe_segment(after):
+        raise InvalidArgument("page_token", "is not a token this API returned")
+    return after
+
+
 @dataclass(frozen=True)
 class Completion:
     """A worker's report of how one attempt ended."""
@@ -80,27 +93,31 @@ class JobStore:
     async def get(self, tenant_id: str, job_id: str) -> t.Job:
         return (await self.get_with_revision(tenant_id, job_id))[0]
 
-    async def list(self, tenant_id: str, state: int, page_size: int, page_token: str) -> tuple[list[t.Job], str]:
-        """Newest first is what people want, but ids sort oldest first; we page oldest first, stably. A filtered
-        list reads at most LIST_SCAN_LIMIT records per call: a page may then hold fewer jobs than asked, with a
-        token to go on (AIP-158), so one request's work is bounded however many records the tenant keeps."""
+    async def list(
+        self, tenant_id: str, state: int, page_size: int, page_token: str, *, newest_first: bool = False
+    ) -> tuple[list[t.Job], str]:
+        """A page of the tenant's jobs in id order (ids are time-ordered, so oldest first), or newest first. A
+        filtered list reads at most LIST_SCAN_LIMIT records per call: a page may then hold fewer jobs than asked,
+        with a token to go on (AIP-158), so one request's work is bounded however many records the tenant keeps."""
         prefix = self.keys.tenant_jobs(tenant_id)
-        start = None
-        if page_token:
-            try:
-                after = base64.urlsafe_b64decode(page_token.encode()).decode()
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise InvalidArgument("page_token", "is not a token this API returned") from exc
-            if not safe_segment(after):
-                raise InvalidArgument("page_token", "is not a token this API returned")
-            start = prefix + after + "\0"
+        after = _from_token(page_token)
+        # The range still to read: [start, end) in key order, read from its far end when newest first.
+        start: str | None = None
+        end: str | None = None
+        if after:
+            if newest_first:
+                end = prefix + after
+            else:
+                start = prefix + after + "\0"
         jobs: list[t.Job] = []
         last = ""
         has_more = False
         scanned = 0
         limit = max(page_size * 2, 50)
         while True:
-            kvs, _, more = await self.etcd.get_prefix(prefix, start=start, limit=limit)
+            kvs, _, more = await self.etcd.get_prefix(
+                prefix, start=start, end=end, limit=limit, descending=newest_first
+            )
             for i, kv in enumerate(kvs):
                 job = decode_job(kv.value)
                 last = Keys.last_segment(kv.key)
@@ -112,7 +129,10 @@ class JobStore:
                     break
             if len(jobs) == page_size or scanned >= LIST_SCAN_LIMIT or not more or not kvs:
                 break
-            start = prefix + last + "\0"
+            if newest_first:
+                end = prefix + last
+            else:
+                start = prefix + last + "\0"
             limit = min(next_page_limit(max(len(kv.value) for kv in kvs)), max(page_size * 2, 50))
         token = base64.urlsafe_b64encode(last.encode()).decode() if has_more else ""
         return jobs, token

@@ -183,16 +183,22 @@ class Etcd:
         limit: int = 0,
         keys_only: bool = False,
         revision: int = 0,
+        end: str | None = None,
+        descending: bool = False,
     ) -> tuple[list[KeyValue], int, bool]:
-        """Keys under prefix from `start` (inclusive) in key order: (kvs, revision, more). With `revision`, as they
-        were at that revision (raises WatchCompacted if it was compacted away)."""
+        """Keys under prefix from `start` (inclusive) to `end` (exclusive) in key order, or the reverse with
+        `descending` (the last keys of the range first): (kvs, revision, more). With `revision`, as they were at
+        that revision (raises WatchCompacted if it was compacted away)."""
         request = pb.RangeRequest(
             key=(start or prefix).encode(),
-            range_end=prefix_end(prefix),
+            range_end=end.encode() if end else prefix_end(prefix),
             limit=limit,
             keys_only=keys_only,
             revision=revision,
         )
+        if descending:
+            request.sort_order = pb.RangeRequest.DESCEND
+            request.sort_target = pb.RangeRequest.KEY
         resp = await self._call(self._kv.Range, request)
         return [_kv(kv) for kv in resp.kvs], resp.header.revision, resp.more
 

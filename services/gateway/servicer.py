@@ -38,6 +38,8 @@ _BATCH = 64
 
 # The most jobs one page holds; a larger page_size is coerced to it.
 MAX_PAGE_SIZE = 500
+# ListJobs' order_by values (AIP-132), and whether each lists newest first.
+ORDERS = {"": False, "create_time": False, "create_time asc": False, "create_time desc": True}
 
 
 class Backends:
@@ -226,10 +228,15 @@ class JobsServicer(gateway_pb2_grpc.JobServiceServicer):
         principal = self.auth(context)
         if request.page_size < 0:
             raise InvalidArgument("page_size", "must not be negative")
+        # A space may arrive as "+" from a query string the transcoder passes through as it is.
+        order = " ".join(request.order_by.lower().replace("+", " ").split())
+        if order not in ORDERS:
+            raise InvalidArgument("order_by", 'must be "create_time" or "create_time desc"')
         resp = await self.b.queueing.ListJobs(  # type: ignore[attr-defined]
             q.ListJobsRequest(
                 tenant_id=principal.tenant_id,
                 state=request.state,
+                newest_first=ORDERS[order],
                 page_size=min(request.page_size, MAX_PAGE_SIZE),  # AIP-158: above the maximum is the maximum
                 page_token=request.page_token,
             ),

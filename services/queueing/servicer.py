@@ -61,7 +61,9 @@ class QueueingServicer(queueing_pb2_grpc.QueueingServiceServicer):
         if request.page_size < 0:
             raise InvalidArgument("page_size", "must not be negative")
         page_size = min(request.page_size or 50, 500)
-        jobs, token = await self.store.list(request.tenant_id, request.state, page_size, request.page_token)
+        jobs, token = await self.store.list(
+            request.tenant_id, request.state, page_size, request.page_token, newest_first=request.newest_first
+        )
         return q.ListJobsResponse(jobs=[self.manager.show_late_start(job) for job in jobs], next_page_token=token)
 
     async def CancelJob(self, request: q.CancelJobRequest, context: grpc.aio.ServicerContext) -> q.CancelJobResponse:

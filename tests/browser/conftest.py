@@ -37,8 +37,10 @@ def _require(ok: bool, why: str) -> None:
     pytest.skip(why)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    # Module scope, not session: Playwright's sync API keeps an event loop running in this thread while it is
+    # open, and the asyncio tests of the other tiers that run after this module need the thread's loop free.
     _require(Path(CHROMIUM).exists(), "chromium is not installed (apt-get install chromium)")
     _require((REPO / "console" / "dist" / "index.html").exists(), "the console is not built (make console)")
     try:

@@ -139,6 +139,15 @@ def test_a_page_size_above_the_maximum_is_coerced_and_a_negative_one_refused(acm
     assert body["details"][0]["metadata"]["field"] == "page_size"
 
 
+def test_jobs_list_newest_first_on_request_and_a_bad_order_is_400(acme: Api) -> None:
+    ids = [acme.submit(job_spec(f"order-{i}", ["true"]))["job_id"] for i in range(3)]
+    newest = acme.call("GET", "/api/v1/jobs", params={"order_by": "create_time desc", "page_size": 3})
+    assert newest.status_code == 200, newest.text
+    assert [j["job_id"] for j in newest.json()["jobs"]] == ids[::-1]
+    body = _assert_clean_error(acme.call("GET", "/api/v1/jobs", params={"order_by": "name"}), 400)
+    assert body["details"][0]["metadata"]["field"] == "order_by"
+
+
 def test_malformed_json_and_unknown_query_parameters_are_400(acme: Api) -> None:
     resp = acme.call("POST", "/api/v1/jobs", content=b"{not json", headers={"content-type": "application/json"})
     _assert_clean_error(resp, 400)

@@ -88,3 +88,32 @@ async def test_an_unfiltered_list_fills_its_pages(etcd: Etcd) -> None:
     assert [j.job_id for j in jobs] == ids[:20] and token
     jobs, token = await store.list("acme", 0, 20, token)
     assert [j.job_id for j in jobs] == ids[20:] and not token
+
+
+@pytest.mark.asyncio
+async def test_newest_first_pages_walk_back_through_every_job_and_filters_apply(
+    etcd: Etcd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jobstore, "LIST_SCAN_LIMIT", 100)
+    states = [t.JOB_STATE_SUCCEEDED] * 130
+    states[3] = states[120] = t.JOB_STATE_PENDING
+    ids = await store_jobs(etcd, states)
+    store = JobStore(etcd, KEYS)
+
+    seen: list[str] = []
+    token = ""
+    for _ in range(10):
+        jobs, token = await store.list("acme", 0, 50, token, newest_first=True)
+        seen += [j.job_id for j in jobs]
+        if not token:
+            break
+    assert seen == ids[::-1]
+
+    pending: list[str] = []
+    token = ""
+    for _ in range(10):
+        jobs, token = await store.list("acme", t.JOB_STATE_PENDING, 10, token, newest_first=True)
+        pending += [j.job_id for j in jobs]
+        if not token:
+            break
+    assert pending == [ids[120], ids[3]]
