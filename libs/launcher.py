@@ -146,6 +146,10 @@ class Stack:
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.ports.envoy}"
 
+    def metrics_port(self, name: str) -> int:
+        """The /metrics port of a named process (the launcher's own too), fixed once chosen."""
+        return self._metrics_port(name)
+
     def _metrics_port(self, name: str) -> int:
         if name not in self._metrics:
             base = self.ports.metrics_base
