@@ -10,9 +10,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from libs.settings import SettingsError
+from libs.settings import SettingsError, TlsSettings
 from services.console.assets import ConsoleAssets
 from services.console.server import ConsoleServer
+from services.console.tls import ServerTls
 
 REPO = Path(__file__).resolve().parent.parent.parent
 log = logging.getLogger("jobmesh.console")
@@ -20,6 +21,7 @@ log = logging.getLogger("jobmesh.console")
 
 @dataclass(frozen=True)
 class ConsoleSettings:
+    tls: TlsSettings
     port: int = 50057
     host: str = "127.0.0.1"
     assets_dir: Path = REPO / "console" / "dist"
@@ -34,12 +36,17 @@ class ConsoleSettings:
         if host not in ("127.0.0.1", "::1", "localhost"):
             # Only Envoy, on this host, may reach it: the public port is Envoy's.
             raise SettingsError("JOBMESH_CONSOLE_HOST must be a loopback address")
-        return cls(port=port, host=host, assets_dir=Path(env.get("JOBMESH_CONSOLE_DIR") or cls.assets_dir))
+        return cls(
+            tls=TlsSettings.required(env, "console"),
+            port=port,
+            host=host,
+            assets_dir=Path(env.get("JOBMESH_CONSOLE_DIR") or cls.assets_dir),
+        )
 
 
 def run(settings: ConsoleSettings) -> None:
     assets = ConsoleAssets(settings.assets_dir)
-    server = ConsoleServer((settings.host, settings.port), assets)
+    server = ConsoleServer((settings.host, settings.port), assets, ServerTls(settings.tls))
 
     def on_term(signum: int, _frame: object) -> None:
         # shutdown() waits for serve_forever to return, so it must run off the thread that serves.
@@ -48,7 +55,7 @@ def run(settings: ConsoleSettings) -> None:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     log.info(
-        "console serving %s on http://%s:%d%s",
+        "console serving %s on https://%s:%d%s (mTLS)",
         settings.assets_dir,
         settings.host,
         settings.port,

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from services.console.assets import ConsoleAssets
+from services.console.tls import ALLOWED_CALLERS, ServerTls, caller_of
 
 log = logging.getLogger(__name__)
 
@@ -18,9 +22,16 @@ class ConsoleServer(ThreadingHTTPServer):
     # Envoy is the only client; a backlog this size is plenty and bounds what waits.
     request_queue_size = 64
 
-    def __init__(self, address: tuple[str, int], assets: ConsoleAssets):
+    def __init__(self, address: tuple[str, int], assets: ConsoleAssets, tls: ServerTls):
         self.assets = assets
+        self.tls = tls
         super().__init__(address, _Handler)
+        _quiet_refusals(self)
+
+    def get_request(self) -> tuple[Any, Any]:
+        # Wrapped here, shaken hands in the request's own thread (setup), so a slow client holds no other.
+        sock, address = super().get_request()
+        return self.tls.context().wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -29,6 +40,20 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "jobmesh-console"
     sys_version = ""
     timeout = REQUEST_TIMEOUT_SECONDS
+
+    def setup(self) -> None:
+        conn = self.request
+        conn.settimeout(REQUEST_TIMEOUT_SECONDS)
+        try:
+            conn.do_handshake()
+        except (ssl.SSLError, OSError) as exc:
+            log.warning("refused a connection from %s: %s", self.client_address[0], exc)
+            raise _Refused from exc
+        caller = caller_of(conn)
+        if caller not in ALLOWED_CALLERS:
+            log.warning("refused caller=%s (not allowed to fetch the console's files)", caller or "none")
+            raise _Refused
+        super().setup()
 
     def _serve(self) -> None:
         answer = self.server.assets.answer(self.command, self.path, self.headers.get("If-None-Match"))
@@ -53,3 +78,24 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_error(self, format: str, *args: object) -> None:
         log.warning("%s %s", self.address_string(), format % args)
+
+
+class _Refused(Exception):
+    """A connection without an allowed mesh identity: closed without an answer."""
+
+
+def _quiet_refusals(server: ConsoleServer) -> None:
+    original = server.handle_error
+
+    def handle_error(request: Any, client_address: Any) -> None:
+        import sys
+
+        if isinstance(sys.exc_info()[1], _Refused):
+            try:
+                request.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        original(request, client_address)
+
+    server.handle_error = handle_error  # type: ignore[method-assign]

@@ -16,6 +16,7 @@ from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
 from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
 from libs.interceptors import channel
 from libs.jobs import INTERRUPTED
+from libs.settings import TlsSettings
 from services.worker.executor import REASON_KILLED, ExecResult, ExecSpec, JobExecutor
 from services.worker.fencing import LeaseFence
 from services.worker.health import HealthCheck
@@ -33,6 +34,7 @@ class AgentSettings:
     worker: t.Worker
     poolmanagers: tuple[str, ...]
     scratch_root: str
+    tls: TlsSettings  # the worker's own certificate (spiffe://jobmesh/worker/<pool>/<worker>), issued at provisioning
     heartbeat_seconds: float = 2.0
     slots: int = 1  # jobs run at once (the pool's worker_slots)
     # Until the pool-manager says otherwise with the registration: the lease's TTL (self-fencing) and how long
@@ -78,7 +80,7 @@ class WorkerAgent:
     def _registry(self, addr: str) -> poolmanager_pb2_grpc.WorkerRegistryServiceStub:
         if addr not in self._channels:
             # A worker starts no traces and gets none with its assignments: nothing to propagate.
-            self._channels[addr] = channel(addr, propagate=False)
+            self._channels[addr] = channel(addr, self.settings.tls, propagate=False)
         return poolmanager_pb2_grpc.WorkerRegistryServiceStub(self._channels[addr])
 
     def _next_endpoint(self) -> str:
@@ -114,7 +116,7 @@ class WorkerAgent:
 
     async def _session(self, addr: str) -> None:
         """One registration stream; ends when the stream breaks, the lease is lost, or we stop."""
-        async with channel(addr, propagate=False) as ch:
+        async with channel(addr, self.settings.tls, propagate=False) as ch:
             stub = poolmanager_pb2_grpc.WorkerRegistryServiceStub(ch)
             connect = pm.ConnectRequest(worker=self.worker)
             connect_sent = time.monotonic()

@@ -13,10 +13,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from bench.worker_agent import start_worker
+from bench.worker_agent import stand_in_mesh, start_worker
 from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
 from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
+from libs.settings import TlsSettings
 from services.worker.agent import STOP_MARGIN_SECONDS
 
 LEASE_TTL = 3
@@ -105,12 +106,14 @@ def lease_ttl(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
-async def serve(manager: PoolManager) -> tuple[grpc.aio.Server, int]:
+async def serve(manager: PoolManager, data_dir: Path) -> tuple[grpc.aio.Server, int, TlsSettings]:
+    """The test's pool-manager on an mTLS port, and the worker certificate its worker is started with."""
+    creds, worker_tls = stand_in_mesh(data_dir)
     server = grpc.aio.server()
     poolmanager_pb2_grpc.add_WorkerRegistryServiceServicer_to_server(manager, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_secure_port("127.0.0.1:0", creds)
     await server.start()
-    return server, port
+    return server, port, worker_tls
 
 
 async def wait_until(predicate: object, timeout: float, what: str) -> None:
@@ -126,8 +129,8 @@ async def test_a_draining_worker_says_so_gives_back_new_work_and_interrupts_its_
     tmp_path: Path,
 ) -> None:
     manager = PoolManager(drain_grace=1.0)
-    server, port = await serve(manager)
-    worker = start_worker(port, tmp_path)
+    server, port, worker_tls = await serve(manager, tmp_path)
+    worker = start_worker(port, tmp_path, worker_tls)
     try:
         await wait_until(lambda: manager.registrations, 15, "the registration")
         manager.outbox.put_nowait(manager.assignment("long", ["sleep", "30"]))
@@ -158,8 +161,8 @@ async def test_a_draining_worker_says_so_gives_back_new_work_and_interrupts_its_
 @pytest.mark.usefixtures("lease_ttl")
 async def test_a_result_no_replica_takes_for_a_lease_is_reported_again_after_reconnecting(tmp_path: Path) -> None:
     manager = PoolManager(drain_grace=1.0)
-    server, port = await serve(manager)
-    worker = start_worker(port, tmp_path)
+    server, port, worker_tls = await serve(manager, tmp_path)
+    worker = start_worker(port, tmp_path, worker_tls)
     try:
         await wait_until(lambda: manager.registrations, 15, "the registration")
         manager.refuse_until = time.monotonic() + 10.0  # past the 5 s ack wait and a lease of calls

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from libs.envoy_config import render_envoy_config
+from libs.envoy_config import EnvoyTls, render_envoy_config
 
 
 def render(console_port: int | None) -> dict[str, Any]:
@@ -13,11 +13,12 @@ def render(console_port: int | None) -> dict[str, Any]:
         render_envoy_config(
             listen_host="127.0.0.1",
             listen_port=8080,
-            admin_port=9901,
+            admin_socket=".jobmesh/envoy-admin.sock",
             gateway_host="127.0.0.1",
             gateway_port=50051,
             descriptor_path="build/jobmesh.pb",
             console_port=console_port,
+            tls=EnvoyTls("identity-sds.json", "validation-sds.json", ".jobmesh/pki/services"),
         )
     )
 
