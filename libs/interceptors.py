@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -199,10 +200,19 @@ class TracingClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.Un
         return await continuation(self._with_context(client_call_details), request)
 
 
-def channel(target: str | tuple[str, ...], tls: TlsSettings, *, propagate: bool = True) -> grpc.aio.Channel:
+# Calls wait (within their deadline) for a connection instead of failing at once while the channel is between
+# attempts to reconnect: a service that was just restarted is used as soon as it is back, not after the
+# channel's next reconnect backoff has run out.
+_WAIT_FOR_READY = json.dumps({"methodConfig": [{"name": [{}], "waitForReady": True}]})
+
+
+def channel(
+    target: str | tuple[str, ...], tls: TlsSettings, *, propagate: bool = True, fail_fast: bool = False
+) -> grpc.aio.Channel:
     """A client channel to another service (round-robin over several replicas) over mTLS as the identity in
     `tls` (renewed files are picked up by new calls), with trace propagation unless the caller has no trace to
-    carry on (`propagate=False` spares every call the interceptor)."""
+    carry on (`propagate=False` spares every call the interceptor). Calls wait for a connection within their
+    deadline, unless `fail_fast` (a caller that tries another replica itself, like a worker's heartbeat)."""
     if isinstance(target, tuple):
         target = target[0] if len(target) == 1 else "ipv4:" + ",".join(target)
     return RenewingChannel(
@@ -218,5 +228,6 @@ def channel(target: str | tuple[str, ...], tls: TlsSettings, *, propagate: bool 
             ("grpc.lb_policy_name", "round_robin"),
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 2000),
+            *([] if fail_fast else [("grpc.service_config", _WAIT_FOR_READY)]),
         ],
     )

@@ -80,7 +80,7 @@ class WorkerAgent:
     def _registry(self, addr: str) -> poolmanager_pb2_grpc.WorkerRegistryServiceStub:
         if addr not in self._channels:
             # A worker starts no traces and gets none with its assignments: nothing to propagate.
-            self._channels[addr] = channel(addr, self.settings.tls, propagate=False)
+            self._channels[addr] = channel(addr, self.settings.tls, propagate=False, fail_fast=True)
         return poolmanager_pb2_grpc.WorkerRegistryServiceStub(self._channels[addr])
 
     def _next_endpoint(self) -> str:
@@ -116,7 +116,7 @@ class WorkerAgent:
 
     async def _session(self, addr: str) -> None:
         """One registration stream; ends when the stream breaks, the lease is lost, or we stop."""
-        async with channel(addr, self.settings.tls, propagate=False) as ch:
+        async with channel(addr, self.settings.tls, propagate=False, fail_fast=True) as ch:
             stub = poolmanager_pb2_grpc.WorkerRegistryServiceStub(ch)
             connect = pm.ConnectRequest(worker=self.worker)
             connect_sent = time.monotonic()

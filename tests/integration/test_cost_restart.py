@@ -95,8 +95,9 @@ def test_killing_the_cost_service_mid_run_loses_no_record_and_charges_nothing_tw
     for job in ended:
         (record,) = [CostRecord.from_json(after[(job["job_id"], 1)].value)]
         assert abs(record.cost_micros - hand_cost_micros(job, config)) <= 1
-    body = acme.call("GET", "/api/v1/cost-optimization/reports").json()
-    (report,) = body["reports"]
+    resp = acme.call("GET", "/api/v1/cost-optimization/reports")
+    assert resp.status_code == 200, resp.text
+    (report,) = resp.json()["reports"]
     assert report["jobs"] == len(ended)
     assert int(report["total"]["micros"]) == sum(CostRecord.from_json(kv.value).cost_micros for kv in after.values())
 
