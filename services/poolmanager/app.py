@@ -59,6 +59,8 @@ async def run(settings: CommonSettings) -> None:
         outcomes,
         # Under steady load a result waits this long to share its transaction with other workers' results.
         result_linger=settings.get_float("JOBMESH_RESULT_LINGER_MS", 4.0) / 1000,
+        # Until the transport carries identities (mTLS), workers cannot be bound to a certificate.
+        require_identity=False,
     )
     election = LeaderElection(etcd, keys.leader("pool-manager"), settings.server.replica_id, ttl=leader_ttl)
     # Workers we start inherit our settings (etcd is not theirs to use; they only talk to us).
