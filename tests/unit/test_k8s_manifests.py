@@ -390,3 +390,101 @@ def test_the_prod_overlay_adds_replicas_budgets_tracing_and_network_policies() -
         env = env_of(next(containers(workload, init=False)))
         assert env["JOBMESH_OTEL_EXPORTER"]["value"] == "otlp", workload["metadata"]["name"]
         assert "JOBMESH_OTEL_ENDPOINT" in env
+
+
+# Network policies ------------------------------------------------------------------------------------------
+
+POLICIES = K8S / "components" / "network-policies"
+WORKER_POD = {"app.kubernetes.io/name": "worker", "app.kubernetes.io/component": "worker", "jobmesh.dev/pool": "x"}
+# What a worker pod (and so every job it runs) must reach: the pool-manager's registry and join ports.
+WORKER_PORTS = {50055, 50057}
+
+
+def policies() -> list[Doc]:
+    return [d for path in sorted(POLICIES.glob("*.yaml")) for d in load_docs(path) if d.get("kind") == "NetworkPolicy"]
+
+
+def selects(selector: Doc | None, labels: dict[str, str]) -> bool:
+    """A label selector as Kubernetes evaluates it (an empty one selects every pod)."""
+    selector = selector or {}
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        value, operator = labels.get(expr["key"]), expr["operator"]
+        if operator == "In" and value not in expr["values"]:
+            return False
+        if operator == "NotIn" and value in expr["values"]:
+            return False
+        if operator == "Exists" and value is None:
+            return False
+        if operator == "DoesNotExist" and value is not None:
+            return False
+    return True
+
+
+def pod_labels(workload: Doc) -> dict[str, str]:
+    return dict(workload["spec"]["template"]["metadata"]["labels"])
+
+
+def test_the_selector_reader_reads_selectors() -> None:
+    assert selects({}, WORKER_POD)
+    assert selects({"matchLabels": {"app.kubernetes.io/name": "worker"}}, WORKER_POD)
+    assert not selects(
+        {"matchExpressions": [{"key": "app.kubernetes.io/component", "operator": "NotIn", "values": ["worker"]}]},
+        WORKER_POD,
+    )
+    assert selects(
+        {"matchExpressions": [{"key": "app.kubernetes.io/name", "operator": "In", "values": ["worker", "gateway"]}]},
+        WORKER_POD,
+    )
+
+
+def test_worker_pods_reach_only_the_pool_managers_worker_ports_and_dns() -> None:
+    manifests = base_resources()
+    pool_manager = pod_labels(by_name(manifests, "Deployment", "pool-manager"))
+    for policy in policies():
+        if not selects(policy["spec"]["podSelector"], WORKER_POD) or "Egress" not in policy["spec"]["policyTypes"]:
+            continue
+        for rule in policy["spec"].get("egress", []):
+            ports = {p["port"] for p in rule.get("ports", [])}
+            peers = rule.get("to", [])
+            assert peers and ports, f"{policy['metadata']['name']}: a rule open to every peer or port"
+            for peer in peers:
+                if "namespaceSelector" in peer:  # the cluster DNS, in kube-system
+                    assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kube-system"}
+                    assert ports == {53}
+                    continue
+                assert "ipBlock" not in peer, policy["metadata"]["name"]
+                assert selects(peer["podSelector"], pool_manager) and ports <= WORKER_PORTS, policy["metadata"]["name"]
+                for workload in workloads(manifests):  # the selector picks the pool-manager and nothing else
+                    if selects(peer["podSelector"], pod_labels(workload)):
+                        assert workload["metadata"]["name"] == "pool-manager"
+
+
+def test_nothing_connects_to_a_worker_pod_and_no_control_plane_port_admits_one() -> None:
+    manifests = base_resources()
+    worker = pod_labels(by_name(manifests, "Deployment", "worker-static-general"))
+    assert selects({"matchLabels": {"app.kubernetes.io/name": "worker"}}, worker)
+    isolated = [
+        p for p in policies() if selects(p["spec"]["podSelector"], worker) and "Ingress" in p["spec"]["policyTypes"]
+    ]
+    assert isolated, "no policy isolates the worker pods' ingress"
+    for policy in policies():
+        if selects(policy["spec"]["podSelector"], worker):
+            assert not policy["spec"].get("ingress"), f"{policy['metadata']['name']} lets something reach worker pods"
+    for policy in policies():
+        for rule in policy["spec"].get("ingress", []):
+            peers = rule.get("from")
+            admits_workers = peers is None or any(
+                selects(peer.get("podSelector"), worker)
+                for peer in peers
+                if "ipBlock" not in peer and "namespaceSelector" not in peer
+            )
+            if not admits_workers:
+                continue
+            if peers is None:  # from anywhere: only the public edge may be open so
+                assert policy["metadata"]["name"] == "envoy", policy["metadata"]["name"]
+                continue
+            assert not selects(policy["spec"]["podSelector"], worker), "an ingress rule into worker pods"
+            assert policy["metadata"]["name"] == "pool-manager"
+            assert {p["port"] for p in rule["ports"]} <= WORKER_PORTS
