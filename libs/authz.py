@@ -35,6 +35,7 @@ _COST = "/jobmesh.cost.v1.CostService/"
 _POOLS = "/jobmesh.poolmanager.v1.PoolManagerService/"
 _REGISTRY = "/jobmesh.poolmanager.v1.WorkerRegistryService/"
 _JOIN = "/jobmesh.poolmanager.v1.WorkerJoinService/"
+_WORKER_CERTS = "/jobmesh.poolmanager.v1.WorkerCertificateService/"
 _SCHEDULER = "/jobmesh.scheduler.v1.SchedulerService/"
 _HEALTH = "/grpc.health.v1.Health/"
 _REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/"
@@ -77,8 +78,8 @@ TABLE: Mapping[tuple[str, str], frozenset[str]] = {
     ("service", "scheduler"): frozenset({_QUEUEING + "NextJobs"}),
     # The pool-manager's autoscaler reads queue depth.
     ("service", "poolmanager"): frozenset({_QUEUEING + "GetQueueStats"}),
-    # Workers speak to the registry only, each for itself.
-    ("worker", "*"): frozenset({_REGISTRY + "*"}),
+    # Workers speak to the registry only, each for itself, and renew their own certificate.
+    ("worker", "*"): frozenset({_REGISTRY + "*", _WORKER_CERTS + "RenewCertificate"}),
     # People and tools (`jobmesh` admin commands, grpcurl, tests acting as an operator): scheduler status,
     # reflection, minting join tokens, queue stats. The launcher's own identity only checks health.
     ("service", "operator"): frozenset(

@@ -31,6 +31,7 @@ from libs.clock import Clock
 from libs.config import MeshConfig
 from libs.errors import InvalidArgument, NotFound, PermissionDenied
 from libs.etcd.client import Etcd, cmp_mod, op_delete
+from libs.identity import peer_identity
 from libs.jobs import ts
 from libs.keys import Keys
 from libs.pki import WORKER_LIFETIME, CertificateAuthority, worker_id_uri
@@ -157,6 +158,28 @@ class WorkerJoinServicer(poolmanager_pb2_grpc.WorkerJoinServiceServicer):
             certificate_pem=cert.public_bytes(Encoding.PEM),
             ca_pem=self.ca.cert_pem,
             expire_time=ts(cert.not_valid_after_utc.timestamp()),
+        )
+
+
+class WorkerCertificateServicer(poolmanager_pb2_grpc.WorkerCertificateServiceServicer):
+    """A worker renews its own certificate as itself (mTLS port): the new one names the caller's identity, never
+    another, and only while its pool is still configured."""
+
+    def __init__(self, ca: CertificateAuthority, config: MeshConfig):
+        self.ca = ca
+        self.config = config
+
+    async def RenewCertificate(
+        self, request: pm.RenewCertificateRequest, context: grpc.aio.ServicerContext
+    ) -> pm.RenewCertificateResponse:
+        identity = peer_identity(context)
+        if identity is None or not identity.is_worker:
+            raise PermissionDenied("only a worker renews a worker certificate", reason="CALLER_NOT_ALLOWED")
+        if self.config.pool(identity.pool) is None:
+            raise PermissionDenied(f"pool {identity.pool!r} is no longer configured", reason="POOL_NOT_FOUND")
+        cert = sign_worker_csr(self.ca, request.csr_pem, identity.pool, identity.name)
+        return pm.RenewCertificateResponse(
+            certificate_pem=cert.public_bytes(Encoding.PEM), expire_time=ts(cert.not_valid_after_utc.timestamp())
         )
 
 

@@ -78,6 +78,17 @@ async def join_pool(
     return joined
 
 
+async def renew_certificate(channel: grpc.aio.Channel, cert: Path, key: Path, timeout: float = 10.0) -> float:
+    """Asks for a fresh certificate for a new key, as the identity `channel` presents, and replaces the files
+    (key first: a reader takes the pair only once they match). Returns the new certificate's expiry (epoch s)."""
+    key_pem, csr_pem = _request()
+    stub = poolmanager_pb2_grpc.WorkerCertificateServiceStub(channel)
+    resp = await stub.RenewCertificate(pm.RenewCertificateRequest(csr_pem=csr_pem), timeout=timeout)
+    write_private(key, key_pem)
+    write_public(cert, resp.certificate_pem)
+    return resp.expire_time.ToNanoseconds() / 1e9
+
+
 def identity_of(cert_pem: bytes) -> tuple[str, str] | None:
     """(pool id, worker id) that a worker certificate names; None for any other certificate."""
     uri = uri_of(cert_pem)

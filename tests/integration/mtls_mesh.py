@@ -32,6 +32,7 @@ from libs.jobs import apply_dispatch, decode_job, new_job_id, ts
 from libs.jobstore import JobStore
 from libs.keys import Keys
 from libs.pki import SERVICE_LIFETIME, WORKER_LIFETIME, Bundle, CertificateAuthority, service_id, worker_id_uri
+from services.poolmanager.join import WorkerCertificateServicer
 from services.poolmanager.outcomes import JobOutcomes
 from services.poolmanager.registry import RegistryMetrics, WorkerRegistry
 from tests.helpers import FIXTURE_CONFIG
@@ -102,6 +103,7 @@ async def serve_mesh(etcd: Etcd, ca: CertificateAuthority) -> AsyncIterator[Mesh
         interceptors=[AuthorizationInterceptor("poolmanager", metrics), ServerInterceptor("poolmanager", metrics)]
     )
     poolmanager_pb2_grpc.add_WorkerRegistryServiceServicer_to_server(registry, server)
+    poolmanager_pb2_grpc.add_WorkerCertificateServiceServicer_to_server(WorkerCertificateServicer(ca, config), server)
     quota_pb2_grpc.add_QuotaServiceServicer_to_server(quota_pb2_grpc.QuotaServiceServicer(), server)
     queueing_pb2_grpc.add_QueueingServiceServicer_to_server(Queueing(), server)
     cost_pb2_grpc.add_CostServiceServicer_to_server(cost_pb2_grpc.CostServiceServicer(), server)

@@ -24,7 +24,7 @@ from libs.interceptors import ServerInterceptor
 from libs.pki import SERVICE_LIFETIME, Bundle, service_id
 from services.poolmanager.join import JoinTokens, WorkerJoinServicer, start_join_server
 from services.poolmanager.pools import PoolsServicer
-from services.worker.join import identity_of, join_pool
+from services.worker.join import identity_of, join_pool, renew_certificate
 from tests.helpers import FIXTURE_CONFIG
 from tests.integration.mtls_mesh import KEYS, Mesh, connect_request, reason_of, refused, register
 
@@ -155,3 +155,28 @@ async def test_a_made_up_token_or_a_non_operator_gets_nothing(
     async with grpc.aio.secure_channel(f"127.0.0.1:{join_port.port}", creds) as ch:
         err = await refused(poolmanager_pb2_grpc.WorkerRegistryServiceStub(ch).Heartbeat(pm.HeartbeatRequest()))
         assert err.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+@pytest.mark.asyncio
+async def test_a_joined_worker_renews_its_own_certificate_and_no_one_elses(
+    mesh: Mesh,
+    join_port: JoinPort,
+    tmp_path: Path,
+) -> None:
+    token = await create_token(join_port, join_port.operator)
+    joined = await join_pool(f"127.0.0.1:{join_port.port}", token, join_port.ca_pem, tmp_path / "w")
+    old_key = joined.key.read_bytes()
+
+    async with mesh.channel(bundle_of(tmp_path / "w")) as ch:
+        await renew_certificate(ch, joined.cert, joined.key)
+
+    assert joined.key.read_bytes() != old_key
+    assert identity_of(joined.cert.read_bytes()) == ("static-general", joined.worker_id)
+    async with mesh.channel(bundle_of(tmp_path / "w")) as ch:  # the new pair works
+        session = await register(mesh, ch, connect_request(joined.worker_id))
+        session.call.cancel()
+    async with mesh.channel(mesh.service("gateway")) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await renew_certificate(ch, tmp_path / "g.crt", tmp_path / "g.key")
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert not (tmp_path / "g.crt").exists()
