@@ -83,6 +83,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pki_k8s_secrets(args: argparse.Namespace) -> int:
+    from libs.k8s_secrets import build_secrets, render
+
+    sys.stdout.write(render(build_secrets(args.ca_dir, args.namespace)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jobmesh", description=__doc__)
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
@@ -97,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--port", type=int, default=8080)
     run.set_defaults(func=cmd_run)
     add_cost_parser(sub)
+    pki = sub.add_parser("pki", help="the mesh's certificates").add_subparsers(dest="pki_command", required=True)
+    secrets = pki.add_parser(
+        "k8s-secrets", help="print the CAs' and every identity's Secrets for `kubectl apply -f -` (no cert-manager)"
+    )
+    secrets.add_argument("--ca-dir", type=Path, required=True, help="where the CAs' keys are kept (made on first use)")
+    secrets.add_argument("--namespace", default="jobmesh")
+    secrets.set_defaults(func=cmd_pki_k8s_secrets)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
