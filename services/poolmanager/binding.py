@@ -104,3 +104,17 @@ def check_result_numbers(run_seconds: float, cpu_seconds: float, max_memory_mb: 
         )
     if max_memory_mb > bounds.memory_mb * SLACK:
         raise ResultOutOfRange("max_memory_mb", f"{max_memory_mb} MB exceeds the worker's {bounds.memory_mb} MB")
+
+
+def process_is_worker(pid: int, worker_id: str, proc: str = "/proc") -> bool:
+    """Whether process `pid` on this host is the agent of `worker_id` (its environment names it). A worker's
+    record says which pid to stop, and a worker writes its own record: before the provider signals a pid, it
+    checks the process really is that worker, so no worker can have the pool-manager kill another process."""
+    if pid <= 1:
+        return False
+    try:
+        with open(f"{proc}/{pid}/environ", "rb") as f:
+            environ = f.read(1 << 20).split(b"\0")
+    except OSError:  # gone, or not ours to read
+        return False
+    return f"JOBMESH_WORKER_ID={worker_id}".encode() in environ

@@ -111,3 +111,23 @@ def test_bounds_come_from_the_pool_and_the_assignment_time() -> None:
     assert ResultBounds.of(POOL, 100.0, 130.0) == ResultBounds(2.0, 1024, 30.0)
     assert ResultBounds.of(POOL, 200.0, 130.0).elapsed_seconds == 0.0  # a clock behind the scheduler's
     assert ResultBounds.of(POOL, None, 130.0).elapsed_seconds is None
+
+
+def test_only_the_workers_own_process_is_taken_for_it() -> None:
+    import os
+    import subprocess
+    import sys
+
+    from services.poolmanager.binding import process_is_worker
+
+    env = {**os.environ, "JOBMESH_WORKER_ID": "w-7"}
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env)
+    try:
+        assert process_is_worker(child.pid, "w-7")
+        assert not process_is_worker(child.pid, "w-70")
+        assert not process_is_worker(os.getpid(), "w-7")  # e.g. the pool-manager itself
+        assert not process_is_worker(1, "w-7")
+        assert not process_is_worker(2**22 + 12345, "w-7")  # no such process
+    finally:
+        child.kill()
+        child.wait()
