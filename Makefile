@@ -68,7 +68,7 @@ run: proto
 	$(BIN)/jobmesh run
 
 envoy-config: proto
-	$(BIN)/python -c 'from libs.envoy_config import render_envoy_config as r; print(r(listen_host="127.0.0.1", listen_port=8080, admin_port=9901, gateway_host="127.0.0.1", gateway_port=50051, descriptor_path="build/jobmesh.pb"), end="")' > envoy/envoy.json
+	$(BIN)/python -c 'from libs.envoy_config import render_dev_defaults as r; print(r(), end="")' > envoy/envoy.json
 
 bench: proto
 	$(BIN)/python bench/submit_latency.py

@@ -28,12 +28,16 @@ import time
 import tracemalloc
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # normally on the venv's path already (jobmesh-dev.pth)
     sys.path.insert(0, str(REPO))
 
 from services.queueing.fairqueue import QueueItem, WeightedFairQueue  # noqa: E402
+
+if TYPE_CHECKING:
+    from libs.settings import TlsSettings
 
 
 def percentile(sorted_values: list[float], pct: float) -> float:
@@ -115,18 +119,19 @@ def engine(args: argparse.Namespace) -> dict[str, object]:
 # The service through gRPC and etcd -----------------------------------------------------------------------------------
 
 
-async def enqueue_load(target: str, callers: int, seconds: float) -> dict[str, object]:
+async def enqueue_load(target: str, tls: TlsSettings, callers: int, seconds: float) -> dict[str, object]:
     import grpc
 
     from jobmesh.common.v1 import types_pb2 as t
     from jobmesh.queueing.v1 import queueing_pb2 as q
     from jobmesh.queueing.v1 import queueing_pb2_grpc
     from libs.jobs import new_job_id, ts
+    from libs.tls import RenewingChannel
 
     latencies: list[float] = []
     errors = 0
     tenants = ("acme", "globex", "initech")
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with RenewingChannel(target, tls) as channel:  # mTLS, as the gateway
         stub = queueing_pb2_grpc.QueueingServiceStub(channel)
         end = time.perf_counter() + seconds
 
@@ -191,7 +196,9 @@ def service(args: argparse.Namespace) -> dict[str, object]:
             stack.wait_etcd(30)
             stack.start_named("queueing")
             stack.wait_healthy("queueing", 30)
-            result = asyncio.run(enqueue_load(f"127.0.0.1:{stack.ports.queueing}", args.callers, args.seconds))
+            result = asyncio.run(
+                enqueue_load(f"127.0.0.1:{stack.ports.queueing}", stack.identity("gateway"), args.callers, args.seconds)
+            )
             batches = batch_stats(stack.procs["queueing"].metrics_port)
         finally:
             stack.stop()

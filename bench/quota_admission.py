@@ -23,6 +23,8 @@ from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.quota.v1 import quota_pb2 as q
 from jobmesh.quota.v1 import quota_pb2_grpc
 from libs.launcher import Ports, Stack
+from libs.settings import TlsSettings
+from libs.tls import RenewingChannel
 from tests.helpers import FIXTURE_CONFIG
 
 
@@ -33,12 +35,14 @@ def percentile(sorted_values: list[float], pct: float) -> float:
     return sorted_values[index]
 
 
-async def run(target: str, callers: int, count: int, seconds: float, tenants: list[str]) -> dict[str, object]:
+async def run(
+    target: str, tls: TlsSettings, callers: int, count: int, seconds: float, tenants: list[str]
+) -> dict[str, object]:
     latencies: list[float] = []
     outcomes = {"admitted": 0, "rejected": 0, "error": 0}
     issued = 0
     deadline = time.perf_counter() + seconds
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with RenewingChannel(target, tls) as channel:  # mTLS, as the gateway
         stub = quota_pb2_grpc.QuotaServiceStub(channel)
         resources = t.Resources(cpu_millis=100, memory_mb=64)
 
@@ -125,11 +129,12 @@ def main() -> int:
             stack.start_named("quota")
             stack.wait_healthy("quota", 30)
             target = f"127.0.0.1:{stack.ports.quota}"
+            tls = stack.identity("gateway")
             tenants = args.tenants.split(",")
             print("quota service up; unloaded latency (1 caller) ...", file=sys.stderr, flush=True)
-            single = asyncio.run(run(target, 1, 2000, args.seconds, tenants))
+            single = asyncio.run(run(target, tls, 1, 2000, args.seconds, tenants))
             print(f"throughput ({args.callers} callers) ...", file=sys.stderr, flush=True)
-            result = asyncio.run(run(target, args.callers, args.count, args.seconds, tenants))
+            result = asyncio.run(run(target, tls, args.callers, args.count, args.seconds, tenants))
             result["unloaded_reserve_p50_ms"] = single["reserve_p50_ms"]
             result["unloaded_reserve_p99_ms"] = single["reserve_p99_ms"]
             result["server_check_p99_ms"] = server_p99_ms(stack.procs["quota"].metrics_port)

@@ -27,6 +27,9 @@ from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
 from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
 from libs.launcher import REPO
+from libs.meshpki import MeshPki, WorkerIssuer
+from libs.settings import TlsSettings
+from libs.tls import server_credentials
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -129,12 +132,17 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
     stand_in = (ConnectOnly if args.without_attach else StandIn)(args.jobs, args.command)
-    server = grpc.aio.server()
-    poolmanager_pb2_grpc.add_WorkerRegistryServiceServicer_to_server(stand_in, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
     with tempfile.TemporaryDirectory() as data_dir:
-        worker = start_worker(port, Path(data_dir))
+        # The real mTLS: the stand-in serves as the pool-manager, the worker has a worker certificate.
+        pki = MeshPki(Path(data_dir) / "pki")
+        server = grpc.aio.server()
+        poolmanager_pb2_grpc.add_WorkerRegistryServiceServicer_to_server(stand_in, server)
+        port = server.add_secure_port(
+            "127.0.0.1:0", server_credentials(pki.service("poolmanager", "poolmanager", trust_workers=True))
+        )
+        await server.start()
+        worker_tls = WorkerIssuer(pki.worker_ca_dir, pki.workers_dir).issue("static-general", "w-0")
+        worker = start_worker(port, Path(data_dir), worker_tls)
         try:
             await asyncio.sleep(1.0)  # registered, first heartbeat out of the way
             own0, kids0 = cpu_seconds(worker.pid)
@@ -164,9 +172,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def start_worker(port: int, data_dir: Path) -> subprocess.Popen[bytes]:
+def start_worker(port: int, data_dir: Path, tls: TlsSettings) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
+        **tls.env(),
         "PYTHONPATH": f"{REPO}:{REPO / 'gen'}",
         "JOBMESH_POOLMANAGER_ADDRS": f"127.0.0.1:{port}",
         "JOBMESH_POOL_ID": "static-general",

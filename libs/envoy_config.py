@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from dataclasses import dataclass
 from typing import Any
 
 PUBLIC_SERVICES: tuple[str, ...] = (
@@ -63,7 +64,70 @@ def _typed(type_name: str, **fields: Any) -> dict[str, Any]:
     return {"@type": f"type.googleapis.com/{type_name}", **fields}
 
 
-def _gateway_cluster(gateway_host: str, gateway_port: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EnvoyTls:
+    """Envoy's mesh identity for its hop to the gateway: two SDS files (rendered by `sds_files`) that point at
+    the certificate, key and CA files. Envoy watches their directories, so renewed files are used for new
+    connections without a restart."""
+
+    identity_sds: str  # SDS file with the `envoy_identity` TlsCertificate secret
+    validation_sds: str  # SDS file with the `mesh_ca` validation context secret
+    watched_dir: str  # the directory the certificate files are replaced in
+    gateway_id: str = "spiffe://jobmesh/service/gateway"  # the only peer identity accepted upstream
+
+
+_IDENTITY_SECRET = "envoy_identity"
+_VALIDATION_SECRET = "mesh_ca"
+
+
+def _sds_file(secret: dict[str, Any]) -> str:
+    secret_type = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+    return json.dumps({"resources": [{"@type": secret_type, **secret}]}, indent=2) + "\n"
+
+
+def sds_files(cert: str, key: str, ca: str) -> tuple[str, str]:
+    """The contents of the identity and the validation SDS files (file paths inside, never key material)."""
+    identity = _sds_file(
+        {
+            "name": _IDENTITY_SECRET,
+            "tls_certificate": {"certificate_chain": {"filename": cert}, "private_key": {"filename": key}},
+        }
+    )
+    validation = _sds_file({"name": _VALIDATION_SECRET, "validation_context": {"trusted_ca": {"filename": ca}}})
+    return identity, validation
+
+
+def _sds_ref(name: str, path: str, watched_dir: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "sds_config": {"path_config_source": {"path": path, "watched_directory": {"path": watched_dir}}},
+    }
+
+
+def _upstream_tls(tls: EnvoyTls) -> dict[str, Any]:
+    # mTLS to the gateway: Envoy's own certificate, the gateway's verified against the mesh CA and pinned to
+    # its SPIFFE id. Never without verification.
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": _typed(
+            "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            common_tls_context={
+                "alpn_protocols": ["h2"],
+                "tls_certificate_sds_secret_configs": [_sds_ref(_IDENTITY_SECRET, tls.identity_sds, tls.watched_dir)],
+                "combined_validation_context": {
+                    "default_validation_context": {
+                        "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": tls.gateway_id}}]
+                    },
+                    "validation_context_sds_secret_config": _sds_ref(
+                        _VALIDATION_SECRET, tls.validation_sds, tls.watched_dir
+                    ),
+                },
+            },
+        ),
+    }
+
+
+def _gateway_cluster(gateway_host: str, gateway_port: int, tls: EnvoyTls) -> dict[str, Any]:
     try:
         ipaddress.ip_address(gateway_host)
         discovery: dict[str, Any] = {"type": "STATIC"}
@@ -74,6 +138,7 @@ def _gateway_cluster(gateway_host: str, gateway_port: int) -> dict[str, Any]:
         **discovery,
         "connect_timeout": _seconds(CONNECT_TIMEOUT_SECONDS),
         "lb_policy": "ROUND_ROBIN",
+        "transport_socket": _upstream_tls(tls),
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -282,10 +347,11 @@ def render_envoy_config(
     *,
     listen_host: str,
     listen_port: int,
-    admin_port: int,
+    admin_socket: str,
     gateway_host: str,
     gateway_port: int,
     descriptor_path: str,
+    tls: EnvoyTls,
 ) -> str:
     """Return the Envoy v3 bootstrap (as JSON, which is also valid YAML) for the public edge.
 
@@ -294,15 +360,19 @@ def render_envoy_config(
     (JSON uses proto field names and enum names; gRPC errors come back as JSON google.rpc.Status
     with their details); native gRPC to the public ``jobmesh.gateway.v1`` services passes as is.
     Both go over HTTP/2 to the gateway at ``gateway_host:gateway_port``; every other path is a
-    404 and never reaches it. Request bodies are capped at 1 MiB (413), and Envoy's own errors to
-    REST callers are JSON google.rpc.Status bodies too. Admin listens on ``127.0.0.1:admin_port``.
+    404 and never reaches it. The hop to the gateway is mTLS (``tls``: Envoy's certificate, the mesh CA,
+    the gateway's SPIFFE id pinned). Request bodies are capped at 1 MiB (413), and Envoy's own errors to
+    REST callers are JSON google.rpc.Status bodies too. Admin listens only on the unix socket
+    ``admin_socket``, mode 0600 (its owner alone may read stats or change anything), never on TCP.
 
     Some settings live on Envoy's command line, not in the bootstrap: the launcher must start
     Envoy with ``--concurrency 1`` and ``--log-level warning`` (:func:`envoy_argv` builds that
     command). Write the result to a file ending in ``.yaml`` or ``.json`` and pass it with ``-c``.
     """
     bootstrap: dict[str, Any] = {
-        "admin": {"address": _socket_address("127.0.0.1", admin_port)},
+        # SDS (the certificate files, watched) wants to know who this Envoy is.
+        "node": {"id": "jobmesh-edge", "cluster": "jobmesh-edge"},
+        "admin": {"address": {"pipe": {"path": admin_socket, "mode": 0o600}}},
         "overload_manager": {
             "resource_monitors": [
                 {
@@ -331,7 +401,7 @@ def render_envoy_config(
                     ],
                 }
             ],
-            "clusters": [_gateway_cluster(gateway_host, gateway_port)],
+            "clusters": [_gateway_cluster(gateway_host, gateway_port, tls)],
         },
     }
     return json.dumps(bootstrap, indent=2) + "\n"
@@ -356,3 +426,39 @@ def envoy_argv(envoy_binary: str, config_path: str, *, base_id: int | None = Non
     if base_id is not None:
         argv += ["--base-id", str(base_id)]
     return argv
+
+
+def render_dev_defaults() -> str:
+    """The committed `envoy/envoy.json`: the dev defaults, with `make run`'s data dir `.jobmesh/`."""
+    return render_envoy_config(
+        listen_host="127.0.0.1",
+        listen_port=8080,
+        admin_socket=".jobmesh/envoy-admin.sock",
+        gateway_host="127.0.0.1",
+        gateway_port=50051,
+        descriptor_path="build/jobmesh.pb",
+        tls=EnvoyTls(
+            identity_sds=".jobmesh/pki/envoy/identity-sds.json",
+            validation_sds=".jobmesh/pki/envoy/validation-sds.json",
+            watched_dir=".jobmesh/pki/services",
+        ),
+    )
+
+
+def render_cluster_defaults() -> str:
+    """`k8s/base/envoy.json`: the gateway Service by name, Envoy's certificate and the mesh CA from a mounted
+    Secret in /etc/jobmesh/tls (Kubernetes swaps a Secret's files by renaming a directory link, which the watch
+    on that directory sees), the SDS files beside the bootstrap, admin on a socket in the pod's /tmp."""
+    return render_envoy_config(
+        listen_host="0.0.0.0",
+        listen_port=8080,
+        admin_socket="/tmp/envoy-admin.sock",
+        gateway_host="gateway",
+        gateway_port=50051,
+        descriptor_path="/etc/envoy/descriptors/jobmesh.pb",
+        tls=EnvoyTls(
+            identity_sds="/etc/envoy/bootstrap/identity-sds.json",
+            validation_sds="/etc/envoy/bootstrap/validation-sds.json",
+            watched_dir="/etc/jobmesh/tls",
+        ),
+    )

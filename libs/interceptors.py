@@ -16,7 +16,9 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from libs.errors import JobMeshError
+from libs.settings import TlsSettings
 from libs.telemetry import job_id_var, tenant_id_var
+from libs.tls import RenewingChannel
 
 log = logging.getLogger(__name__)
 
@@ -197,13 +199,15 @@ class TracingClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.Un
         return await continuation(self._with_context(client_call_details), request)
 
 
-def channel(target: str | tuple[str, ...], *, propagate: bool = True) -> grpc.aio.Channel:
-    """A client channel to another service (round-robin over several replicas), with trace propagation unless
-    the caller has no trace to carry on (`propagate=False` spares every call the interceptor)."""
+def channel(target: str | tuple[str, ...], tls: TlsSettings, *, propagate: bool = True) -> grpc.aio.Channel:
+    """A client channel to another service (round-robin over several replicas) over mTLS as the identity in
+    `tls` (renewed files are picked up by new calls), with trace propagation unless the caller has no trace to
+    carry on (`propagate=False` spares every call the interceptor)."""
     if isinstance(target, tuple):
         target = target[0] if len(target) == 1 else "ipv4:" + ",".join(target)
-    return grpc.aio.insecure_channel(
+    return RenewingChannel(
         target,
+        tls,
         interceptors=[TracingClientInterceptor()] if propagate else None,
         options=[
             ("grpc.keepalive_time_ms", 10_000),

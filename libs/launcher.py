@@ -1,5 +1,8 @@
 """Starts and stops the whole mesh as local processes: etcd, six services (two scheduler and pool-manager
-replicas), their workers and Envoy. Used by `jobmesh run` and by the integration and end-to-end tests."""
+replicas), their workers and Envoy. Used by `jobmesh run` and by the integration and end-to-end tests.
+
+The launcher holds the dev PKI (`<data dir>/pki`, see libs/meshpki.py): it issues every process its certificate
+before starting it and renews them while it runs (a timer thread); every internal hop is mTLS, etcd included."""
 
 from __future__ import annotations
 
@@ -7,8 +10,11 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -18,7 +24,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from libs.auth import ensure_dev_keys
-from libs.envoy_config import envoy_argv, render_envoy_config
+from libs.envoy_config import EnvoyTls, envoy_argv, render_envoy_config, sds_files
+from libs.etcd.client import Etcd
+from libs.meshpki import MeshPki
+from libs.pki import write_public
+from libs.settings import TlsSettings
+from libs.tls import RenewingChannel, sync_channel
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,7 +69,6 @@ def envoy_binary() -> str:
 @dataclass
 class Ports:
     envoy: int = 8080
-    envoy_admin: int = 9901
     etcd: int = 2379
     etcd_peer: int = 2380
     gateway: int = 50051
@@ -73,7 +83,6 @@ class Ports:
     def free(cls) -> Ports:
         return cls(
             envoy=free_port(),
-            envoy_admin=free_port(),
             etcd=free_port(),
             etcd_peer=free_port(),
             gateway=free_port(),
@@ -113,12 +122,19 @@ class Stack:
     env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, Proc] = field(default_factory=dict)
 
+    # How often the renewal thread looks for certificates due (services' last days, so a minute is plenty).
+    renew_interval: float = 60.0
+
     def __post_init__(self) -> None:
         self.data_dir = self.data_dir.resolve()
         self.config_path = self.config_path.resolve()
         self.log_dir = self.data_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._metrics: dict[str, int] = {}
+        self.pki = MeshPki(self.data_dir / "pki")
+        self._renewer: threading.Thread | None = None
+        self._stop_renewing = threading.Event()
+        self.envoy_admin_socket = _admin_socket_path(self.data_dir)
 
     # Addresses -----------------------------------------------------------------------------------
 
@@ -176,6 +192,10 @@ class Stack:
 
     def start_etcd(self) -> Proc:
         p = self.ports
+        # TLS on both sides: clients must present a certificate from the etcd CA (only the services that use
+        # etcd get one), and so must peers. etcd reads its certificate files at each handshake: renewed files
+        # are used without a restart.
+        tls = self.pki.etcd("etcd", "etcd")
         argv = [
             etcd_binary(),
             "--name",
@@ -183,15 +203,29 @@ class Stack:
             "--data-dir",
             str(self.data_dir / "etcd"),
             "--listen-client-urls",
-            f"http://127.0.0.1:{p.etcd}",
+            f"https://127.0.0.1:{p.etcd}",
             "--advertise-client-urls",
-            f"http://127.0.0.1:{p.etcd}",
+            f"https://127.0.0.1:{p.etcd}",
+            "--cert-file",
+            str(tls.cert),
+            "--key-file",
+            str(tls.key),
+            "--trusted-ca-file",
+            str(tls.ca),
+            "--client-cert-auth",
             "--listen-peer-urls",
-            f"http://127.0.0.1:{p.etcd_peer}",
+            f"https://127.0.0.1:{p.etcd_peer}",
             "--initial-advertise-peer-urls",
-            f"http://127.0.0.1:{p.etcd_peer}",
+            f"https://127.0.0.1:{p.etcd_peer}",
             "--initial-cluster",
-            f"jobmesh-dev=http://127.0.0.1:{p.etcd_peer}",
+            f"jobmesh-dev=https://127.0.0.1:{p.etcd_peer}",
+            "--peer-cert-file",
+            str(tls.cert),
+            "--peer-key-file",
+            str(tls.key),
+            "--peer-trusted-ca-file",
+            str(tls.ca),
+            "--peer-client-cert-auth",
             "--auto-compaction-retention",
             "1h",
             "--quota-backend-bytes",
@@ -207,6 +241,7 @@ class Stack:
         metrics_port = self._metrics_port(name)
         env = self.service_env()
         env.update(JOBMESH_PORT=str(port), JOBMESH_METRICS_PORT=str(metrics_port), JOBMESH_REPLICA_ID=replica or name)
+        env.update(self.identity_env(name, module.rsplit(".", 1)[-1]))
         env.update(extra or {})
         proc = Proc(name, [sys.executable, "-m", module], env, self.log_dir / f"{name}.log", port, metrics_port)
         return self._spawn(proc)
@@ -218,10 +253,11 @@ class Stack:
             render_envoy_config(
                 listen_host="127.0.0.1",
                 listen_port=p.envoy,
-                admin_port=p.envoy_admin,
+                admin_socket=str(self.envoy_admin_socket),
                 gateway_host="127.0.0.1",
                 gateway_port=p.gateway,
                 descriptor_path=str(REPO / "build" / "jobmesh.pb"),
+                tls=self._envoy_tls(),
             )
         )
         argv = envoy_argv(envoy_binary(), str(config), base_id=random.randint(1, 2**20))
@@ -247,8 +283,60 @@ class Stack:
     def metrics_targets(self) -> str:
         return ",".join(f"127.0.0.1:{self._metrics_port(n)}" for n in self.SERVICES if n != "gateway")
 
+    def _envoy_tls(self) -> EnvoyTls:
+        return write_envoy_sds(self.pki.root / "envoy", self.pki.service("envoy", "envoy"))
+
+    # Identities ------------------------------------------------------------------------------------
+
+    ETCD_USERS = ("quota", "queueing", "cost", "scheduler", "poolmanager")
+
+    def identity_env(self, process: str, service: str) -> dict[str, str]:
+        """The certificate paths a service process is started with (never the keys themselves)."""
+        env = self.pki.service(process, service, trust_workers=service == "poolmanager").env()
+        if service in self.ETCD_USERS:
+            env.update(self.pki.etcd(process, service).env("JOBMESH_ETCD_TLS"))
+        if service == "poolmanager":
+            env.update(
+                JOBMESH_WORKER_CA_DIR=str(self.pki.worker_ca_dir), JOBMESH_WORKER_CERTS_DIR=str(self.pki.workers_dir)
+            )
+        return env
+
+    def identity(self, name: str) -> TlsSettings:
+        """A mesh identity `spiffe://jobmesh/service/<name>` for a tool or a test (files of its own)."""
+        return self.pki.service(f"client-{name}", name)
+
+    def channel(self, port: int, identity: str = "launcher") -> grpc.Channel:
+        """A blocking mTLS channel to an internal port, as `identity`."""
+        return sync_channel(f"127.0.0.1:{port}", self.identity(identity))
+
+    def aio_channel(self, port: int, identity: str = "launcher") -> grpc.aio.Channel:
+        """A grpc.aio mTLS channel to an internal port, as `identity` (renewed files picked up per call)."""
+        return RenewingChannel(f"127.0.0.1:{port}", self.identity(identity))
+
+    def etcd_client(self, identity: str = "launcher", timeout: float = 5.0) -> Etcd:
+        """An etcd client with a client certificate from the etcd CA."""
+        tls = self.pki.etcd(f"client-{identity}", identity)
+        return Etcd([f"127.0.0.1:{self.ports.etcd}"], tls, timeout=timeout)
+
+    def start_renewal(self) -> None:
+        """Renews every certificate issued here before it expires, while the launcher runs."""
+        if self._renewer is not None:
+            return
+        self._stop_renewing.clear()
+
+        def renew() -> None:
+            while not self._stop_renewing.wait(self.renew_interval):
+                try:
+                    self.pki.renew_due()
+                except OSError as exc:
+                    print(f"renewing certificates failed: {exc}", file=sys.stderr)
+
+        self._renewer = threading.Thread(target=renew, name="pki-renewal", daemon=True)
+        self._renewer.start()
+
     def start(self, timeout: float = 60.0) -> None:
         ensure_dev_keys(self.data_dir)
+        self.start_renewal()
         for name in self.SERVICES:
             self._metrics_port(name)
         self.env.setdefault("JOBMESH_METRICS_TARGETS", self.metrics_targets())
@@ -270,11 +358,15 @@ class Stack:
             raise RuntimeError(f"{name} exited with {proc.popen.returncode if proc.popen else '?'}:\n{tail}")
 
     def wait_etcd(self, timeout: float) -> None:
+        tls = self.pki.etcd("client-launcher", "launcher")
+        context = ssl.create_default_context(cafile=str(tls.ca))
+        context.load_cert_chain(str(tls.cert), str(tls.key))
         end = time.monotonic() + timeout
         while True:
             self._check_alive("etcd")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.ports.etcd}/health", timeout=1) as resp:
+                url = f"https://127.0.0.1:{self.ports.etcd}/health"
+                with urllib.request.urlopen(url, timeout=1, context=context) as resp:
                     if b'"true"' in resp.read():
                         return
             except OSError:
@@ -286,7 +378,7 @@ class Stack:
     def wait_healthy(self, name: str, timeout: float) -> None:
         port = self.procs[name].port
         end = time.monotonic() + timeout
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        with self.channel(port) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             while True:
                 self._check_alive(name)
@@ -305,9 +397,8 @@ class Stack:
         while True:
             self._check_alive("envoy")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.ports.envoy_admin}/ready", timeout=1) as r:
-                    if r.status == 200:
-                        return
+                if admin_get(self.envoy_admin_socket, "/ready")[0] == 200:
+                    return
             except OSError:
                 pass
             if time.monotonic() > end:
@@ -335,6 +426,7 @@ class Stack:
         return proc
 
     def stop(self, grace: float = 10.0) -> None:
+        self._stop_renewing.set()
         order = ["envoy", "gateway", *[n for n in self.procs if n not in ("envoy", "gateway", "etcd")], "etcd"]
         for name in order:
             proc = self.procs.get(name)
@@ -371,3 +463,42 @@ class Stack:
             proc.popen.wait(5)
         except subprocess.TimeoutExpired:
             pass
+
+
+def write_envoy_sds(directory: Path, tls: TlsSettings) -> EnvoyTls:
+    """Envoy's SDS files for its identity `tls`, in `directory`; Envoy watches the certificates' directory."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    identity, validation = sds_files(str(tls.cert), str(tls.key), str(tls.ca))
+    write_public(directory / "identity-sds.json", identity.encode())
+    write_public(directory / "validation-sds.json", validation.encode())
+    return EnvoyTls(
+        identity_sds=str(directory / "identity-sds.json"),
+        validation_sds=str(directory / "validation-sds.json"),
+        watched_dir=str(tls.cert.parent),
+    )
+
+
+def _admin_socket_path(data_dir: Path) -> Path:
+    """Envoy's admin socket: in the data dir, or in a private temporary directory when that path would be too
+    long for a unix socket (108 bytes)."""
+    path = data_dir / "envoy-admin.sock"
+    if len(str(path)) < 100:
+        return path
+    return Path(tempfile.mkdtemp(prefix="jobmesh-envoy-")) / "admin.sock"
+
+
+def admin_get(socket_path: Path, path: str, timeout: float = 1.0) -> tuple[int, str]:
+    """One GET to Envoy's admin interface over its unix socket: (status, body)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(socket_path))
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: envoy\r\nConnection: close\r\n\r\n".encode())
+        chunks = []
+        for _ in range(10_000):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
+    return status, body.decode(errors="replace")

@@ -40,17 +40,77 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """The files of one mesh identity: its certificate chain, its private key and the CA bundle that peers'
+    certificates are verified against. Only paths: the files are re-read when they are renewed."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    # The name a client checks the server's certificate against when it does not dial that name itself
+    # (e.g. a pod IP); empty: the host of the target.
+    server_name: str = ""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], name: str, prefix: str = "JOBMESH_TLS") -> TlsSettings | None:
+        """`<prefix>_CERT`, `_KEY`, `_CA`, or `<prefix>_DIR` holding `<name>.crt`, `<name>.key` and `ca.crt`
+        (`<prefix>_NAME` overrides the name). None when none of them is set; an error when only some are."""
+        directory = env.get(f"{prefix}_DIR", "")
+        file_name = env.get(f"{prefix}_NAME", "") or name
+        paths = {
+            "CERT": env.get(f"{prefix}_CERT", "") or (f"{directory}/{file_name}.crt" if directory else ""),
+            "KEY": env.get(f"{prefix}_KEY", "") or (f"{directory}/{file_name}.key" if directory else ""),
+            "CA": env.get(f"{prefix}_CA", "") or (f"{directory}/ca.crt" if directory else ""),
+        }
+        if not any(paths.values()):
+            return None
+        missing = [f"{prefix}_{k}" for k, v in paths.items() if not v]
+        if missing:
+            raise SettingsError(f"{', '.join(missing)} must be set too (or {prefix}_DIR)")
+        return cls(Path(paths["CERT"]), Path(paths["KEY"]), Path(paths["CA"]), env.get(f"{prefix}_SERVER_NAME", ""))
+
+    @classmethod
+    def required(cls, env: Mapping[str, str], name: str, prefix: str = "JOBMESH_TLS") -> TlsSettings:
+        tls = cls.from_env(env, name, prefix)
+        if tls is None:
+            raise SettingsError(
+                f"mTLS is not optional: set {prefix}_CERT, {prefix}_KEY and {prefix}_CA "
+                f"(or {prefix}_DIR with {name}.crt, {name}.key and ca.crt)"
+            )
+        return tls
+
+    def env(self, prefix: str = "JOBMESH_TLS") -> dict[str, str]:
+        """The variables that hand these paths (never the key material) to a child process."""
+        out = {f"{prefix}_CERT": str(self.cert), f"{prefix}_KEY": str(self.key), f"{prefix}_CA": str(self.ca)}
+        if self.server_name:
+            out[f"{prefix}_SERVER_NAME"] = self.server_name
+        return out
+
+
+@dataclass(frozen=True)
 class EtcdSettings:
     endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
     prefix: str = "/jobmesh"
+    # The client certificate etcd asks for (`--client-cert-auth`): only services that use etcd are given one.
+    tls: TlsSettings | None = None
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> EtcdSettings:
+    def from_env(cls, env: Mapping[str, str], service_name: str = "jobmesh") -> EtcdSettings:
         endpoints = tuple(e.strip() for e in _env(env, "JOBMESH_ETCD_ENDPOINTS", "127.0.0.1:2379").split(","))
         prefix = _env(env, "JOBMESH_ETCD_PREFIX", "/jobmesh").rstrip("/")
         if not prefix.startswith("/"):
             raise SettingsError("JOBMESH_ETCD_PREFIX must start with /")
-        return cls(endpoints=endpoints, prefix=prefix)
+        tls = TlsSettings.from_env(env, f"{service_name}-etcd", "JOBMESH_ETCD_TLS")
+        return cls(endpoints=endpoints, prefix=prefix, tls=tls)
+
+    def client_tls(self) -> TlsSettings:
+        """The etcd client identity of a service that uses etcd; refuses to go on without one."""
+        if self.tls is None:
+            raise SettingsError(
+                "etcd requires a client certificate: set JOBMESH_ETCD_TLS_CERT, JOBMESH_ETCD_TLS_KEY and "
+                "JOBMESH_ETCD_TLS_CA (or JOBMESH_ETCD_TLS_DIR)"
+            )
+        return self.tls
 
 
 @dataclass(frozen=True)
@@ -123,7 +183,8 @@ class PeerSettings:
 
 @dataclass(frozen=True)
 class CommonSettings:
-    """What every service reads: its server, etcd, telemetry, the mesh config file and the data dir."""
+    """What every service reads: its server, etcd, telemetry, its mesh identity (mTLS on every port and every
+    channel it opens), the mesh config file and the data dir."""
 
     server: ServerSettings
     etcd: EtcdSettings
@@ -131,6 +192,7 @@ class CommonSettings:
     peers: PeerSettings
     config_path: Path
     data_dir: Path
+    tls: TlsSettings
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -141,11 +203,12 @@ class CommonSettings:
             raise SettingsError(f"JOBMESH_CONFIG: no such file {config_path}")
         return cls(
             server=ServerSettings.from_env(env, default_port),
-            etcd=EtcdSettings.from_env(env),
+            etcd=EtcdSettings.from_env(env, service_name),
             telemetry=TelemetrySettings.from_env(env, service_name),
             peers=PeerSettings.from_env(env),
             config_path=config_path,
             data_dir=Path(_env(env, "JOBMESH_DATA_DIR", ".jobmesh")),
+            tls=TlsSettings.required(env, service_name),
             extra={k: v for k, v in env.items() if k.startswith("JOBMESH_")},
         )
 

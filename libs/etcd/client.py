@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ import grpc
 from etcd3aio import _protobuf as pb  # etcd's generated messages and stubs; works on the upb backend
 
 from libs.errors import Unavailable
+from libs.settings import EtcdSettings, SettingsError, TlsSettings
+from libs.tls import RenewingChannel
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +114,38 @@ def op_get(key: str) -> pb.RequestOp:
     return pb.RequestOp(request_range=pb.RangeRequest(key=key.encode()))
 
 
-class Etcd:
-    """The operations jobmesh uses; every method maps transport failures to `Unavailable`."""
+def grpc_target(endpoints: Sequence[str]) -> str:
+    """One gRPC target for etcd's client endpoints (`host:port`, an `https://` prefix allowed): one endpoint as
+    it is (a DNS name is resolved, and re-resolved, by gRPC: on Kubernetes the client Service's name covers
+    every member), several IP endpoints balanced round-robin. gRPC has no target for several names."""
+    hosts = [e.split("://", 1)[-1].rstrip("/") for e in endpoints if e.strip()]
+    if not hosts:
+        raise SettingsError("JOBMESH_ETCD_ENDPOINTS is empty")
+    if len(hosts) == 1:
+        return hosts[0]
+    families = set()
+    for host in hosts:
+        try:
+            families.add(ipaddress.ip_address(host.rsplit(":", 1)[0].strip("[]")).version)
+        except ValueError:
+            raise SettingsError(
+                f"etcd endpoint {host}: give several members as IP addresses, or one DNS name that resolves to all"
+            ) from None
+    if len(families) > 1:
+        raise SettingsError("etcd endpoints mix IPv4 and IPv6 addresses")
+    return f"ipv{families.pop()}:" + ",".join(hosts)
 
-    def __init__(self, endpoints: Sequence[str], *, timeout: float = 5.0):
+
+class Etcd:
+    """The operations jobmesh uses; every method maps transport failures to `Unavailable`. etcd is reached
+    over TLS only, with the client certificate in `tls` (etcd runs with `--client-cert-auth`)."""
+
+    def __init__(self, endpoints: Sequence[str], tls: TlsSettings, *, timeout: float = 5.0):
         self.endpoints = list(endpoints)
         self.timeout = timeout
-        target = self.endpoints[0] if len(self.endpoints) == 1 else "ipv4:" + ",".join(self.endpoints)
-        self._channel = grpc.aio.insecure_channel(
-            target,
+        self._channel = RenewingChannel(
+            grpc_target(self.endpoints),
+            tls,
             options=[
                 ("grpc.lb_policy_name", "round_robin"),
                 ("grpc.keepalive_time_ms", 10_000),
@@ -131,6 +157,10 @@ class Etcd:
         self._kv = pb.KVStub(self._channel)
         self._lease = pb.LeaseStub(self._channel)
         self._watch = pb.WatchStub(self._channel)
+
+    @classmethod
+    def from_settings(cls, settings: EtcdSettings) -> Etcd:
+        return cls(settings.endpoints, settings.client_tls())
 
     async def close(self) -> None:
         await self._channel.close()

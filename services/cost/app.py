@@ -43,7 +43,7 @@ async def run(common: CommonSettings) -> None:
     registry = CollectorRegistry()
     metrics = CostMetrics(registry)
     clock = SystemClock()
-    etcd = Etcd(common.etcd.endpoints)
+    etcd = Etcd.from_settings(common.etcd)
     await etcd.wait_ready()
     keys, cost_keys = Keys(common.etcd.prefix), CostKeys(common.etcd.prefix)
 

@@ -43,7 +43,8 @@ async def run(settings: CommonSettings) -> None:
     )
     auth = Authenticator(verifier)
     peers = settings.peers
-    channels = [channel(peers.quota), channel(peers.queueing), channel(peers.poolmanager), channel(peers.cost)]
+    tls = settings.tls
+    channels = [channel(p, tls) for p in (peers.quota, peers.queueing, peers.poolmanager, peers.cost)]
     backends = Backends(
         quota=quota_pb2_grpc.QuotaServiceStub(channels[0]),
         queueing=queueing_pb2_grpc.QueueingServiceStub(channels[1]),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
@@ -17,8 +19,9 @@ from libs.etcd.informer import Informer
 from libs.interceptors import channel
 from libs.jobstore import JobStore
 from libs.keys import Keys
+from libs.meshpki import WorkerIssuer
 from libs.server import start_server
-from libs.settings import CommonSettings
+from libs.settings import CommonSettings, SettingsError
 from services.poolmanager.controller import ControllerMetrics, PoolController, QueueDepthSource
 from services.poolmanager.outcomes import JobOutcomes
 from services.poolmanager.pools import PoolsServicer
@@ -28,17 +31,43 @@ from services.poolmanager.registry import RegistryMetrics, WorkerRegistry
 REGISTRY_SERVICE = "jobmesh.poolmanager.v1.WorkerRegistryService"
 POOLS_SERVICE = "jobmesh.poolmanager.v1.PoolManagerService"
 
+log = logging.getLogger(__name__)
+
+
+def worker_issuer(settings: CommonSettings) -> WorkerIssuer:
+    ca_dir = settings.extra.get("JOBMESH_WORKER_CA_DIR", "")
+    if not ca_dir:
+        raise SettingsError("JOBMESH_WORKER_CA_DIR must name the worker CA's directory (the workers' certificates)")
+    workers_dir = settings.extra.get("JOBMESH_WORKER_CERTS_DIR", "") or str(settings.data_dir / "pki" / "workers")
+    return WorkerIssuer(Path(ca_dir), Path(workers_dir))
+
+
+async def renew_worker_certificates(issuer: WorkerIssuer, election: LeaderElection, every: float = 300.0) -> None:
+    """The leader renews long-lived workers' certificates (hours) well before they expire; the agents pick the
+    new files up at their next connection. One writer, so two replicas never interleave a key and a cert."""
+    while True:
+        await asyncio.sleep(every)
+        if election.leadership is None:
+            continue
+        try:
+            renewed = await asyncio.to_thread(issuer.renew_due)
+        except OSError:
+            log.exception("renewing worker certificates failed")
+            continue
+        if renewed:
+            log.info("renewed the certificates of %d workers", len(renewed))
+
 
 async def run(settings: CommonSettings) -> None:
     config = load_config(settings.config_path)
     registry = CollectorRegistry()
     clock = SystemClock()
-    etcd = Etcd(settings.etcd.endpoints)
+    etcd = Etcd.from_settings(settings.etcd)
     await etcd.wait_ready()
     keys = Keys(settings.etcd.prefix)
     lease_ttl = settings.get_int("JOBMESH_WORKER_LEASE_TTL", 6)
     leader_ttl = settings.get_int("JOBMESH_LEADER_TTL", 5)
-    queueing = channel(settings.peers.queueing)
+    queueing = channel(settings.peers.queueing, settings.tls)
     depth = QueueDepthSource(queueing_pb2_grpc.QueueingServiceStub(queueing))
 
     assignments = Informer(etcd, keys.assignments, name="assignments")
@@ -63,8 +92,10 @@ async def run(settings: CommonSettings) -> None:
         require_identity=False,
     )
     election = LeaderElection(etcd, keys.leader("pool-manager"), settings.server.replica_id, ttl=leader_ttl)
-    # Workers we start inherit our settings (etcd is not theirs to use; they only talk to us).
-    provider = LocalProcessProvider({k: v for k, v in os.environ.items() if k != "JOBMESH_REPLICA_ID"})
+    # Workers we start inherit our settings (etcd is not theirs to use; they only talk to us) but not our
+    # identities: each gets a worker certificate we issue.
+    issuer = worker_issuer(settings)
+    provider = LocalProcessProvider({k: v for k, v in os.environ.items() if k != "JOBMESH_REPLICA_ID"}, issuer)
     controller = PoolController(
         etcd,
         keys,
@@ -105,10 +136,12 @@ async def run(settings: CommonSettings) -> None:
     )
     election.start()
     loop_task = asyncio.create_task(controller.run(), name="pool-controller")
+    renewer = asyncio.create_task(renew_worker_certificates(issuer, election), name="worker-certificates")
     flusher = asyncio.create_task(outcomes.flush_forever(), name="outcomes-flush")
 
     async def stop() -> None:
         loop_task.cancel()
+        renewer.cancel()
         flusher.cancel()
         await election.stop()
         for informer in (assignments, workers):

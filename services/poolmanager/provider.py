@@ -16,6 +16,7 @@ from typing import Protocol
 
 from jobmesh.common.v1 import types_pb2 as t
 from libs.config import PoolConfig
+from libs.meshpki import WorkerIssuer
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,20 @@ class WorkerProvider(Protocol):
     def pending(self, pool_id: str, registered: set[str], max_age: float) -> list[Provisioning]: ...
 
 
-class LocalProcessProvider:
-    """Starts `python -m services.worker` processes on this machine, in the caller's process group."""
+# The pool-manager's own identities and issuing key: never handed to a worker.
+_NOT_FOR_WORKERS = ("JOBMESH_TLS_", "JOBMESH_ETCD_TLS_", "JOBMESH_WORKER_CA_DIR", "JOBMESH_WORKER_CERTS_DIR")
 
-    def __init__(self, base_env: dict[str, str]):
-        self.base_env = base_env
+
+class LocalProcessProvider:
+    """Starts `python -m services.worker` processes on this machine, in the caller's process group, each with a
+    worker certificate of its own (paths in its environment, never the key itself)."""
+
+    def __init__(self, base_env: dict[str, str], issuer: WorkerIssuer):
+        self.base_env = {k: v for k, v in base_env.items() if not k.startswith(_NOT_FOR_WORKERS)}
+        self.issuer = issuer
         self.host = socket.gethostname()
         self._pending: dict[str, Provisioning] = {}
+        self._children: dict[int, str] = {}  # pid -> worker id, to drop its certificate once it exited
 
     def provision(self, pool: PoolConfig) -> Provisioning:
         worker_id = f"{pool.pool_id}-{uuid.uuid4().hex[:8]}"
@@ -63,7 +71,9 @@ class LocalProcessProvider:
             JOBMESH_METRICS_PORT="0",
             GRPC_ENABLE_FORK_SUPPORT="0",
         )
+        env.update(self.issuer.issue(pool.pool_id, worker_id).env())
         proc = subprocess.Popen([sys.executable, "-m", "services.worker"], env=env, stdin=subprocess.DEVNULL)
+        self._children[proc.pid] = worker_id
         item = Provisioning(worker_id, pool.pool_id, time.monotonic(), proc.pid)
         self._pending[worker_id] = item
         log.info("provisioned worker %s (pid %d)", worker_id, proc.pid, extra={"pool_id": pool.pool_id})
@@ -86,13 +96,15 @@ class LocalProcessProvider:
         self._reap()
         return True
 
-    @staticmethod
-    def _reap() -> None:
-        # Collect exited children so they do not linger as zombies.
-        while True:
+    def _reap(self) -> None:
+        # Collect exited children so they do not linger as zombies; their certificates go with them.
+        for _ in range(10_000):
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
+            worker_id = self._children.pop(pid, None)
+            if worker_id is not None:
+                self.issuer.forget(worker_id)

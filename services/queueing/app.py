@@ -34,7 +34,7 @@ async def run(settings: CommonSettings) -> None:
     own = QueueingSettings.from_common(settings)
     registry = CollectorRegistry()
     clock = SystemClock()
-    etcd = Etcd(settings.etcd.endpoints)
+    etcd = Etcd.from_settings(settings.etcd)
     await etcd.wait_ready()
     keys = Keys(settings.etcd.prefix)
     store = JobStore(etcd, keys)

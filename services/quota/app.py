@@ -91,7 +91,7 @@ async def publish_gauges(manager: QuotaManager, metrics: QuotaMetrics) -> None:
 async def run(settings: CommonSettings) -> None:
     config = load_config(settings.config_path)
     registry = CollectorRegistry()
-    etcd = Etcd(settings.etcd.endpoints)
+    etcd = Etcd.from_settings(settings.etcd)
     await etcd.wait_ready()
     keys = Keys(settings.etcd.prefix)
     pool = config.burst_pool

@@ -43,10 +43,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
 async def run(settings: CommonSettings) -> None:
     config = load_config(settings.config_path)
     registry = CollectorRegistry()
-    etcd = Etcd(settings.etcd.endpoints)
+    etcd = Etcd.from_settings(settings.etcd)
     await etcd.wait_ready()
     keys = Keys(settings.etcd.prefix)
-    queueing = channel(settings.peers.queueing)
+    queueing = channel(settings.peers.queueing, settings.tls)
     election = LeaderElection(
         etcd, keys.leader("scheduler"), settings.server.replica_id, ttl=settings.get_int("JOBMESH_LEADER_TTL", 5)
     )

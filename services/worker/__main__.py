@@ -62,6 +62,7 @@ async def run(settings: CommonSettings) -> None:
             worker=worker,
             poolmanagers=settings.peers.poolmanager,
             scratch_root=scratch,
+            tls=settings.tls,
             # Three heartbeats per lease: a missed one (a replica that does not answer) still leaves time
             # to refresh the lease through another replica.
             heartbeat_seconds=settings.get_int("JOBMESH_WORKER_LEASE_TTL", 6) / 3,

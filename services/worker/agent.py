@@ -13,6 +13,7 @@ from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
 from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
 from libs.interceptors import channel
+from libs.settings import TlsSettings
 from services.worker.executor import ExecResult, ExecSpec, JobExecutor
 from services.worker.health import HealthCheck
 
@@ -24,6 +25,7 @@ class AgentSettings:
     worker: t.Worker
     poolmanagers: tuple[str, ...]
     scratch_root: str
+    tls: TlsSettings  # the worker's own certificate (spiffe://jobmesh/worker/<pool>/<worker>), issued at provisioning
     heartbeat_seconds: float = 2.0
     slots: int = 1  # jobs run at once (the pool's worker_slots)
 
@@ -57,7 +59,7 @@ class WorkerAgent:
     def _registry(self, addr: str) -> poolmanager_pb2_grpc.WorkerRegistryServiceStub:
         if addr not in self._channels:
             # A worker starts no traces and gets none with its assignments: nothing to propagate.
-            self._channels[addr] = channel(addr, propagate=False)
+            self._channels[addr] = channel(addr, self.settings.tls, propagate=False)
         return poolmanager_pb2_grpc.WorkerRegistryServiceStub(self._channels[addr])
 
     def _next_endpoint(self) -> str:
@@ -87,7 +89,7 @@ class WorkerAgent:
 
     async def _session(self, addr: str) -> None:
         """One registration stream; ends when the stream breaks, the lease is lost, or we stop."""
-        async with channel(addr, propagate=False) as ch:
+        async with channel(addr, self.settings.tls, propagate=False) as ch:
             stub = poolmanager_pb2_grpc.WorkerRegistryServiceStub(ch)
             connect = pm.ConnectRequest(worker=self.worker)
             call: grpc.aio.Call

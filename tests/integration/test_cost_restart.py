@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from libs.clock import SystemClock
 from libs.config import load_config
-from libs.etcd.client import Etcd, KeyValue
+from libs.etcd.client import KeyValue
 from libs.keys import Keys
 from libs.launcher import Ports, Stack
 from services.cost.idle import WorkerInterval
@@ -30,7 +30,7 @@ KEYS = Keys("/jobmesh")
 
 def stored(stack: Stack, prefix: str) -> dict[str, KeyValue]:
     async def read() -> dict[str, KeyValue]:
-        etcd = Etcd([f"127.0.0.1:{stack.ports.etcd}"])
+        etcd = stack.etcd_client()
         try:
             kvs, _, _ = await etcd.get_prefix(prefix)
             return {kv.key: kv for kv in kvs}
@@ -124,7 +124,7 @@ async def test_a_record_etcd_refused_is_counted_and_written_once_etcd_is_back(tm
     stack = Stack(data_dir=tmp_path / "etcd-only", config_path=COST_CONFIG, ports=Ports.free())
     stack.start_etcd()
     stack.wait_etcd(30)
-    etcd = Etcd([f"127.0.0.1:{stack.ports.etcd}"], timeout=2.0)
+    etcd = stack.etcd_client(timeout=2.0)
     try:
         registry = CollectorRegistry()
         ledger = CostLedger(etcd, KEYS, load_config(COST_CONFIG), SystemClock(), CostMetrics(registry))

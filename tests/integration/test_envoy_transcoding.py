@@ -7,6 +7,7 @@ import contextlib
 import random
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ from jobmesh.common.v1 import types_pb2
 from jobmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from jobmesh.quota.v1 import quota_pb2, quota_pb2_grpc
 from libs.envoy_config import PUBLIC_SERVICES, envoy_argv, render_envoy_config
+from libs.launcher import write_envoy_sds
+from libs.meshpki import MeshPki
+from libs.tls import RenewingChannel, server_credentials
 
 REPO = Path(__file__).resolve().parents[2]
 DESCRIPTOR = REPO / "build" / "jobmesh.pb"
@@ -145,14 +149,19 @@ class Gateway:
     calls: Calls
 
 
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> MeshPki:
+    return MeshPki(tmp_path_factory.mktemp("pki"))
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def gateway() -> AsyncIterator[Gateway]:
+async def gateway(pki: MeshPki) -> AsyncIterator[Gateway]:
     calls = Calls()
     server = grpc.aio.server()
     gateway_pb2_grpc.add_JobServiceServicer_to_server(FakeJobService(calls), server)
     gateway_pb2_grpc.add_MetricsServiceServicer_to_server(FakeMetricsService(calls), server)
     quota_pb2_grpc.add_QuotaServiceServicer_to_server(FakeQuotaService(calls), server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_secure_port("127.0.0.1:0", server_credentials(pki.service("gateway", "gateway")))
     await server.start()
     try:
         yield Gateway(port=port, calls=calls)
@@ -175,18 +184,23 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _run_envoy(workdir: Path, gateway_port: int, descriptor: Path) -> AsyncIterator[tuple[int, Path]]:
-    """Start the real Envoy on free ports in front of 127.0.0.1:gateway_port; yield (port, log)."""
-    listen_port, admin_port = _free_port(), _free_port()
+async def _run_envoy(
+    workdir: Path, gateway_port: int, descriptor: Path, pki: MeshPki
+) -> AsyncIterator[tuple[int, Path]]:
+    """Start the real Envoy on a free port (mTLS to the gateway) in front of 127.0.0.1:gateway_port; yield
+    (port, log)."""
+    listen_port = _free_port()
+    admin_socket = Path(tempfile.mkdtemp(prefix="envoy-admin-")) / "admin.sock"
     config = workdir / "envoy.yaml"
     config.write_text(
         render_envoy_config(
             listen_host="127.0.0.1",
             listen_port=listen_port,
-            admin_port=admin_port,
+            admin_socket=str(admin_socket),
             gateway_host="127.0.0.1",
             gateway_port=gateway_port,
             descriptor_path=str(descriptor),
+            tls=write_envoy_sds(workdir / "sds", pki.service("envoy", "envoy")),
         )
     )
     log_path, err_path = workdir / "envoy.out", workdir / "envoy.err"
@@ -195,12 +209,13 @@ async def _run_envoy(workdir: Path, gateway_port: int, descriptor: Path) -> Asyn
     proc = _spawn(argv, log_path, err_path)
     try:
         deadline = time.monotonic() + 20
-        async with httpx.AsyncClient(timeout=1.0) as admin:
+        transport = httpx.AsyncHTTPTransport(uds=str(admin_socket))
+        async with httpx.AsyncClient(timeout=1.0, transport=transport) as admin:
             while True:
                 if proc.poll() is not None:
                     pytest.fail(f"envoy exited with {proc.returncode}:\n{err_path.read_text()}")
                 try:
-                    ready = await admin.get(f"http://127.0.0.1:{admin_port}/ready")
+                    ready = await admin.get("http://envoy/ready")
                     if ready.status_code == 200 and ready.text.strip() == "LIVE":
                         break
                 except httpx.TransportError:
@@ -219,9 +234,10 @@ async def _run_envoy(workdir: Path, gateway_port: int, descriptor: Path) -> Asyn
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def edge(
     gateway: Gateway,
+    pki: MeshPki,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Edge]:
-    async with _run_envoy(tmp_path_factory.mktemp("envoy"), gateway.port, DESCRIPTOR) as (port, log_path):
+    async with _run_envoy(tmp_path_factory.mktemp("envoy"), gateway.port, DESCRIPTOR, pki) as (port, log_path):
         yield Edge(
             url=f"http://127.0.0.1:{port}",
             grpc_target=f"127.0.0.1:{port}",
@@ -404,10 +420,10 @@ async def test_native_grpc_through_envoy(edge: Edge) -> None:
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_internal_service_is_not_reachable_through_envoy(edge: Edge, gateway: Gateway) -> None:
+async def test_internal_service_is_not_reachable_through_envoy(edge: Edge, gateway: Gateway, pki: MeshPki) -> None:
     request = quota_pb2.ReserveRequest(tenant_id="acme", job_id="j1")
-    # Sanity: the fake gateway really serves QuotaService when called directly...
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as direct:
+    # Sanity: the fake gateway really serves QuotaService when called directly (with a mesh identity)...
+    async with RenewingChannel(f"127.0.0.1:{gateway.port}", pki.service("client-test", "test")) as direct:
         assert (await quota_pb2_grpc.QuotaServiceStub(direct).Reserve(request, timeout=10)).burst_session_id
     before = edge.calls.methods.count("Reserve")
     # ...but not through the public edge.
@@ -457,8 +473,9 @@ async def test_oversized_native_grpc_message_is_not_forwarded(edge: Edge) -> Non
 @pytest.mark.asyncio(loop_scope="module")
 async def test_gateway_down_is_503_json_and_grpc_unavailable(
     tmp_path: Path,
+    pki: MeshPki,
 ) -> None:
-    async with _run_envoy(tmp_path, _free_port(), DESCRIPTOR) as (port, _log):
+    async with _run_envoy(tmp_path, _free_port(), DESCRIPTOR, pki) as (port, _log):
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10.0) as client:
             response = await client.get("/api/v1/jobs/j1")
         assert response.status_code == 503, response.text

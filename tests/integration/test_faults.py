@@ -13,7 +13,6 @@ import psutil
 import pytest
 
 from jobmesh.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
-from libs.etcd.client import Etcd
 from libs.launcher import Stack
 from tests.helpers import Api, job_spec, start_stack, token, wait_for
 
@@ -56,7 +55,7 @@ def assert_each_ran_once(api: Api, accepted: list[dict[str, object]], marks: Pat
 
 def leader_etcd_value(stack: Stack, role: str) -> str:
     async def read() -> str:
-        etcd = Etcd([f"127.0.0.1:{stack.ports.etcd}"])
+        etcd = stack.etcd_client()
         try:
             kv = await etcd.get(f"/jobmesh/leader/{role}")
             return kv.value.decode() if kv else ""
@@ -68,7 +67,7 @@ def leader_etcd_value(stack: Stack, role: str) -> str:
 
 def scheduler_leader(stack: Stack) -> str:
     for i, port in enumerate(stack.ports.scheduler, start=1):
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        with stack.channel(port) as ch:
             try:
                 status = scheduler_pb2_grpc.SchedulerServiceStub(ch).GetStatus(
                     scheduler_pb2.GetStatusRequest(), timeout=2

@@ -39,7 +39,7 @@ def queueing(tmp_path: Path) -> Iterator[Stack]:
 
 @pytest_asyncio.fixture()
 async def etcd(queueing: Stack) -> AsyncIterator[Etcd]:
-    client = Etcd([f"127.0.0.1:{queueing.ports.etcd}"])
+    client = queueing.etcd_client()
     try:
         yield client
     finally:

@@ -7,7 +7,6 @@ import signal
 import urllib.request
 from collections.abc import Iterator
 
-import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -25,8 +24,8 @@ SERVICES = {
 }
 
 
-def reflected_services(port: int) -> set[str]:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+def reflected_services(stack: Stack, port: int) -> set[str]:
+    with stack.channel(port) as ch:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
         responses = stub.ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
@@ -46,12 +45,12 @@ def ostack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 @pytest.mark.parametrize("name", list(SERVICES))
 def test_each_service_answers_health_reflection_and_metrics(ostack: Stack, name: str) -> None:
     proc = ostack.procs[name]
-    with grpc.insecure_channel(f"127.0.0.1:{proc.port}") as ch:
+    with ostack.channel(proc.port) as ch:
         health = health_pb2_grpc.HealthStub(ch)
         for service in ("", SERVICES[name]):
             status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
             assert status == health_pb2.HealthCheckResponse.SERVING
-    assert SERVICES[name] in reflected_services(proc.port)
+    assert SERVICES[name] in reflected_services(ostack, proc.port)
     with urllib.request.urlopen(f"http://127.0.0.1:{proc.metrics_port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
     metric_prefix = "jobmesh_" + name.split("-")[0]

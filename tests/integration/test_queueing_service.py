@@ -18,7 +18,7 @@ import pytest_asyncio
 from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.queueing.v1 import queueing_pb2 as q
 from jobmesh.queueing.v1 import queueing_pb2_grpc
-from libs.etcd.client import Etcd, cmp_mod, op_put
+from libs.etcd.client import cmp_mod, op_put
 from libs.jobs import apply_dispatch, decode_job, new_job_id, ts
 from libs.keys import Keys
 from libs.launcher import Ports, Stack
@@ -78,9 +78,9 @@ class Client:
 
     def __init__(self, stack: Stack):
         self.stack = stack
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{stack.ports.queueing}")
+        self.channel = stack.aio_channel(stack.ports.queueing, "scheduler")
         self.stub = queueing_pb2_grpc.QueueingServiceStub(self.channel)
-        self.etcd = Etcd([f"127.0.0.1:{stack.ports.etcd}"])
+        self.etcd = stack.etcd_client()
 
     async def close(self) -> None:
         await self.channel.close()
@@ -88,7 +88,7 @@ class Client:
 
     async def reconnect(self) -> None:
         await self.channel.close()
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.stack.ports.queueing}")
+        self.channel = self.stack.aio_channel(self.stack.ports.queueing, "scheduler")
         self.stub = queueing_pb2_grpc.QueueingServiceStub(self.channel)
 
     async def enqueue(self, job: t.Job) -> t.Job:

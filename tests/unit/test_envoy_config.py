@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import json
 
-from libs.envoy_config import PUBLIC_SERVICES, render_envoy_config
+from libs.envoy_config import PUBLIC_SERVICES, render_dev_defaults
 from libs.launcher import REPO
 
 
 def dev_defaults() -> str:
-    return render_envoy_config(
-        listen_host="127.0.0.1",
-        listen_port=8080,
-        admin_port=9901,
-        gateway_host="127.0.0.1",
-        gateway_port=50051,
-        descriptor_path="build/jobmesh.pb",
-    )
+    return render_dev_defaults()
 
 
 def test_the_committed_envoy_config_is_current() -> None:
@@ -26,7 +19,18 @@ def test_the_committed_envoy_config_is_current() -> None:
 def test_the_transcoder_serves_exactly_the_public_services() -> None:
     text = dev_defaults()
     config = json.loads(text)
-    assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    assert config["admin"]["address"] == {"pipe": {"path": ".jobmesh/envoy-admin.sock", "mode": 0o600}}
     for service in PUBLIC_SERVICES:
         assert service in text
     assert "jobmesh.quota.v1" not in text
+
+
+def test_the_hop_to_the_gateway_is_mtls_pinned_to_the_gateway_identity() -> None:
+    cluster = json.loads(dev_defaults())["static_resources"]["clusters"][0]
+    context = cluster["transport_socket"]["typed_config"]["common_tls_context"]
+    assert context["tls_certificate_sds_secret_configs"][0]["name"] == "envoy_identity"
+    validation = context["combined_validation_context"]
+    assert validation["default_validation_context"]["match_typed_subject_alt_names"] == [
+        {"san_type": "URI", "matcher": {"exact": "spiffe://jobmesh/service/gateway"}}
+    ]
+    assert validation["validation_context_sds_secret_config"]["name"] == "mesh_ca"

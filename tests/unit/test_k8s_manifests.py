@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from libs.config import load_config
-from libs.envoy_config import render_envoy_config
+from libs.envoy_config import render_cluster_defaults
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
@@ -165,17 +165,10 @@ def test_the_mesh_config_for_kubernetes_loads() -> None:
 
 
 def test_the_envoy_bootstrap_is_the_renderer_output_for_the_cluster() -> None:
-    expected = render_envoy_config(
-        listen_host="0.0.0.0",
-        listen_port=8080,
-        admin_port=9901,
-        gateway_host="gateway",
-        gateway_port=50051,
-        descriptor_path="/etc/envoy/descriptors/jobmesh.pb",
-    )
+    expected = render_cluster_defaults()
 
     assert (BASE / "envoy.json").read_text() == expected, "re-render k8s/base/envoy.json (docs/kubernetes.md)"
-    assert json.loads(expected)["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    assert json.loads(expected)["admin"]["address"] == {"pipe": {"path": "/tmp/envoy-admin.sock", "mode": 0o600}}
 
 
 # Workloads -------------------------------------------------------------------------------------------------
