@@ -35,6 +35,8 @@ from libs.identity import peer_identity
 from libs.jobs import ts
 from libs.keys import Keys
 from libs.pki import WORKER_LIFETIME, CertificateAuthority, worker_id_uri
+from libs.settings import TlsSettings
+from libs.tls import IdentityFiles, Pem
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +185,24 @@ class WorkerCertificateServicer(poolmanager_pb2_grpc.WorkerCertificateServiceSer
         )
 
 
+def server_only_credentials(tls: TlsSettings) -> grpc.ServerCredentials:
+    """The service's own certificate, re-read when it is renewed, asking callers for none."""
+    files = IdentityFiles(tls)
+
+    def configuration(pem: Pem) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration([(pem.key, pem.cert)])
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        fresh = files.refresh()
+        return configuration(fresh) if fresh is not None else None
+
+    return grpc.dynamic_ssl_server_credentials(configuration(files.current), fetch, require_client_authentication=False)
+
+
 async def start_join_server(
     host: str,
     port: int,
-    cert_pem: bytes,
-    key_pem: bytes,
+    credentials: grpc.ServerCredentials,
     servicer: WorkerJoinServicer,
     interceptors: Sequence[grpc.aio.ServerInterceptor],
 ) -> tuple[grpc.aio.Server, int]:
@@ -196,7 +211,7 @@ async def start_join_server(
     only Join there, should anything else ever be registered on it."""
     server = grpc.aio.server(interceptors=list(interceptors), options=[("grpc.max_receive_message_length", 64 * 1024)])
     poolmanager_pb2_grpc.add_WorkerJoinServiceServicer_to_server(servicer, server)
-    bound = server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([(key_pem, cert_pem)]))
+    bound = server.add_secure_port(f"{host}:{port}", credentials)
     if bound == 0:
         raise RuntimeError(f"join port: cannot listen on {host}:{port}")
     await server.start()

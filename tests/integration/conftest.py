@@ -33,7 +33,7 @@ def etcd_stack(tmp_path: Path) -> Iterator[Stack]:
 
 @pytest_asyncio.fixture()
 async def etcd(etcd_stack: Stack) -> AsyncIterator[Etcd]:
-    client = Etcd([f"127.0.0.1:{etcd_stack.ports.etcd}"])
+    client = etcd_stack.etcd_client()
     try:
         yield client
     finally:

@@ -58,8 +58,7 @@ async def join_port(mesh: Mesh, etcd: Etcd) -> AsyncIterator[JoinPort]:
     server, port = await start_join_server(
         "127.0.0.1",
         0,
-        own.cert_pem,
-        own.key_pem,
+        grpc.ssl_server_credentials([(own.key_pem, own.cert_pem)]),
         WorkerJoinServicer(tokens, mesh.ca),
         [AuthorizationInterceptor("poolmanager", join_metrics), ServerInterceptor("poolmanager", join_metrics)],
     )

@@ -121,8 +121,11 @@ def test_only_the_workers_own_process_is_taken_for_it() -> None:
     from services.poolmanager.binding import process_is_worker
 
     env = {**os.environ, "JOBMESH_WORKER_ID": "w-7"}
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)"], env=env, stdout=subprocess.PIPE
+    )
     try:
+        assert child.stdout is not None and child.stdout.readline() == b"up\n"  # exec'd: its own environment
         assert process_is_worker(child.pid, "w-7")
         assert not process_is_worker(child.pid, "w-70")
         assert not process_is_worker(os.getpid(), "w-7")  # e.g. the pool-manager itself
