@@ -8,11 +8,34 @@ write (one etcd transaction instead of one per caller). With `linger`, a batch t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 In = TypeVar("In")
 Out = TypeVar("Out")
+T = TypeVar("T")
+
+# What one etcd transaction may carry, with room under etcd's default request limit (1.5 MiB) for keys, compares
+# and framing: every batch that becomes one transaction is cut to this many bytes of values.
+TXN_BYTES = 1024 * 1024
+
+
+def chunks(
+    items: Iterable[T], size: Callable[[T], int], max_items: int, max_bytes: int = TXN_BYTES
+) -> Iterator[list[T]]:
+    """Consecutive runs of `items` of at most `max_items` and at most `max_bytes` by `size`; an item larger than
+    `max_bytes` alone still makes a chunk of its own (the store judges it, and it fails alone)."""
+    chunk: list[T] = []
+    total = 0
+    for item in items:
+        n = size(item)
+        if chunk and (len(chunk) >= max_items or total + n > max_bytes):
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(item)
+        total += n
+    if chunk:
+        yield chunk
 
 
 class GroupCommit(Generic[In, Out]):
@@ -26,6 +49,8 @@ class GroupCommit(Generic[In, Out]):
         on_batch: Callable[[int], None] | None = None,
         name: str = "group-commit",
         linger: float = 0.0,
+        size: Callable[[In], int] | None = None,
+        max_bytes: int = TXN_BYTES,
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -37,6 +62,8 @@ class GroupCommit(Generic[In, Out]):
         self.max_batch = max_batch
         self.on_batch = on_batch
         self.name = name
+        self.size = size
+        self.max_bytes = max_bytes
         self._waiting: list[tuple[In, asyncio.Future[Out]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -53,11 +80,21 @@ class GroupCommit(Generic[In, Out]):
             if self.linger and loop.time() - self._last_write < 10 * self.linger:
                 await asyncio.sleep(self.linger)
             while self._waiting:
-                batch, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch :]
+                batch = self._take()
                 await self._write(batch)
             self._last_write = loop.time()
         finally:
             self._flusher = None
+
+    def _take(self) -> list[tuple[In, asyncio.Future[Out]]]:
+        """The next batch: up to max_batch callers and, with a `size`, up to max_bytes (at least one caller)."""
+        if self.size is None:
+            n = self.max_batch
+        else:
+            size = self.size
+            n = len(next(chunks(self._waiting, lambda w: size(w[0]), self.max_batch, self.max_bytes)))
+        batch, self._waiting = self._waiting[:n], self._waiting[n:]
+        return batch
 
     async def _write(self, batch: list[tuple[In, asyncio.Future[Out]]]) -> None:
         try:

@@ -9,10 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry, start_http_server
+
 from libs.auth import ensure_dev_keys, issue_token
 from libs.cli_cost import add_cost_parser
 from libs.config import ConfigError, load_config
 from libs.launcher import REPO, Ports, Stack
+from libs.supervisor import CrashLoop, StackProcesses, Supervisor
 
 DEFAULT_DATA = Path(os.environ.get("JOBMESH_DATA_DIR", REPO / ".jobmesh"))
 DEFAULT_CONFIG = Path(os.environ.get("JOBMESH_CONFIG", REPO / "config" / "dev.toml"))
@@ -48,6 +51,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     print(f"starting jobmesh (data in {stack.data_dir}, logs in {stack.log_dir}) ...", flush=True)
+    # The launcher's own /metrics (restarts of the processes it supervises) joins the mesh-wide scrape.
+    registry = CollectorRegistry()
+    for name in stack.SERVICES:  # the services keep their ports (9101-9108); the launcher takes the next
+        stack.metrics_port(name)
+    launcher_metrics = stack.metrics_port("launcher")
+    stack.env["JOBMESH_METRICS_TARGETS"] = f"{stack.metrics_targets()},127.0.0.1:{launcher_metrics}"
+    start_http_server(launcher_metrics, addr="127.0.0.1", registry=registry)
+    supervisor = Supervisor(StackProcesses(stack), time.monotonic, registry=registry, say=_say)
     try:
         stack.start()
     except (RuntimeError, TimeoutError) as exc:
@@ -65,22 +76,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         "Ctrl-C stops everything.",
         flush=True,
     )
+    code = 0
     try:
         while not stop["now"]:
-            for proc in list(stack.procs.values()):
-                if not proc.alive():
-                    print(
-                        f"{proc.name} exited (code {proc.popen.returncode if proc.popen else '?'}); see {proc.log}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    stop["now"] = True
-            time.sleep(0.5)
+            try:
+                supervisor.tick()
+            except CrashLoop as exc:
+                print(f"jobmesh: {exc}", file=sys.stderr, flush=True)
+                code = 1
+                break
+            time.sleep(0.25)
     finally:
         print("stopping jobmesh ...", flush=True)
         stack.stop()
         print("stopped.", flush=True)
-    return 0
+    return code
+
+
+def _say(line: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
 
 
 def cmd_pki_k8s_secrets(args: argparse.Namespace) -> int:

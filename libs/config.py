@@ -85,10 +85,18 @@ class MeshConfig:
     burst_premium: float = 1.5
     burst_pool: QuotaLimits | None = None
     burst_max_duration_seconds: int = 3600
+    # The largest share of the burst pool (each of CPU, memory, jobs) one tenant's session may hold.
+    burst_max_tenant_share: float = 0.5
+    # How long the session opened by a burst submit beyond the quota lasts.
+    burst_session_at_submit_seconds: int = 900
     sla_tiers: dict[str, SlaTier] = field(default_factory=dict)
     default_sla_tier: str = "standard"
     # How long a finished job's record is kept before it is deleted (its cost records stay); 0: for ever.
     finished_job_retention_seconds: float = 7 * 86400.0
+    # The largest job spec accepted, in bytes of its protobuf encoding (argv, env, labels and all).
+    max_spec_bytes: int = 64 * 1024
+    # The most job records one tenant may keep stored (pending, running and finished within retention).
+    max_jobs_per_tenant: int = 250_000
 
     def pool(self, pool_id: str) -> PoolConfig | None:
         return next((p for p in self.pools if p.pool_id == pool_id), None)
@@ -227,17 +235,35 @@ def parse_config(raw: dict[str, object]) -> MeshConfig:
     burst = raw.get("burst", {})
     assert isinstance(burst, dict)
     burst_pool = _limits(burst["pool"], "burst.pool") if "pool" in burst else None
+    burst_share = float(burst.get("max_tenant_share", 0.5))
+    if not 0 < burst_share <= 1:
+        raise ConfigError("burst.max_tenant_share must be more than 0 and at most 1")
+    at_submit = int(burst.get("session_at_submit_seconds", 900))
+    if at_submit <= 0:
+        raise ConfigError("burst.session_at_submit_seconds must be positive")
     retention = raw.get("retention", {})
     assert isinstance(retention, dict)
     finished_retention = float(retention.get("finished_job_seconds", 7 * 86400))
     if finished_retention < 0:
         raise ConfigError("retention.finished_job_seconds must be 0 (keep for ever) or positive")
+    limits = raw.get("limits", {})
+    assert isinstance(limits, dict)
+    max_spec_bytes = int(limits.get("max_spec_bytes", 64 * 1024))
+    if not 1024 <= max_spec_bytes <= 512 * 1024:
+        raise ConfigError("limits.max_spec_bytes must be between 1024 and 524288")
+    max_jobs = int(limits.get("max_jobs_per_tenant", 250_000))
+    if max_jobs < 1:
+        raise ConfigError("limits.max_jobs_per_tenant must be at least 1")
     return MeshConfig(
+        max_spec_bytes=max_spec_bytes,
+        max_jobs_per_tenant=max_jobs,
         finished_job_retention_seconds=finished_retention,
         sla_tiers=sla_tiers,
         default_sla_tier=default_tier,
         burst_pool=burst_pool,
         burst_max_duration_seconds=int(burst.get("max_duration_seconds", 3600)),
+        burst_max_tenant_share=burst_share,
+        burst_session_at_submit_seconds=at_submit,
         issuer=str(auth.get("issuer", "jobmesh-dev")),
         audience=str(auth.get("audience", "jobmesh")),
         tenants=tenants,

@@ -39,6 +39,13 @@ def ts(seconds: float) -> Timestamp:
 
 def validate_spec(spec: t.JobSpec, config: MeshConfig, now: float | None = None) -> None:
     """Raises InvalidArgument naming the first bad field."""
+    size = spec.ByteSize()
+    if size > config.max_spec_bytes:
+        raise InvalidArgument(
+            "spec",
+            f"is {size} bytes; the limit is {config.max_spec_bytes} bytes ({config.max_spec_bytes // 1024} KiB)",
+            reason="SPEC_TOO_LARGE",
+        )
     if not spec.name.strip():
         raise InvalidArgument("name", "is required")
     if len(spec.name) > MAX_NAME:

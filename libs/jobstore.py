@@ -11,10 +11,15 @@ from dataclasses import dataclass
 from jobmesh.common.v1 import types_pb2 as t
 from libs.errors import Conflict, FailedPrecondition, InvalidArgument, JobMeshError, NotFound
 from libs.etcd.client import Compare, Etcd, KeyValue, RequestOp, cmp_missing, cmp_mod, op_delete, op_get, op_put
+from libs.etcd.informer import next_page_limit
 from libs.jobs import TERMINAL, apply_result, apply_worker_lost, decode_job, ts
 from libs.keys import Keys, safe_segment
 
 log = logging.getLogger(__name__)
+
+
+# Records one list call reads at most, whatever the filter matches.
+LIST_SCAN_LIMIT = 5000
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,9 @@ class JobStore:
         return (await self.get_with_revision(tenant_id, job_id))[0]
 
     async def list(self, tenant_id: str, state: int, page_size: int, page_token: str) -> tuple[list[t.Job], str]:
-        """Newest first is what people want, but ids sort oldest first; we page oldest first, stably."""
+        """Newest first is what people want, but ids sort oldest first; we page oldest first, stably. A filtered
+        list reads at most LIST_SCAN_LIMIT records per call: a page may then hold fewer jobs than asked, with a
+        token to go on (AIP-158), so one request's work is bounded however many records the tenant keeps."""
         prefix = self.keys.tenant_jobs(tenant_id)
         start = None
         if page_token:
@@ -90,19 +97,23 @@ class JobStore:
         jobs: list[t.Job] = []
         last = ""
         has_more = False
+        scanned = 0
+        limit = max(page_size * 2, 50)
         while True:
-            kvs, _, more = await self.etcd.get_prefix(prefix, start=start, limit=max(page_size * 2, 50))
+            kvs, _, more = await self.etcd.get_prefix(prefix, start=start, limit=limit)
             for i, kv in enumerate(kvs):
                 job = decode_job(kv.value)
                 last = Keys.last_segment(kv.key)
+                scanned += 1
                 if not state or job.state == state:
                     jobs.append(job)
-                if len(jobs) == page_size:
+                if len(jobs) == page_size or scanned >= LIST_SCAN_LIMIT:
                     has_more = more or i < len(kvs) - 1
                     break
-            if len(jobs) == page_size or not more or not kvs:
+            if len(jobs) == page_size or scanned >= LIST_SCAN_LIMIT or not more or not kvs:
                 break
             start = prefix + last + "\0"
+            limit = min(next_page_limit(max(len(kv.value) for kv in kvs)), max(page_size * 2, 50))
         token = base64.urlsafe_b64encode(last.encode()).decode() if has_more else ""
         return jobs, token
 

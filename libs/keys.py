@@ -80,6 +80,11 @@ class Keys:
     def last_segment(key: str) -> str:
         return key.rsplit("/", 1)[-1]
 
+    @staticmethod
+    def job_tenant(key: str) -> str:
+        """The tenant of a job record's key (`.../jobs/<tenant>/<job>`)."""
+        return key.rsplit("/", 2)[-2]
+
     def burst_session(self, session_id: str) -> str:
         return f"{self.p}/quota/burst/{session_id}"
 

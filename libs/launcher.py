@@ -146,6 +146,10 @@ class Stack:
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.ports.envoy}"
 
+    def metrics_port(self, name: str) -> int:
+        """The /metrics port of a named process (the launcher's own too), fixed once chosen."""
+        return self._metrics_port(name)
+
     def _metrics_port(self, name: str) -> int:
         if name not in self._metrics:
             base = self.ports.metrics_base
@@ -318,10 +322,12 @@ class Stack:
         tls = self.pki.etcd(f"client-{identity}", identity)
         return Etcd([f"127.0.0.1:{self.ports.etcd}"], tls, timeout=timeout)
 
-    def start_renewal(self) -> None:
+    def start_renewal(self, interval: float | None = None) -> None:
         """Renews every certificate issued here before it expires, while the launcher runs."""
         if self._renewer is not None:
             return
+        if interval is not None:
+            self.renew_interval = interval
         self._stop_renewing.clear()
 
         def renew() -> None:
@@ -333,6 +339,12 @@ class Stack:
 
         self._renewer = threading.Thread(target=renew, name="pki-renewal", daemon=True)
         self._renewer.start()
+
+    def stop_renewal(self) -> None:
+        self._stop_renewing.set()
+        if self._renewer is not None:
+            self._renewer.join(10)
+            self._renewer = None
 
     def start(self, timeout: float = 60.0) -> None:
         ensure_dev_keys(self.data_dir)
@@ -426,7 +438,7 @@ class Stack:
         return proc
 
     def stop(self, grace: float = 10.0) -> None:
-        self._stop_renewing.set()
+        self.stop_renewal()
         order = ["envoy", "gateway", *[n for n in self.procs if n not in ("envoy", "gateway", "etcd")], "etcd"]
         for name in order:
             proc = self.procs.get(name)

@@ -171,6 +171,9 @@ class Etcd:
             try:
                 return await fn(request, timeout=self.timeout)
             except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
+                    # A read pinned to a revision that was compacted meanwhile: the caller reads afresh.
+                    raise WatchCompacted(0) from exc
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE,) or attempt == attempts - 1:
                     raise Unavailable(f"etcd: {exc.code().name}", reason="STORE_UNAVAILABLE") from exc
                 await asyncio.sleep(delay)
@@ -203,11 +206,22 @@ class Etcd:
         return out, result.revision
 
     async def get_prefix(
-        self, prefix: str, *, start: str | None = None, limit: int = 0, keys_only: bool = False
+        self,
+        prefix: str,
+        *,
+        start: str | None = None,
+        limit: int = 0,
+        keys_only: bool = False,
+        revision: int = 0,
     ) -> tuple[list[KeyValue], int, bool]:
-        """Keys under prefix from `start` (inclusive) in key order: (kvs, revision, more)."""
+        """Keys under prefix from `start` (inclusive) in key order: (kvs, revision, more). With `revision`, as they
+        were at that revision (raises WatchCompacted if it was compacted away)."""
         request = pb.RangeRequest(
-            key=(start or prefix).encode(), range_end=prefix_end(prefix), limit=limit, keys_only=keys_only
+            key=(start or prefix).encode(),
+            range_end=prefix_end(prefix),
+            limit=limit,
+            keys_only=keys_only,
+            revision=revision,
         )
         resp = await self._call(self._kv.Range, request)
         return [_kv(kv) for kv in resp.kvs], resp.header.revision, resp.more

@@ -12,6 +12,19 @@ from libs.etcd.client import Etcd, KeyValue, WatchCompacted, WatchEvent
 log = logging.getLogger(__name__)
 
 Handler = Callable[[WatchEvent], Awaitable[None] | None]
+
+# A list reads pages of at most this many keys and, by the largest value seen so far, about this many bytes: well
+# under the client's 64 MiB receive limit however large the records are.
+PAGE_KEYS = 2000
+PAGE_BYTES = 8 * 1024 * 1024
+_FIRST_PAGE_KEYS = 64
+
+
+def next_page_limit(largest_value: int) -> int:
+    """How many keys the next page may ask for, given the largest value met so far."""
+    return max(1, min(PAGE_KEYS, PAGE_BYTES // max(largest_value, 1)))
+
+
 BatchHandler = Callable[[list[WatchEvent]], Awaitable[None] | None]
 
 
@@ -94,14 +107,21 @@ class Informer:
             log.exception("informer %s: batch handler failed for %d events", self.name, len(events))
 
     async def _list(self) -> None:
+        """Every page at the first page's revision, so the list is one consistent snapshot and the watch that
+        follows from the revision after it misses no change, however long the list took."""
         kvs: list[KeyValue] = []
         start: str | None = None
         revision = 0
+        limit = _FIRST_PAGE_KEYS
+        largest = 0
         while True:
-            page, revision, more = await self.etcd.get_prefix(self.prefix, start=start, limit=2000)
+            page, at, more = await self.etcd.get_prefix(self.prefix, start=start, limit=limit, revision=revision)
+            revision = revision or at
             kvs.extend(page)
             if not more or not page:
                 break
+            largest = max(largest, *(len(kv.value) for kv in page))
+            limit = next_page_limit(largest)
             start = page[-1].key + "\0"
         fresh = {kv.key: kv for kv in kvs}
         seen: list[WatchEvent] = []

@@ -3,6 +3,8 @@ and budgets in force."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from jobmesh.common.v1 import types_pb2 as t
 from libs.clock import Clock
 from libs.config import MeshConfig
@@ -16,6 +18,9 @@ from services.cost.reports import Period, Reports, build_reports
 from services.cost.workers import WorkerLedger
 
 DEFAULT_REPORT_DAYS = 30
+# The longest period one report covers: a year and a month. Longer asks are refused, not cut, so a caller never
+# mistakes a partial answer for the whole.
+MAX_REPORT_DAYS = 400
 
 
 class CostAccounts:
@@ -37,21 +42,26 @@ class CostAccounts:
 
     def reports(self, tenant_id: str, start: float | None = None, end: float | None = None) -> Reports:
         """Over [start, end); by default the last 30 days up to now."""
+        return self.report_job(tenant_id, start, end)()
+
+    def report_job(self, tenant_id: str, start: float | None = None, end: float | None = None) -> Callable[[], Reports]:
+        """Validates the period and takes a snapshot of what the report reads (on the caller's loop); the callable it
+        returns computes the report from that snapshot alone, so it may run on another thread."""
         now = self.clock.now()
         end = now + 1 if end is None else end
         start = now - DEFAULT_REPORT_DAYS * 86400 if start is None else start
         if start >= end:
             raise InvalidArgument("start", "must be before end")
+        if end - start > MAX_REPORT_DAYS * 86400:
+            raise InvalidArgument(
+                "start", f"the report period is at most {MAX_REPORT_DAYS} days; ask for several periods instead"
+            )
         period = Period(start, end, now)
-        return build_reports(
-            self.ledger.records.values(),
-            tenant_id,
-            period,
-            self.config,
-            self.workers.intervals,
-            self.ledger.allocations(since=start),
-            self.thresholds,
-        )
+        records = list(self.ledger.records.values())
+        intervals = self.workers.intervals
+        allocations = self.ledger.allocations(since=start)
+        config, thresholds = self.config, self.thresholds
+        return lambda: build_reports(records, tenant_id, period, config, intervals, allocations, thresholds)
 
     def job_cost(self, job: t.Job) -> list[CostRecord]:
         return self.ledger.job_cost(job)

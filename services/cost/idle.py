@@ -168,26 +168,40 @@ def idle_cells(
     `allocated` holds allocations already split by (pool, UTC day) (see daily_shares); only whole days of it
     are counted, so a window that starts or ends inside a day must pass those attempts in `allocations`."""
     end = min(end, now)
-    workers = [i for i in intervals if i.start < end and (i.end is None or i.end > start)]
-    allocs = [a for a in allocations if a.start < end and a.end > start]
     cells: dict[tuple[str, str], IdleCell] = {}
-    for day, d_start, d_end in day_windows(start, end) if start < end else []:
-        for w in workers:
-            pool = config.pool(w.pool_id)
-            seconds = overlap(w.start, now if w.end is None else w.end, d_start, d_end)
-            if pool is None or seconds <= 0:
-                continue
-            cost = capacity_micros(seconds, w.cpu_millis, w.memory_mb, pool.pricing)
-            cells[(w.pool_id, day)] = cells.get((w.pool_id, day), IdleCell()) + IdleCell(cost, 0)
-        for a in allocs:
+    if start >= end:
+        return cells
+
+    def add(key: tuple[str, str], cell: IdleCell) -> None:
+        cells[key] = cells.get(key, IdleCell()) + cell
+
+    # Each worker and each attempt is cut at the UTC midnights of its own overlap with the window: the work is
+    # linear in the data that exists, whatever the window's length.
+    for w in intervals:
+        pool = config.pool(w.pool_id)
+        w_end = now if w.end is None else w.end
+        if pool is None or w.start >= end or w_end <= start:
+            continue
+        for day, d_start, d_end in day_windows(max(start, w.start), min(end, w_end)):
+            seconds = overlap(w.start, w_end, d_start, d_end)
+            if seconds > 0:
+                add((w.pool_id, day), IdleCell(capacity_micros(seconds, w.cpu_millis, w.memory_mb, pool.pricing), 0))
+    for a in allocations:
+        if a.start >= end or a.end <= start:
+            continue
+        for day, d_start, d_end in day_windows(max(start, a.start), min(end, a.end)):
             share = prorate(a.base_micros, overlap(a.start, a.end, d_start, d_end), a.end - a.start)
             if share:
-                cells[(a.pool_id, day)] = cells.get((a.pool_id, day), IdleCell()) + IdleCell(0, share)
-    days = {day for day, _, _ in day_windows(start, end)} if start < end and allocated else set()
+                add((a.pool_id, day), IdleCell(0, share))
+    first, last = _day(start), _day(end - 1e-6)
     for (pool_id, day), micros in (allocated or {}).items():
-        if day in days and micros:
-            cells[(pool_id, day)] = cells.get((pool_id, day), IdleCell()) + IdleCell(0, micros)
+        if first <= day <= last and micros:
+            add((pool_id, day), IdleCell(0, micros))
     return cells
+
+
+def _day(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, tz=UTC).date().isoformat()
 
 
 def by_pool(cells: dict[tuple[str, str], IdleCell]) -> dict[str, IdleCell]:

@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 _BATCH = 64
 
 
+# The most jobs one page holds; a larger page_size is coerced to it.
+MAX_PAGE_SIZE = 500
+
+
 class Backends:
     """Stubs of the internal services. Submits' reservations and enqueues go out batched: what concurrent
     submits ask while one call is in flight shares the next call (a lone submit is sent at once), so under
@@ -49,8 +53,10 @@ class Backends:
         self._reservations: GroupCommit[_Traced[qt.ReserveRequest], qt.ReserveResponse] = GroupCommit(
             self._reserve_many, max_batch=_BATCH, name="reserve"
         )
+        # Bounded in bytes too: a batch of large specs stays well under queueing's 4 MiB receive limit and etcd's
+        # request limit, and one tenant's large specs never fail another's submit that shares the batch.
         self._enqueues: GroupCommit[_Traced[q.EnqueueRequest], q.EnqueueResponse] = GroupCommit(
-            self._enqueue_many, max_batch=_BATCH, name="enqueue"
+            self._enqueue_many, max_batch=_BATCH, name="enqueue", size=lambda item: item[0].ByteSize()
         )
 
     async def reserve(self, request: qt.ReserveRequest) -> qt.ReserveResponse:
@@ -218,13 +224,13 @@ class JobsServicer(gateway_pb2_grpc.JobServiceServicer):
 
     async def ListJobs(self, request: g.ListJobsRequest, context: grpc.aio.ServicerContext) -> g.ListJobsResponse:
         principal = self.auth(context)
-        if request.page_size < 0 or request.page_size > 500:
-            raise InvalidArgument("page_size", "must be between 1 and 500")
+        if request.page_size < 0:
+            raise InvalidArgument("page_size", "must not be negative")
         resp = await self.b.queueing.ListJobs(  # type: ignore[attr-defined]
             q.ListJobsRequest(
                 tenant_id=principal.tenant_id,
                 state=request.state,
-                page_size=request.page_size,
+                page_size=min(request.page_size, MAX_PAGE_SIZE),  # AIP-158: above the maximum is the maximum
                 page_token=request.page_token,
             ),
             timeout=10.0,

@@ -24,6 +24,7 @@ from services.queueing.reasons import DEADLINE_MISSED, waiting_reason
 from services.queueing.retention import FinishedJobs
 from services.queueing.settings import QueueingSettings
 from services.queueing.sla import MET, MISSED_DEADLINE, SlaPolicy
+from services.queueing.stored import StoredJobs
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class QueueManager:
         self._saved_tags = -1
         self._changed = asyncio.Condition()
         self.finished: FinishedJobs | None = None  # set to have finished jobs deleted after their retention
+        self.stored = StoredJobs(config.max_jobs_per_tenant)
         self._weights_lock = asyncio.Lock()
 
     # Start-up ----------------------------------------------------------------------------------------
@@ -177,10 +179,12 @@ class QueueManager:
         before = self.queue.version
         job_id = Keys.last_segment(event.kv.key)
         if event.kind == "delete":
+            self.stored.gone(Keys.job_tenant(event.kv.key), job_id)
             if job_id in self.pending:
                 self._remove(job_id, None, event.revision)
         else:
             job = decode_job(event.kv.value)
+            self.stored.seen(job.tenant_id, job_id)
             if job.state == t.JOB_STATE_PENDING:
                 self._admit(job, event.kv.mod_revision)
             elif job_id in self.pending:
@@ -193,7 +197,12 @@ class QueueManager:
     async def enqueue(self, job: t.Job) -> tuple[t.Job, bool]:
         """Stores the job (durable before this returns), then queues it."""
         job.queue = queue_of(job)
-        stored, created, revision = await self.writer.create(job)
+        self.stored.reserve(job.tenant_id)
+        created = False
+        try:
+            stored, created, revision = await self.writer.create(job)
+        finally:
+            self.stored.release(job.tenant_id, job.job_id if created else None)
         if created:
             self.metrics.enqueued.labels(job.tenant_id).inc()
             if self._admit(stored, revision):

@@ -58,9 +58,9 @@ class QueueingServicer(queueing_pb2_grpc.QueueingServiceServicer):
     async def ListJobs(self, request: q.ListJobsRequest, context: grpc.aio.ServicerContext) -> q.ListJobsResponse:
         if not request.tenant_id:
             raise InvalidArgument("tenant_id", "is required")
-        page_size = request.page_size or 50
-        if not 0 < page_size <= 500:
-            raise InvalidArgument("page_size", "must be between 1 and 500")
+        if request.page_size < 0:
+            raise InvalidArgument("page_size", "must not be negative")
+        page_size = min(request.page_size or 50, 500)
         jobs, token = await self.store.list(request.tenant_id, request.state, page_size, request.page_token)
         return q.ListJobsResponse(jobs=[self.manager.show_late_start(job) for job in jobs], next_page_token=token)
 

@@ -90,6 +90,10 @@ def decode_lane(raw: dict[str, Any]) -> LaneTags:
     return LaneTags(float(raw["virtual_time"]), tenants)
 
 
+def _record_bytes(job: t.Job) -> int:
+    return job.ByteSize()
+
+
 class BatchingJobWriter:
     """Creates job records durably; concurrent creates without an idempotency key share one etcd transaction
     (a group commit, see libs/batching.py). Every caller is answered only after the transaction holding its
@@ -101,7 +105,7 @@ class BatchingJobWriter:
         self.batches = 0
         self.batched_jobs = 0
         self._commit: GroupCommit[t.Job, tuple[t.Job, bool, int]] = GroupCommit(
-            self._write, max_batch, self._count, "queueing-batch-writer"
+            self._write, max_batch, self._count, "queueing-batch-writer", size=_record_bytes
         )
 
     async def create(self, job: t.Job) -> tuple[t.Job, bool, int]:

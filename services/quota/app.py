@@ -100,6 +100,8 @@ async def run(settings: CommonSettings) -> None:
         pool.memory_mb if pool else 0,
         pool.concurrent_jobs if pool else 0,
         config.burst_max_duration_seconds,
+        config.burst_max_tenant_share,
+        config.burst_session_at_submit_seconds,
     )
     manager = QuotaManager(config, SystemClock(), policy)
     metrics = QuotaMetrics(registry)

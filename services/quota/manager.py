@@ -36,6 +36,15 @@ class BurstPolicy:
     memory_mb: int = 0
     concurrent_jobs: int = 0
     max_duration_seconds: int = 3600
+    max_tenant_share: float = 0.5  # of each of the pool's CPU, memory and jobs, for one tenant's session
+    # A burst submit beyond the quota with no session opens one this long (its size: the tenant's cap, or what
+    # is left of the pool if less).
+    session_at_submit_seconds: int = 900
+
+    def tenant_cap(self) -> Usage:
+        """The most one tenant's session may hold: its share of the pool, rounded down."""
+        share = self.max_tenant_share
+        return Usage(int(self.cpu_millis * share), int(self.memory_mb * share), int(self.concurrent_jobs * share))
 
 
 @dataclass
@@ -153,14 +162,43 @@ class QuotaManager:
         state.add(holding)
         return session_id
 
-    def never_fits(self, tenant_id: str, cpu_millis: int, memory_mb: int) -> str | None:
-        """The resource a job asks more of than the tenant could ever hold (quota plus the largest burst)."""
-        limits = self.limits(tenant_id)
+    def over_quota(self, tenant_id: str, job_id: str, cpu_millis: int, memory_mb: int) -> bool:
+        """Whether admitting this job would take the tenant beyond its own quota (a burst session is needed)."""
+        state = self._state(tenant_id)
+        if job_id in state.live or job_id in state.reserved:
+            return False
+        return self._exceeded(state.usage.plus(cpu_millis, memory_mb), self.limits(tenant_id)) is not None
+
+    def session_at_submit(self, tenant_id: str) -> BurstSession:
+        """Opens the session a burst submit beyond the quota asks for implicitly: the tenant's cap of the pool, or
+        what is left of it if less; BURST_UNAVAILABLE when nothing is left (the caller persists it)."""
         policy = self.burst_policy
+        cap, left = policy.tenant_cap(), self.burst_left()
+        cpu = min(cap.cpu_millis, left.cpu_millis)
+        mem = min(cap.memory_mb, left.memory_mb)
+        jobs = min(cap.concurrent_jobs, left.concurrent_jobs)
+        if cpu <= 0 or mem <= 0 or jobs <= 0:
+            raise ResourceExhausted(
+                f"no burst capacity left: {left.cpu_millis}m CPU, {left.memory_mb} MB, {left.concurrent_jobs} jobs",
+                reason="BURST_UNAVAILABLE",
+                metadata={
+                    "cpu_millis_left": str(max(left.cpu_millis, 0)),
+                    "memory_mb_left": str(max(left.memory_mb, 0)),
+                    "concurrent_jobs_left": str(max(left.concurrent_jobs, 0)),
+                    "retry_after_seconds": "30",
+                },
+            )
+        duration = min(policy.session_at_submit_seconds, policy.max_duration_seconds)
+        return self.grant_burst(tenant_id, cpu, mem, jobs, duration, "submit")
+
+    def never_fits(self, tenant_id: str, cpu_millis: int, memory_mb: int) -> str | None:
+        """The resource a job asks more of than the tenant could ever hold (quota plus its largest burst)."""
+        limits = self.limits(tenant_id)
+        cap = self.burst_policy.tenant_cap()
         ceiling = QuotaLimits(
-            limits.cpu_millis + policy.cpu_millis,
-            limits.memory_mb + policy.memory_mb,
-            limits.concurrent_jobs + policy.concurrent_jobs,
+            limits.cpu_millis + cap.cpu_millis,
+            limits.memory_mb + cap.memory_mb,
+            limits.concurrent_jobs + cap.concurrent_jobs,
         )
         return self._exceeded(Usage(cpu_millis, memory_mb, 1), ceiling)
 
@@ -235,6 +273,19 @@ class QuotaManager:
                     "cpu_millis_left": str(left.cpu_millis),
                     "memory_mb_left": str(left.memory_mb),
                     "concurrent_jobs_left": str(left.concurrent_jobs),
+                },
+            )
+        cap = policy.tenant_cap()
+        if cpu > cap.cpu_millis or mem > cap.memory_mb or jobs > cap.concurrent_jobs:
+            raise ResourceExhausted(
+                f"one tenant may hold at most {policy.max_tenant_share:.0%} of the burst pool: "
+                f"{cap.cpu_millis}m CPU, {cap.memory_mb} MB, {cap.concurrent_jobs} jobs",
+                reason="BURST_UNAVAILABLE",
+                metadata={
+                    "tenant_cap_cpu_millis": str(cap.cpu_millis),
+                    "tenant_cap_memory_mb": str(cap.memory_mb),
+                    "tenant_cap_concurrent_jobs": str(cap.concurrent_jobs),
+                    "max_tenant_share": f"{policy.max_tenant_share:g}",
                 },
             )
         session = BurstSession(uuid.uuid4().hex[:16], tenant_id, cpu, mem, jobs, now, now + duration, requested_by)

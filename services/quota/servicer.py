@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import grpc
@@ -58,9 +59,27 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         self.etcd = etcd
         self.keys = keys
         self.metrics = metrics
+        # One implicit session at a time per tenant: concurrent burst submits wait for it and then join it.
+        self._opening: dict[str, asyncio.Lock] = {}
 
     async def Reserve(self, request: q.ReserveRequest, context: grpc.aio.ServicerContext) -> q.ReserveResponse:
+        await self._session_if_needed(request)
         return self._reserve(request)
+
+    async def _session_if_needed(self, request: q.ReserveRequest) -> None:
+        """A burst submit beyond the quota with no active session opens one (persisted before it is used)."""
+        res = request.resources
+        if not request.burst or not self.manager.over_quota(
+            request.tenant_id, request.job_id, res.cpu_millis, res.memory_mb
+        ):
+            return
+        if self.manager.never_fits(request.tenant_id, res.cpu_millis, res.memory_mb) is not None:
+            return  # refused as NEVER_FITS by the reservation
+        lock = self._opening.setdefault(request.tenant_id, asyncio.Lock())
+        async with lock:
+            if self.manager.active_session(request.tenant_id) is None:
+                self.manager.check_tenant(request.tenant_id)
+                await self._persist(self.manager.session_at_submit(request.tenant_id))
 
     async def ReserveMany(
         self, request: q.ReserveManyRequest, context: grpc.aio.ServicerContext
@@ -68,6 +87,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         outcomes = []
         for item in request.reservations:
             try:
+                await self._session_if_needed(item)
                 outcomes.append(q.ReserveOutcome(reserved=self._reserve(item)))
             except JobMeshError as err:
                 outcomes.append(q.ReserveOutcome(error=item_error(err)))
@@ -159,6 +179,11 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
             request.duration_seconds,
             request.requested_by,
         )
+        await self._persist(session)
+        return q.RequestBurstResponse(session=session_proto(session))
+
+    async def _persist(self, session: BurstSession) -> None:
+        """Stores a session the manager just granted (and its audit record); forgets it if that fails."""
         record = json.dumps(session.__dict__).encode()
         try:
             # The session key lives on a lease as long as the session, so etcd itself ends it on time.
@@ -169,4 +194,3 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         except Exception:
             self.manager.sessions.pop(session.session_id, None)
             raise
-        return q.RequestBurstResponse(session=session_proto(session))

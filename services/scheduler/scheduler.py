@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.queueing.v1 import queueing_pb2 as q
+from libs.batching import chunks
 from libs.clock import Clock
 from libs.config import POOL_KINDS, MeshConfig
 from libs.etcd.client import Compare, RequestOp, WatchEvent, cmp_missing, cmp_mod, cmp_none_under, op_put
@@ -38,8 +39,13 @@ class Dispatch:
     ops: list[RequestOp]
 
 
-# Jobs per dispatch transaction: up to 4 compares each (+ the fence) stay under etcd's default of 128 per list.
+# Jobs per dispatch transaction: up to 4 compares each (+ the fence) stay under etcd's default of 128 per list;
+# and at most TXN_BYTES of values, however large the specs.
 DISPATCH_CHUNK = 31
+
+
+def _dispatch_bytes(d: Dispatch) -> int:
+    return sum(op.ByteSize() for op in d.ops)
 
 
 @dataclass(frozen=True)
@@ -338,8 +344,8 @@ class Scheduler:
         """Writes the plan in one fenced transaction per chunk; a chunk that lost a race goes job by job, so
         only the jobs that raced stay queued. Returns how many were dispatched."""
         placed = 0
-        for first in range(0, len(plan), DISPATCH_CHUNK):
-            chunk = [self._prepare(queued, cand) for queued, cand in plan[first : first + DISPATCH_CHUNK]]
+        prepared = (self._prepare(queued, cand) for queued, cand in plan)
+        for chunk in chunks(prepared, _dispatch_bytes, DISPATCH_CHUNK):
             if len(chunk) > 1:
                 compares = [c for d in chunk for c in d.compares]
                 ops = [op for d in chunk for op in d.ops]
@@ -357,6 +363,8 @@ class Scheduler:
         return placed
 
     def _prepare(self, queued: q.QueuedJob, cand: Candidate) -> Dispatch:
+        """The fenced writes of one dispatch: the job RUNNING and the worker's assignment, both conditional on what
+        the cycle read."""
         job = t.Job()
         job.CopyFrom(queued.job)
         worker = cand.worker

@@ -104,7 +104,7 @@ def test_a_refused_submit_stores_nothing(stack: Stack, acme: Api) -> None:
             job_spec(resources={"cpu_millis": 100, "memory_mb": -5}), "resources.memory_mb", id="negative memory"
         ),
         pytest.param(job_spec(pool="atlantis"), "pool", id="unknown pool"),
-        pytest.param(job_spec(command=["echo", "x" * 200_000]), "command", id="huge command"),
+        pytest.param(job_spec(command=["echo", "x" * 200_000]), "spec", id="huge command"),
         pytest.param(job_spec(resources={"cpu_millis": 64_000, "memory_mb": 64}), "resources", id="fits no worker"),
         pytest.param(job_spec(max_retries=99), "max_retries", id="too many retries"),
     ],
@@ -116,9 +116,27 @@ def test_an_invalid_spec_is_a_400_naming_the_field(acme: Api, spec: dict[str, ob
     assert field in body["message"]
 
 
+def test_a_spec_over_the_total_size_limit_is_spec_too_large_and_creates_nothing(acme: Api) -> None:
+    # argv and env each within their own bounds, together over the 64 KiB spec limit.
+    spec = job_spec("too-big", command=["echo", "x" * 40_000], env={"BIG": "y" * 40_000})
+    body = _assert_clean_error(acme.call("POST", "/api/v1/jobs", json=spec), 400)
+    assert body["details"][0]["reason"] == "SPEC_TOO_LARGE"
+    assert "65536 bytes" in body["message"]
+    names = {j["spec"]["name"] for j in acme.call("GET", "/api/v1/jobs", params={"page_size": 500}).json()["jobs"]}
+    assert "too-big" not in names
+
+
 def test_a_body_over_the_size_limit_is_refused(acme: Api) -> None:
     resp = acme.call("POST", "/api/v1/jobs", json=job_spec(command=["echo", "x" * 2_000_000]))
     assert resp.status_code == 413
+
+
+def test_a_page_size_above_the_maximum_is_coerced_and_a_negative_one_refused(acme: Api) -> None:
+    resp = acme.call("GET", "/api/v1/jobs", params={"page_size": 1000})
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json().get("jobs", [])) <= 500
+    body = _assert_clean_error(acme.call("GET", "/api/v1/jobs", params={"page_size": -1}), 400)
+    assert body["details"][0]["metadata"]["field"] == "page_size"
 
 
 def test_malformed_json_and_unknown_query_parameters_are_400(acme: Api) -> None:

@@ -185,6 +185,22 @@ def test_tenants_only_ever_see_their_own_costs(acme: Api, globex: Api, admin: Ap
     assert micros(everyone["idle_cost"]) > 0  # three static workers cost far more than these few jobs
 
 
+def test_a_report_over_centuries_is_refused_at_once_and_other_tenants_keep_their_answers(
+    acme: Api, globex: Api
+) -> None:
+    """Was: ~740k day windows built on the cost service's only loop, 504 after 10 s, budgets timed out meanwhile."""
+    resp = acme.call("GET", REPORTS, params={"start": "0001-01-01T00:00:00Z"})
+    assert resp.status_code == 400, resp.text
+    body = resp.json()
+    assert "400 days" in body["message"]
+    assert body["details"][0]["metadata"]["field"] == "start"
+    # The longest allowed period is answered, and another tenant's report and budget answer right after.
+    longest = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 399 * 86400))
+    assert report_of(acme, start=longest)["reports"][0]["tenant_id"] == "acme"
+    assert report_of(globex)["reports"][0]["tenant_id"] == "globex"
+    assert globex.call("GET", "/api/v1/tenants/globex/budget").status_code == 200
+
+
 def test_an_admin_budget_is_validated_and_shown_to_its_tenant(acme: Api, globex: Api, admin: Api) -> None:
     path = "/api/v1/tenants/acme/budget"
     try:

@@ -329,3 +329,46 @@ async def test_a_weight_set_before_a_graceful_restart_still_holds_after_it(clien
 
     assert await client.order() == before
     assert [h.job.tenant_id for h in await client.heads(3)] == ["acme", "acme", "initech"]
+
+
+@pytest.mark.asyncio
+async def test_a_tenant_at_its_stored_jobs_cap_gets_too_many_jobs_until_records_are_deleted(tmp_path: Path) -> None:
+    config = tmp_path / "capped.toml"
+    config.write_text(FIXTURE_CONFIG.read_text() + "\n[limits]\nmax_jobs_per_tenant = 5\n")
+    stack = Stack(data_dir=tmp_path / "stack", config_path=config, ports=Ports.free(), env={})
+    try:
+        stack.start_etcd()
+        stack.wait_etcd(30)
+        stack.start_named("queueing")
+        stack.wait_healthy("queueing", 30)
+        client = Client(stack)
+        try:
+            acme = await client.submit("acme", 5)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await client.enqueue(pending_job("acme"))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "TOO_MANY_JOBS" in str(refused.value.trailing_metadata())
+            await client.submit("globex", 1)  # the others are not held back
+
+            # A record deleted (as retention deletes finished ones) frees a place, seen through the informer.
+            await client.etcd.delete(KEYS.job("acme", acme[0]))
+            for _ in range(100):
+                try:
+                    await client.enqueue(pending_job("acme"))
+                    break
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the deleted record's place never came back")
+
+            # After a restart the count is rebuilt from the store: still at the cap.
+            stack.kill("queueing")
+            stack.restart("queueing")
+            await client.reconnect()
+            with pytest.raises(grpc.aio.AioRpcError) as again:
+                await client.enqueue(pending_job("acme"))
+            assert again.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            await client.close()
+    finally:
+        stack.stop()

@@ -171,6 +171,11 @@ def test_burst_sessions_never_grant_more_than_the_pool_holds_and_expire_on_time(
     async def race() -> list[httpx.Response]:
         return list(await asyncio.gather(ask("acme", 3000, 3), ask("globex", 3000, 3)))
 
+    # Beyond one tenant's share (75% here) is refused, naming the cap, whatever is free.
+    capped = asyncio.run(ask("initech", 3500, 3))
+    assert capped.status_code == 429
+    assert capped.json()["details"][0]["metadata"]["tenant_cap_cpu_millis"] == "3000"
+
     answers = asyncio.run(race())
     granted = [r for r in answers if r.status_code == 200]
     refused = [r for r in answers if r.status_code == 429]
@@ -205,8 +210,6 @@ def test_a_burst_job_beyond_the_quota_runs_on_the_session_and_is_audited(qstack:
     set_quota(qstack, "initech", concurrent_jobs=1)
     try:
         holder = api.submit(job_spec("holder", ["sleep", "5"]))
-        refused = api.call("POST", "/api/v1/jobs", json=job_spec("extra", ["true"], burst=True))
-        assert refused.status_code == 429  # no session yet
         resp = api.call(
             "POST",
             "/api/v1/tenants/initech/burst",
@@ -229,3 +232,33 @@ def test_a_burst_job_beyond_the_quota_runs_on_the_session_and_is_audited(qstack:
         api.wait_terminal(holder["job_id"])
     finally:
         set_quota(qstack, "initech", concurrent_jobs=2000)
+
+
+def test_a_burst_submit_beyond_the_quota_opens_a_session_that_concurrent_ones_join(qstack: Stack) -> None:
+    api = Api(qstack.url, token(qstack, "globex"))
+    set_quota(qstack, "globex", concurrent_jobs=1)
+    try:
+        holder = api.submit(job_spec("holder", ["sleep", "3"]))
+        assert api.call("POST", "/api/v1/jobs", json=job_spec("plain", ["true"])).status_code == 429
+
+        async def two() -> list[httpx.Response]:
+            headers = {"Authorization": f"Bearer {token(qstack, 'globex')}"}
+            async with httpx.AsyncClient(base_url=qstack.url, headers=headers, timeout=30) as client:
+                asks = [client.post("/api/v1/jobs", json=job_spec(f"b{i}", ["true"], burst=True)) for i in range(2)]
+                return list(await asyncio.gather(*asks))
+
+        answers = asyncio.run(two())
+        assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+        sessions = {r.json()["burst_session_id"] for r in answers}
+        assert len(sessions) == 1 and "" not in sessions
+        quota = api.call("GET", "/api/v1/tenants/globex/quotas").json()
+        assert quota["burst"]["session_id"] in sessions
+        assert quota["burst"]["requested_by"] == "submit"
+        assert quota["burst_sessions"][0]["session_id"] in sessions
+        # Sized at the tenant's share of the pool (75% of 4000m here), or what was left of it.
+        assert 0 < quota["burst"]["cpu_millis"] <= 3000
+        for r in answers:
+            assert api.wait_terminal(r.json()["job_id"])["state"] == "JOB_STATE_SUCCEEDED"
+        api.wait_terminal(holder["job_id"])
+    finally:
+        set_quota(qstack, "globex", concurrent_jobs=2000)

@@ -113,3 +113,28 @@ async def test_with_linger_a_write_soon_after_the_last_one_waits_for_more_caller
 def test_a_negative_linger_is_refused() -> None:
     with pytest.raises(ValueError):
         GroupCommit(Recorder().write, linger=-1.0)
+
+
+def test_chunks_are_bounded_by_count_and_by_bytes_and_an_oversized_item_stands_alone() -> None:
+    from libs.batching import chunks
+
+    sizes = [10, 10, 10, 50, 200, 10, 10]
+    assert list(chunks(sizes, lambda n: n, max_items=2, max_bytes=100)) == [[10, 10], [10, 50], [200], [10, 10]]
+    assert list(chunks(sizes, lambda n: n, max_items=10, max_bytes=100)) == [[10, 10, 10, 50], [200], [10, 10]]
+    assert list(chunks([], lambda n: n, max_items=3)) == []
+
+
+@pytest.mark.asyncio
+async def test_a_batch_is_cut_at_max_bytes_and_the_rest_goes_in_the_next_write() -> None:
+    rec = Recorder()
+    rec.gate.clear()
+    commit = GroupCommit(rec.write, max_batch=64, size=lambda n: n, max_bytes=100)
+    first = asyncio.create_task(commit.submit(1))
+    await asyncio.sleep(0)
+    waiting = [asyncio.create_task(commit.submit(n)) for n in (60, 30, 20, 90)]
+    await asyncio.sleep(0)
+    rec.gate.set()
+
+    assert await first == 10
+    assert [await w for w in waiting] == [600, 300, 200, 900]
+    assert rec.batches == [[1], [60, 30], [20], [90]]

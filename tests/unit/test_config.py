@@ -34,6 +34,7 @@ def test_a_minimal_config_parses_with_defaults() -> None:
     assert (pool.pool_id, pool.kind, pool.min_workers, pool.max_workers) == ("p", "static", 1, 1)
     assert (pool.worker_cpu_millis, pool.worker_memory_mb) == (1000, 1024)
     assert pool.worker_slots == 1  # one job at a time unless a pool says otherwise
+    assert config.max_spec_bytes == 64 * 1024
 
 
 @pytest.mark.parametrize("slots", [0, -1, 65])
@@ -110,6 +111,12 @@ CONFIG_ERRORS = [
         id="negative-burst-pool",
     ),
     pytest.param(lambda r: r.update(retention={"finished_job_seconds": -1}), "retention", id="negative-retention"),
+    pytest.param(lambda r: r.update(limits={"max_spec_bytes": 100}), "max_spec_bytes", id="tiny-spec-limit"),
+    pytest.param(lambda r: r.update(burst={"max_tenant_share": 0}), "max_tenant_share", id="no-burst-share"),
+    pytest.param(lambda r: r.update(burst={"max_tenant_share": 1.5}), "max_tenant_share", id="burst-share-over-1"),
+    pytest.param(
+        lambda r: r.update(limits={"max_spec_bytes": 2**20}), "max_spec_bytes", id="spec-limit-over-etcd-room"
+    ),
     pytest.param(
         lambda r: r["pools"][0].update(health_check_command="true"), "health_check_command", id="health-not-a-list"
     ),

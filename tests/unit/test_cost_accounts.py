@@ -219,3 +219,17 @@ async def test_a_report_defaults_to_the_last_30_days_and_refuses_an_empty_window
     with pytest.raises(InvalidArgument) as err:
         service.accounts.reports("acme", start=MIDNIGHT, end=MIDNIGHT)
     assert err.value.field == "start"
+
+
+async def test_a_report_period_longer_than_the_cap_is_refused_naming_the_limit() -> None:
+    from services.cost.accounts import MAX_REPORT_DAYS
+
+    service = Service()
+    await service.charge_hours("acme", 1)
+    now = service.clock.now()
+    with pytest.raises(InvalidArgument) as err:
+        service.accounts.reports("acme", start=-62135596800.0, end=now)
+    assert err.value.field == "start" and f"{MAX_REPORT_DAYS} days" in str(err.value)
+    # Exactly the cap is answered.
+    (report,) = service.accounts.reports("acme", start=now + 1 - MAX_REPORT_DAYS * 86400, end=now + 1).reports
+    assert report.total_micros == 100_000

@@ -184,3 +184,50 @@ class TestWorkerLifetimes:
         interval = WorkerInterval("w1", "dynamic-large", 1.5, None, 2000, 2048)
 
         assert WorkerInterval.from_json(interval.to_json()) == interval
+
+
+def _idle_cells_by_calendar(workers, allocations, start, end, now):  # type: ignore[no-untyped-def]
+    """The reference: walk every day of the window and every worker and attempt on it (quadratic, small inputs)."""
+    from services.cost.idle import capacity_micros, overlap
+
+    end = min(end, now)
+    cells: dict[tuple[str, str], IdleCell] = {}
+    for day, d_start, d_end in day_windows(start, end) if start < end else []:
+        for w in workers:
+            pool = CONFIG.pool(w.pool_id)
+            seconds = overlap(w.start, now if w.end is None else w.end, d_start, d_end)
+            if pool is not None and seconds > 0:
+                cell = IdleCell(capacity_micros(seconds, w.cpu_millis, w.memory_mb, pool.pricing), 0)
+                cells[(w.pool_id, day)] = cells.get((w.pool_id, day), IdleCell()) + cell
+        for a in allocations:
+            share = prorate(a.base_micros, overlap(a.start, a.end, d_start, d_end), a.end - a.start)
+            if share:
+                cells[(a.pool_id, day)] = cells.get((a.pool_id, day), IdleCell()) + IdleCell(0, share)
+    return cells
+
+
+def test_cells_follow_the_data_not_the_calendar_and_match_a_day_by_day_walk() -> None:
+    now = MIDNIGHT + 5 * 24 * HOUR + 7 * HOUR
+    workers = [
+        static_worker(1, MIDNIGHT - 3 * 24 * HOUR + 1234.5, None),
+        static_worker(2, MIDNIGHT + 2 * HOUR, MIDNIGHT + 2 * 24 * HOUR + 17.25),
+        WorkerInterval("dynamic-large-1", "dynamic-large", MIDNIGHT + 600, MIDNIGHT + 30 * HOUR, 2000, 2048),
+        WorkerInterval("gone-1", "no-such-pool", MIDNIGHT, MIDNIGHT + HOUR, 1000, 1024),
+    ]
+    allocations = [
+        Allocation("static-general", MIDNIGHT - 2 * HOUR, MIDNIGHT + 26 * HOUR + 0.5, 987_654),
+        Allocation("dynamic-large", MIDNIGHT + 700, MIDNIGHT + 1300, 40_000),
+        Allocation("static-general", MIDNIGHT + 4 * 24 * HOUR, MIDNIGHT + 4 * 24 * HOUR, 5),
+    ]
+    for start, end in [
+        (MIDNIGHT - 10 * 24 * HOUR, MIDNIGHT + 10 * 24 * HOUR),
+        (MIDNIGHT + 1.5 * HOUR, MIDNIGHT + 25 * HOUR),
+        (MIDNIGHT + 3 * 24 * HOUR, MIDNIGHT + 3 * 24 * HOUR + 1),
+    ]:
+        expected = _idle_cells_by_calendar(workers, allocations, start, end, now)
+        assert idle_cells(CONFIG, workers, allocations, start, end, now) == expected
+
+
+def test_a_window_of_centuries_with_no_data_makes_no_cells() -> None:
+    # Year 1 to now: no day-by-day walk (that was ~740k days of work on the service's loop).
+    assert idle_cells(CONFIG, [static_worker(1)], [], -62135596800.0, MIDNIGHT - 24 * HOUR, MIDNIGHT) == {}

@@ -42,11 +42,17 @@ INVALID_SPECS = [
     pytest.param(spec().with_(command=["", "-c", "true"]), "command", "INVALID_ARGUMENT", id="empty-program"),
     pytest.param(spec().with_(command=["echo"] * 257), "command", "INVALID_ARGUMENT", id="too-many-arguments"),
     pytest.param(
-        spec().with_(command=["echo", "x" * MAX_ARGV_BYTES]), "command", "INVALID_ARGUMENT", id="command-too-large"
+        spec().with_(command=["echo", "x" * MAX_ARGV_BYTES]), "spec", "SPEC_TOO_LARGE", id="command-too-large"
+    ),
+    pytest.param(
+        spec().with_(command=["echo", "x" * (40 * 1024)], env={"BIG": "v" * (40 * 1024)}),
+        "spec",
+        "SPEC_TOO_LARGE",
+        id="argv-and-env-each-fine-together-too-large",
     ),
     pytest.param(spec().with_(env={"1BAD": "v"}), "env", "INVALID_ARGUMENT", id="env-name-starts-with-digit"),
     pytest.param(spec().with_(env={"BAD-NAME": "v"}), "env", "INVALID_ARGUMENT", id="env-name-with-dash"),
-    pytest.param(spec().with_(env={"BIG": "v" * (64 * 1024)}), "env", "INVALID_ARGUMENT", id="env-too-large"),
+    pytest.param(spec().with_(env={"BIG": "v" * (64 * 1024)}), "spec", "SPEC_TOO_LARGE", id="env-too-large"),
     pytest.param(spec().without_resources(), "resources", "INVALID_ARGUMENT", id="missing-resources"),
     pytest.param(spec().resources(0, 256), "resources.cpu_millis", "INVALID_ARGUMENT", id="zero-cpu"),
     pytest.param(spec().resources(-100, 256), "resources.cpu_millis", "INVALID_ARGUMENT", id="negative-cpu"),
@@ -107,8 +113,22 @@ VALID_SPECS = [
         .needs(**{"class": "large", "arch": "x86_64"}),
         id="everything-at-its-limits",
     ),
-    pytest.param(spec().with_(command=["echo", "x" * (MAX_ARGV_BYTES - 4)]), id="command-exactly-64-kib"),
+    pytest.param(spec().with_(command=["echo", "x" * (64 * 1024 - 256)]), id="command-just-under-the-spec-limit"),
 ]
+
+
+def test_a_raised_spec_limit_leaves_the_per_field_limits_in_force() -> None:
+    config = mixed_pools().build()
+    import dataclasses
+
+    roomy = dataclasses.replace(config, max_spec_bytes=256 * 1024)
+    big = spec().with_(command=["echo", "x" * MAX_ARGV_BYTES]).build()
+    with pytest.raises(InvalidArgument) as err:
+        validate_spec(big, roomy)
+    assert (err.value.field, err.value.reason) == ("command", "INVALID_ARGUMENT")
+    with pytest.raises(InvalidArgument) as err:
+        validate_spec(big, config)
+    assert err.value.reason == "SPEC_TOO_LARGE" and "65536 bytes" in str(err.value)
 
 
 @pytest.mark.parametrize("builder", VALID_SPECS)

@@ -12,7 +12,8 @@ from tests.unit.builders import ConfigBuilder
 
 # acme: 4 cores, 4 GiB, 4 jobs; globex has the (large) defaults; the burst pool lends 8 cores, 8 GiB, 8 jobs.
 ACME = QuotaLimits(cpu_millis=4000, memory_mb=4096, concurrent_jobs=4)
-POOL = BurstPolicy(cpu_millis=8000, memory_mb=8192, concurrent_jobs=8, max_duration_seconds=600)
+# The pool-accounting tests let one tenant take it all; the per-tenant cap has tests of its own.
+POOL = BurstPolicy(cpu_millis=8000, memory_mb=8192, concurrent_jobs=8, max_duration_seconds=600, max_tenant_share=1.0)
 
 
 class QuotaWorld:
@@ -217,6 +218,22 @@ def test_two_tenants_cannot_together_exceed_the_burst_pool(world: QuotaWorld) ->
     assert world.quota.burst_left() == Usage(0, 0, 0)
 
 
+def test_one_tenant_may_take_only_its_share_of_the_burst_pool_and_the_error_names_the_cap() -> None:
+    world = QuotaWorld(BurstPolicy(8000, 8192, 8, 600, max_tenant_share=0.5))
+
+    with pytest.raises(ResourceExhausted) as refused:
+        world.quota.grant_burst("acme", 4001, 1024, 1, 600, "me")
+    granted = world.quota.grant_burst("acme", 4000, 4096, 4, 600, "me")
+
+    assert refused.value.reason == "BURST_UNAVAILABLE"
+    assert refused.value.metadata["tenant_cap_cpu_millis"] == "4000"
+    assert "50% of the burst pool" in str(refused.value)
+    assert granted.cpu_millis == 4000
+    # The other half stays for the others.
+    assert world.quota.burst_left() == Usage(4000, 4096, 4)
+    assert world.quota.grant_burst("globex", 4000, 4096, 4, 600, "me").tenant_id == "globex"
+
+
 def test_a_second_burst_for_the_same_tenant_is_refused_while_one_is_active(world: QuotaWorld) -> None:
     world.quota.grant_burst("acme", 1000, 1024, 1, 60, "me")
 
@@ -340,3 +357,40 @@ def test_running_usage_always_equals_the_sum_of_what_is_held() -> None:
         held = [*state.live.values(), *(h for h, _ in state.reserved.values())]
         recount = Usage(sum(h.cpu_millis for h in held), sum(h.memory_mb for h in held), len(held))
         assert kept == recount, f"drift at step {step}"
+
+
+def test_a_session_at_submit_takes_the_tenants_share_when_the_pool_has_it() -> None:
+    world = QuotaWorld(BurstPolicy(8000, 8192, 8, 600, max_tenant_share=0.5, session_at_submit_seconds=300))
+
+    session = world.quota.session_at_submit("acme")
+
+    assert (session.cpu_millis, session.memory_mb, session.concurrent_jobs) == (4000, 4096, 4)
+    assert session.expire - session.start == 300 and session.requested_by == "submit"
+    assert world.quota.active_session("acme") == session
+
+
+def test_a_session_at_submit_takes_what_is_left_when_that_is_less() -> None:
+    world = QuotaWorld(BurstPolicy(8000, 8192, 8, 600, max_tenant_share=0.75))
+    world.quota.grant_burst("globex", 6000, 6144, 6, 600, "me")
+
+    session = world.quota.session_at_submit("acme")
+
+    assert (session.cpu_millis, session.memory_mb, session.concurrent_jobs) == (2000, 2048, 2)
+
+
+def test_no_session_at_submit_when_the_pool_is_gone() -> None:
+    world = QuotaWorld(BurstPolicy(8000, 8192, 8, 600, max_tenant_share=1.0))
+    world.quota.grant_burst("globex", 8000, 8192, 8, 600, "me")
+
+    with pytest.raises(ResourceExhausted) as refused:
+        world.quota.session_at_submit("acme")
+
+    assert refused.value.reason == "BURST_UNAVAILABLE"
+    assert refused.value.metadata["cpu_millis_left"] == "0"
+    assert world.quota.active_session("acme") is None
+
+
+def test_over_quota_tells_when_a_burst_session_is_needed(world: QuotaWorld) -> None:
+    assert not world.quota.over_quota("acme", "j-new", 100, 64)
+    limits = world.quota.limits("acme")
+    assert world.quota.over_quota("acme", "j-new", limits.cpu_millis + 1, 64)

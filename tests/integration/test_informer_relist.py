@@ -1,0 +1,118 @@
+"""The informer's list on real etcd: every page at one pinned revision (changes made while it pages are not lost)
+and pages bounded in bytes (large records never make one reply too large)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from libs.etcd import informer as informer_module
+from libs.etcd.client import Etcd, KeyValue, WatchEvent
+from libs.etcd.informer import Informer
+from libs.launcher import Ports, Stack
+from tests.helpers import FIXTURE_CONFIG
+
+PREFIX = "/relist-test/"
+
+
+@pytest.fixture()
+def etcd_stack(tmp_path: Path) -> Iterator[Stack]:
+    stack = Stack(data_dir=tmp_path / "stack", config_path=FIXTURE_CONFIG, ports=Ports.free(), env={})
+    try:
+        stack.start_etcd()
+        stack.wait_etcd(30)
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest_asyncio.fixture()
+async def etcd(etcd_stack: Stack) -> AsyncIterator[Etcd]:
+    client = etcd_stack.etcd_client()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+class PagingSpy:
+    """Passes every page read through to the real etcd, writing between the first and second page."""
+
+    def __init__(self, etcd: Etcd, between_pages: Any = None):
+        self.etcd = etcd
+        self.real = etcd.get_prefix
+        self.between_pages = between_pages
+        self.pages: list[tuple[int, int]] = []  # (keys, bytes) of each page
+
+    async def get_prefix(self, prefix: str, **kwargs: Any) -> tuple[list[KeyValue], int, bool]:
+        page, revision, more = await self.real(prefix, **kwargs)
+        self.pages.append((len(page), sum(len(kv.value) for kv in page)))
+        if len(self.pages) == 1 and self.between_pages is not None:
+            await self.between_pages()
+        return page, revision, more
+
+
+@pytest.mark.asyncio
+async def test_changes_made_while_the_list_pages_reach_the_cache(etcd: Etcd, monkeypatch: pytest.MonkeyPatch) -> None:
+    for i in range(40):
+        await etcd.put(f"{PREFIX}k{i:02d}", b"v0")
+    monkeypatch.setattr(informer_module, "_FIRST_PAGE_KEYS", 5)
+    monkeypatch.setattr(informer_module, "PAGE_KEYS", 5)
+
+    async def write_meanwhile() -> None:
+        await etcd.put(f"{PREFIX}k00", b"changed")  # on the page already read
+        await etcd.delete(f"{PREFIX}k01")  # likewise
+        await etcd.put(f"{PREFIX}k39", b"changed-late")  # on a page still to come
+        await etcd.put(f"{PREFIX}zz", b"new")
+
+    spy = PagingSpy(etcd, write_meanwhile)
+    monkeypatch.setattr(etcd, "get_prefix", spy.get_prefix)
+    seen: list[WatchEvent] = []
+    informer = Informer(etcd, PREFIX, seen.append, "relist-test")
+    informer.start()
+    try:
+        await informer.wait_synced(10)
+        expected = {f"{PREFIX}k{i:02d}": b"v0" for i in range(2, 39)}
+        expected.update({f"{PREFIX}k00": b"changed", f"{PREFIX}k39": b"changed-late", f"{PREFIX}zz": b"new"})
+        for _ in range(100):  # the watch from the list's revision brings the changes made during it
+            if {k: kv.value for k, kv in informer.cache.items()} == expected:
+                break
+            await asyncio.sleep(0.05)
+        assert {k: kv.value for k, kv in informer.cache.items()} == expected
+        assert len(spy.pages) == 8  # 40 keys as they were when the list began, 5 a page
+        deleted = [e.kv.key for e in seen if e.kind == "delete"]
+        assert deleted == [f"{PREFIX}k01"]
+    finally:
+        await informer.stop()
+
+
+@pytest.mark.asyncio
+async def test_pages_of_large_records_stay_within_the_byte_budget(etcd: Etcd, monkeypatch: pytest.MonkeyPatch) -> None:
+    big = b"x" * (256 * 1024)
+    for i in range(24):
+        await etcd.put(f"{PREFIX}big{i:02d}", big)
+    monkeypatch.setattr(informer_module, "PAGE_BYTES", 1024 * 1024)
+    spy = PagingSpy(etcd)
+    monkeypatch.setattr(etcd, "get_prefix", spy.get_prefix)
+    informer = Informer(etcd, PREFIX, None, "relist-big")
+    informer.start()
+    try:
+        await informer.wait_synced(10)
+        assert len(informer.cache) == 24
+        # The first page is taken blind (64 keys at most); after it, no page holds more than the budget.
+        assert all(size <= 1024 * 1024 for _, size in spy.pages[1:]), spy.pages
+        assert sum(n for n, _ in spy.pages) == 24
+    finally:
+        await informer.stop()
+
+
+def test_the_page_limit_follows_the_largest_value() -> None:
+    assert informer_module.next_page_limit(0) == informer_module.PAGE_KEYS
+    assert informer_module.next_page_limit(100) == informer_module.PAGE_KEYS
+    assert informer_module.next_page_limit(64 * 1024) == 128
+    assert informer_module.next_page_limit(64 * 1024 * 1024) == 1
