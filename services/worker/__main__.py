@@ -20,6 +20,7 @@ from libs.settings import CommonSettings
 from services.worker.agent import AgentSettings, WorkerAgent, default_scratch
 from services.worker.executor import JobExecutor
 from services.worker.health import HealthCheck
+from services.worker.join import bind_to_certificate, renew_forever
 
 
 def worker_from_env() -> t.Worker:
@@ -42,6 +43,7 @@ def worker_from_env() -> t.Worker:
 
 async def run(settings: CommonSettings) -> None:
     worker = worker_from_env()
+    bind_to_certificate(worker, settings.tls.cert, settings.extra.get("JOBMESH_WORKER_ID", ""))
     if not worker.pool_id:
         print("JOBMESH_POOL_ID must be set", file=sys.stderr)
         raise SystemExit(2)
@@ -74,7 +76,12 @@ async def run(settings: CommonSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stopping.set)
+    renewal = None
+    if settings.extra.get("JOBMESH_WORKER_RENEW_CERT") == "1":  # joined: nobody else renews our certificate
+        renewal = asyncio.create_task(renew_forever(settings.peers.poolmanager, settings.tls, agent.stopping))
     await agent.run()
+    if renewal is not None:
+        renewal.cancel()
 
 
 if __name__ == "__main__":
