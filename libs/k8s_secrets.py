@@ -27,10 +27,18 @@ SERVICES = {
     "operator": ("operator", ""),
 }
 ETCD_CLIENTS = ("quota", "queueing", "cost", "scheduler", "pool-manager")
+_LABELS = {"app.kubernetes.io/part-of": "jobmesh"}
 
 
 def _dns(name: str, namespace: str) -> tuple[str, ...]:
     return (name, f"{name}.{namespace}.svc", f"{name}.{namespace}.svc.cluster.local") if name else ()
+
+
+def _server_names(name: str, namespace: str) -> dict[str, tuple[str, ...]]:
+    """A server's names: its Service's, and localhost / 127.0.0.1 for the pod's probe of itself."""
+    if not name:
+        return {"dns_names": (), "ip_addresses": ()}
+    return {"dns_names": (*_dns(name, namespace), "localhost"), "ip_addresses": ("127.0.0.1",)}
 
 
 def _secret(name: str, namespace: str, bundle: Bundle, kind: str = "kubernetes.io/tls") -> dict[str, object]:
@@ -38,7 +46,7 @@ def _secret(name: str, namespace: str, bundle: Bundle, kind: str = "kubernetes.i
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/part-of": "jobmesh"}},
+        "metadata": {"name": name, "namespace": namespace, "labels": _LABELS},
         "type": kind,
         "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
     }
@@ -49,11 +57,12 @@ def _ca(directory: Path, name: str) -> CertificateAuthority:
 
 
 def build_secrets(ca_dir: Path, namespace: str = "jobmesh") -> list[dict[str, object]]:
-    """Every Secret of the bootstrap, issued from the CAs in `ca_dir` (made there on first use)."""
+    """Every Secret of the bootstrap (and the ConfigMap with the mesh CA's certificate), issued from the CAs in
+    `ca_dir` (made there on first use)."""
     mesh, workers, etcd = _ca(ca_dir, "mesh"), _ca(ca_dir, "worker"), _ca(ca_dir, "etcd")
     out = []
     for secret, (name, dns) in SERVICES.items():
-        bundle = mesh.issue(service_id(name), SERVICE_LIFETIME, dns_names=_dns(dns, namespace), ip_addresses=())
+        bundle = mesh.issue(service_id(name), SERVICE_LIFETIME, **_server_names(dns, namespace))
         out.append(_secret(f"jobmesh-tls-{secret}", namespace, bundle))
     etcd_names = (*_dns("etcd-client", namespace), "*.etcd", f"*.etcd.{namespace}.svc", "localhost")
     out.append(
@@ -69,6 +78,19 @@ def build_secrets(ca_dir: Path, namespace: str = "jobmesh") -> list[dict[str, ob
     # The worker CA itself: the pool-manager signs joining workers' requests with it.
     worker_ca = Bundle(workers.cert_pem, _key_pem(ca_dir / "worker"), workers.cert_pem)
     out.append(_secret("jobmesh-worker-ca", namespace, worker_ca))
+    # The mesh CA's certificate alone (public), for the worker pods to verify the pool-manager with.
+    out.append(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": "jobmesh-mesh-ca",
+                "namespace": namespace,
+                "labels": {"app.kubernetes.io/part-of": "jobmesh"},
+            },
+            "data": {"ca.crt": mesh.cert_pem.decode()},
+        }
+    )
     return out
 
 

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from libs.config import load_config
-from libs.envoy_config import render_cluster_defaults
+from libs.envoy_config import render_cluster_defaults, sds_files
+from libs.settings import TlsSettings
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
@@ -24,7 +25,18 @@ WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 LEADER_ELECTED = ("scheduler", "pool-manager")
 SINGLE_WRITERS = ("quota", "queueing", "cost")
 # Created by the operator, not by the manifests (docs/kubernetes.md): the identity provider's keys.
-EXTERNAL_SECRETS = {"jobmesh-jwt-keys"}
+EXTERNAL_SECRETS = {"jobmesh-jwt-keys", "jobmesh-join-static-general"}
+# The mesh's certificates: made by the cert-manager component or by `jobmesh pki k8s-secrets` (docs/kubernetes.md,
+# "Certificates"), which also makes the ConfigMap with the mesh CA's certificate.
+CERT_SECRETS = {
+    *(f"jobmesh-tls-{n}" for n in ("gateway", "quota", "queueing", "cost", "scheduler", "pool-manager", "envoy")),
+    *(f"jobmesh-etcd-client-{n}" for n in ("quota", "queueing", "cost", "scheduler", "pool-manager")),
+    "jobmesh-etcd-server",
+    "jobmesh-worker-ca",
+}
+EXTERNAL_CONFIGMAPS = {"jobmesh-mesh-ca"}
+ETCD_USERS = {"quota", "queueing", "cost", "scheduler", "pool-manager"}
+JOIN_PORT = 50057
 JOBMESH_VAR = re.compile(r"\bJOBMESH_[A-Z0-9_]+\b")
 
 Doc = dict[str, Any]
@@ -214,9 +226,13 @@ def test_every_service_probes_its_own_grpc_port_and_runs_its_module(workload: Do
     [server] = containers(workload, init=False)
     port = int(env_of(server)["JOBMESH_PORT"]["value"])
 
+    # The kubelet's gRPC probe speaks plaintext, which an mTLS-only port refuses: the pod checks itself over mTLS.
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert server[probe]["grpc"]["port"] == port, probe
-    assert {p["containerPort"] for p in server["ports"]} == {port, int(configmap_literals()["JOBMESH_METRICS_PORT"])}
+        assert server[probe]["exec"]["command"] == ["python", "-m", "libs.healthcheck"], probe
+    expected = {port, int(configmap_literals()["JOBMESH_METRICS_PORT"])}
+    if "JOBMESH_JOIN_PORT" in env_of(server):
+        expected.add(int(env_of(server)["JOBMESH_JOIN_PORT"]["value"]))
+    assert {p["containerPort"] for p in server["ports"]} == expected
     python, flag, module = server["command"]
     assert (python, flag) == ("python", "-m")
     assert (REPO / module.replace(".", "/") / "__main__.py").is_file(), module
@@ -278,7 +294,15 @@ def test_static_pool_workers_match_the_mesh_config() -> None:
         assert int(env["JOBMESH_WORKER_CPU_MILLIS"]["value"]) == pool.worker_cpu_millis
         assert int(env["JOBMESH_WORKER_MEMORY_MB"]["value"]) == pool.worker_memory_mb
         assert json.loads(env["JOBMESH_WORKER_LABELS"]["value"]) == pool.labels
-        assert env["JOBMESH_WORKER_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        # Its id is the one its certificate names, got with a join token for this pool.
+        assert "JOBMESH_WORKER_ID" not in env
+        [join] = pod_spec(deployment)["initContainers"]
+        assert join["command"] == ["python", "-m", "services.worker.join"]
+        assert env_of(join)["JOBMESH_JOIN_ADDR"]["value"] == f"pool-manager:{JOIN_PORT}"
+        identity = env_of(join)["JOBMESH_JOIN_DIR"]["value"]
+        assert env["JOBMESH_TLS_CERT"]["value"] == f"{identity}/worker.crt"
+        assert env["JOBMESH_TLS_KEY"]["value"] == f"{identity}/worker.key"
+        assert env["JOBMESH_WORKER_RENEW_CERT"]["value"] == "1"
         if "arch" in pool.labels:
             node_arch = pod_spec(deployment)["nodeSelector"]["kubernetes.io/arch"]
             assert {"x86_64": "amd64", "aarch64": "arm64"}.get(pool.labels["arch"], pool.labels["arch"]) == node_arch
@@ -289,7 +313,8 @@ def test_static_pool_workers_match_the_mesh_config() -> None:
 
 
 def test_every_jobmesh_variable_in_the_manifests_is_one_the_code_reads() -> None:
-    read = variables_the_code_reads()
+    # TlsSettings reads its variables by prefix (JOBMESH_TLS_CERT, ...): take their names from it.
+    read = variables_the_code_reads() | set(TlsSettings(Path("c"), Path("k"), Path("a")).env())
     named = set(configmap_literals())
     for path in yaml_files():
         named |= set(JOBMESH_VAR.findall(path.read_text()))
@@ -304,10 +329,14 @@ def test_the_workloads_only_mount_config_that_the_base_provides() -> None:
 
     for workload in workloads(base_resources()):
         for volume in pod_spec(workload).get("volumes", []):
-            if "configMap" in volume:
-                assert volume["configMap"]["name"] in generated, volume
-            if "secret" in volume:
-                assert volume["secret"]["secretName"] in EXTERNAL_SECRETS, volume
+            sources = [volume, *volume.get("projected", {}).get("sources", [])]
+            for source in sources:
+                if "configMap" in source:
+                    name = source["configMap"]["name"]
+                    assert name in generated | EXTERNAL_CONFIGMAPS, volume
+                if "secret" in source:
+                    name = source["secret"].get("secretName") or source["secret"]["name"]
+                    assert name in EXTERNAL_SECRETS | CERT_SECRETS, volume
         for container in containers(workload):
             for source in container.get("envFrom", []):
                 assert source["configMapRef"]["name"] in generated
@@ -481,3 +510,61 @@ def test_nothing_connects_to_a_worker_pod_and_no_control_plane_port_admits_one()
             assert not selects(policy["spec"]["podSelector"], worker), "an ingress rule into worker pods"
             assert policy["metadata"]["name"] == "pool-manager"
             assert {p["port"] for p in rule["ports"]} <= WORKER_PORTS
+
+
+# Certificates ----------------------------------------------------------------------------------------------
+
+
+def secrets_of(workload: Doc) -> set[str]:
+    names = set()
+    for volume in pod_spec(workload).get("volumes", []):
+        for source in [volume, *volume.get("projected", {}).get("sources", [])]:
+            if "secret" in source:
+                names.add(source["secret"].get("secretName") or source["secret"]["name"])
+    return names
+
+
+def test_each_workload_holds_its_own_identity_and_no_other() -> None:
+    for workload in workloads(base_resources()):
+        name = workload["metadata"]["name"]
+        held = secrets_of(workload) & CERT_SECRETS
+        if is_worker(workload):
+            assert held == set(), "a worker pod (tenant jobs) holds no mesh Secret: it joins with a token"
+            continue
+        if name == "etcd":
+            assert held == {"jobmesh-etcd-server"}
+            continue
+        expected = {f"jobmesh-tls-{name}"}
+        if name in ETCD_USERS:
+            expected.add(f"jobmesh-etcd-client-{name}")
+        if name == "pool-manager":
+            expected.add("jobmesh-worker-ca")  # it signs joining workers' certificates
+        assert held == expected, name
+
+
+def test_the_services_find_their_certificates_where_the_secret_is_mounted() -> None:
+    literals = configmap_literals()
+    for workload in workloads(base_resources()):
+        name = workload["metadata"]["name"]
+        if is_worker(workload) or name in ("etcd", "envoy"):
+            continue
+        [server] = containers(workload, init=False)
+        mounts = {m["name"]: m["mountPath"] for m in server["volumeMounts"]}
+        env = {**literals, **{k: v.get("value", "") for k, v in env_of(server).items()}}
+        assert env["JOBMESH_TLS_CERT"] == f"{mounts['tls']}/tls.crt", name
+        assert env["JOBMESH_TLS_KEY"] == f"{mounts['tls']}/tls.key", name
+        if name in ETCD_USERS:
+            assert env["JOBMESH_ETCD_TLS_CERT"] == f"{mounts['etcd-tls']}/tls.crt", name
+        else:
+            assert "JOBMESH_ETCD_TLS_CERT" not in env, name
+
+
+def test_envoys_sds_files_point_at_its_mounted_secret() -> None:
+    envoy = by_name(base_resources(), "Deployment", "envoy")
+    [proxy] = containers(envoy, init=False)
+    tls = {m["name"]: m["mountPath"] for m in proxy["volumeMounts"]}["tls"]
+    identity, validation = sds_files(f"{tls}/tls.crt", f"{tls}/tls.key", f"{tls}/ca.crt")
+
+    assert (BASE / "envoy-identity-sds.json").read_text() == identity
+    assert (BASE / "envoy-validation-sds.json").read_text() == validation
+    assert f'"path": "{tls}"' in (BASE / "envoy.json").read_text()  # the directory Envoy watches for renewals
