@@ -4,6 +4,10 @@ for its own worker."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import grpc
@@ -21,6 +25,7 @@ from jobmesh.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from libs.launcher import Stack
 from libs.meshpki import WorkerIssuer
 from libs.tls import sync_channel
+from services.poolmanager.join import token_digest
 from tests.helpers import start_stack
 
 
@@ -183,3 +188,57 @@ def test_a_worker_certificate_cannot_register_heartbeat_or_report_as_another_wor
     log = astack.procs["poolmanager-1"].log.read_text(errors="replace")
     assert "refused: caller=spiffe://jobmesh/worker/static-general/w-intruder method=Connect" in log
     assert "denied: caller=spiffe://jobmesh/worker/static-general/w-intruder" in log
+
+
+def run_module(module: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_an_operator_mints_join_tokens_and_the_pool_manager_keeps_only_their_hashes(astack: Stack) -> None:
+    port = astack.procs["poolmanager-1"].port
+    minted = run_module(
+        "libs.cli",
+        "--data-dir",
+        str(astack.data_dir),
+        "join-token",
+        "--pool",
+        "static-general",
+        "--count",
+        "2",
+        "--addr",
+        f"127.0.0.1:{port}",
+    )
+    assert minted.returncode == 0, minted.stderr
+    tokens = minted.stdout.split()
+    assert len(tokens) == 2
+
+    async def stored() -> list[str]:
+        etcd = astack.etcd_client()
+        try:
+            kvs, _, _ = await etcd.get_prefix("/jobmesh/join-tokens/")
+            return [kv.key.rsplit("/", 1)[-1] for kv in kvs]
+        finally:
+            await etcd.close()
+
+    assert sorted(asyncio.run(stored())) == sorted(token_digest(t) for t in tokens)
+    # Any other identity is refused.
+    gateway = astack.identity("gateway").env()
+    refused = run_module(
+        "libs.cli", "join-token", "--pool", "static-general", "--addr", f"127.0.0.1:{port}", env=gateway
+    )
+    assert refused.returncode == 1 and "PERMISSION_DENIED" in refused.stderr
+
+
+def test_the_kubernetes_probe_checks_health_over_mtls_as_the_pods_identity(astack: Stack) -> None:
+    identity = astack.identity("quota").env()
+    quota = str(astack.procs["quota"].port)
+
+    assert run_module("libs.healthcheck", env={**identity, "JOBMESH_PORT": quota}).returncode == 0
+    assert run_module("libs.healthcheck", env={**identity, "JOBMESH_PORT": "1"}).returncode == 1
