@@ -66,8 +66,9 @@ def clamp_to_pool(worker: t.Worker, pool: PoolConfig) -> list[str]:
         cut.append(f"labels {sorted(set(worker.labels) - set(granted))}")
         worker.labels.clear()
         worker.labels.update(granted)
-    # The registry sets these; a worker's word for them is not taken.
-    worker.state = t.WORKER_STATE_UNSPECIFIED
+    # A worker may only take itself out of scheduling (DRAINING); whether it is idle or busy is the mesh's call.
+    if worker.state != t.WORKER_STATE_DRAINING:
+        worker.state = t.WORKER_STATE_UNSPECIFIED
     return cut
 
 

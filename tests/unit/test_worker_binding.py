@@ -57,6 +57,17 @@ def test_capacity_and_labels_are_clamped_to_the_pool() -> None:
     assert cut == ["cpu_millis 64000 > 2000", "labels ['gpu', 'tier']"]
 
 
+def test_a_worker_may_declare_itself_draining_but_not_idle_or_busy() -> None:
+    for declared, kept in [
+        (t.WORKER_STATE_DRAINING, t.WORKER_STATE_DRAINING),
+        (t.WORKER_STATE_IDLE, t.WORKER_STATE_UNSPECIFIED),
+        (t.WORKER_STATE_BUSY, t.WORKER_STATE_UNSPECIFIED),
+    ]:
+        worker = t.Worker(worker_id="w-1", pool_id="general", state=declared)
+        clamp_to_pool(worker, POOL)
+        assert worker.state == kept
+
+
 def test_an_undeclared_capacity_is_the_pools() -> None:
     worker = t.Worker(worker_id="w-1", pool_id="general", labels={"class": "other"})
 
