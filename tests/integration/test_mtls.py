@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jobmesh.common.v1 import quota_pb2 as common_quota
 from jobmesh.quota.v1 import quota_pb2, quota_pb2_grpc
 from libs.etcd.client import Etcd
-from libs.launcher import Stack
+from libs.launcher import Stack, admin_get
 from libs.meshpki import WorkerIssuer, write_identity
 from libs.pki import Bundle, CertificateAuthority, service_id
 from libs.settings import TlsSettings
@@ -273,6 +273,24 @@ async def test_a_client_channel_presents_renewed_files_to_new_calls_without_fail
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await channel.close()
+
+
+def test_envoy_picks_up_its_renewed_certificate_without_a_restart(mstack: Stack) -> None:
+    envoy = mstack.procs["envoy"]
+    pid = envoy.pid
+    files = mstack.pki.service("envoy", "envoy")
+    renewed = mstack.pki.ca.issue(service_id("envoy"), dt.timedelta(days=3))
+    write_identity(files, renewed)
+    serial = format(x509.load_pem_x509_certificate(renewed.cert_pem).serial_number, "x")
+    wait_for(lambda: serial in admin_get(mstack.envoy_admin_socket, "/certs")[1], 15, what="Envoy's renewed cert")
+    api = Api(mstack.url, token(mstack))
+    assert api.call("GET", "/api/v1/tenants/acme/quotas").status_code == 200
+    assert envoy.pid == pid and envoy.alive()
+
+
+def test_envoy_admin_is_a_socket_only_its_owner_may_open(mstack: Stack) -> None:
+    assert os.stat(mstack.envoy_admin_socket).st_mode & 0o777 == 0o600
+    assert admin_get(mstack.envoy_admin_socket, "/ready")[0] == 200
 
 
 def test_keys_are_private_and_the_ca_is_reused_after_a_restart(mstack: Stack) -> None:
