@@ -78,7 +78,6 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         metrics: RegistryMetrics,
         outcomes: JobOutcomes,
         result_linger: float = 0.0,
-        require_identity: bool = True,
     ):
         self.etcd = etcd
         self.keys = keys
@@ -90,9 +89,6 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         self.workers = workers
         self.metrics = metrics
         self.outcomes = outcomes
-        # Without mTLS (a transport that carries no identities) callers cannot be bound to a worker: only then
-        # may a caller without a worker identity speak. With it, the authorization interceptor refuses those.
-        self.require_identity = require_identity
         self.streams: dict[str, asyncio.Queue[pm.ConnectResponse | pm.ResultAck]] = {}
         self._acks: set[asyncio.Task[None]] = set()  # results from Attach streams being recorded
         # Attempts whose results we are recording or have recorded, until their assignment's delete comes by:
@@ -301,8 +297,6 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
     def _bind(self, context: grpc.aio.ServicerContext, worker_id: str, pool_id: str | None, method: str) -> None:
         """Refuses a message that names another worker than the caller's certificate (nothing is written)."""
         identity = peer_identity(context)
-        if identity is None and not self.require_identity:
-            return
         try:
             check_speaks_for(identity, worker_id, pool_id, method)
         except WorkerIdentityMismatch as err:
