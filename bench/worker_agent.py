@@ -133,15 +133,11 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 async def run(args: argparse.Namespace) -> dict[str, object]:
     stand_in = (ConnectOnly if args.without_attach else StandIn)(args.jobs, args.command)
     with tempfile.TemporaryDirectory() as data_dir:
-        # The real mTLS: the stand-in serves as the pool-manager, the worker has a worker certificate.
-        pki = MeshPki(Path(data_dir) / "pki")
+        server_creds, worker_tls = stand_in_mesh(Path(data_dir))
         server = grpc.aio.server()
         poolmanager_pb2_grpc.add_WorkerRegistryServiceServicer_to_server(stand_in, server)
-        port = server.add_secure_port(
-            "127.0.0.1:0", server_credentials(pki.service("poolmanager", "poolmanager", trust_workers=True))
-        )
+        port = server.add_secure_port("127.0.0.1:0", server_creds)
         await server.start()
-        worker_tls = WorkerIssuer(pki.worker_ca_dir, pki.workers_dir).issue("static-general", "w-0")
         worker = start_worker(port, Path(data_dir), worker_tls)
         try:
             await asyncio.sleep(1.0)  # registered, first heartbeat out of the way
@@ -170,6 +166,14 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "wall_ms_per_job": round((wall1 - wall0) * 1000 / n, 3),
         "stand_in_cpu_ms_per_job": round((ours1 - ours0) * 1000 / n, 3),
     }
+
+
+def stand_in_mesh(data_dir: Path) -> tuple[grpc.ServerCredentials, TlsSettings]:
+    """The real mTLS for a pool-manager stand-in: its server credentials (the pool-manager's identity, trusting
+    workers) and a worker certificate for the worker it serves, from a PKI of its own in `data_dir`."""
+    pki = MeshPki(data_dir / "pki")
+    creds = server_credentials(pki.service("poolmanager", "poolmanager", trust_workers=True))
+    return creds, WorkerIssuer(pki.worker_ca_dir, pki.workers_dir).issue("static-general", "w-0")
 
 
 def start_worker(port: int, data_dir: Path, tls: TlsSettings) -> subprocess.Popen[bytes]:

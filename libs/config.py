@@ -72,6 +72,9 @@ class PoolConfig:
     # marks the worker unhealthy: it takes no more jobs and is replaced. Empty: built-in checks only.
     health_check_command: tuple[str, ...] = ()
     health_check_interval_seconds: float = 30.0
+    # A worker told to stop (SIGTERM: a rollout, a drain, a scale-down) takes no new job and lets the ones it
+    # runs go on this long; then it stops them and reports them interrupted, to be retried elsewhere.
+    drain_grace_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,8 @@ def _limits(raw: dict[str, object], where: str) -> QuotaLimits:
 # Placement tries them in this order: static pools, then dynamic ones (scaling up within their max), then burst
 # capacity, which only jobs admitted against a burst session may use.
 POOL_KINDS = ("static", "dynamic", "burst")
+# A drain longer than an hour is a job that should have been checkpointed, not a stop.
+MAX_DRAIN_GRACE_SECONDS = 3600
 
 
 def _pool(raw: dict[str, object]) -> PoolConfig:
@@ -149,6 +154,9 @@ def _pool(raw: dict[str, object]) -> PoolConfig:
     health_interval = float(raw.get("health_check_interval_seconds", 30.0))  # type: ignore[arg-type]
     if health_interval <= 0:
         raise ConfigError(f"pool {pool_id}: health_check_interval_seconds must be positive")
+    drain_grace = float(raw.get("drain_grace_seconds", 30.0))  # type: ignore[arg-type]
+    if not 0 <= drain_grace <= MAX_DRAIN_GRACE_SECONDS:
+        raise ConfigError(f"pool {pool_id}: drain_grace_seconds must be between 0 and {MAX_DRAIN_GRACE_SECONDS}")
     slots = int(raw.get("worker_slots", 1))  # type: ignore[call-overload]
     if not 1 <= slots <= 64:
         raise ConfigError(f"pool {pool_id}: worker_slots must be between 1 and 64")
@@ -183,6 +191,7 @@ def _pool(raw: dict[str, object]) -> PoolConfig:
         scale_up_utilization=utilization,
         health_check_command=health_command,
         health_check_interval_seconds=health_interval,
+        drain_grace_seconds=drain_grace,
     )
 
 

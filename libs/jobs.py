@@ -151,13 +151,22 @@ def apply_dispatch(job: t.Job, worker: t.Worker, now: float) -> t.Job:
     return job
 
 
-RESULT_REASONS = {"EXITED", "KILLED", "TIMEOUT", "START_FAILED"}
+# INTERRUPTED: a draining worker stopped the attempt after its grace (or gave it back before starting it), or a
+# worker that could not refresh its lease stopped it before the lease could expire (self-fencing).
+INTERRUPTED = "INTERRUPTED"
+RESULT_REASONS = {"EXITED", "KILLED", "TIMEOUT", "START_FAILED", INTERRUPTED}
+# Interruptions retried without using up max_retries; past them an interruption counts as a retry, so a job that
+# keeps landing on workers being drained cannot bounce for ever.
+FREE_INTERRUPTIONS = 3
 
 
 def apply_result(
     job: t.Job, *, exit_code: int, reason: str, message: str, cpu_seconds: float, max_memory_mb: int, now: float
 ) -> t.Job:
-    """RUNNING -> SUCCEEDED or FAILED from a worker's report of the current attempt."""
+    """RUNNING -> SUCCEEDED or FAILED from a worker's report of the current attempt; an INTERRUPTED attempt goes
+    back to PENDING (see `apply_interrupted`)."""
+    if reason == INTERRUPTED:
+        return apply_interrupted(job, message=message, cpu_seconds=cpu_seconds, max_memory_mb=max_memory_mb, now=now)
     succeeded = reason == "EXITED" and exit_code == 0
     job.state = t.JOB_STATE_SUCCEEDED if succeeded else t.JOB_STATE_FAILED
     job.exit_code = exit_code
@@ -172,6 +181,36 @@ def apply_result(
         record.reason = job.reason
         record.cpu_seconds = cpu_seconds
         record.max_memory_mb = max_memory_mb
+    return job
+
+
+def apply_interrupted(job: t.Job, *, message: str, cpu_seconds: float, max_memory_mb: int, now: float) -> t.Job:
+    """RUNNING -> PENDING: the worker stopped the current attempt for its own reasons (drain, self-fencing), not
+    the job's. The attempt ends (charged for what it ran) and the job waits for a new one, without using a retry
+    for the first FREE_INTERRUPTIONS of them; after those, as a lost worker's job: a retry, or FAILED."""
+    record = current_attempt(job)
+    if record is not None:
+        record.end_time.CopyFrom(ts(now))
+        record.reason = INTERRUPTED
+        record.exit_code = -1
+        record.cpu_seconds = cpu_seconds
+        record.max_memory_mb = max_memory_mb
+    job.update_time.CopyFrom(ts(now))
+    job.interruptions += 1
+    free = job.interruptions <= FREE_INTERRUPTIONS
+    if free or job.retries < job.spec.max_retries:
+        if not free:
+            job.retries += 1
+        job.state = t.JOB_STATE_PENDING
+        job.worker_id = ""
+        job.waiting_reason = "RETRYING_AFTER_INTERRUPTION"
+        job.message = f"attempt {job.attempt} interrupted by its worker ({message[:200]}); retrying"
+    else:
+        job.state = t.JOB_STATE_FAILED
+        job.reason = INTERRUPTED
+        job.exit_code = -1
+        job.message = f"attempt {job.attempt} interrupted by its worker and no retries are left"
+        job.end_time.CopyFrom(ts(now))
     return job
 
 

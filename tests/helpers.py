@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from libs.auth import issue_token
 from libs.config import load_config
@@ -102,6 +106,17 @@ def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.2, what:
         time.sleep(interval)
 
 
+def worker_pid(worker_id: str) -> int:
+    """The pid of a local worker agent, found by the id its provider gave it."""
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.environ().get("JOBMESH_WORKER_ID") == worker_id:
+                return int(proc.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    raise AssertionError(f"no process for worker {worker_id}")
+
+
 def pool_view(api: Api, pool_id: str) -> dict[str, Any]:
     """One pool as `GET /api/v1/pools` shows it."""
     return next(p for p in api.call("GET", "/api/v1/pools").json()["pools"] if p["pool_id"] == pool_id)
@@ -116,3 +131,81 @@ def stack_with_idle_worker(data_dir: Path, config: Path, pool_id: str) -> Iterat
         yield stack
     finally:
         stack.stop()
+
+
+@dataclass
+class Copies:
+    """Samples the host's process table every ~50 ms for the processes whose command line holds `marker`: how
+    many were alive at each sample and, for each pid, when it started (the kernel's start time), when it was last
+    seen and the first sample that no longer saw it. Times are wall-clock seconds (time.time())."""
+
+    marker: str
+    most_at_once: int = 0
+    seen: dict[int, list[float]] = field(default_factory=dict)  # pid: [started, last seen]
+    gone: dict[int, float] = field(default_factory=dict)  # pid: the first sample without it
+    samples: int = 0
+    longest_gap: float = 0.0  # seconds between two samples, at most
+    _last_sample: float = 0.0
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def sample(self) -> None:
+        alive: dict[int, float] = {}
+        for proc in psutil.process_iter(["cmdline"]):
+            cmdline = proc.info["cmdline"] or []
+            # The job's shell (not its `sleep`, which shares nothing with it but the process group).
+            if cmdline[:2] == ["sh", "-c"] and self.marker in cmdline[2]:
+                started = _started_at(proc.pid)
+                if started is not None:
+                    alive[proc.pid] = started
+        now = time.time()
+        for pid, started in alive.items():
+            self.seen.setdefault(pid, [started, now])[1] = now
+        for pid in self.seen.keys() - alive.keys() - self.gone.keys():
+            self.gone[pid] = now
+        self.most_at_once = max(self.most_at_once, len(alive))
+        if self.samples:
+            self.longest_gap = max(self.longest_gap, now - self._last_sample)
+        self._last_sample = now
+        self.samples += 1
+
+    def overlapped(self) -> bool:
+        """Whether a copy started (by the kernel's clock) before an earlier one was last seen alive."""
+        spans = sorted(self.seen.values())
+        return any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans))
+
+    def watch(self, seconds: float) -> threading.Thread:
+        def run() -> None:
+            end = time.monotonic() + seconds
+            while not self._stop.is_set() and time.monotonic() < end:
+                self.sample()
+                time.sleep(0.05)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def lifetimes(self) -> list[float]:
+        """Seconds each copy ran (from its start to the last sample that saw it), in the order they started."""
+        return [last - started for started, last in sorted(self.seen.values())]
+
+    def first_gone_at(self) -> float | None:
+        """The first sample that no longer saw the first copy: it had died by then."""
+        if not self.seen:
+            return None
+        first = min(self.seen, key=lambda pid: self.seen[pid][0])
+        return self.gone.get(first)
+
+
+def _started_at(pid: int) -> float | None:
+    """When a process started, on the wall clock, to the kernel's tick (psutil's create_time adds an uptime to a
+    boot time rounded to the second, so it can be a second off time.time())."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    ticks_after_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks_after_boot)

@@ -223,15 +223,18 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         if existing is not None and existing.lease == lease_id:
             known = t.Worker()
             known.ParseFromString(existing.value)
-            worker.state = known.state
+            if worker.state != t.WORKER_STATE_DRAINING:  # a draining worker says so when it registers again
+                worker.state = known.state
             worker.jobs_run = max(worker.jobs_run, known.jobs_run)
         await self.etcd.put(key, worker.SerializeToString(), lease=lease_id)
         queue: asyncio.Queue[pm.ConnectResponse | pm.ResultAck] = asyncio.Queue()
         self.streams[worker.worker_id] = queue
         self.metrics.connected.set(len(self.streams))
         log.info("worker %s registered (pool %s, lease %x)", worker.worker_id, worker.pool_id, lease_id)
+        pool = self.config.pool(worker.pool_id)
+        grace = pool.drain_grace_seconds if pool is not None else 0.0
         try:
-            yield pm.ConnectResponse(registered=worker)
+            yield pm.ConnectResponse(registered=worker, lease_ttl_seconds=self.lease_ttl, drain_grace_seconds=grace)
             held = self.keys.worker_assignments(worker.worker_id)
             for key, current in list(self.assignments.cache.items()):
                 if key.startswith(held):
@@ -278,8 +281,9 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
                     request.lease_id,
                 )
                 self.metrics.refusals.labels("Heartbeat", "LEASE_NOT_OWNED").inc()
-        if ttl > 0 and request.unhealthy_reason and safe_segment(request.worker_id):
-            await self._mark_unhealthy(request.worker_id, request.lease_id, request.unhealthy_reason)
+        if ttl > 0 and (request.unhealthy_reason or request.draining) and safe_segment(request.worker_id):
+            why = f"failed its health check ({request.unhealthy_reason[:200]})" if request.unhealthy_reason else ""
+            await self._mark_draining(request.worker_id, request.lease_id, why or "is stopping")
         return pm.HeartbeatResponse(alive=ttl > 0)
 
     async def _lease_of(self, worker_id: str, expected: int) -> int:
@@ -305,9 +309,10 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
             self.metrics.refusals.labels(method, err.reason).inc()
             raise
 
-    async def _mark_unhealthy(self, worker_id: str, lease_id: int, reason: str) -> None:
+    async def _mark_draining(self, worker_id: str, lease_id: int, why: str) -> None:
         """DRAINING takes the worker out of scheduling; the leader stops it once it has no job, and the pool's
-        policy replaces it."""
+        policy replaces it. Written only under the worker's own lease, so a record of a later incarnation is never
+        touched."""
         key = self.keys.worker(worker_id)
         kv = await self.etcd.get(key)
         if kv is None or kv.lease != lease_id:
@@ -320,7 +325,7 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         if (
             await self.etcd.txn([cmp_mod(key, kv.mod_revision)], [op_put(key, worker.SerializeToString(), lease_id)])
         ).succeeded:
-            log.warning("worker %s failed its health check (%s): draining it", worker_id, reason[:200])
+            log.warning("worker %s %s: draining it", worker_id, why)
 
     async def ReportResult(
         self, request: pm.ReportResultRequest, context: grpc.aio.ServicerContext

@@ -7,6 +7,7 @@ BEHIND_FAIR_SHARE = "BEHIND_FAIR_SHARE"
 WAITING_FOR_WORKER = "WAITING_FOR_WORKER"
 POOL_SCALING_UP = "POOL_SCALING_UP"
 RETRYING_AFTER_WORKER_LOST = "RETRYING_AFTER_WORKER_LOST"
+RETRYING_AFTER_INTERRUPTION = "RETRYING_AFTER_INTERRUPTION"
 DEADLINE_MISSED = "DEADLINE_MISSED"
 
 
@@ -21,7 +22,7 @@ def waiting_reason(
     """The first that applies:
 
     1. DEADLINE_MISSED: its deadline passed while it waited (it still runs, first among urgent jobs).
-    2. RETRYING_AFTER_WORKER_LOST: kept from the record while the retry waits.
+    2. RETRYING_AFTER_WORKER_LOST or RETRYING_AFTER_INTERRUPTION: kept from the record while the retry waits.
     3. The scheduler was handed it within the offer window and no worker took it: POOL_SCALING_UP in a
        dynamic pool's queue, WAITING_FOR_WORKER otherwise.
     4. BEHIND_FAIR_SHARE: other tenants' jobs are ahead of it.
@@ -29,8 +30,8 @@ def waiting_reason(
     """
     if deadline_missed:
         return DEADLINE_MISSED
-    if recorded == RETRYING_AFTER_WORKER_LOST:
-        return RETRYING_AFTER_WORKER_LOST
+    if recorded in (RETRYING_AFTER_WORKER_LOST, RETRYING_AFTER_INTERRUPTION):
+        return recorded
     if offered_recently:
         return POOL_SCALING_UP if dynamic_queue else WAITING_FOR_WORKER
     if ahead_other_tenants > 0:

@@ -69,13 +69,16 @@ async def run(settings: CommonSettings) -> None:
             # to refresh the lease through another replica.
             heartbeat_seconds=settings.get_int("JOBMESH_WORKER_LEASE_TTL", 6) / 3,
             slots=max(1, settings.get_int("JOBMESH_WORKER_SLOTS", 1)),
+            lease_ttl_seconds=settings.get_int("JOBMESH_WORKER_LEASE_TTL", 6),
         ),
         JobExecutor(scratch),
         health,
     )
     loop = asyncio.get_running_loop()
+    # A rollout, a drain or a scale-down: stop taking jobs, let the running ones finish within the pool's drain
+    # grace, interrupt the rest (retried elsewhere), then stop.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, agent.stopping.set)
+        loop.add_signal_handler(sig, agent.request_drain)
     renewal = None
     if settings.extra.get("JOBMESH_WORKER_RENEW_CERT") == "1":  # joined: nobody else renews our certificate
         renewal = asyncio.create_task(renew_forever(settings.peers.poolmanager, settings.tls, agent.stopping))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import dataclass
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -13,11 +15,18 @@ from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
 from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
 from libs.interceptors import channel
+from libs.jobs import INTERRUPTED
 from libs.settings import TlsSettings
-from services.worker.executor import ExecResult, ExecSpec, JobExecutor
+from services.worker.executor import REASON_KILLED, ExecResult, ExecSpec, JobExecutor
+from services.worker.fencing import LeaseFence
 from services.worker.health import HealthCheck
 
 log = logging.getLogger(__name__)
+
+# After its drain grace, what a stopping worker may still take: stopping its jobs (the executor's kill grace),
+# then reporting them (an acknowledgement on the stream, else calls for up to a lease's TTL). Kubernetes gives a
+# worker pod the pool's drain grace plus this (k8s/base/worker-*.yaml; the manifest test checks the sum).
+STOP_MARGIN_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -28,6 +37,10 @@ class AgentSettings:
     tls: TlsSettings  # the worker's own certificate (spiffe://jobmesh/worker/<pool>/<worker>), issued at provisioning
     heartbeat_seconds: float = 2.0
     slots: int = 1  # jobs run at once (the pool's worker_slots)
+    # Until the pool-manager says otherwise with the registration: the lease's TTL (self-fencing) and how long
+    # a draining worker lets its jobs run.
+    lease_ttl_seconds: float = 6.0
+    drain_grace_seconds: float = 30.0
 
 
 class WorkerAgent:
@@ -37,7 +50,15 @@ class WorkerAgent:
         self.worker = t.Worker()
         self.worker.CopyFrom(settings.worker)
         self.executor = executor
-        self.stopping = asyncio.Event()
+        self.stopping = asyncio.Event()  # every job is over and reported (or could not be): end the sessions
+        self.draining = asyncio.Event()  # told to stop: no new job, the running ones get the drain grace
+        self._drainer: asyncio.Task[None] | None = None
+        self._drain_grace = settings.drain_grace_seconds
+        self._fence = LeaseFence(settings.lease_ttl_seconds, time.monotonic())
+        self._interrupted: dict[tuple[str, int], str] = {}  # attempts we stop ourselves (drain, fence), and why
+        self._fenced: set[tuple[str, int]] = set()
+        # Results no replica took within a lease's time: sent again after the next registration.
+        self._unreported: dict[tuple[str, int], pm.ReportResultRequest] = {}
         self._endpoint = 0
         # One executor per slot; an attempt holds one while it runs.
         self._free = [executor, *(executor.sibling() for _ in range(settings.slots - 1))]
@@ -68,6 +89,7 @@ class WorkerAgent:
         return addr
 
     async def run(self) -> None:
+        fence = asyncio.create_task(self._fence_watch())
         backoff = 0.2
         while not self.stopping.is_set():
             addr = self._next_endpoint()
@@ -80,8 +102,13 @@ class WorkerAgent:
                 break
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
-        while self._job_tasks:
-            await asyncio.wait(set(self._job_tasks))
+        if self._job_tasks:  # only when the drain ran out of time: whatever is left is killed (the executor's finally)
+            _, late = await asyncio.wait(set(self._job_tasks), timeout=1.0)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=2.0)
+        fence.cancel()
         for executor in self._free:
             executor.close()
         for ch in self._channels.values():
@@ -92,6 +119,7 @@ class WorkerAgent:
         async with channel(addr, self.settings.tls, propagate=False) as ch:
             stub = poolmanager_pb2_grpc.WorkerRegistryServiceStub(ch)
             connect = pm.ConnectRequest(worker=self.worker)
+            connect_sent = time.monotonic()
             call: grpc.aio.Call
             if self._attach:
                 call = stream = stub.Attach()
@@ -117,7 +145,12 @@ class WorkerAgent:
                         if self._attach:
                             self._stream = stream
                         self.worker.lease_id = message.registered.lease_id
+                        self._fence.refreshed(connect_sent)  # the lease was granted or refreshed for it
+                        if message.lease_ttl_seconds > 0:  # an older pool-manager says neither
+                            self._fence.set_ttl(message.lease_ttl_seconds)
+                            self._drain_grace = message.drain_grace_seconds
                         log.info("registered with %s (lease %x)", addr, self.worker.lease_id)
+                        self._resend_unreported()
                         if heartbeat is None:
                             heartbeat = asyncio.create_task(self._heartbeat(addr))
                     elif kind == "assignment":
@@ -153,39 +186,124 @@ class WorkerAgent:
         """Keeps the lease alive through the session's replica; when that one does not answer (dead, or frozen
         with its connections open), through the others at once, and the session is dropped so that the next
         one streams our assignments from a replica that works."""
-        endpoints = self.settings.poolmanagers
-        others = [a for a in endpoints if a != addr]
-        request = pm.HeartbeatRequest(worker_id=self.worker.worker_id, lease_id=self.worker.lease_id)
         while True:
             await asyncio.sleep(self.settings.heartbeat_seconds)
-            request.unhealthy_reason = await self._health()
-            resp = None
-            for target in [addr, *others]:
-                try:
-                    resp = await self._registry(target).Heartbeat(request, timeout=self.settings.heartbeat_seconds)
-                    break
-                except grpc.aio.AioRpcError as exc:
-                    log.warning("heartbeat through %s failed: %s", target, exc.code().name)
-            if resp is None:
+            alive, target = await self._beat(addr)
+            if alive is None:
                 continue
             if target != addr:
                 log.warning("pool-manager %s does not answer; reconnecting through another replica", addr)
                 self._reconnect.set()
                 return
-            if not resp.alive:
+            if not alive:
                 # We were declared lost: our job was retried elsewhere, so it must not keep running here.
                 log.warning("lease lost; stopping any job and registering again")
                 self._waiting.clear()  # taken back with the lease: never to start here
                 for job_id, _ in list(self._running):
-                    self._cancel(job_id)
+                    self._cancel(job_id, kill_now=True)
                 self.worker.lease_id = 0
                 self._lost.set()
                 return
+
+    async def _beat(self, addr: str) -> tuple[bool | None, str]:
+        """One lease refresh (saying whether we are draining or unhealthy), through `addr` first and then the other
+        replicas: (alive, the replica that answered), or (None, "") when none did."""
+        endpoints = self.settings.poolmanagers
+        request = pm.HeartbeatRequest(
+            worker_id=self.worker.worker_id,
+            lease_id=self.worker.lease_id,
+            unhealthy_reason=await self._health(),
+            draining=self.draining.is_set(),
+        )
+        # A frozen replica gets part of an interval, so that a refresh through another lands before the fence.
+        timeout = self.settings.heartbeat_seconds / max(2, len(endpoints))
+        for target in [addr, *(a for a in endpoints if a != addr)]:
+            sent = time.monotonic()
+            try:
+                resp = await self._registry(target).Heartbeat(request, timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("heartbeat through %s failed: %s", target, exc.code().name)
+                continue
+            if resp.alive:
+                self._fence.refreshed(sent)
+            return resp.alive, target
+        return None, ""
+
+    async def _fence_watch(self) -> None:
+        """Self-fencing: once no lease refresh has succeeded for FENCE_AT of the lease's TTL, every running job is
+        killed (SIGKILL at once) and reported INTERRUPTED, so that it is dead before the lease can expire and the
+        leader retries it elsewhere: two copies of one attempt never run at the same time."""
+        while True:
+            now = time.monotonic()
+            if self._fence.due(now):
+                targets = [key for key in self._running if key not in self._fenced]
+                if targets or self._waiting:
+                    log.warning(
+                        "no pool-manager refreshed our lease for %.1fs (TTL %.0fs): stopping %d job(s) before it "
+                        "can expire",
+                        now - (self._fence.lease_end - self._fence.ttl),
+                        self._fence.ttl,
+                        len(targets),
+                    )
+                    self._fenced.update(targets)
+                    self._interrupt("no pool-manager answered: stopped before the lease could expire", targets, True)
+            await asyncio.sleep(min(0.1, max(0.01, self._fence.deadline - now)))
+
+    def request_drain(self) -> None:
+        """SIGTERM (a rollout, a drain, a scale-down): drain, then stop."""
+        if self._drainer is None:
+            self._drainer = asyncio.create_task(self.drain())
+
+    async def drain(self) -> None:
+        """Takes no new job and says so; lets the running jobs finish within the drain grace, then stops them and
+        reports them INTERRUPTED (retried elsewhere without using a retry); stops once every result is reported,
+        within STOP_MARGIN_SECONDS after the grace."""
+        if self.draining.is_set():
+            return
+        self.draining.set()
+        self.worker.state = t.WORKER_STATE_DRAINING  # and so a later registration says it at once
+        log.info("draining: %d job(s) running, %.0fs grace", len(self._running), self._drain_grace)
+        endpoints = self.settings.poolmanagers
+        await self._beat(endpoints[(self._endpoint - 1) % len(endpoints)])
+        self._interrupt("the worker is draining", [], False)  # the waiting ones: never started here
+        if self._running:
+            await asyncio.wait(set(self._job_tasks), timeout=self._drain_grace)
+        if self._running:
+            why = f"the worker was stopped; still running after the {self._drain_grace:g}s drain grace"
+            self._interrupt(why, list(self._running), False)
+        # The reports, including any kept for the next session (sent again once registered): bounded by the margin.
+        end = time.monotonic() + STOP_MARGIN_SECONDS - 1.0
+        while (self._job_tasks or self._unreported) and time.monotonic() < end:
+            if self._job_tasks:
+                await asyncio.wait(set(self._job_tasks), timeout=end - time.monotonic())
+            else:
+                await asyncio.sleep(0.1)
+        if self._unreported:
+            log.error("stopping with %d result(s) unreported: the lease will lapse first", len(self._unreported))
+        self.stopping.set()
+
+    def _interrupt(self, why: str, keys: list[tuple[str, int]], kill_now: bool) -> None:
+        """Stops these running attempts as INTERRUPTED, and gives back the ones waiting for a slot."""
+        waiting, self._waiting = self._waiting, []
+        for assignment in waiting:
+            self._give_back(assignment, why)
+        for key in keys:
+            executor = self._running.get(key)
+            if executor is not None:
+                self._interrupted.setdefault(key, why)
+                executor.cancel(key[0], kill_now=kill_now)
 
     def _start(self, assignment: t.Assignment) -> None:
         key = (assignment.job_id, assignment.attempt)
         if key in self._running or key in self._finished:
             return  # the same assignment again after a reconnect
+        if self.draining.is_set():
+            # Dispatched before the pool-manager knew we drain: run it elsewhere rather than here.
+            self._give_back(assignment, "the worker is draining")
+            return
+        if self._fence.due(time.monotonic()):
+            self._give_back(assignment, "the worker's lease may lapse before it could run")
+            return
         if not self._free:
             # A previous job's process is still being reaped; run this one right after it.
             if all((w.job_id, w.attempt) != key for w in self._waiting):
@@ -193,14 +311,28 @@ class WorkerAgent:
             return
         executor = self._free.pop()
         self._running[key] = executor
-        task = asyncio.create_task(self._execute(assignment, executor))
+        self._spawn(self._execute(assignment, executor))
+
+    def _spawn(self, work: Coroutine[object, object, None]) -> None:
+        """A job's run and report (or a report alone): the drain and the stop wait for these."""
+        task = asyncio.create_task(work)
         self._job_tasks.add(task)
         task.add_done_callback(self._job_tasks.discard)
 
-    def _cancel(self, job_id: str) -> None:
+    def _give_back(self, a: t.Assignment, why: str) -> None:
+        """Reports an assignment that never started here as INTERRUPTED, so that it runs elsewhere."""
+        self._remember_finished((a.job_id, a.attempt))
+        log.info("giving back an unstarted job: %s", why, extra={"job_id": a.job_id, "attempt": a.attempt})
+        result = ExecResult(-1, INTERRUPTED, f"given back unstarted: {why}", 0.0, 0.0, 0, "")
+        self._spawn(self._report(a, result))
+
+    def _remember_finished(self, key: tuple[str, int]) -> None:
+        self._finished = [*self._finished[-(16 * self.settings.slots - 1) :], key]
+
+    def _cancel(self, job_id: str, kill_now: bool = False) -> None:
         self._waiting = [w for w in self._waiting if w.job_id != job_id]  # withdrawn before it started
         for (running_id, _), executor in self._running.items():
-            if running_id == job_id and executor.cancel(job_id):
+            if running_id == job_id and executor.cancel(job_id, kill_now=kill_now):
                 log.info("cancelling job", extra={"job_id": job_id})
 
     async def _execute(self, a: t.Assignment, executor: JobExecutor) -> None:
@@ -228,10 +360,15 @@ class WorkerAgent:
                 output_tail="",
             )
         finally:
-            self._finished = [*self._finished[-(16 * self.settings.slots - 1) :], (a.job_id, a.attempt)]
-            del self._running[(a.job_id, a.attempt)]
+            key = (a.job_id, a.attempt)
+            self._remember_finished(key)
+            del self._running[key]
+            self._fenced.discard(key)
             self._free.append(executor)
             self.worker.jobs_run += 1
+        why = self._interrupted.pop(key, None)
+        if why is not None and result.reason == REASON_KILLED:  # stopped by us, not cancelled, nor ended first
+            result = replace(result, reason=INTERRUPTED, message=f"{why} ({result.message})"[:500])
         log.info("job ended: %s (%s)", result.reason, result.message, extra=extra)
         if self._waiting:
             self._start(self._waiting.pop(0))
@@ -289,6 +426,12 @@ class WorkerAgent:
             max_memory_mb=result.max_memory_mb,
             unhealthy_reason=unhealthy,
         )
+        await self._deliver(request)
+
+    async def _deliver(self, request: pm.ReportResultRequest) -> None:
+        """Reports a result on the stream, else with calls to any replica for up to a lease's TTL; a result still
+        not taken then is kept, the session is dropped, and it is reported again once registered with a replica
+        that answers: the attempt never stays RUNNING for ever."""
         if await self._report_on_stream(request):
             return
         delay = 0.2
@@ -296,18 +439,31 @@ class WorkerAgent:
         # rotates too, and sharing one would keep both on a dead replica).
         endpoints = self.settings.poolmanagers
         first = (self._endpoint - 1) % len(endpoints)
+        end = time.monotonic() + self._fence.ttl
         for attempt in range(60):
             addr = endpoints[(first + attempt) % len(endpoints)]
             try:
                 resp = await self._registry(addr).ReportResult(request, timeout=5.0)
                 if not resp.accepted:
-                    log.warning("result was stale and not accepted", extra={"job_id": a.job_id})
+                    log.warning("result was stale and not accepted", extra={"job_id": request.job_id})
                 return
             except grpc.aio.AioRpcError as exc:
                 log.warning("report to %s failed: %s", addr, exc.code().name)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-        log.error("giving up reporting the result", extra={"job_id": a.job_id})
+            if time.monotonic() + delay >= end:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        if self.stopping.is_set() or len(self._unreported) >= 16 * self.settings.slots:
+            log.error("giving up reporting the result", extra={"job_id": request.job_id})
+            return
+        log.warning("result not reported; reporting it again after reconnecting", extra={"job_id": request.job_id})
+        self._unreported[(request.job_id, request.attempt)] = request
+        self._reconnect.set()
+
+    def _resend_unreported(self) -> None:
+        unreported, self._unreported = self._unreported, {}
+        for request in unreported.values():
+            self._spawn(self._deliver(request))
 
 
 def default_scratch(data_dir: str) -> str:

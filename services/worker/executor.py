@@ -64,6 +64,7 @@ class _RunState:
         self.job_id = job_id
         self.loop = loop
         self.stop_requested: asyncio.Future[None] = loop.create_future()
+        self.kill_now = False  # stop with SIGKILL at once, without the SIGTERM grace
         self.pid = 0  # the job's root process, until it has been reaped
         self.root: psutil.Process | None = None  # made at the first sample: most jobs end before one
         self.cpu_seconds = 0.0
@@ -138,11 +139,13 @@ class JobExecutor:
         state = self._state
         return state.job_id if state is not None else None
 
-    def cancel(self, job_id: str) -> bool:
-        """Ask the running job to stop; True if ``job_id`` is the job this executor is running."""
+    def cancel(self, job_id: str, *, kill_now: bool = False) -> bool:
+        """Ask the running job to stop; True if ``job_id`` is the job this executor is running. ``kill_now``
+        skips the SIGTERM grace (a worker fencing itself must have the job dead before its lease can expire)."""
         state = self._state
         if state is None or state.job_id != job_id:
             return False
+        state.kill_now = state.kill_now or kill_now
         state.request_stop()
         return True
 
@@ -289,7 +292,7 @@ class JobExecutor:
                 reason = REASON_KILLED if stop in done else REASON_TIMEOUT
                 # Last look before the tree disappears, so the report covers the whole run.
                 await self._sample(state)
-                escalated = await self._terminate(pgid, exited)
+                escalated = await self._terminate(pgid, exited, 0.0 if state.kill_now else self._kill_grace_seconds)
             returncode, usage = await exited
             run_seconds = time.monotonic() - started
             state.root, state.pid = None, 0
@@ -310,7 +313,9 @@ class JobExecutor:
             message = f"killed after {_fmt_seconds(limit or 0.0)}s max runtime"
         elif reason == REASON_KILLED:
             message = "cancelled on request"
-            if escalated:
+            if state.kill_now:
+                message += "; SIGKILL at once"
+            elif escalated:
                 message += f"; SIGKILL after {_fmt_seconds(self._kill_grace_seconds)}s grace"
         else:
             message = _describe_exit(returncode)
@@ -324,10 +329,15 @@ class JobExecutor:
             output_tail=_decode_tail(output.tail),
         )
 
-    async def _terminate(self, pgid: int, exited: asyncio.Future[tuple[int, resource.struct_rusage]]) -> bool:
+    async def _terminate(
+        self, pgid: int, exited: asyncio.Future[tuple[int, resource.struct_rusage]], grace: float
+    ) -> bool:
         """SIGTERM the group, SIGKILL it if the root outlives the grace period; True if escalated."""
+        if grace <= 0:
+            _signal_group(pgid, signal.SIGKILL)
+            return True
         _signal_group(pgid, signal.SIGTERM)
-        done, _ = await asyncio.wait({exited}, timeout=self._kill_grace_seconds)
+        done, _ = await asyncio.wait({exited}, timeout=grace)
         if done:
             return False
         _signal_group(pgid, signal.SIGKILL)

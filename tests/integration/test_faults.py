@@ -14,7 +14,7 @@ import pytest
 
 from jobmesh.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from libs.launcher import Stack
-from tests.helpers import Api, job_spec, start_stack, token, wait_for
+from tests.helpers import Api, job_spec, start_stack, token, wait_for, worker_pid
 
 
 def marked(name: str, marks: Path, before: str = "") -> dict[str, object]:
@@ -77,16 +77,6 @@ def scheduler_leader(stack: Stack) -> str:
             if status.leader:
                 return f"scheduler-{i}"
     return ""
-
-
-def worker_pid(worker_id: str) -> int:
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if proc.environ().get("JOBMESH_WORKER_ID") == worker_id:
-                return int(proc.info["pid"])
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    raise AssertionError(f"no process for worker {worker_id}")
 
 
 @pytest.fixture()

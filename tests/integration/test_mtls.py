@@ -27,7 +27,7 @@ from libs.launcher import Stack, admin_get
 from libs.meshpki import WorkerIssuer, write_identity
 from libs.pki import Bundle, CertificateAuthority, service_id
 from libs.settings import TlsSettings
-from libs.tls import RenewingChannel, sync_channel
+from libs.tls import RETIRE_AFTER_SECONDS, RenewingChannel, sync_channel
 from tests.helpers import Api, job_spec, start_stack, token, wait_for
 
 INTERNAL = ("gateway", "quota", "queueing", "scheduler-1", "poolmanager-1", "cost")
@@ -265,6 +265,10 @@ async def test_a_client_channel_presents_renewed_files_to_new_calls_without_fail
             await asyncio.sleep(0.005)
         assert failures == 0
         assert channel._current.number == 2  # two renewals, each a new secure channel
+        # The replaced channels are closed once idle for a while (looked at on a later call).
+        await asyncio.sleep(RETIRE_AFTER_SECONDS + 0.2)
+        await stub.Check(health_pb2.HealthCheckRequest(), timeout=3)
+        assert channel._retired == []
         # Proof that the new files are what new calls present: a certificate the server does not trust.
         write_identity(tls, CertificateAuthority.create().issue(service_id("gateway"), dt.timedelta(hours=1)))
         await asyncio.sleep(0.1)

@@ -35,6 +35,7 @@ def test_a_minimal_config_parses_with_defaults() -> None:
     assert (pool.worker_cpu_millis, pool.worker_memory_mb) == (1000, 1024)
     assert pool.worker_slots == 1  # one job at a time unless a pool says otherwise
     assert config.max_spec_bytes == 64 * 1024
+    assert pool.drain_grace_seconds == 30.0
 
 
 @pytest.mark.parametrize("slots", [0, -1, 65])
@@ -44,6 +45,16 @@ def test_worker_slots_out_of_range_are_refused(slots: int) -> None:
         "pools": [{"id": "p", "workers": 1, "worker_slots": slots}],
     }
     with pytest.raises(ConfigError, match="worker_slots"):
+        parse_config(raw)
+
+
+@pytest.mark.parametrize("grace", [-1, 3601])
+def test_a_drain_grace_out_of_range_is_refused(grace: float) -> None:
+    raw = {
+        "quota": {"defaults": {"cpu_millis": 1000, "memory_mb": 1024, "concurrent_jobs": 2}},
+        "pools": [{"id": "p", "workers": 1, "drain_grace_seconds": grace}],
+    }
+    with pytest.raises(ConfigError, match="drain_grace_seconds"):
         parse_config(raw)
 
 

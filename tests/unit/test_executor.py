@@ -212,6 +212,22 @@ async def test_a_job_ignoring_sigterm_is_sigkilled_after_the_grace_period(execut
 
 
 @pytest.mark.asyncio
+async def test_a_cancel_that_kills_now_sends_sigkill_without_the_grace(tmp_path: Path) -> None:
+    executor = JobExecutor(str(tmp_path / "scratch"), sample_interval=0.05, kill_grace_seconds=5.0)
+    task = asyncio.create_task(executor.run(make_spec(["sh", "-c", "trap '' TERM; sleep 30 & sleep 30"])))
+    pgid = await job_root_pid(min_descendants=2)
+    started = time.monotonic()
+
+    assert executor.cancel("job-1", kill_now=True) is True
+    result = await asyncio.wait_for(task, 5.0)
+
+    assert (result.reason, result.exit_code) == ("KILLED", 128 + 9)
+    assert "SIGKILL at once" in result.message
+    assert time.monotonic() - started < 1.5  # not the 5 s grace
+    assert await group_gone(pgid) == []
+
+
+@pytest.mark.asyncio
 async def test_background_processes_left_by_a_finished_job_are_swept(executor: JobExecutor) -> None:
     task = asyncio.create_task(executor.run(make_spec(["sh", "-c", "sleep 30 & sleep 0.3; exit 0"])))
     pgid = await job_root_pid(min_descendants=1)

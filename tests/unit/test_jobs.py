@@ -9,6 +9,7 @@ from libs.config import MeshConfig
 from libs.errors import InvalidArgument
 from libs.jobs import (
     DEFAULT_QUEUE,
+    FREE_INTERRUPTIONS,
     MAX_ARGV_BYTES,
     MAX_NAME,
     MAX_RETRIES,
@@ -242,6 +243,56 @@ def test_a_lost_worker_fails_a_job_without_retries_at_once() -> None:
     assert job.state == t.JOB_STATE_FAILED
     assert job.reason == "WORKER_LOST"
     assert job.retries == 0
+
+
+def interrupt(job: t.Job, now: float) -> t.Job:
+    return apply_result(
+        job, exit_code=-9, reason="INTERRUPTED", message="worker draining", cpu_seconds=0.5, max_memory_mb=7, now=now
+    )
+
+
+def test_an_interrupted_attempt_ends_and_the_job_waits_again_without_using_a_retry() -> None:
+    job = apply_dispatch(JobBuilder().retries(1).build(), worker("w1"), T0)
+
+    interrupt(job, T0 + 4)
+
+    assert job.state == t.JOB_STATE_PENDING
+    assert (job.retries, job.interruptions) == (0, 1)
+    assert job.worker_id == ""
+    assert job.waiting_reason == "RETRYING_AFTER_INTERRUPTION"
+    assert not job.HasField("end_time")
+    record = job.attempts[0]
+    # Ended at the report, so it is charged for the 4 s it ran, with what it used.
+    assert (record.reason, record.exit_code, record.cpu_seconds, record.max_memory_mb) == ("INTERRUPTED", -1, 0.5, 7)
+    assert record.end_time.ToNanoseconds() == int((T0 + 4) * 1e9)
+
+    apply_dispatch(job, worker("w2"), T0 + 5)
+    apply_result(job, exit_code=0, reason="EXITED", message="", cpu_seconds=1.0, max_memory_mb=9, now=T0 + 15)
+
+    assert (job.state, job.attempt, job.retries) == (t.JOB_STATE_SUCCEEDED, 2, 0)
+    assert [(a.attempt, a.worker_id, a.reason) for a in job.attempts] == [
+        (1, "w1", "INTERRUPTED"),
+        (2, "w2", "COMPLETED"),
+    ]
+
+
+@pytest.mark.parametrize("max_retries", [0, 2])
+def test_interruptions_past_the_free_ones_use_retries_and_then_fail_the_job(max_retries: int) -> None:
+    job = JobBuilder().retries(max_retries).build()
+    for n in range(FREE_INTERRUPTIONS + max_retries):
+        apply_dispatch(job, worker(f"w{n}"), T0 + 10 * n)
+        interrupt(job, T0 + 10 * n + 5)
+        assert job.state == t.JOB_STATE_PENDING, n
+    assert job.retries == max_retries
+
+    apply_dispatch(job, worker("last"), T0 + 1000)
+    interrupt(job, T0 + 1005)
+
+    assert job.state == t.JOB_STATE_FAILED
+    assert (job.reason, job.exit_code) == ("INTERRUPTED", -1)
+    assert job.end_time.ToNanoseconds() == int((T0 + 1005) * 1e9)
+    assert job.interruptions == FREE_INTERRUPTIONS + max_retries + 1
+    assert [a.reason for a in job.attempts] == ["INTERRUPTED"] * (FREE_INTERRUPTIONS + max_retries + 1)
 
 
 @pytest.mark.parametrize(

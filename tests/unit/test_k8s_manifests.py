@@ -16,6 +16,7 @@ import yaml
 from libs.config import load_config
 from libs.envoy_config import render_cluster_defaults, sds_files
 from libs.settings import TlsSettings
+from services.worker.agent import STOP_MARGIN_SECONDS
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
@@ -310,6 +311,21 @@ def test_static_pool_workers_match_the_mesh_config() -> None:
         limits = worker["resources"]["limits"]
         assert millicores(limits["cpu"]) >= pool.worker_cpu_millis
         assert mebibytes(limits["memory"]) > pool.worker_memory_mb
+
+
+def test_worker_pods_get_their_pools_drain_grace_to_stop_and_drain_one_at_a_time() -> None:
+    config = load_config(BASE / "mesh.toml")
+    docs = base_resources()
+
+    for pool in config.pools:
+        deployment = by_name(docs, "Deployment", f"worker-{pool.pool_id}")
+        # SIGTERM, the drain grace for the jobs, then the time to stop and report them before the SIGKILL.
+        grace = pod_spec(deployment)["terminationGracePeriodSeconds"]
+        assert grace == pool.drain_grace_seconds + STOP_MARGIN_SECONDS
+        budget = by_name(docs, "PodDisruptionBudget", f"worker-{pool.pool_id}")
+        assert budget["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+        # One at a time, and never 0, which would block every node drain.
+        assert budget["spec"]["maxUnavailable"] == 1
 
 
 def test_every_jobmesh_variable_in_the_manifests_is_one_the_code_reads() -> None:

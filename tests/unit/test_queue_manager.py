@@ -24,6 +24,7 @@ from services.queueing.reasons import (
     DEADLINE_MISSED,
     POOL_SCALING_UP,
     QUEUED,
+    RETRYING_AFTER_INTERRUPTION,
     RETRYING_AFTER_WORKER_LOST,
     WAITING_FOR_WORKER,
     waiting_reason,
@@ -75,6 +76,11 @@ def test_a_start_after_the_target_wait_or_the_deadline_is_an_sla_miss(
 REASONS = [
     pytest.param({"deadline_missed": True, "recorded": RETRYING_AFTER_WORKER_LOST}, DEADLINE_MISSED, id="deadline"),
     pytest.param({"recorded": RETRYING_AFTER_WORKER_LOST, "offered_recently": True}, RETRYING_AFTER_WORKER_LOST),
+    pytest.param(
+        {"recorded": RETRYING_AFTER_INTERRUPTION, "offered_recently": True},
+        RETRYING_AFTER_INTERRUPTION,
+        id="interrupted",
+    ),
     pytest.param({"offered_recently": True, "ahead_other_tenants": 3}, WAITING_FOR_WORKER, id="offered"),
     pytest.param({"offered_recently": True, "dynamic_queue": True}, POOL_SCALING_UP, id="offered-dynamic"),
     pytest.param({"ahead_other_tenants": 1, "recorded": "QUEUED"}, BEHIND_FAIR_SHARE, id="others-ahead"),
