@@ -74,7 +74,7 @@ TABLE: Mapping[tuple[str, str], frozenset[str]] = {
             _COST + "*",
         }
     ),
-    # The scheduler takes the next jobs; nobody else may (it pops them off the queue).
+    # The scheduler takes the next jobs to dispatch; nobody else may.
     ("service", "scheduler"): frozenset({_QUEUEING + "NextJobs"}),
     # The pool-manager's autoscaler reads queue depth.
     ("service", "poolmanager"): frozenset({_QUEUEING + "GetQueueStats"}),
