@@ -98,6 +98,49 @@ def _say(line: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
 
 
+def cmd_pki_k8s_secrets(args: argparse.Namespace) -> int:
+    from libs.k8s_secrets import build_secrets, render
+
+    sys.stdout.write(render(build_secrets(args.ca_dir, args.namespace)))
+    return 0
+
+
+def cmd_join_token(args: argparse.Namespace) -> int:
+    """Mints join tokens as an operator: JOBMESH_TLS_CERT/KEY/CA (e.g. the jobmesh-tls-operator Secret's files,
+    through `kubectl port-forward`), else the dev stack's own PKI in the data dir."""
+    import asyncio
+
+    import grpc
+
+    from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
+    from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
+    from libs.meshpki import MeshPki
+    from libs.settings import SettingsError, TlsSettings
+    from libs.tls import RenewingChannel
+
+    try:
+        tls = TlsSettings.from_env(os.environ, "operator")
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if tls is None:
+        tls = MeshPki(args.data_dir / "pki").service("client-operator", "operator")
+
+    async def mint() -> list[str]:
+        async with RenewingChannel(args.addr, tls) as ch:
+            stub = poolmanager_pb2_grpc.PoolManagerServiceStub(ch)
+            request = pm.CreateJoinTokenRequest(pool_id=args.pool, ttl_seconds=args.ttl)
+            return [(await stub.CreateJoinToken(request, timeout=10)).token for _ in range(args.count)]
+
+    try:
+        tokens = asyncio.run(mint())
+    except grpc.aio.AioRpcError as exc:
+        print(f"refused: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print("\n".join(tokens))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jobmesh", description=__doc__)
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
@@ -112,6 +155,21 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--port", type=int, default=8080)
     run.set_defaults(func=cmd_run)
     add_cost_parser(sub)
+    join = sub.add_parser(
+        "join-token", help="mint single-use join tokens that admit workers started elsewhere to a pool (operators)"
+    )
+    join.add_argument("--pool", required=True)
+    join.add_argument("--count", type=int, default=1, choices=range(1, 101), metavar="1..100")
+    join.add_argument("--ttl", type=int, default=600, help="seconds a token stays usable (at most 3600)")
+    join.add_argument("--addr", default="127.0.0.1:50055", help="a pool-manager's internal port")
+    join.set_defaults(func=cmd_join_token)
+    pki = sub.add_parser("pki", help="the mesh's certificates").add_subparsers(dest="pki_command", required=True)
+    secrets = pki.add_parser(
+        "k8s-secrets", help="print the CAs' and every identity's Secrets for `kubectl apply -f -` (no cert-manager)"
+    )
+    secrets.add_argument("--ca-dir", type=Path, required=True, help="where the CAs' keys are kept (made on first use)")
+    secrets.add_argument("--namespace", default="jobmesh")
+    secrets.set_defaults(func=cmd_pki_k8s_secrets)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

@@ -103,6 +103,10 @@ class Keys:
     def quota_overrides(self) -> str:
         return f"{self.p}/quota/limits/"
 
+    def join_token(self, digest: str) -> str:
+        """A join token's grant, under the SHA-256 of the token (the token itself is never stored)."""
+        return f"{self.p}/join-tokens/{digest}"
+
     def outcomes(self, replica: str) -> str:
         return f"{self.p}/poolmanager/outcomes/{replica}"
 

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from libs.authz import AuthorizationInterceptor
 from libs.interceptors import ServerInterceptor
 from libs.settings import CommonSettings
 from libs.tls import server_credentials
@@ -78,7 +79,8 @@ async def start_server(
 ) -> ServiceServer:
     """Registers the given servicers (with their full service names) plus health and reflection, and starts."""
     server = grpc.aio.server(
-        interceptors=[*extra_interceptors, ServerInterceptor(name, registry)],
+        # Authorization first: a call the table does not allow runs nothing, not even the others' interceptors.
+        interceptors=[AuthorizationInterceptor(name, registry), *extra_interceptors, ServerInterceptor(name, registry)],
         options=[
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
             ("grpc.keepalive_permit_without_calls", 1),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
 
@@ -20,10 +21,19 @@ class AttemptUsage:
     burst: bool = False
 
 
+def measured(value: float) -> float:
+    """A usage figure as a worker reported it, or 0 (not measured) when it cannot be true: NaN, infinite or
+    negative. The pool-manager refuses such results; this keeps a record stored before that (or by a bug) from
+    breaking the arithmetic of every later cycle."""
+    return value if math.isfinite(value) and value >= 0 else 0.0
+
+
 def charged_resources(u: AttemptUsage) -> tuple[Decimal, Decimal]:
     """Cores and GiB charged: the larger of what was requested and what was used (OpenCost's rule)."""
     cores_requested = Decimal(u.requested_cpu_millis) / 1000
-    cores_used = Decimal(str(u.used_cpu_seconds)) / Decimal(str(u.run_seconds)) if u.run_seconds > 0 else Decimal(0)
+    run_seconds = measured(u.run_seconds)
+    cpu_seconds = measured(u.used_cpu_seconds)
+    cores_used = Decimal(str(cpu_seconds)) / Decimal(str(run_seconds)) if run_seconds > 0 else Decimal(0)
     gib = Decimal(max(u.requested_memory_mb, u.used_max_memory_mb)) / 1024
     return max(cores_requested, cores_used), gib
 
@@ -31,7 +41,7 @@ def charged_resources(u: AttemptUsage) -> tuple[Decimal, Decimal]:
 def price_attempt(u: AttemptUsage, pricing: Pricing, burst_premium: float) -> int:
     """(cores x core-hour + GiB x GiB-hour + worker-hour) x hours, times the premium for burst; in micros."""
     cores, gib = charged_resources(u)
-    hours = Decimal(str(max(u.run_seconds, 0.0))) / 3600
+    hours = Decimal(str(measured(u.run_seconds))) / 3600
     per_hour = (
         cores * Decimal(str(pricing.cpu_core_hour))
         + gib * Decimal(str(pricing.memory_gb_hour))

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from jobmesh.common.v1 import types_pb2 as t
 from libs.config import MeshConfig, Pricing
-from services.cost.pricing import AttemptUsage, price_attempt
+from services.cost.pricing import AttemptUsage, measured, price_attempt
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,8 @@ def record_for_attempt(
         run_seconds=run_seconds,
         requested_cpu_millis=job.spec.resources.cpu_millis,
         requested_memory_mb=job.spec.resources.memory_mb,
-        used_cpu_seconds=attempt.cpu_seconds if end_ns is None else 0.0,
-        used_max_memory_mb=attempt.max_memory_mb if end_ns is None else 0,
+        used_cpu_seconds=measured(attempt.cpu_seconds) if end_ns is None else 0.0,
+        used_max_memory_mb=max(attempt.max_memory_mb, 0) if end_ns is None else 0,
         burst=bool(job.burst_session_id),
     )
     return CostRecord(

@@ -7,22 +7,31 @@ import logging
 import os
 from pathlib import Path
 
+import grpc
 from prometheus_client import CollectorRegistry
 
 from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
 from jobmesh.queueing.v1 import queueing_pb2_grpc
+from libs.authz import AuthorizationInterceptor
 from libs.clock import SystemClock
 from libs.config import load_config
 from libs.etcd.client import Etcd
 from libs.etcd.election import LeaderElection
 from libs.etcd.informer import Informer
-from libs.interceptors import channel
+from libs.interceptors import ServerInterceptor, channel
 from libs.jobstore import JobStore
 from libs.keys import Keys
 from libs.meshpki import WorkerIssuer
 from libs.server import start_server
 from libs.settings import CommonSettings, SettingsError
 from services.poolmanager.controller import ControllerMetrics, PoolController, QueueDepthSource
+from services.poolmanager.join import (
+    JoinTokens,
+    WorkerCertificateServicer,
+    WorkerJoinServicer,
+    server_only_credentials,
+    start_join_server,
+)
 from services.poolmanager.outcomes import JobOutcomes
 from services.poolmanager.pools import PoolsServicer
 from services.poolmanager.provider import LocalProcessProvider
@@ -30,6 +39,7 @@ from services.poolmanager.registry import RegistryMetrics, WorkerRegistry
 
 REGISTRY_SERVICE = "jobmesh.poolmanager.v1.WorkerRegistryService"
 POOLS_SERVICE = "jobmesh.poolmanager.v1.PoolManagerService"
+CERTIFICATES_SERVICE = "jobmesh.poolmanager.v1.WorkerCertificateService"
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +66,27 @@ async def renew_worker_certificates(issuer: WorkerIssuer, election: LeaderElecti
             continue
         if renewed:
             log.info("renewed the certificates of %d workers", len(renewed))
+
+
+async def maybe_start_join_server(
+    settings: CommonSettings, registry: CollectorRegistry, servicer: WorkerJoinServicer
+) -> grpc.aio.Server | None:
+    """The join port (JOBMESH_JOIN_PORT; unset: none), for static workers started elsewhere: server-only TLS
+    and WorkerJoinService alone (docs/security.md, "Authorization")."""
+    raw = settings.extra.get("JOBMESH_JOIN_PORT", "")
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) > 65535:
+        raise SettingsError("JOBMESH_JOIN_PORT must be a port number")
+    interceptors = [
+        # Its own registry for the table's counter: the main server's interceptor already owns that name.
+        AuthorizationInterceptor("poolmanager", CollectorRegistry()),
+        ServerInterceptor("poolmanager_join", registry),
+    ]
+    server, _ = await start_join_server(
+        settings.server.host, int(raw), server_only_credentials(settings.tls), servicer, interceptors
+    )
+    return server
 
 
 async def run(settings: CommonSettings) -> None:
@@ -119,7 +150,9 @@ async def run(settings: CommonSettings) -> None:
         informer.start()
     for informer in (assignments, workers):
         await informer.wait_synced()
-    pools = PoolsServicer(etcd, keys, config, workers, assignments, outcomes, depth)
+    join_tokens = JoinTokens(etcd, keys, config, clock)
+    pools = PoolsServicer(etcd, keys, config, workers, assignments, outcomes, depth, join_tokens)
+    certificates = WorkerCertificateServicer(issuer.ca, config)
     server = await start_server(
         "poolmanager",
         settings,
@@ -130,14 +163,21 @@ async def run(settings: CommonSettings) -> None:
                 REGISTRY_SERVICE,
             ),
             (lambda s: poolmanager_pb2_grpc.add_PoolManagerServiceServicer_to_server(pools, s), POOLS_SERVICE),
+            (
+                lambda s: poolmanager_pb2_grpc.add_WorkerCertificateServiceServicer_to_server(certificates, s),
+                CERTIFICATES_SERVICE,
+            ),
         ],
     )
+    join_server = await maybe_start_join_server(settings, registry, WorkerJoinServicer(join_tokens, issuer.ca))
     election.start()
     loop_task = asyncio.create_task(controller.run(), name="pool-controller")
     renewer = asyncio.create_task(renew_worker_certificates(issuer, election), name="worker-certificates")
     flusher = asyncio.create_task(outcomes.flush_forever(), name="outcomes-flush")
 
     async def stop() -> None:
+        if join_server is not None:
+            await join_server.stop(settings.server.grace_seconds)
         loop_task.cancel()
         renewer.cancel()
         flusher.cancel()

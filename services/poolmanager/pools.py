@@ -13,12 +13,13 @@ from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
 from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
 from libs.config import MeshConfig, PoolConfig
-from libs.errors import InvalidArgument, NotFound
+from libs.errors import FailedPrecondition, InvalidArgument, NotFound
 from libs.etcd.client import Etcd
 from libs.etcd.informer import Informer
 from libs.jobs import ts
 from libs.keys import Keys
 from services.poolmanager.controller import QueueDepthSource, decode_worker
+from services.poolmanager.join import JoinTokens
 from services.poolmanager.outcomes import JobOutcomes
 
 POOL_KINDS = {"static": t.POOL_KIND_STATIC, "dynamic": t.POOL_KIND_DYNAMIC, "burst": t.POOL_KIND_BURST}
@@ -34,6 +35,7 @@ class PoolsServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
         assignments: Informer,
         outcomes: JobOutcomes,
         queue_depth: QueueDepthSource,
+        join_tokens: JoinTokens | None = None,
     ):
         self.etcd = etcd
         self.keys = keys
@@ -42,6 +44,7 @@ class PoolsServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
         self.assignments = assignments
         self.outcomes = outcomes
         self.queue_depth = queue_depth
+        self.join_tokens = join_tokens
 
     def _pool(self, pool_id: str) -> PoolConfig:
         pool = self.config.pool(pool_id)
@@ -136,3 +139,11 @@ class PoolsServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
                 )
             )
         return pm.GetScalingHistoryResponse(events=events)
+
+    async def CreateJoinToken(
+        self, request: pm.CreateJoinTokenRequest, context: grpc.aio.ServicerContext
+    ) -> pm.CreateJoinTokenResponse:
+        if self.join_tokens is None:
+            raise FailedPrecondition("this pool-manager admits no joining workers", reason="JOIN_DISABLED")
+        token, expire = await self.join_tokens.create(request.pool_id, request.ttl_seconds)
+        return pm.CreateJoinTokenResponse(token=token, pool_id=request.pool_id, expire_time=ts(expire))

@@ -17,6 +17,7 @@ from typing import Protocol
 from jobmesh.common.v1 import types_pb2 as t
 from libs.config import PoolConfig
 from libs.meshpki import WorkerIssuer
+from services.poolmanager.binding import process_is_worker
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,10 @@ class LocalProcessProvider:
 
     def terminate(self, worker: t.Worker) -> bool:
         if worker.host != self.host or worker.pid <= 0:
+            return False
+        if not process_is_worker(worker.pid, worker.worker_id):
+            # The pid is the worker's own word: never signal a process that is not that worker's agent.
+            log.warning("worker %s names pid %d, which is not its agent: not signalled", worker.worker_id, worker.pid)
             return False
         try:
             os.kill(worker.pid, signal.SIGTERM)

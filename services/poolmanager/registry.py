@@ -18,10 +18,19 @@ from libs.config import MeshConfig
 from libs.errors import InvalidArgument
 from libs.etcd.client import Etcd, KeyValue, WatchEvent, cmp_mod, op_put
 from libs.etcd.informer import Informer
+from libs.identity import peer_identity
 from libs.jobs import RESULT_REASONS, ts
 from libs.jobstore import Completion, JobStore
 from libs.keys import Keys, safe_segment
 from libs.telemetry import job_id_var, tenant_id_var
+from services.poolmanager.binding import (
+    ResultBounds,
+    ResultOutOfRange,
+    WorkerIdentityMismatch,
+    check_result_numbers,
+    check_speaks_for,
+    clamp_to_pool,
+)
 from services.poolmanager.outcomes import JobOutcomes
 
 log = logging.getLogger(__name__)
@@ -45,6 +54,12 @@ class RegistryMetrics:
             "jobmesh_poolmanager_results_total",
             "Results reported by workers.",
             ["pool", "outcome"],
+            registry=registry,
+        )
+        self.refusals = Counter(
+            "jobmesh_poolmanager_worker_refusals_total",
+            "Worker messages refused: another worker's id or lease, or a result whose numbers cannot be true.",
+            ["method", "reason"],
             registry=registry,
         )
 
@@ -126,6 +141,7 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
     async def Connect(
         self, request: pm.ConnectRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pm.ConnectResponse]:
+        self._bind(context, request.worker.worker_id, request.worker.pool_id, "Connect")
         async for item in self._session(request.worker):
             if isinstance(item, pm.ConnectResponse):
                 yield item
@@ -137,6 +153,7 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         if first is None or not first.HasField("connect"):
             raise InvalidArgument("connect", "must be the first message of a session")
         worker_id = first.connect.worker.worker_id
+        self._bind(context, worker_id, first.connect.worker.pool_id, "Attach")
         reader: asyncio.Task[None] | None = None
         try:
             async for item in self._session(first.connect.worker):
@@ -164,6 +181,8 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
     async def _acknowledge(self, result: pm.ReportResultRequest, worker_id: str) -> None:
         try:
             accepted = await self._record(result)
+        except ResultOutOfRange:
+            accepted = False  # refused for good: sending it again changes nothing
         except Exception as exc:  # unacknowledged: the worker sends it again with ReportResult
             log.warning("result on the stream not recorded: %s", exc, extra={"job_id": result.job_id})
             return
@@ -176,10 +195,24 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         assignments, cancellations and (on an Attach stream) acknowledgements of its results."""
         if not safe_segment(worker.worker_id):
             raise InvalidArgument("worker.worker_id", "is not a valid id")
-        if self.config.pool(worker.pool_id) is None:
+        pool = self.config.pool(worker.pool_id)
+        if pool is None:
             raise InvalidArgument("worker.pool_id", f"unknown pool {worker.pool_id!r}")
-        # A worker that reconnects through another replica keeps its lease, and so its identity and job.
+        cut = clamp_to_pool(worker, pool)
+        if cut:
+            log.warning("worker %s declared more than pool %s grants: %s", worker.worker_id, pool.pool_id, cut)
+        key = self.keys.worker(worker.worker_id)
+        existing = await self.etcd.get(key)
+        # A worker that reconnects through another replica keeps its lease, and so its identity and job; only its
+        # own lease, the one its record is bound to (any other would be kept alive by someone else's word).
         lease_id = worker.lease_id
+        if lease_id and (existing is None or existing.lease != lease_id):
+            if existing is not None:  # (no record: its lease ran out, the common case of a lost worker)
+                log.warning(
+                    "worker %s presented lease %x, not its own: registering it afresh", worker.worker_id, lease_id
+                )
+                self.metrics.refusals.labels("Connect", "LEASE_NOT_OWNED").inc()
+            lease_id = 0
         if not lease_id or await self.etcd.refresh(lease_id) <= 0:
             # A new incarnation (restarted, or declared lost): whatever was assigned to the old one is not ours
             # to run again. Take it back as a lost worker's, so that attempt never runs twice.
@@ -187,8 +220,6 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
             lease_id = await self.etcd.grant(self.lease_ttl)
         worker.lease_id = lease_id
         worker.register_time.CopyFrom(ts(self.clock.now()))
-        key = self.keys.worker(worker.worker_id)
-        existing = await self.etcd.get(key)
         if existing is not None and existing.lease == lease_id:
             known = t.Worker()
             known.ParseFromString(existing.value)
@@ -235,11 +266,48 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
                 self.outcomes.record(job.pool_id, False)
 
     async def Heartbeat(self, request: pm.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pm.HeartbeatResponse:
-        ttl = await self.etcd.refresh(request.lease_id) if request.lease_id else 0
+        self._bind(context, request.worker_id, None, "Heartbeat")
+        ttl = 0
+        if request.lease_id:
+            # Only the lease the worker's record is bound to; any other is not refreshed and the worker hears it
+            # is not alive (a worker that lost its lease registers again).
+            bound = await self._lease_of(request.worker_id, request.lease_id)
+            if bound == request.lease_id:
+                ttl = await self.etcd.refresh(request.lease_id)
+            elif bound:
+                log.warning(
+                    "heartbeat of worker %s for lease %x, not its own: not refreshed",
+                    request.worker_id,
+                    request.lease_id,
+                )
+                self.metrics.refusals.labels("Heartbeat", "LEASE_NOT_OWNED").inc()
         if ttl > 0 and (request.unhealthy_reason or request.draining) and safe_segment(request.worker_id):
             why = f"failed its health check ({request.unhealthy_reason[:200]})" if request.unhealthy_reason else ""
             await self._mark_draining(request.worker_id, request.lease_id, why or "is stopping")
         return pm.HeartbeatResponse(alive=ttl > 0)
+
+    async def _lease_of(self, worker_id: str, expected: int) -> int:
+        """The lease `worker_id`'s record is bound to (0: no record): the watch cache when it agrees with
+        `expected`, else etcd (the cache may lag a registration)."""
+        if not safe_segment(worker_id):
+            return 0
+        key = self.keys.worker(worker_id)
+        cached = self.workers.cache.get(key)
+        if cached is not None and cached.lease == expected:
+            return expected
+        current = await self.etcd.get(key)
+        return current.lease if current is not None else 0
+
+    def _bind(self, context: grpc.aio.ServicerContext, worker_id: str, pool_id: str | None, method: str) -> None:
+        """Refuses a message that names another worker than the caller's certificate (nothing is written)."""
+        identity = peer_identity(context)
+        try:
+            check_speaks_for(identity, worker_id, pool_id, method)
+        except WorkerIdentityMismatch as err:
+            caller = identity.uri if identity is not None else "none"
+            log.warning("refused: caller=%s method=%s worker_id=%s: %s", caller, method, worker_id, err.message)
+            self.metrics.refusals.labels(method, err.reason).inc()
+            raise
 
     async def _mark_draining(self, worker_id: str, lease_id: int, why: str) -> None:
         """DRAINING takes the worker out of scheduling; the leader stops it once it has no job, and the pool's
@@ -262,6 +330,7 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
     async def ReportResult(
         self, request: pm.ReportResultRequest, context: grpc.aio.ServicerContext
     ) -> pm.ReportResultResponse:
+        self._bind(context, request.worker_id, None, "ReportResult")
         return pm.ReportResultResponse(accepted=await self._record(request))
 
     async def _record(self, request: pm.ReportResultRequest) -> bool:
@@ -270,6 +339,16 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         tenant_id_var.set(request.tenant_id)
         if request.reason not in RESULT_REASONS:
             raise InvalidArgument("reason", f"must be one of {sorted(RESULT_REASONS)}")
+        bounds = await self._result_bounds(request)
+        if bounds is None:  # no such assignment: stale, as the transaction would find
+            log.warning("rejected stale result for attempt %d from %s", request.attempt, request.worker_id)
+            return False
+        try:
+            check_result_numbers(request.run_seconds, request.cpu_seconds, request.max_memory_mb, bounds)
+        except ResultOutOfRange as err:
+            log.warning("refused a result from worker %s: %s", request.worker_id, err.message)
+            self.metrics.refusals.labels("ReportResult", err.reason).inc()
+            raise
         pool = await self.results.submit(
             Completion(
                 request.tenant_id,
@@ -290,6 +369,23 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
             log.warning("rejected stale result for attempt %d from %s", request.attempt, request.worker_id)
             return False
         return True
+
+    async def _result_bounds(self, request: pm.ReportResultRequest) -> ResultBounds | None:
+        """What the attempt being reported could have used, from the assignment the worker holds (None: it holds
+        none for that job)."""
+        if not (safe_segment(request.worker_id) and safe_segment(request.job_id)):
+            return None
+        key = self.keys.assignment(request.worker_id, request.job_id)
+        kv = self.assignments.cache.get(key) or await self.etcd.get(key)
+        if kv is None:
+            return None
+        held = t.Assignment()
+        held.ParseFromString(kv.value)
+        pool = self.config.pool(held.job.pool_id)
+        if pool is None:
+            return None
+        assigned = held.assign_time.ToNanoseconds() / 1e9 if held.HasField("assign_time") else None
+        return ResultBounds.of(pool, assigned, self.clock.now())
 
 
 def _for_worker(stored: bytes) -> t.Assignment:

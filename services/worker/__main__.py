@@ -22,6 +22,7 @@ from libs.settings import CommonSettings
 from services.worker.agent import AgentSettings, WorkerAgent, default_scratch
 from services.worker.executor import JobExecutor
 from services.worker.health import HealthCheck
+from services.worker.join import bind_to_certificate, renew_forever
 from services.worker.sandbox import Sandbox, SandboxError, SandboxSettings
 
 log = logging.getLogger("services.worker")
@@ -89,6 +90,7 @@ def job_sandbox(pool_id: str) -> tuple[Sandbox | None, str | None]:
 
 async def run(settings: CommonSettings) -> None:
     worker = worker_from_env()
+    bind_to_certificate(worker, settings.tls.cert, settings.extra.get("JOBMESH_WORKER_ID", ""))
     if not worker.pool_id:
         print("JOBMESH_POOL_ID must be set", file=sys.stderr)
         raise SystemExit(2)
@@ -126,9 +128,14 @@ async def run(settings: CommonSettings) -> None:
     # grace, interrupt the rest (retried elsewhere), then stop.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.request_drain)
+    renewal = None
+    if settings.extra.get("JOBMESH_WORKER_RENEW_CERT") == "1":  # joined: nobody else renews our certificate
+        renewal = asyncio.create_task(renew_forever(settings.peers.poolmanager, settings.tls, agent.stopping))
     try:
         await agent.run()
     finally:
+        if renewal is not None:
+            renewal.cancel()
         if sandbox is not None:
             sandbox.close()
 

@@ -78,7 +78,7 @@ def leader_etcd_value(stack: Stack, role: str) -> str:
 
 def scheduler_leader(stack: Stack) -> str:
     for i, port in enumerate(stack.ports.scheduler, start=1):
-        with stack.channel(port) as ch:
+        with stack.channel(port, "operator") as ch:
             try:
                 status = scheduler_pb2_grpc.SchedulerServiceStub(ch).GetStatus(
                     scheduler_pb2.GetStatusRequest(), timeout=2

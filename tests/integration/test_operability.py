@@ -25,7 +25,7 @@ SERVICES = {
 
 
 def reflected_services(stack: Stack, port: int) -> set[str]:
-    with stack.channel(port) as ch:
+    with stack.channel(port, "operator") as ch:  # reflection is for operators only
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
         responses = stub.ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5

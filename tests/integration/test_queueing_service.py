@@ -74,22 +74,28 @@ def pending_job(tenant: str, *, priority: int = 0, tier: str = "", deadline_in: 
 
 
 class Client:
-    """The queueing service's RPCs as the gateway and the scheduler use them, plus direct etcd access."""
+    """The queueing service's RPCs as the gateway (`stub`) and the scheduler (`scheduler`) call them, each with
+    its own identity (the authorization table lets only the scheduler take jobs), plus direct etcd access."""
 
     def __init__(self, stack: Stack):
         self.stack = stack
-        self.channel = stack.aio_channel(stack.ports.queueing, "scheduler")
-        self.stub = queueing_pb2_grpc.QueueingServiceStub(self.channel)
         self.etcd = stack.etcd_client()
+        self._connect()
+
+    def _connect(self) -> None:
+        self.channels = [self.stack.aio_channel(self.stack.ports.queueing, who) for who in ("gateway", "scheduler")]
+        self.stub = queueing_pb2_grpc.QueueingServiceStub(self.channels[0])
+        self.scheduler = queueing_pb2_grpc.QueueingServiceStub(self.channels[1])
 
     async def close(self) -> None:
-        await self.channel.close()
+        for ch in self.channels:
+            await ch.close()
         await self.etcd.close()
 
     async def reconnect(self) -> None:
-        await self.channel.close()
-        self.channel = self.stack.aio_channel(self.stack.ports.queueing, "scheduler")
-        self.stub = queueing_pb2_grpc.QueueingServiceStub(self.channel)
+        for ch in self.channels:
+            await ch.close()
+        self._connect()
 
     async def enqueue(self, job: t.Job) -> t.Job:
         resp = await self.stub.Enqueue(q.EnqueueRequest(job=job), timeout=10)
@@ -103,7 +109,7 @@ class Client:
         return ids
 
     async def heads(self, limit: int = 1000) -> list[q.QueuedJob]:
-        return list((await self.stub.NextJobs(q.NextJobsRequest(limit=limit), timeout=10)).jobs)
+        return list((await self.scheduler.NextJobs(q.NextJobsRequest(limit=limit), timeout=10)).jobs)
 
     async def order(self) -> list[str]:
         return [h.job.job_id for h in await self.heads()]

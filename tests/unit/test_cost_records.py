@@ -63,3 +63,25 @@ def test_a_record_reads_back_from_json_and_ignores_fields_it_does_not_know() -> 
 
     assert CostRecord.from_json(record.to_json()) == record
     assert CostRecord.from_json(newer) == record
+
+
+def test_a_stored_usage_that_cannot_be_true_is_charged_at_the_request_and_never_breaks_pricing() -> None:
+    # Results are checked before they are stored (services/poolmanager/binding.py); a record written before that
+    # check, or by a bug, must still price (recovery replays every stored job) and must not charge for nonsense.
+    for cpu_seconds, memory_mb in ((float("nan"), 0), (float("inf"), 0), (-5.0, -1), (float("-inf"), 0)):
+        job = JobBuilder(cpu_millis=500, memory_mb=512).ended(
+            MIDNIGHT, MIDNIGHT + HOUR, cpu_seconds=cpu_seconds, memory_mb=memory_mb
+        )
+
+        record = record_for_attempt(job.build(), job.build().attempts[0], CONFIG)
+
+        assert (record.used_cpu_seconds, record.used_max_memory_mb) == (0.0, 0)
+        assert (
+            record.cost_micros
+            == record_for_attempt(
+                JobBuilder(cpu_millis=500, memory_mb=512).ended(MIDNIGHT, MIDNIGHT + HOUR).build(),
+                JobBuilder(cpu_millis=500, memory_mb=512).ended(MIDNIGHT, MIDNIGHT + HOUR).build().attempts[0],
+                CONFIG,
+            ).cost_micros
+        )
+        assert json.loads(record.to_json())["used_cpu_seconds"] == 0.0

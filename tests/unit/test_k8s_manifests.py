@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from libs.config import load_config
-from libs.envoy_config import render_cluster_defaults
+from libs.envoy_config import render_cluster_defaults, sds_files
+from libs.settings import TlsSettings
 from services.worker.agent import STOP_MARGIN_SECONDS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,7 +26,18 @@ WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 LEADER_ELECTED = ("scheduler", "pool-manager")
 SINGLE_WRITERS = ("quota", "queueing", "cost")
 # Created by the operator, not by the manifests (docs/kubernetes.md): the identity provider's keys.
-EXTERNAL_SECRETS = {"jobmesh-jwt-keys"}
+EXTERNAL_SECRETS = {"jobmesh-jwt-keys", "jobmesh-join-static-general"}
+# The mesh's certificates: made by the cert-manager component or by `jobmesh pki k8s-secrets` (docs/kubernetes.md,
+# "Certificates"), which also makes the ConfigMap with the mesh CA's certificate.
+CERT_SECRETS = {
+    *(f"jobmesh-tls-{n}" for n in ("gateway", "quota", "queueing", "cost", "scheduler", "pool-manager", "envoy")),
+    *(f"jobmesh-etcd-client-{n}" for n in ("quota", "queueing", "cost", "scheduler", "pool-manager")),
+    "jobmesh-etcd-server",
+    "jobmesh-worker-ca",
+}
+EXTERNAL_CONFIGMAPS = {"jobmesh-mesh-ca"}
+ETCD_USERS = {"quota", "queueing", "cost", "scheduler", "pool-manager"}
+JOIN_PORT = 50057
 JOBMESH_VAR = re.compile(r"\bJOBMESH_[A-Z0-9_]+\b")
 
 Doc = dict[str, Any]
@@ -215,9 +227,13 @@ def test_every_service_probes_its_own_grpc_port_and_runs_its_module(workload: Do
     [server] = containers(workload, init=False)
     port = int(env_of(server)["JOBMESH_PORT"]["value"])
 
+    # The kubelet's gRPC probe speaks plaintext, which an mTLS-only port refuses: the pod checks itself over mTLS.
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert server[probe]["grpc"]["port"] == port, probe
-    assert {p["containerPort"] for p in server["ports"]} == {port, int(configmap_literals()["JOBMESH_METRICS_PORT"])}
+        assert server[probe]["exec"]["command"] == ["python", "-m", "libs.healthcheck"], probe
+    expected = {port, int(configmap_literals()["JOBMESH_METRICS_PORT"])}
+    if "JOBMESH_JOIN_PORT" in env_of(server):
+        expected.add(int(env_of(server)["JOBMESH_JOIN_PORT"]["value"]))
+    assert {p["containerPort"] for p in server["ports"]} == expected
     python, flag, module = server["command"]
     assert (python, flag) == ("python", "-m")
     assert (REPO / module.replace(".", "/") / "__main__.py").is_file(), module
@@ -279,7 +295,15 @@ def test_static_pool_workers_match_the_mesh_config() -> None:
         assert int(env["JOBMESH_WORKER_CPU_MILLIS"]["value"]) == pool.worker_cpu_millis
         assert int(env["JOBMESH_WORKER_MEMORY_MB"]["value"]) == pool.worker_memory_mb
         assert json.loads(env["JOBMESH_WORKER_LABELS"]["value"]) == pool.labels
-        assert env["JOBMESH_WORKER_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        # Its id is the one its certificate names, got with a join token for this pool.
+        assert "JOBMESH_WORKER_ID" not in env
+        [join] = pod_spec(deployment)["initContainers"]
+        assert join["command"] == ["python", "-m", "services.worker.join"]
+        assert env_of(join)["JOBMESH_JOIN_ADDR"]["value"] == f"pool-manager:{JOIN_PORT}"
+        identity = env_of(join)["JOBMESH_JOIN_DIR"]["value"]
+        assert env["JOBMESH_TLS_CERT"]["value"] == f"{identity}/worker.crt"
+        assert env["JOBMESH_TLS_KEY"]["value"] == f"{identity}/worker.key"
+        assert env["JOBMESH_WORKER_RENEW_CERT"]["value"] == "1"
         assert env["JOBMESH_WORKER_SANDBOX"]["value"] == pool.sandbox  # "none": a restricted pod cannot sandbox
         if "arch" in pool.labels:
             node_arch = pod_spec(deployment)["nodeSelector"]["kubernetes.io/arch"]
@@ -306,7 +330,8 @@ def test_worker_pods_get_their_pools_drain_grace_to_stop_and_drain_one_at_a_time
 
 
 def test_every_jobmesh_variable_in_the_manifests_is_one_the_code_reads() -> None:
-    read = variables_the_code_reads()
+    # TlsSettings reads its variables by prefix (JOBMESH_TLS_CERT, ...): take their names from it.
+    read = variables_the_code_reads() | set(TlsSettings(Path("c"), Path("k"), Path("a")).env())
     named = set(configmap_literals())
     for path in yaml_files():
         named |= set(JOBMESH_VAR.findall(path.read_text()))
@@ -321,10 +346,14 @@ def test_the_workloads_only_mount_config_that_the_base_provides() -> None:
 
     for workload in workloads(base_resources()):
         for volume in pod_spec(workload).get("volumes", []):
-            if "configMap" in volume:
-                assert volume["configMap"]["name"] in generated, volume
-            if "secret" in volume:
-                assert volume["secret"]["secretName"] in EXTERNAL_SECRETS, volume
+            sources = [volume, *volume.get("projected", {}).get("sources", [])]
+            for source in sources:
+                if "configMap" in source:
+                    name = source["configMap"]["name"]
+                    assert name in generated | EXTERNAL_CONFIGMAPS, volume
+                if "secret" in source:
+                    name = source["secret"].get("secretName") or source["secret"]["name"]
+                    assert name in EXTERNAL_SECRETS | CERT_SECRETS, volume
         for container in containers(workload):
             for source in container.get("envFrom", []):
                 assert source["configMapRef"]["name"] in generated
@@ -400,3 +429,159 @@ def test_the_prod_overlay_adds_replicas_budgets_tracing_and_network_policies() -
         env = env_of(next(containers(workload, init=False)))
         assert env["JOBMESH_OTEL_EXPORTER"]["value"] == "otlp", workload["metadata"]["name"]
         assert "JOBMESH_OTEL_ENDPOINT" in env
+
+
+# Network policies ------------------------------------------------------------------------------------------
+
+POLICIES = K8S / "components" / "network-policies"
+WORKER_POD = {"app.kubernetes.io/name": "worker", "app.kubernetes.io/component": "worker", "jobmesh.dev/pool": "x"}
+# What a worker pod (and so every job it runs) must reach: the pool-manager's registry and join ports.
+WORKER_PORTS = {50055, 50057}
+
+
+def policies() -> list[Doc]:
+    return [d for path in sorted(POLICIES.glob("*.yaml")) for d in load_docs(path) if d.get("kind") == "NetworkPolicy"]
+
+
+def selects(selector: Doc | None, labels: dict[str, str]) -> bool:
+    """A label selector as Kubernetes evaluates it (an empty one selects every pod)."""
+    selector = selector or {}
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        value, operator = labels.get(expr["key"]), expr["operator"]
+        if operator == "In" and value not in expr["values"]:
+            return False
+        if operator == "NotIn" and value in expr["values"]:
+            return False
+        if operator == "Exists" and value is None:
+            return False
+        if operator == "DoesNotExist" and value is not None:
+            return False
+    return True
+
+
+def pod_labels(workload: Doc) -> dict[str, str]:
+    return dict(workload["spec"]["template"]["metadata"]["labels"])
+
+
+def test_the_selector_reader_reads_selectors() -> None:
+    assert selects({}, WORKER_POD)
+    assert selects({"matchLabels": {"app.kubernetes.io/name": "worker"}}, WORKER_POD)
+    assert not selects(
+        {"matchExpressions": [{"key": "app.kubernetes.io/component", "operator": "NotIn", "values": ["worker"]}]},
+        WORKER_POD,
+    )
+    assert selects(
+        {"matchExpressions": [{"key": "app.kubernetes.io/name", "operator": "In", "values": ["worker", "gateway"]}]},
+        WORKER_POD,
+    )
+
+
+def test_worker_pods_reach_only_the_pool_managers_worker_ports_and_dns() -> None:
+    manifests = base_resources()
+    pool_manager = pod_labels(by_name(manifests, "Deployment", "pool-manager"))
+    for policy in policies():
+        if not selects(policy["spec"]["podSelector"], WORKER_POD) or "Egress" not in policy["spec"]["policyTypes"]:
+            continue
+        for rule in policy["spec"].get("egress", []):
+            ports = {p["port"] for p in rule.get("ports", [])}
+            peers = rule.get("to", [])
+            assert peers and ports, f"{policy['metadata']['name']}: a rule open to every peer or port"
+            for peer in peers:
+                if "namespaceSelector" in peer:  # the cluster DNS, in kube-system
+                    assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kube-system"}
+                    assert ports == {53}
+                    continue
+                assert "ipBlock" not in peer, policy["metadata"]["name"]
+                assert selects(peer["podSelector"], pool_manager) and ports <= WORKER_PORTS, policy["metadata"]["name"]
+                for workload in workloads(manifests):  # the selector picks the pool-manager and nothing else
+                    if selects(peer["podSelector"], pod_labels(workload)):
+                        assert workload["metadata"]["name"] == "pool-manager"
+
+
+def test_nothing_connects_to_a_worker_pod_and_no_control_plane_port_admits_one() -> None:
+    manifests = base_resources()
+    worker = pod_labels(by_name(manifests, "Deployment", "worker-static-general"))
+    assert selects({"matchLabels": {"app.kubernetes.io/name": "worker"}}, worker)
+    isolated = [
+        p for p in policies() if selects(p["spec"]["podSelector"], worker) and "Ingress" in p["spec"]["policyTypes"]
+    ]
+    assert isolated, "no policy isolates the worker pods' ingress"
+    for policy in policies():
+        if selects(policy["spec"]["podSelector"], worker):
+            assert not policy["spec"].get("ingress"), f"{policy['metadata']['name']} lets something reach worker pods"
+    for policy in policies():
+        for rule in policy["spec"].get("ingress", []):
+            peers = rule.get("from")
+            admits_workers = peers is None or any(
+                selects(peer.get("podSelector"), worker)
+                for peer in peers
+                if "ipBlock" not in peer and "namespaceSelector" not in peer
+            )
+            if not admits_workers:
+                continue
+            if peers is None:  # from anywhere: only the public edge may be open so
+                assert policy["metadata"]["name"] == "envoy", policy["metadata"]["name"]
+                continue
+            assert not selects(policy["spec"]["podSelector"], worker), "an ingress rule into worker pods"
+            assert policy["metadata"]["name"] == "pool-manager"
+            assert {p["port"] for p in rule["ports"]} <= WORKER_PORTS
+
+
+# Certificates ----------------------------------------------------------------------------------------------
+
+
+def secrets_of(workload: Doc) -> set[str]:
+    names = set()
+    for volume in pod_spec(workload).get("volumes", []):
+        for source in [volume, *volume.get("projected", {}).get("sources", [])]:
+            if "secret" in source:
+                names.add(source["secret"].get("secretName") or source["secret"]["name"])
+    return names
+
+
+def test_each_workload_holds_its_own_identity_and_no_other() -> None:
+    for workload in workloads(base_resources()):
+        name = workload["metadata"]["name"]
+        held = secrets_of(workload) & CERT_SECRETS
+        if is_worker(workload):
+            assert held == set(), "a worker pod (tenant jobs) holds no mesh Secret: it joins with a token"
+            continue
+        if name == "etcd":
+            assert held == {"jobmesh-etcd-server"}
+            continue
+        expected = {f"jobmesh-tls-{name}"}
+        if name in ETCD_USERS:
+            expected.add(f"jobmesh-etcd-client-{name}")
+        if name == "pool-manager":
+            expected.add("jobmesh-worker-ca")  # it signs joining workers' certificates
+        assert held == expected, name
+
+
+def test_the_services_find_their_certificates_where_the_secret_is_mounted() -> None:
+    literals = configmap_literals()
+    for workload in workloads(base_resources()):
+        name = workload["metadata"]["name"]
+        if is_worker(workload) or name in ("etcd", "envoy"):
+            continue
+        [server] = containers(workload, init=False)
+        mounts = {m["name"]: m["mountPath"] for m in server["volumeMounts"]}
+        env = {**literals, **{k: v.get("value", "") for k, v in env_of(server).items()}}
+        assert env["JOBMESH_TLS_CERT"] == f"{mounts['tls']}/tls.crt", name
+        assert env["JOBMESH_TLS_KEY"] == f"{mounts['tls']}/tls.key", name
+        if name in ETCD_USERS:
+            assert env["JOBMESH_ETCD_TLS_CERT"] == f"{mounts['etcd-tls']}/tls.crt", name
+        else:
+            assert "JOBMESH_ETCD_TLS_CERT" not in env, name
+
+
+def test_envoys_sds_files_point_at_its_mounted_secret() -> None:
+    envoy = by_name(base_resources(), "Deployment", "envoy")
+    [proxy] = containers(envoy, init=False)
+    tls = {m["name"]: m["mountPath"] for m in proxy["volumeMounts"]}["tls"]
+    identity, validation = sds_files(f"{tls}/tls.crt", f"{tls}/tls.key", f"{tls}/ca.crt")
+
+    assert (BASE / "envoy-identity-sds.json").read_text() == identity
+    assert (BASE / "envoy-validation-sds.json").read_text() == validation
+    assert f'"path": "{tls}"' in (BASE / "envoy.json").read_text()  # the directory Envoy watches for renewals
