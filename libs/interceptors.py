@@ -200,10 +200,26 @@ class TracingClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.Un
         return await continuation(self._with_context(client_call_details), request)
 
 
-# Calls wait (within their deadline) for a connection instead of failing at once while the channel is between
-# attempts to reconnect: a service that was just restarted is used as soon as it is back, not after the
-# channel's next reconnect backoff has run out.
-_WAIT_FOR_READY = json.dumps({"methodConfig": [{"name": [{}], "waitForReady": True}]})
+# A call that finds no connection (UNAVAILABLE: nothing was sent) is tried again for about 2.4 s, longer than the
+# channel's longest reconnect backoff (2 s): a service that was just restarted is used as soon as it is back,
+# while one that is down is still answered UNAVAILABLE (503) soon. Only calls that reached no handler are
+# retried by gRPC; and every internal write is idempotent by its job id or key anyway.
+_RETRY_UNAVAILABLE = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{}],
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.2s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
 
 
 def channel(
@@ -211,8 +227,8 @@ def channel(
 ) -> grpc.aio.Channel:
     """A client channel to another service (round-robin over several replicas) over mTLS as the identity in
     `tls` (renewed files are picked up by new calls), with trace propagation unless the caller has no trace to
-    carry on (`propagate=False` spares every call the interceptor). Calls wait for a connection within their
-    deadline, unless `fail_fast` (a caller that tries another replica itself, like a worker's heartbeat)."""
+    carry on (`propagate=False` spares every call the interceptor). A call that finds no connection is tried
+    again for a while, unless `fail_fast` (a caller that tries another replica itself, like a worker's heartbeat)."""
     if isinstance(target, tuple):
         target = target[0] if len(target) == 1 else "ipv4:" + ",".join(target)
     return RenewingChannel(
@@ -228,6 +244,6 @@ def channel(
             ("grpc.lb_policy_name", "round_robin"),
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 2000),
-            *([] if fail_fast else [("grpc.service_config", _WAIT_FOR_READY)]),
+            *([] if fail_fast else [("grpc.service_config", _RETRY_UNAVAILABLE), ("grpc.enable_retries", 1)]),
         ],
     )
