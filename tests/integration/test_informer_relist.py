@@ -4,40 +4,15 @@ and pages bounded in bytes (large records never make one reply too large)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from libs.etcd import informer as informer_module
 from libs.etcd.client import Etcd, KeyValue, WatchEvent
 from libs.etcd.informer import Informer
-from libs.launcher import Ports, Stack
-from tests.helpers import FIXTURE_CONFIG
 
 PREFIX = "/relist-test/"
-
-
-@pytest.fixture()
-def etcd_stack(tmp_path: Path) -> Iterator[Stack]:
-    stack = Stack(data_dir=tmp_path / "stack", config_path=FIXTURE_CONFIG, ports=Ports.free(), env={})
-    try:
-        stack.start_etcd()
-        stack.wait_etcd(30)
-        yield stack
-    finally:
-        stack.stop()
-
-
-@pytest_asyncio.fixture()
-async def etcd(etcd_stack: Stack) -> AsyncIterator[Etcd]:
-    client = etcd_stack.etcd_client()
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 class PagingSpy:

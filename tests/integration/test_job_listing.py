@@ -4,11 +4,8 @@ with a page token, so a request's work is bounded however many records the tenan
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
 from jobmesh.common.v1 import types_pb2 as t
 from libs import jobstore
@@ -16,30 +13,8 @@ from libs.etcd.client import Etcd, op_put
 from libs.jobs import new_job_id, ts
 from libs.jobstore import JobStore
 from libs.keys import Keys
-from libs.launcher import Ports, Stack
-from tests.helpers import FIXTURE_CONFIG
 
 KEYS = Keys("/jobmesh")
-
-
-@pytest.fixture()
-def etcd_stack(tmp_path: Path) -> Iterator[Stack]:
-    stack = Stack(data_dir=tmp_path / "stack", config_path=FIXTURE_CONFIG, ports=Ports.free(), env={})
-    try:
-        stack.start_etcd()
-        stack.wait_etcd(30)
-        yield stack
-    finally:
-        stack.stop()
-
-
-@pytest_asyncio.fixture()
-async def etcd(etcd_stack: Stack) -> AsyncIterator[Etcd]:
-    client = etcd_stack.etcd_client()
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 async def store_jobs(etcd: Etcd, states: list[int]) -> list[str]:

@@ -4,42 +4,17 @@ report still exactly-once, stale ones refused, and job counts kept only where a 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
 from jobmesh.common.v1 import types_pb2 as t
 from libs.etcd.client import Etcd, KeyValue, op_put
 from libs.jobs import apply_dispatch, decode_job, new_job_id, ts
 from libs.jobstore import Completion, JobStore
 from libs.keys import Keys
-from libs.launcher import Ports, Stack
-from tests.helpers import FIXTURE_CONFIG
 
 KEYS = Keys("/jobmesh")
 OK = {"exit_code": 0, "reason": "EXITED", "message": "exit code 0", "cpu_seconds": 0.01, "max_memory_mb": 1}
-
-
-@pytest.fixture()
-def etcd_stack(tmp_path: Path) -> Iterator[Stack]:
-    stack = Stack(data_dir=tmp_path / "stack", config_path=FIXTURE_CONFIG, ports=Ports.free(), env={})
-    try:
-        stack.start_etcd()
-        stack.wait_etcd(30)
-        yield stack
-    finally:
-        stack.stop()
-
-
-@pytest_asyncio.fixture()
-async def etcd(etcd_stack: Stack) -> AsyncIterator[Etcd]:
-    client = etcd_stack.etcd_client()
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 async def running(etcd: Etcd, worker_id: str, pool_id: str) -> t.Job:
