@@ -125,7 +125,7 @@ def wait_settled(url: str, token: str, timeout: float) -> None:
     raise TimeoutError("jobs still pending or running")
 
 
-def _first_row(context: Any, url: str, remembers: bool = True) -> dict[str, float]:
+def _first_row(context: Any, url: str) -> dict[str, float]:
     page = context.new_page()
     calls: list[str] = []
     page.on("request", lambda r: calls.append(r.url) if "/api/v1/jobs?" in r.url else None)
@@ -133,20 +133,14 @@ def _first_row(context: Any, url: str, remembers: bool = True) -> dict[str, floa
     page.wait_for_selector("tr[data-job-id]", timeout=60_000)
     ms = float(page.evaluate("window.__firstRowMs"))
     before_first_row = len(calls)
-    # The walk goes on after the first rows are shown; the position of the newest is remembered at its end.
-    remembered = "Object.keys(localStorage).some((k) => k.startsWith('jobmesh.console.tail.'))"
-    for _ in range(600 if remembers else 0):  # the page's CSP refuses wait_for_function's eval: poll instead
-        if page.evaluate(remembered):
-            break
-        time.sleep(0.1)
     page.close()
     return {"ms": round(ms, 1), "list_requests": before_first_row, "list_requests_total": len(calls)}
 
 
 def measure(url: str, token: str, runs: int) -> dict[str, list[dict[str, float]]]:
-    """Per run: a new browser context opens the console link (cold: nothing remembered), then opens it again
-    in a new tab of the same context (warm: the newest jobs' position remembered in localStorage); a third
-    context opens the oldest-first pages (one request)."""
+    """Per run: a new browser context opens the console link (cold: nothing cached), then opens it again in a new
+    tab of the same context (warm: the console's files cached); a third context opens the oldest-first pages.
+    Newest first is one request since ListJobs takes order_by=create_time desc."""
     from playwright.sync_api import sync_playwright
 
     link = f"{url}/console/#token={token}"
@@ -162,7 +156,7 @@ def measure(url: str, token: str, runs: int) -> dict[str, list[dict[str, float]]
                 context = browser.new_context(viewport={"width": 1360, "height": 900})
                 context.add_init_script(FIRST_ROW_PROBE)
                 context.add_init_script(f"sessionStorage.setItem('jobmesh.console.token', {json.dumps(token)})")
-                round_["oldest"] = _first_row(context, f"{url}/console/#/jobs?order=oldest", remembers=False)
+                round_["oldest"] = _first_row(context, f"{url}/console/#/jobs?order=oldest")
                 context.close()
                 if run:
                     for mode, r in round_.items():

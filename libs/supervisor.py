@@ -30,8 +30,9 @@ class RestartPolicy:
         """The wait before the next start of a process that was restarted `recent` times within the window."""
         return min(self.initial_backoff * (2**recent), self.max_backoff)
 
-    def crash_looping(self, restarts: list[float], now: float) -> bool:
-        return len([t for t in restarts if now - t <= self.crash_loop_window]) >= self.crash_loop_restarts
+    def recent(self, restarts: list[float], now: float) -> int:
+        """How many of a process's restarts fall within the crash-loop window."""
+        return sum(1 for t in restarts if now - t <= self.crash_loop_window)
 
 
 @dataclass
@@ -87,24 +88,22 @@ class Supervisor:
             if self.stack.alive(name):
                 track.exited_at = None
                 continue
+            recent = self.policy.recent(track.restarts, now)
             if track.exited_at is None:
                 track.exited_at = now
-                if self.policy.crash_looping(track.restarts, now):
+                if recent >= self.policy.crash_loop_restarts:
                     raise CrashLoop(
-                        f"{name} keeps crashing ({len(track.restarts)} restarts in "
+                        f"{name} keeps crashing ({recent} restarts in "
                         f"{self.policy.crash_loop_window:g}s, last exit code {self.stack.exit_code(name)}); "
                         f"stopping the stack; see {self.stack.log_path(name)}"
                     )
-                recent = len([t for t in track.restarts if now - t <= self.policy.crash_loop_window])
-                delay = self.policy.backoff(recent)
                 self.say(
-                    f"{name} exited (code {self.stack.exit_code(name)}); restarting in {delay:.1f}s "
-                    f"(see {self.stack.log_path(name)})"
+                    f"{name} exited (code {self.stack.exit_code(name)}); restarting in "
+                    f"{self.policy.backoff(recent):.1f}s (see {self.stack.log_path(name)})"
                 )
-            recent = len([t for t in track.restarts if now - t <= self.policy.crash_loop_window])
             if now - track.exited_at >= self.policy.backoff(recent):
                 self.stack.start(name)
-                track.restarts.append(now)
+                track.restarts = [t for t in track.restarts if now - t <= self.policy.crash_loop_window] + [now]
                 track.exited_at = None
                 self.restarts.labels(name).inc()
                 self.say(f"{name} restarted")

@@ -20,7 +20,6 @@ export function listPage(
 
 export interface Newest {
   jobs: Job[]; // newest first: at least `want` when the tenant has that many
-  hint: string; // the page token where the next look for the newest jobs may start
   requests: number;
 }
 
@@ -28,17 +27,9 @@ export type Progress = (jobsRead: number) => void;
 
 /**
  * The tenant's newest `want` jobs, newest first: pages of the API's newest-first order until `want` are read or
- * the list ends (a filtered page may hold fewer jobs than asked, with a token to go on). `hint` and `partial`
- * are kept for callers; the newest-first order needs neither.
+ * the list ends (a filtered page may hold fewer jobs than asked, with a token to go on).
  */
-export async function newestJobs(
-  state: string,
-  _hint: string,
-  want: number,
-  signal?: AbortSignal,
-  progress?: Progress,
-  _partial?: (jobs: Job[]) => void,
-): Promise<Newest> {
+export async function newestJobs(state: string, want: number, signal?: AbortSignal, progress?: Progress): Promise<Newest> {
   const jobs: Job[] = [];
   let token = "";
   let requests = 0;
@@ -50,24 +41,7 @@ export async function newestJobs(
     if (!page.next_page_token) break;
     token = page.next_page_token;
   }
-  return { jobs: jobs.slice(0, want), hint: "", requests };
-}
-
-// Where the newest jobs start, per tenant and state filter, kept across visits so that the first view of a
-// tenant with many jobs is one or two requests after the first visit. A page token names a position in the
-// tenant's own list (no secret); signing out forgets them.
-const HINT_PREFIX = "jobmesh.console.tail.";
-
-export function recallHint(tenant: string, state: string): string {
-  return localStorage.getItem(`${HINT_PREFIX}${tenant}.${state || "all"}`) ?? "";
-}
-
-export function rememberHint(tenant: string, state: string, hint: string): void {
-  localStorage.setItem(`${HINT_PREFIX}${tenant}.${state || "all"}`, hint);
-}
-
-export function forgetHints(): void {
-  for (const key of Object.keys(localStorage)) if (key.startsWith(HINT_PREFIX)) localStorage.removeItem(key);
+  return { jobs: jobs.slice(0, want), requests };
 }
 
 export interface Scan {

@@ -5,7 +5,6 @@ import { useEffect, useState } from "preact/hooks";
 import { onUnauthorized } from "./api";
 import { adoptTokenFromUrl, currentToken, forgetToken, isAdmin, readClaims } from "./auth";
 import { useRoute } from "./hooks";
-import { forgetHints } from "./jobsource";
 import "./styles.css";
 import { CostView } from "./views/Cost";
 import { JobDetailView } from "./views/JobDetail";
@@ -107,7 +106,6 @@ function App() {
             class="link"
             onClick={() => {
               forgetToken();
-              forgetHints();
               setToken(null);
               setMessage("Signed out.");
             }}

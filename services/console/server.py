@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -26,7 +27,15 @@ class ConsoleServer(ThreadingHTTPServer):
         self.assets = assets
         self.tls = tls
         super().__init__(address, _Handler)
-        _quiet_refusals(self)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], _Refused):  # logged already; close it without an answer
+            try:
+                request.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        super().handle_error(request, client_address)
 
     def get_request(self) -> tuple[Any, Any]:
         # Wrapped here, shaken hands in the request's own thread (setup), so a slow client holds no other.
@@ -82,20 +91,3 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Refused(Exception):
     """A connection without an allowed mesh identity: closed without an answer."""
-
-
-def _quiet_refusals(server: ConsoleServer) -> None:
-    original = server.handle_error
-
-    def handle_error(request: Any, client_address: Any) -> None:
-        import sys
-
-        if isinstance(sys.exc_info()[1], _Refused):
-            try:
-                request.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            return
-        original(request, client_address)
-
-    server.handle_error = handle_error  # type: ignore[method-assign]

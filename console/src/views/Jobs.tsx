@@ -1,11 +1,11 @@
 // Jobs: the tenant's jobs with state and name filters, newest-first live tail or server pages, bulk cancel.
 
-import { useRef, useState } from "preact/hooks";
+import { useState } from "preact/hooks";
 import { postJson } from "../api";
 import { ErrorNote, Note } from "../components/Status";
 import { between, cpu, formatDuration, formatTime, memory, stateClass, stateLabel } from "../format";
 import { navigate, usePolling, type Route } from "../hooks";
-import { listPage, newestJobs, recallHint, rememberHint, scanByName } from "../jobsource";
+import { listPage, newestJobs, scanByName } from "../jobsource";
 import { TERMINAL_STATES, type Job } from "../types";
 
 const STATES = ["", "JOB_STATE_PENDING", "JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"];
@@ -53,25 +53,15 @@ export function JobsView({ route, admin, tenant }: { route: Route; admin: boolea
   const [nameDraft, setNameDraft] = useState(name);
   const [openId, setOpenId] = useState("");
   const [reading, setReading] = useState(0); // jobs read while looking for the newest
-  const hint = useRef("");
 
   const key = `${order}|${state}|${name}|${pageSize}|${index}|${tokens[index]}`;
-  const hintFor = useRef("");
   usePolling(
     async (signal) => {
       try {
         const token = tokens[index] ?? "";
-        if (hintFor.current !== `${order}|${state}`) {
-          hint.current = recallHint(tenant, state);
-          hintFor.current = `${order}|${state}`;
-        }
         if (order === "newest") {
           const named = (all: Job[]) => (name ? all.filter((j) => j.spec?.name?.toLowerCase().includes(name.toLowerCase())) : all);
-          const r = await newestJobs(state, hint.current, name ? 1000 : shown + pageSize, signal, setReading, (found) => {
-            if (!signal.aborted) setJobs(named(found));
-          });
-          hint.current = r.hint;
-          rememberHint(tenant, state, r.hint);
+          const r = await newestJobs(state, name ? 1000 : shown + pageSize, signal, setReading);
           setReading(0);
           setJobs(named(r.jobs));
           setNext("");

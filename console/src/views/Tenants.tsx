@@ -106,7 +106,7 @@ export function TenantsView({ ownTenant, admin }: { ownTenant: string; admin: bo
         setSlaInfo(null);
         return;
       }
-      const newest = await newestJobs("", "", 1000, signal);
+      const newest = await newestJobs("", 1000, signal);
       setSlaInfo(sla(newest.jobs));
     },
     30_000,
