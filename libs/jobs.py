@@ -1,4 +1,5 @@
-"""Pure job rules: ids, spec validation, state transitions. No I/O."""
+"""Pure rules for what a user submits: job ids, timestamps, spec validation. No I/O. (What happens to a job
+after that lives in libs/lifecycle/.)"""
 
 from __future__ import annotations
 
@@ -10,9 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from jobmesh.common.v1 import types_pb2 as t
 from libs.config import MeshConfig
 from libs.errors import InvalidArgument
-
-TERMINAL = frozenset({t.JOB_STATE_SUCCEEDED, t.JOB_STATE_FAILED, t.JOB_STATE_CANCELLED})
-ACTIVE = frozenset({t.JOB_STATE_PENDING, t.JOB_STATE_RUNNING})
+from libs.lifecycle.routing import fitting_pools
 
 MAX_NAME = 253
 MAX_ARGS = 256
@@ -71,23 +70,12 @@ def validate_spec(spec: t.JobSpec, config: MeshConfig, now: float | None = None)
         raise InvalidArgument("resources.cpu_millis", "must be greater than 0")
     if spec.resources.memory_mb <= 0:
         raise InvalidArgument("resources.memory_mb", "must be greater than 0")
-    if spec.pool:
-        pool = config.pool(spec.pool)
-        if pool is None:
-            raise InvalidArgument("pool", f"unknown pool {spec.pool!r}")
-        candidates = [pool]
-    else:
-        candidates = list(config.pools)
+    if spec.pool and config.pool(spec.pool) is None:
+        raise InvalidArgument("pool", f"unknown pool {spec.pool!r}")
     for key, value in spec.required_capabilities.items():
         if not _LABEL.match(key) or len(value) > 63:
             raise InvalidArgument("required_capabilities", f"{key!r} is not a valid label")
-    fitting = [
-        p
-        for p in candidates
-        if p.worker_cpu_millis >= spec.resources.cpu_millis
-        and p.worker_memory_mb >= spec.resources.memory_mb
-        and all(p.labels.get(k) == v for k, v in spec.required_capabilities.items())
-    ]
+    fitting = fitting_pools(spec, config.pools)
     if not fitting:
         where = f"pool {spec.pool!r}" if spec.pool else "any pool"
         raise InvalidArgument(
@@ -110,150 +98,3 @@ def validate_spec(spec: t.JobSpec, config: MeshConfig, now: float | None = None)
         raise InvalidArgument("deadline", "is already in the past")
     if abs(spec.priority) > 1000:
         raise InvalidArgument("priority", "must be between -1000 and 1000")
-
-
-def fits(capacity: t.Resources, labels: dict[str, str], spec: t.JobSpec) -> bool:
-    return (
-        capacity.cpu_millis >= spec.resources.cpu_millis
-        and capacity.memory_mb >= spec.resources.memory_mb
-        and all(labels.get(k) == v for k, v in spec.required_capabilities.items())
-    )
-
-
-def decode_job(raw: bytes) -> t.Job:
-    job = t.Job()
-    job.ParseFromString(raw)
-    return job
-
-
-def current_attempt(job: t.Job) -> t.AttemptRecord | None:
-    for record in reversed(job.attempts):
-        if record.attempt == job.attempt:
-            return record
-    return None
-
-
-def apply_dispatch(job: t.Job, worker: t.Worker, now: float) -> t.Job:
-    """PENDING -> RUNNING on a worker, as a new attempt."""
-    job.state = t.JOB_STATE_RUNNING
-    job.attempt += 1
-    job.worker_id = worker.worker_id
-    job.pool_id = worker.pool_id
-    job.start_time.CopyFrom(ts(now))
-    job.ClearField("end_time")
-    job.update_time.CopyFrom(ts(now))
-    job.waiting_reason = ""
-    job.reason = ""
-    job.message = ""
-    job.attempts.append(
-        t.AttemptRecord(attempt=job.attempt, worker_id=worker.worker_id, pool_id=worker.pool_id, start_time=ts(now))
-    )
-    return job
-
-
-# INTERRUPTED: a draining worker stopped the attempt after its grace (or gave it back before starting it), or a
-# worker that could not refresh its lease stopped it before the lease could expire (self-fencing).
-INTERRUPTED = "INTERRUPTED"
-# OOM_KILLED: the kernel killed a process of the job at its memory limit (a sandboxed job's cgroup).
-RESULT_REASONS = {"EXITED", "KILLED", "TIMEOUT", "START_FAILED", "OOM_KILLED", INTERRUPTED}
-# Interruptions retried without using up max_retries; past them an interruption counts as a retry, so a job that
-# keeps landing on workers being drained cannot bounce for ever.
-FREE_INTERRUPTIONS = 3
-
-
-def apply_result(
-    job: t.Job, *, exit_code: int, reason: str, message: str, cpu_seconds: float, max_memory_mb: int, now: float
-) -> t.Job:
-    """RUNNING -> SUCCEEDED or FAILED from a worker's report of the current attempt; an INTERRUPTED attempt goes
-    back to PENDING (see `apply_interrupted`)."""
-    if reason == INTERRUPTED:
-        return apply_interrupted(job, message=message, cpu_seconds=cpu_seconds, max_memory_mb=max_memory_mb, now=now)
-    succeeded = reason == "EXITED" and exit_code == 0
-    job.state = t.JOB_STATE_SUCCEEDED if succeeded else t.JOB_STATE_FAILED
-    job.exit_code = exit_code
-    job.reason = "COMPLETED" if succeeded else ("EXIT_CODE" if reason == "EXITED" else reason)
-    job.message = message[:1024]
-    job.end_time.CopyFrom(ts(now))
-    job.update_time.CopyFrom(ts(now))
-    record = current_attempt(job)
-    if record is not None:
-        record.end_time.CopyFrom(ts(now))
-        record.exit_code = exit_code
-        record.reason = job.reason
-        record.cpu_seconds = cpu_seconds
-        record.max_memory_mb = max_memory_mb
-    return job
-
-
-def apply_interrupted(job: t.Job, *, message: str, cpu_seconds: float, max_memory_mb: int, now: float) -> t.Job:
-    """RUNNING -> PENDING: the worker stopped the current attempt for its own reasons (drain, self-fencing), not
-    the job's. The attempt ends (charged for what it ran) and the job waits for a new one, without using a retry
-    for the first FREE_INTERRUPTIONS of them; after those, as a lost worker's job: a retry, or FAILED."""
-    record = current_attempt(job)
-    if record is not None:
-        record.end_time.CopyFrom(ts(now))
-        record.reason = INTERRUPTED
-        record.exit_code = -1
-        record.cpu_seconds = cpu_seconds
-        record.max_memory_mb = max_memory_mb
-    job.update_time.CopyFrom(ts(now))
-    job.interruptions += 1
-    free = job.interruptions <= FREE_INTERRUPTIONS
-    if free or job.retries < job.spec.max_retries:
-        if not free:
-            job.retries += 1
-        job.state = t.JOB_STATE_PENDING
-        job.worker_id = ""
-        job.waiting_reason = "RETRYING_AFTER_INTERRUPTION"
-        job.message = f"attempt {job.attempt} interrupted by its worker ({message[:200]}); retrying"
-    else:
-        job.state = t.JOB_STATE_FAILED
-        job.reason = INTERRUPTED
-        job.exit_code = -1
-        job.message = f"attempt {job.attempt} interrupted by its worker and no retries are left"
-        job.end_time.CopyFrom(ts(now))
-    return job
-
-
-def apply_worker_lost(job: t.Job, now: float) -> t.Job:
-    """The worker running the current attempt is gone: retry as a new attempt, or fail with WORKER_LOST."""
-    record = current_attempt(job)
-    if record is not None:
-        record.end_time.CopyFrom(ts(now))
-        record.reason = "WORKER_LOST"
-        record.exit_code = -1
-    job.update_time.CopyFrom(ts(now))
-    if job.retries < job.spec.max_retries:
-        job.retries += 1
-        job.state = t.JOB_STATE_PENDING
-        job.worker_id = ""
-        job.waiting_reason = "RETRYING_AFTER_WORKER_LOST"
-        job.message = f"worker lost during attempt {job.attempt}; retry {job.retries} of {job.spec.max_retries}"
-    else:
-        job.state = t.JOB_STATE_FAILED
-        job.reason = "WORKER_LOST"
-        job.exit_code = -1
-        job.message = f"worker lost during attempt {job.attempt} and no retries are left"
-        job.end_time.CopyFrom(ts(now))
-    return job
-
-
-DEFAULT_QUEUE = "default"
-
-
-def assign_queue(spec: t.JobSpec, config: MeshConfig) -> str:
-    """A pinned job queues for its pool; one that fits a static pool queues in `default` (static first, dynamic
-    overflow); one only a dynamic pool can run queues for that pool, which is what makes it scale."""
-    if spec.pool:
-        return spec.pool
-    fitting = [
-        p
-        for p in config.pools
-        if p.worker_cpu_millis >= spec.resources.cpu_millis
-        and p.worker_memory_mb >= spec.resources.memory_mb
-        and all(p.labels.get(k) == v for k, v in spec.required_capabilities.items())
-    ]
-    if not fitting or any(p.kind == "static" for p in fitting):
-        return DEFAULT_QUEUE
-    # Dynamic before burst: burst capacity is the last resort, and only for some jobs.
-    return min(fitting, key=lambda p: p.kind == "burst").pool_id

@@ -136,13 +136,27 @@ class LeaderElection:
             await self.changed.wait()
         return self.leadership
 
-    async def fenced_txn(
-        self, compare: Sequence[Compare], success: Sequence[RequestOp], failure: Sequence[RequestOp] = ()
-    ) -> TxnResult:
-        """A transaction that also requires our leader key to be unchanged; fails with NotLeader otherwise."""
+    def token(self) -> Leadership:
+        """The leadership a leader cycle holds from its start: every write of the cycle is fenced by it, so a cycle
+        that began under one term never writes in the next (NotLeader when this replica does not lead)."""
         lead = self.leadership
         if lead is None:
             raise NotLeader(f"not the leader of {self.key}")
+        return lead
+
+    async def fenced_txn(
+        self,
+        compare: Sequence[Compare],
+        success: Sequence[RequestOp],
+        failure: Sequence[RequestOp] = (),
+        *,
+        token: Leadership | None = None,
+    ) -> TxnResult:
+        """A transaction that also requires our leader key to be unchanged (the one `token` names, when given);
+        fails with NotLeader otherwise."""
+        lead = self.leadership
+        if lead is None or (token is not None and token != lead):
+            raise NotLeader(f"not the leader of {self.key}" if lead is None else f"leadership of {self.key} changed")
         fence = cmp_create(lead.key, lead.revision)
         result = await self.etcd.txn([fence, *compare], success, failure)
         if not result.succeeded:

@@ -14,8 +14,8 @@ from libs.clock import SystemClock
 from libs.config import load_config
 from libs.etcd.client import Etcd
 from libs.etcd.informer import Informer
-from libs.jobs import decode_job
 from libs.keys import Keys
+from libs.lifecycle.codec import decode_job
 from libs.server import start_server
 from libs.settings import CommonSettings
 from services.cost.accounts import CostAccounts

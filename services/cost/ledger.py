@@ -14,8 +14,8 @@ from libs.clock import Clock
 from libs.config import MeshConfig
 from libs.errors import JobMeshError
 from libs.etcd.client import Compare, RequestOp, TxnResult, WatchEvent, cmp_missing, op_get, op_put
-from libs.jobs import decode_job
 from libs.keys import Keys
+from libs.lifecycle.codec import decode_job
 from services.cost.idle import Allocation, daily_shares
 from services.cost.metrics import CostMetrics
 from services.cost.records import (

@@ -24,7 +24,7 @@ from libs.clock import Clock
 from libs.config import MeshConfig
 from libs.errors import InvalidArgument, JobMeshError, NotFound, PermissionDenied, from_item_error
 from libs.interceptors import error_from_rpc
-from libs.jobs import assign_queue, new_job_id, ts, validate_spec
+from libs.jobs import new_job_id, validate_spec
 from libs.keys import safe_segment
 from libs.telemetry import job_id_var, tenant_id_var
 from services.gateway.metrics_scrape import scrape_all
@@ -173,16 +173,8 @@ class JobsServicer(gateway_pb2_grpc.JobServiceServicer):
         now = self.clock.now()
         validate_spec(spec, self.config, now)
         await self.budgets.check(principal.tenant_id)
-        job = t.Job(
-            job_id=new_job_id(now),
-            tenant_id=principal.tenant_id,
-            state=t.JOB_STATE_PENDING,
-            spec=spec,
-            create_time=ts(now),
-            update_time=ts(now),
-            waiting_reason="QUEUED",
-            queue=assign_queue(spec, self.config),
-        )
+        # A submission, not a record: the queueing service creates the record from it (libs/lifecycle).
+        job = t.Job(job_id=new_job_id(now), tenant_id=principal.tenant_id, spec=spec)
         job_id_var.set(job.job_id)
         reserved = await self.b.reserve(
             qt.ReserveRequest(tenant_id=job.tenant_id, job_id=job.job_id, resources=spec.resources, burst=spec.burst)

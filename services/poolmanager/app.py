@@ -19,8 +19,8 @@ from libs.etcd.client import Etcd
 from libs.etcd.election import LeaderElection
 from libs.etcd.informer import Informer
 from libs.interceptors import ServerInterceptor, channel
-from libs.jobstore import JobStore
 from libs.keys import Keys
+from libs.lifecycle.store import JobStore
 from libs.meshpki import WorkerIssuer
 from libs.server import start_server
 from libs.settings import CommonSettings, SettingsError

@@ -13,11 +13,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from jobmesh.common.v1 import types_pb2 as t
 from libs.clock import Clock
 from libs.config import MeshConfig, PoolConfig
-from libs.etcd.client import Etcd, KeyValue, WatchEvent, cmp_mod, cmp_none_under, op_put
+from libs.etcd.client import Etcd, KeyValue, TxnResult, WatchEvent, op_put
 from libs.etcd.election import LeaderElection, run_while_leader
 from libs.etcd.informer import Informer
-from libs.jobstore import JobStore
 from libs.keys import Keys
+from libs.lifecycle import txns
+from libs.lifecycle.codec import decode_worker
+from libs.lifecycle.routing import queues_served
+from libs.lifecycle.store import JobStore
+from libs.lifecycle.txns import Txn
 from services.poolmanager.outcomes import JobOutcomes
 from services.poolmanager.provider import WorkerProvider
 
@@ -171,7 +175,7 @@ class PoolController:
             self._stopped.discard(Keys.last_segment(event.kv.key))
             self._wake.set()
         else:
-            worker = decode_worker(event.kv)
+            worker = decode_worker(event.kv.value)
             if worker.spawn_time.seconds and event.kv.version == 1:
                 spawn = worker.spawn_time.ToNanoseconds() / 1e9
                 reg = worker.register_time.ToNanoseconds() / 1e9
@@ -220,9 +224,11 @@ class PoolController:
                 await self.handle_lost(worker_id, kv)
 
     async def handle_lost(self, worker_id: str, assign_kv: KeyValue) -> None:
-        compares, ops, job = await self.store.reclaim_plan(worker_id, assign_kv, self.clock.now())
-        result = await self.election.fenced_txn(compares, ops)
-        if result.succeeded and job is not None:
+        async def commit(txn: Txn) -> TxnResult:
+            return await self.election.fenced_txn(txn.compares, txn.ops)
+
+        job = await self.store.reclaim(worker_id, assign_kv, self.clock.now(), commit)
+        if job is not None:
             log.warning(
                 "worker %s lost during attempt %d: %s",
                 worker_id,
@@ -258,7 +264,7 @@ class PoolController:
         return {Keys.assignment_worker(k) for k in self.assignments.cache}
 
     def _pool_workers(self, pool_id: str) -> list[t.Worker]:
-        return [w for w in (decode_worker(kv) for kv in self.workers.cache.values()) if w.pool_id == pool_id]
+        return [w for w in (decode_worker(kv.value) for kv in self.workers.cache.values()) if w.pool_id == pool_id]
 
     def _size(self, pool: PoolConfig) -> tuple[list[t.Worker], list[t.Worker], int]:
         """(active workers, idle ones among them, workers still starting) of a pool."""
@@ -271,19 +277,11 @@ class PoolController:
 
     def _backlog(self, pool: PoolConfig, depth: QueueDepth) -> tuple[int, float]:
         """(waiting jobs this pool may take, the longest wait among their queues)."""
-        queues = [pool.pool_id]
-        if pool.kind == "dynamic" and not self._static_has_room():
-            queues.append("default")
-        if pool.kind != "burst":
+        queues, burst_only = queues_served(
+            pool, self.config.pools, static_has_room=self._static_has_room(), at_max=self._at_max
+        )
+        if not burst_only:
             return sum(depth.by_queue.get(q, 0) for q in queues), max(depth.oldest_wait.get(q, 0.0) for q in queues)
-        # Burst capacity serves only jobs admitted against a burst session, and only what static and dynamic
-        # capacity cannot: its own queue, a dynamic pool's queue once that pool is at its max, and `default`
-        # once static pools are full and every dynamic pool is at its max.
-        dynamic = [p for p in self.config.pools if p.kind == "dynamic"]
-        at_max = [p.pool_id for p in dynamic if self._at_max(p)]
-        queues += at_max
-        if len(at_max) == len(dynamic) and not self._static_has_room():
-            queues.append("default")
         waiting = [q for q in queues if depth.burst_by_queue.get(q, 0)]
         backlog = sum(depth.burst_by_queue.get(q, 0) for q in waiting)
         return backlog, max((depth.oldest_wait.get(q, 0.0) for q in waiting), default=0.0)
@@ -344,17 +342,11 @@ class PoolController:
 
     async def _drain(self, worker: t.Worker) -> bool:
         """Marks an idle worker DRAINING (only if it is still idle) and then stops it: never a busy one."""
-        key = self.keys.worker(worker.worker_id)
-        kv = self.workers.cache.get(key)
-        if kv is None:
+        kv = self.workers.cache.get(self.keys.worker(worker.worker_id))
+        txn = None if kv is None else txns.drain_worker(self.keys, kv, only_if_idle=True)
+        if txn is None or not (await self.election.fenced_txn(txn.compares, txn.ops)).succeeded:
             return False
         worker.state = t.WORKER_STATE_DRAINING
-        result = await self.election.fenced_txn(
-            [cmp_mod(key, kv.mod_revision), cmp_none_under(self.keys.worker_assignments(worker.worker_id))],
-            [op_put(key, worker.SerializeToString(), kv.lease)],
-        )
-        if not result.succeeded:
-            return False
         self._stop(worker)
         return True
 
@@ -383,12 +375,6 @@ class PoolController:
         await self.election.fenced_txn([], [op_put(key, json.dumps(asdict(decision)).encode())])
         self.metrics.scaling.labels(pool.pool_id, direction, str(executed).lower()).inc()
         log.info("scale %s %s: %d -> %d (%s; executed=%s)", pool.pool_id, direction, cur, to, reason, executed)
-
-
-def decode_worker(kv: KeyValue) -> t.Worker:
-    worker = t.Worker()
-    worker.ParseFromString(kv.value)
-    return worker
 
 
 class QueueDepthSource:

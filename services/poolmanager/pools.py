@@ -18,7 +18,8 @@ from libs.etcd.client import Etcd
 from libs.etcd.informer import Informer
 from libs.jobs import ts
 from libs.keys import Keys
-from services.poolmanager.controller import QueueDepthSource, decode_worker
+from libs.lifecycle.codec import decode_worker
+from services.poolmanager.controller import QueueDepthSource
 from services.poolmanager.join import JoinTokens
 from services.poolmanager.outcomes import JobOutcomes
 
@@ -55,7 +56,7 @@ class PoolsServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
     def _states(self, pool_id: str) -> tuple[dict[str, int], list[t.Worker], int]:
         """(workers by state, the pool's workers, the jobs they hold)."""
         held = Counter(Keys.assignment_worker(k) for k in self.assignments.cache)
-        workers = [w for w in map(decode_worker, self.workers.cache.values()) if w.pool_id == pool_id]
+        workers = [w for w in (decode_worker(kv.value) for kv in self.workers.cache.values()) if w.pool_id == pool_id]
         states = {"WORKER_STATE_IDLE": 0, "WORKER_STATE_BUSY": 0, "WORKER_STATE_DRAINING": 0}
         for w in workers:
             if held[w.worker_id]:

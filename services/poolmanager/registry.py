@@ -15,13 +15,17 @@ from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
 from libs.batching import GroupCommit
 from libs.clock import Clock
 from libs.config import MeshConfig
-from libs.errors import InvalidArgument
-from libs.etcd.client import Etcd, KeyValue, WatchEvent, cmp_mod, op_put
+from libs.errors import Conflict, InvalidArgument
+from libs.etcd.client import Compare, Etcd, KeyValue, TxnResult, WatchEvent, cmp_missing, cmp_mod
 from libs.etcd.informer import Informer
 from libs.identity import peer_identity
-from libs.jobs import RESULT_REASONS, ts
-from libs.jobstore import Completion, JobStore
+from libs.jobs import ts
 from libs.keys import Keys, safe_segment
+from libs.lifecycle import txns
+from libs.lifecycle.codec import assignment_for_worker, decode_assignment, decode_worker
+from libs.lifecycle.store import JobStore
+from libs.lifecycle.transitions import RESULT_REASONS
+from libs.lifecycle.txns import Completion, Txn
 from libs.telemetry import job_id_var, tenant_id_var
 from services.poolmanager.binding import (
     ResultBounds,
@@ -38,6 +42,8 @@ log = logging.getLogger(__name__)
 
 # Ended attempts remembered until their assignment's delete is seen (a bound, not a working set).
 _ENDED_KEPT = 10_000
+# Reads of a re-registering worker's previous assignments before its registration is refused as a conflict.
+_RECLAIM_ROUNDS = 5
 
 
 class RegistryMetrics:
@@ -127,7 +133,7 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         queue = self.streams.get(worker_id)
         if queue is None:
             return
-        assignment = _for_worker(event.kv.value)
+        assignment = assignment_for_worker(event.kv.value)
         if event.kind == "put":
             queue.put_nowait(pm.ConnectResponse(assignment=assignment))
         elif assignment.job_id:
@@ -221,8 +227,7 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         worker.lease_id = lease_id
         worker.register_time.CopyFrom(ts(self.clock.now()))
         if existing is not None and existing.lease == lease_id:
-            known = t.Worker()
-            known.ParseFromString(existing.value)
+            known = decode_worker(existing.value)
             if worker.state != t.WORKER_STATE_DRAINING:  # a draining worker says so when it registers again
                 worker.state = known.state
             worker.jobs_run = max(worker.jobs_run, known.jobs_run)
@@ -238,7 +243,7 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
             held = self.keys.worker_assignments(worker.worker_id)
             for key, current in list(self.assignments.cache.items()):
                 if key.startswith(held):
-                    yield pm.ConnectResponse(assignment=_for_worker(current.value))
+                    yield pm.ConnectResponse(assignment=assignment_for_worker(current.value))
             while True:
                 yield await queue.get()
         finally:
@@ -247,14 +252,26 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
             self.metrics.connected.set(len(self.streams))
 
     async def _reclaim_previous(self, worker_id: str) -> None:
-        held, _, _ = await self.etcd.get_prefix(self.keys.worker_assignments(worker_id))
-        for assign_kv in held:
-            await self._reclaim_one(worker_id, assign_kv)
+        """Takes back what the worker's previous incarnation held, through the one reclaim path, fenced by the
+        worker's record as read (so a registration of the same worker through another replica is never
+        overtaken). Rounds until nothing is held: a round that lost a race reads again."""
+        key = self.keys.worker(worker_id)
+        for _ in range(_RECLAIM_ROUNDS):
+            existing = await self.etcd.get(key)
+            fence = cmp_missing(key) if existing is None else cmp_mod(key, existing.mod_revision)
+            held, _, _ = await self.etcd.get_prefix(self.keys.worker_assignments(worker_id))
+            if not held:
+                return
+            for assign_kv in held:
+                await self._reclaim_one(worker_id, assign_kv, fence)
+        raise Conflict(f"worker {worker_id}'s previous assignments kept changing; register again")
 
-    async def _reclaim_one(self, worker_id: str, assign_kv: KeyValue) -> None:
-        compares, ops, job = await self.store.reclaim_plan(worker_id, assign_kv, self.clock.now())
-        result = await self.etcd.txn(compares, ops)
-        if result.succeeded and job is not None:
+    async def _reclaim_one(self, worker_id: str, assign_kv: KeyValue, fence: Compare) -> None:
+        async def commit(txn: Txn) -> TxnResult:
+            return await self.etcd.txn([fence, *txn.compares], txn.ops)
+
+        job = await self.store.reclaim(worker_id, assign_kv, self.clock.now(), commit)
+        if job is not None:
             log.warning(
                 "worker %s came back without its lease; attempt %d %s",
                 worker_id,
@@ -317,14 +334,8 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         kv = await self.etcd.get(key)
         if kv is None or kv.lease != lease_id:
             return
-        worker = t.Worker()
-        worker.ParseFromString(kv.value)
-        if worker.state == t.WORKER_STATE_DRAINING:
-            return
-        worker.state = t.WORKER_STATE_DRAINING
-        if (
-            await self.etcd.txn([cmp_mod(key, kv.mod_revision)], [op_put(key, worker.SerializeToString(), lease_id)])
-        ).succeeded:
+        txn = txns.drain_worker(self.keys, kv, only_if_idle=False)
+        if txn is not None and (await self.etcd.txn(txn.compares, txn.ops)).succeeded:
             log.warning("worker %s %s: draining it", worker_id, why)
 
     async def ReportResult(
@@ -379,18 +390,9 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         kv = self.assignments.cache.get(key) or await self.etcd.get(key)
         if kv is None:
             return None
-        held = t.Assignment()
-        held.ParseFromString(kv.value)
+        held = decode_assignment(kv.value)
         pool = self.config.pool(held.job.pool_id)
         if pool is None:
             return None
         assigned = held.assign_time.ToNanoseconds() / 1e9 if held.HasField("assign_time") else None
         return ResultBounds.of(pool, assigned, self.clock.now())
-
-
-def _for_worker(stored: bytes) -> t.Assignment:
-    """An assignment as its worker gets it: without the job record it carries for recording the result."""
-    assignment = t.Assignment()
-    assignment.ParseFromString(stored)
-    assignment.ClearField("job")
-    return assignment

@@ -13,8 +13,8 @@ from libs.config import load_config
 from libs.errors import JobMeshError
 from libs.etcd.client import Etcd
 from libs.etcd.informer import Informer
-from libs.jobstore import JobStore
 from libs.keys import Keys
+from libs.lifecycle.store import JobStore
 from libs.server import start_server
 from libs.settings import CommonSettings
 from services.queueing.manager import QueueManager

@@ -6,8 +6,11 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from libs.lifecycle.routing import DEFAULT_QUEUE
+
+__all__ = ["DEFAULT_QUEUE"]  # the fair queue's lanes are named by queue; the name of the default is routing's
+
 COST_SCALE = 1_000_000
-DEFAULT_QUEUE = "default"
 NEVER = math.inf
 
 Key = tuple[int, int, str]  # (-priority, seq, job_id): a tenant's own order, and the tie-break between tenants

@@ -16,8 +16,10 @@ from libs.clock import Clock
 from libs.config import MeshConfig
 from libs.errors import InvalidArgument, JobMeshError, NotFound
 from libs.etcd.client import WatchEvent
-from libs.jobs import DEFAULT_QUEUE, decode_job
 from libs.keys import Keys
+from libs.lifecycle.codec import decode_job
+from libs.lifecycle.routing import assign_queue, queue_of
+from libs.lifecycle.transitions import new_record
 from services.queueing.fairqueue import LaneTags, Placement, QueueItem, WeightedFairQueue, job_cost
 from services.queueing.metrics import QueueMetrics, QueueShape, ShareWindow
 from services.queueing.reasons import DEADLINE_MISSED, waiting_reason
@@ -50,10 +52,6 @@ class StateStore(Protocol):
     async def save_tags(self, lanes: dict[str, LaneTags]) -> None: ...
 
     async def mark_deadline_missed(self, job: t.Job, revision: int, now: float) -> bool: ...
-
-
-def queue_of(job: t.Job) -> str:
-    return job.queue or job.spec.pool or DEFAULT_QUEUE
 
 
 def seconds(stamp: Timestamp) -> float:
@@ -194,9 +192,21 @@ class QueueManager:
         if self.queue.version != before:
             await self._notify()
 
-    async def enqueue(self, job: t.Job) -> tuple[t.Job, bool]:
-        """Stores the job (durable before this returns), then queues it."""
-        job.queue = queue_of(job)
+    def new_job(self, submitted: t.Job) -> t.Job:
+        """The PENDING record of a submission: its id, tenant, spec and burst session are the caller's (the
+        gateway admitted them); the state, times and queue are the lifecycle's."""
+        return new_record(
+            job_id=submitted.job_id,
+            tenant_id=submitted.tenant_id,
+            spec=submitted.spec,
+            queue=assign_queue(submitted.spec, self.config.pools),
+            burst_session_id=submitted.burst_session_id,
+            now=self.clock.now(),
+        )
+
+    async def enqueue(self, submitted: t.Job) -> tuple[t.Job, bool]:
+        """Stores the record of a submission (durable before this returns), then queues it."""
+        job = self.new_job(submitted)
         self.stored.reserve(job.tenant_id)
         created = False
         try:

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from jobmesh.common.v1 import types_pb2 as t
 from libs.clock import Clock
 from libs.errors import JobMeshError
-from libs.etcd.client import Compare, Etcd, RequestOp, cmp_mod, op_delete
-from libs.jobs import TERMINAL
+from libs.etcd.client import Compare, Etcd, RequestOp
 from libs.keys import Keys
+from libs.lifecycle import txns
+from libs.lifecycle.transitions import TERMINAL
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,9 @@ class FinishedJobs:
         if self.retention <= 0 or job.state not in TERMINAL or not job.HasField("end_time"):
             return
         ended = job.end_time.seconds + job.end_time.nanos / 1e9
-        extra = [self.keys.job_index(job.job_id)]
-        if job.spec.idempotency_key:
-            extra.append(self.keys.idempotency(job.tenant_id, job.spec.idempotency_key))
         key = self.keys.job(job.tenant_id, job.job_id)
-        heapq.heappush(self._heap, Finished(ended + self.retention, key, mod_revision, tuple(extra)))
+        extra = txns.retained_with(self.keys, job)
+        heapq.heappush(self._heap, Finished(ended + self.retention, key, mod_revision, extra))
 
     def due(self, now: float, limit: int = 1000) -> list[Finished]:
         out: list[Finished] = []
@@ -97,9 +96,8 @@ class RetentionSweeper:
 
     @staticmethod
     def _plan(items: list[Finished]) -> tuple[list[Compare], list[RequestOp]]:
-        compares = [cmp_mod(item.key, item.mod_revision) for item in items]
-        ops = [op_delete(k) for item in items for k in (item.key, *item.keys)]
-        return compares, ops
+        txn = txns.expire((item.key, item.mod_revision, item.keys) for item in items)
+        return txn.compares, txn.ops
 
     async def run_forever(self) -> None:
         while True:

@@ -11,7 +11,7 @@ from jobmesh.queueing.v1 import queueing_pb2 as q
 from jobmesh.queueing.v1 import queueing_pb2_grpc
 from libs.clock import Clock
 from libs.errors import InvalidArgument, JobMeshError, item_error
-from libs.jobstore import JobStore
+from libs.lifecycle.store import JobStore
 from libs.telemetry import job_id_var, tenant_id_var
 from services.queueing.manager import QueueManager
 

@@ -10,15 +10,13 @@ from prometheus_client import Histogram
 
 from jobmesh.common.v1 import types_pb2 as t
 from libs.batching import GroupCommit
-from libs.etcd.client import Etcd, cmp_missing, cmp_mod, op_put
-from libs.jobs import ts
-from libs.jobstore import JobStore
+from libs.etcd.client import Etcd, op_put
 from libs.keys import Keys
+from libs.lifecycle import txns
+from libs.lifecycle.store import JobStore
 from services.queueing.fairqueue import LaneTags, TenantTags
 
 log = logging.getLogger(__name__)
-
-DEADLINE_MISSED = "DEADLINE_MISSED"
 
 
 class QueueStateStore:
@@ -64,14 +62,8 @@ class QueueStateStore:
 
     async def mark_deadline_missed(self, job: t.Job, revision: int, now: float) -> bool:
         """Records on a still-pending job that its deadline passed; False when the record moved on meanwhile."""
-        marked = t.Job()
-        marked.CopyFrom(job)
-        marked.sla_miss = True
-        marked.waiting_reason = DEADLINE_MISSED
-        marked.update_time.CopyFrom(ts(now))
-        key = self.keys.job(job.tenant_id, job.job_id)
-        result = await self.etcd.txn([cmp_mod(key, revision)], [op_put(key, marked.SerializeToString())])
-        return result.succeeded
+        txn = txns.deadline_missed(self.keys, job, revision, now)
+        return (await self.etcd.txn(txn.compares, txn.ops)).succeeded
 
 
 def encode_lane(tags: LaneTags) -> dict[str, Any]:
@@ -120,20 +112,4 @@ class BatchingJobWriter:
             self.batch_sizes.observe(size)
 
     async def _write(self, batch: list[t.Job]) -> list[tuple[t.Job, bool, int] | Exception]:
-        keys = self.store.keys
-        compares = [cmp_missing(keys.job(job.tenant_id, job.job_id)) for job in batch]
-        ops = []
-        for job in batch:
-            ops.append(op_put(keys.job(job.tenant_id, job.job_id), job.SerializeToString()))
-            ops.append(op_put(keys.job_index(job.job_id), job.tenant_id.encode()))
-        result = await self.store.etcd.txn(compares, ops)
-        if result.succeeded:
-            return [(job, True, result.revision) for job in batch]
-        # A job id already taken (astronomically rare): each job on its own, so only that one fails.
-        outcomes: list[tuple[t.Job, bool, int] | Exception] = []
-        for job in batch:
-            try:
-                outcomes.append(await self.store.create(job))
-            except Exception as exc:
-                outcomes.append(exc)
-        return outcomes
+        return await self.store.create_many(batch)

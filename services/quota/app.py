@@ -12,8 +12,9 @@ from libs.clock import SystemClock
 from libs.config import QuotaLimits, load_config
 from libs.etcd.client import Etcd, WatchEvent
 from libs.etcd.informer import Informer
-from libs.jobs import ACTIVE, decode_job
 from libs.keys import Keys
+from libs.lifecycle.codec import decode_job
+from libs.lifecycle.transitions import ACTIVE
 from libs.server import start_server
 from libs.settings import CommonSettings
 from services.quota.manager import BurstPolicy, BurstSession, Holding, QuotaManager

@@ -14,11 +14,13 @@ from jobmesh.queueing.v1 import queueing_pb2 as q
 from libs.batching import chunks
 from libs.clock import Clock
 from libs.config import POOL_KINDS, MeshConfig
-from libs.etcd.client import Compare, RequestOp, WatchEvent, cmp_missing, cmp_mod, cmp_none_under, op_put
+from libs.etcd.client import Compare, RequestOp, WatchEvent
 from libs.etcd.election import LeaderElection, run_while_leader
 from libs.etcd.informer import Informer
-from libs.jobs import apply_dispatch, fits, ts
 from libs.keys import Keys
+from libs.lifecycle import txns
+from libs.lifecycle.codec import decode_assignment, decode_worker
+from libs.lifecycle.routing import fits, may_place
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +100,8 @@ def pick_worker(spec: t.JobSpec, idle: list[Candidate], burst_ok: bool = False) 
         c
         for c in idle
         if c.slots > 0
-        and (burst_ok or c.tier != TIER_BURST)
-        and (not spec.pool or c.worker.pool_id == spec.pool)
-        and fits(c.room(), dict(c.worker.labels), spec)
+        and may_place(spec, c.worker.pool_id, POOL_KINDS[c.tier], burst_ok)
+        and fits(c.room().cpu_millis, c.room().memory_mb, c.worker.labels, spec)
     ]
     if not suitable:
         return None
@@ -299,9 +300,7 @@ class Scheduler:
         for key, kv in cache.items():
             known = self._held.get(key)
             if known is None or known[0] != kv.mod_revision:
-                assignment = t.Assignment()
-                assignment.ParseFromString(kv.value)
-                res = assignment.spec.resources
+                res = decode_assignment(kv.value).spec.resources
                 known = (kv.mod_revision, res.cpu_millis, res.memory_mb)
             held[key] = known
             _add(out, Keys.assignment_worker(key), known[1], known[2])
@@ -320,8 +319,7 @@ class Scheduler:
             if known is not None and known[0] == kv.mod_revision:
                 worker = known[1]
             else:
-                worker = t.Worker()
-                worker.ParseFromString(kv.value)
+                worker = decode_worker(kv.value)
             decoded[key] = (kv.mod_revision, worker)
             if worker.state == t.WORKER_STATE_DRAINING:
                 continue
@@ -363,41 +361,18 @@ class Scheduler:
         return placed
 
     def _prepare(self, queued: q.QueuedJob, cand: Candidate) -> Dispatch:
-        """The fenced writes of one dispatch: the job RUNNING and the worker's assignment, both conditional on what
-        the cycle read."""
-        job = t.Job()
-        job.CopyFrom(queued.job)
+        """The fenced writes of one dispatch (built by the lifecycle): the job RUNNING and the worker's
+        assignment, both conditional on what the cycle read."""
         worker = cand.worker
         now = self.clock.now()
-        apply_dispatch(job, worker, now)
-        job_key = self.keys.job(job.tenant_id, job.job_id)
-        assign_key = self.keys.assignment(worker.worker_id, job.job_id)
-        assignment = t.Assignment(
-            job_id=job.job_id,
-            tenant_id=job.tenant_id,
-            attempt=job.attempt,
-            worker_id=worker.worker_id,
-            spec=job.spec,
-            assign_time=ts(now),
-            job=job,
+        exclusive = self.slots.get(worker.pool_id, 1) == 1  # one job at a time: the store itself refuses a second
+        job, txn = txns.dispatch(
+            self.keys, queued.job, queued.mod_revision, worker, cand.mod_revision, now, exclusive=exclusive
         )
         res = job.spec.resources
+        assign_key = self.keys.assignment(worker.worker_id, job.job_id)
         self._claimed[assign_key] = _Claim(worker.worker_id, time.monotonic(), res.cpu_millis, res.memory_mb)
-        compares = [
-            cmp_mod(job_key, queued.mod_revision),
-            cmp_missing(assign_key),
-            cmp_mod(self.keys.worker(worker.worker_id), cand.mod_revision),
-        ]
-        if self.slots.get(worker.pool_id, 1) == 1:
-            # One job at a time: the store itself refuses a second, whatever our caches said.
-            compares.append(cmp_none_under(self.keys.worker_assignments(worker.worker_id)))
-        return Dispatch(
-            job,
-            worker,
-            now,
-            compares,
-            [op_put(job_key, job.SerializeToString()), op_put(assign_key, assignment.SerializeToString())],
-        )
+        return Dispatch(job, worker, now, txn.compares, txn.ops)
 
     def _lost_race(self, d: Dispatch) -> None:
         self._claimed.pop(self.keys.assignment(d.worker.worker_id, d.job.job_id), None)

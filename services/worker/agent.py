@@ -15,7 +15,7 @@ from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
 from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
 from libs.interceptors import channel
-from libs.jobs import INTERRUPTED
+from libs.lifecycle.transitions import INTERRUPTED
 from libs.settings import TlsSettings
 from services.worker.executor import REASON_KILLED, ExecResult, ExecSpec, JobExecutor
 from services.worker.fencing import LeaseFence

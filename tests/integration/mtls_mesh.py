@@ -28,9 +28,11 @@ from libs.config import load_config
 from libs.etcd.client import Etcd, op_put
 from libs.etcd.informer import Informer
 from libs.interceptors import ServerInterceptor
-from libs.jobs import apply_dispatch, decode_job, new_job_id, ts
-from libs.jobstore import JobStore
+from libs.jobs import new_job_id, ts
 from libs.keys import Keys
+from libs.lifecycle.codec import decode_job
+from libs.lifecycle.store import JobStore
+from libs.lifecycle.transitions import apply_dispatch
 from libs.pki import SERVICE_LIFETIME, WORKER_LIFETIME, Bundle, CertificateAuthority, service_id, worker_id_uri
 from services.poolmanager.join import WorkerCertificateServicer
 from services.poolmanager.outcomes import JobOutcomes

@@ -8,11 +8,11 @@ import time
 import pytest
 
 from jobmesh.common.v1 import types_pb2 as t
-from libs import jobstore
 from libs.etcd.client import Etcd, op_put
 from libs.jobs import new_job_id, ts
-from libs.jobstore import JobStore
 from libs.keys import Keys
+from libs.lifecycle import store as jobstore
+from libs.lifecycle.store import JobStore
 
 KEYS = Keys("/jobmesh")
 

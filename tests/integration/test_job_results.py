@@ -1,4 +1,4 @@
-"""Recording workers' results over a real etcd (libs/jobstore.py): many reports in one transaction, each
+"""Recording workers' results over a real etcd (libs/lifecycle/store.py): many reports in one transaction, each
 report still exactly-once, stale ones refused, and job counts kept only where a pool limits them."""
 
 from __future__ import annotations
@@ -9,9 +9,12 @@ import pytest
 
 from jobmesh.common.v1 import types_pb2 as t
 from libs.etcd.client import Etcd, KeyValue, op_put
-from libs.jobs import apply_dispatch, decode_job, new_job_id, ts
-from libs.jobstore import Completion, JobStore
+from libs.jobs import new_job_id, ts
 from libs.keys import Keys
+from libs.lifecycle.codec import decode_job
+from libs.lifecycle.store import JobStore
+from libs.lifecycle.transitions import apply_dispatch
+from libs.lifecycle.txns import Completion
 
 KEYS = Keys("/jobmesh")
 OK = {"exit_code": 0, "reason": "EXITED", "message": "exit code 0", "cpu_seconds": 0.01, "max_memory_mb": 1}

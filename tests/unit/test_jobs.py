@@ -1,4 +1,5 @@
-"""Unit tests for the pure job rules (libs/jobs.py): spec validation, state transitions, queues and ids."""
+"""Unit tests for the pure job rules: spec validation and ids (libs/jobs.py), state transitions and queues
+(libs/lifecycle/)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,9 @@ import pytest
 from jobmesh.common.v1 import types_pb2 as t
 from libs.config import MeshConfig
 from libs.errors import InvalidArgument
-from libs.jobs import (
-    DEFAULT_QUEUE,
-    FREE_INTERRUPTIONS,
-    MAX_ARGV_BYTES,
-    MAX_NAME,
-    MAX_RETRIES,
-    apply_dispatch,
-    apply_result,
-    apply_worker_lost,
-    assign_queue,
-    new_job_id,
-    validate_spec,
-)
+from libs.jobs import MAX_ARGV_BYTES, MAX_NAME, MAX_RETRIES, new_job_id, validate_spec
+from libs.lifecycle.routing import DEFAULT_QUEUE, assign_queue
+from libs.lifecycle.transitions import FREE_INTERRUPTIONS, apply_dispatch, apply_result, apply_worker_lost
 from tests.unit.builders import ConfigBuilder, SpecBuilder, mixed_pools
 
 T0 = 1_700_000_000.0
@@ -309,7 +300,7 @@ def test_interruptions_past_the_free_ones_use_retries_and_then_fail_the_job(max_
     ],
 )
 def test_assign_queue(config: MeshConfig, builder: SpecBuilder, queue: str) -> None:
-    assert assign_queue(builder.build(), config) == queue
+    assert assign_queue(builder.build(), config.pools) == queue
 
 
 def test_new_job_ids_sort_by_submission_time() -> None:
@@ -338,6 +329,6 @@ def test_assign_queue_prefers_a_dynamic_pool_to_burst_capacity_listed_first() ->
         .build()
     )
 
-    assert assign_queue(spec().resources(3000, 2048).build(), config) == "dynamic-large"
-    assert assign_queue(spec().resources(6000, 2048).build(), config) == "burst-large"
-    assert assign_queue(spec().resources(500, 512).build(), config) == DEFAULT_QUEUE
+    assert assign_queue(spec().resources(3000, 2048).build(), config.pools) == "dynamic-large"
+    assert assign_queue(spec().resources(6000, 2048).build(), config.pools) == "burst-large"
+    assert assign_queue(spec().resources(500, 512).build(), config.pools) == DEFAULT_QUEUE

@@ -14,8 +14,10 @@ from jobmesh.common.v1 import types_pb2 as t
 from libs.clock import FakeClock
 from libs.errors import InvalidArgument, NotFound, Unavailable
 from libs.etcd.client import KeyValue, TxnResult, WatchEvent
-from libs.jobs import apply_dispatch, apply_worker_lost, ts
+from libs.jobs import ts
 from libs.keys import Keys
+from libs.lifecycle.store import JobStore
+from libs.lifecycle.transitions import apply_dispatch, apply_worker_lost
 from services.queueing.fairqueue import LaneTags
 from services.queueing.manager import QueueManager
 from services.queueing.metrics import QueueMetrics
@@ -206,7 +208,6 @@ class Harness:
             create_time=ts(now),
             update_time=ts(now),
             waiting_reason="QUEUED",
-            queue=spec.pop("queue", "default"),
             spec=t.JobSpec(name="j", command=["true"], resources=t.Resources(cpu_millis=100, memory_mb=64), **spec),
         )
         if deadline is not None:
@@ -346,7 +347,7 @@ async def test_a_job_handed_to_the_scheduler_and_not_taken_waits_for_a_worker_un
 @pytest.mark.asyncio
 async def test_the_head_of_a_dynamic_pools_queue_that_no_worker_took_shows_the_pool_scaling_up() -> None:
     h = Harness()
-    [job_id] = await h.submit("acme", queue="dynamic-large")
+    [job_id] = await h.submit("acme", pool="dynamic-large")  # routed to that pool's queue
 
     await h.heads()
 
@@ -597,10 +598,11 @@ class FakeEtcd:
         return TxnResult(not self.conflict, self.revision, [])
 
 
-class FakeJobStore:
+class FakeJobStore(JobStore):
+    """The real store's batched create over a fake etcd; a single create only records that it was asked."""
+
     def __init__(self, etcd: FakeEtcd) -> None:
-        self.etcd = etcd
-        self.keys = KEYS
+        super().__init__(etcd, KEYS)  # type: ignore[arg-type]
         self.single: list[str] = []
 
     async def create(self, job: t.Job) -> tuple[t.Job, bool, int]:

@@ -1,19 +1,22 @@
-"""Durable job records in etcd: create (idempotent), read, list, and state transitions as transactions."""
+"""Durable job records in etcd: create (idempotent), read, list, and the I/O around the transactions that
+change them (built in txns.py): read, build, commit, retry when a record moved."""
 
 from __future__ import annotations
 
 import base64
 import builtins
 import logging
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection
 
 from jobmesh.common.v1 import types_pb2 as t
 from libs.errors import Conflict, FailedPrecondition, InvalidArgument, JobMeshError, NotFound
-from libs.etcd.client import Compare, Etcd, KeyValue, RequestOp, cmp_missing, cmp_mod, op_delete, op_get, op_put
+from libs.etcd.client import Etcd, KeyValue, TxnResult
 from libs.etcd.informer import next_page_limit
-from libs.jobs import TERMINAL, apply_result, apply_worker_lost, decode_job, ts
 from libs.keys import Keys, safe_segment
+from libs.lifecycle import txns
+from libs.lifecycle.codec import decode_assignment, decode_job
+from libs.lifecycle.transitions import TERMINAL
+from libs.lifecycle.txns import Completion, Txn
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +38,6 @@ def _from_token(page_token: str) -> str:
     return after
 
 
-@dataclass(frozen=True)
-class Completion:
-    """A worker's report of how one attempt ended."""
-
-    tenant_id: str
-    job_id: str
-    attempt: int
-    worker_id: str
-    result: dict[str, object]
-    unhealthy: str = ""  # the worker failed its health check: drain it in the same transaction
-
-
 class JobStore:
     def __init__(self, etcd: Etcd, keys: Keys, counted_pools: Collection[str] | None = None):
         self.etcd = etcd
@@ -56,26 +47,30 @@ class JobStore:
 
     async def create(self, job: t.Job) -> tuple[t.Job, bool, int]:
         """Stores a PENDING job; with an idempotency key already used, returns the first job instead."""
-        key = self.keys.job(job.tenant_id, job.job_id)
-        ops = [op_put(key, job.SerializeToString()), op_put(self.keys.job_index(job.job_id), job.tenant_id.encode())]
-        compares = [cmp_missing(key)]
-        idem = job.spec.idempotency_key
-        if idem:
-            idem_key = self.keys.idempotency(job.tenant_id, idem)
-            compares.append(cmp_missing(idem_key))
-            ops.append(op_put(idem_key, job.job_id.encode()))
-            result = await self.etcd.txn(compares, ops, [op_get(idem_key)])
-            if not result.succeeded:
-                kvs = result.range_kvs(0)
-                if kvs:
-                    first, revision = await self.get_with_revision(job.tenant_id, kvs[0].value.decode())
-                    return first, False, revision
-                raise Conflict("job id collision, retry")
+        txn, owner = txns.create_idempotent(self.keys, job)
+        result = await self.etcd.txn(txn.compares, txn.ops, [owner] if owner is not None else ())
+        if result.succeeded:
             return job, True, result.revision
-        result = await self.etcd.txn(compares, ops)
-        if not result.succeeded:
-            raise Conflict("job id collision, retry")
-        return job, True, result.revision
+        kvs = result.range_kvs(0) if owner is not None else []
+        if kvs:
+            first, revision = await self.get_with_revision(job.tenant_id, kvs[0].value.decode())
+            return first, False, revision
+        raise Conflict("job id collision, retry")
+
+    async def create_many(self, jobs: builtins.list[t.Job]) -> builtins.list[tuple[t.Job, bool, int] | Exception]:
+        """Jobs without idempotency keys in one transaction; if an id is taken (astronomically rare), each on its
+        own, so only that one fails."""
+        txn = txns.create(self.keys, jobs)
+        result = await self.etcd.txn(txn.compares, txn.ops)
+        if result.succeeded:
+            return [(job, True, result.revision) for job in jobs]
+        outcomes: builtins.list[tuple[t.Job, bool, int] | Exception] = []
+        for job in jobs:
+            try:
+                outcomes.append(await self.create(job))
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
 
     async def get_with_revision(self, tenant_id: str, job_id: str) -> tuple[t.Job, int]:
         if not safe_segment(job_id):
@@ -144,32 +139,11 @@ class JobStore:
                 raise FailedPrecondition(
                     f"job {job_id} already ended ({t.JobState.Name(job.state)})", reason="JOB_FINISHED"
                 )
-            key = self.keys.job(job.tenant_id, job.job_id)
-            compares = [cmp_mod(key, revision)]
-            ops = []
+            assign_kv = None
             if job.state == t.JOB_STATE_RUNNING and job.worker_id:
-                assign_key = self.keys.assignment(job.worker_id, job.job_id)
-                assign = await self.etcd.get(assign_key)
-                if assign is not None:
-                    held = t.Assignment()
-                    held.ParseFromString(assign.value)
-                    if held.job_id == job.job_id:
-                        # Withdrawing the assignment is what tells the worker to kill the job.
-                        compares.append(cmp_mod(assign_key, assign.mod_revision))
-                        ops.append(op_delete(assign_key))
-                for record in job.attempts:
-                    if record.attempt == job.attempt and not record.HasField("end_time"):
-                        record.end_time.CopyFrom(ts(now))
-                        record.reason = "CANCELLED"
-            job.state = t.JOB_STATE_CANCELLED
-            job.reason = "CANCELLED_BY_USER"
-            job.message = "cancelled by request"
-            job.end_time.CopyFrom(ts(now))
-            job.update_time.CopyFrom(ts(now))
-            job.waiting_reason = ""
-            ops.append(op_put(key, job.SerializeToString()))
-            result = await self.etcd.txn(compares, ops)
-            if result.succeeded:
+                assign_kv = await self.etcd.get(self.keys.assignment(job.worker_id, job.job_id))
+            txn = txns.cancel(self.keys, job, revision, assign_kv, now)
+            if (await self.etcd.txn(txn.compares, txn.ops)).succeeded:
                 return job
         raise Conflict(f"job {job_id} kept changing; retry the cancel")
 
@@ -193,8 +167,8 @@ class JobStore:
             plan = self._completion_plan(done, _job_at(job_kv), assign_kv, worker_kv, now)
             if plan is None:
                 return None
-            compares, ops, pool = plan
-            if (await self.etcd.txn(compares, ops)).succeeded:
+            txn, pool = plan
+            if (await self.etcd.txn(txn.compares, txn.ops)).succeeded:
                 return pool
         raise Conflict(f"job {job_id} kept changing while recording its result")
 
@@ -226,7 +200,7 @@ class JobStore:
             for n, i in enumerate(unread):
                 job_kv, assign_kv, worker_kv = kvs[3 * n : 3 * n + 3]
                 known[i] = (_job_at(job_kv), assign_kv, worker_kv)
-        plans: dict[int, tuple[builtins.list[Compare], builtins.list[RequestOp], str]] = {}
+        plans: dict[int, tuple[Txn, str]] = {}
         touched: set[str] = set()
         alone: builtins.list[int] = []
         for i in sorted(known):
@@ -235,20 +209,19 @@ class JobStore:
             if plan is None:
                 continue
             # The keys the plan compares are the keys it writes (a worker's record only where its count moves).
-            keys = {c.key.decode() for c in plan[0]}
+            keys = plan[0].keys()
             if keys & touched:
                 alone.append(i)  # e.g. the same report twice: the second must see the first's write
                 continue
             touched |= keys
             plans[i] = plan
         if plans:
-            compares = [c for plan in plans.values() for c in plan[0]]
-            ops = [op for plan in plans.values() for op in plan[1]]
-            if not (await self.etcd.txn(compares, ops)).succeeded:
+            joined = Txn.join(plan[0] for plan in plans.values())
+            if not (await self.etcd.txn(joined.compares, joined.ops)).succeeded:
                 alone = sorted([*plans, *alone])
                 plans = {}
         outcomes: builtins.list[str | Exception | None] = [
-            plans[i][2] if i in plans else None for i in range(len(batch))
+            plans[i][1] if i in plans else None for i in range(len(batch))
         ]
         for i in alone:
             c = batch[i]
@@ -261,11 +234,7 @@ class JobStore:
         return outcomes
 
     def _completion_keys(self, done: Completion) -> builtins.list[str]:
-        return [
-            self.keys.job(done.tenant_id, done.job_id),
-            self.keys.assignment(done.worker_id, done.job_id),
-            self.keys.worker(done.worker_id),
-        ]
+        return txns.completion_keys(self.keys, done)
 
     def _counted(self, pool_id: str) -> bool:
         return self.counted_pools is None or pool_id in self.counted_pools
@@ -279,8 +248,7 @@ class JobStore:
         assign = cached(assign_key)
         if assign is None:
             return None
-        held = t.Assignment()
-        held.ParseFromString(assign.value)
+        held = decode_assignment(assign.value)
         if held.job_id != done.job_id or held.attempt != done.attempt or not held.HasField("job"):
             return None
         worker_kv = None
@@ -298,61 +266,22 @@ class JobStore:
         assign: KeyValue | None,
         worker_kv: KeyValue | None,
         now: float,
-    ) -> tuple[builtins.list[Compare], builtins.list[RequestOp], str] | None:
-        """The transaction that records the result, or None when the report is stale. `job_at` is the job record
-        and its mod revision."""
-        if job_at is None:
-            return None
-        job, revision = job_at
-        if job.state != t.JOB_STATE_RUNNING or job.attempt != done.attempt or job.worker_id != done.worker_id:
-            return None
-        key, assign_key, worker_key = self._completion_keys(done)
-        compares = [cmp_mod(key, revision)]
-        ops = [op_put(key, apply_result(job, now=now, **done.result).SerializeToString())]  # type: ignore[arg-type]
-        if assign is not None:
-            held = t.Assignment()
-            held.ParseFromString(assign.value)
-            if held.job_id == done.job_id and held.attempt == done.attempt:
-                compares.append(cmp_mod(assign_key, assign.mod_revision))
-                ops.append(op_delete(assign_key))
-        # Where a pool limits jobs per worker, the worker's count moves in the same transaction that frees it,
-        # so a worker at its limit is never seen idle with a stale count.
-        counted = self._counted(job.pool_id)
-        if worker_kv is not None and (counted or done.unhealthy):
-            worker = t.Worker()
-            worker.ParseFromString(worker_kv.value)
-            if counted:
-                worker.jobs_run += 1
-            if done.unhealthy:
-                # Freed and drained at once, so the scheduler never sees it idle and healthy.
-                worker.state = t.WORKER_STATE_DRAINING
-            compares.append(cmp_mod(worker_key, worker_kv.mod_revision))
-            ops.append(op_put(worker_key, worker.SerializeToString(), worker_kv.lease))
-        return compares, ops, job.pool_id
+    ) -> tuple[Txn, str] | None:
+        counted = job_at is not None and self._counted(job_at[0].pool_id)
+        return txns.complete(self.keys, done, job_at, assign, worker_kv, now, counted=counted)
 
-    async def reclaim_plan(
-        self, worker_id: str, assign_kv: KeyValue, now: float
-    ) -> tuple[builtins.list[Compare], builtins.list[RequestOp], t.Job | None]:
-        """The transaction that takes a lost worker's assignment back: its job retried or failed (WORKER_LOST).
-
-        Safe on its own: it compares the assignment's and the job's revisions, so it changes nothing if either
-        moved. Returns (compares, ops, the job as it will be written or None when the job had moved on)."""
-        assignment = t.Assignment()
-        assignment.ParseFromString(assign_kv.value)
-        assign_key = assign_kv.key
-        compares = [cmp_mod(assign_key, assign_kv.mod_revision)]
-        ops = [op_delete(assign_key)]
-        job_key = self.keys.job(assignment.tenant_id, assignment.job_id)
-        job_kv = await self.etcd.get(job_key)
-        if job_kv is None:
-            return compares, ops, None
-        job = decode_job(job_kv.value)
-        if job.state != t.JOB_STATE_RUNNING or job.attempt != assignment.attempt or job.worker_id != worker_id:
-            return compares, ops, None
-        apply_worker_lost(job, now)
-        compares.append(cmp_mod(job_key, job_kv.mod_revision))
-        ops.append(op_put(job_key, job.SerializeToString()))
-        return compares, ops, job
+    async def reclaim(
+        self, worker_id: str, assign_kv: KeyValue, now: float, commit: Callable[[Txn], Awaitable[TxnResult]]
+    ) -> t.Job | None:
+        """The one way a lost worker's assignment is taken back (its job retried or failed, WORKER_LOST). The
+        transaction compares the assignment's and the job's revisions; `commit` adds the caller's fence (the
+        leader key for the pool controller, the worker's record for a registration) and commits it. Returns the
+        job as written, or None when nothing about the job changed."""
+        held = decode_assignment(assign_kv.value)
+        job_kv = await self.etcd.get(self.keys.job(held.tenant_id, held.job_id))
+        txn, job = txns.reclaim(self.keys, worker_id, assign_kv, job_kv, now)
+        result = await commit(txn)
+        return job if result.succeeded else None
 
 
 def _job_at(kv: KeyValue | None) -> tuple[t.Job, int] | None:
