@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from jobmesh.common.v1 import types_pb2 as t
-from services.scheduler.scheduler import TIER_BURST, TIER_DYNAMIC, TIER_STATIC, Candidate, pick_worker
+from services.scheduler.placement import TIER_BURST, TIER_DYNAMIC, TIER_STATIC, Candidate, pick_worker
 from tests.unit.builders import SpecBuilder
 
 

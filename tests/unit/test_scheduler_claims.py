@@ -1,6 +1,6 @@
-"""Unit tests of the scheduler's worker claims (services/scheduler/scheduler.py): a worker it dispatched to is
-not offered again until its assignment cache has caught up, and is offered again as soon as it has, even when
-the job started and ended between two cycles."""
+"""Unit tests of the scheduler's worker claims (services/scheduler/capacity.py and dispatcher.py): a worker it
+dispatched to is not offered again until its assignment cache has caught up, and is offered again as soon as it
+has, even when the job started and ended between two cycles."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ from libs.clock import FakeClock
 from libs.config import load_config
 from libs.etcd.client import KeyValue, WatchEvent
 from libs.keys import Keys
-from services.scheduler.scheduler import Candidate, Scheduler, SchedulerMetrics
+from services.scheduler.capacity import Capacity
+from services.scheduler.dispatcher import Dispatcher
+from services.scheduler.metrics import SchedulerMetrics
+from services.scheduler.placement import Candidate
 from tests.helpers import FIXTURE_CONFIG
 
 KEYS = Keys("/jobmesh")
@@ -31,35 +34,43 @@ def kv(key: str, value: bytes, revision: int) -> KeyValue:
     return KeyValue(key, value, revision, revision, 1, 0)
 
 
-def scheduler_with(worker_ids: list[str]) -> tuple[Scheduler, Cache]:
+@dataclass
+class Sched:
+    """The scheduler's capacity snapshot and dispatcher, over plain caches."""
+
+    capacity: Capacity
+    dispatcher: Dispatcher
+
+    def idle_workers(self) -> list[Candidate]:
+        return self.capacity.snapshot()
+
+    def on_assignment(self, event: WatchEvent) -> None:
+        self.capacity.on_assignment(event)
+
+
+def scheduler_with(worker_ids: list[str]) -> tuple[Sched, Cache]:
     workers, assignments = Cache(), Cache()
     for n, worker_id in enumerate(worker_ids, start=1):
         worker = t.Worker(worker_id=worker_id, pool_id="static-general", state=t.WORKER_STATE_IDLE)
         worker.capacity.cpu_millis, worker.capacity.memory_mb = 1000, 1024
         workers.cache[KEYS.worker(worker_id)] = kv(KEYS.worker(worker_id), worker.SerializeToString(), n)
-    sched = Scheduler(
-        KEYS,
-        load_config(FIXTURE_CONFIG),
-        FakeClock(1_700_000_000.0),
-        election=None,  # type: ignore[arg-type]
-        workers=workers,  # type: ignore[arg-type]
-        assignments=assignments,  # type: ignore[arg-type]
-        queueing=None,
-        metrics=SchedulerMetrics(CollectorRegistry()),
-    )
-    return sched, assignments
+    clock = FakeClock(1_700_000_000.0)
+    capacity = Capacity(load_config(FIXTURE_CONFIG), clock, workers, assignments)
+    metrics = SchedulerMetrics(CollectorRegistry())
+    dispatcher = Dispatcher(KEYS, clock, election=None, capacity=capacity, metrics=metrics)  # type: ignore[arg-type]
+    return Sched(capacity, dispatcher), assignments
 
 
-def dispatch(sched: Scheduler, cand: Candidate, job_id: str) -> t.Assignment:
+def dispatch(sched: Sched, cand: Candidate, job_id: str) -> t.Assignment:
     job = t.Job(job_id=job_id, tenant_id="acme", state=t.JOB_STATE_PENDING)
     job.spec.resources.cpu_millis, job.spec.resources.memory_mb = 100, 64
-    d = sched._prepare(q.QueuedJob(job=job, mod_revision=5), cand)
+    d = sched.dispatcher.prepare(q.QueuedJob(job=job, mod_revision=5), cand)
     assignment = t.Assignment()
-    assignment.ParseFromString(d.ops[1].request_put.value)
+    assignment.ParseFromString(d.txn.ops[1].request_put.value)
     return assignment
 
 
-def idle_ids(sched: Scheduler) -> list[str]:
+def idle_ids(sched: Sched) -> list[str]:
     return sorted(c.worker.worker_id for c in sched.idle_workers())
 
 
@@ -73,7 +84,7 @@ def test_a_worker_just_dispatched_to_is_not_offered_before_the_cache_shows_it() 
     assert idle_ids(sched) == ["w-2"]
 
 
-def dispatched_and_seen(sched: Scheduler, assignments: Cache) -> tuple[t.Assignment, str]:
+def dispatched_and_seen(sched: Sched, assignments: Cache) -> tuple[t.Assignment, str]:
     """Dispatches job-1 to the only worker, w-1, and hands the scheduler the informer's put of it."""
     (chosen,) = sched.idle_workers()
     assignment = dispatch(sched, chosen, "job-1")
@@ -105,11 +116,11 @@ def test_a_worker_stays_busy_while_its_assignment_is_in_the_cache() -> None:
 
 def test_only_a_freed_worker_wakes_the_scheduling_loop() -> None:
     sched, assignments = scheduler_with(["w-1"])
-    sched.capacity_changed.clear()
+    sched.capacity.changed.clear()
     assignment, key = dispatched_and_seen(sched, assignments)  # our own dispatch landing
-    assert not sched.capacity_changed.is_set()
+    assert not sched.capacity.changed.is_set()
 
     del assignments.cache[key]
     sched.on_assignment(WatchEvent("delete", kv(key, assignment.SerializeToString(), 11), 11))
 
-    assert sched.capacity_changed.is_set()
+    assert sched.capacity.changed.is_set()

@@ -1,0 +1,80 @@
+"""The scheduling cycle's pure parts and its fence (services/scheduler/): nomination in queue order, the settle
+phase that makes a fruitless cycle wait, and a cycle's leadership token refusing writes in a later term."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from jobmesh.common.v1 import types_pb2 as t
+from jobmesh.queueing.v1 import queueing_pb2 as q
+from libs.errors import NotLeader
+from libs.etcd.election import LeaderElection, Leadership
+from services.scheduler.placement import Candidate, nominate
+from services.scheduler.queue_client import QueueClient
+
+
+def worker(worker_id: str, cpu: int = 1000) -> Candidate:
+    w = t.Worker(worker_id=worker_id, pool_id="static-general")
+    w.capacity.cpu_millis, w.capacity.memory_mb = cpu, 1024
+    return Candidate(w, 1)
+
+
+def head(job_id: str, cpu: int) -> q.QueuedJob:
+    job = t.Job(job_id=job_id, tenant_id="acme")
+    job.spec.resources.cpu_millis, job.spec.resources.memory_mb = cpu, 64
+    return q.QueuedJob(job=job, mod_revision=1)
+
+
+def test_nomination_goes_in_queue_order_and_later_heads_see_what_earlier_ones_took() -> None:
+    idle = [worker("w-big", 2000), worker("w-small", 500)]
+
+    plan = nominate([head("j-1", 400), head("j-2", 1500), head("j-3", 100)], idle)
+
+    assert [(queued.job.job_id, cand.worker.worker_id) for queued, cand in plan] == [
+        ("j-1", "w-small"),  # the tightest fit
+        ("j-2", "w-big"),
+    ]
+    assert idle == []  # both one-slot workers are taken: j-3 waits
+
+
+class FakeQueue:
+    def __init__(self) -> None:
+        self.requests: list[q.NextJobsRequest] = []
+
+    async def NextJobs(self, request: q.NextJobsRequest, timeout: float) -> q.NextJobsResponse:
+        self.requests.append(request)
+        return q.NextJobsResponse(version=7)
+
+
+@pytest.mark.asyncio
+async def test_after_a_fruitless_cycle_the_next_asks_only_for_a_newer_queue_unless_capacity_moved() -> None:
+    stub = FakeQueue()
+    client = QueueClient(stub)
+    changed = asyncio.Event()
+
+    await client.heads(2, epoch=1, capacity_changed=changed)
+    client.settle(placed=0, epoch=1)
+    await client.heads(2, epoch=1, capacity_changed=changed)
+    await client.heads(2, epoch=2, capacity_changed=changed)  # a worker changed meanwhile
+
+    assert [r.after_version for r in stub.requests] == [-1, 7, -1]
+    assert stub.requests[0].limit == 2 * 2 + 4
+
+
+@pytest.mark.asyncio
+async def test_a_cycles_token_refuses_a_write_once_leadership_changed() -> None:
+    election = LeaderElection(etcd=None, key="/jobmesh/leader/scheduler", identity="a")  # type: ignore[arg-type]
+    election.leadership = Leadership("/jobmesh/leader/scheduler", 10, 1)
+    token = election.token()
+    election.leadership = Leadership("/jobmesh/leader/scheduler", 12, 2)  # lost it and won it again
+
+    with pytest.raises(NotLeader):
+        await election.fenced_txn([], [], token=token)
+
+
+def test_a_replica_that_does_not_lead_has_no_token() -> None:
+    election = LeaderElection(etcd=None, key="/jobmesh/leader/scheduler", identity="a")  # type: ignore[arg-type]
+    with pytest.raises(NotLeader):
+        election.token()
