@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -14,8 +15,8 @@ from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
 from jobmesh.queueing.v1 import queueing_pb2_grpc
 from libs.authz import AuthorizationInterceptor
 from libs.clock import SystemClock
-from libs.config import load_config
-from libs.etcd.client import Etcd
+from libs.config import MeshConfig, load_config
+from libs.etcd.client import Etcd, WatchEvent
 from libs.etcd.election import LeaderElection
 from libs.etcd.informer import Informer
 from libs.interceptors import ServerInterceptor, channel
@@ -24,7 +25,7 @@ from libs.lifecycle.store import JobStore
 from libs.meshpki import WorkerIssuer
 from libs.server import start_server
 from libs.settings import CommonSettings, SettingsError
-from services.poolmanager.controller import ControllerMetrics, PoolController, QueueDepthSource
+from services.poolmanager.controller import PoolController, QueueDepthSource
 from services.poolmanager.join import (
     JoinTokens,
     WorkerCertificateServicer,
@@ -32,6 +33,7 @@ from services.poolmanager.join import (
     server_only_credentials,
     start_join_server,
 )
+from services.poolmanager.metrics import ControllerMetrics
 from services.poolmanager.outcomes import JobOutcomes
 from services.poolmanager.pools import PoolsServicer
 from services.poolmanager.provider import LocalProcessProvider
@@ -89,58 +91,92 @@ async def maybe_start_join_server(
     return server
 
 
-async def run(settings: CommonSettings) -> None:
+@dataclass
+class _Shared:
+    """What the registry, the controller and the pools servicer share."""
+
+    config: MeshConfig
+    clock: SystemClock
+    etcd: Etcd
+    keys: Keys
+    queueing: grpc.aio.Channel
+    depth: QueueDepthSource
+    assignments: Informer
+    workers: Informer
+    outcomes: JobOutcomes
+    store: JobStore
+    election: LeaderElection
+
+
+async def _shared(settings: CommonSettings) -> _Shared:
     config = load_config(settings.config_path)
-    registry = CollectorRegistry()
-    clock = SystemClock()
     etcd = Etcd.from_settings(settings.etcd)
     await etcd.wait_ready()
     keys = Keys(settings.etcd.prefix)
-    lease_ttl = settings.get_int("JOBMESH_WORKER_LEASE_TTL", 6)
-    leader_ttl = settings.get_int("JOBMESH_LEADER_TTL", 5)
     queueing = channel(settings.peers.queueing, settings.tls)
-    depth = QueueDepthSource(queueing_pb2_grpc.QueueingServiceStub(queueing))
-
-    assignments = Informer(etcd, keys.assignments, name="assignments")
-    workers = Informer(etcd, keys.workers, name="workers")
     outcomes = JobOutcomes(etcd, keys, settings.server.replica_id)
     await outcomes.load()
-    store = JobStore(etcd, keys, counted_pools=[p.pool_id for p in config.pools if p.max_jobs_per_worker])
-    registry_servicer = WorkerRegistry(
-        etcd,
-        keys,
-        store,
-        config,
-        clock,
-        lease_ttl,
-        assignments,
-        workers,
+    leader_ttl = settings.get_int("JOBMESH_LEADER_TTL", 5)
+    return _Shared(
+        config=config,
+        clock=SystemClock(),
+        etcd=etcd,
+        keys=keys,
+        queueing=queueing,
+        depth=QueueDepthSource(queueing_pb2_grpc.QueueingServiceStub(queueing)),
+        assignments=Informer(etcd, keys.assignments, name="assignments"),
+        workers=Informer(etcd, keys.workers, name="workers"),
+        outcomes=outcomes,
+        store=JobStore(etcd, keys, counted_pools=[p.pool_id for p in config.pools if p.max_jobs_per_worker]),
+        election=LeaderElection(etcd, keys.leader("pool-manager"), settings.server.replica_id, ttl=leader_ttl),
+    )
+
+
+def _registry(settings: CommonSettings, shared: _Shared, registry: CollectorRegistry) -> WorkerRegistry:
+    return WorkerRegistry(
+        shared.etcd,
+        shared.keys,
+        shared.store,
+        shared.config,
+        shared.clock,
+        settings.get_int("JOBMESH_WORKER_LEASE_TTL", 6),
+        shared.assignments,
+        shared.workers,
         RegistryMetrics(registry),
-        outcomes,
+        shared.outcomes,
         # Under steady load a result waits this long to share its transaction with other workers' results.
         result_linger=settings.get_float("JOBMESH_RESULT_LINGER_MS", 4.0) / 1000,
     )
-    election = LeaderElection(etcd, keys.leader("pool-manager"), settings.server.replica_id, ttl=leader_ttl)
+
+
+def _controller(shared: _Shared, provider: LocalProcessProvider, registry: CollectorRegistry) -> PoolController:
+    return PoolController(
+        shared.keys,
+        shared.config,
+        shared.clock,
+        shared.election,
+        shared.workers,
+        shared.assignments,
+        provider,
+        ControllerMetrics(registry),
+        shared.depth,
+        shared.outcomes,
+        shared.store,
+    )
+
+
+async def run(settings: CommonSettings) -> None:
+    registry = CollectorRegistry()
+    shared = await _shared(settings)
+    registry_servicer = _registry(settings, shared, registry)
     # Workers we start inherit our settings (etcd is not theirs to use; they only talk to us) but not our
     # identities: each gets a worker certificate we issue.
     issuer = worker_issuer(settings)
     provider = LocalProcessProvider({k: v for k, v in os.environ.items() if k != "JOBMESH_REPLICA_ID"}, issuer)
-    controller = PoolController(
-        etcd,
-        keys,
-        config,
-        clock,
-        election,
-        workers,
-        assignments,
-        provider,
-        ControllerMetrics(registry),
-        depth,
-        outcomes,
-        store,
-    )
+    controller = _controller(shared, provider, registry)
+    assignments, workers, election = shared.assignments, shared.workers, shared.election
 
-    def on_assignment(event):  # type: ignore[no-untyped-def]
+    def on_assignment(event: WatchEvent) -> None:
         registry_servicer.on_assignment(event)
         controller.on_assignment_event(event)
 
@@ -150,9 +186,11 @@ async def run(settings: CommonSettings) -> None:
         informer.start()
     for informer in (assignments, workers):
         await informer.wait_synced()
-    join_tokens = JoinTokens(etcd, keys, config, clock)
-    pools = PoolsServicer(etcd, keys, config, workers, assignments, outcomes, depth, join_tokens)
-    certificates = WorkerCertificateServicer(issuer.ca, config)
+    join_tokens = JoinTokens(shared.etcd, shared.keys, shared.config, shared.clock)
+    pools = PoolsServicer(
+        shared.etcd, shared.keys, shared.config, workers, assignments, shared.outcomes, shared.depth, join_tokens
+    )
+    certificates = WorkerCertificateServicer(issuer.ca, shared.config)
     server = await start_server(
         "poolmanager",
         settings,
@@ -171,24 +209,25 @@ async def run(settings: CommonSettings) -> None:
     )
     join_server = await maybe_start_join_server(settings, registry, WorkerJoinServicer(join_tokens, issuer.ca))
     election.start()
-    loop_task = asyncio.create_task(controller.run(), name="pool-controller")
-    renewer = asyncio.create_task(renew_worker_certificates(issuer, election), name="worker-certificates")
-    flusher = asyncio.create_task(outcomes.flush_forever(), name="outcomes-flush")
+    tasks = [
+        asyncio.create_task(controller.run(), name="pool-controller"),
+        asyncio.create_task(renew_worker_certificates(issuer, election), name="worker-certificates"),
+        asyncio.create_task(shared.outcomes.flush_forever(), name="outcomes-flush"),
+    ]
 
     async def stop() -> None:
         if join_server is not None:
             await join_server.stop(settings.server.grace_seconds)
-        loop_task.cancel()
-        renewer.cancel()
-        flusher.cancel()
+        for task in tasks:
+            task.cancel()
         await election.stop()
         for informer in (assignments, workers):
             await informer.stop()
-        await outcomes.flush()
+        await shared.outcomes.flush()
 
     server.on_stop.append(stop)
     try:
         await server.serve_forever()
     finally:
-        await queueing.close()
-        await etcd.close()
+        await shared.queueing.close()
+        await shared.etcd.close()

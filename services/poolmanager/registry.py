@@ -1,4 +1,6 @@
-"""Worker registration, heartbeats, assignment streams and results; any replica serves these."""
+"""The worker registry's gRPC adapter (any replica serves it): registration and the Attach stream, heartbeats and
+results, each checked against the caller's certificate, then handed to the sessions (sessions.py) and the result
+recorder (results.py)."""
 
 from __future__ import annotations
 
@@ -7,67 +9,26 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
 from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
-from libs.batching import GroupCommit
 from libs.clock import Clock
 from libs.config import MeshConfig
-from libs.errors import Conflict, InvalidArgument
-from libs.etcd.client import Compare, Etcd, KeyValue, TxnResult, WatchEvent, cmp_missing, cmp_mod
+from libs.errors import InvalidArgument
+from libs.etcd.client import Etcd, WatchEvent
 from libs.etcd.informer import Informer
 from libs.identity import peer_identity
-from libs.jobs import ts
-from libs.keys import Keys, safe_segment
-from libs.lifecycle import txns
-from libs.lifecycle.codec import assignment_for_worker, decode_assignment, decode_worker
+from libs.keys import Keys
 from libs.lifecycle.store import JobStore
-from libs.lifecycle.transitions import RESULT_REASONS
-from libs.lifecycle.txns import Completion, Txn
-from libs.telemetry import job_id_var, tenant_id_var
-from services.poolmanager.binding import (
-    ResultBounds,
-    ResultOutOfRange,
-    WorkerIdentityMismatch,
-    check_result_numbers,
-    check_speaks_for,
-    clamp_to_pool,
-)
+from services.poolmanager.binding import ResultOutOfRange, WorkerIdentityMismatch, check_speaks_for
+from services.poolmanager.metrics import RegistryMetrics
 from services.poolmanager.outcomes import JobOutcomes
+from services.poolmanager.results import EndedAttempts, RegistryParts, ResultRecorder
+from services.poolmanager.sessions import WorkerSessions
+
+__all__ = ["RegistryMetrics", "WorkerRegistry"]
 
 log = logging.getLogger(__name__)
-
-
-# Ended attempts remembered until their assignment's delete is seen (a bound, not a working set).
-_ENDED_KEPT = 10_000
-# Reads of a re-registering worker's previous assignments before its registration is refused as a conflict.
-_RECLAIM_ROUNDS = 5
-
-
-class RegistryMetrics:
-    def __init__(self, registry: CollectorRegistry):
-        self.connected = Gauge(
-            "jobmesh_poolmanager_connected_workers", "Workers streaming from this replica.", registry=registry
-        )
-        self.cancels = Counter(
-            "jobmesh_poolmanager_cancels_sent_total",
-            "Running jobs a worker was told to stop (cancelled, or taken back from it).",
-            registry=registry,
-        )
-        self.results = Counter(
-            "jobmesh_poolmanager_results_total",
-            "Results reported by workers.",
-            ["pool", "outcome"],
-            registry=registry,
-        )
-        self.refusals = Counter(
-            "jobmesh_poolmanager_worker_refusals_total",
-            "Worker messages refused: another worker's id or lease, or a result whose numbers cannot be true.",
-            ["method", "reason"],
-            registry=registry,
-        )
 
 
 class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
@@ -85,70 +46,21 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         outcomes: JobOutcomes,
         result_linger: float = 0.0,
     ):
-        self.etcd = etcd
-        self.keys = keys
-        self.store = store
-        self.config = config
-        self.clock = clock
-        self.lease_ttl = lease_ttl
-        self.assignments = assignments
-        self.workers = workers
         self.metrics = metrics
-        self.outcomes = outcomes
-        self.streams: dict[str, asyncio.Queue[pm.ConnectResponse | pm.ResultAck]] = {}
+        parts = RegistryParts(etcd, keys, store, config, clock, assignments, workers, metrics, outcomes)
+        ended = EndedAttempts()
+        self.sessions = WorkerSessions(parts, lease_ttl, ended)
+        self.results = ResultRecorder(parts, ended, result_linger)
         self._acks: set[asyncio.Task[None]] = set()  # results from Attach streams being recorded
-        # Attempts whose results we are recording or have recorded, until their assignment's delete comes by:
-        # that delete means the job ended, not that it was cancelled, so the worker needs no word of it.
-        self._ended: dict[tuple[str, int], None] = {}
-        # Results that arrive while one transaction is in flight are recorded together in the next.
-        self.results: GroupCommit[Completion, str | None] = GroupCommit(
-            self._record_results, max_batch=32, name="result-writer", linger=result_linger
-        )
-
-    async def _record_results(self, batch: list[Completion]) -> list[str | Exception | None]:
-        for done in batch:
-            self._ended[(done.job_id, done.attempt)] = None
-        while len(self._ended) > _ENDED_KEPT:
-            del self._ended[next(iter(self._ended))]
-        pools = await self.store.complete_attempts(batch, self.clock.now(), cached=self._cached)
-        # Counted here, where the transaction landed, not by the caller: a report whose RPC was cancelled
-        # after its result was written still counts (its retry is refused as stale).
-        for done, pool in zip(batch, pools, strict=True):
-            if isinstance(pool, Exception):
-                continue  # not recorded: the worker retries it
-            if pool is None:
-                self.metrics.results.labels("unknown", "stale").inc()
-                continue
-            succeeded = done.result.get("exit_code") == 0 and done.result.get("reason") == "EXITED"
-            self.metrics.results.labels(pool, "succeeded" if succeeded else "failed").inc()
-            self.outcomes.record(pool, succeeded)
-        return pools
-
-    def _cached(self, key: str) -> KeyValue | None:
-        return self.assignments.cache.get(key) or self.workers.cache.get(key)
 
     def on_assignment(self, event: WatchEvent) -> None:
-        """Routes assignment changes to the worker's stream, if it is connected to this replica."""
-        worker_id = Keys.assignment_worker(event.kv.key)
-        queue = self.streams.get(worker_id)
-        if queue is None:
-            return
-        assignment = assignment_for_worker(event.kv.value)
-        if event.kind == "put":
-            queue.put_nowait(pm.ConnectResponse(assignment=assignment))
-        elif assignment.job_id:
-            attempt = (assignment.job_id, assignment.attempt)
-            if attempt in self._ended:
-                del self._ended[attempt]  # it ended: nothing to tell the worker
-            else:
-                queue.put_nowait(pm.ConnectResponse(cancel_job_id=assignment.job_id))  # withdrawn: cancel it
-                self.metrics.cancels.inc()
+        self.sessions.on_assignment(event)
 
     async def Connect(
         self, request: pm.ConnectRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pm.ConnectResponse]:
         self._bind(context, request.worker.worker_id, request.worker.pool_id, "Connect")
-        async for item in self._session(request.worker):
+        async for item in self.sessions.session(request.worker):
             if isinstance(item, pm.ConnectResponse):
                 yield item
 
@@ -162,7 +74,7 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         self._bind(context, worker_id, first.connect.worker.pool_id, "Attach")
         reader: asyncio.Task[None] | None = None
         try:
-            async for item in self._session(first.connect.worker):
+            async for item in self.sessions.session(first.connect.worker):
                 if reader is None:  # registered: results may come from now on
                     reader = asyncio.create_task(self._read_results(request_iterator, worker_id))
                 if isinstance(item, pm.ResultAck):
@@ -186,134 +98,25 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
 
     async def _acknowledge(self, result: pm.ReportResultRequest, worker_id: str) -> None:
         try:
-            accepted = await self._record(result)
+            accepted = await self.results.record(result)
         except ResultOutOfRange:
             accepted = False  # refused for good: sending it again changes nothing
         except Exception as exc:  # unacknowledged: the worker sends it again with ReportResult
             log.warning("result on the stream not recorded: %s", exc, extra={"job_id": result.job_id})
             return
-        queue = self.streams.get(worker_id)
-        if queue is not None:
-            queue.put_nowait(pm.ResultAck(job_id=result.job_id, attempt=result.attempt, accepted=accepted))
-
-    async def _session(self, worker: t.Worker) -> AsyncIterator[pm.ConnectResponse | pm.ResultAck]:
-        """Registers the worker and streams what it must hear: its registration, its current assignment, then
-        assignments, cancellations and (on an Attach stream) acknowledgements of its results."""
-        if not safe_segment(worker.worker_id):
-            raise InvalidArgument("worker.worker_id", "is not a valid id")
-        pool = self.config.pool(worker.pool_id)
-        if pool is None:
-            raise InvalidArgument("worker.pool_id", f"unknown pool {worker.pool_id!r}")
-        cut = clamp_to_pool(worker, pool)
-        if cut:
-            log.warning("worker %s declared more than pool %s grants: %s", worker.worker_id, pool.pool_id, cut)
-        key = self.keys.worker(worker.worker_id)
-        existing = await self.etcd.get(key)
-        # A worker that reconnects through another replica keeps its lease, and so its identity and job; only its
-        # own lease, the one its record is bound to (any other would be kept alive by someone else's word).
-        lease_id = worker.lease_id
-        if lease_id and (existing is None or existing.lease != lease_id):
-            if existing is not None:  # (no record: its lease ran out, the common case of a lost worker)
-                log.warning(
-                    "worker %s presented lease %x, not its own: registering it afresh", worker.worker_id, lease_id
-                )
-                self.metrics.refusals.labels("Connect", "LEASE_NOT_OWNED").inc()
-            lease_id = 0
-        if not lease_id or await self.etcd.refresh(lease_id) <= 0:
-            # A new incarnation (restarted, or declared lost): whatever was assigned to the old one is not ours
-            # to run again. Take it back as a lost worker's, so that attempt never runs twice.
-            await self._reclaim_previous(worker.worker_id)
-            lease_id = await self.etcd.grant(self.lease_ttl)
-        worker.lease_id = lease_id
-        worker.register_time.CopyFrom(ts(self.clock.now()))
-        if existing is not None and existing.lease == lease_id:
-            known = decode_worker(existing.value)
-            if worker.state != t.WORKER_STATE_DRAINING:  # a draining worker says so when it registers again
-                worker.state = known.state
-            worker.jobs_run = max(worker.jobs_run, known.jobs_run)
-        await self.etcd.put(key, worker.SerializeToString(), lease=lease_id)
-        queue: asyncio.Queue[pm.ConnectResponse | pm.ResultAck] = asyncio.Queue()
-        self.streams[worker.worker_id] = queue
-        self.metrics.connected.set(len(self.streams))
-        log.info("worker %s registered (pool %s, lease %x)", worker.worker_id, worker.pool_id, lease_id)
-        pool = self.config.pool(worker.pool_id)
-        grace = pool.drain_grace_seconds if pool is not None else 0.0
-        try:
-            yield pm.ConnectResponse(registered=worker, lease_ttl_seconds=self.lease_ttl, drain_grace_seconds=grace)
-            held = self.keys.worker_assignments(worker.worker_id)
-            for key, current in list(self.assignments.cache.items()):
-                if key.startswith(held):
-                    yield pm.ConnectResponse(assignment=assignment_for_worker(current.value))
-            while True:
-                yield await queue.get()
-        finally:
-            if self.streams.get(worker.worker_id) is queue:
-                del self.streams[worker.worker_id]
-            self.metrics.connected.set(len(self.streams))
-
-    async def _reclaim_previous(self, worker_id: str) -> None:
-        """Takes back what the worker's previous incarnation held, through the one reclaim path, fenced by the
-        worker's record as read (so a registration of the same worker through another replica is never
-        overtaken). Rounds until nothing is held: a round that lost a race reads again."""
-        key = self.keys.worker(worker_id)
-        for _ in range(_RECLAIM_ROUNDS):
-            existing = await self.etcd.get(key)
-            fence = cmp_missing(key) if existing is None else cmp_mod(key, existing.mod_revision)
-            held, _, _ = await self.etcd.get_prefix(self.keys.worker_assignments(worker_id))
-            if not held:
-                return
-            for assign_kv in held:
-                await self._reclaim_one(worker_id, assign_kv, fence)
-        raise Conflict(f"worker {worker_id}'s previous assignments kept changing; register again")
-
-    async def _reclaim_one(self, worker_id: str, assign_kv: KeyValue, fence: Compare) -> None:
-        async def commit(txn: Txn) -> TxnResult:
-            return await self.etcd.txn([fence, *txn.compares], txn.ops)
-
-        job = await self.store.reclaim(worker_id, assign_kv, self.clock.now(), commit)
-        if job is not None:
-            log.warning(
-                "worker %s came back without its lease; attempt %d %s",
-                worker_id,
-                job.attempt,
-                "will be retried" if job.state == t.JOB_STATE_PENDING else "failed (WORKER_LOST)",
-                extra={"job_id": job.job_id, "tenant_id": job.tenant_id},
-            )
-            if job.state == t.JOB_STATE_FAILED:
-                self.outcomes.record(job.pool_id, False)
+        self.sessions.acknowledge(
+            worker_id, pm.ResultAck(job_id=result.job_id, attempt=result.attempt, accepted=accepted)
+        )
 
     async def Heartbeat(self, request: pm.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pm.HeartbeatResponse:
         self._bind(context, request.worker_id, None, "Heartbeat")
-        ttl = 0
-        if request.lease_id:
-            # Only the lease the worker's record is bound to; any other is not refreshed and the worker hears it
-            # is not alive (a worker that lost its lease registers again).
-            bound = await self._lease_of(request.worker_id, request.lease_id)
-            if bound == request.lease_id:
-                ttl = await self.etcd.refresh(request.lease_id)
-            elif bound:
-                log.warning(
-                    "heartbeat of worker %s for lease %x, not its own: not refreshed",
-                    request.worker_id,
-                    request.lease_id,
-                )
-                self.metrics.refusals.labels("Heartbeat", "LEASE_NOT_OWNED").inc()
-        if ttl > 0 and (request.unhealthy_reason or request.draining) and safe_segment(request.worker_id):
-            why = f"failed its health check ({request.unhealthy_reason[:200]})" if request.unhealthy_reason else ""
-            await self._mark_draining(request.worker_id, request.lease_id, why or "is stopping")
-        return pm.HeartbeatResponse(alive=ttl > 0)
+        return pm.HeartbeatResponse(alive=await self.sessions.heartbeat(request))
 
-    async def _lease_of(self, worker_id: str, expected: int) -> int:
-        """The lease `worker_id`'s record is bound to (0: no record): the watch cache when it agrees with
-        `expected`, else etcd (the cache may lag a registration)."""
-        if not safe_segment(worker_id):
-            return 0
-        key = self.keys.worker(worker_id)
-        cached = self.workers.cache.get(key)
-        if cached is not None and cached.lease == expected:
-            return expected
-        current = await self.etcd.get(key)
-        return current.lease if current is not None else 0
+    async def ReportResult(
+        self, request: pm.ReportResultRequest, context: grpc.aio.ServicerContext
+    ) -> pm.ReportResultResponse:
+        self._bind(context, request.worker_id, None, "ReportResult")
+        return pm.ReportResultResponse(accepted=await self.results.record(request))
 
     def _bind(self, context: grpc.aio.ServicerContext, worker_id: str, pool_id: str | None, method: str) -> None:
         """Refuses a message that names another worker than the caller's certificate (nothing is written)."""
@@ -325,74 +128,3 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
             log.warning("refused: caller=%s method=%s worker_id=%s: %s", caller, method, worker_id, err.message)
             self.metrics.refusals.labels(method, err.reason).inc()
             raise
-
-    async def _mark_draining(self, worker_id: str, lease_id: int, why: str) -> None:
-        """DRAINING takes the worker out of scheduling; the leader stops it once it has no job, and the pool's
-        policy replaces it. Written only under the worker's own lease, so a record of a later incarnation is never
-        touched."""
-        key = self.keys.worker(worker_id)
-        kv = await self.etcd.get(key)
-        if kv is None or kv.lease != lease_id:
-            return
-        txn = txns.drain_worker(self.keys, kv, only_if_idle=False)
-        if txn is not None and (await self.etcd.txn(txn.compares, txn.ops)).succeeded:
-            log.warning("worker %s %s: draining it", worker_id, why)
-
-    async def ReportResult(
-        self, request: pm.ReportResultRequest, context: grpc.aio.ServicerContext
-    ) -> pm.ReportResultResponse:
-        self._bind(context, request.worker_id, None, "ReportResult")
-        return pm.ReportResultResponse(accepted=await self._record(request))
-
-    async def _record(self, request: pm.ReportResultRequest) -> bool:
-        """Records a worker's result: True, or False when it was stale (and refused)."""
-        job_id_var.set(request.job_id)
-        tenant_id_var.set(request.tenant_id)
-        if request.reason not in RESULT_REASONS:
-            raise InvalidArgument("reason", f"must be one of {sorted(RESULT_REASONS)}")
-        bounds = await self._result_bounds(request)
-        if bounds is None:  # no such assignment: stale, as the transaction would find
-            log.warning("rejected stale result for attempt %d from %s", request.attempt, request.worker_id)
-            return False
-        try:
-            check_result_numbers(request.run_seconds, request.cpu_seconds, request.max_memory_mb, bounds)
-        except ResultOutOfRange as err:
-            log.warning("refused a result from worker %s: %s", request.worker_id, err.message)
-            self.metrics.refusals.labels("ReportResult", err.reason).inc()
-            raise
-        pool = await self.results.submit(
-            Completion(
-                request.tenant_id,
-                request.job_id,
-                request.attempt,
-                request.worker_id,
-                {
-                    "exit_code": request.exit_code,
-                    "reason": request.reason,
-                    "message": request.message,
-                    "cpu_seconds": request.cpu_seconds,
-                    "max_memory_mb": request.max_memory_mb,
-                },
-                request.unhealthy_reason,
-            )
-        )
-        if pool is None:
-            log.warning("rejected stale result for attempt %d from %s", request.attempt, request.worker_id)
-            return False
-        return True
-
-    async def _result_bounds(self, request: pm.ReportResultRequest) -> ResultBounds | None:
-        """What the attempt being reported could have used, from the assignment the worker holds (None: it holds
-        none for that job)."""
-        if not (safe_segment(request.worker_id) and safe_segment(request.job_id)):
-            return None
-        key = self.keys.assignment(request.worker_id, request.job_id)
-        kv = self.assignments.cache.get(key) or await self.etcd.get(key)
-        if kv is None:
-            return None
-        held = decode_assignment(kv.value)
-        pool = self.config.pool(held.job.pool_id)
-        if pool is None:
-            return None
-        assigned = held.assign_time.ToNanoseconds() / 1e9 if held.HasField("assign_time") else None
-        return ResultBounds.of(pool, assigned, self.clock.now())

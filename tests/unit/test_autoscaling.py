@@ -1,4 +1,4 @@
-"""Unit tests for the autoscaling policy (services/poolmanager/controller.py `scaling_target`): pure, no etcd."""
+"""Unit tests for the autoscaling policy (services/poolmanager/reconciler.py `scaling_target`): pure, no etcd."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from libs.config import PoolConfig
-from services.poolmanager.controller import PoolLoad, scaling_target
+from services.poolmanager.reconciler import PoolLoad, scaling_target
 from tests.unit.builders import ConfigBuilder
 
 
