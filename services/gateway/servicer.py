@@ -9,25 +9,28 @@ from typing import TypeVar
 import grpc
 from google.api import httpbody_pb2
 from opentelemetry import trace
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.cost.v1 import cost_pb2 as c
+from jobmesh.cost.v1 import cost_pb2_grpc
 from jobmesh.gateway.v1 import gateway_pb2 as g
 from jobmesh.gateway.v1 import gateway_pb2_grpc
 from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
+from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
 from jobmesh.queueing.v1 import queueing_pb2 as q
+from jobmesh.queueing.v1 import queueing_pb2_grpc
 from jobmesh.quota.v1 import quota_pb2 as qt
+from jobmesh.quota.v1 import quota_pb2_grpc
 from libs.auth import Principal, TokenVerifier
 from libs.batching import GroupCommit
 from libs.clock import Clock
 from libs.config import MeshConfig
-from libs.errors import InvalidArgument, JobMeshError, NotFound, PermissionDenied, from_item_error
-from libs.interceptors import error_from_rpc
-from libs.jobs import new_job_id, validate_spec
+from libs.errors import InvalidArgument, NotFound, PermissionDenied, from_item_error
 from libs.keys import safe_segment
 from libs.telemetry import job_id_var, tenant_id_var
 from services.gateway.metrics_scrape import scrape_all
+from services.gateway.submit import BudgetGate, SubmitSaga
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,13 @@ class Backends:
     submits ask while one call is in flight shares the next call (a lone submit is sent at once), so under
     load each of the two hops costs one call per batch instead of one per job."""
 
-    def __init__(self, quota: object, queueing: object, poolmanager: object, cost: object):
+    def __init__(
+        self,
+        quota: quota_pb2_grpc.QuotaServiceStub,
+        queueing: queueing_pb2_grpc.QueueingServiceStub,
+        poolmanager: poolmanager_pb2_grpc.PoolManagerServiceStub,
+        cost: cost_pb2_grpc.CostServiceStub,
+    ):
         self.quota = quota
         self.queueing = queueing
         self.poolmanager = poolmanager
@@ -67,16 +76,23 @@ class Backends:
     async def enqueue(self, request: q.EnqueueRequest) -> q.EnqueueResponse:
         return await self._enqueues.submit((request, trace.get_current_span().get_span_context()))
 
+    async def release(self, tenant_id: str, job_id: str) -> None:
+        """Gives a reservation back; if that fails it expires by itself."""
+        try:
+            await self.quota.Release(qt.ReleaseRequest(tenant_id=tenant_id, job_id=job_id), timeout=2.0)
+        except grpc.aio.AioRpcError:
+            log.warning("could not release a reservation; it expires by itself")
+
     async def _reserve_many(self, batch: list[_Traced[qt.ReserveRequest]]) -> list[qt.ReserveResponse | Exception]:
         with _batch_span("reserve", batch):
             request = qt.ReserveManyRequest(reservations=[r for r, _ in batch])
-            resp = await self.quota.ReserveMany(request, timeout=5.0)  # type: ignore[attr-defined]
+            resp = await self.quota.ReserveMany(request, timeout=5.0)
         return [o.reserved if o.HasField("reserved") else from_item_error(o.error) for o in resp.outcomes]
 
     async def _enqueue_many(self, batch: list[_Traced[q.EnqueueRequest]]) -> list[q.EnqueueResponse | Exception]:
         with _batch_span("enqueue", batch):
             request = q.EnqueueManyRequest(items=[r for r, _ in batch])
-            resp = await self.queueing.EnqueueMany(request, timeout=10.0)  # type: ignore[attr-defined]
+            resp = await self.queueing.EnqueueMany(request, timeout=10.0)
         return [o.enqueued if o.HasField("enqueued") else from_item_error(o.error) for o in resp.outcomes]
 
 
@@ -126,42 +142,13 @@ def check_job_id(job_id: str) -> None:
         raise NotFound(f"job {job_id!r} not found", reason="JOB_NOT_FOUND")
 
 
-class BudgetGate:
-    """Asks the cost service whether a tenant may still submit; remembers the answer briefly to stay off the hot
-    path (an enforced budget may overshoot by what is submitted within that window)."""
-
-    def __init__(self, cost: object, clock: Clock, ttl: float = 2.0):
-        self.cost = cost
-        self.clock = clock
-        self.ttl = ttl
-        self._known: dict[str, tuple[float, JobMeshError | None]] = {}
-
-    async def check(self, tenant_id: str) -> None:
-        now = self.clock.monotonic()
-        known = self._known.get(tenant_id)
-        if known is None or now - known[0] > self.ttl:
-            refusal: JobMeshError | None = None
-            try:
-                await self.cost.CheckBudget(c.CheckBudgetRequest(tenant_id=tenant_id), timeout=2.0)  # type: ignore[attr-defined]
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    # Cost being down must not stop admission; budgets are re-checked shortly.
-                    log.warning("budget check unavailable: %s", exc.code().name)
-                    return
-                refusal = error_from_rpc(exc)  # keeps BUDGET_EXCEEDED and its limit/spent metadata
-            known = (now, refusal)
-            self._known[tenant_id] = known
-        if known[1] is not None:
-            raise known[1]
-
-
 class JobsServicer(gateway_pb2_grpc.JobServiceServicer):
     def __init__(self, auth: Authenticator, backends: Backends, config: MeshConfig, clock: Clock):
         self.auth = auth
         self.b = backends
         self.config = config
         self.clock = clock
-        self.budgets = BudgetGate(backends.cost, clock)
+        self.submits = SubmitSaga(config, clock, BudgetGate(backends.cost, clock), backends, backends)
 
     def _scope(self, principal: Principal) -> str:
         """Tenant to look jobs up in: the caller's own, or any (empty) for an admin."""
@@ -169,39 +156,13 @@ class JobsServicer(gateway_pb2_grpc.JobServiceServicer):
 
     async def SubmitJob(self, request: g.SubmitJobRequest, context: grpc.aio.ServicerContext) -> t.Job:
         principal = self.auth(context)
-        spec = request.spec
-        now = self.clock.now()
-        validate_spec(spec, self.config, now)
-        await self.budgets.check(principal.tenant_id)
-        # A submission, not a record: the queueing service creates the record from it (libs/lifecycle).
-        job = t.Job(job_id=new_job_id(now), tenant_id=principal.tenant_id, spec=spec)
-        job_id_var.set(job.job_id)
-        reserved = await self.b.reserve(
-            qt.ReserveRequest(tenant_id=job.tenant_id, job_id=job.job_id, resources=spec.resources, burst=spec.burst)
-        )
-        job.burst_session_id = reserved.burst_session_id
-        try:
-            stored = await self.b.enqueue(q.EnqueueRequest(job=job))
-        except BaseException:
-            await self._release(job)
-            raise
-        if not stored.created:
-            await self._release(job)  # an idempotent replay: the first job holds the quota already
-        else:
-            log.info("job accepted")
-        return stored.job
-
-    async def _release(self, job: t.Job) -> None:
-        try:
-            await self.b.quota.Release(qt.ReleaseRequest(tenant_id=job.tenant_id, job_id=job.job_id), timeout=2.0)  # type: ignore[attr-defined]
-        except grpc.aio.AioRpcError:
-            log.warning("could not release a reservation; it expires by itself")
+        return await self.submits.submit(principal.tenant_id, request.spec)
 
     async def _with_cost(self, job: t.Job) -> t.Job:
         if job.attempt == 0:
             return job
         try:
-            resp = await self.b.cost.GetJobCost(c.GetJobCostRequest(job=job), timeout=2.0)  # type: ignore[attr-defined]
+            resp = await self.b.cost.GetJobCost(c.GetJobCostRequest(job=job), timeout=2.0)
             job.cost.CopyFrom(resp.cost)
         except grpc.aio.AioRpcError as exc:
             log.warning("cost unavailable for job: %s", exc.code().name)
@@ -211,7 +172,7 @@ class JobsServicer(gateway_pb2_grpc.JobServiceServicer):
         principal = self.auth(context)
         check_job_id(request.job_id)
         job_id_var.set(request.job_id)
-        resp = await self.b.queueing.GetJob(  # type: ignore[attr-defined]
+        resp = await self.b.queueing.GetJob(
             q.GetJobRequest(tenant_id=self._scope(principal), job_id=request.job_id), timeout=5.0
         )
         return await self._with_cost(resp.job)
@@ -224,7 +185,7 @@ class JobsServicer(gateway_pb2_grpc.JobServiceServicer):
         order = " ".join(request.order_by.lower().replace("+", " ").split())
         if order not in ORDERS:
             raise InvalidArgument("order_by", 'must be "create_time" or "create_time desc"')
-        resp = await self.b.queueing.ListJobs(  # type: ignore[attr-defined]
+        resp = await self.b.queueing.ListJobs(
             q.ListJobsRequest(
                 tenant_id=principal.tenant_id,
                 state=request.state,
@@ -240,7 +201,7 @@ class JobsServicer(gateway_pb2_grpc.JobServiceServicer):
         principal = self.auth(context)
         check_job_id(request.job_id)
         job_id_var.set(request.job_id)
-        resp = await self.b.queueing.CancelJob(  # type: ignore[attr-defined]
+        resp = await self.b.queueing.CancelJob(
             q.CancelJobRequest(tenant_id=self._scope(principal), job_id=request.job_id), timeout=10.0
         )
         log.info("job cancelled")
@@ -254,12 +215,12 @@ class TenantsServicer(gateway_pb2_grpc.TenantServiceServicer):
 
     async def GetQuota(self, request: g.GetQuotaRequest, context: grpc.aio.ServicerContext) -> object:
         require_tenant_access(self.auth(context), request.tenant_id)
-        resp = await self.b.quota.GetQuota(qt.GetQuotaRequest(tenant_id=request.tenant_id), timeout=5.0)  # type: ignore[attr-defined]
+        resp = await self.b.quota.GetQuota(qt.GetQuotaRequest(tenant_id=request.tenant_id), timeout=5.0)
         return resp.quota
 
     async def UpdateQuota(self, request: g.UpdateQuotaRequest, context: grpc.aio.ServicerContext) -> object:
         require_admin(self.auth(context))
-        resp = await self.b.quota.UpdateQuota(  # type: ignore[attr-defined]
+        resp = await self.b.quota.UpdateQuota(
             qt.UpdateQuotaRequest(tenant_id=request.tenant_id, limits=request.limits), timeout=5.0
         )
         return resp.quota
@@ -267,7 +228,7 @@ class TenantsServicer(gateway_pb2_grpc.TenantServiceServicer):
     async def RequestBurst(self, request: g.RequestBurstRequest, context: grpc.aio.ServicerContext) -> object:
         principal = self.auth(context)
         require_tenant_access(principal, request.tenant_id)
-        resp = await self.b.quota.RequestBurst(  # type: ignore[attr-defined]
+        resp = await self.b.quota.RequestBurst(
             qt.RequestBurstRequest(
                 tenant_id=request.tenant_id,
                 cpu_millis=request.cpu_millis,
@@ -282,12 +243,12 @@ class TenantsServicer(gateway_pb2_grpc.TenantServiceServicer):
 
     async def GetBudget(self, request: g.GetBudgetRequest, context: grpc.aio.ServicerContext) -> object:
         require_tenant_access(self.auth(context), request.tenant_id)
-        resp = await self.b.cost.GetBudget(c.GetBudgetRequest(tenant_id=request.tenant_id), timeout=5.0)  # type: ignore[attr-defined]
+        resp = await self.b.cost.GetBudget(c.GetBudgetRequest(tenant_id=request.tenant_id), timeout=5.0)
         return resp.budget
 
     async def UpdateBudget(self, request: g.UpdateBudgetRequest, context: grpc.aio.ServicerContext) -> object:
         require_admin(self.auth(context))
-        resp = await self.b.cost.UpdateBudget(  # type: ignore[attr-defined]
+        resp = await self.b.cost.UpdateBudget(
             c.UpdateBudgetRequest(
                 tenant_id=request.tenant_id, monthly_limit=request.monthly_limit, policy=request.policy
             ),
@@ -299,7 +260,7 @@ class TenantsServicer(gateway_pb2_grpc.TenantServiceServicer):
         self, request: g.UpdateFairShareRequest, context: grpc.aio.ServicerContext
     ) -> g.UpdateFairShareResponse:
         require_admin(self.auth(context))
-        resp = await self.b.queueing.SetTenantWeight(  # type: ignore[attr-defined]
+        resp = await self.b.queueing.SetTenantWeight(
             q.SetTenantWeightRequest(tenant_id=request.tenant_id, weight=request.weight), timeout=5.0
         )
         return g.UpdateFairShareResponse(tenant_id=resp.tenant_id, weight=resp.weight)
@@ -312,21 +273,19 @@ class PoolsServicer(gateway_pb2_grpc.PoolServiceServicer):
 
     async def ListPools(self, request: g.ListPoolsRequest, context: grpc.aio.ServicerContext) -> g.ListPoolsResponse:
         self.auth(context)
-        resp = await self.b.poolmanager.ListPools(pm.ListPoolsRequest(), timeout=5.0)  # type: ignore[attr-defined]
+        resp = await self.b.poolmanager.ListPools(pm.ListPoolsRequest(), timeout=5.0)
         return g.ListPoolsResponse(pools=resp.pools)
 
     async def GetPoolMetrics(self, request: g.GetPoolMetricsRequest, context: grpc.aio.ServicerContext) -> object:
         self.auth(context)
-        resp = await self.b.poolmanager.GetPoolMetrics(  # type: ignore[attr-defined]
-            pm.GetPoolMetricsRequest(pool_id=request.pool_id), timeout=5.0
-        )
+        resp = await self.b.poolmanager.GetPoolMetrics(pm.GetPoolMetricsRequest(pool_id=request.pool_id), timeout=5.0)
         return resp.metrics
 
     async def GetScalingHistory(
         self, request: g.GetScalingHistoryRequest, context: grpc.aio.ServicerContext
     ) -> g.GetScalingHistoryResponse:
         self.auth(context)
-        resp = await self.b.poolmanager.GetScalingHistory(  # type: ignore[attr-defined]
+        resp = await self.b.poolmanager.GetScalingHistory(
             pm.GetScalingHistoryRequest(pool_id=request.pool_id, page_size=request.page_size), timeout=5.0
         )
         return g.GetScalingHistoryResponse(events=resp.events)
@@ -348,7 +307,7 @@ class CostReportsServicer(gateway_pb2_grpc.CostServiceServicer):
             tenant_id = principal.tenant_id
         else:
             require_tenant_access(principal, tenant_id)
-        resp = await self.b.cost.GetCostReports(  # type: ignore[attr-defined]
+        resp = await self.b.cost.GetCostReports(
             c.GetCostReportsRequest(tenant_id=tenant_id, start=request.start, end=request.end), timeout=10.0
         )
         out = g.GetCostReportsResponse(reports=resp.reports)
@@ -358,7 +317,7 @@ class CostReportsServicer(gateway_pb2_grpc.CostServiceServicer):
 
 
 class MetricsServicer(gateway_pb2_grpc.MetricsServiceServicer):
-    def __init__(self, auth: Authenticator, targets: tuple[str, ...], own_metrics: object):
+    def __init__(self, auth: Authenticator, targets: tuple[str, ...], own_metrics: CollectorRegistry):
         self.auth = auth
         self.targets = targets
         self.own_metrics = own_metrics
@@ -367,6 +326,6 @@ class MetricsServicer(gateway_pb2_grpc.MetricsServiceServicer):
         self, request: g.GetPrometheusMetricsRequest, context: grpc.aio.ServicerContext
     ) -> httpbody_pb2.HttpBody:
         require_admin(self.auth(context))
-        own = generate_latest(self.own_metrics).decode()  # type: ignore[arg-type]
+        own = generate_latest(self.own_metrics).decode()
         text = await scrape_all(self.targets, own)
         return httpbody_pb2.HttpBody(content_type="text/plain; version=0.0.4; charset=utf-8", data=text.encode())

@@ -127,11 +127,19 @@ class QuotaManager:
 
     def reserve(self, tenant_id: str, job_id: str, cpu_millis: int, memory_mb: int, burst: bool) -> str:
         """Admits or refuses; holds the resources until the job is seen ending. Returns the burst session used.
+        A job more than the tenant could ever hold (quota plus its largest burst) is refused as NEVER_FITS.
 
         Without burst the tenant's admitted work must fit its quota. With `burst` and an active session it must fit
         the quota plus the session's grant, resource by resource; a job admitted beyond the quota is marked with
         the session so that it is priced at the burst premium.
         """
+        too_big = self.never_fits(tenant_id, cpu_millis, memory_mb)
+        if too_big is not None:
+            raise InvalidArgument(
+                f"resources.{too_big}" if too_big != "concurrent_jobs" else "resources",
+                "is more than this tenant's quota plus the largest burst could ever admit",
+                reason="NEVER_FITS",
+            )
         state = self._state(tenant_id)
         state.expire(self.clock.monotonic())
         if job_id in state.live:
@@ -169,9 +177,19 @@ class QuotaManager:
             return False
         return self._exceeded(state.usage.plus(cpu_millis, memory_mb), self.limits(tenant_id)) is not None
 
+    def needs_session(self, tenant_id: str, job_id: str, cpu_millis: int, memory_mb: int, burst: bool) -> bool:
+        """A burst submit beyond the quota, with no active session, that could ever fit: it opens one."""
+        return (
+            burst
+            and self.over_quota(tenant_id, job_id, cpu_millis, memory_mb)
+            and self.never_fits(tenant_id, cpu_millis, memory_mb) is None
+            and self.active_session(tenant_id) is None
+        )
+
     def session_at_submit(self, tenant_id: str) -> BurstSession:
-        """Opens the session a burst submit beyond the quota asks for implicitly: the tenant's cap of the pool, or
-        what is left of it if less; BURST_UNAVAILABLE when nothing is left (the caller persists it)."""
+        """The session a burst submit beyond the quota asks for implicitly: the tenant's cap of the pool, or what
+        is left of it if less; BURST_UNAVAILABLE when nothing is left. Planned, not opened: the caller persists it,
+        then opens it."""
         policy = self.burst_policy
         cap, left = policy.tenant_cap(), self.burst_left()
         cpu = min(cap.cpu_millis, left.cpu_millis)
@@ -189,7 +207,7 @@ class QuotaManager:
                 },
             )
         duration = min(policy.session_at_submit_seconds, policy.max_duration_seconds)
-        return self.grant_burst(tenant_id, cpu, mem, jobs, duration, "submit")
+        return self.plan_burst(tenant_id, cpu, mem, jobs, duration, "submit")
 
     def never_fits(self, tenant_id: str, cpu_millis: int, memory_mb: int) -> str | None:
         """The resource a job asks more of than the tenant could ever hold (quota plus its largest burst)."""
@@ -238,6 +256,16 @@ class QuotaManager:
             state.add(holding)
 
     def set_limits(self, tenant_id: str, cpu: int | None, mem: int | None, jobs: int | None) -> QuotaLimits:
+        """`limits_after` applied at once (for callers with nothing to persist first)."""
+        updated = self.limits_after(tenant_id, cpu, mem, jobs)
+        self.apply_limits(tenant_id, updated)
+        return updated
+
+    def apply_limits(self, tenant_id: str, limits: QuotaLimits) -> None:
+        self.overrides[tenant_id] = limits
+
+    def limits_after(self, tenant_id: str, cpu: int | None, mem: int | None, jobs: int | None) -> QuotaLimits:
+        """The tenant's limits with the given ones changed (None: kept), validated, not applied."""
         self.check_tenant(tenant_id)
         current = self.limits(tenant_id)
         for name, value in (("cpu_millis", cpu), ("memory_mb", mem), ("concurrent_jobs", jobs)):
@@ -249,12 +277,24 @@ class QuotaManager:
             memory_mb=current.memory_mb if mem is None else mem,
             concurrent_jobs=current.concurrent_jobs if jobs is None else jobs,
         )
-        self.overrides[tenant_id] = updated
         return updated
 
     def grant_burst(
         self, tenant_id: str, cpu: int, mem: int, jobs: int, duration: int, requested_by: str
     ) -> BurstSession:
+        """`plan_burst` opened at once (for callers with nothing to persist first)."""
+        session = self.plan_burst(tenant_id, cpu, mem, jobs, duration, requested_by)
+        self.open_session(session)
+        return session
+
+    def open_session(self, session: BurstSession) -> None:
+        """A planned session takes effect (after it was stored)."""
+        self.sessions[session.session_id] = session
+
+    def plan_burst(
+        self, tenant_id: str, cpu: int, mem: int, jobs: int, duration: int, requested_by: str
+    ) -> BurstSession:
+        """The session a grant would open, validated against the pool and the tenant's cap; not opened."""
         self.check_tenant(tenant_id)
         policy = self.burst_policy
         if min(cpu, mem, jobs) < 0 or (cpu == 0 and mem == 0 and jobs == 0):
@@ -288,9 +328,7 @@ class QuotaManager:
                     "max_tenant_share": f"{policy.max_tenant_share:g}",
                 },
             )
-        session = BurstSession(uuid.uuid4().hex[:16], tenant_id, cpu, mem, jobs, now, now + duration, requested_by)
-        self.sessions[session.session_id] = session
-        return session
+        return BurstSession(uuid.uuid4().hex[:16], tenant_id, cpu, mem, jobs, now, now + duration, requested_by)
 
     def audit_for(self, tenant_id: str, limit: int = 20) -> list[BurstSession]:
         return [s for s in reversed(self.audit) if s.tenant_id == tenant_id][:limit]

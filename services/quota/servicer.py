@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from jobmesh.common.v1 import quota_pb2 as qt
 from jobmesh.quota.v1 import quota_pb2 as q
 from jobmesh.quota.v1 import quota_pb2_grpc
-from libs.errors import InvalidArgument, JobMeshError, item_error
+from libs.errors import JobMeshError, item_error
 from libs.etcd.client import Etcd
 from libs.jobs import ts
 from libs.keys import Keys
@@ -59,27 +59,24 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         self.etcd = etcd
         self.keys = keys
         self.metrics = metrics
-        # One implicit session at a time per tenant: concurrent burst submits wait for it and then join it.
-        self._opening: dict[str, asyncio.Lock] = {}
+        # One grant at a time (planned, stored, then opened): two grants never both count what is left of the pool,
+        # and concurrent burst submits wait for the session one of them opens and then join it.
+        self._granting = asyncio.Lock()
 
     async def Reserve(self, request: q.ReserveRequest, context: grpc.aio.ServicerContext) -> q.ReserveResponse:
         await self._session_if_needed(request)
         return self._reserve(request)
 
     async def _session_if_needed(self, request: q.ReserveRequest) -> None:
-        """A burst submit beyond the quota with no active session opens one (persisted before it is used)."""
+        """A burst submit beyond the quota with no active session opens one (stored before it is used)."""
         res = request.resources
-        if not request.burst or not self.manager.over_quota(
-            request.tenant_id, request.job_id, res.cpu_millis, res.memory_mb
-        ):
+        args = (request.tenant_id, request.job_id, res.cpu_millis, res.memory_mb, request.burst)
+        if not self.manager.needs_session(*args):
             return
-        if self.manager.never_fits(request.tenant_id, res.cpu_millis, res.memory_mb) is not None:
-            return  # refused as NEVER_FITS by the reservation
-        lock = self._opening.setdefault(request.tenant_id, asyncio.Lock())
-        async with lock:
-            if self.manager.active_session(request.tenant_id) is None:
+        async with self._granting:
+            if self.manager.needs_session(*args):
                 self.manager.check_tenant(request.tenant_id)
-                await self._persist(self.manager.session_at_submit(request.tenant_id))
+                await self._open(self.manager.session_at_submit(request.tenant_id))
 
     async def ReserveMany(
         self, request: q.ReserveManyRequest, context: grpc.aio.ServicerContext
@@ -96,15 +93,6 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
     def _reserve(self, request: q.ReserveRequest) -> q.ReserveResponse:
         with self.metrics.latency.time():
             try:
-                too_big = self.manager.never_fits(
-                    request.tenant_id, request.resources.cpu_millis, request.resources.memory_mb
-                )
-                if too_big is not None:
-                    raise InvalidArgument(
-                        f"resources.{too_big}" if too_big != "concurrent_jobs" else "resources",
-                        "is more than this tenant's quota plus the largest burst could ever admit",
-                        reason="NEVER_FITS",
-                    )
                 session_id = self.manager.reserve(
                     request.tenant_id,
                     request.job_id,
@@ -150,7 +138,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         self, request: q.UpdateQuotaRequest, context: grpc.aio.ServicerContext
     ) -> q.UpdateQuotaResponse:
         lim = request.limits
-        updated = self.manager.set_limits(
+        updated = self.manager.limits_after(
             request.tenant_id,
             lim.cpu_millis if lim.HasField("cpu_millis") else None,
             lim.memory_mb if lim.HasField("memory_mb") else None,
@@ -166,31 +154,30 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
                 }
             ).encode(),
         )
+        self.manager.apply_limits(request.tenant_id, updated)  # stored first: a failed write changes nothing
         return q.UpdateQuotaResponse(quota=self.quota(request.tenant_id))
 
     async def RequestBurst(
         self, request: q.RequestBurstRequest, context: grpc.aio.ServicerContext
     ) -> q.RequestBurstResponse:
-        session = self.manager.grant_burst(
-            request.tenant_id,
-            request.cpu_millis,
-            request.memory_mb,
-            request.concurrent_jobs,
-            request.duration_seconds,
-            request.requested_by,
-        )
-        await self._persist(session)
+        async with self._granting:
+            session = self.manager.plan_burst(
+                request.tenant_id,
+                request.cpu_millis,
+                request.memory_mb,
+                request.concurrent_jobs,
+                request.duration_seconds,
+                request.requested_by,
+            )
+            await self._open(session)
         return q.RequestBurstResponse(session=session_proto(session))
 
-    async def _persist(self, session: BurstSession) -> None:
-        """Stores a session the manager just granted (and its audit record); forgets it if that fails."""
+    async def _open(self, session: BurstSession) -> None:
+        """Stores a planned session (and its audit record), then opens it: a failed write opens nothing."""
         record = json.dumps(session.__dict__).encode()
-        try:
-            # The session key lives on a lease as long as the session, so etcd itself ends it on time.
-            lease = await self.etcd.grant(max(1, int(session.expire - session.start) + 1))
-            await self.etcd.put(self.keys.burst_session(session.session_id), record, lease=lease)
-            await self.etcd.put(self.keys.burst_audit(int(session.start * 1000), session.session_id), record)
-            self.manager.audit.append(session)
-        except Exception:
-            self.manager.sessions.pop(session.session_id, None)
-            raise
+        # The session key lives on a lease as long as the session, so etcd itself ends it on time.
+        lease = await self.etcd.grant(max(1, int(session.expire - session.start) + 1))
+        await self.etcd.put(self.keys.burst_session(session.session_id), record, lease=lease)
+        await self.etcd.put(self.keys.burst_audit(int(session.start * 1000), session.session_id), record)
+        self.manager.open_session(session)
+        self.manager.audit.append(session)

@@ -366,7 +366,33 @@ def test_a_session_at_submit_takes_the_tenants_share_when_the_pool_has_it() -> N
 
     assert (session.cpu_millis, session.memory_mb, session.concurrent_jobs) == (4000, 4096, 4)
     assert session.expire - session.start == 300 and session.requested_by == "submit"
+    assert world.quota.active_session("acme") is None  # planned: the servicer stores it before it opens it
+    world.quota.open_session(session)
     assert world.quota.active_session("acme") == session
+
+
+def test_a_planned_grant_changes_nothing_until_it_is_opened() -> None:
+    world = QuotaWorld(BurstPolicy(8000, 8192, 8, 600, max_tenant_share=1.0))
+
+    planned = world.quota.plan_burst("acme", 8000, 8192, 8, 600, "me")
+
+    assert world.quota.burst_left() == Usage(8000, 8192, 8)
+    world.quota.open_session(planned)
+    assert world.quota.burst_left() == Usage(0, 0, 0)
+
+
+def test_limits_after_are_validated_but_not_applied(world: QuotaWorld) -> None:
+    before = world.quota.limits("acme")
+    after = world.quota.limits_after("acme", 1000, None, None)
+    assert world.quota.limits("acme") == before and after.cpu_millis == 1000
+    world.quota.apply_limits("acme", after)
+    assert world.quota.limits("acme") == after
+
+
+def test_a_job_no_quota_and_burst_could_ever_hold_is_refused_as_never_fits_by_the_core(world: QuotaWorld) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        world.quota.reserve("acme", "j-huge", 10**9, 1, burst=True)
+    assert (refused.value.reason, refused.value.field) == ("NEVER_FITS", "resources.cpu_millis")
 
 
 def test_a_session_at_submit_takes_what_is_left_when_that_is_less() -> None:
