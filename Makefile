@@ -87,8 +87,16 @@ chromium:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null); \
 	  else echo "warning: chromium is missing; the browser tests will be skipped (apt-get install chromium)" >&2; fi; }
 
+# `buf breaking` compares the protos with those of BREAKING_AGAINST (a git ref; main by default): its buf.yaml and
+# protos/, with the same Google annotation protos beside them, since those are not committed.
+BREAKING_AGAINST ?= main
+
 lint: proto
 	$(BIN)/buf lint
+	rm -rf build/against && mkdir -p build/against/build
+	git archive $(BREAKING_AGAINST) buf.yaml protos | tar -x -C build/against
+	cp -r $(DEPS) build/against/build/
+	$(BIN)/buf breaking --against build/against
 	$(BIN)/ruff check libs services tests bench
 	$(BIN)/ruff format --check libs services tests bench
 

@@ -86,6 +86,8 @@ def test_oscillating_load_takes_at_most_one_action_per_cooldown_window(pstack: S
         )
         time.sleep(2.0)
     events = [e for e in history(api, "dynamic-large") if when(e) >= start and e["executed"]]
+    # The waves did make the pool scale (without this, the checks below pass when nothing scaled at all).
+    assert [e for e in events if e["direction"] == "up"], events
     for direction, cooldown in (("up", 2.0), ("down", 5.0)):
         times = sorted(when(e) for e in events if e["direction"] == direction)
         assert all(b - a >= cooldown - 0.2 for a, b in itertools.pairwise(times)), (direction, times)
@@ -116,6 +118,17 @@ def test_a_worker_that_may_not_be_reused_is_replaced_after_its_jobs(pstack: Stac
     wait_for(lambda: pool_view(api, "static-recycled")["workers"] == 1, timeout=30, what="the pool back at size")
 
 
+# Log lines (their "msg" starts) that only a leader of the role writes, each right after a fenced write landed.
+LEADER_WRITES = {
+    "scheduler": ('"msg": "dispatched attempt',),
+    "pool-manager": ('"msg": "scale ', " lost during attempt ", '"msg": "retired worker', '"msg": "stopped drained'),
+}
+
+
+def leader_writes(line: str, role: str) -> bool:
+    return any(marker in line for marker in LEADER_WRITES[role])
+
+
 @pytest.mark.parametrize("role", ["scheduler", "pool-manager"])
 def test_a_paused_leader_that_lost_its_lease_cannot_write_when_it_resumes(pstack: Stack, role: str) -> None:
     api = Api(pstack.url, token(pstack))
@@ -137,9 +150,16 @@ def test_a_paused_leader_that_lost_its_lease_cannot_write_when_it_resumes(pstack
         )
         assert other
         takeover = time.monotonic() - started
-        jobs = [api.submit(job_spec(f"{role}-paused-{i}", ["true"])) for i in range(5)]
+        # For the pool-manager, jobs only a dynamic pool runs: the new leader must scale it, a write of its own.
+        pool = {"pool": "dynamic-large"} if role == "pool-manager" else {}
+        jobs = [api.submit(job_spec(f"{role}-paused-{i}", ["true"], **pool)) for i in range(5)]
         for job in jobs:
             assert api.wait_terminal(job["job_id"], timeout=60)["state"] == "JOB_STATE_SUCCEEDED"
+        # The markers are what a leader of this role writes (else the check below could not fail): the role's
+        # logs hold some, from the new leader's writes (and those of earlier tests).
+        names = [n for n in pstack.procs if n.startswith("scheduler" if role == "scheduler" else "poolmanager")]
+        logs = [pstack.procs[n].log.read_text() for n in names]
+        assert [line for text in logs for line in text.splitlines() if leader_writes(line, role)], names
     finally:
         os.kill(pid, signal.SIGCONT)
     resumed = time.time()
@@ -150,7 +170,7 @@ def test_a_paused_leader_that_lost_its_lease_cannot_write_when_it_resumes(pstack
     time.sleep(1.0)
     # The deposed leader made no write after it resumed: its log shows the fence, not a dispatch.
     log = pstack.procs[leader].log.read_text()
-    late = [line for line in log.splitlines() if '"dispatched attempt' in line and _ts(line) > resumed]
+    late = [line for line in log.splitlines() if leader_writes(line, role) and _ts(line) > resumed]
     assert late == []
     assert takeover < 3 + 1 + 3  # TTL + 1 s + polling slack on this 2-core machine
 
