@@ -234,6 +234,38 @@ def _sandbox(raw: dict[str, object], pool_id: str) -> dict[str, Any]:
     return {"sandbox": mode, "network": network, "job_uids": (first, last), **limits}
 
 
+def _tenant(tenant_id: str, t: dict[str, Any]) -> TenantConfig:
+    weight = float(t.get("weight", 1.0))
+    if weight <= 0:
+        raise ConfigError(f"tenants.{tenant_id}.weight must be greater than 0")
+    policy = str(t.get("budget_policy", "notify"))
+    if policy not in ("notify", "enforce"):
+        raise ConfigError(f"tenants.{tenant_id}.budget_policy must be notify or enforce")
+    budget = t.get("monthly_budget")
+    if budget is not None and float(budget) < 0:
+        raise ConfigError(f"tenants.{tenant_id}.monthly_budget must not be negative")
+    return TenantConfig(
+        tenant_id=tenant_id,
+        weight=weight,
+        quota=_limits(t["quota"], f"tenants.{tenant_id}.quota") if "quota" in t else None,
+        monthly_budget=float(budget) if budget is not None else None,
+        budget_policy=policy,
+    )
+
+
+def _sla(sla_raw: dict[str, Any]) -> tuple[dict[str, SlaTier], str]:
+    tiers_raw = sla_raw.get("tiers", {"gold": 30.0, "standard": 300.0, "batch": 3600.0})
+    sla_tiers = {}
+    for name, target in tiers_raw.items():
+        if float(target) <= 0:
+            raise ConfigError(f"sla.tiers.{name} must be a positive number of seconds")
+        sla_tiers[name] = SlaTier(name, float(target))
+    default_tier = str(sla_raw.get("default_tier", "standard"))
+    if default_tier not in sla_tiers:
+        raise ConfigError(f"sla.default_tier {default_tier!r} is not one of the tiers")
+    return sla_tiers, default_tier
+
+
 def parse_config(raw: dict[str, object]) -> MeshConfig:
     auth = raw.get("auth", {})
     assert isinstance(auth, dict)
@@ -242,24 +274,7 @@ def parse_config(raw: dict[str, object]) -> MeshConfig:
     default_quota = _limits(quota.get("defaults", {}), "quota.defaults")
     tenants_raw = raw.get("tenants", {})
     assert isinstance(tenants_raw, dict)
-    tenants: dict[str, TenantConfig] = {}
-    for tenant_id, t in tenants_raw.items():
-        weight = float(t.get("weight", 1.0))
-        if weight <= 0:
-            raise ConfigError(f"tenants.{tenant_id}.weight must be greater than 0")
-        policy = str(t.get("budget_policy", "notify"))
-        if policy not in ("notify", "enforce"):
-            raise ConfigError(f"tenants.{tenant_id}.budget_policy must be notify or enforce")
-        budget = t.get("monthly_budget")
-        if budget is not None and float(budget) < 0:
-            raise ConfigError(f"tenants.{tenant_id}.monthly_budget must not be negative")
-        tenants[tenant_id] = TenantConfig(
-            tenant_id=tenant_id,
-            weight=weight,
-            quota=_limits(t["quota"], f"tenants.{tenant_id}.quota") if "quota" in t else None,
-            monthly_budget=float(budget) if budget is not None else None,
-            budget_policy=policy,
-        )
+    tenants = {tenant_id: _tenant(tenant_id, t) for tenant_id, t in tenants_raw.items()}
     pools_raw = raw.get("pools", [])
     assert isinstance(pools_raw, list)
     pools = tuple(_pool(p) for p in pools_raw)
@@ -271,15 +286,7 @@ def parse_config(raw: dict[str, object]) -> MeshConfig:
     assert isinstance(cost, dict)
     sla_raw = raw.get("sla", {})
     assert isinstance(sla_raw, dict)
-    tiers_raw = sla_raw.get("tiers", {"gold": 30.0, "standard": 300.0, "batch": 3600.0})
-    sla_tiers = {}
-    for name, target in tiers_raw.items():
-        if float(target) <= 0:
-            raise ConfigError(f"sla.tiers.{name} must be a positive number of seconds")
-        sla_tiers[name] = SlaTier(name, float(target))
-    default_tier = str(sla_raw.get("default_tier", "standard"))
-    if default_tier not in sla_tiers:
-        raise ConfigError(f"sla.default_tier {default_tier!r} is not one of the tiers")
+    sla_tiers, default_tier = _sla(sla_raw)
     burst = raw.get("burst", {})
     assert isinstance(burst, dict)
     burst_pool = _limits(burst["pool"], "burst.pool") if "pool" in burst else None
