@@ -100,6 +100,9 @@ class QuotaManager:
         self.burst_policy = burst or BurstPolicy()
         self.overrides: dict[str, QuotaLimits] = {}
         self.sessions: dict[str, BurstSession] = {}
+        # Grants being stored: they hold their share of the burst pool (so two grants never count the same
+        # remainder) but admit nothing until they are stored and opened.
+        self.claims: dict[str, BurstSession] = {}
         self.audit: list[BurstSession] = []  # every session ever granted, oldest first
         self._tenants: dict[str, TenantState] = {}
 
@@ -188,7 +191,7 @@ class QuotaManager:
 
     def session_at_submit(self, tenant_id: str) -> BurstSession:
         """The session a burst submit beyond the quota asks for implicitly: the tenant's cap of the pool, or what
-        is left of it if less; BURST_UNAVAILABLE when nothing is left. Planned, not opened: the caller persists it,
+        is left of it if less; BURST_UNAVAILABLE when nothing is left. Claimed, not opened: the caller stores it,
         then opens it."""
         policy = self.burst_policy
         cap, left = policy.tenant_cap(), self.burst_left()
@@ -288,20 +291,26 @@ class QuotaManager:
         return session
 
     def open_session(self, session: BurstSession) -> None:
-        """A planned session takes effect (after it was stored)."""
+        """A claimed session takes effect (after it was stored)."""
+        self.claims.pop(session.session_id, None)
         self.sessions[session.session_id] = session
+
+    def drop_claim(self, session: BurstSession) -> None:
+        """A claimed session that could not be stored: its share of the pool is free again."""
+        self.claims.pop(session.session_id, None)
 
     def plan_burst(
         self, tenant_id: str, cpu: int, mem: int, jobs: int, duration: int, requested_by: str
     ) -> BurstSession:
-        """The session a grant would open, validated against the pool and the tenant's cap; not opened."""
+        """The session a grant would open, validated against the pool and the tenant's cap, and claimed: it holds
+        its share of the pool but admits nothing until `open_session` (after it is stored) or `drop_claim`."""
         self.check_tenant(tenant_id)
         policy = self.burst_policy
         if min(cpu, mem, jobs) < 0 or (cpu == 0 and mem == 0 and jobs == 0):
             raise InvalidArgument("cpu_millis", "ask for a positive amount of cpu_millis, memory_mb or concurrent_jobs")
         if not 0 < duration <= policy.max_duration_seconds:
             raise InvalidArgument("duration_seconds", f"must be between 1 and {policy.max_duration_seconds}")
-        if self.active_session(tenant_id) is not None:
+        if self.active_session(tenant_id) is not None or any(c.tenant_id == tenant_id for c in self.claims.values()):
             raise ResourceExhausted("this tenant already has an active burst session", reason="BURST_UNAVAILABLE")
         now = self.clock.now()
         left = self.burst_left()
@@ -328,7 +337,9 @@ class QuotaManager:
                     "max_tenant_share": f"{policy.max_tenant_share:g}",
                 },
             )
-        return BurstSession(uuid.uuid4().hex[:16], tenant_id, cpu, mem, jobs, now, now + duration, requested_by)
+        session = BurstSession(uuid.uuid4().hex[:16], tenant_id, cpu, mem, jobs, now, now + duration, requested_by)
+        self.claims[session.session_id] = session
+        return session
 
     def audit_for(self, tenant_id: str, limit: int = 20) -> list[BurstSession]:
         return [s for s in reversed(self.audit) if s.tenant_id == tenant_id][:limit]
@@ -336,7 +347,7 @@ class QuotaManager:
     def burst_left(self) -> Usage:
         now = self.clock.now()
         granted = Usage()
-        for s in self.sessions.values():
+        for s in {**self.claims, **self.sessions}.values():  # a stored claim may show up in both for a moment
             if s.start <= now < s.expire:
                 granted = granted.plus(s.cpu_millis, s.memory_mb, s.concurrent_jobs)
         p = self.burst_policy

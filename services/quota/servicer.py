@@ -59,9 +59,8 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         self.etcd = etcd
         self.keys = keys
         self.metrics = metrics
-        # One grant at a time (planned, stored, then opened): two grants never both count what is left of the pool,
-        # and concurrent burst submits wait for the session one of them opens and then join it.
-        self._granting = asyncio.Lock()
+        # One implicit session at a time per tenant: concurrent burst submits wait for it and then join it.
+        self._opening: dict[str, asyncio.Lock] = {}
 
     async def Reserve(self, request: q.ReserveRequest, context: grpc.aio.ServicerContext) -> q.ReserveResponse:
         await self._session_if_needed(request)
@@ -73,7 +72,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         args = (request.tenant_id, request.job_id, res.cpu_millis, res.memory_mb, request.burst)
         if not self.manager.needs_session(*args):
             return
-        async with self._granting:
+        async with self._opening.setdefault(request.tenant_id, asyncio.Lock()):
             if self.manager.needs_session(*args):
                 self.manager.check_tenant(request.tenant_id)
                 await self._open(self.manager.session_at_submit(request.tenant_id))
@@ -160,24 +159,28 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
     async def RequestBurst(
         self, request: q.RequestBurstRequest, context: grpc.aio.ServicerContext
     ) -> q.RequestBurstResponse:
-        async with self._granting:
-            session = self.manager.plan_burst(
-                request.tenant_id,
-                request.cpu_millis,
-                request.memory_mb,
-                request.concurrent_jobs,
-                request.duration_seconds,
-                request.requested_by,
-            )
-            await self._open(session)
+        session = self.manager.plan_burst(
+            request.tenant_id,
+            request.cpu_millis,
+            request.memory_mb,
+            request.concurrent_jobs,
+            request.duration_seconds,
+            request.requested_by,
+        )
+        await self._open(session)
         return q.RequestBurstResponse(session=session_proto(session))
 
     async def _open(self, session: BurstSession) -> None:
-        """Stores a planned session (and its audit record), then opens it: a failed write opens nothing."""
+        """Stores a claimed session (and its audit record), then opens it: a failed write opens nothing and gives
+        its claim back."""
         record = json.dumps(session.__dict__).encode()
-        # The session key lives on a lease as long as the session, so etcd itself ends it on time.
-        lease = await self.etcd.grant(max(1, int(session.expire - session.start) + 1))
-        await self.etcd.put(self.keys.burst_session(session.session_id), record, lease=lease)
-        await self.etcd.put(self.keys.burst_audit(int(session.start * 1000), session.session_id), record)
+        try:
+            # The session key lives on a lease as long as the session, so etcd itself ends it on time.
+            lease = await self.etcd.grant(max(1, int(session.expire - session.start) + 1))
+            await self.etcd.put(self.keys.burst_session(session.session_id), record, lease=lease)
+            await self.etcd.put(self.keys.burst_audit(int(session.start * 1000), session.session_id), record)
+        except BaseException:
+            self.manager.drop_claim(session)
+            raise
         self.manager.open_session(session)
         self.manager.audit.append(session)

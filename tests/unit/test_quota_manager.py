@@ -371,14 +371,26 @@ def test_a_session_at_submit_takes_the_tenants_share_when_the_pool_has_it() -> N
     assert world.quota.active_session("acme") == session
 
 
-def test_a_planned_grant_changes_nothing_until_it_is_opened() -> None:
+def test_a_claimed_grant_holds_its_share_of_the_pool_but_admits_nothing_until_it_is_opened() -> None:
     world = QuotaWorld(BurstPolicy(8000, 8192, 8, 600, max_tenant_share=1.0))
 
-    planned = world.quota.plan_burst("acme", 8000, 8192, 8, 600, "me")
+    claimed = world.quota.plan_burst("acme", 8000, 8192, 8, 600, "me")
+
+    assert world.quota.active_session("acme") is None
+    assert world.quota.burst_left() == Usage(0, 0, 0)  # a concurrent grant cannot count the same remainder
+    with pytest.raises(ResourceExhausted):
+        world.quota.plan_burst("globex", 1000, 1024, 1, 600, "me")
+    world.quota.open_session(claimed)
+    assert world.quota.active_session("acme") == claimed
+
+
+def test_a_claim_that_could_not_be_stored_frees_its_share() -> None:
+    world = QuotaWorld(BurstPolicy(8000, 8192, 8, 600, max_tenant_share=1.0))
+
+    world.quota.drop_claim(world.quota.plan_burst("acme", 8000, 8192, 8, 600, "me"))
 
     assert world.quota.burst_left() == Usage(8000, 8192, 8)
-    world.quota.open_session(planned)
-    assert world.quota.burst_left() == Usage(0, 0, 0)
+    assert world.quota.active_session("acme") is None
 
 
 def test_limits_after_are_validated_but_not_applied(world: QuotaWorld) -> None:
