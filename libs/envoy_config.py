@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from libs import envoy_fields
+
 PUBLIC_SERVICES: tuple[str, ...] = (
     "jobmesh.gateway.v1.JobService",
     "jobmesh.gateway.v1.TenantService",
@@ -314,8 +316,14 @@ def _status_json(code: int, reason: str) -> dict[str, Any]:
     }
 
 
+def _unknown_fields_filter() -> dict[str, Any]:
+    from jobmesh.gateway.v1 import gateway_pb2
+
+    return envoy_fields.lua_filter((gateway_pb2.DESCRIPTOR,), PUBLIC_SERVICES)
+
+
 def _local_reply_config() -> dict[str, Any]:
-    mappers: list[dict[str, Any]] = []
+    mappers: list[dict[str, Any]] = [envoy_fields.local_reply_mapper(_rest_caller_filter(), _ERROR_DOMAIN)]
     for http_status, code, reason in _LOCAL_ERRORS:
         status_filter = {
             "status_code_filter": {
@@ -378,6 +386,7 @@ def _http_connection_manager(descriptor_path: str, console: bool = False) -> dic
         http_filters=[
             _remember_method_filter(),
             _body_limit_filter(),
+            _unknown_fields_filter(),
             _transcoder_filter(descriptor_path),
             {
                 "name": "envoy.filters.http.router",

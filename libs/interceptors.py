@@ -10,16 +10,18 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from libs.errors import JobMeshError
+from libs.errors import InvalidArgument, JobMeshError
 from libs.settings import TlsSettings
 from libs.telemetry import job_id_var, tenant_id_var
 from libs.tls import RenewingChannel
+from libs.unknown_fields import first_unknown
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +50,12 @@ class _Metadata:
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every unary handler: extract trace context, time it, map domain errors to statuses."""
+    """Wraps every unary handler: extract trace context, time it, map domain errors to statuses. With
+    `reject_unknown_fields` (the public API), a request carrying a field its message does not define is refused
+    with INVALID_ARGUMENT / UNKNOWN_FIELD naming it, before the handler runs."""
 
-    def __init__(self, service: str, registry: CollectorRegistry):
+    def __init__(self, service: str, registry: CollectorRegistry, *, reject_unknown_fields: bool = False):
+        self.reject_unknown_fields = reject_unknown_fields
         self.tracer = trace.get_tracer(f"jobmesh.{service}")
         metric = service.replace("-", "_")
         self.latency = Histogram(
@@ -80,7 +85,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                return await self._run(method, details, lambda: inner(request, context), context)
+                return await self._run(method, details, lambda: self._checked(inner, request, context), context)
 
             return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
         if handler.unary_stream is not None:
@@ -97,11 +102,22 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             )
         return handler
 
+    async def _checked(self, inner: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self._refuse_unknown(request)
+        return await inner(request, context)
+
+    def _refuse_unknown(self, request: Any) -> None:
+        if self.reject_unknown_fields and isinstance(request, Message):
+            path = first_unknown(request)
+            if path is not None:
+                raise InvalidArgument(path, "unknown field (not part of this API)", reason="UNKNOWN_FIELD")
+
     def _streaming(self, method: str, details: grpc.HandlerCallDetails, inner: Any) -> Any:
         """A handler with a response stream (its request one message or a stream), written out under `_run`."""
 
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async def drain() -> None:
+                self._refuse_unknown(request)
                 async for item in inner(request, context):
                     await context.write(item)
 

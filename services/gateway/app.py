@@ -69,6 +69,7 @@ async def run(settings: CommonSettings) -> None:
             (lambda s: gw.add_CostServiceServicer_to_server(costs, s), names["cost"]),
             (lambda s: gw.add_MetricsServiceServicer_to_server(metrics, s), names["metrics"]),
         ],
+        reject_unknown_fields=True,
     )
     try:
         await server.serve_forever()

@@ -75,3 +75,30 @@ def test_internal_services_are_not_reachable_through_the_public_port(stack: Stac
         grpc.StatusCode.NOT_FOUND,
         grpc.StatusCode.UNAVAILABLE,
     )
+
+
+def test_a_field_the_api_does_not_define_is_refused_by_number_not_dropped(stack: Stack) -> None:
+    """A gRPC client built from other protos (or a crafted payload) sends field 101 inside the spec's resources:
+    the gateway names it instead of acting as if it had not been sent, and creates nothing."""
+    resources = t.Resources(cpu_millis=100, memory_mb=64).SerializeToString() + b"\xa8\x06\x05"  # field 101 = 5
+    spec = t.JobSpec(name="unknown-field", command=["true"])
+    # JobSpec.resources is field 4 (length-delimited): append it by hand, bytes and all.
+    raw_spec = spec.SerializeToString() + b"\x22" + bytes([len(resources)]) + resources
+    raw = b"\x0a" + bytes([len(raw_spec)]) + raw_spec  # SubmitJobRequest.spec is field 1
+    assert t.JobSpec.DESCRIPTOR.fields_by_name["resources"].number == 4
+    assert g.SubmitJobRequest.DESCRIPTOR.fields_by_name["spec"].number == 1
+    auth = [("authorization", f"Bearer {token(stack, 'acme')}")]
+    with grpc.insecure_channel(stack.grpc_target) as channel:
+        submit = channel.unary_unary(
+            "/jobmesh.gateway.v1.JobService/SubmitJob",
+            request_serializer=lambda b: b,
+            response_deserializer=t.Job.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            submit(raw, metadata=auth, timeout=10)
+        listed = gateway_pb2_grpc.JobServiceStub(channel).ListJobs(
+            g.ListJobsRequest(page_size=500), metadata=auth, timeout=10
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "spec.resources.#101" in (caught.value.details() or "")
+    assert "unknown-field" not in {j.spec.name for j in listed.jobs}

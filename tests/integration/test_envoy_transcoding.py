@@ -348,15 +348,17 @@ async def test_malformed_json_body_is_400(edge: Edge, http: httpx.AsyncClient) -
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_unknown_body_field_is_dropped_not_rejected(edge: Edge, http: httpx.AsyncClient) -> None:
-    """Known Envoy 1.40 limitation: the transcoder has no option to reject unknown JSON fields.
-
-    The field is silently dropped before the gateway sees the request, so nothing downstream can
-    reject it either. If this starts failing with a 400, Envoy gained the check: flip the test.
-    """
+async def test_an_unknown_body_field_is_refused_at_the_edge(edge: Edge, http: httpx.AsyncClient) -> None:
+    """The transcoder alone would drop the key before the gateway sees the request; the edge's check (libs/
+    envoy_fields.py) answers 400 naming it, and the gateway is never called."""
+    before = len(edge.calls.methods)
     response = await http.post("/api/v1/jobs", json={**SPEC, "bogus": 1})
-    assert response.status_code == 200, response.text
-    assert "bogus" not in response.json()["spec"]
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert body["code"] == code_pb2.INVALID_ARGUMENT
+    assert _error_info(body)["reason"] == "UNKNOWN_FIELD"
+    assert _error_info(body)["metadata"] == {"field": "bogus"}
+    assert len(edge.calls.methods) == before
 
 
 @pytest.mark.asyncio(loop_scope="module")
