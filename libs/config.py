@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,7 +236,78 @@ def _sandbox(raw: dict[str, object], pool_id: str) -> dict[str, Any]:
     return {"sandbox": mode, "network": network, "job_uids": (first, last), **limits}
 
 
-def parse_config(raw: dict[str, object]) -> MeshConfig:
+class _Table(dict[str, Any]):
+    """A TOML table that remembers the keys the parser asked for, so a key nobody reads (a typo such as
+    `wieght = 2`, which would quietly load the default) is an error naming it. Iterating a table (tenants, labels,
+    prices: names the operator chooses) reads all of its keys."""
+
+    def __init__(self, data: dict[str, Any], where: str):
+        super().__init__({k: _tracked(v, f"{where}{k}") for k, v in data.items()})
+        self.where = where
+        self.asked: set[str] = set()
+        self.iterated = False
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.asked.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        self.asked.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        if isinstance(key, str):
+            self.asked.add(key)
+        return super().__contains__(key)
+
+    def __iter__(self) -> Iterator[str]:
+        self.iterated = True
+        return super().__iter__()
+
+    def items(self) -> Any:
+        self.iterated = True
+        return super().items()
+
+    def keys(self) -> Any:
+        self.iterated = True
+        return super().keys()
+
+    def values(self) -> Any:
+        self.iterated = True
+        return super().values()
+
+    def unread(self) -> Iterator[str]:
+        """Each key never asked for, with the closest one that was, here and in the tables inside."""
+        if not self.iterated:
+            for key in dict.keys(self):
+                if key not in self.asked:
+                    close = difflib.get_close_matches(key, sorted(self.asked), n=1)
+                    yield f"{self.where}{key}" + (f" (did you mean {close[0]}?)" if close else "")
+        for value in dict.values(self):
+            for table in value if isinstance(value, list) else [value]:
+                if isinstance(table, _Table):
+                    yield from table.unread()
+
+
+def _tracked(value: Any, where: str) -> Any:
+    if isinstance(value, dict):
+        return _Table(value, f"{where}.")
+    if isinstance(value, list):
+        return [_tracked(v, f"{where}[{v.get('id', i) if isinstance(v, dict) else i}]") for i, v in enumerate(value)]
+    return value
+
+
+def parse_config(data: dict[str, object]) -> MeshConfig:
+    """The mesh config from its TOML tables, checked: a bad value or a key no setting reads is a ConfigError."""
+    raw = _Table(data, "")
+    config = _parse(raw)
+    unknown = list(raw.unread())
+    if unknown:
+        raise ConfigError("unknown key(s) in the mesh config: " + ", ".join(unknown))
+    return config
+
+
+def _parse(raw: dict[str, object]) -> MeshConfig:
     auth = raw.get("auth", {})
     assert isinstance(auth, dict)
     quota = raw.get("quota", {})

@@ -182,3 +182,30 @@ def test_an_unreadable_config_file_is_a_config_error(tmp_path: Path) -> None:
         load_config(broken)
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize(
+    ("spoil", "named"),
+    [
+        pytest.param(lambda r: r["tenants"]["acme"].update(wieght=2), "tenants.acme.wieght (did you mean weight?)"),
+        pytest.param(lambda r: r.update(retension={"x": 1}), "retension."),
+        pytest.param(
+            lambda r: r["pools"][0].update(drain_grace_second=5),
+            "drain_grace_second (did you mean drain_grace_seconds?)",
+        ),
+        pytest.param(lambda r: r["quota"]["defaults"].update(gpus=1), "quota.defaults.gpus"),
+    ],
+    ids=["tenant-typo", "section-typo", "pool-typo", "limits-extra"],
+)
+def test_a_key_no_setting_reads_is_an_error_naming_it(spoil: Any, named: str) -> None:
+    """A typo would otherwise load the default without a word (`wieght = 2` gives weight 1)."""
+    with pytest.raises(ConfigError, match="unknown key") as caught:
+        parse_config(_spoil(spoil))
+    assert named in str(caught.value)
+
+
+def test_free_form_tables_take_any_names_but_their_members_are_checked() -> None:
+    raw = _spoil(lambda r: r["tenants"].update(newco={"weight": 1}))
+    assert "newco" in parse_config(raw).tenants
+    with pytest.raises(ConfigError, match=r"tenants\.newco\.colour"):
+        parse_config(_spoil(lambda r: r["tenants"].update(newco={"weight": 1, "colour": "red"})))
