@@ -13,6 +13,7 @@ from services.cost.idle import by_pool, idle_cells
 from services.cost.metrics import CostMetrics
 from services.cost.pricing import format_micros
 from services.cost.records import month_of
+from services.cost.rollup import CostRollup
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +22,17 @@ JobSource = Callable[[], Iterable[tuple[str, t.Job]]]
 
 class CostCycle:
     def __init__(
-        self, accounts: CostAccounts, jobs: JobSource, metrics: CostMetrics, *, interval: float, rescan_every: int
+        self,
+        accounts: CostAccounts,
+        jobs: JobSource,
+        metrics: CostMetrics,
+        *,
+        interval: float,
+        rescan_every: int,
+        rollup: CostRollup | None = None,
     ):
         self.accounts = accounts
+        self.rollup = rollup
         self.jobs = jobs
         self.metrics = metrics
         self.interval = interval
@@ -55,10 +64,15 @@ class CostCycle:
         # 4. Budgets: utilization, and a warning the first time a threshold is crossed in a month.
         with self.metrics.cycle_seconds.labels("budgets").time():
             await self.check_budgets()
+        # 5. Roll-up: old records of deleted jobs folded into daily aggregates, so the records stay bounded.
+        if self.rollup is not None:
+            with self.metrics.cycle_seconds.labels("rollup").time():
+                await self.rollup.run_once()
         self.cycles += 1
 
     def tenants(self) -> set[str]:
         seen = {r.tenant_id for r in self.accounts.ledger.records.values()}
+        seen |= {d.tenant_id for d in self.accounts.ledger.daily.values()}
         return set(self.accounts.config.tenants) | seen
 
     def publish_tenants(self) -> None:
