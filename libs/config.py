@@ -36,6 +36,11 @@ class TenantConfig:
     monthly_budget: float | None = None
     budget_policy: str = "notify"
 
+    @property
+    def budget_enforced(self) -> bool:
+        """A configured budget (a 0 limit is none) whose policy is enforce."""
+        return bool(self.monthly_budget) and self.budget_policy == "enforce"
+
 
 @dataclass(frozen=True)
 class SlaTier:

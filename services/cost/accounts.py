@@ -78,8 +78,11 @@ class CostAccounts:
         await self.budgets.update(tenant_id, setting)
         return self.budget(tenant_id)
 
-    def check_budget(self, tenant_id: str) -> None:
-        """Raises ResourceExhausted (BUDGET_EXCEEDED) when the tenant's enforced budget is spent."""
-        refusal = self.budget(tenant_id).refusal(self.config.currency)
+    def check_budget(self, tenant_id: str) -> bool:
+        """Raises ResourceExhausted (BUDGET_EXCEEDED) when the tenant's enforced budget is spent; else returns
+        whether its budget is enforced."""
+        status = self.budget(tenant_id)
+        refusal = status.refusal(self.config.currency)
         if refusal is not None:
             raise refusal
+        return status.enforced
