@@ -60,9 +60,9 @@ class CostAccounts:
         records = list(self.ledger.records.values())
         intervals = self.workers.intervals
         allocations = self.ledger.allocations(since=start)
-        daily = list(self.ledger.daily.values())
+        daily, capacity = list(self.ledger.daily.values()), list(self.workers.capacity.values())
         config, th = self.config, self.thresholds
-        return lambda: build_reports(records, tenant_id, period, config, intervals, allocations, th, daily)
+        return lambda: build_reports(records, tenant_id, period, config, intervals, allocations, th, daily, capacity)
 
     def job_cost(self, job: t.Job) -> list[CostRecord]:
         return self.ledger.job_cost(job)

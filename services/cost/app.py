@@ -97,6 +97,7 @@ async def run(common: CommonSettings) -> None:
         interval=settings.cycle_seconds,
         rescan_every=settings.rescan_every,
         rollup=rollup,
+        lifetimes=config.worker_lifetimes,
     )
     cycle_task = asyncio.create_task(cycle.run_forever(), name="cost-cycle")
     servicer = CostServicer(accounts)

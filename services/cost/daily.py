@@ -21,6 +21,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import Protocol, TypeVar
 
 from libs.config import MeshConfig
 from services.cost.idle import Allocation, daily_shares, day_windows, overlap, prorate
@@ -153,8 +154,16 @@ def fold(jobs: Sequence[Sequence[tuple[str, CostRecord]]], config: MeshConfig, t
     return out
 
 
-def merged(stored: Mapping[Cell, DailyCost], added: Mapping[Cell, DailyCost]) -> dict[Cell, DailyCost]:
-    """The new value of every cell `added` touches."""
+class _Sum(Protocol):
+    def __add__(self: S, other: S) -> S: ...
+
+
+S = TypeVar("S", bound=_Sum)
+K = TypeVar("K")
+
+
+def merged(stored: Mapping[K, S], added: Mapping[K, S]) -> dict[K, S]:
+    """The new value of every cell `added` touches (aggregates add up cell by cell)."""
     return {cell: stored[cell] + part if cell in stored else part for cell, part in added.items()}
 
 
@@ -202,13 +211,19 @@ def in_period(cells: Iterable[DailyCost], start: float, end: float) -> list[Dail
 
 
 def allocated_in(cells: Iterable[DailyCost], start: float, end: float) -> dict[tuple[str, str], int]:
-    """(pool, day) -> allocation of the aggregates over [start, end); a day the window only partly covers counts
-    pro rata (the day's allocation taken as even over it)."""
+    """(pool, day) -> allocation of the aggregates over [start, end) (see pro_rata)."""
+    return pro_rata(((c.pool_id, c.day, c.allocated_micros) for c in cells), start, end)
+
+
+def pro_rata(amounts: Iterable[tuple[str, str, int]], start: float, end: float) -> dict[tuple[str, str], int]:
+    """(pool, day) -> the part of each (pool, day, micros) that falls in [start, end): whole for a day the window
+    covers, pro rata for a day it only partly covers (the amount taken as even over its day)."""
     out: dict[tuple[str, str], int] = {}
-    for c in cells:
-        seconds = overlap(start, end, c.start, c.start + DAY_SECONDS)
-        if seconds <= 0 or not c.allocated_micros:
+    for pool_id, day, micros in amounts:
+        first = day_start(day)
+        seconds = overlap(start, end, first, first + DAY_SECONDS)
+        if seconds <= 0 or not micros:
             continue
-        part = c.allocated_micros if seconds >= DAY_SECONDS else prorate(c.allocated_micros, seconds, DAY_SECONDS)
-        out[(c.pool_id, c.day)] = out.get((c.pool_id, c.day), 0) + part
+        part = micros if seconds >= DAY_SECONDS else prorate(micros, seconds, DAY_SECONDS)
+        out[(pool_id, day)] = out.get((pool_id, day), 0) + part
     return out

@@ -24,6 +24,14 @@ class CostKeys:
         return f"{self.p}/cost/daily/{tenant_id}/{day}/{pool_id}"
 
     @property
+    def capacity(self) -> str:
+        """Pruned worker lifetimes: what each pool's workers cost per UTC day (services/cost/capacity.py)."""
+        return f"{self.p}/cost/capacity/"
+
+    def capacity_day(self, pool_id: str, day: str) -> str:
+        return f"{self.p}/cost/capacity/{pool_id}/{day}"
+
+    @property
     def budgets(self) -> str:
         return f"{self.p}/cost/budgets/"
 

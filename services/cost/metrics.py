@@ -79,6 +79,11 @@ class CostMetrics:
             "Daily aggregates (tenant, pool, UTC day) of rolled-up records.",
             registry=registry,
         )
+        self.lifetimes_pruned = Counter(
+            "jobmesh_cost_worker_lifetimes_pruned_total",
+            "Ended worker lifetimes pruned for age or count, their capacity folded into daily aggregates.",
+            registry=registry,
+        )
         self.cycle_seconds = Histogram(
             "jobmesh_cost_cycle_phase_seconds",
             "Time spent in each phase of the periodic cost cycle.",

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from libs.config import MeshConfig
+from services.cost.capacity import DailyCapacity, capacity_in
 from services.cost.daily import DailyCost, allocated_in, in_period
 from services.cost.idle import Allocation, WorkerInterval, by_day, by_pool, idle_cells, total
 from services.cost.recommendations import (
@@ -97,6 +98,7 @@ def build_reports(
     allocations: Iterable[Allocation],
     th: Thresholds,
     daily: Iterable[DailyCost] = (),
+    capacity: Iterable[DailyCapacity] = (),
 ) -> Reports:
     """One tenant's report, or (tenant_id empty) every charged tenant's plus the idle row; `daily` are the rolled-up
     days (their records are gone), `allocations` the worker time of the records that are not."""
@@ -112,8 +114,10 @@ def build_reports(
             days.setdefault(d.tenant_id, []).append(d)
             mine.setdefault(d.tenant_id, [])
     reports = [tenant_report(tid, recs, config, period, th, days.get(tid, ())) for tid, recs in sorted(mine.items())]
-    rolled = allocated_in(daily, period.start, min(period.end, period.now))
-    cells = idle_cells(config, intervals, allocations, period.start, period.end, period.now, rolled)
+    until = min(period.end, period.now)
+    rolled = allocated_in(daily, period.start, until)
+    pruned = capacity_in(capacity, period.start, until)
+    cells = idle_cells(config, intervals, allocations, period.start, period.end, period.now, rolled, pruned)
     idle_total = total(cells).idle_micros
     if not tenant_id and cells:
         pools = by_pool(cells)
