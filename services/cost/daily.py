@@ -21,6 +21,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Protocol, TypeVar
 
 from libs.config import MeshConfig
@@ -96,8 +97,9 @@ class DailyCost:
         )
 
 
+@lru_cache(maxsize=8192)
 def day_start(day: str) -> float:
-    return datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
+    return datetime.fromisoformat(day).replace(tzinfo=UTC).timestamp()
 
 
 def daily_cell(key: str) -> Cell | None:
