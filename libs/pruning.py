@@ -130,3 +130,5 @@ class HistoryPruner:
                 await self.run_once()
             except JobMeshError as exc:
                 log.warning("pruning %s failed (%s); next try in %.0f s", self.name, exc.reason, self.interval)
+            except Exception:
+                log.exception("pruning %s failed; next try in %.0f s", self.name, self.interval)
