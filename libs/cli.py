@@ -1,4 +1,4 @@
-"""The `jobmesh` command: run the dev stack, mint dev tokens."""
+"""The `jobmesh` command: run the dev stack, mint dev tokens, cost reports, etcd maintenance."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, start_http_server
 
 from libs.auth import ensure_dev_keys, issue_token
+from libs.cli_admin import add_admin_parser
 from libs.cli_cost import add_cost_parser
 from libs.config import ConfigError, load_config
 from libs.launcher import REPO, Ports, Stack
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--port", type=int, default=8080)
     run.set_defaults(func=cmd_run)
     add_cost_parser(sub)
+    add_admin_parser(sub)
     join = sub.add_parser(
         "join-token", help="mint single-use join tokens that admit workers started elsewhere to a pool (operators)"
     )

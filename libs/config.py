@@ -22,6 +22,14 @@ class QuotaLimits:
 
 
 @dataclass(frozen=True)
+class Pruning:
+    """Entries older than `max_age_seconds` (0: no age limit) or beyond the newest `max_count` are deleted."""
+
+    max_age_seconds: float
+    max_count: int
+
+
+@dataclass(frozen=True)
 class TenantConfig:
     tenant_id: str
     weight: float = 1.0
@@ -29,6 +37,11 @@ class TenantConfig:
     # Monthly budget in the mesh currency (None: no budget) and what happens at 100%: "notify" or "enforce".
     monthly_budget: float | None = None
     budget_policy: str = "notify"
+
+    @property
+    def budget_enforced(self) -> bool:
+        """A configured budget (a 0 limit is none) whose policy is enforce."""
+        return bool(self.monthly_budget) and self.budget_policy == "enforce"
 
 
 @dataclass(frozen=True)
@@ -108,6 +121,16 @@ class MeshConfig:
     default_sla_tier: str = "standard"
     # How long a finished job's record is kept before it is deleted (its cost records stay); 0: for ever.
     finished_job_retention_seconds: float = 7 * 86400.0
+    # A job's cost records are rolled up into daily aggregates once its record is deleted and its last attempt
+    # ended this long ago (services/cost/daily.py); 0: never.
+    cost_rollup_seconds: float = 7 * 86400.0
+    # Audit trails pruned by age and count (docs/operations.md, "Bounded state"); an age of 0 keeps them for ever.
+    burst_audit: Pruning = field(default_factory=lambda: Pruning(90 * 86400.0, 10_000))
+    worker_lifetimes: Pruning = field(default_factory=lambda: Pruning(90 * 86400.0, 10_000))
+    scaling_events: Pruning = field(default_factory=lambda: Pruning(30 * 86400.0, 1_000))  # count: per pool
+    # When the gateway cannot ask the cost service about a budget: "open" admits the submit (budgets are checked
+    # again shortly); "closed" refuses submits of tenants whose budget is enforced with 503 BUDGET_CHECK_UNAVAILABLE.
+    budget_check_failure: str = "open"
     # The largest job spec accepted, in bytes of its protobuf encoding (argv, env, labels and all).
     max_spec_bytes: int = 64 * 1024
     # The most job records one tenant may keep stored (pending, running and finished within retention).
@@ -234,6 +257,13 @@ def _sandbox(raw: dict[str, object], pool_id: str) -> dict[str, Any]:
             raise ConfigError(f"pool {pool_id}: {key} must be an integer of at least 16")
         limits[key] = value
     return {"sandbox": mode, "network": network, "job_uids": (first, last), **limits}
+
+
+def _pruning(retention: dict[str, Any], name: str, age: float, count: int) -> Pruning:
+    pruning = Pruning(float(retention.get(f"{name}_seconds", age)), int(retention.get(f"{name}_max", count)))
+    if pruning.max_age_seconds < 0 or pruning.max_count < 1:
+        raise ConfigError(f"retention.{name}_seconds must be >= 0 (0: no age limit) and retention.{name}_max >= 1")
+    return pruning
 
 
 class _Table(dict[str, Any]):
@@ -367,6 +397,20 @@ def _parse(raw: dict[str, object]) -> MeshConfig:
     finished_retention = float(retention.get("finished_job_seconds", 7 * 86400))
     if finished_retention < 0:
         raise ConfigError("retention.finished_job_seconds must be 0 (keep for ever) or positive")
+    rollup = float(retention.get("cost_rollup_seconds", finished_retention))
+    if rollup < 0:
+        raise ConfigError("retention.cost_rollup_seconds must be 0 (never roll up) or positive")
+    prunings = {
+        name: _pruning(retention, name, age, count)
+        for name, age, count in (
+            ("burst_audit", 90 * 86400, 10_000),
+            ("worker_lifetimes", 90 * 86400, 10_000),
+            ("scaling_events", 30 * 86400, 1_000),
+        )
+    }
+    budget_failure = str(cost.get("budget_check_failure", "open"))
+    if budget_failure not in ("open", "closed"):
+        raise ConfigError("cost.budget_check_failure must be open or closed")
     limits = raw.get("limits", {})
     assert isinstance(limits, dict)
     max_spec_bytes = int(limits.get("max_spec_bytes", 64 * 1024))
@@ -379,6 +423,9 @@ def _parse(raw: dict[str, object]) -> MeshConfig:
         max_spec_bytes=max_spec_bytes,
         max_jobs_per_tenant=max_jobs,
         finished_job_retention_seconds=finished_retention,
+        cost_rollup_seconds=rollup,
+        budget_check_failure=budget_failure,
+        **prunings,
         sla_tiers=sla_tiers,
         default_sla_tier=default_tier,
         burst_pool=burst_pool,

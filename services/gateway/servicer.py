@@ -22,11 +22,11 @@ from libs.auth import Principal, TokenVerifier
 from libs.batching import GroupCommit
 from libs.clock import Clock
 from libs.config import MeshConfig
-from libs.errors import InvalidArgument, JobMeshError, NotFound, PermissionDenied, from_item_error
-from libs.interceptors import error_from_rpc
+from libs.errors import InvalidArgument, NotFound, PermissionDenied, from_item_error
 from libs.jobs import assign_queue, new_job_id, ts, validate_spec
 from libs.keys import safe_segment
 from libs.telemetry import job_id_var, tenant_id_var
+from services.gateway.budgets import BudgetGate
 from services.gateway.metrics_scrape import scrape_all
 
 log = logging.getLogger(__name__)
@@ -126,42 +126,13 @@ def check_job_id(job_id: str) -> None:
         raise NotFound(f"job {job_id!r} not found", reason="JOB_NOT_FOUND")
 
 
-class BudgetGate:
-    """Asks the cost service whether a tenant may still submit; remembers the answer briefly to stay off the hot
-    path (an enforced budget may overshoot by what is submitted within that window)."""
-
-    def __init__(self, cost: object, clock: Clock, ttl: float = 2.0):
-        self.cost = cost
-        self.clock = clock
-        self.ttl = ttl
-        self._known: dict[str, tuple[float, JobMeshError | None]] = {}
-
-    async def check(self, tenant_id: str) -> None:
-        now = self.clock.monotonic()
-        known = self._known.get(tenant_id)
-        if known is None or now - known[0] > self.ttl:
-            refusal: JobMeshError | None = None
-            try:
-                await self.cost.CheckBudget(c.CheckBudgetRequest(tenant_id=tenant_id), timeout=2.0)  # type: ignore[attr-defined]
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    # Cost being down must not stop admission; budgets are re-checked shortly.
-                    log.warning("budget check unavailable: %s", exc.code().name)
-                    return
-                refusal = error_from_rpc(exc)  # keeps BUDGET_EXCEEDED and its limit/spent metadata
-            known = (now, refusal)
-            self._known[tenant_id] = known
-        if known[1] is not None:
-            raise known[1]
-
-
 class JobsServicer(gateway_pb2_grpc.JobServiceServicer):
     def __init__(self, auth: Authenticator, backends: Backends, config: MeshConfig, clock: Clock):
         self.auth = auth
         self.b = backends
         self.config = config
         self.clock = clock
-        self.budgets = BudgetGate(backends.cost, clock)
+        self.budgets = BudgetGate(backends.cost, clock, config)
 
     def _scope(self, principal: Principal) -> str:
         """Tenant to look jobs up in: the caller's own, or any (empty) for an admin."""
