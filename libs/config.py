@@ -88,6 +88,34 @@ class PoolConfig:
 
 
 @dataclass(frozen=True)
+class EdgeLimits:
+    """What the public edge (Envoy, and the gateway behind it) admits before any work is done: per-tenant
+    request rates, the bound on submits in flight, the queueing write latency beyond which submits are shed, and
+    Envoy's own memory and connection limits. Every refusal is a 429 with Retry-After (docs/api.md)."""
+
+    # Per tenant (the token's tenant claim), token buckets: a sustained rate (below 1: one request every 1/rate
+    # seconds) and the bucket's size, the most requests at once after a quiet spell. Submits (JobService/SubmitJob)
+    # and every other call ("reads") have buckets of their own.
+    submit_rate_per_second: float = 200.0
+    submit_burst: int = 400
+    read_rate_per_second: float = 200.0
+    read_burst: int = 400
+    # Submits in flight to the gateway (all tenants): one more is answered 429 OVERLOADED by Envoy at once.
+    max_inflight_submits: int = 64
+    # When the gateway's recent enqueue (queueing's write) latency is above this, new submits are shed with
+    # 429 OVERLOADED; one submit per probe interval still goes through to measure it again. 0: off.
+    max_enqueue_latency_ms: float = 250.0
+    shed_probe_interval_ms: float = 100.0
+    # The Retry-After (seconds) of an OVERLOADED answer.
+    overloaded_retry_after_seconds: int = 1
+    # Envoy's heap: beyond 90% it returns memory to the system, beyond 98% it refuses new requests (429).
+    max_heap_mb: int = 192
+    max_connections: int = 10_000
+    # Bytes Envoy buffers per connection (each direction) before it stops reading from it.
+    per_connection_buffer_kb: int = 1024
+
+
+@dataclass(frozen=True)
 class MeshConfig:
     issuer: str
     audience: str
@@ -110,6 +138,7 @@ class MeshConfig:
     max_spec_bytes: int = 64 * 1024
     # The most job records one tenant may keep stored (pending, running and finished within retention).
     max_jobs_per_tenant: int = 250_000
+    edge: EdgeLimits = field(default_factory=EdgeLimits)
 
     def pool(self, pool_id: str) -> PoolConfig | None:
         return next((p for p in self.pools if p.pool_id == pool_id), None)
@@ -234,6 +263,36 @@ def _sandbox(raw: dict[str, object], pool_id: str) -> dict[str, Any]:
     return {"sandbox": mode, "network": network, "job_uids": (first, last), **limits}
 
 
+def _edge(raw: object) -> EdgeLimits:
+    """The [edge] table: every key optional, each a positive number (a latency bound of 0 turns it off)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("edge must be a table")
+    defaults = EdgeLimits()
+    known = EdgeLimits.__dataclass_fields__
+    unknown = set(raw) - set(known)
+    if unknown:
+        raise ConfigError(f"edge: unknown keys {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = {}
+    for name in known:
+        default = getattr(defaults, name)
+        value = raw.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"edge.{name} must be a number")
+        if isinstance(default, int) and not isinstance(value, int):
+            raise ConfigError(f"edge.{name} must be an integer")
+        may_be_zero = name == "max_enqueue_latency_ms"
+        if value < 0 or (value == 0 and not may_be_zero):
+            raise ConfigError(f"edge.{name} must be positive" + (" (or 0: off)" if may_be_zero else ""))
+        values[name] = value
+    if (
+        values["submit_burst"] < values["submit_rate_per_second"]
+        or values["read_burst"] < values["read_rate_per_second"]
+    ):
+        raise ConfigError("edge: a burst must be at least its rate per second")
+    floats = {k: float(v) for k, v in values.items() if isinstance(getattr(defaults, k), float)}
+    return EdgeLimits(**{**values, **floats})
+
+
 def parse_config(raw: dict[str, object]) -> MeshConfig:
     auth = raw.get("auth", {})
     assert isinstance(auth, dict)
@@ -303,6 +362,7 @@ def parse_config(raw: dict[str, object]) -> MeshConfig:
     if max_jobs < 1:
         raise ConfigError("limits.max_jobs_per_tenant must be at least 1")
     return MeshConfig(
+        edge=_edge(raw.get("edge", {})),
         max_spec_bytes=max_spec_bytes,
         max_jobs_per_tenant=max_jobs,
         finished_job_retention_seconds=finished_retention,

@@ -28,6 +28,7 @@ from libs.jobs import assign_queue, new_job_id, ts, validate_spec
 from libs.keys import safe_segment
 from libs.telemetry import job_id_var, tenant_id_var
 from services.gateway.metrics_scrape import scrape_all
+from services.gateway.shedding import SubmitShedder
 
 log = logging.getLogger(__name__)
 
@@ -156,12 +157,15 @@ class BudgetGate:
 
 
 class JobsServicer(gateway_pb2_grpc.JobServiceServicer):
-    def __init__(self, auth: Authenticator, backends: Backends, config: MeshConfig, clock: Clock):
+    def __init__(
+        self, auth: Authenticator, backends: Backends, config: MeshConfig, clock: Clock, shedder: SubmitShedder
+    ):
         self.auth = auth
         self.b = backends
         self.config = config
         self.clock = clock
         self.budgets = BudgetGate(backends.cost, clock)
+        self.shedder = shedder
 
     def _scope(self, principal: Principal) -> str:
         """Tenant to look jobs up in: the caller's own, or any (empty) for an admin."""
@@ -169,6 +173,7 @@ class JobsServicer(gateway_pb2_grpc.JobServiceServicer):
 
     async def SubmitJob(self, request: g.SubmitJobRequest, context: grpc.aio.ServicerContext) -> t.Job:
         principal = self.auth(context)
+        self.shedder.admit()
         spec = request.spec
         now = self.clock.now()
         validate_spec(spec, self.config, now)
@@ -189,7 +194,9 @@ class JobsServicer(gateway_pb2_grpc.JobServiceServicer):
         )
         job.burst_session_id = reserved.burst_session_id
         try:
+            started = self.clock.monotonic()
             stored = await self.b.enqueue(q.EnqueueRequest(job=job))
+            self.shedder.observe(self.clock.monotonic() - started)
         except BaseException:
             await self._release(job)
             raise
