@@ -96,16 +96,17 @@ class EdgeLimits:
     # Per tenant (the token's tenant claim), token buckets: a sustained rate (below 1: one request every 1/rate
     # seconds) and the bucket's size, the most requests at once after a quiet spell. Submits (JobService/SubmitJob)
     # and every other call ("reads") have buckets of their own.
-    submit_rate_per_second: float = 200.0
-    submit_burst: int = 400
-    read_rate_per_second: float = 200.0
-    read_burst: int = 400
+    submit_rate_per_second: float = 1000.0
+    submit_burst: int = 2000
+    read_rate_per_second: float = 1000.0
+    read_burst: int = 2000
     # Submits in flight to the gateway (all tenants): one more is answered 429 OVERLOADED by Envoy at once.
-    max_inflight_submits: int = 64
-    # When the gateway's recent enqueue (queueing's write) latency is above this, new submits are shed with
-    # 429 OVERLOADED; one submit per probe interval still goes through to measure it again. 0: off.
-    max_enqueue_latency_ms: float = 250.0
-    shed_probe_interval_ms: float = 100.0
+    max_inflight_submits: int = 32
+    # The gateway's own bound on submits in flight adapts to how long an admitted submit waits for its write in
+    # queueing: each one over this lowers it by a tenth (down to min_inflight_submits), each quicker one raises it
+    # again (up to max_inflight_submits). 0: the bound stays at max_inflight_submits.
+    max_submit_latency_ms: float = 100.0
+    min_inflight_submits: int = 8
     # The Retry-After (seconds) of an OVERLOADED answer.
     overloaded_retry_after_seconds: int = 1
     # Envoy's heap: beyond 90% it returns memory to the system, beyond 98% it refuses new requests (429).
@@ -280,7 +281,7 @@ def _edge(raw: object) -> EdgeLimits:
             raise ConfigError(f"edge.{name} must be a number")
         if isinstance(default, int) and not isinstance(value, int):
             raise ConfigError(f"edge.{name} must be an integer")
-        may_be_zero = name == "max_enqueue_latency_ms"
+        may_be_zero = name == "max_submit_latency_ms"
         if value < 0 or (value == 0 and not may_be_zero):
             raise ConfigError(f"edge.{name} must be positive" + (" (or 0: off)" if may_be_zero else ""))
         values[name] = value

@@ -55,9 +55,9 @@ async def run(settings: CommonSettings) -> None:
     clock = SystemClock()
     edge = config.edge
     shedder = SubmitShedder(
-        clock,
-        max_latency=edge.max_enqueue_latency_ms / 1000,
-        probe_interval=edge.shed_probe_interval_ms / 1000,
+        max_inflight=edge.max_inflight_submits,
+        min_inflight=edge.min_inflight_submits,
+        max_latency=edge.max_submit_latency_ms / 1000,
         retry_after=edge.overloaded_retry_after_seconds,
     )
     jobs = JobsServicer(auth, backends, config, clock, shedder)

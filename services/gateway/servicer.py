@@ -174,7 +174,15 @@ class JobsServicer(gateway_pb2_grpc.JobServiceServicer):
     async def SubmitJob(self, request: g.SubmitJobRequest, context: grpc.aio.ServicerContext) -> t.Job:
         principal = self.auth(context)
         self.shedder.admit()
-        spec = request.spec
+        started = self.clock.monotonic()
+        written: list[float] = []
+        try:
+            return await self._submit(principal, request.spec, written)
+        finally:
+            self.shedder.release(written[0] - started if written else None)
+
+    async def _submit(self, principal: Principal, spec: t.JobSpec, written: list[float]) -> t.Job:
+        """Validate, check the budget, reserve quota, enqueue; says in `written` when the job was written."""
         now = self.clock.now()
         validate_spec(spec, self.config, now)
         await self.budgets.check(principal.tenant_id)
@@ -194,9 +202,8 @@ class JobsServicer(gateway_pb2_grpc.JobServiceServicer):
         )
         job.burst_session_id = reserved.burst_session_id
         try:
-            started = self.clock.monotonic()
             stored = await self.b.enqueue(q.EnqueueRequest(job=job))
-            self.shedder.observe(self.clock.monotonic() - started)
+            written.append(self.clock.monotonic())
         except BaseException:
             await self._release(job)
             raise

@@ -1,51 +1,48 @@
-"""Load shedding of submits: when queueing's writes are slow, refuse new submits at once instead of queueing them."""
+"""Load shedding of submits: a bound on submits in flight in the gateway that shrinks while they wait long for their
+write in queueing, so that a saturated mesh answers 429 at once instead of letting every submit wait longer."""
 
 from __future__ import annotations
 
-from libs.clock import Clock
 from libs.errors import ResourceExhausted
 
 
 class SubmitShedder:
-    """Tracks the latency of enqueues (the write a submit waits for) as a moving average; above `max_latency` new
-    submits are refused with 429 OVERLOADED and a Retry-After, before any work is done for them. While shedding, one
-    submit per `probe_interval` still goes through, so that the average follows the store back down; a fresh
-    measurement then replaces the stale average outright. A `max_latency` of 0 turns shedding off.
+    """An adaptive bound on submits in flight (additive increase, multiplicative decrease, as TCP does with its
+    window): each submit whose job was written (in queueing, after its quota check) later than `max_latency` after it
+    was admitted cuts the bound by a tenth, down to `min_inflight`; each quicker one raises it by 1/bound, up to
+    `max_inflight`. A submit beyond the bound is refused
+    with 429 OVERLOADED and a Retry-After before any work is done for it. A `max_latency` of 0 leaves the bound at
+    `max_inflight`.
 
-    Envoy bounds the submits in flight (its circuit breaker); this bounds how long an admitted one waits."""
+    Envoy bounds the submits in flight to the gateway at a fixed number (its circuit breaker); this bound follows
+    what the mesh can take, so that the submits it admits do not wait longer than `max_latency` for their write."""
 
-    SMOOTHING = 0.3  # weight of the newest measurement
+    DECREASE = 0.9
 
-    def __init__(self, clock: Clock, *, max_latency: float, probe_interval: float, retry_after: int):
-        self.clock = clock
+    def __init__(self, *, max_inflight: int, min_inflight: int, max_latency: float, retry_after: int):
+        self.max_inflight = max_inflight
+        self.min_inflight = min(min_inflight, max_inflight)
         self.max_latency = max_latency
-        self.probe_interval = probe_interval
         self.retry_after = retry_after
-        self.latency = 0.0
-        self._last_probe = float("-inf")
-
-    @property
-    def shedding(self) -> bool:
-        return self.max_latency > 0 and self.latency > self.max_latency
+        self.bound = float(max_inflight)
+        self.inflight = 0
 
     def admit(self) -> None:
-        """Raise OVERLOADED unless this submit may go on (not shedding, or it is the interval's probe)."""
-        if not self.shedding:
-            return
-        now = self.clock.monotonic()
-        if now - self._last_probe >= self.probe_interval:
-            self._last_probe = now
-            return
-        raise ResourceExhausted(
-            f"the mesh is saturated (enqueue latency {self.latency * 1000:.0f} ms, bound "
-            f"{self.max_latency * 1000:.0f} ms), retry later",
-            reason="OVERLOADED",
-            metadata={"retry_after_seconds": str(self.retry_after)},
-        )
+        """Count a submit in, or raise OVERLOADED; an admitted submit must be let out with `release`."""
+        if self.inflight >= int(self.bound):
+            raise ResourceExhausted(
+                f"the mesh is saturated ({self.inflight} submits in flight, bound {int(self.bound)}), retry later",
+                reason="OVERLOADED",
+                metadata={"retry_after_seconds": str(self.retry_after)},
+            )
+        self.inflight += 1
 
-    def observe(self, seconds: float) -> None:
-        """One enqueue took `seconds`."""
-        if self.shedding:
-            self.latency = seconds  # a probe: the only fresh measurement there is
+    def release(self, write_seconds: float | None) -> None:
+        """An admitted submit is done; its job was written `write_seconds` after it was admitted (None: never)."""
+        self.inflight -= 1
+        if write_seconds is None or self.max_latency <= 0:
+            return
+        if write_seconds > self.max_latency:
+            self.bound = max(float(self.min_inflight), self.bound * self.DECREASE)
         else:
-            self.latency += self.SMOOTHING * (seconds - self.latency)
+            self.bound = min(float(self.max_inflight), self.bound + 1 / self.bound)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 import signal
 from collections.abc import Iterator
 
@@ -41,7 +42,8 @@ max_inflight_submits = {INFLIGHT}
 def edge_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("edge")
     config = root / "edge.toml"
-    config.write_text(FIXTURE_CONFIG.read_text() + EDGE)
+    # The fixture's own [edge] table gives way to this test's.
+    config.write_text(re.sub(r"\n\[edge\]\n(?:[^\[\n].*\n|\n)*", "\n", FIXTURE_CONFIG.read_text()) + EDGE)
     stack = start_stack(root / "stack", config=config)
     try:
         yield stack

@@ -185,4 +185,4 @@ def test_a_bad_edge_table_is_refused(edge: dict[str, Any]) -> None:
 
 
 def test_the_enqueue_latency_bound_may_be_turned_off() -> None:
-    assert parse_config({**MINIMAL, "edge": {"max_enqueue_latency_ms": 0}}).edge.max_enqueue_latency_ms == 0
+    assert parse_config({**MINIMAL, "edge": {"max_submit_latency_ms": 0}}).edge.max_submit_latency_ms == 0
