@@ -102,10 +102,11 @@ class EdgeLimits:
     read_burst: int = 2000
     # Submits in flight to the gateway (all tenants): one more is answered 429 OVERLOADED by Envoy at once.
     max_inflight_submits: int = 32
-    # The gateway's own bound on submits in flight adapts to how long an admitted submit waits for its write in
-    # queueing: each one over this lowers it by a tenth (down to min_inflight_submits), each quicker one raises it
-    # again (up to max_inflight_submits). 0: the bound stays at max_inflight_submits.
-    max_submit_latency_ms: float = 100.0
+    # With this > 0, the gateway's own bound on submits in flight adapts to how long an admitted submit waits for
+    # its write in queueing: each one over this lowers it by a tenth (down to min_inflight_submits), each quicker
+    # one raises it again (up to max_inflight_submits). Off by default: its refusals cost the gateway's CPU and,
+    # on a saturated machine, are far slower than Envoy's (docs/benchmarks.md, "Overload").
+    max_submit_latency_ms: float = 0.0
     min_inflight_submits: int = 8
     # The Retry-After (seconds) of an OVERLOADED answer.
     overloaded_retry_after_seconds: int = 1
