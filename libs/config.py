@@ -103,6 +103,36 @@ class PoolConfig:
 
 
 @dataclass(frozen=True)
+class EdgeLimits:
+    """What the public edge (Envoy, and the gateway behind it) admits before any work is done: per-tenant
+    request rates, the bound on submits in flight, the queueing write latency beyond which submits are shed, and
+    Envoy's own memory and connection limits. Every refusal is a 429 with Retry-After (docs/api.md)."""
+
+    # Per tenant (the token's tenant claim), token buckets: a sustained rate (below 1: one request every 1/rate
+    # seconds) and the bucket's size, the most requests at once after a quiet spell. Submits (JobService/SubmitJob)
+    # and every other call ("reads") have buckets of their own.
+    submit_rate_per_second: float = 1000.0
+    submit_burst: int = 2000
+    read_rate_per_second: float = 1000.0
+    read_burst: int = 2000
+    # Submits in flight to the gateway (all tenants): one more is answered 429 OVERLOADED by Envoy at once.
+    max_inflight_submits: int = 32
+    # With this > 0, the gateway's own bound on submits in flight adapts to how long an admitted submit waits for
+    # its write in queueing: each one over this lowers it by a tenth (down to min_inflight_submits), each quicker
+    # one raises it again (up to max_inflight_submits). Off by default: its refusals cost the gateway's CPU and,
+    # on a saturated machine, are far slower than Envoy's (docs/benchmarks.md, "Overload").
+    max_submit_latency_ms: float = 0.0
+    min_inflight_submits: int = 8
+    # The Retry-After (seconds) of an OVERLOADED answer.
+    overloaded_retry_after_seconds: int = 1
+    # Envoy's heap: beyond 90% it returns memory to the system, beyond 98% it refuses new requests (429).
+    max_heap_mb: int = 192
+    max_connections: int = 10_000
+    # Bytes Envoy buffers per connection (each direction) before it stops reading from it.
+    per_connection_buffer_kb: int = 1024
+
+
+@dataclass(frozen=True)
 class MeshConfig:
     issuer: str
     audience: str
@@ -135,6 +165,7 @@ class MeshConfig:
     max_spec_bytes: int = 64 * 1024
     # The most job records one tenant may keep stored (pending, running and finished within retention).
     max_jobs_per_tenant: int = 250_000
+    edge: EdgeLimits = field(default_factory=EdgeLimits)
 
     def pool(self, pool_id: str) -> PoolConfig | None:
         return next((p for p in self.pools if p.pool_id == pool_id), None)
@@ -257,6 +288,36 @@ def _sandbox(raw: dict[str, object], pool_id: str) -> dict[str, Any]:
             raise ConfigError(f"pool {pool_id}: {key} must be an integer of at least 16")
         limits[key] = value
     return {"sandbox": mode, "network": network, "job_uids": (first, last), **limits}
+
+
+def _edge(raw: object) -> EdgeLimits:
+    """The [edge] table: every key optional, each a positive number (a latency bound of 0 turns it off)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("edge must be a table")
+    defaults = EdgeLimits()
+    known = EdgeLimits.__dataclass_fields__
+    unknown = set(raw) - set(known)
+    if unknown:
+        raise ConfigError(f"edge: unknown keys {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = {}
+    for name in known:
+        default = getattr(defaults, name)
+        value = raw.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"edge.{name} must be a number")
+        if isinstance(default, int) and not isinstance(value, int):
+            raise ConfigError(f"edge.{name} must be an integer")
+        may_be_zero = name == "max_submit_latency_ms"
+        if value < 0 or (value == 0 and not may_be_zero):
+            raise ConfigError(f"edge.{name} must be positive" + (" (or 0: off)" if may_be_zero else ""))
+        values[name] = value
+    if (
+        values["submit_burst"] < values["submit_rate_per_second"]
+        or values["read_burst"] < values["read_rate_per_second"]
+    ):
+        raise ConfigError("edge: a burst must be at least its rate per second")
+    floats = {k: float(v) for k, v in values.items() if isinstance(getattr(defaults, k), float)}
+    return EdgeLimits(**{**values, **floats})
 
 
 def _pruning(retention: dict[str, Any], name: str, age: float, count: int) -> Pruning:
@@ -420,6 +481,7 @@ def _parse(raw: dict[str, object]) -> MeshConfig:
     if max_jobs < 1:
         raise ConfigError("limits.max_jobs_per_tenant must be at least 1")
     return MeshConfig(
+        edge=_edge(raw.get("edge", {})),
         max_spec_bytes=max_spec_bytes,
         max_jobs_per_tenant=max_jobs,
         finished_job_retention_seconds=finished_retention,

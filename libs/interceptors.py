@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -28,12 +28,39 @@ log = logging.getLogger(__name__)
 DOMAIN = "jobmesh.dev"
 
 
+# An error whose metadata has this says when a retry may succeed: it becomes a RetryInfo detail and a
+# `retry-after` header (Retry-After of the REST answer, which Envoy's transcoder passes on).
+RETRY_AFTER_KEY = "retry_after_seconds"
+
+
+def retry_after(err: JobMeshError) -> int | None:
+    value = err.metadata.get(RETRY_AFTER_KEY, "")
+    return max(1, int(value)) if value.isdigit() else None
+
+
 def status_for(err: JobMeshError) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    status = status_pb2.Status(code=err.code.value[0], message=err.message, details=[detail])
+    details = [detail]
+    seconds = retry_after(err)
+    if seconds is not None:
+        retry = any_pb2.Any()
+        retry.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=seconds)))
+        details.append(retry)
+    status = status_pb2.Status(code=err.code.value[0], message=err.message, details=details)
     return rpc_status.to_status(status)
+
+
+async def abort_with(context: grpc.aio.ServicerContext, err: JobMeshError) -> None:
+    """End the call with `err`'s status; with a retry hint, a `retry-after` header first."""
+    seconds = retry_after(err)
+    if seconds is not None:
+        try:
+            await context.send_initial_metadata((("retry-after", str(seconds)),))
+        except Exception:  # a stream that has sent its headers already: the RetryInfo detail still says it
+            log.debug("retry-after not sent: headers already sent")
+    await context.abort_with_status(status_for(err))
 
 
 class _Metadata:
@@ -146,7 +173,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     span.set_status(Status(StatusCode.ERROR, err.reason))
                     span.set_attribute("jobmesh.error.reason", err.reason)
                     self.errors.labels(method, err.reason).inc()
-                    await context.abort_with_status(status_for(err))
+                    await abort_with(context, err)
                 except grpc.aio.AbortError:
                     code = "ABORTED_BY_HANDLER"
                     raise
@@ -156,7 +183,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     span.set_status(Status(StatusCode.ERROR, code))
                     mapped = error_from_rpc(err)
                     self.errors.labels(method, mapped.reason).inc()
-                    await context.abort_with_status(status_for(mapped))
+                    await abort_with(context, mapped)
                 except Exception:
                     code = "INTERNAL"
                     log.exception("unhandled error in %s", details.method)

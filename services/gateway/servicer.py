@@ -28,6 +28,7 @@ from libs.keys import safe_segment
 from libs.telemetry import job_id_var, tenant_id_var
 from services.gateway.budgets import BudgetGate
 from services.gateway.metrics_scrape import scrape_all
+from services.gateway.shedding import SubmitShedder
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +128,15 @@ def check_job_id(job_id: str) -> None:
 
 
 class JobsServicer(gateway_pb2_grpc.JobServiceServicer):
-    def __init__(self, auth: Authenticator, backends: Backends, config: MeshConfig, clock: Clock):
+    def __init__(
+        self, auth: Authenticator, backends: Backends, config: MeshConfig, clock: Clock, shedder: SubmitShedder
+    ):
         self.auth = auth
         self.b = backends
         self.config = config
         self.clock = clock
         self.budgets = BudgetGate(backends.cost, clock, config)
+        self.shedder = shedder
 
     def _scope(self, principal: Principal) -> str:
         """Tenant to look jobs up in: the caller's own, or any (empty) for an admin."""
@@ -140,7 +144,16 @@ class JobsServicer(gateway_pb2_grpc.JobServiceServicer):
 
     async def SubmitJob(self, request: g.SubmitJobRequest, context: grpc.aio.ServicerContext) -> t.Job:
         principal = self.auth(context)
-        spec = request.spec
+        self.shedder.admit()
+        started = self.clock.monotonic()
+        written: list[float] = []
+        try:
+            return await self._submit(principal, request.spec, written)
+        finally:
+            self.shedder.release(written[0] - started if written else None)
+
+    async def _submit(self, principal: Principal, spec: t.JobSpec, written: list[float]) -> t.Job:
+        """Validate, check the budget, reserve quota, enqueue; says in `written` when the job was written."""
         now = self.clock.now()
         validate_spec(spec, self.config, now)
         await self.budgets.check(principal.tenant_id)
@@ -161,6 +174,7 @@ class JobsServicer(gateway_pb2_grpc.JobServiceServicer):
         job.burst_session_id = reserved.burst_session_id
         try:
             stored = await self.b.enqueue(q.EnqueueRequest(job=job))
+            written.append(self.clock.monotonic())
         except BaseException:
             await self._release(job)
             raise

@@ -231,6 +231,7 @@ def test_a_submit_over_quota_is_429_with_the_limit_and_usage(globex: Api, admin:
         assert info["reason"] == "QUOTA_EXCEEDED"
         assert info["metadata"]["limit"] == "concurrent_jobs"
         assert info["metadata"]["usage"] == "1"
+        assert int(refused.headers["retry-after"]) >= 1  # the gateway's retry hint, passed on by Envoy
         quota = globex.call("GET", "/api/v1/tenants/globex/quotas").json()
         assert quota["usage"]["concurrent_jobs"] == 1
         # Usage is released when the job ends, and the next submit fits again.

@@ -65,10 +65,12 @@ def test_grpc_errors_carry_the_contract_status(jobs) -> None:  # type: ignore[no
 def test_internal_services_are_not_reachable_through_the_public_port(stack: Stack) -> None:
     from jobmesh.quota.v1 import quota_pb2, quota_pb2_grpc
 
+    # Even with a valid admin token: the internal services have no route through the edge.
+    admin = [("authorization", f"Bearer {token(stack, 'initech', admin=True)}")]
     with grpc.insecure_channel(stack.grpc_target) as channel:
         with pytest.raises(grpc.RpcError) as caught:
             quota_pb2_grpc.QuotaServiceStub(channel).UpdateQuota(
-                quota_pb2.UpdateQuotaRequest(tenant_id="acme"), timeout=10
+                quota_pb2.UpdateQuotaRequest(tenant_id="acme"), metadata=admin, timeout=10
             )
     assert caught.value.code() in (
         grpc.StatusCode.UNIMPLEMENTED,
