@@ -413,3 +413,19 @@ async def test_a_slots_back_to_back_jobs_each_find_its_group_empty(
 
     assert {(r.reason, r.exit_code) for r in results} == {("EXITED", 0)}
     assert [r.message for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_a_job_prepared_without_its_slots_network_still_gets_a_network_of_its_own(sandbox: Sandbox) -> None:
+    network = sandbox.slot_network()
+    assert network is not None  # the fixture's pool says network = "none"
+    alone = sandbox.prepare("net-check-1", memory_mb=64, cpu_millis=1000)
+    in_slot = sandbox.prepare("net-check-2", memory_mb=64, cpu_millis=1000, network=network)
+    try:
+        assert "--unshare-net" in alone.argv(["true"], {}, "/nonexistent")
+        assert "--unshare-net" not in in_slot.argv(["true"], {}, "/nonexistent")
+        assert (alone.network, in_slot.network) == (None, network)
+    finally:
+        for job in (alone, in_slot):
+            job.cgroup.remove()
+            sandbox.release(job)
+        network.close()
