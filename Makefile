@@ -7,7 +7,7 @@ SITE = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["
 PROTOS := $(shell find protos -name '*.proto')
 DEPS := build/proto-deps
 
-.PHONY: all venv proto sandbox-tools lint typecheck test test-unit test-integration test-e2e test-browser run clean \
+.PHONY: all venv tools k8s-observability proto sandbox-tools lint typecheck test test-unit test-integration test-e2e test-browser run clean \
 	bench envoy-config console node chromium
 
 all: proto
@@ -25,6 +25,13 @@ $(VENV)/.installed: requirements.txt | $(BIN)/python
 	touch $@
 
 venv: $(VENV)/.installed
+
+# Manifest checkers for the tests (requirements-tools.txt); promtool and amtool come from Debian (.ci/run).
+$(VENV)/.tools: requirements-tools.txt | $(VENV)/.installed
+	$(BIN)/pip install -q -r requirements-tools.txt
+	touch $@
+
+tools: $(VENV)/.tools
 
 # Google's annotation protos come from the installed googleapis-common-protos, not from this repo.
 $(DEPS)/.copied: $(VENV)/.installed
@@ -103,7 +110,7 @@ lint: proto
 typecheck: proto
 	$(BIN)/mypy libs services
 
-test-unit: proto
+test-unit: proto tools
 	$(BIN)/python -m pytest tests/unit -q
 
 test-integration: proto sandbox-tools
@@ -115,11 +122,15 @@ test-e2e: proto
 test-browser: proto console chromium
 	$(BIN)/python -m pytest tests/browser -q
 
-test: lint typecheck sandbox-tools console chromium
+test: lint typecheck tools sandbox-tools console chromium
 	$(BIN)/python -m pytest tests -q
 
 run: proto sandbox-tools console
 	$(BIN)/jobmesh run
+
+# The observability component's PrometheusRules and dashboard ConfigMaps, from observability/ (a test checks them).
+k8s-observability: venv
+	$(BIN)/python -m libs.k8s_observability
 
 envoy-config: proto
 	$(BIN)/python -c 'from libs.envoy_config import render_dev_defaults as r; print(r(), end="")' > envoy/envoy.json

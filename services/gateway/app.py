@@ -27,6 +27,7 @@ from services.gateway.servicer import (
     PoolsServicer,
     TenantsServicer,
 )
+from services.gateway.shedding import SubmitShedder
 
 
 async def run(settings: CommonSettings) -> None:
@@ -52,7 +53,14 @@ async def run(settings: CommonSettings) -> None:
         cost=cost_pb2_grpc.CostServiceStub(channels[3]),
     )
     clock = SystemClock()
-    jobs = JobsServicer(auth, backends, config, clock)
+    edge = config.edge
+    shedder = SubmitShedder(
+        max_inflight=edge.max_inflight_submits,
+        min_inflight=edge.min_inflight_submits,
+        max_latency=edge.max_submit_latency_ms / 1000,
+        retry_after=edge.overloaded_retry_after_seconds,
+    )
+    jobs = JobsServicer(auth, backends, config, clock, shedder)
     tenants = TenantsServicer(auth, backends)
     pools = PoolsServicer(auth, backends)
     costs = CostReportsServicer(auth, backends)
@@ -69,6 +77,7 @@ async def run(settings: CommonSettings) -> None:
             (lambda s: gw.add_CostServiceServicer_to_server(costs, s), names["cost"]),
             (lambda s: gw.add_MetricsServiceServicer_to_server(metrics, s), names["metrics"]),
         ],
+        reject_unknown_fields=True,
     )
     try:
         await server.serve_forever()

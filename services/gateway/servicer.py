@@ -29,8 +29,10 @@ from libs.config import MeshConfig
 from libs.errors import InvalidArgument, NotFound, PermissionDenied, from_item_error
 from libs.keys import safe_segment
 from libs.telemetry import job_id_var, tenant_id_var
+from services.gateway.budgets import BudgetGate
 from services.gateway.metrics_scrape import scrape_all
-from services.gateway.submit import BudgetGate, SubmitSaga
+from services.gateway.shedding import SubmitShedder
+from services.gateway.submit import SubmitSaga
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +145,15 @@ def check_job_id(job_id: str) -> None:
 
 
 class JobsServicer(gateway_pb2_grpc.JobServiceServicer):
-    def __init__(self, auth: Authenticator, backends: Backends, config: MeshConfig, clock: Clock):
+    def __init__(
+        self, auth: Authenticator, backends: Backends, config: MeshConfig, clock: Clock, shedder: SubmitShedder
+    ):
         self.auth = auth
         self.b = backends
         self.config = config
         self.clock = clock
-        self.submits = SubmitSaga(config, clock, BudgetGate(backends.cost, clock), backends, backends)
+        self.submits = SubmitSaga(config, clock, BudgetGate(backends.cost, clock, config), backends, backends)
+        self.shedder = shedder
 
     def _scope(self, principal: Principal) -> str:
         """Tenant to look jobs up in: the caller's own, or any (empty) for an admin."""
@@ -156,7 +161,13 @@ class JobsServicer(gateway_pb2_grpc.JobServiceServicer):
 
     async def SubmitJob(self, request: g.SubmitJobRequest, context: grpc.aio.ServicerContext) -> t.Job:
         principal = self.auth(context)
-        return await self.submits.submit(principal.tenant_id, request.spec)
+        self.shedder.admit()
+        started = self.clock.monotonic()
+        written: list[float] = []
+        try:
+            return await self.submits.submit(principal.tenant_id, request.spec, written)
+        finally:
+            self.shedder.release(written[0] - started if written else None)
 
     async def _with_cost(self, job: t.Job) -> t.Job:
         if job.attempt == 0:

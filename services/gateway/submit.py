@@ -6,24 +6,16 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-import grpc
-
 from jobmesh.common.v1 import types_pb2 as t
-from jobmesh.cost.v1 import cost_pb2 as c
 from jobmesh.queueing.v1 import queueing_pb2 as q
 from jobmesh.quota.v1 import quota_pb2 as qt
 from libs.clock import Clock
 from libs.config import MeshConfig
-from libs.errors import JobMeshError
-from libs.interceptors import error_from_rpc
 from libs.jobs import new_job_id, validate_spec
 from libs.telemetry import job_id_var
+from services.gateway.budgets import BudgetGate
 
 log = logging.getLogger(__name__)
-
-
-class BudgetStub(Protocol):
-    async def CheckBudget(self, request: c.CheckBudgetRequest, timeout: float) -> c.CheckBudgetResponse: ...
 
 
 class Reservations(Protocol):
@@ -36,35 +28,6 @@ class Enqueuer(Protocol):
     async def enqueue(self, request: q.EnqueueRequest) -> q.EnqueueResponse: ...
 
 
-class BudgetGate:
-    """Asks the cost service whether a tenant may still submit; remembers the answer briefly to stay off the hot
-    path (an enforced budget may overshoot by what is submitted within that window)."""
-
-    def __init__(self, cost: BudgetStub, clock: Clock, ttl: float = 2.0):
-        self.cost = cost
-        self.clock = clock
-        self.ttl = ttl
-        self._known: dict[str, tuple[float, JobMeshError | None]] = {}
-
-    async def check(self, tenant_id: str) -> None:
-        now = self.clock.monotonic()
-        known = self._known.get(tenant_id)
-        if known is None or now - known[0] > self.ttl:
-            refusal: JobMeshError | None = None
-            try:
-                await self.cost.CheckBudget(c.CheckBudgetRequest(tenant_id=tenant_id), timeout=2.0)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    # Cost being down must not stop admission; budgets are re-checked shortly.
-                    log.warning("budget check unavailable: %s", exc.code().name)
-                    return
-                refusal = error_from_rpc(exc)  # keeps BUDGET_EXCEEDED and its limit/spent metadata
-            known = (now, refusal)
-            self._known[tenant_id] = known
-        if known[1] is not None:
-            raise known[1]
-
-
 class SubmitSaga:
     def __init__(self, config: MeshConfig, clock: Clock, budgets: BudgetGate, quota: Reservations, queue: Enqueuer):
         self.config = config
@@ -73,8 +36,9 @@ class SubmitSaga:
         self.quota = quota
         self.queue = queue
 
-    async def submit(self, tenant_id: str, spec: t.JobSpec) -> t.Job:
-        """The stored job (the first one, for a replayed idempotency key)."""
+    async def submit(self, tenant_id: str, spec: t.JobSpec, written: list[float] | None = None) -> t.Job:
+        """The stored job (the first one, for a replayed idempotency key). Appends to `written` the monotonic
+        time the job was written (what the submit shedder measures)."""
         now = self.clock.now()
         validate_spec(spec, self.config, now)
         await self.budgets.check(tenant_id)
@@ -87,6 +51,8 @@ class SubmitSaga:
         job.burst_session_id = reserved.burst_session_id
         try:
             stored = await self.queue.enqueue(q.EnqueueRequest(job=job))
+            if written is not None:
+                written.append(self.clock.monotonic())
         except BaseException:
             await self.quota.release(tenant_id, job.job_id)
             raise

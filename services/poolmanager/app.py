@@ -23,6 +23,7 @@ from libs.interceptors import ServerInterceptor, channel
 from libs.keys import Keys
 from libs.lifecycle.store import JobStore
 from libs.meshpki import WorkerIssuer
+from libs.pruning import Entry, HistoryPruner, list_keys, time_from_key
 from libs.server import start_server
 from libs.settings import CommonSettings, SettingsError
 from services.poolmanager.controller import PoolController, QueueDepthSource
@@ -89,6 +90,15 @@ async def maybe_start_join_server(
         settings.server.host, int(raw), server_only_credentials(settings.tls), servicer, interceptors
     )
     return server
+
+
+async def scaling_entries(etcd: Etcd, keys: Keys, config: MeshConfig) -> list[list[Entry]]:
+    """Each pool's scaling history (keys end in the decision's time in ms); each pool keeps its own newest."""
+    out = []
+    for pool in config.pools:
+        kvs = await list_keys(etcd, keys.scaling_events(pool.pool_id))
+        out.append([Entry(kv.key, time_from_key(kv.key), kv.mod_revision) for kv in kvs])
+    return out
 
 
 @dataclass
@@ -209,10 +219,21 @@ async def run(settings: CommonSettings) -> None:
     )
     join_server = await maybe_start_join_server(settings, registry, WorkerJoinServicer(join_tokens, issuer.ca))
     election.start()
+    # The leader prunes the scaling history (each pool keeps its own newest), every delete fenced by leadership.
+    history = HistoryPruner(
+        "scaling-event",
+        lambda: scaling_entries(shared.etcd, shared.keys, shared.config),
+        election.fenced_txn,
+        shared.config.scaling_events,
+        shared.clock,
+        controller.metrics.events_pruned,
+        may_run=lambda: election.is_leader,
+    )
     tasks = [
         asyncio.create_task(controller.run(), name="pool-controller"),
         asyncio.create_task(renew_worker_certificates(issuer, election), name="worker-certificates"),
         asyncio.create_task(shared.outcomes.flush_forever(), name="outcomes-flush"),
+        asyncio.create_task(history.run_forever(), name="scaling-history-pruning"),
     ]
 
     async def stop() -> None:

@@ -103,7 +103,7 @@ class QuotaManager:
         # Grants being stored: they hold their share of the burst pool (so two grants never count the same
         # remainder) but admit nothing until they are stored and opened.
         self.claims: dict[str, BurstSession] = {}
-        self.audit: list[BurstSession] = []  # every session ever granted, oldest first
+        self.audit: list[BurstSession] = []  # the granted sessions the audit keeps (pruned by age, count), oldest first
         self._tenants: dict[str, TenantState] = {}
 
     def _state(self, tenant_id: str) -> TenantState:

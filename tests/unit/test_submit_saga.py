@@ -11,7 +11,8 @@ from jobmesh.queueing.v1 import queueing_pb2 as q
 from jobmesh.quota.v1 import quota_pb2 as qt
 from libs.clock import FakeClock
 from libs.errors import InvalidArgument, Unavailable
-from services.gateway.submit import BudgetGate, SubmitSaga
+from services.gateway.budgets import BudgetGate
+from services.gateway.submit import SubmitSaga
 from tests.unit.builders import SpecBuilder, mixed_pools
 
 
@@ -47,7 +48,7 @@ class Queue:
 
 def saga(quota: Quota, queue: Queue) -> SubmitSaga:
     clock = FakeClock()
-    return SubmitSaga(mixed_pools().build(), clock, BudgetGate(Budgets(), clock), quota, queue)
+    return SubmitSaga(mixed_pools().build(), clock, BudgetGate(Budgets(), clock, mixed_pools().build()), quota, queue)
 
 
 @pytest.mark.asyncio
