@@ -14,6 +14,8 @@ from libs.errors import InvalidArgument
 TERMINAL = frozenset({t.JOB_STATE_SUCCEEDED, t.JOB_STATE_FAILED, t.JOB_STATE_CANCELLED})
 ACTIVE = frozenset({t.JOB_STATE_PENDING, t.JOB_STATE_RUNNING})
 
+# A job's message is kept up to this many characters (a failed attempt's ends with the tail of its stderr).
+MAX_MESSAGE = 4096
 MAX_NAME = 253
 MAX_ARGS = 256
 MAX_ARGV_BYTES = 64 * 1024
@@ -172,7 +174,7 @@ def apply_result(
     job.state = t.JOB_STATE_SUCCEEDED if succeeded else t.JOB_STATE_FAILED
     job.exit_code = exit_code
     job.reason = "COMPLETED" if succeeded else ("EXIT_CODE" if reason == "EXITED" else reason)
-    job.message = message[:1024]
+    job.message = message[:MAX_MESSAGE]
     job.end_time.CopyFrom(ts(now))
     job.update_time.CopyFrom(ts(now))
     record = current_attempt(job)

@@ -21,6 +21,7 @@ from libs.etcd.informer import Informer
 from libs.interceptors import ServerInterceptor, channel
 from libs.jobstore import JobStore
 from libs.keys import Keys
+from libs.logstore import log_store_from_settings
 from libs.meshpki import WorkerIssuer
 from libs.server import start_server
 from libs.settings import CommonSettings, SettingsError
@@ -106,6 +107,7 @@ async def run(settings: CommonSettings) -> None:
     outcomes = JobOutcomes(etcd, keys, settings.server.replica_id)
     await outcomes.load()
     store = JobStore(etcd, keys, counted_pools=[p.pool_id for p in config.pools if p.max_jobs_per_worker])
+    logs = log_store_from_settings(str(settings.data_dir), settings.extra)
     registry_servicer = WorkerRegistry(
         etcd,
         keys,
@@ -119,6 +121,7 @@ async def run(settings: CommonSettings) -> None:
         outcomes,
         # Under steady load a result waits this long to share its transaction with other workers' results.
         result_linger=settings.get_float("JOBMESH_RESULT_LINGER_MS", 4.0) / 1000,
+        logs=logs,
     )
     election = LeaderElection(etcd, keys.leader("pool-manager"), settings.server.replica_id, ttl=leader_ttl)
     # Workers we start inherit our settings (etcd is not theirs to use; they only talk to us) but not our
@@ -151,7 +154,7 @@ async def run(settings: CommonSettings) -> None:
     for informer in (assignments, workers):
         await informer.wait_synced()
     join_tokens = JoinTokens(etcd, keys, config, clock)
-    pools = PoolsServicer(etcd, keys, config, workers, assignments, outcomes, depth, join_tokens)
+    pools = PoolsServicer(etcd, keys, config, workers, assignments, outcomes, depth, join_tokens, logs)
     certificates = WorkerCertificateServicer(issuer.ca, config)
     server = await start_server(
         "poolmanager",

@@ -15,13 +15,14 @@ from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
 from libs.batching import GroupCommit
 from libs.clock import Clock
 from libs.config import MeshConfig
-from libs.errors import InvalidArgument
+from libs.errors import FailedPrecondition, InvalidArgument
 from libs.etcd.client import Etcd, KeyValue, WatchEvent, cmp_mod, op_put
 from libs.etcd.informer import Informer
 from libs.identity import peer_identity
 from libs.jobs import RESULT_REASONS, ts
 from libs.jobstore import Completion, JobStore
 from libs.keys import Keys, safe_segment
+from libs.logstore import LogStore
 from libs.telemetry import job_id_var, tenant_id_var
 from services.poolmanager.binding import (
     ResultBounds,
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 
 # Ended attempts remembered until their assignment's delete is seen (a bound, not a working set).
 _ENDED_KEPT = 10_000
+
+
+# Largest chunk of output one AppendJobLog may carry (workers send at most 256 KiB).
+MAX_LOG_CHUNK = 1024 * 1024
 
 
 class RegistryMetrics:
@@ -78,6 +83,7 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         metrics: RegistryMetrics,
         outcomes: JobOutcomes,
         result_linger: float = 0.0,
+        logs: LogStore | None = None,
     ):
         self.etcd = etcd
         self.keys = keys
@@ -89,6 +95,7 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         self.workers = workers
         self.metrics = metrics
         self.outcomes = outcomes
+        self.logs = logs
         self.streams: dict[str, asyncio.Queue[pm.ConnectResponse | pm.ResultAck]] = {}
         self._acks: set[asyncio.Task[None]] = set()  # results from Attach streams being recorded
         # Attempts whose results we are recording or have recorded, until their assignment's delete comes by:
@@ -370,17 +377,50 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
             return False
         return True
 
-    async def _result_bounds(self, request: pm.ReportResultRequest) -> ResultBounds | None:
-        """What the attempt being reported could have used, from the assignment the worker holds (None: it holds
-        none for that job)."""
-        if not (safe_segment(request.worker_id) and safe_segment(request.job_id)):
+    async def AppendJobLog(
+        self, request: pm.AppendJobLogRequest, context: grpc.aio.ServicerContext
+    ) -> pm.AppendJobLogResponse:
+        """Stores output of an attempt, only from the worker the attempt is assigned to now: a worker can write
+        the log of no other job, and of its own only while it holds it. The tenant is the assignment's."""
+        self._bind(context, request.worker_id, None, "AppendJobLog")
+        job_id_var.set(request.job_id)
+        if len(request.data) > MAX_LOG_CHUNK:
+            raise InvalidArgument("data", f"at most {MAX_LOG_CHUNK} bytes per call")
+        if request.offset < 0:
+            raise InvalidArgument("offset", "must not be negative")
+        held = await self._held(request.worker_id, request.job_id)
+        if held is None or held.attempt != request.attempt:
+            self.metrics.refusals.labels("AppendJobLog", "ATTEMPT_NOT_ASSIGNED").inc()
+            raise FailedPrecondition(
+                f"attempt {request.attempt} of job {request.job_id} is not assigned to {request.worker_id}",
+                reason="ATTEMPT_NOT_ASSIGNED",
+            )
+        if self.logs is None:
+            return pm.AppendJobLogResponse(next_offset=request.offset + len(request.data))
+        tenant_id_var.set(held.tenant_id)
+        stored = await asyncio.to_thread(
+            self.logs.append, held.tenant_id, request.job_id, request.attempt, request.offset, request.data
+        )
+        return pm.AppendJobLogResponse(next_offset=stored)
+
+    async def _held(self, worker_id: str, job_id: str) -> t.Assignment | None:
+        """The assignment `worker_id` holds for `job_id`, if any."""
+        if not (safe_segment(worker_id) and safe_segment(job_id)):
             return None
-        key = self.keys.assignment(request.worker_id, request.job_id)
+        key = self.keys.assignment(worker_id, job_id)
         kv = self.assignments.cache.get(key) or await self.etcd.get(key)
         if kv is None:
             return None
         held = t.Assignment()
         held.ParseFromString(kv.value)
+        return held
+
+    async def _result_bounds(self, request: pm.ReportResultRequest) -> ResultBounds | None:
+        """What the attempt being reported could have used, from the assignment the worker holds (None: it holds
+        none for that job)."""
+        held = await self._held(request.worker_id, request.job_id)
+        if held is None:
+            return None
         pool = self.config.pool(held.job.pool_id)
         if pool is None:
             return None

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from jobmesh.common.v1 import quota_pb2 as qt
 from jobmesh.quota.v1 import quota_pb2 as q
 from jobmesh.quota.v1 import quota_pb2_grpc
-from libs.errors import InvalidArgument, JobMeshError, item_error
+from libs.errors import InvalidArgument, JobMeshError, ResourceExhausted, item_error
 from libs.etcd.client import Etcd
 from libs.jobs import ts
 from libs.keys import Keys
@@ -93,18 +93,32 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
                 outcomes.append(q.ReserveOutcome(error=item_error(err)))
         return q.ReserveManyResponse(outcomes=outcomes)
 
+    async def CheckAdmission(
+        self, request: q.CheckAdmissionRequest, context: grpc.aio.ServicerContext
+    ) -> q.CheckAdmissionResponse:
+        """What Reserve would answer now, holding nothing: a burst job beyond the quota with no active session is
+        admitted if the submit could open one."""
+        r = request.reservation
+        res = r.resources
+        try:
+            self.manager.check_tenant(r.tenant_id)
+            _never_fits(self.manager, r)
+            if r.burst and self.manager.over_quota(r.tenant_id, r.job_id, res.cpu_millis, res.memory_mb):
+                if self.manager.active_session(r.tenant_id) is None:
+                    left = self.manager.burst_left()
+                    cap = self.manager.burst_policy.tenant_cap()
+                    if min(left.cpu_millis, cap.cpu_millis) <= 0 or min(left.memory_mb, cap.memory_mb) <= 0:
+                        raise ResourceExhausted("no burst capacity left", reason="BURST_UNAVAILABLE")
+                    return q.CheckAdmissionResponse(admitted=True, burst=True)
+            session_id = self.manager.reserve(r.tenant_id, r.job_id, res.cpu_millis, res.memory_mb, r.burst, dry=True)
+        except JobMeshError as err:
+            return q.CheckAdmissionResponse(admitted=False, refusal=item_error(err))
+        return q.CheckAdmissionResponse(admitted=True, burst=bool(session_id))
+
     def _reserve(self, request: q.ReserveRequest) -> q.ReserveResponse:
         with self.metrics.latency.time():
             try:
-                too_big = self.manager.never_fits(
-                    request.tenant_id, request.resources.cpu_millis, request.resources.memory_mb
-                )
-                if too_big is not None:
-                    raise InvalidArgument(
-                        f"resources.{too_big}" if too_big != "concurrent_jobs" else "resources",
-                        "is more than this tenant's quota plus the largest burst could ever admit",
-                        reason="NEVER_FITS",
-                    )
+                _never_fits(self.manager, request)
                 session_id = self.manager.reserve(
                     request.tenant_id,
                     request.job_id,
@@ -194,3 +208,13 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         except Exception:
             self.manager.sessions.pop(session.session_id, None)
             raise
+
+
+def _never_fits(manager: QuotaManager, request: q.ReserveRequest) -> None:
+    too_big = manager.never_fits(request.tenant_id, request.resources.cpu_millis, request.resources.memory_mb)
+    if too_big is not None:
+        raise InvalidArgument(
+            f"resources.{too_big}" if too_big != "concurrent_jobs" else "resources",
+            "is more than this tenant's quota plus the largest burst could ever admit",
+            reason="NEVER_FITS",
+        )

@@ -11,6 +11,7 @@ from libs.jobs import (
     DEFAULT_QUEUE,
     FREE_INTERRUPTIONS,
     MAX_ARGV_BYTES,
+    MAX_MESSAGE,
     MAX_NAME,
     MAX_RETRIES,
     apply_dispatch,
@@ -180,13 +181,13 @@ def test_a_result_ends_the_job_and_closes_its_attempt(exit_code: int, reason: st
     job = apply_dispatch(JobBuilder().build(), worker(), T0)
 
     apply_result(
-        job, exit_code=exit_code, reason=reason, message="m" * 2000, cpu_seconds=1.5, max_memory_mb=42, now=T0 + 60
+        job, exit_code=exit_code, reason=reason, message="m" * 5000, cpu_seconds=1.5, max_memory_mb=42, now=T0 + 60
     )
 
     assert job.state == state
     assert job.reason == job_reason
     assert job.exit_code == exit_code
-    assert len(job.message) == 1024
+    assert len(job.message) == MAX_MESSAGE
     assert job.end_time.ToNanoseconds() == int((T0 + 60) * 1e9)
     record = job.attempts[0]
     assert record.end_time.ToNanoseconds() == int((T0 + 60) * 1e9)
