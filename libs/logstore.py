@@ -4,7 +4,7 @@ Workers send their jobs' output to the pool-manager (services/poolmanager/regist
 writes it here only for the worker the attempt is assigned to; the gateway reads it back through the
 pool-manager for the job's tenant (or an admin); queueing's retention deletes it with the job record.
 
-`DirectoryLogStore` keeps each attempt's log as files under one directory (`<data dir>/logs` for `make run`):
+`DirectoryLogStore` keeps each attempt's log as files under one directory (`<data dir>/job-logs` for `make run`):
 every replica of the pool-manager and queueing must see the same directory (one host, or a shared volume). A
 production mesh on several hosts would put an object store (S3, GCS) behind the same interface; see
 docs/api.md ("Job logs").
@@ -180,9 +180,9 @@ def _read_all(path: str) -> bytes:
 
 
 def log_store_from_settings(data_dir: str, extra: dict[str, str]) -> DirectoryLogStore:
-    """The store every service of one mesh shares: `JOBMESH_LOG_DIR` (default `<data dir>/logs`), each attempt's
+    """The store every service of one mesh shares: `JOBMESH_LOG_DIR` (default `<data dir>/job-logs`), each attempt's
     log bounded by `JOBMESH_LOG_MAX_BYTES` (default 10 MiB)."""
-    root = extra.get("JOBMESH_LOG_DIR") or os.path.join(data_dir, "logs")
+    root = extra.get("JOBMESH_LOG_DIR") or os.path.join(data_dir, "job-logs")
     try:
         max_bytes = int(extra.get("JOBMESH_LOG_MAX_BYTES", "") or DEFAULT_MAX_BYTES)
     except ValueError:
