@@ -126,6 +126,10 @@ test-browser: proto console chromium
 test: lint typecheck sandbox-tools console chromium client-wheel
 	$(BIN)/python -m pytest tests -q
 
+# The OpenAPI document of the REST API (docs/openapi.yaml), from the protos' HTTP bindings; tests check it matches.
+openapi: proto
+	$(BIN)/python -m libs.openapi
+
 run: proto sandbox-tools console
 	$(BIN)/jobmesh run
 

@@ -45,6 +45,7 @@ _PUBLIC = (
     "/jobmesh.gateway.v1.PoolService/*",
     "/jobmesh.gateway.v1.CostService/*",
     "/jobmesh.gateway.v1.MetricsService/*",
+    "/jobmesh.gateway.v1.ApiService/*",
 )
 
 # The methods a caller may reach with server-only TLS: the join exchange authenticates with its token instead.

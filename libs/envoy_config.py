@@ -13,6 +13,7 @@ PUBLIC_SERVICES: tuple[str, ...] = (
     "jobmesh.gateway.v1.PoolService",
     "jobmesh.gateway.v1.CostService",
     "jobmesh.gateway.v1.MetricsService",
+    "jobmesh.gateway.v1.ApiService",
 )
 
 # Largest request body accepted from a client (REST JSON or a native gRPC message); larger is 413.

@@ -506,3 +506,17 @@ class MetricsServicer(gateway_pb2_grpc.MetricsServiceServicer):
         own = generate_latest(self.own_metrics).decode()  # type: ignore[arg-type]
         text = await scrape_all(self.targets, own)
         return httpbody_pb2.HttpBody(content_type="text/plain; version=0.0.4; charset=utf-8", data=text.encode())
+
+
+class ApiServicer(gateway_pb2_grpc.ApiServiceServicer):
+    """Serves docs/openapi.yaml (read once); open to every caller, like any API's description."""
+
+    def __init__(self, document: bytes | None):
+        self.document = document
+
+    async def GetOpenApiDocument(
+        self, request: g.GetOpenApiDocumentRequest, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        if self.document is None:
+            raise NotFound("this gateway has no OpenAPI document (docs/openapi.yaml)", reason="OPENAPI_MISSING")
+        return httpbody_pb2.HttpBody(content_type="application/yaml; charset=utf-8", data=self.document)

@@ -7,11 +7,14 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 
+from libs.launcher import Stack
 from tests.helpers import Api, job_spec
 
+REPO = Path(__file__).resolve().parents[2]
 TERMINAL = {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"}
 
 
@@ -134,3 +137,10 @@ def test_a_dry_run_names_the_blocking_limit_with_its_numbers(globex: Api) -> Non
     assert admission["metadata"]["limit_value"] == "64000"
     bad = globex.call("POST", "/api/v1/jobs:dryRun", json={"name": "", "command": []}).json()
     assert bad["valid"] is False and bad["violations"][0]["field"]
+
+
+def test_the_openapi_document_is_served_without_a_token(stack: Stack) -> None:
+    resp = httpx.get(f"{stack.url}/api/v1/openapi.yaml", timeout=30)
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("application/yaml")
+    assert resp.text == (REPO / "docs" / "openapi.yaml").read_text()

@@ -718,6 +718,21 @@ class GetCostReportsResponse(_message.Message):
 Global___GetCostReportsResponse: _TypeAlias = GetCostReportsResponse  # noqa: Y015
 
 @_typing.final
+class GetOpenApiDocumentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOpenApiDocumentRequest: _TypeAlias = GetOpenApiDocumentRequest  # noqa: Y015
+
+@_typing.final
 class GetPrometheusMetricsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

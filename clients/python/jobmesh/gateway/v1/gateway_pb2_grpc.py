@@ -895,6 +895,82 @@ class CostService:
             _registered_method=True)
 
 
+class ApiServiceStub:
+    """The API's own description.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetOpenApiDocument = channel.unary_unary(
+                '/jobmesh.gateway.v1.ApiService/GetOpenApiDocument',
+                request_serializer=jobmesh_dot_gateway_dot_v1_dot_gateway__pb2.GetOpenApiDocumentRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+
+
+class ApiServiceServicer:
+    """The API's own description.
+    """
+
+    def GetOpenApiDocument(self, request, context):
+        """This API as an OpenAPI 3 document (YAML), generated from these protos. Needs no token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ApiServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetOpenApiDocument': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOpenApiDocument,
+                    request_deserializer=jobmesh_dot_gateway_dot_v1_dot_gateway__pb2.GetOpenApiDocumentRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'jobmesh.gateway.v1.ApiService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('jobmesh.gateway.v1.ApiService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ApiService:
+    """The API's own description.
+    """
+
+    @staticmethod
+    def GetOpenApiDocument(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobmesh.gateway.v1.ApiService/GetOpenApiDocument',
+            jobmesh_dot_gateway_dot_v1_dot_gateway__pb2.GetOpenApiDocumentRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class MetricsServiceStub:
     """Prometheus text for the whole mesh.
     """

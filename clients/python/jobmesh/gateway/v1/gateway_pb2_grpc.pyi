@@ -287,6 +287,37 @@ class CostServiceServicer(metaclass=_abc_1.ABCMeta):
 
 def add_CostServiceServicer_to_server(servicer: CostServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
+class ApiServiceStub:
+    """The API's own description."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> ApiServiceAsyncStub: ...
+    GetOpenApiDocument: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetOpenApiDocumentRequest, _httpbody_pb2.HttpBody]
+    """This API as an OpenAPI 3 document (YAML), generated from these protos. Needs no token."""
+
+@_typing.type_check_only
+class ApiServiceAsyncStub(ApiServiceStub):
+    """The API's own description."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    GetOpenApiDocument: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetOpenApiDocumentRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """This API as an OpenAPI 3 document (YAML), generated from these protos. Needs no token."""
+
+class ApiServiceServicer(metaclass=_abc_1.ABCMeta):
+    """The API's own description."""
+
+    @_abc_1.abstractmethod
+    def GetOpenApiDocument(
+        self,
+        request: _gateway_pb2.GetOpenApiDocumentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
+        """This API as an OpenAPI 3 document (YAML), generated from these protos. Needs no token."""
+
+def add_ApiServiceServicer_to_server(servicer: ApiServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
 class MetricsServiceStub:
     """Prometheus text for the whole mesh."""
 
