@@ -71,9 +71,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"processes: {', '.join(stack.procs)}\n\n"
         f"dev token for tenant acme (24 h):\n{token}\n\n"
         f"console (signs in with that token): {stack.url}/console/#token={token}\n\n"
-        f"try:\n  TOKEN=$(.venv/bin/jobmesh token --tenant acme)\n"
-        f'  curl -H "Authorization: Bearer $TOKEN" -d \'{{"name":"hello","command":["sh","-c","echo hi"],'
-        f'"resources":{{"cpu_millis":100,"memory_mb":64}}}}\' {stack.url}/api/v1/jobs\n\n'
+        f"try the CLI (in another shell):\n"
+        f"  export JOBMESH_URL={stack.url} JOBMESH_TOKEN=$(.venv/bin/jobmesh token --tenant acme)\n"
+        f"  .venv/bin/jobmesh submit --name hello --wait -- sh -c 'echo hi'\n"
+        f"  .venv/bin/jobmesh list\n"
+        f"  .venv/bin/jobmesh logs <job_id>\n"
+        f'or REST: curl -H "Authorization: Bearer $JOBMESH_TOKEN" {stack.url}/api/v1/jobs'
+        f"  (the API: docs/api.md, {stack.url}/api/v1/openapi.yaml)\n"
+        f"the client elsewhere: pip install ./clients/python (docs/api.md)\n\n"
         "Ctrl-C stops everything.",
         flush=True,
     )

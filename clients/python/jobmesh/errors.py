@@ -124,10 +124,6 @@ class NeverFits(InvalidArgument):
     reason = "NEVER_FITS"
 
 
-class PayloadTooLarge(InvalidArgument):
-    reason = "PAYLOAD_TOO_LARGE"
-
-
 class JobFinished(FailedPrecondition):
     reason = "JOB_FINISHED"
 
@@ -167,6 +163,10 @@ class QuotaExceeded(ResourceExhausted):
     def usage(self) -> int | None:
         value = self.metadata.get("usage")
         return int(value) if value else None
+
+
+class PayloadTooLarge(ResourceExhausted):
+    reason = "PAYLOAD_TOO_LARGE"
 
 
 class BurstUnavailable(ResourceExhausted):
