@@ -24,6 +24,13 @@ CHUNK_BYTES = 256 * 1024
 # After output arrives, wait this long for more before sending: fewer, larger calls for chatty jobs.
 LINGER_SECONDS = 0.2
 
+_GIVE_UP = (
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+)
+
 Send = Callable[[pm.AppendJobLogRequest], Awaitable[pm.AppendJobLogResponse]]
 
 
@@ -48,6 +55,7 @@ class LogShipper:
         self.dropped = 0
         self._wake = asyncio.Event()
         self._closing = False
+        self._closed = asyncio.Event()
         self._refused = False
         self._task: asyncio.Task[None] | None = None
 
@@ -69,6 +77,7 @@ class LogShipper:
         """Sends what is left, for up to `timeout` seconds (the result waits for it: a reader who sees the job
         ended finds its whole output)."""
         self._closing = True
+        self._closed.set()
         self._wake.set()
         task = self._task
         if task is None:
@@ -87,7 +96,11 @@ class LogShipper:
                 self._wake.clear()
                 await self._wake.wait()
                 if not self._closing:
-                    await asyncio.sleep(self.linger)
+                    # Linger for more output, but not past the job's end: its result waits for this.
+                    try:
+                        await asyncio.wait_for(self._closed.wait(), self.linger)
+                    except TimeoutError:
+                        pass
                 continue
             chunk = bytes(self._buffer[:CHUNK_BYTES])
             request = pm.AppendJobLogRequest(
@@ -96,7 +109,8 @@ class LogShipper:
             try:
                 resp = await self._send(request)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED):
+                # Not ours to write (any more), or a pool-manager without logs: stop sending this attempt's output.
+                if exc.code() in _GIVE_UP:
                     log.warning("output refused: %s", exc.details(), extra={"job_id": self.job_id})
                     self._refused = True
                     self._buffer.clear()

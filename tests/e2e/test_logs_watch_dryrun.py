@@ -52,7 +52,8 @@ def test_another_tenant_cannot_read_the_log(acme: Api, globex: Api) -> None:
 
 
 def test_following_the_log_shows_lines_while_the_job_prints(acme: Api) -> None:
-    script = "for i in 1 2 3 4 5 6; do echo line-$i; sleep 0.5; done"
+    # Long enough that its first lines come while it runs even on a loaded machine.
+    script = "for i in 1 2 3 4 5 6 7 8 9 10; do echo line-$i; sleep 0.5; done"
     job = acme.submit(job_spec("printer", ["sh", "-c", script]))
     acme.wait_state(job["job_id"], {"JOB_STATE_RUNNING"}, timeout=30)
     seen: list[tuple[str, str]] = []
@@ -61,13 +62,13 @@ def test_following_the_log_shows_lines_while_the_job_prints(acme: Api) -> None:
         for line in resp.iter_lines():
             if line:
                 seen.append((line, acme.get(job["job_id"])["state"]))
-    assert [line for line, _ in seen] == [f"line-{i}" for i in range(1, 7)]
+    assert [line for line, _ in seen] == [f"line-{i}" for i in range(1, 11)]
     assert seen[0][1] == "JOB_STATE_RUNNING"  # the first line came while the job still ran
     assert acme.get(job["job_id"])["state"] == "JOB_STATE_SUCCEEDED"  # the stream ended with the job
 
 
 def test_watch_streams_each_state_until_the_job_ends(acme: Api) -> None:
-    job = acme.submit(job_spec("watched", ["sh", "-c", "sleep 1; exit 0"]))
+    job = acme.submit(job_spec("watched", ["sh", "-c", "sleep 4; exit 0"]))
     states: list[str] = []
     with _stream(acme, f"/api/v1/jobs/{job['job_id']}:watch") as resp:
         assert resp.status_code == 200
