@@ -7,7 +7,7 @@ SITE = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["
 PROTOS := $(shell find protos -name '*.proto')
 DEPS := build/proto-deps
 
-.PHONY: all venv proto client-stubs client-wheel openapi sandbox-tools lint typecheck test test-unit test-integration test-e2e test-browser run clean \
+.PHONY: all venv tools k8s-observability proto client-stubs client-wheel openapi sandbox-tools lint typecheck test test-unit test-integration test-e2e test-browser run clean \
 	bench envoy-config console node chromium
 
 all: proto
@@ -27,6 +27,13 @@ $(VENV)/.installed: requirements.txt Makefile | $(BIN)/python
 	touch $@
 
 venv: $(VENV)/.installed
+
+# Manifest checkers for the tests (requirements-tools.txt); promtool and amtool come from Debian (.ci/run).
+$(VENV)/.tools: requirements-tools.txt | $(VENV)/.installed
+	$(BIN)/pip install -q -r requirements-tools.txt
+	touch $@
+
+tools: $(VENV)/.tools
 
 # Google's annotation protos come from the installed googleapis-common-protos, not from this repo.
 $(DEPS)/.copied: $(VENV)/.installed
@@ -111,7 +118,7 @@ typecheck: proto
 	$(BIN)/mypy libs services
 	cd clients/python && ../../$(BIN)/mypy
 
-test-unit: proto
+test-unit: proto tools
 	$(BIN)/python -m pytest tests/unit -q
 
 test-integration: proto sandbox-tools
@@ -123,7 +130,7 @@ test-e2e: proto
 test-browser: proto console chromium
 	$(BIN)/python -m pytest tests/browser -q
 
-test: lint typecheck sandbox-tools console chromium client-wheel
+test: lint typecheck tools sandbox-tools console chromium client-wheel
 	$(BIN)/python -m pytest tests -q
 
 # The OpenAPI document of the REST API (docs/openapi.yaml), from the protos' HTTP bindings; tests check it matches.
@@ -132,6 +139,10 @@ openapi: proto
 
 run: proto sandbox-tools console
 	$(BIN)/jobmesh run
+
+# The observability component's PrometheusRules and dashboard ConfigMaps, from observability/ (a test checks them).
+k8s-observability: venv
+	$(BIN)/python -m libs.k8s_observability
 
 envoy-config: proto
 	$(BIN)/python -c 'from libs.envoy_config import render_dev_defaults as r; print(r(), end="")' > envoy/envoy.json

@@ -89,6 +89,21 @@ def load_verification_keys(path: Path) -> list[Any]:
     return [serialization.load_pem_public_key(raw)]
 
 
+def jwks_document(keys_file: Path) -> str:
+    """The JWKS (RS256 keys) for the keys in `keys_file` (a PEM public key or a JWKS): what Envoy's jwt_authn reads,
+    so that the edge and the gateway verify with the same keys. Rotation: put the new key beside the old one in
+    the file, re-render (restart Envoy, roll its pods), start signing with the new key, later drop the old one."""
+    jwks = []
+    for key in load_verification_keys(keys_file):
+        if not isinstance(key, rsa.RSAPublicKey):
+            raise ValueError(f"{keys_file}: only RSA public keys are accepted (RS256)")
+        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key))
+        jwks.append({**jwk, "alg": "RS256", "use": "sig"})
+    if not jwks:
+        raise ValueError(f"{keys_file}: no RSA public key")
+    return json.dumps({"keys": jwks}, indent=2) + "\n"
+
+
 class TokenVerifier:
     """Verifies bearer tokens; caches verified ones briefly so repeated calls skip the RSA check."""
 

@@ -1,4 +1,4 @@
-"""The `jobmesh` command: run the dev stack, mint dev tokens."""
+"""The `jobmesh` command: run the dev stack, mint dev tokens, cost reports, etcd maintenance."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from libs.auth import ensure_dev_keys, issue_token
+from libs.auth import ensure_dev_keys, issue_token, jwks_document, key_paths
+from libs.cli_admin import add_admin_parser
 from libs.cli_cost import add_cost_parser
 from libs.config import ConfigError, load_config
 from libs.launcher import REPO, Ports, Stack
@@ -37,6 +38,12 @@ def cmd_token(args: argparse.Namespace) -> int:
             ttl=args.ttl,
         )
     )
+    return 0
+
+
+def cmd_jwks(args: argparse.Namespace) -> int:
+    """The JWKS of a public key file (the dev key by default): for the jobmesh-jwt-keys Secret (docs/kubernetes.md)."""
+    print(jwks_document(args.keys or key_paths(args.data_dir)[1]), end="")
     return 0
 
 
@@ -183,10 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--admin", action="store_true", help="add the admin role")
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
     token.set_defaults(func=cmd_token)
+    jwks = sub.add_parser("jwks", help="print the JWKS of a PEM public key (default: the dev signing key's)")
+    jwks.add_argument("--keys", type=Path, help="a PEM public key or a JWKS file")
+    jwks.set_defaults(func=cmd_jwks)
     run = sub.add_parser("run", help="start the whole mesh here, in the foreground")
     run.add_argument("--port", type=int, default=8080)
     run.set_defaults(func=cmd_run)
     add_cost_parser(sub)
+    add_admin_parser(sub)
     join = sub.add_parser(
         "join-token", help="mint single-use join tokens that admit workers started elsewhere to a pool (operators)"
     )

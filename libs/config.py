@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,14 @@ class QuotaLimits:
 
 
 @dataclass(frozen=True)
+class Pruning:
+    """Entries older than `max_age_seconds` (0: no age limit) or beyond the newest `max_count` are deleted."""
+
+    max_age_seconds: float
+    max_count: int
+
+
+@dataclass(frozen=True)
 class TenantConfig:
     tenant_id: str
     weight: float = 1.0
@@ -27,6 +37,11 @@ class TenantConfig:
     # Monthly budget in the mesh currency (None: no budget) and what happens at 100%: "notify" or "enforce".
     monthly_budget: float | None = None
     budget_policy: str = "notify"
+
+    @property
+    def budget_enforced(self) -> bool:
+        """A configured budget (a 0 limit is none) whose policy is enforce."""
+        return bool(self.monthly_budget) and self.budget_policy == "enforce"
 
 
 @dataclass(frozen=True)
@@ -88,6 +103,36 @@ class PoolConfig:
 
 
 @dataclass(frozen=True)
+class EdgeLimits:
+    """What the public edge (Envoy, and the gateway behind it) admits before any work is done: per-tenant
+    request rates, the bound on submits in flight, the queueing write latency beyond which submits are shed, and
+    Envoy's own memory and connection limits. Every refusal is a 429 with Retry-After (docs/api.md)."""
+
+    # Per tenant (the token's tenant claim), token buckets: a sustained rate (below 1: one request every 1/rate
+    # seconds) and the bucket's size, the most requests at once after a quiet spell. Submits (JobService/SubmitJob)
+    # and every other call ("reads") have buckets of their own.
+    submit_rate_per_second: float = 1000.0
+    submit_burst: int = 2000
+    read_rate_per_second: float = 1000.0
+    read_burst: int = 2000
+    # Submits in flight to the gateway (all tenants): one more is answered 429 OVERLOADED by Envoy at once.
+    max_inflight_submits: int = 32
+    # With this > 0, the gateway's own bound on submits in flight adapts to how long an admitted submit waits for
+    # its write in queueing: each one over this lowers it by a tenth (down to min_inflight_submits), each quicker
+    # one raises it again (up to max_inflight_submits). Off by default: its refusals cost the gateway's CPU and,
+    # on a saturated machine, are far slower than Envoy's (docs/benchmarks.md, "Overload").
+    max_submit_latency_ms: float = 0.0
+    min_inflight_submits: int = 8
+    # The Retry-After (seconds) of an OVERLOADED answer.
+    overloaded_retry_after_seconds: int = 1
+    # Envoy's heap: beyond 90% it returns memory to the system, beyond 98% it refuses new requests (429).
+    max_heap_mb: int = 192
+    max_connections: int = 10_000
+    # Bytes Envoy buffers per connection (each direction) before it stops reading from it.
+    per_connection_buffer_kb: int = 1024
+
+
+@dataclass(frozen=True)
 class MeshConfig:
     issuer: str
     audience: str
@@ -106,10 +151,21 @@ class MeshConfig:
     default_sla_tier: str = "standard"
     # How long a finished job's record is kept before it is deleted (its cost records stay); 0: for ever.
     finished_job_retention_seconds: float = 7 * 86400.0
+    # A job's cost records are rolled up into daily aggregates once its record is deleted and its last attempt
+    # ended this long ago (services/cost/daily.py); 0: never.
+    cost_rollup_seconds: float = 7 * 86400.0
+    # Audit trails pruned by age and count (docs/operations.md, "Bounded state"); an age of 0 keeps them for ever.
+    burst_audit: Pruning = field(default_factory=lambda: Pruning(90 * 86400.0, 10_000))
+    worker_lifetimes: Pruning = field(default_factory=lambda: Pruning(90 * 86400.0, 10_000))
+    scaling_events: Pruning = field(default_factory=lambda: Pruning(30 * 86400.0, 1_000))  # count: per pool
+    # When the gateway cannot ask the cost service about a budget: "open" admits the submit (budgets are checked
+    # again shortly); "closed" refuses submits of tenants whose budget is enforced with 503 BUDGET_CHECK_UNAVAILABLE.
+    budget_check_failure: str = "open"
     # The largest job spec accepted, in bytes of its protobuf encoding (argv, env, labels and all).
     max_spec_bytes: int = 64 * 1024
     # The most job records one tenant may keep stored (pending, running and finished within retention).
     max_jobs_per_tenant: int = 250_000
+    edge: EdgeLimits = field(default_factory=EdgeLimits)
 
     def pool(self, pool_id: str) -> PoolConfig | None:
         return next((p for p in self.pools if p.pool_id == pool_id), None)
@@ -234,7 +290,115 @@ def _sandbox(raw: dict[str, object], pool_id: str) -> dict[str, Any]:
     return {"sandbox": mode, "network": network, "job_uids": (first, last), **limits}
 
 
-def parse_config(raw: dict[str, object]) -> MeshConfig:
+def _edge(raw: object) -> EdgeLimits:
+    """The [edge] table: every key optional, each a positive number (a latency bound of 0 turns it off)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("edge must be a table")
+    defaults = EdgeLimits()
+    known = EdgeLimits.__dataclass_fields__
+    unknown = set(raw) - set(known)
+    if unknown:
+        raise ConfigError(f"edge: unknown keys {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = {}
+    for name in known:
+        default = getattr(defaults, name)
+        value = raw.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"edge.{name} must be a number")
+        if isinstance(default, int) and not isinstance(value, int):
+            raise ConfigError(f"edge.{name} must be an integer")
+        may_be_zero = name == "max_submit_latency_ms"
+        if value < 0 or (value == 0 and not may_be_zero):
+            raise ConfigError(f"edge.{name} must be positive" + (" (or 0: off)" if may_be_zero else ""))
+        values[name] = value
+    if (
+        values["submit_burst"] < values["submit_rate_per_second"]
+        or values["read_burst"] < values["read_rate_per_second"]
+    ):
+        raise ConfigError("edge: a burst must be at least its rate per second")
+    floats = {k: float(v) for k, v in values.items() if isinstance(getattr(defaults, k), float)}
+    return EdgeLimits(**{**values, **floats})
+
+
+def _pruning(retention: dict[str, Any], name: str, age: float, count: int) -> Pruning:
+    pruning = Pruning(float(retention.get(f"{name}_seconds", age)), int(retention.get(f"{name}_max", count)))
+    if pruning.max_age_seconds < 0 or pruning.max_count < 1:
+        raise ConfigError(f"retention.{name}_seconds must be >= 0 (0: no age limit) and retention.{name}_max >= 1")
+    return pruning
+
+
+class _Table(dict[str, Any]):
+    """A TOML table that remembers the keys the parser asked for, so a key nobody reads (a typo such as
+    `wieght = 2`, which would quietly load the default) is an error naming it. Iterating a table (tenants, labels,
+    prices: names the operator chooses) reads all of its keys."""
+
+    def __init__(self, data: dict[str, Any], where: str):
+        super().__init__({k: _tracked(v, f"{where}{k}") for k, v in data.items()})
+        self.where = where
+        self.asked: set[str] = set()
+        self.iterated = False
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.asked.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        self.asked.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        if isinstance(key, str):
+            self.asked.add(key)
+        return super().__contains__(key)
+
+    def __iter__(self) -> Iterator[str]:
+        self.iterated = True
+        return super().__iter__()
+
+    def items(self) -> Any:
+        self.iterated = True
+        return super().items()
+
+    def keys(self) -> Any:
+        self.iterated = True
+        return super().keys()
+
+    def values(self) -> Any:
+        self.iterated = True
+        return super().values()
+
+    def unread(self) -> Iterator[str]:
+        """Each key never asked for, with the closest one that was, here and in the tables inside."""
+        if not self.iterated:
+            for key in dict.keys(self):
+                if key not in self.asked:
+                    close = difflib.get_close_matches(key, sorted(self.asked), n=1)
+                    yield f"{self.where}{key}" + (f" (did you mean {close[0]}?)" if close else "")
+        for value in dict.values(self):
+            for table in value if isinstance(value, list) else [value]:
+                if isinstance(table, _Table):
+                    yield from table.unread()
+
+
+def _tracked(value: Any, where: str) -> Any:
+    if isinstance(value, dict):
+        return _Table(value, f"{where}.")
+    if isinstance(value, list):
+        return [_tracked(v, f"{where}[{v.get('id', i) if isinstance(v, dict) else i}]") for i, v in enumerate(value)]
+    return value
+
+
+def parse_config(data: dict[str, object]) -> MeshConfig:
+    """The mesh config from its TOML tables, checked: a bad value or a key no setting reads is a ConfigError."""
+    raw = _Table(data, "")
+    config = _parse(raw)
+    unknown = list(raw.unread())
+    if unknown:
+        raise ConfigError("unknown key(s) in the mesh config: " + ", ".join(unknown))
+    return config
+
+
+def _parse(raw: dict[str, object]) -> MeshConfig:
     auth = raw.get("auth", {})
     assert isinstance(auth, dict)
     quota = raw.get("quota", {})
@@ -294,6 +458,20 @@ def parse_config(raw: dict[str, object]) -> MeshConfig:
     finished_retention = float(retention.get("finished_job_seconds", 7 * 86400))
     if finished_retention < 0:
         raise ConfigError("retention.finished_job_seconds must be 0 (keep for ever) or positive")
+    rollup = float(retention.get("cost_rollup_seconds", finished_retention))
+    if rollup < 0:
+        raise ConfigError("retention.cost_rollup_seconds must be 0 (never roll up) or positive")
+    prunings = {
+        name: _pruning(retention, name, age, count)
+        for name, age, count in (
+            ("burst_audit", 90 * 86400, 10_000),
+            ("worker_lifetimes", 90 * 86400, 10_000),
+            ("scaling_events", 30 * 86400, 1_000),
+        )
+    }
+    budget_failure = str(cost.get("budget_check_failure", "open"))
+    if budget_failure not in ("open", "closed"):
+        raise ConfigError("cost.budget_check_failure must be open or closed")
     limits = raw.get("limits", {})
     assert isinstance(limits, dict)
     max_spec_bytes = int(limits.get("max_spec_bytes", 64 * 1024))
@@ -303,9 +481,13 @@ def parse_config(raw: dict[str, object]) -> MeshConfig:
     if max_jobs < 1:
         raise ConfigError("limits.max_jobs_per_tenant must be at least 1")
     return MeshConfig(
+        edge=_edge(raw.get("edge", {})),
         max_spec_bytes=max_spec_bytes,
         max_jobs_per_tenant=max_jobs,
         finished_job_retention_seconds=finished_retention,
+        cost_rollup_seconds=rollup,
+        budget_check_failure=budget_failure,
+        **prunings,
         sla_tiers=sla_tiers,
         default_sla_tier=default_tier,
         burst_pool=burst_pool,

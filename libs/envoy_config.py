@@ -5,7 +5,13 @@ from __future__ import annotations
 import ipaddress
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from libs import envoy_admission as admission
+from libs import envoy_fields
+from libs.config import EdgeLimits, MeshConfig, load_config
+from libs.envoy_admission import EdgeAuth
 
 PUBLIC_SERVICES: tuple[str, ...] = (
     "jobmesh.gateway.v1.JobService",
@@ -31,10 +37,13 @@ STREAM_IDLE_ROUTE_SECONDS = 3600
 CONNECT_TIMEOUT_SECONDS = 1
 STREAM_IDLE_TIMEOUT_SECONDS = 300
 REQUEST_HEADERS_TIMEOUT_SECONDS = 10
-MAX_DOWNSTREAM_CONNECTIONS = 10_000
 ENVOY_LOG_LEVEL = "warning"
+# Where Kubernetes mounts the jobmesh-jwt-keys Secret, in the gateway's pod and in Envoy's.
+JWT_KEYS_MOUNT = "/var/run/secrets/jobmesh/jwt"
 
 _GATEWAY_CLUSTER = "jobmesh_gateway"
+# The same gateway for submits alone, so that a bound on submits in flight (a circuit breaker) applies to them only.
+_SUBMIT_CLUSTER = "jobmesh_gateway_submits"
 _CONSOLE_CLUSTER = "jobmesh_console"
 CONSOLE_PREFIX = "/console/"
 CONSOLE_ID = "spiffe://jobmesh/service/console"
@@ -141,14 +150,16 @@ def _upstream_tls(tls: EnvoyTls, peer_id: str = "", alpn: str = "h2") -> dict[st
     }
 
 
-def _gateway_cluster(gateway_host: str, gateway_port: int, tls: EnvoyTls) -> dict[str, Any]:
+def _gateway_cluster(
+    gateway_host: str, gateway_port: int, tls: EnvoyTls, limits: EdgeLimits, name: str = _GATEWAY_CLUSTER
+) -> dict[str, Any]:
     try:
         ipaddress.ip_address(gateway_host)
         discovery: dict[str, Any] = {"type": "STATIC"}
     except ValueError:
         discovery = {"type": "STRICT_DNS", "dns_lookup_family": "V4_PREFERRED"}
-    return {
-        "name": _GATEWAY_CLUSTER,
+    cluster = {
+        "name": name,
         **discovery,
         "connect_timeout": _seconds(CONNECT_TIMEOUT_SECONDS),
         "lb_policy": "ROUND_ROBIN",
@@ -159,11 +170,15 @@ def _gateway_cluster(gateway_host: str, gateway_port: int, tls: EnvoyTls) -> dic
                 explicit_http_config={"http2_protocol_options": {}},
             )
         },
+        "per_connection_buffer_limit_bytes": limits.per_connection_buffer_kb * 1024,
         "load_assignment": {
-            "cluster_name": _GATEWAY_CLUSTER,
+            "cluster_name": name,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(gateway_host, gateway_port)}}]}],
         },
     }
+    if name == _SUBMIT_CLUSTER:
+        cluster["circuit_breakers"] = admission.submit_circuit_breaker(limits)
+    return cluster
 
 
 def _console_cluster(console_port: int, tls: EnvoyTls) -> dict[str, Any]:
@@ -183,9 +198,8 @@ def _console_cluster(console_port: int, tls: EnvoyTls) -> dict[str, Any]:
 
 def _console_routes() -> list[dict[str, Any]]:
     # Static files, not gRPC: the transcoder (which refuses paths it cannot map to a method) is off here.
-    transcoder_off = {
-        "envoy.filters.http.grpc_json_transcoder": _typed("envoy.config.route.v3.FilterConfig", disabled=True)
-    }
+    off = _typed("envoy.config.route.v3.FilterConfig", disabled=True)
+    transcoder_off = {"envoy.filters.http.grpc_json_transcoder": off, admission.RATE_LIMIT_FILTER: off}
     return [
         {
             "name": "console_redirect",
@@ -259,10 +273,19 @@ def _transcoder_filter(descriptor_path: str) -> dict[str, Any]:
     }
 
 
-def _routes(console: bool = False) -> list[dict[str, Any]]:
+def _gateway_route(cluster: str) -> dict[str, Any]:
+    return {
+        "cluster": cluster,
+        "timeout": _seconds(ROUTE_TIMEOUT_SECONDS),
+        "max_stream_duration": {"grpc_timeout_header_max": _seconds(ROUTE_TIMEOUT_SECONDS)},
+    }
+
+
+def _routes(limits: EdgeLimits, console: bool = False) -> list[dict[str, Any]]:
     # The transcoder rewrites a matched REST request to its gRPC path before routing, so these
     # prefixes carry both REST and native gRPC traffic; every other path (internal services
-    # included) falls through to the 404 below and never reaches the gateway.
+    # included) falls through to the 404 below and never reaches the gateway. Submits have a route of their
+    # own: their own rate limit per tenant, and their own cluster with its bound on submits in flight.
     routes: list[dict[str, Any]] = [
         {
             "name": method.rsplit("/", 1)[-1],
@@ -278,14 +301,14 @@ def _routes(console: bool = False) -> list[dict[str, Any]]:
     ]
     routes += [
         {
-            "name": service,
-            "match": {"prefix": f"/{service}/", "grpc": {}},
-            "route": {
-                "cluster": _GATEWAY_CLUSTER,
-                "timeout": _seconds(ROUTE_TIMEOUT_SECONDS),
-                "max_stream_duration": {"grpc_timeout_header_max": _seconds(ROUTE_TIMEOUT_SECONDS)},
-            },
+            "name": admission.SUBMIT_ROUTE,
+            "match": {"path": admission.SUBMIT_PATH, "grpc": {}},
+            "route": _gateway_route(_SUBMIT_CLUSTER),
+            "typed_per_filter_config": {admission.RATE_LIMIT_FILTER: admission.submit_rate_limit(limits)},
         }
+    ]
+    routes += [
+        {"name": service, "match": {"prefix": f"/{service}/", "grpc": {}}, "route": _gateway_route(_GATEWAY_CLUSTER)}
         for service in PUBLIC_SERVICES
     ]
     if console:
@@ -321,7 +344,7 @@ def _rest_caller_filter() -> dict[str, Any]:
     return {"or_filter": {"filters": [not_grpc, transcoded]}}
 
 
-def _status_json(code: int, reason: str) -> dict[str, Any]:
+def _status_json(code: int, reason: str, message: str = "%LOCAL_REPLY_BODY%") -> dict[str, Any]:
     detail = {
         "@type": "type.googleapis.com/google.rpc.ErrorInfo",
         "reason": reason,
@@ -330,15 +353,27 @@ def _status_json(code: int, reason: str) -> dict[str, Any]:
     return {
         "json_format": {
             "code": code,
-            "message": "%LOCAL_REPLY_BODY%",
+            "message": message,
             "details": [detail],
         },
         "content_type": "application/json",
     }
 
 
-def _local_reply_config() -> dict[str, Any]:
-    mappers: list[dict[str, Any]] = []
+def _unknown_fields_filter() -> dict[str, Any]:
+    from jobmesh.gateway.v1 import gateway_pb2
+
+    return envoy_fields.lua_filter((gateway_pb2.DESCRIPTOR,), PUBLIC_SERVICES)
+
+
+def _local_reply_config(limits: EdgeLimits) -> dict[str, Any]:
+    # The refusals of the admission filters and of the unknown-field check first (they also answer native gRPC
+    # callers with status details).
+    errors = admission.admission_errors(limits)
+    mappers = [
+        envoy_fields.local_reply_mapper(_rest_caller_filter(), _ERROR_DOMAIN),
+        *admission.local_reply_mappers(errors, _rest_caller_filter(), _status_json),
+    ]
     for http_status, code, reason in _LOCAL_ERRORS:
         status_filter = {
             "status_code_filter": {
@@ -366,7 +401,9 @@ def _local_reply_config() -> dict[str, Any]:
     return {"mappers": mappers}
 
 
-def _http_connection_manager(descriptor_path: str, console: bool = False) -> dict[str, Any]:
+def _http_connection_manager(
+    descriptor_path: str, auth: EdgeAuth, limits: EdgeLimits, console: bool = False
+) -> dict[str, Any]:
     return _typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="jobmesh_edge",
@@ -393,15 +430,20 @@ def _http_connection_manager(descriptor_path: str, console: bool = False) -> dic
                 ),
             }
         ],
-        local_reply_config=_local_reply_config(),
+        local_reply_config=_local_reply_config(limits),
         route_config={
             "name": "jobmesh_public",
-            "virtual_hosts": [{"name": "jobmesh", "domains": ["*"], "routes": _routes(console)}],
+            "virtual_hosts": [{"name": "jobmesh", "domains": ["*"], "routes": _routes(limits, console)}],
         },
+        # The token is checked first, before a body is read; the rate limits after the transcoder, where a REST
+        # call and its native gRPC twin have the same route.
         http_filters=[
+            admission.jwt_filter(auth, (CONSOLE_PREFIX,) if console else ()),
             _remember_method_filter(),
             _body_limit_filter(),
+            _unknown_fields_filter(),
             _transcoder_filter(descriptor_path),
+            admission.rate_limit_filter(limits),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router"),
@@ -419,6 +461,8 @@ def render_envoy_config(
     gateway_port: int,
     descriptor_path: str,
     tls: EnvoyTls,
+    auth: EdgeAuth,
+    limits: EdgeLimits,
     console_port: int | None = None,
 ) -> str:
     """Return the Envoy v3 bootstrap (as JSON, which is also valid YAML) for the public edge.
@@ -442,35 +486,31 @@ def render_envoy_config(
         # SDS (the certificate files, watched) wants to know who this Envoy is.
         "node": {"id": "jobmesh-edge", "cluster": "jobmesh-edge"},
         "admin": {"address": {"pipe": {"path": admin_socket, "mode": 0o600}}},
-        "overload_manager": {
-            "resource_monitors": [
-                {
-                    "name": "envoy.resource_monitors.global_downstream_max_connections",
-                    "typed_config": _typed(
-                        "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
-                        max_active_downstream_connections=MAX_DOWNSTREAM_CONNECTIONS,
-                    ),
-                }
-            ]
-        },
+        "overload_manager": admission.overload_manager(limits),
         "static_resources": {
             "listeners": [
                 {
                     "name": "jobmesh_public",
                     "address": _socket_address(listen_host, listen_port),
+                    "per_connection_buffer_limit_bytes": limits.per_connection_buffer_kb * 1024,
                     "filter_chains": [
                         {
                             "filters": [
                                 {
                                     "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": _http_connection_manager(descriptor_path, console_port is not None),
+                                    "typed_config": _http_connection_manager(
+                                        descriptor_path, auth, limits, console_port is not None
+                                    ),
                                 }
                             ]
                         }
                     ],
                 }
             ],
-            "clusters": [_gateway_cluster(gateway_host, gateway_port, tls)],
+            "clusters": [
+                _gateway_cluster(gateway_host, gateway_port, tls, limits),
+                _gateway_cluster(gateway_host, gateway_port, tls, limits, _SUBMIT_CLUSTER),
+            ],
         },
     }
     if console_port is not None:
@@ -499,8 +539,18 @@ def envoy_argv(envoy_binary: str, config_path: str, *, base_id: int | None = Non
     return argv
 
 
-def render_dev_defaults() -> str:
-    """The committed `envoy/envoy.json`: the dev defaults, with `make run`'s data dir `.jobmesh/`."""
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def edge_auth(config: MeshConfig, keys_file: str) -> EdgeAuth:
+    """The mesh config's issuer and audience with the file of public keys the gateway verifies with too."""
+    return EdgeAuth(issuer=config.issuer, audience=config.audience, keys_file=keys_file)
+
+
+def render_dev_defaults(limits: EdgeLimits | None = None, console_port: int | None = None) -> str:
+    """The committed `envoy/envoy.json`: the dev defaults (config/dev.toml), with `make run`'s data dir `.jobmesh/`
+    (other `limits` or a console port: what the tests check)."""
+    config = load_config(_REPO / "config" / "dev.toml")
     return render_envoy_config(
         listen_host="127.0.0.1",
         listen_port=8080,
@@ -513,13 +563,18 @@ def render_dev_defaults() -> str:
             validation_sds=".jobmesh/pki/envoy/validation-sds.json",
             watched_dir=".jobmesh/pki/services",
         ),
+        auth=edge_auth(config, ".jobmesh/keys/edge-jwks.json"),
+        limits=limits or config.edge,
+        console_port=console_port,
     )
 
 
 def render_cluster_defaults() -> str:
     """`k8s/base/envoy.json`: the gateway Service by name, Envoy's certificate and the mesh CA from a mounted
     Secret in /etc/jobmesh/tls (Kubernetes swaps a Secret's files by renaming a directory link, which the watch
-    on that directory sees), the SDS files beside the bootstrap, admin on a socket in the pod's /tmp."""
+    on that directory sees), the SDS files beside the bootstrap, admin on a socket in the pod's /tmp. Tokens are
+    checked against the JWKS the gateway uses (the jobmesh-jwt-keys Secret), limits come from k8s/base/mesh.toml."""
+    config = load_config(_REPO / "k8s" / "base" / "mesh.toml")
     return render_envoy_config(
         listen_host="0.0.0.0",
         listen_port=8080,
@@ -532,4 +587,6 @@ def render_cluster_defaults() -> str:
             validation_sds="/etc/envoy/bootstrap/validation-sds.json",
             watched_dir="/etc/jobmesh/tls",
         ),
+        auth=edge_auth(config, JWT_KEYS_MOUNT + "/jwks.json"),
+        limits=config.edge,
     )

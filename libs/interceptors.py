@@ -9,29 +9,58 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from libs.errors import JobMeshError
+from libs.errors import InvalidArgument, JobMeshError
 from libs.settings import TlsSettings
 from libs.telemetry import job_id_var, tenant_id_var
 from libs.tls import RenewingChannel
+from libs.unknown_fields import first_unknown
 
 log = logging.getLogger(__name__)
 
 DOMAIN = "jobmesh.dev"
 
 
+# An error whose metadata has this says when a retry may succeed: it becomes a RetryInfo detail and a
+# `retry-after` header (Retry-After of the REST answer, which Envoy's transcoder passes on).
+RETRY_AFTER_KEY = "retry_after_seconds"
+
+
+def retry_after(err: JobMeshError) -> int | None:
+    value = err.metadata.get(RETRY_AFTER_KEY, "")
+    return max(1, int(value)) if value.isdigit() else None
+
+
 def status_for(err: JobMeshError) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    status = status_pb2.Status(code=err.code.value[0], message=err.message, details=[detail])
+    details = [detail]
+    seconds = retry_after(err)
+    if seconds is not None:
+        retry = any_pb2.Any()
+        retry.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=seconds)))
+        details.append(retry)
+    status = status_pb2.Status(code=err.code.value[0], message=err.message, details=details)
     return rpc_status.to_status(status)
+
+
+async def abort_with(context: grpc.aio.ServicerContext, err: JobMeshError) -> None:
+    """End the call with `err`'s status; with a retry hint, a `retry-after` header first."""
+    seconds = retry_after(err)
+    if seconds is not None:
+        try:
+            await context.send_initial_metadata((("retry-after", str(seconds)),))
+        except Exception:  # a stream that has sent its headers already: the RetryInfo detail still says it
+            log.debug("retry-after not sent: headers already sent")
+    await context.abort_with_status(status_for(err))
 
 
 class _Metadata:
@@ -48,9 +77,12 @@ class _Metadata:
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every unary handler: extract trace context, time it, map domain errors to statuses."""
+    """Wraps every unary handler: extract trace context, time it, map domain errors to statuses. With
+    `reject_unknown_fields` (the public API), a request carrying a field its message does not define is refused
+    with INVALID_ARGUMENT / UNKNOWN_FIELD naming it, before the handler runs."""
 
-    def __init__(self, service: str, registry: CollectorRegistry):
+    def __init__(self, service: str, registry: CollectorRegistry, *, reject_unknown_fields: bool = False):
+        self.reject_unknown_fields = reject_unknown_fields
         self.tracer = trace.get_tracer(f"jobmesh.{service}")
         metric = service.replace("-", "_")
         self.latency = Histogram(
@@ -80,7 +112,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                return await self._run(method, details, lambda: inner(request, context), context)
+                return await self._run(method, details, lambda: self._checked(inner, request, context), context)
 
             return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
         if handler.unary_stream is not None:
@@ -97,11 +129,22 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             )
         return handler
 
+    async def _checked(self, inner: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self._refuse_unknown(request)
+        return await inner(request, context)
+
+    def _refuse_unknown(self, request: Any) -> None:
+        if self.reject_unknown_fields and isinstance(request, Message):
+            path = first_unknown(request)
+            if path is not None:
+                raise InvalidArgument(path, "unknown field (not part of this API)", reason="UNKNOWN_FIELD")
+
     def _streaming(self, method: str, details: grpc.HandlerCallDetails, inner: Any) -> Any:
         """A handler with a response stream (its request one message or a stream), written out under `_run`."""
 
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async def drain() -> None:
+                self._refuse_unknown(request)
                 async for item in inner(request, context):
                     await context.write(item)
 
@@ -130,7 +173,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     span.set_status(Status(StatusCode.ERROR, err.reason))
                     span.set_attribute("jobmesh.error.reason", err.reason)
                     self.errors.labels(method, err.reason).inc()
-                    await context.abort_with_status(status_for(err))
+                    await abort_with(context, err)
                 except grpc.aio.AbortError:
                     code = "ABORTED_BY_HANDLER"
                     raise
@@ -140,7 +183,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     span.set_status(Status(StatusCode.ERROR, code))
                     mapped = error_from_rpc(err)
                     self.errors.labels(method, mapped.reason).inc()
-                    await context.abort_with_status(status_for(mapped))
+                    await abort_with(context, mapped)
                 except Exception:
                     code = "INTERNAL"
                     log.exception("unhandled error in %s", details.method)

@@ -23,8 +23,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from libs.auth import ensure_dev_keys
-from libs.envoy_config import EnvoyTls, envoy_argv, render_envoy_config, sds_files
+from libs.auth import ensure_dev_keys, jwks_document, key_paths
+from libs.config import load_config
+from libs.envoy_config import EnvoyTls, edge_auth, envoy_argv, render_envoy_config, sds_files
 from libs.etcd.client import Etcd
 from libs.meshpki import MeshPki
 from libs.pki import write_public
@@ -252,9 +253,18 @@ class Stack:
         proc = Proc(name, [sys.executable, "-m", module], env, self.log_dir / f"{name}.log", port, metrics_port)
         return self._spawn(proc)
 
+    def edge_jwks(self) -> Path:
+        """The JWKS Envoy verifies tokens with, written from the gateway's keys (JOBMESH_JWT_KEYS or the dev key) each
+        time Envoy starts: a rotated key file is picked up by restarting Envoy."""
+        source = Path(self.env.get("JOBMESH_JWT_KEYS") or key_paths(self.data_dir)[1])
+        path = self.data_dir / "keys" / "edge-jwks.json"
+        write_public(path, jwks_document(source).encode())
+        return path
+
     def start_envoy(self) -> Proc:
         p = self.ports
         config = self.data_dir / "envoy.json"
+        mesh = load_config(self.config_path)
         config.write_text(
             render_envoy_config(
                 listen_host="127.0.0.1",
@@ -265,6 +275,8 @@ class Stack:
                 descriptor_path=str(REPO / "build" / "jobmesh.pb"),
                 console_port=p.console,
                 tls=self._envoy_tls(),
+                auth=edge_auth(mesh, str(self.edge_jwks())),
+                limits=mesh.edge,
             )
         )
         argv = envoy_argv(envoy_binary(), str(config), base_id=random.randint(1, 2**20))

@@ -76,11 +76,14 @@ async def start_server(
     serving: bool = True,
     extra_interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
     options: Iterable[tuple[str, Any]] = (),
+    reject_unknown_fields: bool = False,
 ) -> ServiceServer:
-    """Registers the given servicers (with their full service names) plus health and reflection, and starts."""
+    """Registers the given servicers (with their full service names) plus health and reflection, and starts.
+    `reject_unknown_fields`: requests with fields their message does not define are refused (the public API)."""
+    mapping = ServerInterceptor(name, registry, reject_unknown_fields=reject_unknown_fields)
     server = grpc.aio.server(
         # Authorization first: a call the table does not allow runs nothing, not even the others' interceptors.
-        interceptors=[AuthorizationInterceptor(name, registry), *extra_interceptors, ServerInterceptor(name, registry)],
+        interceptors=[AuthorizationInterceptor(name, registry), *extra_interceptors, mapping],
         options=[
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
             ("grpc.keepalive_permit_without_calls", 1),

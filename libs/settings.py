@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class SettingsError(ValueError):
@@ -181,6 +185,45 @@ class PeerSettings:
         )
 
 
+# Every JOBMESH_* variable a jobmesh process reads (tests/unit/test_settings_env.py keeps this equal to the code),
+# the mTLS families (<prefix>_DIR, _NAME, _CERT, _KEY, _CA, _SERVER_NAME), and the clients' own.
+_TLS_PARTS = ("DIR", "NAME", "CERT", "KEY", "CA", "SERVER_NAME")
+KNOWN_VARIABLES = frozenset(
+    {
+        *(f"{prefix}_{part}" for prefix in ("JOBMESH_TLS", "JOBMESH_ETCD_TLS") for part in _TLS_PARTS),
+        *"""JOBMESH_CONFIG JOBMESH_DATA_DIR JOBMESH_PORT JOBMESH_HOST JOBMESH_GRACE_SECONDS JOBMESH_REPLICA_ID
+        JOBMESH_LOG_LEVEL JOBMESH_METRICS_PORT JOBMESH_METRICS_TARGETS JOBMESH_OTEL_EXPORTER JOBMESH_OTEL_ENDPOINT
+        JOBMESH_ETCD_ENDPOINTS JOBMESH_ETCD_PREFIX JOBMESH_QUOTA_ADDR JOBMESH_QUEUEING_ADDR JOBMESH_SCHEDULER_ADDRS
+        JOBMESH_POOLMANAGER_ADDRS JOBMESH_COST_ADDR JOBMESH_LEADER_TTL JOBMESH_WORKER_LEASE_TTL JOBMESH_JWT_KEYS
+        JOBMESH_RESULT_LINGER_MS JOBMESH_SCHEDULER_MIN_INTERVAL_MS JOBMESH_COST_RESCAN_EVERY
+        JOBMESH_COST_RECORD_DELAY_SECONDS JOBMESH_COST_CYCLE_SECONDS JOBMESH_QUEUEING_START_SLACK_SECONDS
+        JOBMESH_QUEUEING_SNAPSHOT_INTERVAL_SECONDS JOBMESH_QUEUEING_RETENTION_SWEEP_SECONDS
+        JOBMESH_QUEUEING_OFFER_WINDOW_SECONDS JOBMESH_QUEUEING_MAX_BATCH JOBMESH_QUEUEING_BOOST_FRACTION
+        JOBMESH_CONSOLE_HOST JOBMESH_CONSOLE_DIR JOBMESH_JOIN_PORT JOBMESH_JOIN_CA JOBMESH_JOIN_ADDR
+        JOBMESH_JOIN_DIR JOBMESH_JOIN_TOKEN JOBMESH_JOIN_TOKEN_FILE JOBMESH_JOIN_SERVER_NAME JOBMESH_WORKER_ID
+        JOBMESH_POOL_ID JOBMESH_WORKER_CA_DIR JOBMESH_WORKER_CERTS_DIR JOBMESH_WORKER_SPAWN_TIME
+        JOBMESH_WORKER_RENEW_CERT JOBMESH_WORKER_SLOTS JOBMESH_WORKER_SANDBOX JOBMESH_WORKER_SANDBOX_STATE_DIR
+        JOBMESH_WORKER_NETWORK JOBMESH_WORKER_PIDS_MAX JOBMESH_WORKER_MEMORY_MB JOBMESH_WORKER_CPU_MILLIS
+        JOBMESH_WORKER_MAX_OPEN_FILES JOBMESH_WORKER_MAX_FILE_MB JOBMESH_WORKER_LABELS JOBMESH_WORKER_JOB_UIDS
+        JOBMESH_WORKER_HEALTH_INTERVAL JOBMESH_WORKER_HEALTH_CHECK JOBMESH_WORKER_MIN_FREE_MB
+        JOBMESH_TOKEN JOBMESH_URL""".split(),
+    }
+)
+
+
+def check_variables(env: Mapping[str, str], known: frozenset[str] = KNOWN_VARIABLES) -> list[str]:
+    """Unknown JOBMESH_* variables in `env`: an error naming the first that looks like a typo of a known one
+    (a misspelt leader TTL would otherwise leave the default in force), the others returned to be logged (a
+    variable meant for another tool or a newer version)."""
+    others = []
+    for name in sorted(n for n in env if n.startswith("JOBMESH_") and n not in known):
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.85)
+        if close:
+            raise SettingsError(f"unknown variable {name}: did you mean {close[0]}?")
+        others.append(name)
+    return others
+
+
 @dataclass(frozen=True)
 class CommonSettings:
     """What every service reads: its server, etcd, telemetry, its mesh identity (mTLS on every port and every
@@ -198,6 +241,8 @@ class CommonSettings:
     @classmethod
     def from_env(cls, service_name: str, default_port: int, env: Mapping[str, str] | None = None) -> CommonSettings:
         env = os.environ if env is None else env
+        for name in check_variables(env):
+            log.warning("ignoring unknown variable %s (no jobmesh setting reads it)", name)
         config_path = Path(_env(env, "JOBMESH_CONFIG", "config/dev.toml"))
         if not config_path.is_file():
             raise SettingsError(f"JOBMESH_CONFIG: no such file {config_path}")

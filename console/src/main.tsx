@@ -6,12 +6,16 @@ import { onUnauthorized } from "./api";
 import { adoptTokenFromUrl, currentToken, forgetToken, isAdmin, readClaims } from "./auth";
 import { useRoute } from "./hooks";
 import "./styles.css";
-import { CostView } from "./views/Cost";
+import { later } from "./components/Later";
 import { JobDetailView } from "./views/JobDetail";
 import { JobsView } from "./views/Jobs";
 import { LoginView } from "./views/Login";
-import { PoolsView } from "./views/Pools";
-import { TenantsView } from "./views/Tenants";
+
+// The views with charts load on first visit, so the Jobs view (the usual first one) does not wait for the
+// charting library: it is most of the bundle.
+const TenantsView = later(() => import("./views/Tenants").then((m) => m.TenantsView));
+const PoolsView = later(() => import("./views/Pools").then((m) => m.PoolsView));
+const CostView = later(() => import("./views/Cost").then((m) => m.CostView));
 
 adoptTokenFromUrl();
 

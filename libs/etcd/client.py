@@ -91,6 +91,10 @@ def cmp_missing(key: str) -> pb.Compare:
     return cmp_create(key, 0)
 
 
+def cmp_exists(key: str) -> pb.Compare:
+    return pb.Compare(result=pb.Compare.GREATER, target=pb.Compare.CREATE, key=key.encode(), create_revision=0)
+
+
 def cmp_none_under(prefix: str) -> pb.Compare:
     """True while no key exists under prefix (etcd applies a ranged compare to every key in the range)."""
     return pb.Compare(

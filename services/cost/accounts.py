@@ -60,8 +60,9 @@ class CostAccounts:
         records = list(self.ledger.records.values())
         intervals = self.workers.intervals
         allocations = self.ledger.allocations(since=start)
-        config, thresholds = self.config, self.thresholds
-        return lambda: build_reports(records, tenant_id, period, config, intervals, allocations, thresholds)
+        daily, capacity = list(self.ledger.daily.values()), list(self.workers.capacity.values())
+        config, th = self.config, self.thresholds
+        return lambda: build_reports(records, tenant_id, period, config, intervals, allocations, th, daily, capacity)
 
     def job_cost(self, job: t.Job) -> list[CostRecord]:
         return self.ledger.job_cost(job)
@@ -77,8 +78,11 @@ class CostAccounts:
         await self.budgets.update(tenant_id, setting)
         return self.budget(tenant_id)
 
-    def check_budget(self, tenant_id: str) -> None:
-        """Raises ResourceExhausted (BUDGET_EXCEEDED) when the tenant's enforced budget is spent."""
-        refusal = self.budget(tenant_id).refusal(self.config.currency)
+    def check_budget(self, tenant_id: str) -> bool:
+        """Raises ResourceExhausted (BUDGET_EXCEEDED) when the tenant's enforced budget is spent; else returns
+        whether its budget is enforced."""
+        status = self.budget(tenant_id)
+        refusal = status.refusal(self.config.currency)
         if refusal is not None:
             raise refusal
+        return status.enforced

@@ -25,6 +25,7 @@ from services.cost.keys import CostKeys
 from services.cost.ledger import CostLedger
 from services.cost.metrics import CostMetrics
 from services.cost.recommendations import Thresholds
+from services.cost.rollup import CostRollup
 from services.cost.servicer import CostServicer
 from services.cost.settings import CostSettings
 from services.cost.workers import WorkerLedger
@@ -35,6 +36,12 @@ SERVICE = "jobmesh.cost.v1.CostService"
 def decoded_jobs(informer: Informer) -> Iterator[tuple[str, t.Job]]:
     for kv in list(informer.cache.values()):
         yield kv.key, decode_job(kv.value)
+
+
+def stored_job_ids(informer: Informer) -> Iterator[str]:
+    """ "tenant/job" of every stored job (job keys are `.../jobs/<tenant>/<job>`)."""
+    for key in list(informer.cache):
+        yield "/".join(key.rsplit("/", 2)[-2:])
 
 
 async def run(common: CommonSettings) -> None:
@@ -56,6 +63,7 @@ async def run(common: CommonSettings) -> None:
         Informer(etcd, cost_keys.budgets, budgets.on_budget_event, "cost-budgets"),
         # Records before jobs, so that replaying the jobs only charges what was never charged.
         Informer(etcd, keys.cost_records, ledger.on_record_event, "cost-records"),
+        Informer(etcd, cost_keys.daily, ledger.on_daily_event, "cost-daily"),
     ]
     for informer in informers:
         informer.start()
@@ -70,12 +78,26 @@ async def run(common: CommonSettings) -> None:
         await informer.wait_synced()
     await workers.close_missing({Keys.last_segment(k) for k in worker_informer.cache})
 
+    rollup = CostRollup(
+        etcd,
+        keys,
+        cost_keys,
+        ledger,
+        config,
+        clock,
+        metrics,
+        accounts.thresholds,
+        stored_jobs=lambda: stored_job_ids(job_informer),
+        age_seconds=config.cost_rollup_seconds,
+    )
     cycle = CostCycle(
         accounts,
         lambda: decoded_jobs(job_informer),
         metrics,
         interval=settings.cycle_seconds,
         rescan_every=settings.rescan_every,
+        rollup=rollup,
+        lifetimes=config.worker_lifetimes,
     )
     cycle_task = asyncio.create_task(cycle.run_forever(), name="cost-cycle")
     servicer = CostServicer(accounts)

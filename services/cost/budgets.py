@@ -87,6 +87,10 @@ class BudgetStatus:
         return self.setting is not None and self.setting.active
 
     @property
+    def enforced(self) -> bool:
+        return self.limited and self.setting is not None and self.setting.policy == "enforce"
+
+    @property
     def limit_micros(self) -> int:
         """The monthly limit; 0 without a budget."""
         return self.setting.limit_micros if self.setting is not None and self.setting.active else 0

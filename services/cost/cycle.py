@@ -7,12 +7,15 @@ import logging
 from collections.abc import Callable, Iterable
 
 from jobmesh.common.v1 import types_pb2 as t
+from libs.config import Pruning
 from services.cost.accounts import CostAccounts
 from services.cost.budgets import month_window
+from services.cost.capacity import capacity_in
 from services.cost.idle import by_pool, idle_cells
 from services.cost.metrics import CostMetrics
 from services.cost.pricing import format_micros
 from services.cost.records import month_of
+from services.cost.rollup import CostRollup
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +24,19 @@ JobSource = Callable[[], Iterable[tuple[str, t.Job]]]
 
 class CostCycle:
     def __init__(
-        self, accounts: CostAccounts, jobs: JobSource, metrics: CostMetrics, *, interval: float, rescan_every: int
+        self,
+        accounts: CostAccounts,
+        jobs: JobSource,
+        metrics: CostMetrics,
+        *,
+        interval: float,
+        rescan_every: int,
+        rollup: CostRollup | None = None,
+        lifetimes: Pruning | None = None,
     ):
         self.accounts = accounts
+        self.rollup = rollup
+        self.lifetimes = lifetimes  # how worker lifetimes are pruned (None: kept)
         self.jobs = jobs
         self.metrics = metrics
         self.interval = interval
@@ -55,10 +68,20 @@ class CostCycle:
         # 4. Budgets: utilization, and a warning the first time a threshold is crossed in a month.
         with self.metrics.cycle_seconds.labels("budgets").time():
             await self.check_budgets()
+        # 5. Bounded state, as often as the rescan (each pass reads every record and lifetime; what it waits for
+        # is days old): old records of deleted jobs folded into daily aggregates, old worker lifetimes into daily
+        # capacity. Reports over those days stay the same.
+        if self.cycles % self.rescan_every == 0:
+            with self.metrics.cycle_seconds.labels("rollup").time():
+                if self.rollup is not None:
+                    await self.rollup.run_once()
+                if self.lifetimes is not None:
+                    await self.accounts.workers.prune(self.lifetimes)
         self.cycles += 1
 
     def tenants(self) -> set[str]:
         seen = {r.tenant_id for r in self.accounts.ledger.records.values()}
+        seen |= {d.tenant_id for d in self.accounts.ledger.daily.values()}
         return set(self.accounts.config.tenants) | seen
 
     def publish_tenants(self) -> None:
@@ -76,7 +99,10 @@ class CostCycle:
         start, end = month_window(now)
         # Month windows start at a UTC midnight, so durable records count through their per-day index.
         unwritten = a.ledger.unwritten_allocations(since=start)
-        cells = idle_cells(a.config, a.workers.intervals, unwritten, start, end, now, a.ledger.allocated_by_day)
+        capacity = capacity_in(a.workers.capacity.values(), start, now)
+        cells = idle_cells(
+            a.config, a.workers.intervals, unwritten, start, end, now, a.ledger.allocated_by_day, capacity
+        )
         pools = by_pool(cells)
         for pool in a.config.pools:
             cell = pools.get(pool.pool_id)

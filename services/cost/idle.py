@@ -162,11 +162,13 @@ def idle_cells(
     end: float,
     now: float,
     allocated: Mapping[tuple[str, str], int] | None = None,
+    capacity: Mapping[tuple[str, str], int] | None = None,
 ) -> dict[tuple[str, str], IdleCell]:
     """Capacity and allocation per (pool, UTC day) over [start, min(end, now)); see the module docstring.
 
-    `allocated` holds allocations already split by (pool, UTC day) (see daily_shares); only whole days of it
-    are counted, so a window that starts or ends inside a day must pass those attempts in `allocations`."""
+    `allocated` holds allocations already split by (pool, UTC day) (see daily_shares), `capacity` the capacity of
+    lifetimes rolled up by day (services/cost/capacity.py); every day of them the window touches counts whole, so a
+    window that starts or ends inside a day must pass those attempts in `allocations` (or pro-rate them)."""
     end = min(end, now)
     cells: dict[tuple[str, str], IdleCell] = {}
     if start >= end:
@@ -197,6 +199,9 @@ def idle_cells(
     for (pool_id, day), micros in (allocated or {}).items():
         if first <= day <= last and micros:
             add((pool_id, day), IdleCell(0, micros))
+    for (pool_id, day), micros in (capacity or {}).items():
+        if first <= day <= last and micros and config.pool(pool_id) is not None:
+            add((pool_id, day), IdleCell(micros, 0))
     return cells
 
 

@@ -16,6 +16,22 @@ class CostKeys:
         return f"{self.p}/cost/workers/{worker_id}"
 
     @property
+    def daily(self) -> str:
+        """Rolled-up cost records: one aggregate per tenant, UTC day and pool (services/cost/daily.py)."""
+        return f"{self.p}/cost/daily/"
+
+    def daily_cost(self, tenant_id: str, day: str, pool_id: str) -> str:
+        return f"{self.p}/cost/daily/{tenant_id}/{day}/{pool_id}"
+
+    @property
+    def capacity(self) -> str:
+        """Pruned worker lifetimes: what each pool's workers cost per UTC day (services/cost/capacity.py)."""
+        return f"{self.p}/cost/capacity/"
+
+    def capacity_day(self, pool_id: str, day: str) -> str:
+        return f"{self.p}/cost/capacity/{pool_id}/{day}"
+
+    @property
     def budgets(self) -> str:
         return f"{self.p}/cost/budgets/"
 

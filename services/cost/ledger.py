@@ -16,6 +16,7 @@ from libs.errors import JobMeshError
 from libs.etcd.client import Compare, RequestOp, TxnResult, WatchEvent, cmp_missing, op_get, op_put
 from libs.jobs import decode_job
 from libs.keys import Keys
+from services.cost.daily import Cell, DailyCost, daily_cell
 from services.cost.idle import Allocation, daily_shares
 from services.cost.metrics import CostMetrics
 from services.cost.records import (
@@ -68,17 +69,57 @@ class CostLedger:
         self._base: dict[str, int] = {}  # record key -> its price without burst premium, for idle cost
         # (pool, UTC day) -> base micros of durable records that fall on that day: idle cost without a rescan.
         self.allocated_by_day: dict[tuple[str, str], int] = {}
+        # Rolled-up days (services/cost/daily.py): their records are gone, their sums count in all of the above.
+        self.daily: dict[Cell, DailyCost] = {}
+        self.daily_revision: dict[Cell, int] = {}  # the aggregate's mod revision, which a roll-up compares
 
     # Records read back from etcd (ours, and any written before a restart) --------------------------------
 
     def on_record_event(self, event: WatchEvent) -> None:
         if event.kind == "delete":
-            old = self.records.pop(event.kv.key, None)
-            base = self._base.pop(event.kv.key, None)
-            if old is not None and base is not None:
-                self._count(old, base, -1)
+            self._forget(event.kv.key)
             return
         self._remember(event.kv.key, CostRecord.from_json(event.kv.value))
+
+    def _forget(self, key: str) -> None:
+        old = self.records.pop(key, None)
+        base = self._base.pop(key, None)
+        if old is not None and base is not None:
+            self._count(old, base, -1)
+
+    def on_daily_event(self, event: WatchEvent) -> None:
+        """An aggregate as stored; an older revision than one already applied (our own roll-up) is ignored."""
+        if event.kind == "delete":
+            cell = daily_cell(event.kv.key)
+            if cell is not None:
+                self._set_daily(cell, None, event.kv.mod_revision)
+            return
+        daily = DailyCost.from_json(event.kv.value)
+        if event.kv.mod_revision >= self.daily_revision.get(daily.cell, 0):
+            self._set_daily(daily.cell, daily, event.kv.mod_revision)
+
+    def rolled_up(self, record_keys: Iterable[str], daily: Iterable[DailyCost], revision: int) -> None:
+        """A roll-up transaction succeeded at `revision`: its records are gone, its aggregates are these."""
+        for key in record_keys:
+            self._forget(key)
+        for d in daily:
+            self._set_daily(d.cell, d, revision)
+
+    def _set_daily(self, cell: Cell, daily: DailyCost | None, revision: int) -> None:
+        old = self.daily.pop(cell, None)
+        if old is not None:
+            self._count_daily(old, -1)
+        if daily is None:
+            self.daily_revision.pop(cell, None)
+            return
+        self.daily[cell] = daily
+        self.daily_revision[cell] = revision
+        self._count_daily(daily, 1)
+
+    def _count_daily(self, d: DailyCost, sign: int) -> None:
+        spent, allocated = (d.tenant_id, d.day), (d.pool_id, d.day)
+        self._by_day[spent] = self._by_day.get(spent, 0) + sign * d.cost_micros
+        self.allocated_by_day[allocated] = self.allocated_by_day.get(allocated, 0) + sign * d.allocated_micros
 
     def _remember(self, key: str, record: CostRecord) -> bool:
         self.pending.pop(key, None)

@@ -62,6 +62,28 @@ class CostMetrics:
             ["tenant"],
             registry=registry,
         )
+        self.rollups = Counter(
+            "jobmesh_cost_rollup_transactions_total",
+            "Roll-up transactions of old cost records into daily aggregates, by outcome: done, conflict, failed.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.rolled_records = Counter(
+            "jobmesh_cost_rolled_up_records_total", "Cost records folded into daily aggregates.", registry=registry
+        )
+        self.stored_records = Gauge(
+            "jobmesh_cost_stored_records", "Per-attempt cost records kept (not rolled up yet).", registry=registry
+        )
+        self.daily_aggregates = Gauge(
+            "jobmesh_cost_daily_aggregates",
+            "Daily aggregates (tenant, pool, UTC day) of rolled-up records.",
+            registry=registry,
+        )
+        self.lifetimes_pruned = Counter(
+            "jobmesh_cost_worker_lifetimes_pruned_total",
+            "Ended worker lifetimes pruned for age or count, their capacity folded into daily aggregates.",
+            registry=registry,
+        )
         self.cycle_seconds = Histogram(
             "jobmesh_cost_cycle_phase_seconds",
             "Time spent in each phase of the periodic cost cycle.",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from libs.config import MeshConfig, PoolConfig
 from services.cost.idle import IdleCell, prorate
@@ -49,47 +50,199 @@ def reprice(
     return price_attempt(usage, pricing_of(config, pool_id or record.pool_id), config.burst_premium)
 
 
-def rightsize_memory(records: Sequence[CostRecord], config: MeshConfig, th: Thresholds) -> list[Recommendation]:
-    savings, count = 0, 0
+@dataclass(frozen=True)
+class Saving:
+    """How many attempts a recommendation is about and what changing them would have saved."""
+
+    count: int = 0
+    micros: int = 0
+
+    def __add__(self, other: Saving) -> Saving:
+        return Saving(self.count + other.count, self.micros + other.micros)
+
+
+@dataclass(frozen=True)
+class Move:
+    """Attempts on pools of one kind: their run time, and what the cheaper ones would save on the other kind."""
+
+    attempts: int = 0
+    run_seconds: float = 0.0
+    savings_micros: int = 0
+    destinations: tuple[str, ...] = ()
+
+    def __add__(self, other: Move) -> Move:
+        return Move(
+            self.attempts + other.attempts,
+            self.run_seconds + other.run_seconds,
+            self.savings_micros + other.savings_micros,
+            tuple(sorted(set(self.destinations) | set(other.destinations))),
+        )
+
+
+# A move from pools of the first kind to the second is advised for steady load (True) or intermittent load.
+MOVES = (("dynamic", "static", True), ("static", "dynamic", False))
+
+
+@dataclass(frozen=True)
+class History:
+    """What the recommendations need of a tenant's attempts, as sums: records that were rolled up into daily
+    aggregates (services/cost/rollup.py) keep counting, and adding histories is adding their records."""
+
+    memory: Saving = Saving()
+    cpu: Saving = Saving()
+    moves: dict[str, Move] = field(default_factory=dict)  # source pool kind -> its attempts
+    burst: Saving = Saving()
+    burst_peak: tuple[int, int] = (0, 0)  # CPU millis and MB held at once by burst attempts (the largest seen)
+
+    def __add__(self, other: History) -> History:
+        moves = dict(self.moves)
+        for kind, move in other.moves.items():
+            moves[kind] = moves.get(kind, Move()) + move
+        return History(
+            self.memory + other.memory,
+            self.cpu + other.cpu,
+            moves,
+            self.burst + other.burst,
+            (max(self.burst_peak[0], other.burst_peak[0]), max(self.burst_peak[1], other.burst_peak[1])),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "memory": [self.memory.count, self.memory.micros],
+            "cpu": [self.cpu.count, self.cpu.micros],
+            "moves": {
+                k: [m.attempts, m.run_seconds, m.savings_micros, list(m.destinations)] for k, m in self.moves.items()
+            },
+            "burst": [self.burst.count, self.burst.micros],
+            "burst_peak": list(self.burst_peak),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> History:
+        moves = {str(k): Move(int(v[0]), float(v[1]), int(v[2]), tuple(v[3])) for k, v in data.get("moves", {}).items()}
+        peak = data.get("burst_peak", [0, 0])
+        return cls(
+            Saving(*map(int, data.get("memory", [0, 0]))),
+            Saving(*map(int, data.get("cpu", [0, 0]))),
+            moves,
+            Saving(*map(int, data.get("burst", [0, 0]))),
+            (int(peak[0]), int(peak[1])),
+        )
+
+
+def _memory_saving(r: CostRecord, config: MeshConfig, th: Thresholds) -> Saving:
+    if r.measured and r.used_max_memory_mb * th.oversize_factor <= r.requested_memory_mb:
+        right = max(r.used_max_memory_mb * th.headroom_factor, 1)
+        return Saving(1, max(r.cost_micros - reprice(r, config, memory_mb=right), 0))
+    return Saving()
+
+
+def _cpu_saving(r: CostRecord, config: MeshConfig, th: Thresholds) -> Saving:
+    if not r.measured or r.run_seconds <= 0:
+        return Saving()
+    used_millis = r.used_cpu_seconds / r.run_seconds * 1000
+    if used_millis * th.oversize_factor > r.requested_cpu_millis:
+        return Saving()
+    right = max(math.ceil(used_millis * th.headroom_factor), th.min_cpu_millis)
+    if right >= r.requested_cpu_millis:
+        return Saving()
+    return Saving(1, max(r.cost_micros - reprice(r, config, cpu_millis=right), 0))
+
+
+def _move(r: CostRecord, config: MeshConfig, target: str) -> Move:
+    options = [(reprice(r, config, pool_id=p.pool_id), p.pool_id) for p in _fitting(config, target, r)]
+    if options and min(options)[0] < r.cost_micros:
+        return Move(1, r.run_seconds, r.cost_micros - min(options)[0], (min(options)[1],))
+    return Move(1, r.run_seconds)
+
+
+def history_of(records: Sequence[CostRecord], config: MeshConfig, th: Thresholds) -> History:
+    kind_of = {p.pool_id: p.kind for p in config.pools}
+    memory, cpu, burst = Saving(), Saving(), Saving()
+    moves: dict[str, Move] = {}
     for r in records:
-        if r.measured and r.used_max_memory_mb * th.oversize_factor <= r.requested_memory_mb:
-            right = max(r.used_max_memory_mb * th.headroom_factor, 1)
-            savings += max(r.cost_micros - reprice(r, config, memory_mb=right), 0)
-            count += 1
-    if savings <= 0:
+        memory += _memory_saving(r, config, th)
+        cpu += _cpu_saving(r, config, th)
+        for source, target, _ in MOVES:
+            if kind_of.get(r.pool_id) == source:
+                moves[source] = moves.get(source, Move()) + _move(r, config, target)
+        if r.burst:
+            burst += Saving(1, r.cost_micros - reprice(r, config, burst=False))
+    peak = _peak_concurrent([r for r in records if r.burst])
+    return History(memory, cpu, moves, burst, peak)
+
+
+def rightsize_memory_advice(h: History, th: Thresholds) -> list[Recommendation]:
+    if h.memory.micros <= 0:
         return []
     return [
         Recommendation(
             "RIGHTSIZE_MEMORY",
-            f"{count} attempts used at most 1/{th.oversize_factor} of the memory they requested; "
-            f"requesting {th.headroom_factor}x their peak instead would save {format_micros(savings)}",
-            savings,
+            f"{h.memory.count} attempts used at most 1/{th.oversize_factor} of the memory they requested; "
+            f"requesting {th.headroom_factor}x their peak instead would save {format_micros(h.memory.micros)}",
+            h.memory.micros,
         )
     ]
 
 
-def rightsize_cpu(records: Sequence[CostRecord], config: MeshConfig, th: Thresholds) -> list[Recommendation]:
-    savings, count = 0, 0
-    for r in records:
-        if not r.measured or r.run_seconds <= 0:
-            continue
-        used_millis = r.used_cpu_seconds / r.run_seconds * 1000
-        if used_millis * th.oversize_factor > r.requested_cpu_millis:
-            continue
-        right = max(math.ceil(used_millis * th.headroom_factor), th.min_cpu_millis)
-        if right < r.requested_cpu_millis:
-            savings += max(r.cost_micros - reprice(r, config, cpu_millis=right), 0)
-            count += 1
-    if savings <= 0:
+def rightsize_cpu_advice(h: History, th: Thresholds) -> list[Recommendation]:
+    if h.cpu.micros <= 0:
         return []
     return [
         Recommendation(
             "RIGHTSIZE_CPU",
-            f"{count} attempts used on average at most 1/{th.oversize_factor} of the CPU they requested; "
-            f"requesting {th.headroom_factor}x their average use instead would save {format_micros(savings)}",
-            savings,
+            f"{h.cpu.count} attempts used on average at most 1/{th.oversize_factor} of the CPU they requested; "
+            f"requesting {th.headroom_factor}x their average use instead would save {format_micros(h.cpu.micros)}",
+            h.cpu.micros,
         )
     ]
+
+
+def move_advice(h: History, period_seconds: float, th: Thresholds) -> list[Recommendation]:
+    """Steady load on dynamic pools is cheaper on static ones when their prices are lower; spiky load on static
+    pools is cheaper on dynamic ones when theirs are. Savings: the same usage repriced on the cheapest fitting pool."""
+    out: list[Recommendation] = []
+    for source, target, steady_wanted in MOVES:
+        moved = h.moves.get(source)
+        if moved is None or moved.attempts == 0 or period_seconds <= 0:
+            continue
+        concurrency = moved.run_seconds / period_seconds
+        if (concurrency >= th.steady_concurrency) != steady_wanted or moved.savings_micros <= 0:
+            continue
+        load = "steady" if steady_wanted else "intermittent"
+        out.append(
+            Recommendation(
+                f"MOVE_TO_{target.upper()}_POOL",
+                f"{moved.attempts} attempts ran {moved.run_seconds / 3600:.2f} h on {source} pools, "
+                f"{concurrency:.2f} at once on average ({load} load); the same usage on "
+                f"{', '.join(moved.destinations)} would cost {format_micros(moved.savings_micros)} less",
+                moved.savings_micros,
+            )
+        )
+    return out
+
+
+def burst_advice(h: History, config: MeshConfig, th: Thresholds) -> list[Recommendation]:
+    """Repeated burst use pays the premium every time; a quota increase would serve the same usage at base price."""
+    if h.burst.count < th.repeated_burst or h.burst.micros <= 0:
+        return []
+    cpu, mem = h.burst_peak
+    return [
+        Recommendation(
+            "QUOTA_INSTEAD_OF_BURST",
+            f"{h.burst.count} burst attempts paid the {config.burst_premium:g}x premium; raising the quota by about "
+            f"{cpu} millicores and {mem} MB (their peak at once) would save {format_micros(h.burst.micros)}",
+            h.burst.micros,
+        )
+    ]
+
+
+def rightsize_memory(records: Sequence[CostRecord], config: MeshConfig, th: Thresholds) -> list[Recommendation]:
+    return rightsize_memory_advice(history_of(records, config, th), th)
+
+
+def rightsize_cpu(records: Sequence[CostRecord], config: MeshConfig, th: Thresholds) -> list[Recommendation]:
+    return rightsize_cpu_advice(history_of(records, config, th), th)
 
 
 def _fitting(config: MeshConfig, kind: str, r: CostRecord) -> list[PoolConfig]:
@@ -105,35 +258,7 @@ def _fitting(config: MeshConfig, kind: str, r: CostRecord) -> list[PoolConfig]:
 def move_between_pool_kinds(
     records: Sequence[CostRecord], config: MeshConfig, period_seconds: float, th: Thresholds
 ) -> list[Recommendation]:
-    """Steady load on dynamic pools is cheaper on static ones when their prices are lower; spiky load on static
-    pools is cheaper on dynamic ones when theirs are. Savings: the same usage repriced on the cheapest fitting pool."""
-    out: list[Recommendation] = []
-    for source, target, steady_wanted in (("dynamic", "static", True), ("static", "dynamic", False)):
-        kind_of = {p.pool_id: p.kind for p in config.pools}
-        moved = [r for r in records if kind_of.get(r.pool_id) == source]
-        if not moved or period_seconds <= 0:
-            continue
-        concurrency = sum(r.run_seconds for r in moved) / period_seconds
-        if (concurrency >= th.steady_concurrency) != steady_wanted:
-            continue
-        savings, destinations = 0, set()
-        for r in moved:
-            options = [(reprice(r, config, pool_id=p.pool_id), p.pool_id) for p in _fitting(config, target, r)]
-            if options and min(options)[0] < r.cost_micros:
-                savings += r.cost_micros - min(options)[0]
-                destinations.add(min(options)[1])
-        if savings > 0:
-            load = "steady" if steady_wanted else "intermittent"
-            out.append(
-                Recommendation(
-                    f"MOVE_TO_{target.upper()}_POOL",
-                    f"{len(moved)} attempts ran {sum(r.run_seconds for r in moved) / 3600:.2f} h on {source} pools, "
-                    f"{concurrency:.2f} at once on average ({load} load); the same usage on "
-                    f"{', '.join(sorted(destinations))} would cost {format_micros(savings)} less",
-                    savings,
-                )
-            )
-    return out
+    return move_advice(history_of(records, config, th), period_seconds, th)
 
 
 def _peak_concurrent(records: Sequence[CostRecord]) -> tuple[int, int]:
@@ -149,22 +274,7 @@ def _peak_concurrent(records: Sequence[CostRecord]) -> tuple[int, int]:
 
 
 def quota_instead_of_burst(records: Sequence[CostRecord], config: MeshConfig, th: Thresholds) -> list[Recommendation]:
-    """Repeated burst use pays the premium every time; a quota increase would serve the same usage at base price."""
-    burst = [r for r in records if r.burst]
-    if len(burst) < th.repeated_burst:
-        return []
-    savings = sum(r.cost_micros - reprice(r, config, burst=False) for r in burst)
-    if savings <= 0:
-        return []
-    cpu, mem = _peak_concurrent(burst)
-    return [
-        Recommendation(
-            "QUOTA_INSTEAD_OF_BURST",
-            f"{len(burst)} burst attempts paid the {config.burst_premium:g}x premium; raising the quota by about "
-            f"{cpu} millicores and {mem} MB (their peak at once) would save {format_micros(savings)}",
-            savings,
-        )
-    ]
+    return burst_advice(history_of(records, config, th), config, th)
 
 
 def shrink_idle_static_pools(
@@ -199,9 +309,13 @@ def shrink_idle_static_pools(
 def tenant_recommendations(
     records: Sequence[CostRecord], config: MeshConfig, period_seconds: float, th: Thresholds
 ) -> list[Recommendation]:
+    return advice(history_of(records, config, th), config, period_seconds, th)
+
+
+def advice(h: History, config: MeshConfig, period_seconds: float, th: Thresholds) -> list[Recommendation]:
     return [
-        *rightsize_memory(records, config, th),
-        *rightsize_cpu(records, config, th),
-        *move_between_pool_kinds(records, config, period_seconds, th),
-        *quota_instead_of_burst(records, config, th),
+        *rightsize_memory_advice(h, th),
+        *rightsize_cpu_advice(h, th),
+        *move_advice(h, period_seconds, th),
+        *burst_advice(h, config, th),
     ]

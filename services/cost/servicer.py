@@ -41,5 +41,4 @@ class CostServicer(cost_pb2_grpc.CostServiceServicer):
     async def CheckBudget(
         self, request: c.CheckBudgetRequest, context: grpc.aio.ServicerContext
     ) -> c.CheckBudgetResponse:
-        self.accounts.check_budget(request.tenant_id)
-        return c.CheckBudgetResponse()
+        return c.CheckBudgetResponse(enforced=self.accounts.check_budget(request.tenant_id))

@@ -28,6 +28,7 @@ from services.gateway.servicer import (
     PoolsServicer,
     TenantsServicer,
 )
+from services.gateway.shedding import SubmitShedder
 
 # The API's OpenAPI document, served at /api/v1/openapi.yaml (JOBMESH_OPENAPI_PATH to serve another file).
 OPENAPI = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
@@ -64,7 +65,14 @@ async def run(settings: CommonSettings) -> None:
         cost=cost_pb2_grpc.CostServiceStub(channels[3]),
     )
     clock = SystemClock()
-    jobs = JobsServicer(auth, backends, config, clock)
+    edge = config.edge
+    shedder = SubmitShedder(
+        max_inflight=edge.max_inflight_submits,
+        min_inflight=edge.min_inflight_submits,
+        max_latency=edge.max_submit_latency_ms / 1000,
+        retry_after=edge.overloaded_retry_after_seconds,
+    )
+    jobs = JobsServicer(auth, backends, config, clock, shedder)
     tenants = TenantsServicer(auth, backends)
     pools = PoolsServicer(auth, backends)
     costs = CostReportsServicer(auth, backends)
@@ -83,6 +91,7 @@ async def run(settings: CommonSettings) -> None:
             (lambda s: gw.add_MetricsServiceServicer_to_server(metrics, s), names["metrics"]),
             (lambda s: gw.add_ApiServiceServicer_to_server(api, s), names["api"]),
         ],
+        reject_unknown_fields=True,
     )
     try:
         await server.serve_forever()

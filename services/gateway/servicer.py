@@ -30,7 +30,9 @@ from libs.jobs import TERMINAL, assign_queue, new_job_id, ts, validate_spec
 from libs.keys import safe_segment
 from libs.telemetry import job_id_var, tenant_id_var
 from services.gateway import dryrun
+from services.gateway.budgets import BudgetGate
 from services.gateway.metrics_scrape import scrape_all
+from services.gateway.shedding import SubmitShedder
 
 log = logging.getLogger(__name__)
 
@@ -134,42 +136,16 @@ def check_job_id(job_id: str) -> None:
         raise NotFound(f"job {job_id!r} not found", reason="JOB_NOT_FOUND")
 
 
-class BudgetGate:
-    """Asks the cost service whether a tenant may still submit; remembers the answer briefly to stay off the hot
-    path (an enforced budget may overshoot by what is submitted within that window)."""
-
-    def __init__(self, cost: object, clock: Clock, ttl: float = 2.0):
-        self.cost = cost
-        self.clock = clock
-        self.ttl = ttl
-        self._known: dict[str, tuple[float, JobMeshError | None]] = {}
-
-    async def check(self, tenant_id: str) -> None:
-        now = self.clock.monotonic()
-        known = self._known.get(tenant_id)
-        if known is None or now - known[0] > self.ttl:
-            refusal: JobMeshError | None = None
-            try:
-                await self.cost.CheckBudget(c.CheckBudgetRequest(tenant_id=tenant_id), timeout=2.0)  # type: ignore[attr-defined]
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    # Cost being down must not stop admission; budgets are re-checked shortly.
-                    log.warning("budget check unavailable: %s", exc.code().name)
-                    return
-                refusal = error_from_rpc(exc)  # keeps BUDGET_EXCEEDED and its limit/spent metadata
-            known = (now, refusal)
-            self._known[tenant_id] = known
-        if known[1] is not None:
-            raise known[1]
-
-
 class JobsServicer(gateway_pb2_grpc.JobServiceServicer):
-    def __init__(self, auth: Authenticator, backends: Backends, config: MeshConfig, clock: Clock):
+    def __init__(
+        self, auth: Authenticator, backends: Backends, config: MeshConfig, clock: Clock, shedder: SubmitShedder
+    ):
         self.auth = auth
         self.b = backends
         self.config = config
         self.clock = clock
-        self.budgets = BudgetGate(backends.cost, clock)
+        self.budgets = BudgetGate(backends.cost, clock, config)
+        self.shedder = shedder
 
     def _scope(self, principal: Principal) -> str:
         """Tenant to look jobs up in: the caller's own, or any (empty) for an admin."""
@@ -177,7 +153,16 @@ class JobsServicer(gateway_pb2_grpc.JobServiceServicer):
 
     async def SubmitJob(self, request: g.SubmitJobRequest, context: grpc.aio.ServicerContext) -> t.Job:
         principal = self.auth(context)
-        spec = request.spec
+        self.shedder.admit()
+        started = self.clock.monotonic()
+        written: list[float] = []
+        try:
+            return await self._submit(principal, request.spec, written)
+        finally:
+            self.shedder.release(written[0] - started if written else None)
+
+    async def _submit(self, principal: Principal, spec: t.JobSpec, written: list[float]) -> t.Job:
+        """Validate, check the budget, reserve quota, enqueue; says in `written` when the job was written."""
         now = self.clock.now()
         validate_spec(spec, self.config, now)
         await self.budgets.check(principal.tenant_id)
@@ -198,6 +183,7 @@ class JobsServicer(gateway_pb2_grpc.JobServiceServicer):
         job.burst_session_id = reserved.burst_session_id
         try:
             stored = await self.b.enqueue(q.EnqueueRequest(job=job))
+            written.append(self.clock.monotonic())
         except BaseException:
             await self._release(job)
             raise

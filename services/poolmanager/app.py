@@ -14,7 +14,7 @@ from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
 from jobmesh.queueing.v1 import queueing_pb2_grpc
 from libs.authz import AuthorizationInterceptor
 from libs.clock import SystemClock
-from libs.config import load_config
+from libs.config import MeshConfig, load_config
 from libs.etcd.client import Etcd
 from libs.etcd.election import LeaderElection
 from libs.etcd.informer import Informer
@@ -23,6 +23,7 @@ from libs.jobstore import JobStore
 from libs.keys import Keys
 from libs.logstore import log_store_from_settings
 from libs.meshpki import WorkerIssuer
+from libs.pruning import Entry, HistoryPruner, list_keys, time_from_key
 from libs.server import start_server
 from libs.settings import CommonSettings, SettingsError
 from services.poolmanager.controller import ControllerMetrics, PoolController, QueueDepthSource
@@ -88,6 +89,15 @@ async def maybe_start_join_server(
         settings.server.host, int(raw), server_only_credentials(settings.tls), servicer, interceptors
     )
     return server
+
+
+async def scaling_entries(etcd: Etcd, keys: Keys, config: MeshConfig) -> list[list[Entry]]:
+    """Each pool's scaling history (keys end in the decision's time in ms); each pool keeps its own newest."""
+    out = []
+    for pool in config.pools:
+        kvs = await list_keys(etcd, keys.scaling_events(pool.pool_id))
+        out.append([Entry(kv.key, time_from_key(kv.key), kv.mod_revision) for kv in kvs])
+    return out
 
 
 async def run(settings: CommonSettings) -> None:
@@ -177,6 +187,17 @@ async def run(settings: CommonSettings) -> None:
     loop_task = asyncio.create_task(controller.run(), name="pool-controller")
     renewer = asyncio.create_task(renew_worker_certificates(issuer, election), name="worker-certificates")
     flusher = asyncio.create_task(outcomes.flush_forever(), name="outcomes-flush")
+    # The leader prunes the scaling history (each pool keeps its own newest), every delete fenced by leadership.
+    history = HistoryPruner(
+        "scaling-event",
+        lambda: scaling_entries(etcd, keys, config),
+        election.fenced_txn,
+        config.scaling_events,
+        clock,
+        controller.metrics.events_pruned,
+        may_run=lambda: election.is_leader,
+    )
+    pruning = asyncio.create_task(history.run_forever(), name="scaling-history-pruning")
 
     async def stop() -> None:
         if join_server is not None:
@@ -184,6 +205,7 @@ async def run(settings: CommonSettings) -> None:
         loop_task.cancel()
         renewer.cancel()
         flusher.cancel()
+        pruning.cancel()
         await election.stop()
         for informer in (assignments, workers):
             await informer.stop()

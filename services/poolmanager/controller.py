@@ -115,6 +115,11 @@ class ControllerMetrics:
             buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60),
         )
         self.leader = Gauge("jobmesh_poolmanager_is_leader", "1 while this replica leads.", registry=registry)
+        self.events_pruned = Counter(
+            "jobmesh_poolmanager_scaling_events_pruned_total",
+            "Scaling history entries deleted for age or count ([retention] scaling_events_*).",
+            registry=registry,
+        )
         self.retired = Counter(
             "jobmesh_poolmanager_workers_retired_total",
             "Workers stopped because they may not be reused.",

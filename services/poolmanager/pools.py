@@ -131,9 +131,12 @@ class PoolsServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
         size = request.page_size or 100
         if not 0 < size <= 1000:
             raise InvalidArgument("page_size", "must be between 1 and 1000")
-        kvs, _, _ = await self.etcd.get_prefix(self.keys.scaling_events(request.pool_id))
+        # The newest `size` only (keys sort by time): the read is bounded however long the kept history is.
+        newest, _, _ = await self.etcd.get_prefix(
+            self.keys.scaling_events(request.pool_id), limit=size, descending=True
+        )
         events = []
-        for kv in kvs[-size:]:
+        for kv in reversed(newest):
             raw = json.loads(kv.value)
             events.append(
                 pl.ScalingEvent(

@@ -14,6 +14,7 @@ from libs.etcd.client import Etcd, WatchEvent
 from libs.etcd.informer import Informer
 from libs.jobs import ACTIVE, decode_job
 from libs.keys import Keys
+from libs.pruning import Entry, HistoryPruner, list_keys, time_from_key
 from libs.server import start_server
 from libs.settings import CommonSettings
 from services.quota.manager import BurstPolicy, BurstSession, Holding, QuotaManager
@@ -62,7 +63,10 @@ def burst_handler(manager: QuotaManager):  # type: ignore[no-untyped-def]
 
 def audit_handler(manager: QuotaManager):  # type: ignore[no-untyped-def]
     def handle(event: WatchEvent) -> None:
-        if event.kind == "put":
+        if event.kind == "delete":  # pruned (libs/pruning.py): gone from the history as well
+            session_id = event.kv.key.rsplit("/", 1)[-1].split("-", 1)[-1]
+            manager.audit = [s for s in manager.audit if s.session_id != session_id]
+        elif event.kind == "put":
             session = BurstSession(**json.loads(event.kv.value))
             if all(s.session_id != session.session_id for s in manager.audit):
                 manager.audit.append(session)
@@ -86,6 +90,11 @@ async def publish_gauges(manager: QuotaManager, metrics: QuotaMetrics) -> None:
         for name in ("cpu_millis", "memory_mb", "concurrent_jobs"):
             metrics.burst_left.labels(name).set(getattr(left, name))
         await asyncio.sleep(2)
+
+
+async def audit_entries(etcd: Etcd, keys: Keys) -> list[list[Entry]]:
+    """The burst audit, one history for the whole mesh; its keys start with the session's start in ms."""
+    return [[Entry(kv.key, time_from_key(kv.key), kv.mod_revision) for kv in await list_keys(etcd, keys.burst_audits)]]
 
 
 async def run(settings: CommonSettings) -> None:
@@ -124,10 +133,20 @@ async def run(settings: CommonSettings) -> None:
         [(lambda s: quota_pb2_grpc.add_QuotaServiceServicer_to_server(servicer, s), SERVICE)],
     )
     gauges = asyncio.create_task(publish_gauges(manager, metrics))
+    pruner = HistoryPruner(
+        "burst-audit",
+        lambda: audit_entries(etcd, keys),
+        etcd.txn,
+        config.burst_audit,
+        manager.clock,
+        metrics.audit_pruned,
+    )
+    pruning = asyncio.create_task(pruner.run_forever(), name="burst-audit-pruning")
     for informer in informers:
         server.on_stop.append(informer.stop)
     try:
         await server.serve_forever()
     finally:
         gauges.cancel()
+        pruning.cancel()
         await etcd.close()

@@ -100,7 +100,7 @@ class QuotaManager:
         self.burst_policy = burst or BurstPolicy()
         self.overrides: dict[str, QuotaLimits] = {}
         self.sessions: dict[str, BurstSession] = {}
-        self.audit: list[BurstSession] = []  # every session ever granted, oldest first
+        self.audit: list[BurstSession] = []  # the granted sessions the audit keeps (pruned by age, count), oldest first
         self._tenants: dict[str, TenantState] = {}
 
     def _state(self, tenant_id: str) -> TenantState:

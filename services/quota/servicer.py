@@ -38,6 +38,11 @@ class QuotaMetrics:
         self.burst_left = Gauge(
             "jobmesh_quota_burst_capacity_left", "Burst pool left.", ["resource"], registry=registry
         )
+        self.audit_pruned = Counter(
+            "jobmesh_quota_burst_audit_pruned_total",
+            "Burst audit entries deleted for age or count ([retention] burst_audit_*).",
+            registry=registry,
+        )
 
 
 def session_proto(s: BurstSession) -> qt.BurstSession:

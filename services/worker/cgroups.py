@@ -150,19 +150,62 @@ class JobCgroup(Protocol):
         ...
 
 
+_CHUNK = 65536
+
+
 def _read(path: str) -> str:
     try:
-        with open(path) as fh:
-            return fh.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return ""
+    try:
+        chunks = []
+        while chunk := os.read(fd, _CHUNK):
+            chunks.append(chunk)
+        return b"".join(chunks).decode(errors="replace")
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
 
 
 def _read_int(path: str) -> int:
+    return _int_of(_read(path))
+
+
+def _int_of(text: str) -> int:
     try:
-        return int(_read(path).split()[0])
+        return int(text.split()[0])
     except (ValueError, IndexError):
         return 0
+
+
+class _KeptReads:
+    """Counter files of one group read again and again (its usage), through descriptors kept open for the group's
+    life: one positioned read per look, not a path lookup, an open and a close each time. Each read is the
+    kernel's current value. Not for cgroup.procs (see _V1Group.pids). A file that cannot be opened reads as
+    empty, and is tried again at the next look."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+
+    def read(self, path: str) -> str:
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return ""
+            self._fds[path] = fd
+        try:
+            return os.pread(fd, _CHUNK, 0).decode(errors="replace")  # a few short lines
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def _write(path: str, value: str) -> None:
@@ -199,6 +242,7 @@ class _V1Group:
         self.procs_files = tuple(os.path.join(d, "cgroup.procs") for d in sorted(set(dirs.values())))
         self._limits: CgroupLimits | None = None
         self._oom_base = 0  # oom_kill cannot be reset: a reused group counts from here
+        self._kept = _KeptReads()
         self._apply(limits)
 
     def _apply(self, limits: CgroupLimits) -> None:
@@ -232,25 +276,29 @@ class _V1Group:
             self._apply(limits)
         except OSError:
             return False  # e.g. a lower limit the kernel could not reclaim down to
-        self._oom_base = parse_keyed(_read(os.path.join(self._mem, "memory.oom_control"))).get("oom_kill", 0)
+        self._oom_base = parse_keyed(self._kept.read(os.path.join(self._mem, "memory.oom_control"))).get("oom_kill", 0)
         return True
 
     def usage(self) -> CgroupUsage:
-        oom = parse_keyed(_read(os.path.join(self._mem, "memory.oom_control")))
+        read = self._kept.read
+        oom = parse_keyed(read(os.path.join(self._mem, "memory.oom_control")))
         return CgroupUsage(
-            cpu_seconds=_read_int(os.path.join(self._dirs["cpuacct"], "cpuacct.usage")) / 1e9,
-            memory_bytes=_read_int(os.path.join(self._mem, "memory.usage_in_bytes")),
-            peak_memory_bytes=_read_int(os.path.join(self._mem, "memory.max_usage_in_bytes")),
+            cpu_seconds=_int_of(read(os.path.join(self._dirs["cpuacct"], "cpuacct.usage"))) / 1e9,
+            memory_bytes=_int_of(read(os.path.join(self._mem, "memory.usage_in_bytes"))),
+            peak_memory_bytes=_int_of(read(os.path.join(self._mem, "memory.max_usage_in_bytes"))),
             oom_kills=oom.get("oom_kill", 0) - self._oom_base,
         )
 
     def pids(self) -> list[int]:
+        # Opened afresh for each look, never kept: v1 hands a descriptor that reads it again within a second the
+        # list of pids it loaded for that descriptor's first read, however many of them have exited since.
         return _pids_of(os.path.join(self._dirs["pids"], "cgroup.procs"))
 
     def kill(self) -> None:
         signal_pids(self.pids())  # v1 has no cgroup.kill; the caller repeats until the group is empty
 
     def remove(self) -> bool:
+        self._kept.close()
         return all([_rmdir(d) for d in sorted(set(self._dirs.values()))])
 
 

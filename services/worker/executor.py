@@ -18,12 +18,13 @@ import stat
 import subprocess
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import psutil
 
 from services.worker.cgroups import JobCgroup, signal_pids
-from services.worker.sandbox import JOB_PATH, SCRATCH, JobSandbox, Sandbox, SandboxError
+from services.worker.sandbox import JOB_PATH, SCRATCH, JobSandbox, Sandbox, SandboxError, SlotNetwork
 
 REASON_EXITED = "EXITED"
 REASON_KILLED = "KILLED"
@@ -151,6 +152,9 @@ class JobExecutor:
         self._sandbox = sandbox
         self._cgroup: JobCgroup | None = None  # this slot's cgroup, empty, kept from its last sandboxed job
         self._cgroup_name = f"slot-{secrets.token_hex(4)}"
+        # network = "none": this slot's network namespace, made at its first sandboxed job and kept for the next
+        # ones (one at a time), dropped with a job whose processes could not all be killed.
+        self._network: SlotNetwork | None = None
         # Set when the pool wants a sandbox this machine cannot give: every job is refused, none runs unconfined.
         self._refusal = refusal
         self._state: _RunState | None = None
@@ -236,8 +240,10 @@ class JobExecutor:
             return _start_failed(f"working_dir must be {SCRATCH} or inside it for a sandboxed job: {spec.working_dir}")
         kept, self._cgroup = self._cgroup, None
         try:
+            if self._network is None:
+                self._network = sandbox.slot_network()
             # The slot's group from its last job is reused if it can be; prepare removes it otherwise.
-            job = sandbox.prepare(self._cgroup_name, spec.memory_mb, spec.cpu_millis, reuse=kept)
+            job = sandbox.prepare(self._cgroup_name, spec.memory_mb, spec.cpu_millis, reuse=kept, network=self._network)
         except (OSError, SandboxError, ValueError) as exc:
             return _start_failed(f"cannot set up the job's sandbox: {exc}")
         scratch: str | None = None
@@ -259,8 +265,10 @@ class JobExecutor:
                 # The slot's next job gets this group back, its counters reset: no group made and removed per job.
                 self._cgroup = job.cgroup
             else:
-                # Keep the uid (and the group) out of use rather than hand a live process's uid to another job.
+                # Keep the uid (and the group) out of use rather than hand a live process's uid to another job,
+                # and give the slot's next job a network namespace those processes are not in.
                 log.error("job %s left processes in its cgroup; its uid %d stays reserved", spec.job_id, job.uid)
+                self._drop_network()
             if scratch is not None:
                 await self._keep_or_remove(scratch, job.uid)
 
@@ -276,13 +284,19 @@ class JobExecutor:
         await _remove_tree(scratch)
 
     def close(self) -> None:
-        """Removes the kept scratch directory and cgroup (the agent stops)."""
+        """Removes the kept scratch directory and cgroup, and lets go of the slot's network (the agent stops)."""
+        self._drop_network()
         cgroup, self._cgroup = self._cgroup, None
         if cgroup is not None:
             _remove_cgroup(cgroup)
         spare, self._spare = self._spare, None
         if spare is not None:
             shutil.rmtree(spare, ignore_errors=True)
+
+    def _drop_network(self) -> None:
+        network, self._network = self._network, None
+        if network is not None:
+            network.close()
 
     def _make_scratch_dir(self, spec: ExecSpec, owner: int | None = None) -> str:
         """A fresh, empty 0700 directory for the job, owned by `owner` (the job's uid when sandboxed)."""
@@ -345,17 +359,19 @@ class JobExecutor:
         started = time.monotonic()
         try:
             try:
-                # Popen only forks and execs (vfork), then returns; the child is reaped through its pidfd.
-                proc = subprocess.Popen(  # noqa: ASYNC220
-                    argv,
-                    stdin=_devnull(),
-                    stdout=out_write,
-                    stderr=err_write,
-                    cwd=cwd,
-                    env=env,
-                    # Own session => own process group, so one killpg reaches everything the job forked.
-                    start_new_session=True,
-                )
+                # Popen only forks and execs (vfork), then returns; the child is reaped through its pidfd. A
+                # sandboxed job's first process is forked in its slot's network namespace (network = "none").
+                with job.spawning() if job is not None else nullcontext():
+                    proc = subprocess.Popen(  # noqa: ASYNC220
+                        argv,
+                        stdin=_devnull(),
+                        stdout=out_write,
+                        stderr=err_write,
+                        cwd=cwd,
+                        env=env,
+                        # Own session => own process group, so one killpg reaches everything the job forked.
+                        start_new_session=True,
+                    )
             finally:
                 # The child holds its own copies; ours would keep the pipes from ever reaching EOF.
                 os.close(out_write)

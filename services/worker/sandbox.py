@@ -3,7 +3,7 @@
 A sandboxed job starts as this chain of execs, each step doing one thing and then getting out of the way:
 
   sh (root, on the host)   sets the rlimits, writes its own pid into the job's cgroup(s), execs
-  bwrap (root)             new pid, mount, ipc, uts, cgroup (and, by pool, net) namespaces; a root file system of
+  bwrap (root)             new pid, mount, ipc, uts and cgroup namespaces; a root file system of
                            read-only system directories, a fresh /proc, a minimal /dev, private tmpfs /tmp and
                            /dev/shm and the job's scratch directory; every capability dropped but the four
                            setpriv needs; dies with the agent; execs, as pid 2 of the namespace,
@@ -12,25 +12,35 @@ A sandboxed job starts as this chain of execs, each step doing one thing and the
   env -i                   with the job's environment only (so nothing the tenant sets, LD_PRELOAD say, ever
                            reaches a process that runs as root), which execs the job's command.
 
-Everything the job starts is in its cgroup and its pid namespace: when its first process ends, bwrap's init
-(pid 1 of the namespace) dies and the kernel kills the rest; the agent then empties and removes the cgroup.
+With `network = "none"` the job starts in its slot's network namespace (loopback only), made once per slot and
+entered by the agent's thread just for the fork of `sh`: a slot runs one job at a time, and whatever a job left
+listening there died with it. Everything the job starts is in its cgroup and its pid namespace: when its first
+process ends, bwrap's init (pid 1 of the namespace) dies and the kernel kills the rest; the agent then empties
+and removes the cgroup.
 See docs/security.md ("Job sandbox").
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
+import logging
 import os
 import random
 import shutil
+import socket
+import struct
 import subprocess
 import tempfile
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
 
 from libs.config import NETWORK_MODES, SANDBOX_MODES
 from services.worker.cgroups import CgroupDriver, CgroupError, JobCgroup, limits_for
+
+log = logging.getLogger(__name__)
 
 SCRATCH = "/scratch"  # where the job sees its scratch directory (its cwd and HOME)
 JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -65,6 +75,10 @@ ETC_ALLOWED = (
     "ssl/openssl.cnf",
     "timezone",
 )
+# The databases that jobs look up in the copied /etc only: there is no systemd, NIS or other service to ask
+# inside the sandbox, and the modules for them cost every process that looks up a user a few libraries' load
+# (setpriv does, for the job's uid).
+NSS_FILES_ONLY = ("passwd", "group", "shadow", "gshadow")
 # Top-level system directories: bound read-only when real directories, recreated as symlinks when (as on a
 # merged-/usr system) they are symlinks into /usr. Not /opt, /srv, /home, /root, /var or /run: what lives there
 # is some installation's or some user's, not the system's.
@@ -178,6 +192,11 @@ class JobSandbox:
     _bwrap: list[str]
     _switch: list[str]  # setpriv and env -i
     _lock_fd: int
+    network: SlotNetwork | None = field(default=None)  # the slot's network namespace the job starts in
+
+    def spawning(self) -> AbstractContextManager[None]:
+        """Around the fork of the job's first process: puts the forking thread in the job's network namespace."""
+        return self.network.entered() if self.network is not None else nullcontext()
 
     def argv(self, command: list[str], env: Mapping[str, str], scratch: str, cwd: str = SCRATCH) -> list[str]:
         """The whole command line: `scratch` (a host directory) is the job's /scratch, `cwd` is inside the sandbox."""
@@ -189,6 +208,69 @@ class JobSandbox:
             *(f"{k}={v}" for k, v in env.items()),
             *command,
         ]
+
+
+_CLONE_NEWNET = 0x40000000
+_SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+class SlotNetwork:
+    """A network namespace with only a loopback interface, kept for one worker slot: each of its jobs (one at a
+    time) starts in it, so no namespace is made and torn down per job. Made by root in the host's initial user
+    namespace, so a job (no capability there) cannot change its interfaces, routes or filters; every socket a
+    job opened is closed when its processes are killed, before the slot's next job starts. Held by a
+    descriptor: gone when closed, or when the agent dies."""
+
+    def __init__(self, host: int) -> None:
+        self._host = host  # the agent's own network namespace, to go back to
+        if _libc.unshare(_CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+        try:
+            self._fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _loopback_up()
+            except BaseException:
+                os.close(self._fd)
+                raise
+        finally:
+            self._return()
+
+    @contextmanager
+    def entered(self) -> Iterator[None]:
+        """The calling thread in this namespace for the block (a process it forks there starts there)."""
+        _setns(self._fd)
+        try:
+            yield
+        finally:
+            self._return()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _return(self) -> None:
+        try:
+            _setns(self._host)
+        except OSError:
+            # The agent's thread would stay cut off from the mesh, and could start a later "host" job there.
+            log.critical("cannot return the agent's thread to its own network namespace: stopping")
+            os._exit(70)
+
+
+def _loopback_up() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH22x", b"lo", 0)
+        flags = struct.unpack("16sH22x", fcntl.ioctl(sock, _SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | _IFF_UP))
 
 
 def _copy_etc(own_dir: str, state_dir: str) -> str:
@@ -210,7 +292,33 @@ def _copy_etc(own_dir: str, state_dir: str) -> str:
             shutil.copytree(source, target, symlinks=True)
         else:
             shutil.copy2(source, target, follow_symlinks=False)
+    _files_only_nsswitch(os.path.join(etc, "nsswitch.conf"))
     return etc
+
+
+def _files_only_nsswitch(path: str) -> None:
+    """Rewrites the copied nsswitch.conf so that users and groups are looked up in the copied files only."""
+    if os.path.islink(path) or not os.path.isfile(path):
+        return
+    with open(path) as fh:
+        lines = fh.read().splitlines()
+    with open(path, "w") as fh:
+        for line in nsswitch_files_only(lines):
+            fh.write(line + "\n")
+
+
+def nsswitch_files_only(lines: list[str]) -> list[str]:
+    """nsswitch.conf lines with `files` as the only source of the NSS_FILES_ONLY databases (added if missing)."""
+    out, seen = [], set()
+    for line in lines:
+        name = line.split(":", 1)[0].strip() if ":" in line and not line.lstrip().startswith("#") else ""
+        if name in NSS_FILES_ONLY:
+            seen.add(name)
+            out.append(f"{name}: files")
+        else:
+            out.append(line)
+    out += [f"{name}: files" for name in NSS_FILES_ONLY if name not in seen]
+    return out
 
 
 def _pid_alive(pid: int) -> bool:
@@ -237,7 +345,13 @@ class Sandbox:
         )
         self._own_dir = os.path.join(settings.state_dir, f"agent-{os.getpid()}")
         self._etc = _copy_etc(self._own_dir, settings.state_dir)
-        self._static = self._static_bwrap_args(bwrap)
+        self._static = self._static_bwrap_args(bwrap, own_network=False)
+        # network = "none": each slot's jobs start in the slot's own namespace (SlotNetwork); a job prepared
+        # without one gets a namespace of its own from bwrap, as it never starts in the host's.
+        self._unshare_net = self._static_bwrap_args(bwrap, own_network=True)
+        self._host_net = -1
+        if settings.network == "none":
+            self._host_net = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self._setpriv = setpriv
         self._env = env
 
@@ -259,35 +373,64 @@ class Sandbox:
         try:
             sandbox.self_test()
         except BaseException:
-            cgroups.close()
+            sandbox.close()
             raise
         return sandbox
 
     def self_test(self) -> None:
         """Starts `true` in a sandbox the way jobs start: a machine without namespaces fails here, not per job."""
         with tempfile.TemporaryDirectory(prefix="jobmesh-sandbox-check-") as scratch:
-            job = self.prepare("self-test", memory_mb=64, cpu_millis=1000)
+            try:
+                network = self.slot_network()
+            except OSError as exc:
+                raise SandboxError(f"cannot make a network namespace for jobs: {exc.strerror or exc}") from exc
+            try:
+                job = self.prepare("self-test", memory_mb=64, cpu_millis=1000, network=network)
+            except BaseException:
+                if network is not None:
+                    network.close()
+                raise
             try:
                 os.chown(scratch, job.uid, job.uid)
-                proc = subprocess.run(
-                    job.argv(["true"], {"PATH": JOB_PATH}, scratch),
-                    env={"PATH": JOB_PATH},
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    timeout=10,
-                    check=False,
-                )
+                with job.spawning():
+                    child = subprocess.Popen(
+                        job.argv(["true"], {"PATH": JOB_PATH}, scratch),
+                        env={"PATH": JOB_PATH},
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                    )
+                try:
+                    output, _ = child.communicate(timeout=10)
+                finally:
+                    child.kill()
+                    child.wait()
             finally:
                 job.cgroup.kill()
                 job.cgroup.remove()
                 self.release(job)
-        if proc.returncode != 0:
-            detail = (proc.stderr or proc.stdout).decode(errors="replace").strip()[-300:]
-            raise SandboxError(f"a sandboxed test job failed (exit {proc.returncode}): {detail}")
+                if network is not None:
+                    network.close()
+        if child.returncode != 0:
+            detail = output.decode(errors="replace").strip()[-300:]
+            raise SandboxError(f"a sandboxed test job failed (exit {child.returncode}): {detail}")
 
-    def prepare(self, name: str, memory_mb: int, cpu_millis: int, reuse: JobCgroup | None = None) -> JobSandbox:
+    def slot_network(self) -> SlotNetwork | None:
+        """A network namespace for one slot's jobs when the pool says network = "none"; None for "host"."""
+        return SlotNetwork(self._host_net) if self._host_net >= 0 else None
+
+    def prepare(
+        self,
+        name: str,
+        memory_mb: int,
+        cpu_millis: int,
+        reuse: JobCgroup | None = None,
+        network: SlotNetwork | None = None,
+    ) -> JobSandbox:
         """Takes a uid and readies the job's cgroup: `reuse` (the slot's group from its last job, empty) when it
-        can be, a new one called `name` otherwise. ``release`` gives the uid back once the job is gone."""
+        can be, a new one called `name` otherwise. With network = "none" the job starts in `network` (the slot's,
+        see ``slot_network``), or in a namespace of its own without one. ``release`` gives the uid back once
+        the job is gone."""
         uid, fd = self._uids.acquire()
         try:
             limits = limits_for(memory_mb, cpu_millis, self.settings.pids_max)
@@ -324,7 +467,10 @@ class Sandbox:
             "-i",
             "--",  # a command that starts with "-" is the job's command, not an option of env
         ]
-        return JobSandbox(uid, cgroup, enter, self._static, switch, fd)
+        if self._host_net < 0:
+            network = None  # network = "host"
+        bwrap = self._static if network is not None or self._host_net < 0 else self._unshare_net
+        return JobSandbox(uid, cgroup, enter, bwrap, switch, fd, network)
 
     def release(self, job: JobSandbox) -> None:
         """Gives the uid back: only once every process of the job is gone."""
@@ -335,10 +481,13 @@ class Sandbox:
     def close(self) -> None:
         self.cgroups.close()
         shutil.rmtree(self._own_dir, ignore_errors=True)
+        if self._host_net >= 0:
+            os.close(self._host_net)
+            self._host_net = -1
 
-    def _static_bwrap_args(self, bwrap: str) -> list[str]:
+    def _static_bwrap_args(self, bwrap: str, own_network: bool) -> list[str]:
         args = [bwrap, "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
-        if self.settings.network == "none":
+        if own_network:
             args.append("--unshare-net")
         args += ["--die-with-parent", "--new-session", "--hostname", "jobmesh-job", "--cap-drop", "ALL"]
         # What setpriv needs to become the job's uid and drop the bounding set (and to chdir into the job's

@@ -116,6 +116,43 @@ def test_an_invalid_spec_is_a_400_naming_the_field(acme: Api, spec: dict[str, ob
     assert field in body["message"]
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        pytest.param("/api/v1/jobs", {**job_spec("typo"), "max_runtime_second": 5}, "max_runtime_second", id="typo"),
+        pytest.param(
+            "/api/v1/jobs",
+            job_spec("nested", resources={"cpu_millis": 100, "memory_mb": 64, "gpus": 1}),
+            "resources.gpus",
+            id="nested",
+        ),
+        pytest.param("/api/v1/jobs", {**job_spec("escaped"), "pri\\u006fr": 1}, "prior", id="escaped key"),
+        pytest.param(
+            "/api/v1/tenants/acme/burst", {"cpu_millis": 1, "duration_minutes": 5}, "duration_minutes", id="burst"
+        ),
+    ],
+)
+def test_an_unknown_body_field_is_a_400_naming_it_and_creates_nothing(
+    acme: Api, path: str, body: dict[str, object], field: str
+) -> None:
+    """Transcoding would drop the key and run the job as if it had not been sent (no runtime limit here)."""
+    raw = json.dumps(body).replace("\\\\", "\\")  # the escaped-key case sends a JSON escape in the key itself
+    resp = acme.call("POST", path, content=raw.encode(), headers={"content-type": "application/json"})
+    error = _assert_clean_error(resp, 400)
+    assert error["details"][0]["reason"] == "UNKNOWN_FIELD", error
+    assert error["details"][0]["metadata"]["field"] == field
+    assert field in error["message"]
+    names = {j["spec"]["name"] for j in acme.call("GET", "/api/v1/jobs", params={"page_size": 500}).json()["jobs"]}
+    assert not names & {"typo", "nested", "escaped"}
+
+
+def test_known_fields_in_either_json_spelling_and_free_form_maps_pass_the_check(acme: Api) -> None:
+    spec = {**job_spec("camel", ["true"]), "maxRuntimeSeconds": 30, "env": {"ANY_NAME": "1", "other": "2"}}
+    job = acme.submit(spec)
+    assert job["spec"]["max_runtime_seconds"] == 30
+    assert job["spec"]["env"] == {"ANY_NAME": "1", "other": "2"}
+
+
 def test_a_spec_over_the_total_size_limit_is_spec_too_large_and_creates_nothing(acme: Api) -> None:
     # argv and env each within their own bounds, together over the 64 KiB spec limit.
     spec = job_spec("too-big", command=["echo", "x" * 40_000], env={"BIG": "y" * 40_000})
@@ -194,6 +231,7 @@ def test_a_submit_over_quota_is_429_with_the_limit_and_usage(globex: Api, admin:
         assert info["reason"] == "QUOTA_EXCEEDED"
         assert info["metadata"]["limit"] == "concurrent_jobs"
         assert info["metadata"]["usage"] == "1"
+        assert int(refused.headers["retry-after"]) >= 1  # the gateway's retry hint, passed on by Envoy
         quota = globex.call("GET", "/api/v1/tenants/globex/quotas").json()
         assert quota["usage"]["concurrent_jobs"] == 1
         # Usage is released when the job ends, and the next submit fits again.

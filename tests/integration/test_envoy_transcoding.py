@@ -17,8 +17,11 @@ from typing import Any
 import envoy
 import grpc
 import httpx
+import jwt
 import pytest
 import pytest_asyncio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from google.api import httpbody_pb2
 from google.protobuf import any_pb2, descriptor_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -27,6 +30,9 @@ from grpc_status import rpc_status
 from jobmesh.common.v1 import types_pb2
 from jobmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from jobmesh.quota.v1 import quota_pb2, quota_pb2_grpc
+from libs.auth import jwks_document
+from libs.config import EdgeLimits
+from libs.envoy_admission import EdgeAuth
 from libs.envoy_config import PUBLIC_SERVICES, envoy_argv, render_envoy_config
 from libs.launcher import write_envoy_sds
 from libs.meshpki import MeshPki
@@ -36,7 +42,21 @@ REPO = Path(__file__).resolve().parents[2]
 DESCRIPTOR = REPO / "build" / "jobmesh.pb"
 PROMETHEUS_TEXT = "# TYPE jobmesh_up gauge\njobmesh_up 1\n"
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4"
-TOKEN = "Bearer test-token-123"
+# Envoy verifies tokens itself (jwt_authn): the test signs real ones with a key of its own.
+_SIGNING_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+ISSUER, AUDIENCE = "jobmesh-test", "jobmesh"
+
+
+def _signed(tenant: str = "acme") -> str:
+    now = int(time.time())
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "t", "tenant": tenant, "roles": [], "iat": now, "exp": now + 3600}
+    pem = _SIGNING_KEY.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return "Bearer " + jwt.encode(claims, pem, algorithm="RS256")
+
+
+TOKEN = _signed()
 
 pytestmark = pytest.mark.skipif(not DESCRIPTOR.exists(), reason="build/jobmesh.pb missing (run make proto)")
 
@@ -192,6 +212,13 @@ async def _run_envoy(
     listen_port = _free_port()
     admin_socket = Path(tempfile.mkdtemp(prefix="envoy-admin-")) / "admin.sock"
     config = workdir / "envoy.yaml"
+    public = workdir / "jwt-public.pem"
+    public.write_bytes(
+        _SIGNING_KEY.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    (workdir / "jwks.json").write_text(jwks_document(public))
     config.write_text(
         render_envoy_config(
             listen_host="127.0.0.1",
@@ -201,6 +228,8 @@ async def _run_envoy(
             gateway_port=gateway_port,
             descriptor_path=str(descriptor),
             tls=write_envoy_sds(workdir / "sds", pki.service("envoy", "envoy")),
+            auth=EdgeAuth(ISSUER, AUDIENCE, str(workdir / "jwks.json")),
+            limits=EdgeLimits(),
         )
     )
     log_path, err_path = workdir / "envoy.out", workdir / "envoy.err"
@@ -348,15 +377,17 @@ async def test_malformed_json_body_is_400(edge: Edge, http: httpx.AsyncClient) -
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_unknown_body_field_is_dropped_not_rejected(edge: Edge, http: httpx.AsyncClient) -> None:
-    """Known Envoy 1.40 limitation: the transcoder has no option to reject unknown JSON fields.
-
-    The field is silently dropped before the gateway sees the request, so nothing downstream can
-    reject it either. If this starts failing with a 400, Envoy gained the check: flip the test.
-    """
+async def test_an_unknown_body_field_is_refused_at_the_edge(edge: Edge, http: httpx.AsyncClient) -> None:
+    """The transcoder alone would drop the key before the gateway sees the request; the edge's check (libs/
+    envoy_fields.py) answers 400 naming it, and the gateway is never called."""
+    before = len(edge.calls.methods)
     response = await http.post("/api/v1/jobs", json={**SPEC, "bogus": 1})
-    assert response.status_code == 200, response.text
-    assert "bogus" not in response.json()["spec"]
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert body["code"] == code_pb2.INVALID_ARGUMENT
+    assert _error_info(body)["reason"] == "UNKNOWN_FIELD"
+    assert _error_info(body)["metadata"] == {"field": "bogus"}
+    assert len(edge.calls.methods) == before
 
 
 @pytest.mark.asyncio(loop_scope="module")
@@ -401,15 +432,15 @@ async def test_native_grpc_through_envoy(edge: Edge) -> None:
         spec = types_pb2.JobSpec(name="native", command=["true"], resources=types_pb2.Resources(cpu_millis=1))
         reply = await stub.SubmitJob(
             gateway_pb2.SubmitJobRequest(spec=spec),
-            metadata=[("authorization", "Bearer native")],
+            metadata=[("authorization", TOKEN)],
             timeout=10,
         )
         assert reply.job_id == "j1"
         assert reply.state == types_pb2.JOB_STATE_PENDING
         assert reply.spec.name == "native"
-        assert edge.calls.authorization[-1] == "Bearer native"
+        assert edge.calls.authorization[-1] == TOKEN
 
-        call = stub.GetJob(gateway_pb2.GetJobRequest(job_id="x"), timeout=10)
+        call = stub.GetJob(gateway_pb2.GetJobRequest(job_id="x"), metadata=[("authorization", TOKEN)], timeout=10)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
@@ -429,7 +460,9 @@ async def test_internal_service_is_not_reachable_through_envoy(edge: Edge, gatew
     # ...but not through the public edge.
     async with grpc.aio.insecure_channel(edge.grpc_target) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await quota_pb2_grpc.QuotaServiceStub(channel).Reserve(request, timeout=10)
+            await quota_pb2_grpc.QuotaServiceStub(channel).Reserve(
+                request, metadata=[("authorization", TOKEN)], timeout=10
+            )
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
         # Path tricks that normalise onto an internal service are not forwarded either.
         sneaky = channel.unary_unary(
@@ -444,6 +477,18 @@ async def test_internal_service_is_not_reachable_through_envoy(edge: Edge, gatew
 
 
 @pytest.mark.asyncio(loop_scope="module")
+async def test_a_request_without_a_valid_token_is_401_from_envoy_and_not_forwarded(edge: Edge) -> None:
+    before = len(edge.calls.methods)
+    async with httpx.AsyncClient(base_url=edge.url, timeout=10.0) as anonymous:
+        for headers in ({}, {"authorization": "Bearer " + "x" * 40}, {"authorization": _signed()[:-4] + "AAAA"}):
+            response = await anonymous.post("/api/v1/jobs", json=SPEC, headers=headers)
+            assert response.status_code == 401, response.text
+            assert response.json()["code"] == code_pb2.UNAUTHENTICATED
+            assert _error_info(response.json())["reason"].startswith("TOKEN_")
+    assert len(edge.calls.methods) == before
+
+
+@pytest.mark.asyncio(loop_scope="module")
 async def test_access_log_is_compact_and_has_no_token(edge: Edge, http: httpx.AsyncClient) -> None:
     probe = "/api/v1/jobs/access-log-probe"
     assert (await http.get(probe)).status_code == 404
@@ -454,7 +499,7 @@ async def test_access_log_is_compact_and_has_no_token(edge: Edge, http: httpx.As
     assert len(lines) == 1, edge.log_path.read_text()
     # The client's method and path, not the transcoded POST /jobmesh.gateway.v1.JobService/GetJob.
     assert f'"GET {probe} HTTP/1.1" 404 ' in lines[0]
-    assert "test-token" not in edge.log_path.read_text()
+    assert TOKEN.split()[1] not in edge.log_path.read_text()
 
 
 @pytest.mark.asyncio(loop_scope="module")
@@ -464,9 +509,9 @@ async def test_oversized_native_grpc_message_is_not_forwarded(edge: Edge) -> Non
     async with grpc.aio.insecure_channel(edge.grpc_target) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await gateway_pb2_grpc.JobServiceStub(channel).SubmitJob(
-                gateway_pb2.SubmitJobRequest(spec=spec), timeout=10
+                gateway_pb2.SubmitJobRequest(spec=spec), metadata=[("authorization", TOKEN)], timeout=10
             )
-    assert caught.value.code() != grpc.StatusCode.OK
+    assert caught.value.code() not in (grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED)
     assert len(edge.calls.methods) == before
 
 
@@ -476,7 +521,8 @@ async def test_gateway_down_is_503_json_and_grpc_unavailable(
     pki: MeshPki,
 ) -> None:
     async with _run_envoy(tmp_path, _free_port(), DESCRIPTOR, pki) as (port, _log):
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10.0) as client:
+        auth = {"authorization": TOKEN}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10.0, headers=auth) as client:
             response = await client.get("/api/v1/jobs/j1")
         assert response.status_code == 503, response.text
         body = response.json()
@@ -485,7 +531,7 @@ async def test_gateway_down_is_503_json_and_grpc_unavailable(
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await gateway_pb2_grpc.JobServiceStub(channel).GetJob(
-                    gateway_pb2.GetJobRequest(job_id="j1"), timeout=10
+                    gateway_pb2.GetJobRequest(job_id="j1"), metadata=[("authorization", TOKEN)], timeout=10
                 )
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         # native gRPC callers get a gRPC status, not the REST JSON body

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from libs.launcher import REPO
+from libs.launcher import REPO, free_port
 from services.worker.executor import ExecSpec, JobExecutor
 from services.worker.sandbox import Sandbox, SandboxError, SandboxSettings
 
@@ -318,3 +320,112 @@ async def test_a_job_cannot_read_the_stacks_keys_certificates_or_checkout(
 
     for leaked in ("PRIVATE-KEY-3e8a", "CERT-0b7c", "README.md", "eyJ"):
         assert leaked not in result.output_tail, result.output_tail
+
+
+# --- the network of a pool with network = "none": one namespace per slot, loopback only ---
+
+CONNECT = (
+    "import socket, sys\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2).close()\n"
+    "    print('reached')\nexcept OSError as exc:\n    print('refused', type(exc).__name__)\n"
+)
+LISTEN = (
+    "import socket, time\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "s.bind(('127.0.0.1', {port}))\ns.listen()\nprint('listening', flush=True)\ntime.sleep({seconds})\n"
+)
+
+
+def net_namespace(output_line: str) -> str:
+    assert output_line.startswith("net:["), output_line
+    return output_line
+
+
+@pytest.mark.asyncio
+async def test_a_job_without_network_cannot_reach_the_hosts_loopback_services(executor: JobExecutor) -> None:
+    host_service = socket.socket()
+    host_service.bind(("127.0.0.1", 0))
+    host_service.listen()
+    host_service.setblocking(False)
+    port = host_service.getsockname()[1]
+    try:
+        result = await executor.run(spec(["python3", "-c", CONNECT.format(port=port)]))
+
+        assert result.reason == "EXITED", result
+        assert result.output_tail.split()[0] == "refused", result.output_tail
+        with pytest.raises(BlockingIOError):
+            host_service.accept()
+    finally:
+        host_service.close()
+
+
+@pytest.mark.asyncio
+async def test_a_listener_left_by_a_job_is_gone_for_the_slots_next_job(executor: JobExecutor) -> None:
+    port = free_port()
+    # Tenant A leaves a listener behind, detached from its job's process tree.
+    script_a = (
+        f'readlink /proc/self/ns/net; setsid python3 -c "{LISTEN.format(port=port, seconds=300)}" '
+        "> listener.log 2>&1 < /dev/null & sleep 0.5; cat listener.log"
+    )
+    a = await executor.run(sh(script_a, job_id="tenant-a-job", env={"TENANT": "a"}))
+    # Tenant B is the slot's next job: same network namespace, nothing of A's left in it.
+    script_b = f'readlink /proc/self/ns/net; python3 -c "{CONNECT.format(port=port)}"'
+    b = await executor.run(sh(script_b, job_id="tenant-b-job", env={"TENANT": "b"}))
+
+    assert a.reason == b.reason == "EXITED", (a, b)
+    a_ns, a_listening = a.output_tail.split("\n")[:2]
+    b_ns, b_connect = b.output_tail.split("\n")[:2]
+    assert a_listening == "listening", a.output_tail
+    assert net_namespace(a_ns) == net_namespace(b_ns) != os.readlink("/proc/self/ns/net")  # the slot's, not the host's
+    assert b_connect.split()[0] == "refused", b.output_tail
+    assert processes_with(f"s.bind(('127.0.0.1', {port}))") == []
+
+
+@pytest.mark.asyncio
+async def test_two_slots_running_at_once_have_separate_networks(executor: JobExecutor) -> None:
+    port = free_port()
+    listener = asyncio.create_task(
+        executor.run(
+            spec(["sh", "-c", f'readlink /proc/self/ns/net; python3 -c "{LISTEN.format(port=port, seconds=3)}"'])
+        )
+    )
+    await asyncio.sleep(1.0)
+    slot_2 = executor.sibling()
+    try:
+        other = await slot_2.run(
+            sh(f'readlink /proc/self/ns/net; python3 -c "{CONNECT.format(port=port)}"', job_id="job-2")
+        )
+    finally:
+        slot_2.close()
+    first = await listener
+
+    first_ns, listening = first.output_tail.split("\n")[:2]
+    other_ns, connect = other.output_tail.split("\n")[:2]
+    assert listening == "listening", first.output_tail
+    assert net_namespace(first_ns) != net_namespace(other_ns)
+    assert connect.split()[0] == "refused", other.output_tail
+
+
+@pytest.mark.asyncio
+async def test_a_slots_back_to_back_jobs_each_find_its_group_empty(
+    executor: JobExecutor, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each job's processes are gone when the next starts: no uid is held back for a job that "left processes".
+    results = [await executor.run(spec(["true"], job_id=f"quick-{n}")) for n in range(20)]
+
+    assert {(r.reason, r.exit_code) for r in results} == {("EXITED", 0)}
+    assert [r.message for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_a_job_prepared_without_its_slots_network_still_gets_a_network_of_its_own(sandbox: Sandbox) -> None:
+    network = sandbox.slot_network()
+    assert network is not None  # the fixture's pool says network = "none"
+    alone = sandbox.prepare("net-check-1", memory_mb=64, cpu_millis=1000)
+    in_slot = sandbox.prepare("net-check-2", memory_mb=64, cpu_millis=1000, network=network)
+    try:
+        assert "--unshare-net" in alone.argv(["true"], {}, "/nonexistent")
+        assert "--unshare-net" not in in_slot.argv(["true"], {}, "/nonexistent")
+        assert (alone.network, in_slot.network) == (None, network)
+    finally:
+        for job in (alone, in_slot):
+            job.cgroup.remove()
+            sandbox.release(job)
+        network.close()

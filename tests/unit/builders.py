@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 from jobmesh.common.v1 import types_pb2 as t
-from libs.config import MeshConfig, parse_config
+from libs.config import EdgeLimits, MeshConfig, parse_config
+from libs.envoy_config import render_dev_defaults
 
 
 class ConfigBuilder:
@@ -135,3 +137,8 @@ class SpecBuilder:
         spec = t.JobSpec()
         spec.CopyFrom(self._spec)
         return spec
+
+
+def edge_config(limits: EdgeLimits | None = None, console_port: int | None = None) -> dict[str, Any]:
+    """The dev Envoy bootstrap as a dict, with other `limits` or a console port."""
+    return json.loads(render_dev_defaults(limits, console_port))  # type: ignore[no-any-return]

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from libs.config import ConfigError, QuotaLimits, load_config, parse_config
+from libs.config import ConfigError, Pruning, QuotaLimits, load_config, parse_config
 from tests.unit.builders import ConfigBuilder
 
 DEV_CONFIG = Path(__file__).resolve().parents[2] / "config" / "dev.toml"
@@ -36,6 +36,14 @@ def test_a_minimal_config_parses_with_defaults() -> None:
     assert pool.worker_slots == 1  # one job at a time unless a pool says otherwise
     assert config.max_spec_bytes == 64 * 1024
     assert pool.drain_grace_seconds == 30.0
+    # Bounded state: roll-up after the finished-job retention, histories pruned, budget checks failing open.
+    assert config.cost_rollup_seconds == config.finished_job_retention_seconds == 7 * 86400
+    assert (config.burst_audit, config.worker_lifetimes, config.scaling_events) == (
+        Pruning(90 * 86400, 10_000),
+        Pruning(90 * 86400, 10_000),
+        Pruning(30 * 86400, 1_000),
+    )
+    assert config.budget_check_failure == "open"
     # Sandboxed, without network, unless a pool says otherwise.
     assert (pool.sandbox, pool.network, pool.job_uids, pool.pids_max) == ("bwrap", "none", (200_000, 265_535), 512)
 
@@ -125,6 +133,10 @@ CONFIG_ERRORS = [
     ),
     pytest.param(lambda r: r.update(retention={"finished_job_seconds": -1}), "retention", id="negative-retention"),
     pytest.param(lambda r: r.update(limits={"max_spec_bytes": 100}), "max_spec_bytes", id="tiny-spec-limit"),
+    pytest.param(lambda r: r.update(retention={"cost_rollup_seconds": -1}), "cost_rollup", id="negative-rollup"),
+    pytest.param(lambda r: r.update(retention={"burst_audit_max": 0}), "burst_audit", id="audit-keeps-none"),
+    pytest.param(lambda r: r.update(retention={"scaling_events_seconds": -5}), "scaling_events", id="negative-age"),
+    pytest.param(lambda r: r.update(cost={"budget_check_failure": "shut"}), "budget_check_failure", id="bad-mode"),
     pytest.param(lambda r: r.update(burst={"max_tenant_share": 0}), "max_tenant_share", id="no-burst-share"),
     pytest.param(lambda r: r.update(burst={"max_tenant_share": 1.5}), "max_tenant_share", id="burst-share-over-1"),
     pytest.param(
@@ -182,3 +194,30 @@ def test_an_unreadable_config_file_is_a_config_error(tmp_path: Path) -> None:
         load_config(broken)
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize(
+    ("spoil", "named"),
+    [
+        pytest.param(lambda r: r["tenants"]["acme"].update(wieght=2), "tenants.acme.wieght (did you mean weight?)"),
+        pytest.param(lambda r: r.update(retension={"x": 1}), "retension."),
+        pytest.param(
+            lambda r: r["pools"][0].update(drain_grace_second=5),
+            "drain_grace_second (did you mean drain_grace_seconds?)",
+        ),
+        pytest.param(lambda r: r["quota"]["defaults"].update(gpus=1), "quota.defaults.gpus"),
+    ],
+    ids=["tenant-typo", "section-typo", "pool-typo", "limits-extra"],
+)
+def test_a_key_no_setting_reads_is_an_error_naming_it(spoil: Any, named: str) -> None:
+    """A typo would otherwise load the default without a word (`wieght = 2` gives weight 1)."""
+    with pytest.raises(ConfigError, match="unknown key") as caught:
+        parse_config(_spoil(spoil))
+    assert named in str(caught.value)
+
+
+def test_free_form_tables_take_any_names_but_their_members_are_checked() -> None:
+    raw = _spoil(lambda r: r["tenants"].update(newco={"weight": 1}))
+    assert "newco" in parse_config(raw).tenants
+    with pytest.raises(ConfigError, match=r"tenants\.newco\.colour"):
+        parse_config(_spoil(lambda r: r["tenants"].update(newco={"weight": 1, "colour": "red"})))

@@ -89,6 +89,19 @@ CASES: list[dict[str, Any]] = [
             alert("CostRecordsStuck", "19m"),
         ],
     },
+    {
+        "interval": "1m",
+        # Roll-ups succeed for 20 minutes, then only fail for the next 80.
+        "input_series": [
+            {"series": 'jobmesh_cost_rollup_transactions_total{outcome="done"}', "values": "0+1x20 20x80"},
+            {"series": 'jobmesh_cost_rollup_transactions_total{outcome="failed"}', "values": "0x20 0+1x80"},
+        ],
+        "alert_rule_test": [
+            alert("CostRollupStuck", "15m"),
+            alert("CostRollupStuck", "60m"),  # nothing done for 30 minutes only since 50m: pending
+            alert("CostRollupStuck", "90m", {"severity": "warning"}),
+        ],
+    },
 ]
 
 
@@ -96,13 +109,13 @@ def test_promtool_accepts_the_cost_rules() -> None:
     result = promtool("check", "rules", str(RULES))
 
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 5 rules found" in result.stdout
+    assert "SUCCESS: 6 rules found" in result.stdout
 
 
 def test_every_cost_alert_fires_when_it_should_and_only_then(tmp_path: Path) -> None:
     rules = tmp_path / "cost.rules.yml"
     rules.write_text(without_annotations(RULES.read_text()))
-    assert "annotations" not in rules.read_text() and rules.read_text().count("- alert:") == 5
+    assert "annotations" not in rules.read_text() and rules.read_text().count("- alert:") == 6
     tests = tmp_path / "cost.rules.test.json"  # JSON is YAML, and needs no YAML library here
     tests.write_text(json.dumps({"rule_files": [str(rules)], "evaluation_interval": "1m", "tests": CASES}))
 

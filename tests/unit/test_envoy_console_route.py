@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from libs.envoy_config import EnvoyTls, render_envoy_config
+from tests.unit.builders import edge_config
 
 
 def render(console_port: int | None) -> dict[str, Any]:
-    return json.loads(  # type: ignore[no-any-return]
-        render_envoy_config(
-            listen_host="127.0.0.1",
-            listen_port=8080,
-            admin_socket=".jobmesh/envoy-admin.sock",
-            gateway_host="127.0.0.1",
-            gateway_port=50051,
-            descriptor_path="build/jobmesh.pb",
-            console_port=console_port,
-            tls=EnvoyTls("identity-sds.json", "validation-sds.json", ".jobmesh/pki/services"),
-        )
-    )
+    return edge_config(console_port=console_port)
 
 
 def routes(config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -51,4 +39,4 @@ def test_the_console_routes_come_before_the_catch_all_404() -> None:
 def test_without_a_console_port_nothing_changes() -> None:
     config = render(None)
     assert all(not r["name"].startswith("console") for r in routes(config))
-    assert [c["name"] for c in config["static_resources"]["clusters"]] == ["jobmesh_gateway"]
+    assert [c["name"] for c in config["static_resources"]["clusters"]] == ["jobmesh_gateway", "jobmesh_gateway_submits"]

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.tools import require_tool
 
 REPO = Path(__file__).resolve().parents[2]
 OBS = REPO / "observability"
@@ -315,38 +316,33 @@ def test_every_rule_file_of_ours_has_promtool_tests() -> None:
 
 # -------------------------------------------------------------------------------------------------- promtool
 
-needs_promtool = pytest.mark.skipif(
-    shutil.which("promtool") is None,
-    reason="promtool not on PATH (Debian package `prometheus`; CI installs it)",
-)
+
+def promtool() -> str:
+    return require_tool("promtool", "Debian package `prometheus`; .ci/run installs it")
 
 
 def run(*argv: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(a) for a in argv], capture_output=True, text=True, cwd=REPO, timeout=120)
 
 
-@needs_promtool
 def test_promtool_accepts_the_rules() -> None:
-    result = run("promtool", "check", "rules", *RULE_FILES)
+    result = run(promtool(), "check", "rules", *RULE_FILES)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@needs_promtool
 def test_the_rules_pass_their_promtool_unit_tests() -> None:
-    result = run("promtool", "test", "rules", *RULE_TESTS)
+    result = run(promtool(), "test", "rules", *RULE_TESTS)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@needs_promtool
 def test_promtool_accepts_the_prometheus_configs() -> None:
-    result = run("promtool", "check", "config", OBS / "prometheus" / "prometheus.yml")
+    result = run(promtool(), "check", "config", OBS / "prometheus" / "prometheus.yml")
     assert result.returncode == 0, result.stdout + result.stderr
     # The aggregated scrape reads an admin token file that exists only where someone wrote one.
-    result = run("promtool", "check", "config", "--syntax-only", OBS / "prometheus" / "prometheus-gateway.yml")
+    result = run(promtool(), "check", "config", "--syntax-only", OBS / "prometheus" / "prometheus-gateway.yml")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@needs_promtool
 def test_promtool_parses_every_dashboard_query(tmp_path: Path) -> None:
     """Each panel query, with Grafana's variables filled in, as a recording rule that promtool must parse."""
     fill = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h"}
@@ -359,13 +355,11 @@ def test_promtool_parses_every_dashboard_query(tmp_path: Path) -> None:
             lines += ["      - record: dashboard:query", f"        expr: {json.dumps(expr)}"]
     rules = tmp_path / "dashboards.rules.yml"
     rules.write_text("\n".join(lines) + "\n")
-    result = run("promtool", "check", "rules", "--lint=none", rules)
+    result = run(promtool(), "check", "rules", "--lint=none", rules)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.skipif(
-    shutil.which("amtool") is None, reason="amtool not on PATH (Debian package prometheus-alertmanager)"
-)
 def test_amtool_accepts_the_alertmanager_config() -> None:
-    result = run("amtool", "check-config", OBS / "alertmanager" / "alertmanager.yml")
+    amtool = require_tool("amtool", "Debian package `prometheus-alertmanager`; .ci/run installs it")
+    result = run(amtool, "check-config", OBS / "alertmanager" / "alertmanager.yml")
     assert result.returncode == 0, result.stdout + result.stderr

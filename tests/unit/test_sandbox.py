@@ -15,7 +15,15 @@ from libs.launcher import REPO
 from services.worker import cgroups
 from services.worker.cgroups import CgroupDriver, Layout
 from services.worker.executor import ExecSpec, JobExecutor
-from services.worker.sandbox import JobSandbox, Sandbox, SandboxError, SandboxSettings, UidPool, parse_uid_range
+from services.worker.sandbox import (
+    JobSandbox,
+    Sandbox,
+    SandboxError,
+    SandboxSettings,
+    UidPool,
+    nsswitch_files_only,
+    parse_uid_range,
+)
 
 
 def test_settings_come_from_the_pools_worker_variables() -> None:
@@ -118,6 +126,27 @@ def test_the_jobs_environment_is_set_only_after_the_uid_switch_and_its_command_c
         "python3",
         "-c",
         "print(1)",
+    ]
+
+
+def test_jobs_look_users_and_groups_up_in_their_copied_files_only() -> None:
+    host = [
+        "# /etc/nsswitch.conf",
+        "passwd:         files systemd",
+        "group:          files systemd",
+        "shadow:         files systemd",
+        "hosts:          files dns",
+        "#group: compat",
+    ]
+
+    assert nsswitch_files_only(host) == [
+        "# /etc/nsswitch.conf",
+        "passwd: files",
+        "group: files",
+        "shadow: files",
+        "hosts:          files dns",
+        "#group: compat",
+        "gshadow: files",
     ]
 
 
