@@ -55,6 +55,7 @@ COPY libs/ libs/
 COPY services/ services/
 # config/dev.toml is the settings' default JOBMESH_CONFIG; Kubernetes mounts its own at /etc/jobmesh.
 COPY config/ config/
+COPY docs/openapi.yaml docs/openapi.yaml
 COPY --from=build /src/gen/ gen/
 # Envoy's descriptor set: the envoy Deployment's init container copies it out of this image.
 COPY --from=build /src/build/jobmesh.pb build/jobmesh.pb

@@ -7,7 +7,7 @@ SITE = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["
 PROTOS := $(shell find protos -name '*.proto')
 DEPS := build/proto-deps
 
-.PHONY: all venv tools k8s-observability proto sandbox-tools lint typecheck test test-unit test-integration test-e2e test-browser run clean \
+.PHONY: all venv tools k8s-observability proto client-stubs client-wheel openapi sandbox-tools lint typecheck test test-unit test-integration test-e2e test-browser run clean \
 	bench envoy-config console node chromium
 
 all: proto
@@ -16,10 +16,12 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: requirements.txt | $(BIN)/python
+$(VENV)/.installed: requirements.txt Makefile | $(BIN)/python
 	$(BIN)/pip install -q -r requirements.txt
-	@# Put the repo (libs/, services/) and generated code on the venv's path, and add the CLI.
-	printf '%s\n%s\n' "$(CURDIR)" "$(CURDIR)/gen" > "$(SITE)/jobmesh-dev.pth"
+	@# Put the repo (libs/, services/), the client package (clients/python: its `jobmesh` package takes in
+	@# gen/jobmesh's internal stubs) and generated code on the venv's path, and add the CLI (libs/cli.py: the
+	@# dev verbs token, run, ...; every other verb goes to the client package's CLI).
+	printf '%s\n%s\n%s\n' "$(CURDIR)" "$(CURDIR)/clients/python" "$(CURDIR)/gen" > "$(SITE)/jobmesh-dev.pth"
 	printf '#!/usr/bin/env bash\nexec "%s/python" -m libs.cli "$$@"\n' "$(CURDIR)/$(BIN)" > $(BIN)/jobmesh
 	chmod +x $(BIN)/jobmesh
 	touch $@
@@ -50,7 +52,20 @@ gen/.stamp: $(PROTOS) $(DEPS)/.copied
 	  $(PROTOS) $(DEPS)/google/rpc/error_details.proto
 	touch $@
 
-proto: venv gen/.stamp
+# The client package's stubs (with typed .pyi) are checked in, so that `pip install ./clients/python` needs
+# nothing else; they are written again when a public proto changes (tests check they match).
+CLIENT_STUBS := clients/python/jobmesh/gateway/v1/gateway_pb2.py
+$(CLIENT_STUBS): $(PROTOS) $(DEPS)/.copied
+	$(BIN)/python -m libs.codegen >/dev/null
+
+client-stubs: venv $(DEPS)/.copied
+	$(BIN)/python -m libs.codegen
+
+# The client package's wheel (the e2e tests install it into a fresh venv too).
+client-wheel: proto
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w build/dist clients/python
+
+proto: venv gen/.stamp $(CLIENT_STUBS)
 
 # The job sandbox (docs/security.md) runs each job through bubblewrap and util-linux's setpriv, as root. Installed
 # here when missing and we are root on a Debian-like system; otherwise we say how, and workers refuse tenant jobs
@@ -104,11 +119,12 @@ lint: proto
 	git archive $(BREAKING_AGAINST) buf.yaml protos | tar -x -C build/against
 	cp -r $(DEPS) build/against/build/
 	$(BIN)/buf breaking --against build/against
-	$(BIN)/ruff check libs services tests bench
-	$(BIN)/ruff format --check libs services tests bench
+	$(BIN)/ruff check libs services tests bench clients/python
+	$(BIN)/ruff format --check libs services tests bench clients/python
 
 typecheck: proto
 	$(BIN)/mypy libs services
+	cd clients/python && ../../$(BIN)/mypy
 
 test-unit: proto tools
 	$(BIN)/python -m pytest tests/unit -q
@@ -122,8 +138,12 @@ test-e2e: proto
 test-browser: proto console chromium
 	$(BIN)/python -m pytest tests/browser -q
 
-test: lint typecheck tools sandbox-tools console chromium
+test: lint typecheck tools sandbox-tools console chromium client-wheel
 	$(BIN)/python -m pytest tests -q
+
+# The OpenAPI document of the REST API (docs/openapi.yaml), from the protos' HTTP bindings; tests check it matches.
+openapi: proto
+	$(BIN)/python -m libs.openapi
 
 run: proto sandbox-tools console
 	$(BIN)/jobmesh run

@@ -48,6 +48,7 @@ class StandIn(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
     def __init__(self, jobs: int, command: list[str]):
         self.jobs = jobs
         self.command = command
+        self.log_bytes = 0
         self.outbox: asyncio.Queue[pm.ConnectResponse] = asyncio.Queue()
         self.reported = 0
         self.seen: set[str] = set()
@@ -117,6 +118,13 @@ class StandIn(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
 
     async def Heartbeat(self, request: pm.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pm.HeartbeatResponse:
         return pm.HeartbeatResponse(alive=True)
+
+    async def AppendJobLog(
+        self, request: pm.AppendJobLogRequest, context: grpc.aio.ServicerContext
+    ) -> pm.AppendJobLogResponse:
+        """The job's output, taken and dropped (the store's cost is not the worker's)."""
+        self.log_bytes += len(request.data)
+        return pm.AppendJobLogResponse(next_offset=request.offset + len(request.data))
 
     async def ReportResult(
         self, request: pm.ReportResultRequest, context: grpc.aio.ServicerContext
@@ -212,6 +220,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "sandbox": args.sandbox,
         "network": args.network,
         "results_on_stream": stand_in.on_stream,
+        "output_bytes_received": stand_in.log_bytes,
         "worker_cpu_ms_per_job": round((own1 - own0) * 1000 / n, 3),
         "job_processes_cpu_ms_per_job": round((kids1 - kids0) * 1000 / n, 3),
         "worker_and_everything_it_started_cpu_ms_per_job": tree_ms,

@@ -45,6 +45,7 @@ _PUBLIC = (
     "/jobmesh.gateway.v1.PoolService/*",
     "/jobmesh.gateway.v1.CostService/*",
     "/jobmesh.gateway.v1.MetricsService/*",
+    "/jobmesh.gateway.v1.ApiService/*",
 )
 
 # The methods a caller may reach with server-only TLS: the join exchange authenticates with its token instead.
@@ -68,9 +69,12 @@ TABLE: Mapping[tuple[str, str], frozenset[str]] = {
             _QUEUEING + "ListJobs",
             _QUEUEING + "CancelJob",
             _QUEUEING + "SetTenantWeight",
+            _QUEUEING + "WatchJob",
+            _QUEUEING + "EstimateStart",
             _POOLS + "ListPools",
             _POOLS + "GetPoolMetrics",
             _POOLS + "GetScalingHistory",
+            _POOLS + "ReadJobLog",
             _COST + "*",
         }
     ),
@@ -78,7 +82,8 @@ TABLE: Mapping[tuple[str, str], frozenset[str]] = {
     ("service", "scheduler"): frozenset({_QUEUEING + "NextJobs"}),
     # The pool-manager's autoscaler reads queue depth.
     ("service", "poolmanager"): frozenset({_QUEUEING + "GetQueueStats"}),
-    # Workers speak to the registry only, each for itself, and renew their own certificate.
+    # Workers speak to the registry only, each for itself (results and output only of attempts they hold), and
+    # renew their own certificate.
     ("worker", "*"): frozenset({_REGISTRY + "*", _WORKER_CERTS + "RenewCertificate"}),
     # People and tools (`jobmesh` admin commands, grpcurl, tests acting as an operator): scheduler status,
     # reflection, minting join tokens, queue stats. The launcher's own identity only checks health.

@@ -78,9 +78,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"processes: {', '.join(stack.procs)}\n\n"
         f"dev token for tenant acme (24 h):\n{token}\n\n"
         f"console (signs in with that token): {stack.url}/console/#token={token}\n\n"
-        f"try:\n  TOKEN=$(.venv/bin/jobmesh token --tenant acme)\n"
-        f'  curl -H "Authorization: Bearer $TOKEN" -d \'{{"name":"hello","command":["sh","-c","echo hi"],'
-        f'"resources":{{"cpu_millis":100,"memory_mb":64}}}}\' {stack.url}/api/v1/jobs\n\n'
+        f"try the CLI (in another shell):\n"
+        f"  export JOBMESH_URL={stack.url} JOBMESH_TOKEN=$(.venv/bin/jobmesh token --tenant acme)\n"
+        f"  .venv/bin/jobmesh submit --name hello --wait -- sh -c 'echo hi'\n"
+        f"  .venv/bin/jobmesh list\n"
+        f"  .venv/bin/jobmesh logs <job_id>\n"
+        f'or REST: curl -H "Authorization: Bearer $JOBMESH_TOKEN" {stack.url}/api/v1/jobs'
+        f"  (the API: docs/api.md, {stack.url}/api/v1/openapi.yaml)\n"
+        f"the client elsewhere: pip install ./clients/python (docs/api.md)\n\n"
         "Ctrl-C stops everything.",
         flush=True,
     )
@@ -148,7 +153,34 @@ def cmd_join_token(args: argparse.Namespace) -> int:
     return 0
 
 
+# What this checkout's `jobmesh` does itself; every other verb (submit, get, list, logs, ...) is the client
+# package's (clients/python, on the dev venv's path), so that one `jobmesh` serves both.
+DEV_VERBS = ("token", "run", "cost", "join-token", "pki")
+DEV_EPILOG = (
+    "In a jobmesh checkout also: token (a dev JWT), run (start the mesh here), cost report (as tables, with "
+    "--tenant-token), join-token, pki: see `jobmesh token --help` etc."
+)
+
+
+def _first_verb(argv: list[str]) -> str | None:
+    """The first argument that is not an option of the dev parser (nor the value of one)."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--data-dir", "--config"):
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if _first_verb(argv) not in DEV_VERBS:
+        from jobmesh.cli import run as client_cli
+
+        return client_cli(argv, epilog=DEV_EPILOG)
     parser = argparse.ArgumentParser(prog="jobmesh", description=__doc__)
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)

@@ -19,6 +19,7 @@ PUBLIC_SERVICES: tuple[str, ...] = (
     "jobmesh.gateway.v1.PoolService",
     "jobmesh.gateway.v1.CostService",
     "jobmesh.gateway.v1.MetricsService",
+    "jobmesh.gateway.v1.ApiService",
 )
 
 # Largest request body accepted from a client (REST JSON or a native gRPC message); larger is 413.
@@ -26,6 +27,13 @@ MAX_REQUEST_BODY_BYTES = 1024 * 1024
 # Largest transcoded response body (e.g. the Prometheus exposition) Envoy will buffer.
 MAX_RESPONSE_BODY_BYTES = 16 * 1024 * 1024
 ROUTE_TIMEOUT_SECONDS = 60
+# Streams that stay open while a job runs (watch, log follow): no route timeout, only the client's own deadline,
+# and this long without a message before Envoy ends one (a client reconnects).
+STREAMING_METHODS: tuple[str, ...] = (
+    "/jobmesh.gateway.v1.JobService/WatchJob",
+    "/jobmesh.gateway.v1.JobService/GetJobLogs",
+)
+STREAM_IDLE_ROUTE_SECONDS = 3600
 CONNECT_TIMEOUT_SECONDS = 1
 STREAM_IDLE_TIMEOUT_SECONDS = 300
 REQUEST_HEADERS_TIMEOUT_SECONDS = 10
@@ -248,6 +256,8 @@ def _transcoder_filter(descriptor_path: str) -> dict[str, Any]:
                 "preserve_proto_field_names": True,
                 "always_print_primitive_fields": True,
                 "always_print_enums_as_ints": False,
+                # A streamed answer (WatchJob) is one JSON object per line, not one array: readable as it comes.
+                "stream_newline_delimited": True,
             },
             convert_grpc_status=True,
             ignore_unknown_query_parameters=False,
@@ -277,6 +287,19 @@ def _routes(limits: EdgeLimits, console: bool = False) -> list[dict[str, Any]]:
     # included) falls through to the 404 below and never reaches the gateway. Submits have a route of their
     # own: their own rate limit per tenant, and their own cluster with its bound on submits in flight.
     routes: list[dict[str, Any]] = [
+        {
+            "name": method.rsplit("/", 1)[-1],
+            "match": {"path": method, "grpc": {}},
+            "route": {
+                "cluster": _GATEWAY_CLUSTER,
+                "timeout": "0s",
+                "idle_timeout": _seconds(STREAM_IDLE_ROUTE_SECONDS),
+                "max_stream_duration": {"grpc_timeout_header_max": "0s"},
+            },
+        }
+        for method in STREAMING_METHODS
+    ]
+    routes += [
         {
             "name": admission.SUBMIT_ROUTE,
             "match": {"path": admission.SUBMIT_PATH, "grpc": {}},

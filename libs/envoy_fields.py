@@ -69,7 +69,9 @@ def body_routes(files: tuple[FileDescriptor, ...], services: tuple[str, ...]) ->
                     continue
                 body = method.input_type
                 if rule.body != "*":
-                    body = body.fields_by_name[rule.body].message_type
+                    named = body.fields_by_name[rule.body].message_type
+                    assert named is not None, f"{method.full_name}: body {rule.body} is not a message"
+                    body = named
                 routes.append((Route(verb.upper(), _lua_pattern(getattr(rule, verb)), body.full_name), body))
     return routes
 
@@ -102,6 +104,7 @@ class _Nodes:
 
     def _child(self, field: FieldDescriptor) -> str:
         if _is_map(field):
+            assert field.message_type is not None
             value = field.message_type.fields_by_name["value"]
             return "false" if value.message_type is None else f"{{m={self.ref(value.message_type)}}}"
         if field.message_type is None:

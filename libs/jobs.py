@@ -13,6 +13,8 @@ from libs.config import MeshConfig
 from libs.errors import InvalidArgument
 from libs.lifecycle.routing import fitting_pools
 
+# A job's message is kept up to this many characters (a failed attempt's ends with the tail of its stderr).
+MAX_MESSAGE = 4096
 MAX_NAME = 253
 MAX_ARGS = 256
 MAX_ARGV_BYTES = 64 * 1024

@@ -23,6 +23,7 @@ def first_unknown(message: Message, path: str = "") -> str | None:
         if field.type != _MESSAGE:
             continue
         name = f"{path}{field.name}"
+        assert field.message_type is not None  # a message field
         if field.message_type.GetOptions().map_entry:
             value_field = field.message_type.fields_by_name["value"]
             if value_field.type == _MESSAGE:

@@ -11,7 +11,7 @@ Each function mutates and returns the record it is given; callers that must keep
 from __future__ import annotations
 
 from jobmesh.common.v1 import types_pb2 as t
-from libs.jobs import ts
+from libs.jobs import MAX_MESSAGE, ts
 
 TERMINAL = frozenset({t.JOB_STATE_SUCCEEDED, t.JOB_STATE_FAILED, t.JOB_STATE_CANCELLED})
 ACTIVE = frozenset({t.JOB_STATE_PENDING, t.JOB_STATE_RUNNING})
@@ -96,7 +96,7 @@ def apply_result(
     job.state = t.JOB_STATE_SUCCEEDED if succeeded else t.JOB_STATE_FAILED
     job.exit_code = exit_code
     job.reason = "COMPLETED" if succeeded else ("EXIT_CODE" if reason == "EXITED" else reason)
-    job.message = message[:1024]
+    job.message = message[:MAX_MESSAGE]
     job.end_time.CopyFrom(ts(now))
     job.update_time.CopyFrom(ts(now))
     record = current_attempt(job)

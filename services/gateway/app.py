@@ -19,6 +19,7 @@ from libs.interceptors import channel
 from libs.server import start_server
 from libs.settings import CommonSettings, SettingsError
 from services.gateway.servicer import (
+    ApiServicer,
     Authenticator,
     Backends,
     CostReportsServicer,
@@ -28,6 +29,17 @@ from services.gateway.servicer import (
     TenantsServicer,
 )
 from services.gateway.shedding import SubmitShedder
+
+# The API's OpenAPI document, served at /api/v1/openapi.yaml (JOBMESH_OPENAPI_PATH to serve another file).
+OPENAPI = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
+
+
+def openapi_document(settings: CommonSettings) -> bytes | None:
+    path = Path(settings.extra.get("JOBMESH_OPENAPI_PATH") or OPENAPI)
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 async def run(settings: CommonSettings) -> None:
@@ -65,7 +77,8 @@ async def run(settings: CommonSettings) -> None:
     pools = PoolsServicer(auth, backends)
     costs = CostReportsServicer(auth, backends)
     metrics = MetricsServicer(auth, peers.metrics_targets, registry)
-    names = dict(zip(("job", "tenant", "pool", "cost", "metrics"), PUBLIC_SERVICES, strict=True))
+    api = ApiServicer(openapi_document(settings))
+    names = dict(zip(("job", "tenant", "pool", "cost", "metrics", "api"), PUBLIC_SERVICES, strict=True))
     server = await start_server(
         "gateway",
         settings,
@@ -76,6 +89,7 @@ async def run(settings: CommonSettings) -> None:
             (lambda s: gw.add_PoolServiceServicer_to_server(pools, s), names["pool"]),
             (lambda s: gw.add_CostServiceServicer_to_server(costs, s), names["cost"]),
             (lambda s: gw.add_MetricsServiceServicer_to_server(metrics, s), names["metrics"]),
+            (lambda s: gw.add_ApiServiceServicer_to_server(api, s), names["api"]),
         ],
         reject_unknown_fields=True,
     )

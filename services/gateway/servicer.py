@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncIterator
 from contextlib import AbstractContextManager
 from typing import TypeVar
 
@@ -26,9 +28,14 @@ from libs.auth import Principal, TokenVerifier
 from libs.batching import GroupCommit
 from libs.clock import Clock
 from libs.config import MeshConfig
-from libs.errors import InvalidArgument, NotFound, PermissionDenied, from_item_error
+from libs.errors import InvalidArgument, JobMeshError, NotFound, PermissionDenied, from_item_error
+from libs.interceptors import error_from_rpc
+from libs.jobs import validate_spec
 from libs.keys import safe_segment
+from libs.lifecycle.routing import assign_queue
+from libs.lifecycle.transitions import TERMINAL
 from libs.telemetry import job_id_var, tenant_id_var
+from services.gateway import dryrun
 from services.gateway.budgets import BudgetGate
 from services.gateway.metrics_scrape import scrape_all
 from services.gateway.shedding import SubmitShedder
@@ -40,6 +47,11 @@ log = logging.getLogger(__name__)
 # Submits per batched call: bounded so that one call stays small (a job spec is at most a few KiB).
 _BATCH = 64
 
+
+# A job's output is sent in chunks of at most this many bytes; a follower looks for more this often.
+LOG_CHUNK_BYTES = 256 * 1024
+LOG_FOLLOW_SECONDS = 0.5
+_TEXT = "text/plain; charset=utf-8"
 
 # The most jobs one page holds; a larger page_size is coerced to it.
 MAX_PAGE_SIZE = 500
@@ -218,6 +230,126 @@ class JobsServicer(gateway_pb2_grpc.JobServiceServicer):
         log.info("job cancelled")
         return await self._with_cost(resp.job)
 
+    async def _get(self, principal: Principal, job_id: str) -> t.Job:
+        resp = await self.b.queueing.GetJob(  # type: ignore[attr-defined]
+            q.GetJobRequest(tenant_id=self._scope(principal), job_id=job_id), timeout=5.0
+        )
+        return resp.job  # type: ignore[no-any-return]
+
+    async def WatchJob(self, request: g.WatchJobRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[t.Job]:
+        principal = self.auth(context)
+        check_job_id(request.job_id)
+        job_id_var.set(request.job_id)
+        # Queueing answers NOT_FOUND for another tenant's job, as GetJob does.
+        changes = self.b.queueing.WatchJob(  # type: ignore[attr-defined]
+            q.WatchJobRequest(tenant_id=self._scope(principal), job_id=request.job_id)
+        )
+        async for change in changes:
+            job = change.job
+            yield (await self._with_cost(job)) if job.state in TERMINAL else job
+
+    async def GetJobLogs(
+        self, request: g.GetJobLogsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        """The attempt's stored output; with follow, more as it comes until the attempt is over (the job ended, or
+        it went on to a next attempt, which a follower of the latest attempt then follows too)."""
+        principal = self.auth(context)
+        check_job_id(request.job_id)
+        job_id_var.set(request.job_id)
+        job = await self._get(principal, request.job_id)  # NOT_FOUND for another tenant's job
+        if request.attempt < 0 or request.attempt > max(job.attempt, 0):
+            raise InvalidArgument("attempt", f"must be between 0 (the latest) and {job.attempt}")
+        attempt, offset, sent = request.attempt or job.attempt, 0, False
+        last_look = False
+        while True:
+            data = b""
+            if attempt > 0:
+                resp = await self.b.poolmanager.ReadJobLog(  # type: ignore[attr-defined]
+                    pm.ReadJobLogRequest(
+                        tenant_id=job.tenant_id,
+                        job_id=job.job_id,
+                        attempt=attempt,
+                        offset=offset,
+                        max_bytes=LOG_CHUNK_BYTES,
+                    ),
+                    timeout=10.0,
+                )
+                data, offset = resp.data, resp.next_offset
+            if data:
+                yield httpbody_pb2.HttpBody(content_type=_TEXT, data=data)
+                sent = True
+                continue
+            if not request.follow or last_look:
+                break
+            await asyncio.sleep(LOG_FOLLOW_SECONDS)
+            job = await self._get(principal, request.job_id)
+            if request.attempt == 0 and job.attempt > attempt:
+                if attempt > 0:
+                    last_look = False
+                    # What is left of the old attempt is lost to this follower only if it was written after the
+                    # attempt ended, which a worker never does.
+                    header = f"\n[jobmesh: attempt {job.attempt}]\n".encode()
+                    yield httpbody_pb2.HttpBody(content_type=_TEXT, data=header)
+                    sent = True
+                attempt, offset = job.attempt, 0
+            elif job.state in TERMINAL:
+                last_look = True  # the worker sent everything before it reported the end: one more read
+        if not sent:
+            yield httpbody_pb2.HttpBody(content_type=_TEXT, data=b"")
+
+    async def DryRunJob(self, request: g.DryRunJobRequest, context: grpc.aio.ServicerContext) -> g.DryRunJobResponse:
+        """What SubmitJob would do with this spec, creating nothing and reserving nothing."""
+        principal = self.auth(context)
+        spec = request.spec
+        now = self.clock.now()
+        out = g.DryRunJobResponse(valid=True)
+        try:
+            validate_spec(spec, self.config, now)
+        except JobMeshError as err:
+            out.valid = False
+            out.violations.append(dryrun.violation(err))
+        queue = assign_queue(spec, self.config.pools)
+        admission, estimate = await asyncio.gather(
+            self._admission(principal.tenant_id, spec),
+            self.b.queueing.EstimateStart(  # type: ignore[attr-defined]
+                q.EstimateStartRequest(queue=queue, tenant_id=principal.tenant_id), timeout=5.0
+            ),
+        )
+        out.admission.CopyFrom(admission)
+        out.start.CopyFrom(
+            dryrun.start_estimate(
+                queue, estimate.pending, estimate.dispatch_rate_per_second, estimate.window_seconds, now
+            )
+        )
+        pools = dryrun.candidate_pools(spec, queue, self.config)
+        out.cost.CopyFrom(
+            dryrun.cost_estimate(spec, pools, self.config, estimate.median_runtime_seconds, estimate.runtime_samples)
+        )
+        return out
+
+    async def _admission(self, tenant_id: str, spec: t.JobSpec) -> g.AdmissionEstimate:
+        checked = await self.b.quota.CheckAdmission(  # type: ignore[attr-defined]
+            qt.CheckAdmissionRequest(
+                reservation=qt.ReserveRequest(
+                    tenant_id=tenant_id, job_id="dry-run", resources=spec.resources, burst=spec.burst
+                )
+            ),
+            timeout=5.0,
+        )
+        if not checked.admitted:
+            r = checked.refusal
+            return g.AdmissionEstimate(admitted=False, reason=r.reason, message=r.message, metadata=r.metadata)
+        try:
+            await self.b.cost.CheckBudget(c.CheckBudgetRequest(tenant_id=tenant_id), timeout=2.0)  # type: ignore[attr-defined]
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                err = error_from_rpc(exc)
+                return g.AdmissionEstimate(
+                    admitted=False, reason=err.reason, message=err.message, metadata=err.metadata
+                )
+            log.warning("budget check unavailable for a dry run: %s", exc.code().name)
+        return g.AdmissionEstimate(admitted=True, burst=checked.burst)
+
 
 class TenantsServicer(gateway_pb2_grpc.TenantServiceServicer):
     def __init__(self, auth: Authenticator, backends: Backends):
@@ -340,3 +472,17 @@ class MetricsServicer(gateway_pb2_grpc.MetricsServiceServicer):
         own = generate_latest(self.own_metrics).decode()
         text = await scrape_all(self.targets, own)
         return httpbody_pb2.HttpBody(content_type="text/plain; version=0.0.4; charset=utf-8", data=text.encode())
+
+
+class ApiServicer(gateway_pb2_grpc.ApiServiceServicer):
+    """Serves docs/openapi.yaml (read once); open to every caller, like any API's description."""
+
+    def __init__(self, document: bytes | None):
+        self.document = document
+
+    async def GetOpenApiDocument(
+        self, request: g.GetOpenApiDocumentRequest, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        if self.document is None:
+            raise NotFound("this gateway has no OpenAPI document (docs/openapi.yaml)", reason="OPENAPI_MISSING")
+        return httpbody_pb2.HttpBody(content_type="application/yaml; charset=utf-8", data=self.document)

@@ -22,6 +22,7 @@ from libs.etcd.informer import Informer
 from libs.interceptors import ServerInterceptor, channel
 from libs.keys import Keys
 from libs.lifecycle.store import JobStore
+from libs.logstore import LogStore, log_store_from_settings
 from libs.meshpki import WorkerIssuer
 from libs.pruning import Entry, HistoryPruner, list_keys, time_from_key
 from libs.server import start_server
@@ -116,6 +117,7 @@ class _Shared:
     outcomes: JobOutcomes
     store: JobStore
     election: LeaderElection
+    logs: LogStore | None
 
 
 async def _shared(settings: CommonSettings) -> _Shared:
@@ -139,6 +141,7 @@ async def _shared(settings: CommonSettings) -> _Shared:
         outcomes=outcomes,
         store=JobStore(etcd, keys, counted_pools=[p.pool_id for p in config.pools if p.max_jobs_per_worker]),
         election=LeaderElection(etcd, keys.leader("pool-manager"), settings.server.replica_id, ttl=leader_ttl),
+        logs=log_store_from_settings(str(settings.data_dir), settings.extra),
     )
 
 
@@ -156,6 +159,7 @@ def _registry(settings: CommonSettings, shared: _Shared, registry: CollectorRegi
         shared.outcomes,
         # Under steady load a result waits this long to share its transaction with other workers' results.
         result_linger=settings.get_float("JOBMESH_RESULT_LINGER_MS", 4.0) / 1000,
+        logs=shared.logs,
     )
 
 
@@ -172,6 +176,20 @@ def _controller(shared: _Shared, provider: LocalProcessProvider, registry: Colle
         shared.depth,
         shared.outcomes,
         shared.store,
+    )
+
+
+def _history_pruner(shared: _Shared, controller: PoolController) -> HistoryPruner:
+    """The leader prunes the scaling history (each pool keeps its own newest), every delete fenced by leadership."""
+    election = shared.election
+    return HistoryPruner(
+        "scaling-event",
+        lambda: scaling_entries(shared.etcd, shared.keys, shared.config),
+        election.fenced_txn,
+        shared.config.scaling_events,
+        shared.clock,
+        controller.metrics.events_pruned,
+        may_run=lambda: election.is_leader,
     )
 
 
@@ -198,7 +216,15 @@ async def run(settings: CommonSettings) -> None:
         await informer.wait_synced()
     join_tokens = JoinTokens(shared.etcd, shared.keys, shared.config, shared.clock)
     pools = PoolsServicer(
-        shared.etcd, shared.keys, shared.config, workers, assignments, shared.outcomes, shared.depth, join_tokens
+        shared.etcd,
+        shared.keys,
+        shared.config,
+        workers,
+        assignments,
+        shared.outcomes,
+        shared.depth,
+        join_tokens,
+        shared.logs,
     )
     certificates = WorkerCertificateServicer(issuer.ca, shared.config)
     server = await start_server(
@@ -219,21 +245,11 @@ async def run(settings: CommonSettings) -> None:
     )
     join_server = await maybe_start_join_server(settings, registry, WorkerJoinServicer(join_tokens, issuer.ca))
     election.start()
-    # The leader prunes the scaling history (each pool keeps its own newest), every delete fenced by leadership.
-    history = HistoryPruner(
-        "scaling-event",
-        lambda: scaling_entries(shared.etcd, shared.keys, shared.config),
-        election.fenced_txn,
-        shared.config.scaling_events,
-        shared.clock,
-        controller.metrics.events_pruned,
-        may_run=lambda: election.is_leader,
-    )
     tasks = [
         asyncio.create_task(controller.run(), name="pool-controller"),
         asyncio.create_task(renew_worker_certificates(issuer, election), name="worker-certificates"),
         asyncio.create_task(shared.outcomes.flush_forever(), name="outcomes-flush"),
-        asyncio.create_task(history.run_forever(), name="scaling-history-pruning"),
+        asyncio.create_task(_history_pruner(shared, controller).run_forever(), name="scaling-history-pruning"),
     ]
 
     async def stop() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import statistics
 from collections import Counter
@@ -19,11 +20,16 @@ from libs.etcd.informer import Informer
 from libs.jobs import ts
 from libs.keys import Keys
 from libs.lifecycle.codec import decode_worker
+from libs.logstore import LogStore
 from services.poolmanager.controller import QueueDepthSource
 from services.poolmanager.join import JoinTokens
 from services.poolmanager.outcomes import JobOutcomes
 
 POOL_KINDS = {"static": t.POOL_KIND_STATIC, "dynamic": t.POOL_KIND_DYNAMIC, "burst": t.POOL_KIND_BURST}
+
+
+# Most bytes one ReadJobLog answers (well under gRPC's 4 MiB message limit).
+MAX_LOG_READ = 1024 * 1024
 
 
 class PoolsServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
@@ -37,6 +43,7 @@ class PoolsServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
         outcomes: JobOutcomes,
         queue_depth: QueueDepthSource,
         join_tokens: JoinTokens | None = None,
+        logs: LogStore | None = None,
     ):
         self.etcd = etcd
         self.keys = keys
@@ -46,6 +53,7 @@ class PoolsServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
         self.outcomes = outcomes
         self.queue_depth = queue_depth
         self.join_tokens = join_tokens
+        self.logs = logs
 
     def _pool(self, pool_id: str) -> PoolConfig:
         pool = self.config.pool(pool_id)
@@ -151,3 +159,20 @@ class PoolsServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
             raise FailedPrecondition("this pool-manager admits no joining workers", reason="JOIN_DISABLED")
         token, expire = await self.join_tokens.create(request.pool_id, request.ttl_seconds)
         return pm.CreateJoinTokenResponse(token=token, pool_id=request.pool_id, expire_time=ts(expire))
+
+    async def ReadJobLog(
+        self, request: pm.ReadJobLogRequest, context: grpc.aio.ServicerContext
+    ) -> pm.ReadJobLogResponse:
+        """Part of a stored log; the gateway has checked that the caller may read the job's."""
+        if self.logs is None:
+            return pm.ReadJobLogResponse(next_offset=request.offset, found=False)
+        if request.offset < 0:
+            raise InvalidArgument("offset", "must not be negative")
+        max_bytes = min(request.max_bytes or MAX_LOG_READ, MAX_LOG_READ)
+        try:
+            chunk = await asyncio.to_thread(
+                self.logs.read, request.tenant_id, request.job_id, request.attempt, request.offset, max_bytes
+            )
+        except ValueError as exc:
+            raise InvalidArgument("job_id", str(exc)) from exc
+        return pm.ReadJobLogResponse(data=chunk.data, next_offset=chunk.next_offset, found=chunk.found)

@@ -14,12 +14,14 @@ from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
 from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
 from libs.clock import Clock
 from libs.config import MeshConfig
-from libs.errors import InvalidArgument
+from libs.errors import FailedPrecondition, InvalidArgument
 from libs.etcd.client import Etcd, WatchEvent
 from libs.etcd.informer import Informer
 from libs.identity import peer_identity
 from libs.keys import Keys
 from libs.lifecycle.store import JobStore
+from libs.logstore import LogStore
+from libs.telemetry import job_id_var, tenant_id_var
 from services.poolmanager.binding import ResultOutOfRange, WorkerIdentityMismatch, check_speaks_for
 from services.poolmanager.metrics import RegistryMetrics
 from services.poolmanager.outcomes import JobOutcomes
@@ -29,6 +31,9 @@ from services.poolmanager.sessions import WorkerSessions
 __all__ = ["RegistryMetrics", "WorkerRegistry"]
 
 log = logging.getLogger(__name__)
+
+# Largest chunk of output one AppendJobLog may carry (workers send at most 256 KiB).
+MAX_LOG_CHUNK = 1024 * 1024
 
 
 class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
@@ -45,8 +50,10 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         metrics: RegistryMetrics,
         outcomes: JobOutcomes,
         result_linger: float = 0.0,
+        logs: LogStore | None = None,
     ):
         self.metrics = metrics
+        self.logs = logs
         parts = RegistryParts(etcd, keys, store, config, clock, assignments, workers, metrics, outcomes)
         ended = EndedAttempts()
         self.sessions = WorkerSessions(parts, lease_ttl, ended)
@@ -117,6 +124,32 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
     ) -> pm.ReportResultResponse:
         self._bind(context, request.worker_id, None, "ReportResult")
         return pm.ReportResultResponse(accepted=await self.results.record(request))
+
+    async def AppendJobLog(
+        self, request: pm.AppendJobLogRequest, context: grpc.aio.ServicerContext
+    ) -> pm.AppendJobLogResponse:
+        """Stores output of an attempt, only from the worker the attempt is assigned to now: a worker can write
+        the log of no other job, and of its own only while it holds it. The tenant is the assignment's."""
+        self._bind(context, request.worker_id, None, "AppendJobLog")
+        job_id_var.set(request.job_id)
+        if len(request.data) > MAX_LOG_CHUNK:
+            raise InvalidArgument("data", f"at most {MAX_LOG_CHUNK} bytes per call")
+        if request.offset < 0:
+            raise InvalidArgument("offset", "must not be negative")
+        held = await self.results.held(request.worker_id, request.job_id)
+        if held is None or held.attempt != request.attempt:
+            self.metrics.refusals.labels("AppendJobLog", "ATTEMPT_NOT_ASSIGNED").inc()
+            raise FailedPrecondition(
+                f"attempt {request.attempt} of job {request.job_id} is not assigned to {request.worker_id}",
+                reason="ATTEMPT_NOT_ASSIGNED",
+            )
+        if self.logs is None:
+            return pm.AppendJobLogResponse(next_offset=request.offset + len(request.data))
+        tenant_id_var.set(held.tenant_id)
+        stored = await asyncio.to_thread(
+            self.logs.append, held.tenant_id, request.job_id, request.attempt, request.offset, request.data
+        )
+        return pm.AppendJobLogResponse(next_offset=stored)
 
     def _bind(self, context: grpc.aio.ServicerContext, worker_id: str, pool_id: str | None, method: str) -> None:
         """Refuses a message that names another worker than the caller's certificate (nothing is written)."""

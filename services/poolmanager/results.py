@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
 from libs.batching import GroupCommit
 from libs.clock import Clock
@@ -143,16 +144,23 @@ class ResultRecorder(UsesRegistryParts):
             return False
         return True
 
+    async def held(self, worker_id: str, job_id: str) -> t.Assignment | None:
+        """The assignment `worker_id` holds for `job_id`, if any."""
+        if not (safe_segment(worker_id) and safe_segment(job_id)):
+            return None
+        kv = await self._assignment(worker_id, job_id)
+        return decode_assignment(kv.value) if kv is not None else None
+
+    async def _assignment(self, worker_id: str, job_id: str) -> KeyValue | None:
+        key = self.keys.assignment(worker_id, job_id)
+        return self.assignments.cache.get(key) or await self.etcd.get(key)
+
     async def _result_bounds(self, request: pm.ReportResultRequest) -> ResultBounds | None:
         """What the attempt being reported could have used, from the assignment the worker holds (None: it holds
         none for that job)."""
-        if not (safe_segment(request.worker_id) and safe_segment(request.job_id)):
+        held = await self.held(request.worker_id, request.job_id)
+        if held is None:
             return None
-        key = self.keys.assignment(request.worker_id, request.job_id)
-        kv = self.assignments.cache.get(key) or await self.etcd.get(key)
-        if kv is None:
-            return None
-        held = decode_assignment(kv.value)
         pool = self.config.pool(held.job.pool_id)
         if pool is None:
             return None

@@ -11,10 +11,11 @@ from jobmesh.queueing.v1 import queueing_pb2_grpc
 from libs.clock import SystemClock
 from libs.config import load_config
 from libs.errors import JobMeshError
-from libs.etcd.client import Etcd
+from libs.etcd.client import Etcd, WatchEvent
 from libs.etcd.informer import Informer
 from libs.keys import Keys
 from libs.lifecycle.store import JobStore
+from libs.logstore import log_store_from_settings
 from libs.server import start_server
 from libs.settings import CommonSettings
 from services.queueing.manager import QueueManager
@@ -23,6 +24,7 @@ from services.queueing.retention import FinishedJobs, RetentionSweeper
 from services.queueing.servicer import QueueingServicer
 from services.queueing.settings import QueueingSettings
 from services.queueing.store import BatchingJobWriter, QueueStateStore
+from services.queueing.watch import JobWatchers, RecentActivity
 
 SERVICE = "jobmesh.queueing.v1.QueueingService"
 
@@ -50,17 +52,26 @@ async def run(settings: CommonSettings) -> None:
     )
     metrics.watch_shape(manager.shape)
     manager.finished = FinishedJobs(keys, config.finished_job_retention_seconds)
-    sweeper = RetentionSweeper(etcd, manager.finished, clock, own.retention_sweep_seconds)
+    logs = log_store_from_settings(str(settings.data_dir), settings.extra)
+    sweeper = RetentionSweeper(etcd, manager.finished, clock, own.retention_sweep_seconds, logs)
     # The queue is rebuilt before we serve: weights and tags from their snapshot, then every pending job.
     await manager.restore()
-    informer = Informer(etcd, keys.jobs, manager.on_job_event, "jobs")
+    watchers = JobWatchers()
+    activity = RecentActivity(clock.now())
+
+    async def on_job_event(event: WatchEvent) -> None:
+        await manager.on_job_event(event)
+        watchers.on_event(event)
+        activity.on_event(event)
+
+    informer = Informer(etcd, keys.jobs, on_job_event, "jobs")
     informer.start()
     await informer.wait_synced()
     manager.finish_rebuild()
     timers = asyncio.create_task(manager.run_timers(), name="queueing-timers")
     snapshots = asyncio.create_task(manager.run_snapshots(own.snapshot_interval_seconds), name="queueing-tags")
     retention = asyncio.create_task(sweeper.run_forever(), name="queueing-retention")
-    servicer = QueueingServicer(manager, store, clock)
+    servicer = QueueingServicer(manager, store, clock, watchers, activity)
     server = await start_server(
         "queueing",
         settings,

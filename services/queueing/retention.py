@@ -16,6 +16,7 @@ from libs.etcd.client import Compare, Etcd, RequestOp
 from libs.keys import Keys
 from libs.lifecycle import txns
 from libs.lifecycle.transitions import TERMINAL
+from libs.logstore import LogStore
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,14 @@ class FinishedJobs:
 class RetentionSweeper:
     """Deletes expired finished jobs, each only if its record has not changed since it was seen finished."""
 
-    def __init__(self, etcd: Etcd, finished: FinishedJobs, clock: Clock, interval: float = 30.0):
+    def __init__(
+        self, etcd: Etcd, finished: FinishedJobs, clock: Clock, interval: float = 30.0, logs: LogStore | None = None
+    ):
         self.etcd = etcd
         self.finished = finished
         self.clock = clock
         self.interval = interval
+        self.logs = logs  # the jobs' output goes with their records
 
     async def sweep(self) -> int:
         due = self.finished.due(self.clock.now())
@@ -84,15 +88,24 @@ class RetentionSweeper:
         """All of the chunk in one transaction; when one of them changed (or is gone), one by one."""
         try:
             if len(chunk) > 1 and (await self.etcd.txn(*self._plan(chunk))).succeeded:
-                return len(chunk)
-            done = 0
-            for item in chunk:
-                done += int((await self.etcd.txn(*self._plan([item]))).succeeded)
-            return done
+                deleted = chunk
+            else:
+                deleted = [item for item in chunk if (await self.etcd.txn(*self._plan([item]))).succeeded]
         except JobMeshError as exc:
             log.warning("finished jobs not deleted (%s); retrying next sweep", exc.reason)
             self.finished.requeue(chunk)
             return 0
+        if self.logs is not None:
+            await asyncio.to_thread(self._delete_logs, self.logs, deleted)
+        return len(deleted)
+
+    @staticmethod
+    def _delete_logs(logs: LogStore, items: list[Finished]) -> None:
+        for item in items:
+            try:
+                logs.delete(Keys.job_tenant(item.key), Keys.last_segment(item.key))
+            except (OSError, ValueError) as exc:
+                log.warning("a finished job's log was not deleted: %s", exc)
 
     @staticmethod
     def _plan(items: list[Finished]) -> tuple[list[Compare], list[RequestOp]]:

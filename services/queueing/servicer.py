@@ -4,25 +4,42 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 
 import grpc
 
+from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.queueing.v1 import queueing_pb2 as q
 from jobmesh.queueing.v1 import queueing_pb2_grpc
 from libs.clock import Clock
-from libs.errors import InvalidArgument, JobMeshError, item_error
+from libs.errors import InvalidArgument, JobMeshError, NotFound, item_error
+from libs.keys import safe_segment
 from libs.lifecycle.store import JobStore
+from libs.lifecycle.transitions import TERMINAL
 from libs.telemetry import job_id_var, tenant_id_var
 from services.queueing.manager import QueueManager
+from services.queueing.watch import JobWatchers, RecentActivity
+
+# A watched pending job is looked at again this often for a change of its queue position.
+POSITION_REFRESH_SECONDS = 2.0
 
 log = logging.getLogger(__name__)
 
 
 class QueueingServicer(queueing_pb2_grpc.QueueingServiceServicer):
-    def __init__(self, manager: QueueManager, store: JobStore, clock: Clock):
+    def __init__(
+        self,
+        manager: QueueManager,
+        store: JobStore,
+        clock: Clock,
+        watchers: JobWatchers | None = None,
+        activity: RecentActivity | None = None,
+    ):
         self.manager = manager
         self.store = store
         self.clock = clock
+        self.watchers = watchers if watchers is not None else JobWatchers()
+        self.activity = activity if activity is not None else RecentActivity(clock.now())
 
     async def Enqueue(self, request: q.EnqueueRequest, context: grpc.aio.ServicerContext) -> q.EnqueueResponse:
         job_id_var.set(request.job.job_id)
@@ -94,3 +111,49 @@ class QueueingServicer(queueing_pb2_grpc.QueueingServiceServicer):
         tenant_id_var.set(request.tenant_id)
         weight = await self.manager.set_weight(request.tenant_id, request.weight)
         return q.SetTenantWeightResponse(tenant_id=request.tenant_id, weight=weight)
+
+    async def WatchJob(
+        self, request: q.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[q.WatchJobResponse]:
+        """The job as GetJob shows it, then again at each change until it ends. Subscribed before the first read,
+        so that no change between the two is missed."""
+        job_id_var.set(request.job_id)
+        if not safe_segment(request.job_id):
+            raise NotFound(f"job {request.job_id!r} not found", reason="JOB_NOT_FOUND")
+        changes = self.watchers.subscribe(request.job_id)
+        try:
+            job = await self.manager.get_job(request.tenant_id, request.job_id)
+            yield q.WatchJobResponse(job=job)
+            last = job
+            while last.state not in TERMINAL:
+                try:
+                    change = await asyncio.wait_for(changes.get(), POSITION_REFRESH_SECONDS)
+                except TimeoutError:
+                    job = t.Job()
+                    job.CopyFrom(last)  # the same record: only its place in the queue may have moved
+                else:
+                    if change is None:
+                        return  # deleted (past its retention)
+                    job = change[0]
+                if job.state == t.JOB_STATE_PENDING:
+                    self.manager.annotate(job)
+                job = self.manager.show_late_start(job)
+                if job != last:
+                    yield q.WatchJobResponse(job=job)
+                    last = job
+        finally:
+            self.watchers.unsubscribe(request.job_id, changes)
+
+    async def EstimateStart(
+        self, request: q.EstimateStartRequest, context: grpc.aio.ServicerContext
+    ) -> q.EstimateStartResponse:
+        by_queue, _ = self.manager.stats()
+        rate, window = self.activity.dispatch_rate(request.queue, self.clock.now())
+        median, samples = self.activity.median_runtime(request.tenant_id)
+        return q.EstimateStartResponse(
+            pending=by_queue.get(request.queue, 0),
+            dispatch_rate_per_second=rate,
+            window_seconds=window,
+            median_runtime_seconds=median,
+            runtime_samples=samples,
+        )

@@ -128,7 +128,9 @@ class QuotaManager:
                 return session
         return None
 
-    def reserve(self, tenant_id: str, job_id: str, cpu_millis: int, memory_mb: int, burst: bool) -> str:
+    def reserve(
+        self, tenant_id: str, job_id: str, cpu_millis: int, memory_mb: int, burst: bool, *, dry: bool = False
+    ) -> str:
         """Admits or refuses; holds the resources until the job is seen ending. Returns the burst session used.
         A job more than the tenant could ever hold (quota plus its largest burst) is refused as NEVER_FITS.
 
@@ -168,6 +170,8 @@ class QuotaManager:
             if over is not None:
                 self._refuse(over, stretched, used, burst, what="quota plus burst session")
             session_id = session.session_id
+        if dry:  # only asked whether it would be admitted
+            return session_id
         holding = Holding(tenant_id, cpu_millis, memory_mb, session_id)
         state.reserved[job_id] = (holding, self.clock.monotonic() + RESERVATION_TTL)
         state.add(holding)

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from jobmesh.common.v1 import quota_pb2 as qt
 from jobmesh.quota.v1 import quota_pb2 as q
 from jobmesh.quota.v1 import quota_pb2_grpc
-from libs.errors import JobMeshError, item_error
+from libs.errors import JobMeshError, ResourceExhausted, item_error
 from libs.etcd.client import Etcd
 from libs.jobs import ts
 from libs.keys import Keys
@@ -93,6 +93,27 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
             except JobMeshError as err:
                 outcomes.append(q.ReserveOutcome(error=item_error(err)))
         return q.ReserveManyResponse(outcomes=outcomes)
+
+    async def CheckAdmission(
+        self, request: q.CheckAdmissionRequest, context: grpc.aio.ServicerContext
+    ) -> q.CheckAdmissionResponse:
+        """What Reserve would answer now, holding nothing: a burst job beyond the quota with no active session is
+        admitted if the submit could open one."""
+        r = request.reservation
+        res = r.resources
+        try:
+            self.manager.check_tenant(r.tenant_id)
+            # A job that could never fit is not one that needs a session: the dry reservation refuses it NEVER_FITS.
+            if self.manager.needs_session(r.tenant_id, r.job_id, res.cpu_millis, res.memory_mb, r.burst):
+                left = self.manager.burst_left()
+                cap = self.manager.burst_policy.tenant_cap()
+                if min(left.cpu_millis, cap.cpu_millis) <= 0 or min(left.memory_mb, cap.memory_mb) <= 0:
+                    raise ResourceExhausted("no burst capacity left", reason="BURST_UNAVAILABLE")
+                return q.CheckAdmissionResponse(admitted=True, burst=True)
+            session_id = self.manager.reserve(r.tenant_id, r.job_id, res.cpu_millis, res.memory_mb, r.burst, dry=True)
+        except JobMeshError as err:
+            return q.CheckAdmissionResponse(admitted=False, refusal=item_error(err))
+        return q.CheckAdmissionResponse(admitted=True, burst=bool(session_id))
 
     def _reserve(self, request: q.ReserveRequest) -> q.ReserveResponse:
         with self.metrics.latency.time():

@@ -17,9 +17,18 @@ from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
 from libs.interceptors import channel
 from libs.lifecycle.transitions import INTERRUPTED
 from libs.settings import TlsSettings
-from services.worker.executor import REASON_KILLED, ExecResult, ExecSpec, JobExecutor
+from services.worker.executor import (
+    REASON_EXITED,
+    REASON_KILLED,
+    REASON_OOM_KILLED,
+    REASON_TIMEOUT,
+    ExecResult,
+    ExecSpec,
+    JobExecutor,
+)
 from services.worker.fencing import LeaseFence
 from services.worker.health import HealthCheck
+from services.worker.logship import LogShipper
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +36,10 @@ log = logging.getLogger(__name__)
 # then reporting them (an acknowledgement on the stream, else calls for up to a lease's TTL). Kubernetes gives a
 # worker pod the pool's drain grace plus this (k8s/base/worker-*.yaml; the manifest test checks the sum).
 STOP_MARGIN_SECONDS = 15.0
+# How long a result waits for the rest of its attempt's output to be sent.
+LOG_FLUSH_SECONDS = 5.0
+# How much of its stderr a failed attempt's message ends with.
+STDERR_IN_MESSAGE = 3072
 
 
 @dataclass(frozen=True)
@@ -348,6 +361,8 @@ class WorkerAgent:
             cpu_millis=a.spec.resources.cpu_millis or 1000,
             memory_mb=a.spec.resources.memory_mb or 1024,
         )
+        shipper = LogShipper(self._append_log, self.worker.worker_id, a.job_id, a.attempt)
+        spec = replace(spec, output=shipper.write)
         try:
             result = await executor.run(spec)
         except Exception as exc:  # never leave an attempt unreported: the job would sit RUNNING for ever
@@ -374,7 +389,14 @@ class WorkerAgent:
         log.info("job ended: %s (%s)", result.reason, result.message, extra=extra)
         if self._waiting:
             self._start(self._waiting.pop(0))
-        await self._report(a, result, await self._health())
+        await shipper.close(LOG_FLUSH_SECONDS)
+        await self._report(a, with_stderr(result), await self._health())
+
+    async def _append_log(self, request: pm.AppendJobLogRequest) -> pm.AppendJobLogResponse:
+        """To the replica our session is with (any replica stores it in the shared log store)."""
+        endpoints = self.settings.poolmanagers
+        addr = endpoints[(self._endpoint - 1) % len(endpoints)]
+        return await self._registry(addr).AppendJobLog(request, timeout=5.0)
 
     async def _health(self) -> str:
         try:
@@ -466,6 +488,17 @@ class WorkerAgent:
         unreported, self._unreported = self._unreported, {}
         for request in unreported.values():
             self._spawn(self._deliver(request))
+
+
+def with_stderr(result: ExecResult) -> ExecResult:
+    """A failed attempt's message ends with the last of what it wrote to stderr, so `get` shows why."""
+    failed = result.reason in (REASON_OOM_KILLED, REASON_TIMEOUT) or (
+        result.reason == REASON_EXITED and result.exit_code != 0
+    )
+    tail = result.stderr_tail[-STDERR_IN_MESSAGE:].strip()
+    if not failed or not tail:
+        return result
+    return replace(result, message=f"{result.message}; stderr:\n{tail}")
 
 
 def default_scratch(data_dir: str) -> str:

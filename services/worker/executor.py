@@ -17,8 +17,9 @@ import signal
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psutil
 
@@ -55,6 +56,8 @@ class ExecSpec:
     # What the job asked for: its cgroup's limits when sandboxed (memory is a hard limit, CPU a quota).
     cpu_millis: int = 1000
     memory_mb: int = 1024
+    # Called with each chunk of the job's output (stdout and stderr, as they come) on the agent's loop.
+    output: Callable[[bytes], None] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,8 @@ class ExecResult:
     cpu_seconds: float
     max_memory_mb: int
     output_tail: str
+    # The last few KiB the job wrote to stderr alone (what a failed job's message shows).
+    stderr_tail: str = ""
 
 
 @dataclass(frozen=True)
@@ -338,15 +343,17 @@ class JobExecutor:
         if not spec.command:
             return _start_failed("empty command")
 
-        # Our own pipe rather than stdout=PIPE: asyncio's Process.wait() also waits for PIPE streams to
-        # close, which a backgrounded grandchild can hold open long after the job itself exited.
-        read_fd, write_fd = os.pipe()
+        # Our own pipes rather than stdout=PIPE: asyncio's Process.wait() also waits for PIPE streams to
+        # close, which a backgrounded grandchild can hold open long after the job itself exited. Two pipes, so
+        # that stderr's tail can be told apart; both go to the job's log as they come.
+        out_read, out_write = os.pipe()
+        err_read, err_write = os.pipe()
         loop = asyncio.get_running_loop()
         try:
-            output = _OutputTail(read_fd, loop)
+            output = _OutputTail((out_read, err_read), loop, spec.output)
         except BaseException:
-            os.close(read_fd)
-            os.close(write_fd)
+            for fd in (out_read, out_write, err_read, err_write):
+                os.close(fd)
             raise
 
         started = time.monotonic()
@@ -358,16 +365,17 @@ class JobExecutor:
                     proc = subprocess.Popen(  # noqa: ASYNC220
                         argv,
                         stdin=_devnull(),
-                        stdout=write_fd,
-                        stderr=subprocess.STDOUT,
+                        stdout=out_write,
+                        stderr=err_write,
                         cwd=cwd,
                         env=env,
                         # Own session => own process group, so one killpg reaches everything the job forked.
                         start_new_session=True,
                     )
             finally:
-                # The child holds its own copy; ours would keep the pipe from ever reaching EOF.
-                os.close(write_fd)
+                # The child holds its own copies; ours would keep the pipes from ever reaching EOF.
+                os.close(out_write)
+                os.close(err_write)
         except (OSError, ValueError) as exc:
             output.close()
             return _start_failed(_describe_start_error(exc, spec.command[0], cwd))
@@ -461,6 +469,7 @@ class JobExecutor:
             cpu_seconds=state.cpu_seconds,
             max_memory_mb=state.peak_rss_bytes // _MIB,
             output_tail=_decode_tail(output.tail),
+            stderr_tail=_decode_tail(output.err_tail),
         )
 
     async def _terminate(
@@ -615,39 +624,66 @@ def _high_water_rss(pid: int) -> int:
 
 
 class _OutputTail:
-    """The job's output pipe, read as it comes with a reader callback on the raw descriptor (no transport or
-    stream objects, and the same on asyncio and uvloop), keeping the last _TAIL_BYTES. `closed` resolves at
-    end of file: once every process holding the write end is gone."""
+    """The job's stdout and stderr pipes, read as they come with reader callbacks on the raw descriptors (no
+    transport or stream objects, and the same on asyncio and uvloop): each chunk goes to `sink` (the job's log),
+    and the last _TAIL_BYTES are kept of both together and of stderr alone. `closed` resolves at end of file of
+    both: once every process holding a write end is gone."""
 
-    def __init__(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
-        os.set_blocking(fd, False)
-        self._fd = fd
+    def __init__(
+        self, fds: tuple[int, int], loop: asyncio.AbstractEventLoop, sink: Callable[[bytes], None] | None = None
+    ) -> None:
         self._loop = loop
+        self._sink = sink
+        self._open = list(fds)
+        self._err_fd = fds[1]
         self.tail = bytearray()
+        self.err_tail = bytearray()
         self.closed: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(fd, self._read)
+        for fd in fds:
+            os.set_blocking(fd, False)
+        for fd in fds:
+            loop.add_reader(fd, self._read, fd)
 
-    def _read(self) -> None:
+    def _read(self, fd: int) -> None:
         try:
-            chunk = os.read(self._fd, _READ_CHUNK)
+            chunk = os.read(fd, _READ_CHUNK)
         except BlockingIOError:
             return
         except OSError:
             chunk = b""  # output is best effort: a read error ends it
         if not chunk:
-            self.close()
+            self._close_fd(fd)
             return
-        self.tail += chunk
-        if len(self.tail) > _TAIL_BYTES:
-            del self.tail[:-_TAIL_BYTES]
+        _keep_tail(self.tail, chunk)
+        if fd == self._err_fd:
+            _keep_tail(self.err_tail, chunk)
+        if self._sink is not None:
+            try:
+                self._sink(chunk)
+            except Exception:  # the log is best effort: the job runs on without it
+                log.exception("the job's output sink failed")
+                self._sink = None
+
+    def _close_fd(self, fd: int) -> None:
+        if fd in self._open:
+            self._loop.remove_reader(fd)
+            os.close(fd)
+            self._open[self._open.index(fd)] = -1
+        if all(f < 0 for f in self._open) and not self.closed.done():
+            self.closed.set_result(None)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            self._loop.remove_reader(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+        for fd in list(self._open):
+            if fd >= 0:
+                self._close_fd(fd)
         if not self.closed.done():
             self.closed.set_result(None)
+
+
+def _keep_tail(tail: bytearray, chunk: bytes) -> None:
+    tail += chunk
+    if len(tail) > _TAIL_BYTES:
+        del tail[:-_TAIL_BYTES]
 
 
 def _empty_own_dir(path: str, owner: int) -> bool:

@@ -26,7 +26,7 @@ from libs.launcher import Stack
 from libs.meshpki import WorkerIssuer
 from libs.tls import sync_channel
 from services.poolmanager.join import token_digest
-from tests.helpers import start_stack
+from tests.helpers import Api, job_spec, start_stack, token
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +242,33 @@ def test_the_kubernetes_probe_checks_health_over_mtls_as_the_pods_identity(astac
 
     assert run_module("libs.healthcheck", env={**identity, "JOBMESH_PORT": quota}).returncode == 0
     assert run_module("libs.healthcheck", env={**identity, "JOBMESH_PORT": "1"}).returncode == 1
+
+
+def test_a_worker_can_write_the_log_only_of_an_attempt_it_holds_and_read_none(astack: Stack) -> None:
+    api = Api(astack.url, token(astack, "acme"))
+    job = api.submit(job_spec("victim-log", ["sh", "-c", "echo genuine; sleep 3"]))
+    running = api.wait_state(job["job_id"], {"JOB_STATE_RUNNING"}, timeout=30)
+    issuer = WorkerIssuer(astack.pki.worker_ca_dir, astack.pki.workers_dir)
+    tls = issuer.issue("static-general", "w-log-intruder")
+    port = astack.procs["poolmanager-1"].port
+    try:
+        with sync_channel(f"127.0.0.1:{port}", tls) as ch:
+            registry = poolmanager_pb2_grpc.WorkerRegistryServiceStub(ch)
+            forged = pm.AppendJobLogRequest(
+                worker_id="w-log-intruder", job_id=job["job_id"], attempt=1, offset=0, data=b"forged output\n"
+            )
+            assert code_and_reason(lambda: registry.AppendJobLog(forged, timeout=5)) == (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "ATTEMPT_NOT_ASSIGNED",
+            )
+            as_holder = pm.AppendJobLogRequest(
+                worker_id=running["worker_id"], job_id=job["job_id"], attempt=1, offset=0, data=b"forged output\n"
+            )
+            assert code_and_reason(lambda: registry.AppendJobLog(as_holder, timeout=5))[1] == "WORKER_IDENTITY_MISMATCH"
+            pools = poolmanager_pb2_grpc.PoolManagerServiceStub(ch)
+            read = pm.ReadJobLogRequest(tenant_id="acme", job_id=job["job_id"], attempt=1)
+            assert code_and_reason(lambda: pools.ReadJobLog(read, timeout=5)) == DENIED
+    finally:
+        issuer.forget("w-log-intruder")
+    api.wait_terminal(job["job_id"])
+    assert api.call("GET", f"/api/v1/jobs/{job['job_id']}/logs").text == "genuine\n"

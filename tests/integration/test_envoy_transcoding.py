@@ -301,7 +301,7 @@ def test_public_services_are_the_gateway_services() -> None:
     fds.ParseFromString(DESCRIPTOR.read_bytes())
     (gateway_file,) = [f for f in fds.file if f.name == "jobmesh/gateway/v1/gateway.proto"]
     assert set(PUBLIC_SERVICES) == {f"{gateway_file.package}.{s.name}" for s in gateway_file.service}
-    assert len(PUBLIC_SERVICES) == 5
+    assert len(PUBLIC_SERVICES) == 6
 
 
 @pytest.mark.asyncio(loop_scope="module")

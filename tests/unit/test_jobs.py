@@ -8,7 +8,7 @@ import pytest
 from jobmesh.common.v1 import types_pb2 as t
 from libs.config import MeshConfig
 from libs.errors import InvalidArgument
-from libs.jobs import MAX_ARGV_BYTES, MAX_NAME, MAX_RETRIES, new_job_id, validate_spec
+from libs.jobs import MAX_ARGV_BYTES, MAX_MESSAGE, MAX_NAME, MAX_RETRIES, new_job_id, validate_spec
 from libs.lifecycle.routing import DEFAULT_QUEUE, assign_queue
 from libs.lifecycle.transitions import FREE_INTERRUPTIONS, apply_dispatch, apply_result, apply_worker_lost
 from tests.unit.builders import ConfigBuilder, SpecBuilder, mixed_pools
@@ -171,13 +171,13 @@ def test_a_result_ends_the_job_and_closes_its_attempt(exit_code: int, reason: st
     job = apply_dispatch(JobBuilder().build(), worker(), T0)
 
     apply_result(
-        job, exit_code=exit_code, reason=reason, message="m" * 2000, cpu_seconds=1.5, max_memory_mb=42, now=T0 + 60
+        job, exit_code=exit_code, reason=reason, message="m" * 5000, cpu_seconds=1.5, max_memory_mb=42, now=T0 + 60
     )
 
     assert job.state == state
     assert job.reason == job_reason
     assert job.exit_code == exit_code
-    assert len(job.message) == 1024
+    assert len(job.message) == MAX_MESSAGE
     assert job.end_time.ToNanoseconds() == int((T0 + 60) * 1e9)
     record = job.attempts[0]
     assert record.end_time.ToNanoseconds() == int((T0 + 60) * 1e9)
