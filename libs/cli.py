@@ -155,10 +155,11 @@ def cmd_join_token(args: argparse.Namespace) -> int:
 
 # What this checkout's `jobmesh` does itself; every other verb (submit, get, list, logs, ...) is the client
 # package's (clients/python, on the dev venv's path), so that one `jobmesh` serves both.
-DEV_VERBS = ("token", "run", "cost", "join-token", "pki")
+DEV_VERBS = ("token", "jwks", "run", "cost", "join-token", "pki", "admin")
 DEV_EPILOG = (
-    "In a jobmesh checkout also: token (a dev JWT), run (start the mesh here), cost report (as tables, with "
-    "--tenant-token), join-token, pki: see `jobmesh token --help` etc."
+    "In a jobmesh checkout also: token (a dev JWT), jwks, run (start the mesh here), cost report (as tables, with "
+    "--tenant-token), join-token, pki, admin etcd (status, compact, defrag, disarm, recover): see `jobmesh token "
+    "--help` etc."
 )
 
 
