@@ -43,7 +43,12 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 def cmd_jwks(args: argparse.Namespace) -> int:
     """The JWKS of a public key file (the dev key by default): for the jobmesh-jwt-keys Secret (docs/kubernetes.md)."""
-    print(jwks_document(args.keys or key_paths(args.data_dir)[1]), end="")
+    path = args.keys or key_paths(args.data_dir)[1]
+    try:
+        print(jwks_document(path), end="")
+    except FileNotFoundError:
+        print(f"no public key at {path}: pass --keys, or run `jobmesh token` or `make run` once", file=sys.stderr)
+        return 2
     return 0
 
 
