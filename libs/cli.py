@@ -43,7 +43,12 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 def cmd_jwks(args: argparse.Namespace) -> int:
     """The JWKS of a public key file (the dev key by default): for the jobmesh-jwt-keys Secret (docs/kubernetes.md)."""
-    print(jwks_document(args.keys or key_paths(args.data_dir)[1]), end="")
+    path = args.keys or key_paths(args.data_dir)[1]
+    try:
+        print(jwks_document(path), end="")
+    except FileNotFoundError:
+        print(f"no public key at {path}: pass --keys, or run `jobmesh token` or `make run` once", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -155,10 +160,11 @@ def cmd_join_token(args: argparse.Namespace) -> int:
 
 # What this checkout's `jobmesh` does itself; every other verb (submit, get, list, logs, ...) is the client
 # package's (clients/python, on the dev venv's path), so that one `jobmesh` serves both.
-DEV_VERBS = ("token", "run", "cost", "join-token", "pki")
+DEV_VERBS = ("token", "jwks", "run", "cost", "join-token", "pki", "admin")
 DEV_EPILOG = (
-    "In a jobmesh checkout also: token (a dev JWT), run (start the mesh here), cost report (as tables, with "
-    "--tenant-token), join-token, pki: see `jobmesh token --help` etc."
+    "In a jobmesh checkout also: token (a dev JWT), jwks, run (start the mesh here), cost report (as tables, with "
+    "--tenant-token), join-token, pki, admin etcd (status, compact, defrag, disarm, recover): see `jobmesh token "
+    "--help` etc."
 )
 
 
