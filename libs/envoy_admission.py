@@ -42,12 +42,13 @@ class EdgeAuth:
 # Auth -------------------------------------------------------------------------------------------------------
 
 
-def jwt_filter(auth: EdgeAuth, exempt_prefixes: tuple[str, ...]) -> dict[str, Any]:
+def jwt_filter(auth: EdgeAuth, exempt_prefixes: tuple[str, ...], exempt_paths: tuple[str, ...] = ()) -> dict[str, Any]:
     """jwt_authn: every path needs a valid token (RS256, `exp`, `iss`, `aud`) except the exempt ones (the console's
-    static files); a missing or bad one is a 401 that never reaches the gateway. The token is forwarded (the gateway
-    verifies it again, and takes the tenant and roles from it); its claims go to dynamic metadata for the rate
-    limits."""
+    static files, the API's OpenAPI document); a missing or bad one is a 401 that never reaches the gateway. The
+    token is forwarded (the gateway verifies it again, and takes the tenant and roles from it); its claims go to
+    dynamic metadata for the rate limits."""
     exempt = [{"match": {"prefix": prefix}} for prefix in exempt_prefixes]
+    exempt += [{"match": {"path": path}} for path in exempt_paths]
     exempt += [{"match": {"path": prefix.rstrip("/")}} for prefix in exempt_prefixes if prefix.endswith("/")]
     return {
         "name": JWT_FILTER,

@@ -34,6 +34,8 @@ STREAMING_METHODS: tuple[str, ...] = (
     "/jobmesh.gateway.v1.JobService/GetJobLogs",
 )
 STREAM_IDLE_ROUTE_SECONDS = 3600
+# Open to callers without a token: the API's description, over REST and native gRPC.
+OPEN_PATHS: tuple[str, ...] = ("/api/v1/openapi.yaml", "/jobmesh.gateway.v1.ApiService/GetOpenApiDocument")
 CONNECT_TIMEOUT_SECONDS = 1
 STREAM_IDLE_TIMEOUT_SECONDS = 300
 REQUEST_HEADERS_TIMEOUT_SECONDS = 10
@@ -438,7 +440,7 @@ def _http_connection_manager(
         # The token is checked first, before a body is read; the rate limits after the transcoder, where a REST
         # call and its native gRPC twin have the same route.
         http_filters=[
-            admission.jwt_filter(auth, (CONSOLE_PREFIX,) if console else ()),
+            admission.jwt_filter(auth, (CONSOLE_PREFIX,) if console else (), OPEN_PATHS),
             _remember_method_filter(),
             _body_limit_filter(),
             _unknown_fields_filter(),

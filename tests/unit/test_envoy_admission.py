@@ -45,13 +45,15 @@ def test_the_token_is_checked_first_against_the_gateways_keys_and_forwarded() ->
     assert provider["from_headers"] == [{"name": "authorization", "value_prefix": "Bearer "}]
 
 
-def test_every_path_needs_a_token_but_the_consoles_static_files() -> None:
+def test_every_path_needs_a_token_but_the_consoles_static_files_and_the_openapi_document() -> None:
     rules = hcm(render())["http_filters"][0]["typed_config"]["rules"]
     assert rules[-1] == {"match": {"prefix": "/"}, "requires": {"provider_name": "jobmesh"}}
     exempt = [r["match"] for r in rules if "requires" not in r]
-    assert exempt == [{"prefix": "/console/"}, {"path": "/console"}]
+    openapi = [{"path": "/api/v1/openapi.yaml"}, {"path": "/jobmesh.gateway.v1.ApiService/GetOpenApiDocument"}]
+    assert exempt == [{"prefix": "/console/"}, *openapi, {"path": "/console"}]
     no_console = hcm(render(console=False))["http_filters"][0]["typed_config"]["rules"]
-    assert no_console == [rules[-1]]
+    assert [r["match"] for r in no_console if "requires" not in r] == openapi
+    assert no_console[-1] == rules[-1]
 
 
 def test_rate_limits_run_after_the_transcoder_and_before_the_router() -> None:
