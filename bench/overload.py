@@ -9,7 +9,7 @@ submitted jobs stay pending and only the submit path is measured):
 For each phase: accepted jobs/s, and from Envoy's access log (the time Envoy held each request, ms) the count,
 p50, p99 and max latency of each status; wrk's own latency over all answers; during the overload phase the
 largest resident memory of each stack process, against the memory limit of its Kubernetes manifest
-(k8s/base). The machine's load average before and after. wrk does not honour Retry-After: every connection
+(k8s/base). The machine's load average before and after. By default wrk does not honour Retry-After: every connection
 sends its next request as soon as it has an answer, which is the worst case for the edge.
 
 The goals (issue 14): accepted >= 90% of the unloaded maximum, accepted p99 <= 100 ms, every excess answered 429
@@ -64,6 +64,26 @@ function done(summary, latency, requests)
     summary.requests, summary.duration, summary.errors.status,
     summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
     latency:percentile(50) / 1000, latency:percentile(99) / 1000, latency.max / 1000))
+end
+"""
+
+# With --honour-retry-after: a connection answered 429 waits the Retry-After it was given before its next request,
+# as a well-behaved client does (wrk calls response() for each answer and delay() before each next request, both
+# in the connection's thread; a count of waits owed keeps them matched).
+WRK_HONOUR_RETRY_AFTER = """
+local owed, wait_ms = 0, 1000
+function response(status, headers, body)
+  if status == 429 then
+    owed = owed + 1
+    wait_ms = 1000 * (tonumber(headers["retry-after"] or headers["Retry-After"]) or 1)
+  end
+end
+function delay()
+  if owed > 0 then
+    owed = owed - 1
+    return wait_ms
+  end
+  return 0
 end
 """
 
@@ -190,8 +210,8 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from libs.config import load_config
     from libs.launcher import Ports, Stack
 
-    config = load_config(CONFIG)
-    stack = Stack(data_dir=workdir / "stack", config_path=CONFIG, ports=Ports.free(), env={})
+    config = load_config(args.config)
+    stack = Stack(data_dir=workdir / "stack", config_path=args.config, ports=Ports.free(), env={})
     log(f"starting a private stack in {stack.data_dir} ...")
     stack.start()
     try:
@@ -200,7 +220,10 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         )
         prepare(stack, token_for)
         script = workdir / "submit.lua"
-        script.write_text(WRK_SCRIPT % {"body": json.dumps(SPEC), "token": token_for("acme", False)})
+        script.write_text(
+            WRK_SCRIPT % {"body": json.dumps(SPEC), "token": token_for("acme", False)}
+            + (WRK_HONOUR_RETRY_AFTER if args.honour_retry_after else "")
+        )
         access_log = stack.log_dir / "envoy.log"
         url = f"{stack.url}/api/v1/jobs"
         load_before = os.getloadavg()
@@ -225,6 +248,8 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         best = max(unloaded, key=lambda r: r["accepted_per_s"])
         return {
             "code": _git_head(stack),
+            "config": str(args.config),
+            "honour_retry_after": args.honour_retry_after,
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in load_after],
             "unloaded": unloaded,
@@ -250,7 +275,7 @@ def _git_head(stack: Any) -> str:
 
 
 def print_report(r: dict[str, Any]) -> None:
-    print(f"code: {r['code']}")
+    print(f"code: {r['code']}, config {r['config']}, honour Retry-After: {r['honour_retry_after']}")
     print(f"load average before {r['load_average_before']}, after {r['load_average_after']}")
     print(f"{'phase':<22}{'accepted/s':>11}{'answers/s':>11}  per status (Envoy ms: count p50/p99/max, >10ms)")
     for phase in [*r["unloaded"], r["overload"]]:
@@ -281,6 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=int, default=15)
     p.add_argument("--unloaded-connections", type=int, nargs="+", default=[4, 16])
     p.add_argument("--unloaded-seconds", type=int, default=8)
+    p.add_argument("--config", type=Path, default=CONFIG, help="the stack's mesh config (default: %(default)s)")
+    p.add_argument(
+        "--honour-retry-after",
+        action="store_true",
+        help="a connection answered 429 waits its Retry-After before the next request (default: it does not)",
+    )
     p.add_argument("--keep-data", action="store_true", help="keep the stack's temp dir (logs)")
     args = p.parse_args(argv)
     if shutil.which("wrk") is None:
