@@ -148,3 +148,20 @@ def test_a_long_log_keeps_its_last_mebibyte_in_the_page_and_says_so(stack: Stack
     first = int(lines[0])
     assert first > 1 and lines == [str(n) for n in range(first, 200_001)]  # whole lines, the newest kept
     assert "jobmesh logs" in page.get_by_test_id("logs-trimmed").inner_text()
+
+
+def test_leaving_the_job_detail_closes_its_streams(stack: Stack, acme: Api, watched: Watched) -> None:
+    job = acme.submit(job_spec(unique("console-leave"), ["sleep", "30"]))
+    try:
+        page = watched.page
+        aborted: list[str] = []
+        page.on("requestfailed", lambda r: aborted.append(urlsplit(r.url).path))
+        sign_in(watched, stack, acme.token, view=f"jobs/{job['job_id']}")
+        page.wait_for_selector("[data-testid=job-state]:text('Running')", timeout=45_000)
+        page.get_by_test_id("logs-status").get_by_text("Follow").wait_for()
+        page.get_by_role("link", name="← Jobs").click()
+        page.wait_for_selector("[data-testid=jobs-table]")
+        streams = {f"/api/v1/jobs/{job['job_id']}:watch", f"/api/v1/jobs/{job['job_id']}/logs"}
+        wait_for(lambda: streams <= set(aborted), timeout=10, what="both streams aborted")
+    finally:
+        acme.cancel(job["job_id"])
