@@ -43,7 +43,7 @@ function timeline(job: Job): Event[] {
       events.push({
         time: a.end_time,
         title: `Attempt ${a.attempt} ended`,
-        kind: a.exit_code === 0 && (a.reason === "EXITED" || a.reason === "") ? "succeeded" : "failed",
+        kind: a.exit_code === 0 && ["", "EXITED", "COMPLETED"].includes(a.reason) ? "succeeded" : "failed",
         detail: `${humanize(a.reason)}, exit code ${a.exit_code}`,
       });
     }
