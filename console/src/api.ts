@@ -71,18 +71,6 @@ export function query(params: Record<string, string | number | undefined>): stri
   return s ? `?${s}` : "";
 }
 
-// Endpoints another release adds (watch, logs): asked once; a 404/405/501 means "not on this mesh yet" and
-// the console falls back (polling for watch, a note for logs) for the rest of the session.
-const missing = new Set<string>();
-
-function absent(status: number): boolean {
-  return status === 404 || status === 405 || status === 501;
-}
-
-export function featureMissing(name: "watch" | "logs"): boolean {
-  return missing.has(name);
-}
-
 /**
  * Splits a streamed transcoder answer (a JSON array written piece by piece, or newline-delimited objects)
  * into its top-level objects as they complete.
@@ -126,70 +114,94 @@ export class JsonObjectStream {
   }
 }
 
-/**
- * Follows a job with `GET /api/v1/jobs/{id}:watch` when the mesh has it. Resolves to false at once when the
- * endpoint is missing (the caller polls instead), true when the stream ended normally.
- */
-export async function watchJob(jobId: string, onJob: (job: Job) => void, signal: AbortSignal): Promise<boolean> {
-  if (missing.has("watch")) return false;
+/** How a streamed answer ended: normally, refused by the API (an error status), or broken (network, reset). */
+export type StreamEnd = { kind: "ended" } | { kind: "refused"; error: ApiError } | { kind: "broken"; error: unknown };
+
+/** A refusal that another try cannot change (not found, forbidden, bad request): show it and stop. */
+export function isFinal(end: StreamEnd): boolean {
+  if (end.kind !== "refused") return false;
+  const s = end.error.status;
+  return s >= 400 && s < 500 && s !== 408 && s !== 429;
+}
+
+/** Opens a streamed GET; an error status becomes a StreamEnd, with the API's reason when its body has one. */
+async function openStream(path: string, signal: AbortSignal): Promise<ReadableStreamDefaultReader<Uint8Array> | StreamEnd> {
   let resp: Response;
   try {
-    resp = await send("GET", `/jobs/${encodeURIComponent(jobId)}:watch`, undefined, signal);
-  } catch {
-    return false;
+    resp = await send("GET", path, undefined, signal);
+  } catch (error) {
+    return { kind: "broken", error };
   }
-  if (!resp.ok || !resp.body) {
-    if (absent(resp.status)) missing.add("watch");
-    if (resp.status === 401) await errorFrom(resp);
-    return false;
-  }
-  const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
-  const parser = new JsonObjectStream();
+  if (!resp.ok) return { kind: "refused", error: await errorFrom(resp) };
+  if (!resp.body) return { kind: "broken", error: new Error("the answer has no body") };
+  return resp.body.getReader();
+}
+
+async function readAll(
+  reader: ReadableStreamDefaultReader<Uint8Array>,
+  onChunk: (chunk: Uint8Array) => StreamEnd | void,
+): Promise<StreamEnd> {
   try {
     for (;;) {
       const { value, done } = await reader.read();
-      if (done) return true;
-      for (const item of parser.push(value)) {
-        const obj = item as { result?: Job } & Job;
-        onJob(obj.result ?? obj);
+      if (done) return { kind: "ended" };
+      const end = onChunk(value);
+      if (end) {
+        await reader.cancel();
+        return end;
       }
     }
-  } catch {
-    return false;
+  } catch (error) {
+    return { kind: "broken", error };
   }
 }
 
-export type LogsOutcome = "ended" | "unsupported" | "failed";
+interface StatusBody {
+  code?: number;
+  message?: string;
+  details?: { reason?: string }[];
+}
 
-/** Streams a job's logs (`follow=true` while it runs) into onText; "unsupported" when the mesh lacks the API. */
+/**
+ * Follows a job with `GET /api/v1/jobs/{id}:watch` (newline-delimited JSON, one Job per line): the job now, then
+ * at each change, until it ends. An error the server sends after the stream began arrives as a Status object.
+ */
+export async function watchJob(jobId: string, onJob: (job: Job) => void, signal: AbortSignal): Promise<StreamEnd> {
+  const reader = await openStream(`/jobs/${encodeURIComponent(jobId)}:watch`, signal);
+  if ("kind" in reader) return reader;
+  const decoder = new TextDecoder();
+  const parser = new JsonObjectStream();
+  return readAll(reader, (chunk) => {
+    for (const item of parser.push(decoder.decode(chunk, { stream: true }))) {
+      const obj = item as { result?: Job; error?: StatusBody } & Job & StatusBody;
+      const status = obj.error ?? (obj.job_id === undefined && obj.code !== undefined ? obj : null);
+      if (status) {
+        const reason = status.details?.find((d) => d.reason)?.reason ?? "";
+        return { kind: "refused", error: new ApiError(500, reason, status.message ?? "the watch stream failed") };
+      }
+      onJob(obj.result ?? obj);
+    }
+    return undefined;
+  });
+}
+
+/**
+ * Reads a job's output (`GET /api/v1/jobs/{id}/logs?follow=true`): what is stored, then more as the job writes,
+ * until the job ended and all of it was sent. `attempt` 0 is the latest (a follower goes on to a retry's attempt).
+ * `onText` gets the text as written and the number of bytes it came in.
+ */
 export async function streamLogs(
   jobId: string,
-  follow: boolean,
-  onText: (text: string) => void,
+  attempt: number,
+  onText: (text: string, bytes: number) => void,
   signal: AbortSignal,
-): Promise<LogsOutcome> {
-  if (missing.has("logs")) return "unsupported";
-  let resp: Response;
-  try {
-    resp = await send("GET", `/jobs/${encodeURIComponent(jobId)}/logs${follow ? "?follow=true" : ""}`, undefined, signal);
-  } catch {
-    return "failed";
-  }
-  if (!resp.ok || !resp.body) {
-    if (absent(resp.status)) {
-      missing.add("logs");
-      return "unsupported";
-    }
-    return "failed";
-  }
-  const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
-  try {
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) return "ended";
-      onText(value);
-    }
-  } catch {
-    return signal.aborted ? "ended" : "failed";
-  }
+): Promise<StreamEnd> {
+  const q = query({ follow: "true", attempt: attempt || undefined });
+  const reader = await openStream(`/jobs/${encodeURIComponent(jobId)}/logs${q}`, signal);
+  if ("kind" in reader) return reader;
+  const decoder = new TextDecoder();
+  const end = await readAll(reader, (chunk) => onText(decoder.decode(chunk, { stream: true }), chunk.byteLength));
+  const rest = decoder.decode();
+  if (rest) onText(rest, 0);
+  return end;
 }

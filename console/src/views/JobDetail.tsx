@@ -1,7 +1,7 @@
 // Job detail: state timeline, why it waits and where it is in its queue, attempts, cost, logs.
 
 import { useEffect, useState } from "preact/hooks";
-import { ApiError, featureMissing, getJson, postJson, streamLogs, watchJob } from "../api";
+import { ApiError, getJson, isFinal, postJson, watchJob } from "../api";
 import { ErrorNote, Note, Section, Stat } from "../components/Status";
 import {
   between,
@@ -17,10 +17,15 @@ import {
   stateLabel,
 } from "../format";
 import { useNow } from "../hooks";
+import { backoffMs, pause } from "../live";
 import { TERMINAL_STATES, type Job } from "../types";
+import { JobLogs } from "./JobLogs";
 
-const POLL_MS = 1500;
-const MAX_LOG_CHARS = 256 * 1024;
+const WATCH_TRIES = 3; // broken watch streams in a row before the view falls back to polling
+const POLL_MS = 3000;
+const POLLS_BETWEEN_WATCHES = 10; // while polling, the stream is tried again every 30 s
+
+type Live = "watch" | "reconnecting" | "poll" | "";
 
 interface Event {
   time: string;
@@ -38,7 +43,7 @@ function timeline(job: Job): Event[] {
       events.push({
         time: a.end_time,
         title: `Attempt ${a.attempt} ended`,
-        kind: a.exit_code === 0 && (a.reason === "EXITED" || a.reason === "") ? "succeeded" : "failed",
+        kind: a.exit_code === 0 && ["", "EXITED", "COMPLETED"].includes(a.reason) ? "succeeded" : "failed",
         detail: `${humanize(a.reason)}, exit code ${a.exit_code}`,
       });
     }
@@ -55,95 +60,64 @@ function timeline(job: Job): Event[] {
   return events.sort((x, y) => (parseTime(x.time) ?? 0) - (parseTime(y.time) ?? 0));
 }
 
-function Logs({ job }: { job: Job }) {
-  const running = job.state === "JOB_STATE_RUNNING";
-  const started = job.attempt > 0;
-  const [text, setText] = useState("");
-  const [status, setStatus] = useState<"idle" | "loading" | "following" | "unsupported" | "failed" | "done">(
-    featureMissing("logs") ? "unsupported" : "idle",
-  );
-  useEffect(() => {
-    if (!started || featureMissing("logs")) return undefined;
-    const controller = new AbortController();
-    setText("");
-    setStatus(running ? "following" : "loading");
-    void streamLogs(
-      job.job_id,
-      running,
-      (chunk) => setText((t) => (t + chunk).slice(-MAX_LOG_CHARS)),
-      controller.signal,
-    ).then((outcome) => {
-      if (!controller.signal.aborted) setStatus(outcome === "ended" ? "done" : outcome);
-    });
-    return () => controller.abort();
-  }, [job.job_id, running, started]);
-  if (status === "unsupported") {
-    return <Note>This mesh does not serve job logs yet (GET /api/v1/jobs/{"{id}"}/logs answers 404); the console shows them, following while the job runs, once it does.</Note>;
-  }
-  if (!started) return <Note>No logs before the job's first attempt starts.</Note>;
-  return (
-    <div>
-      <p class="subtle" aria-live="polite">
-        {status === "following" ? "Following while it runs…" : status === "failed" ? "Could not read the logs." : status === "loading" ? "Loading…" : ""}
-      </p>
-      <pre class="logs" tabIndex={0} aria-label="Job output">
-        {text || (status === "done" ? "(no output)" : "")}
-      </pre>
-    </div>
-  );
-}
-
 export function JobDetailView({ jobId }: { jobId: string }) {
   const [job, setJob] = useState<Job | null>(null);
   const [error, setError] = useState<unknown>(null);
-  const [live, setLive] = useState<"watch" | "poll" | "">("");
+  const [live, setLive] = useState<Live>("");
   const [cancelState, setCancelState] = useState<"" | "confirm" | "sending">("");
   const [cancelError, setCancelError] = useState<unknown>(null);
   const now = useNow(1000);
 
   useEffect(() => {
     const controller = new AbortController();
-    let timer: number | undefined;
-    let stopped = false;
+    const { signal } = controller;
+    let over = false; // the job ended, or the API refused it for good
+    const seen = (j: Job) => {
+      setJob(j);
+      setError(null);
+      if (TERMINAL_STATES.has(j.state)) over = true;
+    };
+    const refused = (e: unknown) => {
+      setError(e);
+      if (e instanceof ApiError && isFinal({ kind: "refused", error: e })) over = true;
+    };
+    // Light polling, only while the watch stream keeps failing; the stream is tried again now and then.
     const poll = async () => {
-      for (let i = 0; !stopped && i < 100_000; i++) {
+      for (let i = 0; i < POLLS_BETWEEN_WATCHES && !over && !signal.aborted; i++) {
         try {
-          const j = await getJson<Job>(`/jobs/${encodeURIComponent(jobId)}`, controller.signal);
-          setJob(j);
-          setError(null);
-          if (TERMINAL_STATES.has(j.state)) return;
+          seen(await getJson<Job>(`/jobs/${encodeURIComponent(jobId)}`, signal));
         } catch (e) {
-          if (controller.signal.aborted) return;
-          setError(e);
-          if (e instanceof ApiError && (e.status === 404 || e.status === 403 || e.status === 401)) return;
+          if (!signal.aborted) refused(e);
         }
-        await new Promise<void>((resolve) => {
-          timer = window.setTimeout(resolve, POLL_MS);
-        });
+        if (!over) await pause(POLL_MS, signal);
       }
     };
+    // The watch stream sends the job now and at each change, and closes once the job ended: no polling. A
+    // stream that ends before the job did (a restart, a proxy's idle timeout) is opened again with backoff.
     const follow = async () => {
-      // One read first so the page shows at once, then the watch stream if the mesh has it.
-      try {
-        const first = await getJson<Job>(`/jobs/${encodeURIComponent(jobId)}`, controller.signal);
-        setJob(first);
-        if (TERMINAL_STATES.has(first.state)) return;
-      } catch (e) {
-        if (!controller.signal.aborted) setError(e);
-        return;
+      let failures = 0;
+      for (let round = 0; round < 100_000 && !over && !signal.aborted; round++) {
+        setLive(failures ? "reconnecting" : "watch");
+        let got = false;
+        const end = await watchJob(jobId, (j) => { got = true; seen(j); }, signal);
+        if (signal.aborted || over) break;
+        if (end.kind === "refused" && isFinal(end)) {
+          refused(end.error); // not found (another tenant's job), forbidden: shown, and nothing more to follow
+          break;
+        }
+        failures = got ? 1 : failures + 1;
+        if (failures < WATCH_TRIES) {
+          await pause(backoffMs(failures), signal);
+          continue;
+        }
+        setLive("poll");
+        await poll();
+        failures = WATCH_TRIES - 1; // one more try of the stream; polling again if it fails
       }
-      setLive("watch");
-      const watched = await watchJob(jobId, (j) => setJob(j), controller.signal);
-      if (controller.signal.aborted) return;
-      setLive("poll");
-      if (!watched || !stopped) await poll(); // after a stream ends, one more read picks up the cost
+      if (!signal.aborted) setLive("");
     };
     void follow();
-    return () => {
-      stopped = true;
-      controller.abort();
-      window.clearTimeout(timer);
-    };
+    return () => controller.abort();
   }, [jobId]);
 
   const cancel = async () => {
@@ -165,6 +139,9 @@ export function JobDetailView({ jobId }: { jobId: string }) {
         </p>
         <h1>Job {jobId}</h1>
         {error ? <ErrorNote error={error} /> : <p>Loading…</p>}
+        <Section key="logs" title="Logs" id="logs">
+          <JobLogs jobId={jobId} job={null} />
+        </Section>
       </div>
     );
   }
@@ -184,7 +161,12 @@ export function JobDetailView({ jobId }: { jobId: string }) {
         </h1>
         <p class="subtle">
           <span class="mono">{job.job_id}</span> · tenant {job.tenant_id}
-          {live && !terminal && <span> · live ({live === "watch" ? "watch stream" : "polling every 1.5 s"})</span>}
+          {live && !terminal && (
+            <span data-testid="live">
+              {" "}
+              · {live === "watch" ? "live (watch stream)" : live === "reconnecting" ? "the watch stream broke; reconnecting…" : "polling every 3 s (the watch stream keeps failing)"}
+            </span>
+          )}
         </p>
         {!terminal && (
           <div class="actions">
@@ -295,8 +277,8 @@ export function JobDetailView({ jobId }: { jobId: string }) {
         )}
       </Section>
 
-      <Section title="Logs" id="logs">
-        <Logs job={job} />
+      <Section key="logs" title="Logs" id="logs">
+        <JobLogs jobId={jobId} job={job} />
       </Section>
     </div>
   );
