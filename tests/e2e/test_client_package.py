@@ -63,12 +63,23 @@ def test_the_fresh_venv_runs_a_job_with_the_cli_and_the_sdk(fresh_venv: Path, st
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stderr.split()[1]  # "submitted <id>"
     assert run(jobmesh, "logs", job_id, cwd=fresh_venv, env=env).stdout == "from-a-fresh-venv\n"
-    script = (
-        "import jobmesh;"
-        "c = jobmesh.Client();"
-        "j = c.submit(['sh', '-c', 'exit 5'], name='sdk-fresh', cpu_millis=100, memory_mb=64);"
-        "print(c.wait(j.job_id, timeout=60).exit_code)"
+    sync = (
+        "import jobmesh\n"
+        "c = jobmesh.Client()\n"
+        "j = c.submit(['sh', '-c', 'exit 5'], name='sdk-fresh', cpu_millis=100, memory_mb=64)\n"
+        "print(c.wait(j.job_id, timeout=60).exit_code)\n"
     )
-    result = run(fresh_venv / "venv" / "bin" / "python", "-c", script, cwd=fresh_venv, env=env)
-    assert result.stdout.strip() == "5", result.stderr
+    # `jobmesh.aio` after a plain `import jobmesh`, as the docs write it.
+    aio = (
+        "import asyncio, jobmesh\n"
+        "async def main():\n"
+        "    async with jobmesh.aio.Client() as c:\n"
+        "        j = await c.submit(['true'], name='aio-fresh', cpu_millis=100, memory_mb=64)\n"
+        "        states = [jobmesh.JobState.Name(x.state) async for x in c.watch(j.job_id)]\n"
+        "    print(states[-1])\n"
+        "asyncio.run(main())\n"
+    )
+    for script, printed in ((sync, "5"), (aio, "JOB_STATE_SUCCEEDED")):
+        result = run(fresh_venv / "venv" / "bin" / "python", "-c", script, cwd=fresh_venv, env=env)
+        assert result.stdout.strip() == printed, result.stderr
     assert run(jobmesh, "get", "0000000000nosuchjob0000", cwd=fresh_venv, env=env).returncode == 4
