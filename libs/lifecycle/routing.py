@@ -65,11 +65,15 @@ def queues_served(
     static_has_room: bool,
     at_max: Callable[[PoolConfig], bool],
 ) -> tuple[list[str], bool]:
-    """The queues whose waiting jobs count toward a pool's backlog, and whether only jobs admitted against a burst
-    session count. A dynamic pool takes its own queue, and `default` once static workers have no room. Burst
+    """The queues whose waiting jobs count toward a pool's backlog (what its metrics show as its queue depth and
+    what scales it), and whether only jobs admitted against a burst session count. A static pool takes its own
+    queue and `default` (where every job that fits static capacity waits). A dynamic pool takes its own queue,
+    and `default` once static workers have no room. Burst
     capacity takes only what static and dynamic capacity cannot: its own queue, a dynamic pool's queue once that
     pool is at its max, and `default` once static pools are full and every dynamic pool is at its max."""
     queues = [pool.pool_id]
+    if pool.kind == "static":
+        return [*queues, DEFAULT_QUEUE], False
     if pool.kind == "dynamic" and not static_has_room:
         queues.append(DEFAULT_QUEUE)
     if pool.kind != "burst":

@@ -17,10 +17,17 @@ from libs.keys import Keys
 from libs.lifecycle.codec import decode_worker
 from libs.lifecycle.store import JobStore
 from services.poolmanager.executor import ActionExecutor
-from services.poolmanager.metrics import ControllerMetrics
+from services.poolmanager.metrics import ControllerMetrics, PoolBacklogCollector
 from services.poolmanager.outcomes import JobOutcomes
 from services.poolmanager.provider import WorkerProvider
-from services.poolmanager.reconciler import Memory, QueueDepth, View, reconcile_pools, reconcile_workers
+from services.poolmanager.reconciler import (
+    Memory,
+    QueueDepth,
+    View,
+    pool_backlogs,
+    reconcile_pools,
+    reconcile_workers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,8 @@ class PoolController:
         self.memory = Memory()
         self.executor = ActionExecutor(keys, clock, election, workers, store, provider, metrics, outcomes, self.memory)
         self._wake = asyncio.Event()
+        self.backlogs: dict[str, int] = {}  # waiting jobs per pool, as of the last cycle
+        metrics.registry.register(PoolBacklogCollector(lambda: self.backlogs if self.election.is_leader else {}))
         for pool in config.pools:
             # Counters exist from the start, so the first loss is an increase that alerts can see.
             metrics.lost.labels(pool.pool_id)
@@ -115,6 +124,7 @@ class PoolController:
         mark = self._phase("2_workers", mark)
         # Phase 3: how many jobs wait, per queue (a queueing outage gives none: scaling holds, nothing else).
         view = replace(view, depth=await self.queue_depth())
+        self.backlogs = pool_backlogs(view)
         mark = self._phase("3_queue_depth", mark)
         # Phase 4: every pool moves toward the size its load asks for.
         await self.executor.apply(reconcile_pools(view, self.clock), token)

@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+
+class PoolBacklogCollector:
+    """Waiting jobs per pool by the routing rule (a static pool counts `default`, where jobs that fit static
+    capacity wait), as the leader saw them in its last cycle; a standby shows none."""
+
+    def __init__(self, read: Callable[[], Mapping[str, int]]):
+        self.read = read
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "jobmesh_poolmanager_queue_depth_jobs",
+            "Waiting jobs each pool may take (its own queue and the queues routed to it), from the leader.",
+            labels=["pool"],
+        )
+        for pool, waiting in sorted(self.read().items()):
+            family.add_metric([pool], waiting)
+        yield family
 
 
 class ControllerMetrics:
     def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
         self.lost = Counter(
             "jobmesh_poolmanager_workers_lost_total", "Workers declared lost.", ["pool"], registry=registry
         )

@@ -24,6 +24,7 @@ from libs.logstore import LogStore
 from services.poolmanager.controller import QueueDepthSource
 from services.poolmanager.join import JoinTokens
 from services.poolmanager.outcomes import JobOutcomes
+from services.poolmanager.reconciler import Memory, View, pool_backlogs
 
 POOL_KINDS = {"static": t.POOL_KIND_STATIC, "dynamic": t.POOL_KIND_DYNAMIC, "burst": t.POOL_KIND_BURST}
 
@@ -108,11 +109,14 @@ class PoolsServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
         )
         ok, bad = await self.outcomes.counts(pool.pool_id)
         depth = await self.queue_depth()
+        # The jobs this pool may take, by the routing rule the leader scales by (not only its own queue's).
+        workers_now = [decode_worker(kv.value) for kv in self.workers.cache.values()]
+        view = View(self.config.pools, workers_now, dict(self.assignments.cache), {}, Memory(), depth)
         metrics = pl.PoolMetrics(
             pool_id=pool.pool_id,
             workers_by_state=states,
             utilization=round(states["WORKER_STATE_BUSY"] / len(workers), 4) if workers else 0.0,
-            queue_depth=depth.by_queue.get(pool.pool_id, 0),
+            queue_depth=pool_backlogs(view)[pool.pool_id],
             oldest_wait_seconds=round(depth.oldest_wait.get(pool.pool_id, 0.0), 3),
             running_jobs=running,
             provisioning_seconds_p50=round(statistics.median(provisioning), 3) if provisioning else 0.0,

@@ -218,6 +218,13 @@ def reconcile_workers(view: View) -> list[Action]:
     return lost_workers(view) + used_up_workers(view, _Derived(view))
 
 
+def pool_backlogs(view: View) -> dict[str, int]:
+    """Per pool, the waiting jobs it may take (the routing rule of libs/lifecycle/routing.py): its queue depth as
+    its metrics show it."""
+    derived = _Derived(view)
+    return {pool.pool_id: derived.backlog(pool)[0] for pool in view.pools}
+
+
 def reconcile_pools(view: View, clock: Clock) -> list[Action]:
     """Phase 3: every pool toward the size its load asks for."""
     derived = _Derived(view)

@@ -177,6 +177,7 @@ POOLS = [_pool("static-general", "static"), _pool("dynamic-large", "dynamic"), _
 @pytest.mark.parametrize(
     "pool, static_room, dynamic_at_max, queues, burst_only",
     [
+        pytest.param(POOLS[0], True, False, ["static-general", DEFAULT_QUEUE], False, id="static"),
         pytest.param(POOLS[1], True, False, ["dynamic-large"], False, id="dynamic-while-static-has-room"),
         pytest.param(POOLS[1], False, False, ["dynamic-large", DEFAULT_QUEUE], False, id="dynamic-overflow"),
         pytest.param(POOLS[2], False, False, ["burst-large"], True, id="burst-before-dynamic-is-full"),
