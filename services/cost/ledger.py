@@ -229,6 +229,10 @@ class CostLedger:
         self._remember(key, record)
         self.metrics.records.inc()
         self.metrics.charged.labels(record.tenant_id, record.pool_id).inc(record.cost_micros)
+        labels = (record.tenant_id, record.pool_id)
+        self.metrics.used_cpu.labels(*labels).inc(max(record.used_cpu_seconds, 0.0))
+        self.metrics.used_memory.labels(*labels).inc(max(record.used_max_memory_mb, 0) * 2**20 * record.run_seconds)
+        self.metrics.execution.labels(*labels).observe(record.run_seconds)
 
     async def _write_one(self, key: str) -> None:
         record = self.pending.get(key)

@@ -63,12 +63,36 @@ class CostMetrics:
             registry=registry,
         )
         self._retention_metrics(registry)
+        self._usage_metrics(registry)
         self.cycle_seconds = Histogram(
             "jobmesh_cost_cycle_phase_seconds",
             "Time spent in each phase of the periodic cost cycle.",
             ["phase"],
             registry=registry,
             buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+        )
+
+    def _usage_metrics(self, registry: CollectorRegistry) -> None:
+        """What the tenants' ended attempts used, as measured on the workers (each attempt counted once, when its
+        cost record is written)."""
+        self.used_cpu = Counter(
+            "jobmesh_cost_used_cpu_seconds_total",
+            "CPU seconds used by ended attempts (measured: the job's cgroup), by tenant and pool.",
+            ["tenant", "pool"],
+            registry=registry,
+        )
+        self.used_memory = Counter(
+            "jobmesh_cost_used_memory_byte_seconds_total",
+            "Peak memory (bytes, measured) times run time of ended attempts, by tenant and pool.",
+            ["tenant", "pool"],
+            registry=registry,
+        )
+        self.execution = Histogram(
+            "jobmesh_job_execution_seconds",
+            "Run time of ended attempts (start to end on the worker), by tenant and pool.",
+            ["tenant", "pool"],
+            registry=registry,
+            buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
         )
 
     def _retention_metrics(self, registry: CollectorRegistry) -> None:
