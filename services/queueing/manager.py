@@ -106,6 +106,7 @@ class QueueManager:
         # up no one (not even their own tenant's later jobs), and join the queue when the time comes (`tick`).
         self._backing_off: dict[str, float] = {}
         self._backoff_ends: list[tuple[float, str]] = []  # heap of (not before, job id); stale entries skipped
+        metrics.backing_off.set_function(lambda: len(self._backing_off))
         self._saved_tags = -1
         self._changed = asyncio.Condition()
         self.finished: FinishedJobs | None = None  # set to have finished jobs deleted after their retention
@@ -178,9 +179,11 @@ class QueueManager:
     def _account_dispatch(self, waited: t.Job, running: t.Job) -> None:
         tier = self.sla.tier(running.spec.sla_tier)
         started = seconds(running.start_time) if running.HasField("start_time") else self.clock.now()
-        since = waited.update_time if waited.attempt and waited.HasField("update_time") else waited.create_time
+        since = seconds(waited.update_time if waited.attempt and waited.HasField("update_time") else waited.create_time)
+        # A retry's wait starts when its backoff ends: the backoff is the retry policy's, not the queue's.
+        since = max(since, next_attempt_at(waited))
         self.metrics.dispatched.labels(running.tenant_id).inc()
-        self.metrics.wait.labels(tier).observe(max(started - seconds(since), 0.0))
+        self.metrics.wait.labels(tier).observe(max(started - since, 0.0))
         self.shares.add(running.tenant_id)
         if running.attempt == 1 and running.job_id not in self._deadline_counted:
             outcome = self.sla.outcome(tier, seconds(running.create_time), started, deadline_of(running))

@@ -284,6 +284,7 @@ async def test_a_backing_off_job_is_not_handed_out_and_does_not_hold_up_another_
     [own_later] = await h.submit("acme")
 
     assert await h.heads() == [theirs, own_later]
+    assert h.sample("jobmesh_queueing_backing_off_jobs") == 1
     shown = await h.shown(backing_off)
     assert (shown.waiting_reason, shown.queue_position) == (BACKING_OFF, 0)
     assert seconds(shown.next_attempt_time) == h.clock.now() + 10
@@ -297,6 +298,11 @@ async def test_a_backing_off_job_is_not_handed_out_and_does_not_hold_up_another_
     await h.manager.tick()
     assert backing_off in await h.heads()
     assert (await h.shown(backing_off)).waiting_reason == RETRYING_AFTER_FAILURE
+    assert h.sample("jobmesh_queueing_backing_off_jobs") == 0
+
+    await h.dispatch(backing_off, after=0.25)
+    # Its wait in the queue counts from the end of its backoff, not from the failure.
+    assert h.sample("jobmesh_queueing_wait_seconds_sum", sla_tier="standard") == pytest.approx(0.25)
 
 
 @pytest.mark.asyncio
