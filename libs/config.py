@@ -133,6 +133,24 @@ class EdgeLimits:
 
 
 @dataclass(frozen=True)
+class RetryBackoff:
+    """How long a retried job waits before its next attempt: `initial_seconds` before the first retry, each
+    further retry `multiplier` times longer, never more than `max_seconds` (the `[retries]` table)."""
+
+    initial_seconds: float = 1.0
+    max_seconds: float = 300.0
+    multiplier: float = 2.0
+
+    def delay(self, retry: int) -> float:
+        """Seconds before retry number `retry` (1 for the first) may start."""
+        if retry < 1 or self.initial_seconds <= 0:
+            return 0.0
+        # Past the cap the exponent no longer matters; bounding it keeps the float finite for any retry count.
+        exponent = min(retry - 1, 64)
+        return min(self.initial_seconds * self.multiplier**exponent, self.max_seconds)
+
+
+@dataclass(frozen=True)
 class MeshConfig:
     issuer: str
     audience: str
@@ -166,6 +184,7 @@ class MeshConfig:
     # The most job records one tenant may keep stored (pending, running and finished within retention).
     max_jobs_per_tenant: int = 250_000
     edge: EdgeLimits = field(default_factory=EdgeLimits)
+    retries: RetryBackoff = field(default_factory=RetryBackoff)
 
     def pool(self, pool_id: str) -> PoolConfig | None:
         return next((p for p in self.pools if p.pool_id == pool_id), None)
@@ -352,6 +371,24 @@ def _edge(raw: object) -> EdgeLimits:
     return EdgeLimits(**{**values, **floats})
 
 
+def _retries(raw: object) -> RetryBackoff:
+    """The [retries] table: the backoff between a failed attempt and the next (initial 0: no backoff)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("retries must be a table")
+    values: dict[str, float] = {}
+    for name, default in (("initial", 1.0), ("max", 300.0), ("multiplier", 2.0)):
+        key = f"backoff_{name}_seconds" if name != "multiplier" else "backoff_multiplier"
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"retries.{key} must be a number of at least 0")
+        values[name] = float(value)
+    if values["multiplier"] < 1:
+        raise ConfigError("retries.backoff_multiplier must be at least 1")
+    if values["max"] < values["initial"]:
+        raise ConfigError("retries.backoff_max_seconds must be at least retries.backoff_initial_seconds")
+    return RetryBackoff(values["initial"], values["max"], values["multiplier"])
+
+
 def _pruning(retention: dict[str, Any], name: str, age: float, count: int) -> Pruning:
     pruning = Pruning(float(retention.get(f"{name}_seconds", age)), int(retention.get(f"{name}_max", count)))
     if pruning.max_age_seconds < 0 or pruning.max_count < 1:
@@ -489,6 +526,7 @@ def _parse(raw: dict[str, object]) -> MeshConfig:
         raise ConfigError("limits.max_jobs_per_tenant must be at least 1")
     return MeshConfig(
         edge=_edge(raw.get("edge", {})),
+        retries=_retries(raw.get("retries", {})),
         max_spec_bytes=max_spec_bytes,
         max_jobs_per_tenant=max_jobs,
         finished_job_retention_seconds=finished_retention,

@@ -90,6 +90,7 @@ def validate_spec(spec: t.JobSpec, config: MeshConfig, now: float | None = None)
         raise InvalidArgument("max_runtime_seconds", f"must be between 0 and {MAX_RUNTIME}")
     if spec.max_retries < 0 or spec.max_retries > MAX_RETRIES:
         raise InvalidArgument("max_retries", f"must be between 0 and {MAX_RETRIES}")
+    _validate_retry_on(spec)
     if spec.idempotency_key and not _IDEM.match(spec.idempotency_key):
         raise InvalidArgument("idempotency_key", "must be 1-128 characters of [A-Za-z0-9._:-]")
     if spec.working_dir and not spec.working_dir.startswith("/"):
@@ -100,3 +101,15 @@ def validate_spec(spec: t.JobSpec, config: MeshConfig, now: float | None = None)
         raise InvalidArgument("deadline", "is already in the past")
     if abs(spec.priority) > 1000:
         raise InvalidArgument("priority", "must be between -1000 and 1000")
+
+
+def _validate_retry_on(spec: t.JobSpec) -> None:
+    """Each entry a reason max_retries can retry (the list is short: a repeat is harmless and allowed)."""
+    # Imported here: the lifecycle's transitions import this module for its limits and timestamps.
+    from libs.lifecycle.transitions import RETRYABLE
+
+    for i, reason in enumerate(spec.retry_on):
+        if reason not in RETRYABLE:
+            raise InvalidArgument(
+                f"retry_on[{i}]", f"{reason[:64]!r} is not a retryable reason; one of {', '.join(RETRYABLE)}"
+            )

@@ -87,6 +87,9 @@ export const WAITING_REASONS: Record<string, string> = {
   WAITING_FOR_WORKER: "The scheduler offered it, but no worker has room for it right now.",
   POOL_SCALING_UP: "Its dynamic pool is adding workers for it.",
   RETRYING_AFTER_WORKER_LOST: "Its worker was lost; the job waits to run again as a new attempt.",
+  RETRYING_AFTER_FAILURE: "An attempt failed and retries are left; the job waits to run again as a new attempt.",
+  RETRYING_AFTER_INTERRUPTION: "Its worker was drained; the job waits to run again elsewhere as a new attempt.",
+  BACKING_OFF: "An attempt failed; the next one starts no earlier than its next attempt time (retry backoff).",
   DEADLINE_MISSED: "Its deadline passed while it waited; it runs first among urgent jobs.",
 };
 

@@ -9,13 +9,14 @@ import logging
 from collections.abc import Awaitable, Callable, Collection
 
 from jobmesh.common.v1 import types_pb2 as t
+from libs.config import RetryBackoff
 from libs.errors import Conflict, FailedPrecondition, InvalidArgument, JobMeshError, NotFound
 from libs.etcd.client import Etcd, KeyValue, TxnResult
 from libs.etcd.informer import next_page_limit
 from libs.keys import Keys, safe_segment
 from libs.lifecycle import txns
 from libs.lifecycle.codec import decode_assignment, decode_job
-from libs.lifecycle.transitions import TERMINAL
+from libs.lifecycle.transitions import DEFAULT_BACKOFF, TERMINAL
 from libs.lifecycle.txns import Completion, Txn
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,17 @@ def _from_token(page_token: str) -> str:
 
 
 class JobStore:
-    def __init__(self, etcd: Etcd, keys: Keys, counted_pools: Collection[str] | None = None):
+    def __init__(
+        self,
+        etcd: Etcd,
+        keys: Keys,
+        counted_pools: Collection[str] | None = None,
+        backoff: RetryBackoff = DEFAULT_BACKOFF,
+    ):
         self.etcd = etcd
         self.keys = keys
+        # How long a retried job waits before its next attempt (the config's [retries] table).
+        self.backoff = backoff
         # Pools whose workers' job counts matter (a max jobs per worker); None: count on every pool.
         self.counted_pools = None if counted_pools is None else frozenset(counted_pools)
 
@@ -268,7 +277,7 @@ class JobStore:
         now: float,
     ) -> tuple[Txn, str] | None:
         counted = job_at is not None and self._counted(job_at[0].pool_id)
-        return txns.complete(self.keys, done, job_at, assign, worker_kv, now, counted=counted)
+        return txns.complete(self.keys, done, job_at, assign, worker_kv, now, counted=counted, backoff=self.backoff)
 
     async def reclaim(
         self, worker_id: str, assign_kv: KeyValue, now: float, commit: Callable[[Txn], Awaitable[TxnResult]]
@@ -279,7 +288,7 @@ class JobStore:
         job as written, or None when nothing about the job changed."""
         held = decode_assignment(assign_kv.value)
         job_kv = await self.etcd.get(self.keys.job(held.tenant_id, held.job_id))
-        txn, job = txns.reclaim(self.keys, worker_id, assign_kv, job_kv, now)
+        txn, job = txns.reclaim(self.keys, worker_id, assign_kv, job_kv, now, self.backoff)
         result = await commit(txn)
         return job if result.succeeded else None
 

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from jobmesh.common.v1 import types_pb2 as t
+from libs.config import RetryBackoff
 from libs.etcd.client import (
     Compare,
     KeyValue,
@@ -24,6 +25,7 @@ from libs.etcd.client import (
 from libs.keys import Keys
 from libs.lifecycle.codec import decode_assignment, decode_job, decode_worker
 from libs.lifecycle.transitions import (
+    DEFAULT_BACKOFF,
     apply_cancel,
     apply_deadline_missed,
     apply_dispatch,
@@ -134,6 +136,7 @@ def complete(
     now: float,
     *,
     counted: bool,
+    backoff: RetryBackoff = DEFAULT_BACKOFF,
 ) -> tuple[Txn, str] | None:
     """RUNNING -> the result's state, the assignment withdrawn, and (where the pool counts jobs per worker, or the
     worker failed its health check) the worker's record updated in the same transaction. Returns the transaction
@@ -144,7 +147,8 @@ def complete(
     if job.state != t.JOB_STATE_RUNNING or job.attempt != done.attempt or job.worker_id != done.worker_id:
         return None
     key, assign_key, worker_key = completion_keys(keys, done)
-    txn = Txn([cmp_mod(key, revision)], [op_put(key, apply_result(job, now=now, **done.result).SerializeToString())])  # type: ignore[arg-type]
+    ended = apply_result(job, now=now, backoff=backoff, **done.result)  # type: ignore[arg-type]
+    txn = Txn([cmp_mod(key, revision)], [op_put(key, ended.SerializeToString())])
     if assign is not None:
         held = decode_assignment(assign.value)
         if held.job_id == done.job_id and held.attempt == done.attempt:
@@ -167,7 +171,12 @@ def complete(
 
 
 def reclaim(
-    keys: Keys, worker_id: str, assign_kv: KeyValue, job_kv: KeyValue | None, now: float
+    keys: Keys,
+    worker_id: str,
+    assign_kv: KeyValue,
+    job_kv: KeyValue | None,
+    now: float,
+    backoff: RetryBackoff = DEFAULT_BACKOFF,
 ) -> tuple[Txn, t.Job | None]:
     """A lost worker's assignment taken back: its job retried or failed (WORKER_LOST). Returns the transaction and
     the job as it will be written (None when the job had moved on: then only the assignment goes)."""
@@ -178,7 +187,7 @@ def reclaim(
     job = decode_job(job_kv.value)
     if job.state != t.JOB_STATE_RUNNING or job.attempt != assignment.attempt or job.worker_id != worker_id:
         return txn, None
-    apply_worker_lost(job, now)
+    apply_worker_lost(job, now, backoff)
     txn.compares.append(cmp_mod(job_kv.key, job_kv.mod_revision))
     txn.ops.append(op_put(job_kv.key, job.SerializeToString()))
     return txn, job

@@ -139,7 +139,12 @@ async def _shared(settings: CommonSettings) -> _Shared:
         assignments=Informer(etcd, keys.assignments, name="assignments"),
         workers=Informer(etcd, keys.workers, name="workers"),
         outcomes=outcomes,
-        store=JobStore(etcd, keys, counted_pools=[p.pool_id for p in config.pools if p.max_jobs_per_worker]),
+        store=JobStore(
+            etcd,
+            keys,
+            counted_pools=[p.pool_id for p in config.pools if p.max_jobs_per_worker],
+            backoff=config.retries,
+        ),
         election=LeaderElection(etcd, keys.leader("pool-manager"), settings.server.replica_id, ttl=leader_ttl),
         logs=log_store_from_settings(str(settings.data_dir), settings.extra),
     )

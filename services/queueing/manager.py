@@ -19,7 +19,7 @@ from libs.etcd.client import WatchEvent
 from libs.keys import Keys
 from libs.lifecycle.codec import decode_job
 from libs.lifecycle.routing import assign_queue, queue_of
-from libs.lifecycle.transitions import new_record
+from libs.lifecycle.transitions import may_start, new_record
 from services.queueing.fairqueue import LaneTags, Placement, QueueItem, WeightedFairQueue, job_cost
 from services.queueing.metrics import QueueMetrics, QueueShape, ShareWindow
 from services.queueing.reasons import DEADLINE_MISSED, waiting_reason
@@ -56,6 +56,11 @@ class StateStore(Protocol):
 
 def seconds(stamp: Timestamp) -> float:
     return stamp.ToNanoseconds() / 1e9
+
+
+def next_attempt_at(job: t.Job) -> float:
+    """When a retried job's backoff ends (0 when it may run at once)."""
+    return seconds(job.next_attempt_time) if job.HasField("next_attempt_time") else 0.0
 
 
 def deadline_of(job: t.Job) -> float | None:
@@ -97,6 +102,11 @@ class QueueManager:
         self._gone: OrderedDict[str, int] = OrderedDict()  # job id -> revision at which it left
         self._deadlines: list[tuple[float, str]] = []  # heap of pending jobs' deadlines
         self._deadline_counted: set[str] = set()  # misses already counted while the job waited
+        # Retried jobs backing off: job id -> when it may run; they wait here, not in the fair queue, so they hold
+        # up no one (not even their own tenant's later jobs), and join the queue when the time comes (`tick`).
+        self._backing_off: dict[str, float] = {}
+        self._backoff_ends: list[tuple[float, str]] = []  # heap of (not before, job id); stale entries skipped
+        metrics.backing_off.set_function(lambda: len(self._backing_off))
         self._saved_tags = -1
         self._changed = asyncio.Condition()
         self.finished: FinishedJobs | None = None  # set to have finished jobs deleted after their retention
@@ -143,7 +153,12 @@ class QueueManager:
             return False
         job.queue = queue_of(job)
         self.pending[job.job_id] = (job, revision)
-        self.queue.push(self._item(job))
+        not_before = next_attempt_at(job)
+        if not_before > self.clock.now():
+            self._backing_off[job.job_id] = not_before
+            heapq.heappush(self._backoff_ends, (not_before, job.job_id))
+        else:
+            self.queue.push(self._item(job))
         deadline = deadline_of(job)
         if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, job.job_id))
@@ -152,6 +167,7 @@ class QueueManager:
     def _remove(self, job_id: str, running: t.Job | None, revision: int) -> None:
         known = self.pending.pop(job_id, None)
         self._offered.pop(job_id, None)
+        self._backing_off.pop(job_id, None)
         self._gone[job_id] = revision
         if len(self._gone) > RECENTLY_GONE:
             self._gone.popitem(last=False)
@@ -163,9 +179,11 @@ class QueueManager:
     def _account_dispatch(self, waited: t.Job, running: t.Job) -> None:
         tier = self.sla.tier(running.spec.sla_tier)
         started = seconds(running.start_time) if running.HasField("start_time") else self.clock.now()
-        since = waited.update_time if waited.attempt and waited.HasField("update_time") else waited.create_time
+        since = seconds(waited.update_time if waited.attempt and waited.HasField("update_time") else waited.create_time)
+        # A retry's wait starts when its backoff ends: the backoff is the retry policy's, not the queue's.
+        since = max(since, next_attempt_at(waited))
         self.metrics.dispatched.labels(running.tenant_id).inc()
-        self.metrics.wait.labels(tier).observe(max(started - seconds(since), 0.0))
+        self.metrics.wait.labels(tier).observe(max(started - since, 0.0))
         self.shares.add(running.tenant_id)
         if running.attempt == 1 and running.job_id not in self._deadline_counted:
             outcome = self.sla.outcome(tier, seconds(running.create_time), started, deadline_of(running))
@@ -238,6 +256,7 @@ class QueueManager:
             except TimeoutError:
                 pass
         before = self.queue.version
+        self._end_backoffs(self.clock.now())
         items = self.queue.peek(max(1, min(limit, 1000)), now=self.clock.now())
         offered_at = self.clock.monotonic()
         out = []
@@ -277,6 +296,17 @@ class QueueManager:
         missed = job.sla_miss or (deadline is not None and deadline <= now)
         if missed:
             job.sla_miss = True
+        if not may_start(job, now):  # backing off: not in the fair queue, so no position yet
+            job.queue_position = 0
+            job.waiting_reason = waiting_reason(
+                recorded=job.waiting_reason,
+                deadline_missed=missed,
+                offered_recently=False,
+                backing_off=True,
+                dynamic_queue=False,
+                ahead_other_tenants=0,
+            )
+            return job
         item = self.queue.get(job.job_id)
         placement: Placement | None = self.queue.position(job.job_id, now)
         if item is None or placement is None:  # not queued yet (the record is newer than our view): as stored
@@ -313,9 +343,11 @@ class QueueManager:
     # Time-driven work ------------------------------------------------------------------------------
 
     async def tick(self) -> None:
-        """Applies SLA boosts that came due, and records deadlines that passed while jobs waited."""
+        """Queues retries whose backoff ended, applies SLA boosts that came due, and records deadlines that passed
+        while jobs waited."""
         now = self.clock.now()
         before = self.queue.version
+        self._end_backoffs(now)
         self.queue.promote(now)
         await self._record_missed_deadlines(now)
         if self.queue.version != before:
@@ -346,10 +378,26 @@ class QueueManager:
         for entry in retry:
             heapq.heappush(self._deadlines, entry)
 
+    def _end_backoffs(self, now: float) -> None:
+        """Retries whose backoff has passed join the fair queue (as their first attempt did: by submission)."""
+        ends = self._backoff_ends
+        while ends and ends[0][0] <= now:
+            at, job_id = heapq.heappop(ends)
+            if self._backing_off.get(job_id) != at:
+                continue  # it left (dispatched elsewhere, cancelled) or a newer record moved its time
+            del self._backing_off[job_id]
+            self.queue.push(self._item(self.pending[job_id][0]))
+
+    def _next_backoff_end(self) -> float:
+        ends = self._backoff_ends
+        while ends and self._backing_off.get(ends[0][1]) != ends[0][0]:
+            heapq.heappop(ends)
+        return ends[0][0] if ends else math.inf
+
     def next_timer(self) -> float:
-        """Seconds until the next boost or deadline (inf when none)."""
+        """Seconds until the next boost, deadline or end of a backoff (inf when none)."""
         deadline = self._deadlines[0][0] if self._deadlines else math.inf
-        return min(self.queue.next_boost(), deadline) - self.clock.now()
+        return min(self.queue.next_boost(), deadline, self._next_backoff_end()) - self.clock.now()
 
     async def run_timers(self, max_sleep: float = 0.5) -> None:
         while True:
@@ -388,7 +436,9 @@ class QueueManager:
         capacity may serve), and how long the longest-waiting job has waited (seconds)."""
         burst: dict[str, int] = {}
         oldest: dict[str, float] = {}
-        for job, _ in self.pending.values():
+        for job_id, (job, _) in self.pending.items():
+            if job_id in self._backing_off:
+                continue  # no worker may take it yet: no demand for one
             if job.burst_session_id:
                 burst[job.queue] = burst.get(job.queue, 0) + 1
             submitted = seconds(job.create_time)

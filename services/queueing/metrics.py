@@ -137,6 +137,11 @@ class QueueMetrics:
         self.tags_saved = Counter(
             "jobmesh_queueing_tag_snapshots_total", "Fair-queue tag snapshots written to etcd.", registry=registry
         )
+        self.backing_off = Gauge(
+            "jobmesh_queueing_backing_off_jobs",
+            "Retried jobs waiting out their backoff (pending, not in the fair queue yet).",
+            registry=registry,
+        )
         self._outcomes: dict[str, list[int]] = {}  # tier -> [met, known]
 
     def record_outcome(self, tier: str, outcome: str) -> None:

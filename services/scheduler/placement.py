@@ -9,6 +9,7 @@ from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.queueing.v1 import queueing_pb2 as q
 from libs.config import POOL_KINDS
 from libs.lifecycle.routing import fits, may_place
+from libs.lifecycle.transitions import may_start
 
 # Placement order (the seed's pool selection chart) is the order of POOL_KINDS: static, dynamic, burst.
 TIERS = {kind: rank for rank, kind in enumerate(POOL_KINDS)}
@@ -66,11 +67,16 @@ def pick_worker(spec: t.JobSpec, idle: list[Candidate], burst_ok: bool = False) 
     )
 
 
-def nominate(heads: Sequence[q.QueuedJob], idle: list[Candidate]) -> list[tuple[q.QueuedJob, Candidate]]:
+def nominate(
+    heads: Sequence[q.QueuedJob], idle: list[Candidate], now: float | None = None
+) -> list[tuple[q.QueuedJob, Candidate]]:
     """A worker for each head that one suits, in queue order; each placement takes its room from the candidate
-    (and a full one leaves `idle`), so later heads see what earlier ones left."""
+    (and a full one leaves `idle`), so later heads see what earlier ones left. With `now`, a retry still backing
+    off is passed over (queueing does not hand those out; this holds even if its view were behind)."""
     plan: list[tuple[q.QueuedJob, Candidate]] = []
     for queued in heads:
+        if now is not None and not may_start(queued.job, now):
+            continue
         choice = pick_worker(queued.job.spec, idle, burst_ok=bool(queued.job.burst_session_id))
         if choice is not None:
             plan.append((queued, choice))

@@ -40,6 +40,7 @@ class Scheduler:
         # After a cycle that placed jobs, the next starts no sooner than this after it (Slurm's
         # sched_min_interval): under load, freed room and new jobs gather and go out in one transaction.
         self.min_interval = min_interval
+        self.clock = clock
         self.election = election
         self.informers = (workers, assignments)
         self.metrics = metrics
@@ -102,7 +103,7 @@ class Scheduler:
         heads = await self.queue.heads(sum(c.slots for c in idle), epoch, self.capacity.changed)
         mark = self._phase("2_heads", mark)
         # Phase 3: nominate a worker for each head, in queue order.
-        plan = nominate(heads, idle)
+        plan = nominate(heads, idle, self.clock.now())
         self.metrics.unplaced.set(len(heads) - len(plan))
         mark = self._phase("3_nominate", mark)
         # Phase 4: admit, in fenced transactions (the whole plan in one while nothing raced it).

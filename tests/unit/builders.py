@@ -114,9 +114,9 @@ class SpecBuilder:
         for name, value in fields.items():
             if name in ("env", "required_capabilities"):
                 getattr(self._spec, name).update(value)
-            elif name == "command":
-                del self._spec.command[:]
-                self._spec.command.extend(value)
+            elif name in ("command", "retry_on"):
+                del getattr(self._spec, name)[:]
+                getattr(self._spec, name).extend(value)
             else:
                 setattr(self._spec, name, value)
         return self

@@ -40,6 +40,11 @@ def test_a_spec_gets_an_idempotency_key_and_states_and_urls_are_read_leniently()
         _common.job_state("sleeping")
     with pytest.raises(errors.InvalidArgument):
         _common.job_spec("echo hi", name="n", cpu_millis=1, memory_mb=1)  # type: ignore[arg-type]
+    retried = _common.job_spec(["false"], name="n", cpu_millis=1, memory_mb=1, max_retries=2, retry_on=["WORKER_LOST"])
+    assert (retried.max_retries, list(retried.retry_on)) == (2, ["WORKER_LOST"])
+    assert list(spec.retry_on) == []  # none given: every retryable reason
+    with pytest.raises(errors.InvalidArgument, match="retry_on"):
+        _common.job_spec(["false"], name="n", cpu_millis=1, memory_mb=1, retry_on="WORKER_LOST")  # a string, not a list
     assert _common.target_of("http://127.0.0.1:8080") == _common.Target("127.0.0.1:8080", False)
     assert _common.target_of("https://mesh.example") == _common.Target("mesh.example:443", True)
     with pytest.raises(errors.InvalidArgument):

@@ -300,14 +300,17 @@ async def test_a_late_echo_of_a_dispatched_jobs_creation_does_not_queue_it_again
 
 
 @pytest.mark.asyncio
-async def test_a_job_requeued_after_its_worker_was_lost_queues_again_and_keeps_its_reason() -> None:
+async def test_a_job_requeued_after_its_worker_was_lost_queues_again_after_its_backoff_and_keeps_its_reason() -> None:
     h = Harness()
     [job_id] = await h.submit("acme", max_retries=2)
     await h.dispatch(job_id)
     running, _ = h.records.jobs[job_id]
-    retry = apply_worker_lost(running, h.clock.now())
+    retry = apply_worker_lost(running, h.clock.now())  # the default backoff: 1 s before the first retry
 
     await h.manager.on_job_event(h.records.update(retry))
+    assert await h.heads() == []
+    h.clock.advance(1)
+    await h.manager.tick()
 
     assert await h.heads() == [job_id]
     assert (await h.shown(job_id)).waiting_reason == RETRYING_AFTER_WORKER_LOST

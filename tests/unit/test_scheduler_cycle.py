@@ -39,6 +39,17 @@ def test_nomination_goes_in_queue_order_and_later_heads_see_what_earlier_ones_to
     assert idle == []  # both one-slot workers are taken: j-3 waits
 
 
+def test_a_head_still_backing_off_is_passed_over_and_the_next_head_takes_the_worker() -> None:
+    backing_off = head("j-retry", 100)
+    backing_off.job.next_attempt_time.FromSeconds(1_000)
+    idle = [worker("w-1")]
+
+    plan = nominate([backing_off, head("j-2", 100)], idle, now=999.5)
+
+    assert [queued.job.job_id for queued, _ in plan] == ["j-2"]
+    assert [q.job.job_id for q, _ in nominate([backing_off], [worker("w-1")], now=1_000.0)] == ["j-retry"]
+
+
 class FakeQueue:
     def __init__(self) -> None:
         self.requests: list[q.NextJobsRequest] = []

@@ -130,6 +130,8 @@ class SubmitArgs(TypedDict, total=False):
     burst: bool
     max_runtime_seconds: int | None
     max_retries: int | None
+    # The failure reasons max_retries retries (e.g. ["WORKER_LOST"]); None or empty: every retryable reason.
+    retry_on: Sequence[str] | None
     idempotency_key: str | None
 
 
@@ -138,6 +140,9 @@ def job_spec(command: Sequence[str], **args: Unpack[SubmitArgs]) -> t.JobSpec:
     retries of one call (ours or gRPC's) never make two jobs."""
     if isinstance(command, str):
         raise InvalidArgument("command must be a list of arguments, not a string", metadata={"field": "command"})
+    retry_on = args.get("retry_on") or []
+    if isinstance(retry_on, str):
+        raise InvalidArgument("retry_on must be a list of reasons, not a string", metadata={"field": "retry_on"})
     spec = t.JobSpec(
         name=args["name"],
         command=list(command),
@@ -148,6 +153,7 @@ def job_spec(command: Sequence[str], **args: Unpack[SubmitArgs]) -> t.JobSpec:
         burst=bool(args.get("burst")),
         max_runtime_seconds=args.get("max_runtime_seconds") or 0,
         max_retries=args.get("max_retries") or 0,
+        retry_on=list(retry_on),
         idempotency_key=args.get("idempotency_key") or new_idempotency_key(),
     )
     deadline = args.get("deadline")

@@ -153,7 +153,17 @@ def read_spec(path: str) -> t.JobSpec:
 @click.option("--pool", help="Run on this pool.")
 @click.option("--sla-tier", help="SLA tier (e.g. gold, standard, batch).")
 @click.option("--max-runtime", type=click.IntRange(min=1), help="Seconds before it is killed.")
-@click.option("--max-retries", type=click.IntRange(0, 10), help="Retries after its worker is lost.")
+@click.option(
+    "--max-retries", type=click.IntRange(0, 10), help="Retries of a failed attempt (any cause, see --retry-on)."
+)
+@click.option(
+    "--retry-on",
+    "retry_on",
+    multiple=True,
+    metavar="REASON",
+    help="Retry only attempts that ended so (EXIT_CODE, OOM_KILLED, TIMEOUT, START_FAILED, WORKER_LOST, "
+    "INTERRUPTED; repeatable) [default: all of them].",
+)
 @click.option("--burst", is_flag=True, default=None, help="May run on a burst session beyond the quota.")
 @click.option("--idempotency-key", help="The same key always answers the first job [default: a new one].")
 @click.option("-f", "spec_file", metavar="SPEC.yaml", help="A job spec (YAML or JSON, the API's fields).")
@@ -175,6 +185,10 @@ def submit(
         raise click.UsageError(f"unknown option {spec.command[0]!r} (put the command after `--`)")
     env = parse_env(flags.pop("env"))
     spec.env.update(env)
+    retry_on = flags.pop("retry_on")
+    if retry_on:
+        del spec.retry_on[:]
+        spec.retry_on.extend(retry_on)
     for field, value in (
         ("name", flags["name"]),
         ("pool", flags["pool"]),
@@ -213,6 +227,8 @@ def live_line(job: t.Job) -> str:
             line += f"  position {job.queue_position} in {job.queue or 'default'}"
         if job.waiting_reason:
             line += f"  ({job.waiting_reason})"
+        if job.HasField("next_attempt_time"):
+            line += f"  next attempt at {job.next_attempt_time.ToJsonString()}"
     elif job.state == t.JOB_STATE_RUNNING:
         line += f"  on {job.worker_id}  attempt {job.attempt}"
     return line
@@ -244,7 +260,9 @@ def show_job(job: t.Job) -> None:
         ("waiting", job.waiting_reason if job.state == t.JOB_STATE_PENDING else ""),
         ("pool", job.pool_id),
         ("worker", job.worker_id),
+        ("next attempt", job.next_attempt_time.ToJsonString() if job.HasField("next_attempt_time") else ""),
         ("attempt", str(job.attempt) if job.attempt else ""),
+        ("retries", f"{job.retries} of {job.spec.max_retries}" if job.retries else ""),
         ("exit code", str(job.exit_code) if job.state in c.TERMINAL and job.attempt else ""),
         ("reason", job.reason),
         ("created", job.create_time.ToJsonString() if job.HasField("create_time") else ""),

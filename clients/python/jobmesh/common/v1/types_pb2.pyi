@@ -169,6 +169,7 @@ class JobSpec(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     WORKING_DIR_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    RETRY_ON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     pool: _builtins.str
     """Optional pool id; empty lets the scheduler choose."""
@@ -197,6 +198,12 @@ class JobSpec(_message.Message):
     def deadline(self) -> _timestamp_pb2.Timestamp:
         """RFC 3339 in JSON."""
 
+    @_builtins.property
+    def retry_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The failure reasons max_retries retries (EXIT_CODE, OOM_KILLED, TIMEOUT, START_FAILED, WORKER_LOST,
+        INTERRUPTED); empty: every one of them. A reason not listed ends the job at once.
+        """
+
     def __init__(
         self,
         *,
@@ -214,10 +221,11 @@ class JobSpec(_message.Message):
         idempotency_key: _builtins.str = ...,
         working_dir: _builtins.str = ...,
         priority: _builtins.int = ...,
+        retry_on: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst", b"burst", "command", b"command", "deadline", b"deadline", "env", b"env", "idempotency_key", b"idempotency_key", "max_retries", b"max_retries", "max_runtime_seconds", b"max_runtime_seconds", "name", b"name", "pool", b"pool", "priority", b"priority", "required_capabilities", b"required_capabilities", "resources", b"resources", "sla_tier", b"sla_tier", "working_dir", b"working_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst", b"burst", "command", b"command", "deadline", b"deadline", "env", b"env", "idempotency_key", b"idempotency_key", "max_retries", b"max_retries", "max_runtime_seconds", b"max_runtime_seconds", "name", b"name", "pool", b"pool", "priority", b"priority", "required_capabilities", b"required_capabilities", "resources", b"resources", "retry_on", b"retry_on", "sla_tier", b"sla_tier", "working_dir", b"working_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -337,6 +345,7 @@ class Job(_message.Message):
     QUEUE_POSITION_FIELD_NUMBER: _builtins.int
     SLA_MISS_FIELD_NUMBER: _builtins.int
     INTERRUPTIONS_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     tenant_id: _builtins.str
     state: Global___JobState.ValueType
@@ -346,14 +355,14 @@ class Job(_message.Message):
     """0 until first dispatched; each dispatch starts a new attempt."""
     exit_code: _builtins.int
     reason: _builtins.str
-    """Why the job is in its state: e.g. EXITED, KILLED, TIMEOUT, OOM_KILLED, WORKER_LOST, INTERRUPTED,
-    CANCELLED_BY_USER.
+    """Why the job is in its state: e.g. COMPLETED, EXIT_CODE, KILLED, TIMEOUT, OOM_KILLED, WORKER_LOST,
+    INTERRUPTED, CANCELLED_BY_USER.
     """
     message: _builtins.str
     queue: _builtins.str
     """The queue the job waits in."""
     retries: _builtins.int
-    """Retries used after worker loss."""
+    """Retries used: failed attempts (of a reason the spec's retry_on allows) run again, up to max_retries."""
     burst_session_id: _builtins.str
     """Set when the job was admitted against a burst session."""
     waiting_reason: _builtins.str
@@ -379,6 +388,10 @@ class Job(_message.Message):
     @_builtins.property
     def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttemptRecord]:
         """Every attempt that ran, oldest first."""
+
+    @_builtins.property
+    def next_attempt_time(self) -> _timestamp_pb2.Timestamp:
+        """Set while a retried job backs off: its next attempt starts no earlier than this."""
 
     def __init__(
         self,
@@ -406,10 +419,11 @@ class Job(_message.Message):
         queue_position: _builtins.int = ...,
         sla_miss: _builtins.bool = ...,
         interruptions: _builtins.int = ...,
+        next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "create_time", b"create_time", "end_time", b"end_time", "spec", b"spec", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "create_time", b"create_time", "end_time", b"end_time", "next_attempt_time", b"next_attempt_time", "spec", b"spec", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "burst_session_id", b"burst_session_id", "cost", b"cost", "create_time", b"create_time", "end_time", b"end_time", "exit_code", b"exit_code", "interruptions", b"interruptions", "job_id", b"job_id", "message", b"message", "pool_id", b"pool_id", "queue", b"queue", "queue_position", b"queue_position", "reason", b"reason", "retries", b"retries", "sla_miss", b"sla_miss", "spec", b"spec", "start_time", b"start_time", "state", b"state", "tenant_id", b"tenant_id", "update_time", b"update_time", "waiting_reason", b"waiting_reason", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "burst_session_id", b"burst_session_id", "cost", b"cost", "create_time", b"create_time", "end_time", b"end_time", "exit_code", b"exit_code", "interruptions", b"interruptions", "job_id", b"job_id", "message", b"message", "next_attempt_time", b"next_attempt_time", "pool_id", b"pool_id", "queue", b"queue", "queue_position", b"queue_position", "reason", b"reason", "retries", b"retries", "sla_miss", b"sla_miss", "spec", b"spec", "start_time", b"start_time", "state", b"state", "tenant_id", b"tenant_id", "update_time", b"update_time", "waiting_reason", b"waiting_reason", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
