@@ -52,9 +52,15 @@ def cmd_jwks(args: argparse.Namespace) -> int:
     return 0
 
 
+TELEMETRY_VARIABLES = ("JOBMESH_OTEL_EXPORTER", "JOBMESH_OTEL_ENDPOINT", "JOBMESH_LOG_LEVEL")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    stack = Stack(data_dir=args.data_dir, config_path=args.config, ports=Ports(envoy=args.port))
+    # The stack's processes get none of this shell's JOBMESH_* variables (a JOBMESH_TOKEN exported for the CLI is
+    # not theirs) but its telemetry settings: JOBMESH_OTEL_EXPORTER=console make run traces every process.
+    telemetry = {k: v for k, v in os.environ.items() if k.startswith("OTEL_") or k in TELEMETRY_VARIABLES}
+    stack = Stack(data_dir=args.data_dir, config_path=args.config, ports=Ports(envoy=args.port), env=telemetry)
     stop = {"now": False}
 
     def on_signal(signum: int, _frame: object) -> None:

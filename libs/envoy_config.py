@@ -198,6 +198,61 @@ def _console_cluster(console_port: int, tls: EnvoyTls) -> dict[str, Any]:
     }
 
 
+_OTLP_CLUSTER = "otel_collector"
+
+
+def _otlp_cluster(collector: tuple[str, int]) -> dict[str, Any]:
+    # An OTLP/gRPC collector (cleartext HTTP/2, as the services' exporters use), for Envoy's spans.
+    host, port = collector
+    return {
+        "name": _OTLP_CLUSTER,
+        "type": "STRICT_DNS",
+        "connect_timeout": _seconds(CONNECT_TIMEOUT_SECONDS),
+        "lb_policy": "ROUND_ROBIN",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                explicit_http_config={"http2_protocol_options": {}},
+            )
+        },
+        "load_assignment": {
+            "cluster_name": _OTLP_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(host, port)}}]}],
+        },
+    }
+
+
+def _tracing() -> dict[str, Any]:
+    # Envoy's span of each request, sent to the collector; its W3C traceparent goes on to the gateway, whose spans
+    # (and through the job record, the whole job's) become children of it.
+    return {
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": _typed(
+                "envoy.config.trace.v3.OpenTelemetryConfig",
+                grpc_service={"envoy_grpc": {"cluster_name": _OTLP_CLUSTER}, "timeout": "1s"},
+                service_name="envoy",
+            ),
+        }
+    }
+
+
+def otlp_collector(env: dict[str, str]) -> tuple[str, int] | None:
+    """Where Envoy sends its spans: the collector the services export to when they export over OTLP (the same
+    variables as libs/settings.py TelemetrySettings), else nowhere."""
+    exporter = env.get("JOBMESH_OTEL_EXPORTER") or env.get("OTEL_TRACES_EXPORTER") or "none"
+    if exporter != "otlp":
+        return None
+    endpoint = (
+        env.get("JOBMESH_OTEL_ENDPOINT")
+        or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or "127.0.0.1:4317"
+    )
+    host, _, port = endpoint.split("://")[-1].rstrip("/").rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port or 4317)
+
+
 def _console_routes() -> list[dict[str, Any]]:
     # Static files, not gRPC: the transcoder (which refuses paths it cannot map to a method) is off here.
     off = _typed("envoy.config.route.v3.FilterConfig", disabled=True)
@@ -404,7 +459,16 @@ def _local_reply_config(limits: EdgeLimits) -> dict[str, Any]:
 
 
 def _http_connection_manager(
-    descriptor_path: str, auth: EdgeAuth, limits: EdgeLimits, console: bool = False
+    descriptor_path: str, auth: EdgeAuth, limits: EdgeLimits, console: bool = False, traced: bool = False
+) -> dict[str, Any]:
+    hcm = _http_connection_manager_untraced(descriptor_path, auth, limits, console)
+    if traced:
+        hcm["tracing"] = _tracing()
+    return hcm
+
+
+def _http_connection_manager_untraced(
+    descriptor_path: str, auth: EdgeAuth, limits: EdgeLimits, console: bool
 ) -> dict[str, Any]:
     return _typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -466,6 +530,7 @@ def render_envoy_config(
     auth: EdgeAuth,
     limits: EdgeLimits,
     console_port: int | None = None,
+    otlp: tuple[str, int] | None = None,
 ) -> str:
     """Return the Envoy v3 bootstrap (as JSON, which is also valid YAML) for the public edge.
 
@@ -479,6 +544,7 @@ def render_envoy_config(
     REST callers are JSON google.rpc.Status bodies too. Admin listens only on the unix socket
     ``admin_socket``, mode 0600 (its owner alone may read stats or change anything), never on TCP.
     With ``console_port``, ``/console/`` is routed to the console's static-file service on that loopback port.
+    With ``otlp`` (a collector's host and port), Envoy traces every request there and passes the trace on.
 
     Some settings live on Envoy's command line, not in the bootstrap: the launcher must start
     Envoy with ``--concurrency 1`` and ``--log-level warning`` (:func:`envoy_argv` builds that
@@ -501,7 +567,7 @@ def render_envoy_config(
                                 {
                                     "name": "envoy.filters.network.http_connection_manager",
                                     "typed_config": _http_connection_manager(
-                                        descriptor_path, auth, limits, console_port is not None
+                                        descriptor_path, auth, limits, console_port is not None, otlp is not None
                                     ),
                                 }
                             ]
@@ -517,6 +583,8 @@ def render_envoy_config(
     }
     if console_port is not None:
         bootstrap["static_resources"]["clusters"].append(_console_cluster(console_port, tls))
+    if otlp is not None:
+        bootstrap["static_resources"]["clusters"].append(_otlp_cluster(otlp))
     return json.dumps(bootstrap, indent=2) + "\n"
 
 

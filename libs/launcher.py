@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from libs.auth import ensure_dev_keys, jwks_document, key_paths
 from libs.config import load_config
-from libs.envoy_config import EnvoyTls, edge_auth, envoy_argv, render_envoy_config, sds_files
+from libs.envoy_config import EnvoyTls, edge_auth, envoy_argv, otlp_collector, render_envoy_config, sds_files
 from libs.etcd.client import Etcd
 from libs.meshpki import MeshPki
 from libs.pki import write_public
@@ -277,6 +277,7 @@ class Stack:
                 tls=self._envoy_tls(),
                 auth=edge_auth(mesh, str(self.edge_jwks())),
                 limits=mesh.edge,
+                otlp=otlp_collector(self.service_env()),
             )
         )
         argv = envoy_argv(envoy_binary(), str(config), base_id=random.randint(1, 2**20))

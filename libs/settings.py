@@ -127,13 +127,15 @@ class TelemetrySettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], service_name: str) -> TelemetrySettings:
-        exporter = _env(env, "JOBMESH_OTEL_EXPORTER", "none")
+        # OpenTelemetry's own variables are honoured; ours, when set, win.
+        exporter = _env(env, "JOBMESH_OTEL_EXPORTER", env.get("OTEL_TRACES_EXPORTER") or "none")
         if exporter not in ("none", "console", "otlp"):
-            raise SettingsError("JOBMESH_OTEL_EXPORTER must be none, console or otlp")
+            raise SettingsError("JOBMESH_OTEL_EXPORTER (or OTEL_TRACES_EXPORTER) must be none, console or otlp")
+        endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
         return cls(
             service_name=service_name,
             exporter=exporter,
-            otlp_endpoint=_env(env, "JOBMESH_OTEL_ENDPOINT", "127.0.0.1:4317"),
+            otlp_endpoint=_env(env, "JOBMESH_OTEL_ENDPOINT", endpoint or "127.0.0.1:4317"),
             log_level=_env(env, "JOBMESH_LOG_LEVEL", "INFO").upper(),
             metrics_port=_int(env, "JOBMESH_METRICS_PORT", 0),
         )

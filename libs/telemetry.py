@@ -5,16 +5,23 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from libs.settings import TelemetrySettings
+
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_PROPAGATOR = TraceContextTextMapPropagator()
 
 job_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("job_id", default="")
 tenant_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("tenant_id", default="")
@@ -86,3 +93,27 @@ def setup_tracing(settings: TelemetrySettings) -> TracerProvider:
 def setup_telemetry(settings: TelemetrySettings) -> TracerProvider:
     setup_logging(settings.service_name, settings.log_level)
     return setup_tracing(settings)
+
+
+# One trace per job -------------------------------------------------------------------------------------------------
+
+
+def current_traceparent() -> str:
+    """The W3C traceparent of the current span ("" without one): what a job record keeps of its submit's trace."""
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier)
+    return carrier.get("traceparent", "")
+
+
+def checked_traceparent(value: str) -> str:
+    """`value` if it is a well-formed traceparent, else "" (a record keeps nothing else in that field)."""
+    return value if _TRACEPARENT.fullmatch(value) else ""
+
+
+@contextmanager
+def job_span(tracer: trace.Tracer, name: str, traceparent: str, **attributes: str | int) -> Iterator[trace.Span]:
+    """A span in the trace of the job whose record carries `traceparent` (a root span without one): the hops of a
+    job that no request carries (dispatch, run, result, cost) join the trace its submit started."""
+    parent = _PROPAGATOR.extract({"traceparent": traceparent}) if traceparent else None
+    with tracer.start_as_current_span(name, context=parent, attributes=attributes) as span:
+        yield span

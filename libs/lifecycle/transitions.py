@@ -44,8 +44,17 @@ DEADLINE_MISSED = "DEADLINE_MISSED"
 RETRYING_AFTER = {"WORKER_LOST": RETRYING_AFTER_WORKER_LOST, INTERRUPTED: RETRYING_AFTER_INTERRUPTION}
 
 
-def new_record(*, job_id: str, tenant_id: str, spec: t.JobSpec, queue: str, burst_session_id: str, now: float) -> t.Job:
-    """(none) -> PENDING: the record a validated, admitted spec is stored as."""
+def new_record(
+    *,
+    job_id: str,
+    tenant_id: str,
+    spec: t.JobSpec,
+    queue: str,
+    burst_session_id: str,
+    now: float,
+    trace_parent: str = "",
+) -> t.Job:
+    """(none) -> PENDING: the record a validated, admitted spec is stored as (in the trace of its submit)."""
     return t.Job(
         job_id=job_id,
         tenant_id=tenant_id,
@@ -56,6 +65,7 @@ def new_record(*, job_id: str, tenant_id: str, spec: t.JobSpec, queue: str, burs
         waiting_reason=QUEUED,
         queue=queue,
         burst_session_id=burst_session_id,
+        trace_parent=trace_parent,
     )
 
 
@@ -96,6 +106,7 @@ def new_assignment(job: t.Job, now: float) -> t.Assignment:
         spec=job.spec,
         assign_time=ts(now),
         job=job,
+        trace_parent=job.trace_parent,
     )
 
 

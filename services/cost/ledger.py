@@ -9,6 +9,8 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
+from opentelemetry import trace
+
 from jobmesh.common.v1 import types_pb2 as t
 from libs.clock import Clock
 from libs.config import MeshConfig
@@ -16,6 +18,7 @@ from libs.errors import JobMeshError
 from libs.etcd.client import Compare, RequestOp, TxnResult, WatchEvent, cmp_missing, op_get, op_put
 from libs.keys import Keys
 from libs.lifecycle.codec import decode_job
+from libs.telemetry import job_span
 from services.cost.daily import Cell, DailyCost, daily_cell
 from services.cost.idle import Allocation, daily_shares
 from services.cost.metrics import CostMetrics
@@ -30,6 +33,7 @@ from services.cost.records import (
 )
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("jobmesh.cost")
 
 # Records per create-only transaction (one compare and one put each; etcd allows 128 of either).
 WRITE_CHUNK = 32
@@ -64,6 +68,7 @@ class CostLedger:
         self.metrics = metrics
         self.records: dict[str, CostRecord] = {}  # record key -> durable record
         self.pending: dict[str, CostRecord] = {}  # record key -> ended attempt whose record is not written yet
+        self._traces: dict[str, str] = {}  # record key -> its job's trace (Job.trace_parent), while pending
         self.running: dict[str, t.Job] = {}  # job key -> job whose current attempt has not ended
         self._by_day: dict[tuple[str, str], int] = {}  # (tenant, UTC day) -> micros of durable records
         self._base: dict[str, int] = {}  # record key -> its price without burst premium, for idle cost
@@ -186,6 +191,7 @@ class CostLedger:
             key = self.keys.cost_record(job.tenant_id, job.job_id, attempt.attempt)
             if key not in self.records and key not in self.pending:
                 self.pending[key] = record_for_attempt(job, attempt, self.config)
+                self._traces[key] = job.trace_parent
                 new.append(key)
         self.metrics.unrecorded.set(len(self.pending))
         return new
@@ -205,6 +211,9 @@ class CostLedger:
             if len(chunk) == 1 or not await self._write_together(chunk):
                 for key in chunk:
                     await self._write_one(key)
+        # The traces of attempts another writer recorded (their records came back through the informer).
+        for key in [k for k in self._traces if k not in self.pending]:
+            del self._traces[key]
         self.metrics.unrecorded.set(len(self.pending))
         return len(self.pending)
 
@@ -226,6 +235,9 @@ class CostLedger:
 
     def _charged(self, key: str, record: CostRecord) -> None:
         # We wrote it (the records informer may have handed it back to us already).
+        trace_parent = self._traces.pop(key, "")
+        with job_span(_tracer, "charge attempt", trace_parent, job_id=record.job_id, attempt=record.attempt) as span:
+            span.set_attribute("cost_micros", record.cost_micros)
         self._remember(key, record)
         self.metrics.records.inc()
         self.metrics.charged.labels(record.tenant_id, record.pool_id).inc(record.cost_micros)

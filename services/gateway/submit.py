@@ -12,7 +12,7 @@ from jobmesh.quota.v1 import quota_pb2 as qt
 from libs.clock import Clock
 from libs.config import MeshConfig
 from libs.jobs import new_job_id, validate_spec
-from libs.telemetry import job_id_var
+from libs.telemetry import current_traceparent, job_id_var
 from services.gateway.budgets import BudgetGate
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class SubmitSaga:
         validate_spec(spec, self.config, now)
         await self.budgets.check(tenant_id)
         # A submission, not a record: the queueing service creates the record from it (libs/lifecycle).
-        job = t.Job(job_id=new_job_id(now), tenant_id=tenant_id, spec=spec)
+        job = t.Job(job_id=new_job_id(now), tenant_id=tenant_id, spec=spec, trace_parent=current_traceparent())
         job_id_var.set(job.job_id)
         reserved = await self.quota.reserve(
             qt.ReserveRequest(tenant_id=tenant_id, job_id=job.job_id, resources=spec.resources, burst=spec.burst)

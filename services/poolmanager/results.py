@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from opentelemetry import trace
+
 from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
 from libs.batching import GroupCommit
@@ -19,12 +21,13 @@ from libs.lifecycle.codec import decode_assignment
 from libs.lifecycle.store import JobStore
 from libs.lifecycle.transitions import RESULT_REASONS
 from libs.lifecycle.txns import Completion
-from libs.telemetry import job_id_var, tenant_id_var
+from libs.telemetry import job_id_var, job_span, tenant_id_var
 from services.poolmanager.binding import ResultBounds, ResultOutOfRange, check_result_numbers
 from services.poolmanager.metrics import RegistryMetrics
 from services.poolmanager.outcomes import JobOutcomes
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("jobmesh.poolmanager")
 
 # Ended attempts remembered until their assignment's delete is seen (a bound, not a working set).
 _ENDED_KEPT = 10_000
@@ -113,8 +116,9 @@ class ResultRecorder(UsesRegistryParts):
         tenant_id_var.set(request.tenant_id)
         if request.reason not in RESULT_REASONS:
             raise InvalidArgument("reason", f"must be one of {sorted(RESULT_REASONS)}")
-        bounds = await self._result_bounds(request)
-        if bounds is None:  # no such assignment: stale, as the transaction would find
+        held = await self.held(request.worker_id, request.job_id)
+        bounds = self._result_bounds(held) if held is not None else None
+        if held is None or bounds is None:  # no such assignment: stale, as the transaction would find
             log.warning("rejected stale result for attempt %d from %s", request.attempt, request.worker_id)
             return False
         try:
@@ -123,7 +127,15 @@ class ResultRecorder(UsesRegistryParts):
             log.warning("refused a result from worker %s: %s", request.worker_id, err.message)
             self.metrics.refusals.labels("ReportResult", err.reason).inc()
             raise
-        pool = await self.results.submit(
+        with job_span(_tracer, "record result", held.trace_parent, job_id=request.job_id, attempt=request.attempt):
+            pool = await self._submit(request)
+        if pool is None:
+            log.warning("rejected stale result for attempt %d from %s", request.attempt, request.worker_id)
+            return False
+        return True
+
+    async def _submit(self, request: pm.ReportResultRequest) -> str | None:
+        return await self.results.submit(
             Completion(
                 request.tenant_id,
                 request.job_id,
@@ -139,10 +151,6 @@ class ResultRecorder(UsesRegistryParts):
                 request.unhealthy_reason,
             )
         )
-        if pool is None:
-            log.warning("rejected stale result for attempt %d from %s", request.attempt, request.worker_id)
-            return False
-        return True
 
     async def held(self, worker_id: str, job_id: str) -> t.Assignment | None:
         """The assignment `worker_id` holds for `job_id`, if any."""
@@ -155,12 +163,8 @@ class ResultRecorder(UsesRegistryParts):
         key = self.keys.assignment(worker_id, job_id)
         return self.assignments.cache.get(key) or await self.etcd.get(key)
 
-    async def _result_bounds(self, request: pm.ReportResultRequest) -> ResultBounds | None:
-        """What the attempt being reported could have used, from the assignment the worker holds (None: it holds
-        none for that job)."""
-        held = await self.held(request.worker_id, request.job_id)
-        if held is None:
-            return None
+    def _result_bounds(self, held: t.Assignment) -> ResultBounds | None:
+        """What the attempt being reported could have used, from the assignment the worker holds."""
         pool = self.config.pool(held.job.pool_id)
         if pool is None:
             return None

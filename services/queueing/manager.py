@@ -20,6 +20,7 @@ from libs.keys import Keys
 from libs.lifecycle.codec import decode_job
 from libs.lifecycle.routing import assign_queue, queue_of
 from libs.lifecycle.transitions import may_start, new_record
+from libs.telemetry import checked_traceparent
 from services.queueing.fairqueue import LaneTags, Placement, QueueItem, WeightedFairQueue, job_cost
 from services.queueing.metrics import QueueMetrics, QueueShape, ShareWindow
 from services.queueing.reasons import DEADLINE_MISSED, waiting_reason
@@ -220,6 +221,7 @@ class QueueManager:
             queue=assign_queue(submitted.spec, self.config.pools),
             burst_session_id=submitted.burst_session_id,
             now=self.clock.now(),
+            trace_parent=checked_traceparent(submitted.trace_parent),
         )
 
     async def enqueue(self, submitted: t.Job) -> tuple[t.Job, bool]:

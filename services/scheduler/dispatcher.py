@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from opentelemetry import trace
+
 from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.queueing.v1 import queueing_pb2 as q
 from libs.batching import chunks
@@ -14,11 +16,13 @@ from libs.etcd.election import LeaderElection, Leadership
 from libs.keys import Keys
 from libs.lifecycle import txns
 from libs.lifecycle.txns import Txn
+from libs.telemetry import job_span
 from services.scheduler.capacity import Capacity
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.placement import Candidate
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("jobmesh.scheduler")
 
 # Jobs per dispatch transaction: up to 4 compares each (+ the fence) stay under etcd's default of 128 per list;
 # and at most TXN_BYTES of values, however large the specs.
@@ -99,6 +103,9 @@ class Dispatcher:
 
     def _dispatched(self, d: Dispatch) -> None:
         job = d.job
+        with job_span(_tracer, "dispatch", job.trace_parent, job_id=job.job_id, attempt=job.attempt) as span:
+            span.set_attribute("worker_id", d.worker.worker_id)
+            span.set_attribute("pool_id", d.worker.pool_id)
         self.dispatched += 1
         self.metrics.dispatched.labels(d.worker.pool_id).inc()
         self.metrics.allocation.observe(max(d.now - job.create_time.ToNanoseconds() / 1e9, 0.0))

@@ -10,6 +10,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, replace
 
 import grpc
+from opentelemetry import trace
 
 from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
@@ -17,6 +18,7 @@ from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
 from libs.interceptors import channel
 from libs.lifecycle.transitions import INTERRUPTED
 from libs.settings import TlsSettings
+from libs.telemetry import job_span
 from services.worker.executor import (
     REASON_EXITED,
     REASON_KILLED,
@@ -31,6 +33,7 @@ from services.worker.health import HealthCheck
 from services.worker.logship import LogShipper
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("jobmesh.worker")
 
 # After its drain grace, what a stopping worker may still take: stopping its jobs (the executor's kill grace),
 # then reporting them (an acknowledgement on the stream, else calls for up to a lease's TTL). Kubernetes gives a
@@ -364,7 +367,10 @@ class WorkerAgent:
         shipper = LogShipper(self._append_log, self.worker.worker_id, a.job_id, a.attempt)
         spec = replace(spec, output=shipper.write)
         try:
-            result = await executor.run(spec)
+            with job_span(_tracer, "run job", a.trace_parent, job_id=a.job_id, attempt=a.attempt) as span:
+                result = await executor.run(spec)
+                span.set_attribute("reason", result.reason)
+                span.set_attribute("exit_code", result.exit_code)
         except Exception as exc:  # never leave an attempt unreported: the job would sit RUNNING for ever
             log.exception("the executor failed", extra=extra)
             result = ExecResult(
