@@ -16,6 +16,8 @@ import psutil
 
 from libs.auth import issue_token
 from libs.config import load_config
+from libs.etcd.client import Etcd, cmp_missing, op_put
+from libs.keys import Keys
 from libs.launcher import REPO, Ports, Stack
 
 FIXTURE_CONFIG = REPO / "tests" / "fixtures" / "mesh.toml"
@@ -44,6 +46,16 @@ def without_sandbox(config: Path, dest: Path) -> Path:
     path = dest / f"{config.stem}-unsandboxed.toml"
     path.write_text(text)
     return path
+
+
+async def stand_in_quota_term(etcd: Etcd, prefix: str = "/jobmesh") -> int:
+    """For a test or bench that plays the gateway without a quota service: a quota leader key (no lease: it stays)
+    whose create revision is the admission fence its enqueues carry (the current key's, if one exists)."""
+    key = Keys(prefix).leader("quota")
+    await etcd.txn([cmp_missing(key)], [op_put(key, b"stand-in")])
+    kv = await etcd.get(key)
+    assert kv is not None
+    return kv.create_revision
 
 
 def token(stack: Stack, tenant: str = "acme", admin: bool = False, ttl: int = 3600) -> str:

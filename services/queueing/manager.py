@@ -35,7 +35,7 @@ RECENTLY_GONE = 10_000  # removed jobs remembered, so a late echo of their creat
 
 
 class JobWriter(Protocol):
-    async def create(self, job: t.Job) -> tuple[t.Job, bool, int]: ...
+    async def create(self, job: t.Job, fence: int = 0) -> tuple[t.Job, bool, int]: ...
 
 
 class JobReader(Protocol):
@@ -204,13 +204,16 @@ class QueueManager:
             now=self.clock.now(),
         )
 
-    async def enqueue(self, submitted: t.Job) -> tuple[t.Job, bool]:
-        """Stores the record of a submission (durable before this returns), then queues it."""
+    async def enqueue(self, submitted: t.Job, quota_fence: int) -> tuple[t.Job, bool]:
+        """Stores the record of a submission (durable before this returns), then queues it. `quota_fence`: the
+        quota leader term that admitted it; the record is written only while that term lasts."""
+        if quota_fence <= 0:
+            raise InvalidArgument("quota_fence", "is required: the admission_fence of the job's quota reservation")
         job = self.new_job(submitted)
         self.stored.reserve(job.tenant_id)
         created = False
         try:
-            stored, created, revision = await self.writer.create(job)
+            stored, created, revision = await self.writer.create(job, quota_fence)
         finally:
             self.stored.release(job.tenant_id, job.job_id if created else None)
         if created:

@@ -82,28 +82,28 @@ def decode_lane(raw: dict[str, Any]) -> LaneTags:
     return LaneTags(float(raw["virtual_time"]), tenants)
 
 
-def _record_bytes(job: t.Job) -> int:
-    return job.ByteSize()
+def _record_bytes(item: tuple[t.Job, int]) -> int:
+    return item[0].ByteSize()
 
 
 class BatchingJobWriter:
-    """Creates job records durably; concurrent creates without an idempotency key share one etcd transaction
-    (a group commit, see libs/batching.py). Every caller is answered only after the transaction holding its
-    job succeeded."""
+    """Creates job records durably, each fenced by the quota term that admitted it (see JobStore.create);
+    concurrent creates without an idempotency key share one etcd transaction (a group commit, see
+    libs/batching.py). Every caller is answered only after the transaction holding its job succeeded."""
 
     def __init__(self, store: JobStore, max_batch: int = 64, batch_sizes: Histogram | None = None):
         self.store = store
         self.batch_sizes = batch_sizes
         self.batches = 0
         self.batched_jobs = 0
-        self._commit: GroupCommit[t.Job, tuple[t.Job, bool, int]] = GroupCommit(
+        self._commit: GroupCommit[tuple[t.Job, int], tuple[t.Job, bool, int]] = GroupCommit(
             self._write, max_batch, self._count, "queueing-batch-writer", size=_record_bytes
         )
 
-    async def create(self, job: t.Job) -> tuple[t.Job, bool, int]:
+    async def create(self, job: t.Job, fence: int = 0) -> tuple[t.Job, bool, int]:
         if job.spec.idempotency_key or self._commit.max_batch <= 1:
-            return await self.store.create(job)
-        return await self._commit.submit(job)
+            return await self.store.create(job, fence)
+        return await self._commit.submit((job, fence))
 
     def _count(self, size: int) -> None:
         self.batches += 1
@@ -111,5 +111,5 @@ class BatchingJobWriter:
         if self.batch_sizes is not None:
             self.batch_sizes.observe(size)
 
-    async def _write(self, batch: list[t.Job]) -> list[tuple[t.Job, bool, int] | Exception]:
-        return await self.store.create_many(batch)
+    async def _write(self, batch: list[tuple[t.Job, int]]) -> list[tuple[t.Job, bool, int] | Exception]:
+        return await self.store.create_many([job for job, _ in batch], [fence for _, fence in batch])

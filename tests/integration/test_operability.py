@@ -44,7 +44,8 @@ def ostack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @pytest.mark.parametrize("name", list(SERVICES))
 def test_each_service_answers_health_reflection_and_metrics(ostack: Stack, name: str) -> None:
-    proc = ostack.procs[name]
+    # An active/standby service is SERVING on its leader only (the standby answers NOT_SERVING for it).
+    proc = ostack.procs[ostack.wait_leader(name) if name in ostack.LEADER_SERVED else name]
     with ostack.channel(proc.port) as ch:
         health = health_pb2_grpc.HealthStub(ch)
         for service in ("", SERVICES[name]):

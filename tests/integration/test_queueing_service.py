@@ -24,7 +24,7 @@ from libs.keys import Keys
 from libs.launcher import Ports, Stack
 from libs.lifecycle.codec import decode_job
 from libs.lifecycle.transitions import apply_dispatch
-from tests.helpers import FIXTURE_CONFIG
+from tests.helpers import FIXTURE_CONFIG, stand_in_quota_term
 
 KEYS = Keys("/jobmesh")
 
@@ -100,7 +100,8 @@ class Client:
         self._connect()
 
     async def enqueue(self, job: t.Job) -> t.Job:
-        resp = await self.stub.Enqueue(q.EnqueueRequest(job=job), timeout=10)
+        fence = await stand_in_quota_term(self.etcd)
+        resp = await self.stub.Enqueue(q.EnqueueRequest(job=job, quota_fence=fence), timeout=10)
         assert resp.created
         return resp.job
 

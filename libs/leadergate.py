@@ -1,0 +1,139 @@
+"""Active/standby serving: one replica of a service serves it (the one that leads its etcd election), the other
+reports it NOT_SERVING, so that clients' health-checked load balancing (libs/interceptors.py `channel` with
+`health_service`) sends every call to the leader and moves over within milliseconds of a flip.
+
+A term is served only once the replica's informers have handled every write made before the term began (its
+leader key's create revision): the previous leader's last writes are then part of the state it decides on. Each
+call takes the term's token (`token()`), and every write it makes is fenced by it.
+
+Self-checks: the process's own health ("") goes NOT_SERVING and the process exits non-zero when the election
+task dies or an informer's task stopped, so a supervisor (the launcher, Kubernetes' liveness probe) restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from libs.errors import Unavailable
+from libs.etcd.election import LeaderElection, Leadership
+
+log = logging.getLogger(__name__)
+
+# Exit code of a replica whose self-check failed (the supervisor restarts it).
+SELF_CHECK_FAILED = 70
+
+
+class _Informer(Protocol):
+    name: str
+
+    async def wait_revision(self, revision: int, timeout: float = 10.0) -> None: ...
+
+    @property
+    def running(self) -> bool: ...
+
+
+class _Health(Protocol):
+    async def set_service_serving(self, name: str, serving: bool) -> None: ...
+
+
+def _exit_now(code: int) -> None:
+    logging.shutdown()
+    os._exit(code)
+
+
+class LeaderGate:
+    """Opens `service` on this replica's health while it leads and has caught up; closes it the moment it may not.
+    `on_term` is told each change of the term served (None: not serving), e.g. to drop in-memory state that
+    belongs to one term."""
+
+    def __init__(
+        self,
+        election: LeaderElection,
+        informers: Sequence[_Informer],
+        service: str,
+        on_term: Callable[[Leadership | None], None] = lambda _: None,
+        *,
+        catch_up_timeout: float = 10.0,
+        poll: float = 0.25,
+        exit_process: Callable[[int], None] = _exit_now,
+    ):
+        self.election = election
+        self.informers = list(informers)
+        self.service = service
+        self.on_term = on_term
+        self.catch_up_timeout = catch_up_timeout
+        self.poll = poll
+        self.exit_process = exit_process
+        self.serving: Leadership | None = None
+        self.failed = ""  # why a self-check failed, once one has
+
+    def token(self) -> Leadership:
+        """The term a call runs under; UNAVAILABLE (clients retry, health routing moves them to the leader) when
+        this replica does not serve one."""
+        lead = self.serving
+        if lead is None or lead != self.election.leadership:
+            raise Unavailable(f"this replica does not lead {self.service}; retry", reason="NOT_LEADER")
+        return lead
+
+    async def run(self, health: _Health) -> None:
+        """Follows the election until cancelled (or until a self-check fails: then the process exits)."""
+        try:
+            while True:
+                self.election.changed.clear()
+                await self._check_self(health)
+                if self.failed:
+                    return  # closed for good: the process is on its way out
+                lead = self.election.leadership
+                if lead != self.serving:
+                    await self._close(health)
+                    if lead is not None:
+                        await self._open(health, lead)
+                try:
+                    await asyncio.wait_for(self.election.changed.wait(), self.poll)
+                except TimeoutError:
+                    pass
+        finally:
+            self.serving = None
+
+    async def _open(self, health: _Health, lead: Leadership) -> None:
+        try:
+            await asyncio.gather(*(i.wait_revision(lead.revision, self.catch_up_timeout) for i in self.informers))
+        except TimeoutError as exc:
+            # Stay closed and try again: etcd is slow or away, which the election will notice too.
+            log.warning("not serving %s yet: %s", self.service, exc)
+            return
+        if self.election.leadership != lead:
+            return
+        self.on_term(lead)
+        self.serving = lead
+        await health.set_service_serving(self.service, True)
+        log.info("serving %s as the leader (term %d)", self.service, lead.revision)
+
+    async def _close(self, health: _Health) -> None:
+        if self.serving is None:
+            return
+        self.serving = None
+        await health.set_service_serving(self.service, False)
+        self.on_term(None)
+        log.warning("no longer serving %s (standby)", self.service)
+
+    async def _check_self(self, health: _Health) -> None:
+        task = self.election.task
+        if task is not None and task.done() and not task.cancelled():
+            await self._fail(health, f"election task ended: {task.exception()!r}")
+            return
+        for informer in self.informers:
+            if not informer.running:
+                await self._fail(health, f"informer {informer.name} stopped")
+                return
+
+    async def _fail(self, health: _Health, why: str) -> None:
+        self.failed = why
+        log.error("self-check failed, exiting to be restarted: %s", why)
+        await self._close(health)
+        await health.set_service_serving("", False)
+        self.exit_process(SELF_CHECK_FAILED)
