@@ -248,7 +248,6 @@ class TracingClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.Un
 # while one that is down is still answered UNAVAILABLE (503) soon. Only calls that reached no handler are
 # retried by gRPC; and every internal write is idempotent by its job id or key anyway.
 _RETRY_UNAVAILABLE = {
-    "name": [{}],
     "retryPolicy": {
         "maxAttempts": 5,
         "initialBackoff": "0.2s",
@@ -264,11 +263,17 @@ def service_config(*, retry: bool, health_service: str = "") -> str:
     (libs/leadergate.py), gRPC's client-side health checking of `health_service` under round robin: only the
     replica that reports it SERVING (the leader) gets calls, and a flip moves them over without a reconnect."""
     config: dict[str, object] = {}
+    method: dict[str, object] = {"name": [{}]}
     if retry:
-        config["methodConfig"] = [_RETRY_UNAVAILABLE]
+        method.update(_RETRY_UNAVAILABLE)
     if health_service:
         config["loadBalancingConfig"] = [{"round_robin": {}}]
         config["healthCheckConfig"] = {"serviceName": health_service}
+        # Between two leaders (up to the lease after a leader died) no replica serves: a call waits for the next
+        # one, within its own deadline, instead of failing at once.
+        method["waitForReady"] = True
+    if len(method) > 1:
+        config["methodConfig"] = [method]
     return json.dumps(config)
 
 

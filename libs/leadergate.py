@@ -45,6 +45,49 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
+class SelfCheck:
+    """What a supervisor acts on: when the election task died or an informer's task stopped, the process reports
+    NOT_SERVING (its own health and `services`) and exits with SELF_CHECK_FAILED to be restarted."""
+
+    def __init__(
+        self,
+        election: LeaderElection,
+        informers: Sequence[_Informer] = (),
+        services: Sequence[str] = (),
+        exit_process: Callable[[int], None] = _exit_now,
+    ):
+        self.election = election
+        self.informers = list(informers)
+        self.services = list(services)
+        self.exit_process = exit_process
+        self.failed = ""  # why, once it has
+
+    def problem(self) -> str:
+        task = self.election.task
+        if task is not None and task.done() and not task.cancelled():
+            return f"election task ended: {task.exception()!r}"
+        for informer in self.informers:
+            if not informer.running:
+                return f"informer {informer.name} stopped"
+        return ""
+
+    async def check(self, health: _Health) -> bool:
+        """True when the process is failing (and on its way out)."""
+        why = self.failed or self.problem()
+        if why and not self.failed:
+            self.failed = why
+            log.error("self-check failed, exiting to be restarted: %s", why)
+            for name in (*self.services, ""):
+                await health.set_service_serving(name, False)
+            self.exit_process(SELF_CHECK_FAILED)
+        return bool(why)
+
+    async def run(self, health: _Health, poll: float = 0.5) -> None:
+        """For a replica without a gated service (scheduler, pool-manager): checks until one fails."""
+        while not await self.check(health):
+            await asyncio.sleep(poll)
+
+
 class LeaderGate:
     """Opens `service` on this replica's health while it leads and has caught up; closes it the moment it may not.
     `on_term` is told each change of the term served (None: not serving), e.g. to drop in-memory state that
@@ -67,9 +110,8 @@ class LeaderGate:
         self.on_term = on_term
         self.catch_up_timeout = catch_up_timeout
         self.poll = poll
-        self.exit_process = exit_process
         self.serving: Leadership | None = None
-        self.failed = ""  # why a self-check failed, once one has
+        self.self_check = SelfCheck(election, informers, [service], exit_process)
 
     def token(self) -> Leadership:
         """The term a call runs under; UNAVAILABLE (clients retry, health routing moves them to the leader) when
@@ -84,8 +126,9 @@ class LeaderGate:
         try:
             while True:
                 self.election.changed.clear()
-                await self._check_self(health)
-                if self.failed:
+                if self.self_check.problem():
+                    self.serving = None  # no call runs under the term any more
+                    await self.self_check.check(health)
                     return  # closed for good: the process is on its way out
                 lead = self.election.leadership
                 if lead != self.serving:
@@ -120,20 +163,3 @@ class LeaderGate:
         await health.set_service_serving(self.service, False)
         self.on_term(None)
         log.warning("no longer serving %s (standby)", self.service)
-
-    async def _check_self(self, health: _Health) -> None:
-        task = self.election.task
-        if task is not None and task.done() and not task.cancelled():
-            await self._fail(health, f"election task ended: {task.exception()!r}")
-            return
-        for informer in self.informers:
-            if not informer.running:
-                await self._fail(health, f"informer {informer.name} stopped")
-                return
-
-    async def _fail(self, health: _Health, why: str) -> None:
-        self.failed = why
-        log.error("self-check failed, exiting to be restarted: %s", why)
-        await self._close(health)
-        await health.set_service_serving("", False)
-        self.exit_process(SELF_CHECK_FAILED)

@@ -21,6 +21,7 @@ from libs.etcd.election import LeaderElection
 from libs.etcd.informer import Informer
 from libs.interceptors import ServerInterceptor, channel
 from libs.keys import Keys
+from libs.leadergate import SelfCheck
 from libs.lifecycle.store import JobStore
 from libs.logstore import LogStore, log_store_from_settings
 from libs.meshpki import WorkerIssuer
@@ -250,6 +251,10 @@ async def run(settings: CommonSettings) -> None:
         asyncio.create_task(renew_worker_certificates(issuer, election), name="worker-certificates"),
         asyncio.create_task(shared.outcomes.flush_forever(), name="outcomes-flush"),
         asyncio.create_task(_history_pruner(shared, controller).run_forever(), name="scaling-history-pruning"),
+        # A dead election or informer is not a healthy standby: NOT_SERVING and exit, to be restarted.
+        asyncio.create_task(
+            SelfCheck(election, [assignments, workers], server.service_names).run(server), name="self-check"
+        ),
     ]
 
     async def stop() -> None:

@@ -17,6 +17,7 @@ from libs.etcd.election import LeaderElection
 from libs.etcd.informer import Informer
 from libs.interceptors import channel
 from libs.keys import Keys
+from libs.leadergate import SelfCheck
 from libs.server import start_server
 from libs.settings import CommonSettings
 from services.scheduler.scheduler import Scheduler, SchedulerMetrics
@@ -74,9 +75,12 @@ async def run(settings: CommonSettings) -> None:
     )
     election.start()
     loop_task = asyncio.create_task(scheduler.run(), name="scheduler-loop")
+    # Its informers run only while it leads; the election must never die unnoticed.
+    checking = asyncio.create_task(SelfCheck(election, services=server.service_names).run(server), name="self-check")
 
     async def stop() -> None:
         loop_task.cancel()
+        checking.cancel()
         await election.stop()
         for informer in (workers, assignments):
             await informer.stop()

@@ -9,7 +9,7 @@ import pytest
 
 from libs.errors import Unavailable
 from libs.etcd.election import Leadership
-from libs.leadergate import SELF_CHECK_FAILED, LeaderGate
+from libs.leadergate import SELF_CHECK_FAILED, LeaderGate, SelfCheck
 
 SERVICE = "jobmesh.quota.v1.QuotaService"
 
@@ -144,6 +144,24 @@ async def test_a_dead_election_or_informer_reports_not_serving_and_exits_to_be_r
         await settle()
         assert exits and exits[0] == SELF_CHECK_FAILED
         assert health.status[""] is False and health.status[SERVICE] is False
-        assert what in gate.failed
+        assert what in gate.self_check.failed
     finally:
         runner.cancel()
+
+
+@pytest.mark.asyncio
+async def test_a_replica_without_a_gated_service_fails_its_self_check_when_its_election_dies() -> None:
+    election, health = Election(), Health()
+    exits: list[int] = []
+    check = SelfCheck(election, exit_process=exits.append)  # type: ignore[arg-type]
+    runner = asyncio.create_task(check.run(health, poll=0.01))
+    await settle()
+    assert not runner.done() and exits == []
+
+    async def crash() -> None:
+        raise RuntimeError("boom")
+
+    election.task = asyncio.create_task(crash())
+    await settle()
+    assert runner.done() and exits == [SELF_CHECK_FAILED]
+    assert health.status == {"": False}
