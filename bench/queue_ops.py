@@ -205,12 +205,13 @@ def service(args: argparse.Namespace) -> dict[str, object]:
         try:
             stack.start_etcd()
             stack.wait_etcd(30)
-            stack.start_named("queueing")
-            stack.wait_healthy("queueing", 30)
+            stack.start_named("queueing-1")
+            stack.wait_healthy("queueing-1", 30)
             fence = asyncio.run(quota_term(stack))
-            target = f"127.0.0.1:{stack.ports.queueing}"
+            stack.wait_leader("queueing", 30)
+            target = f"127.0.0.1:{stack.ports.queueing[0]}"
             result = asyncio.run(enqueue_load(target, stack.identity("gateway"), args.callers, args.seconds, fence))
-            batches = batch_stats(stack.procs["queueing"].metrics_port)
+            batches = batch_stats(stack.procs["queueing-1"].metrics_port)
         finally:
             stack.stop()
     transactions = batches.get("count", 0.0)

@@ -1,5 +1,5 @@
-"""Starts and stops the whole mesh as local processes: etcd, six services (two quota, scheduler and pool-manager
-replicas), their workers and Envoy. Used by `jobmesh run` and by the integration and end-to-end tests.
+"""Starts and stops the whole mesh as local processes: etcd, six services (two quota, queueing, scheduler and
+pool-manager replicas), their workers and Envoy. Used by `jobmesh run` and by the integration and end-to-end tests.
 
 The launcher holds the dev PKI (`<data dir>/pki`, see libs/meshpki.py): it issues every process its certificate
 before starting it and renews them while it runs (a timer thread); every internal hop is mTLS, etcd included."""
@@ -74,7 +74,7 @@ class Ports:
     etcd_peer: int = 2380
     gateway: int = 50051
     quota: tuple[int, ...] = (50052, 50062)
-    queueing: int = 50053
+    queueing: tuple[int, ...] = (50053, 50063)
     scheduler: tuple[int, ...] = (50054, 50064)
     poolmanager: tuple[int, ...] = (50055, 50065)
     cost: int = 50056
@@ -89,7 +89,7 @@ class Ports:
             etcd_peer=free_port(),
             gateway=free_port(),
             quota=(free_port(), free_port()),
-            queueing=free_port(),
+            queueing=(free_port(), free_port()),
             scheduler=(free_port(), free_port()),
             poolmanager=(free_port(), free_port()),
             cost=free_port(),
@@ -171,7 +171,7 @@ class Stack:
             JOBMESH_DATA_DIR=str(self.data_dir),
             JOBMESH_ETCD_ENDPOINTS=addr(p.etcd),
             JOBMESH_QUOTA_ADDRS=",".join(addr(x) for x in p.quota),
-            JOBMESH_QUEUEING_ADDR=addr(p.queueing),
+            JOBMESH_QUEUEING_ADDRS=",".join(addr(x) for x in p.queueing),
             JOBMESH_COST_ADDR=addr(p.cost),
             JOBMESH_SCHEDULER_ADDRS=",".join(addr(x) for x in p.scheduler),
             JOBMESH_POOLMANAGER_ADDRS=",".join(addr(x) for x in p.poolmanager),
@@ -294,7 +294,8 @@ class Stack:
     SERVICES = (
         "quota-1",
         "quota-2",
-        "queueing",
+        "queueing-1",
+        "queueing-2",
         "cost",
         "scheduler-1",
         "scheduler-2",
@@ -303,7 +304,10 @@ class Stack:
         "gateway",
     )
     # Active/standby services (libs/leadergate.py): the replicas of each, and the gRPC service the leader serves.
-    LEADER_SERVED = {"quota": ("jobmesh.quota.v1.QuotaService", ("quota-1", "quota-2"))}
+    LEADER_SERVED = {
+        "quota": ("jobmesh.quota.v1.QuotaService", ("quota-1", "quota-2")),
+        "queueing": ("jobmesh.queueing.v1.QueueingService", ("queueing-1", "queueing-2")),
+    }
 
     def start_named(self, name: str) -> Proc:
         p = self.ports
@@ -319,10 +323,11 @@ class Stack:
         if name.startswith("poolmanager-"):
             i = int(name.rsplit("-", 1)[1]) - 1
             return self.start_service(name, "services.poolmanager", p.poolmanager[i], replica=name)
-        if name.startswith("quota-"):
-            i = int(name.rsplit("-", 1)[1]) - 1
-            return self.start_service(name, "services.quota", p.quota[i], replica=name)
-        port = {"queueing": p.queueing, "cost": p.cost, "gateway": p.gateway}[name]
+        for kind, ports in (("quota", p.quota), ("queueing", p.queueing)):
+            if name.startswith(f"{kind}-"):
+                i = int(name.rsplit("-", 1)[1]) - 1
+                return self.start_service(name, f"services.{kind}", ports[i], replica=name)
+        port = {"cost": p.cost, "gateway": p.gateway}[name]
         return self.start_service(name, f"services.{name}", port)
 
     def metrics_targets(self) -> str:

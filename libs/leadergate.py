@@ -13,12 +13,16 @@ task dies or an informer's task stopped, so a supervisor (the launcher, Kubernet
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
-from libs.errors import Unavailable
+import grpc
+
+from libs.errors import NotLeader, Unavailable
+from libs.etcd.client import Compare, RequestOp, TxnResult
 from libs.etcd.election import LeaderElection, Leadership
 
 log = logging.getLogger(__name__)
@@ -98,7 +102,7 @@ class LeaderGate:
         election: LeaderElection,
         informers: Sequence[_Informer],
         service: str,
-        on_term: Callable[[Leadership | None], None] = lambda _: None,
+        on_term: Callable[[Leadership | None], Awaitable[None] | None] = lambda _: None,
         *,
         catch_up_timeout: float = 10.0,
         poll: float = 0.25,
@@ -120,6 +124,22 @@ class LeaderGate:
         if lead is None or lead != self.election.leadership:
             raise Unavailable(f"this replica does not lead {self.service}; retry", reason="NOT_LEADER")
         return lead
+
+    async def fenced_txn(
+        self, compare: Sequence[Compare], success: Sequence[RequestOp], failure: Sequence[RequestOp] = ()
+    ) -> TxnResult:
+        """A transaction fenced by the term served now (etcd.txn's signature, for stores that take a committer):
+        UNAVAILABLE NOT_LEADER, which callers retry against the new leader, when that term is over."""
+        term = self.token()
+        try:
+            return await self.election.fenced_txn(compare, success, failure, token=term)
+        except NotLeader as exc:
+            raise Unavailable(f"{exc.message}; retry", reason="NOT_LEADER") from exc
+
+    def interceptor(self) -> grpc.aio.ServerInterceptor:
+        """Refuses every call to the gated service on a replica that does not serve it (innermost, so the refusal
+        is mapped like any domain error)."""
+        return _GateInterceptor(self)
 
     async def run(self, health: _Health) -> None:
         """Follows the election until cancelled (or until a self-check fails: then the process exits)."""
@@ -151,7 +171,11 @@ class LeaderGate:
             return
         if self.election.leadership != lead:
             return
-        self.on_term(lead)
+        started = self.on_term(lead)
+        if inspect.isawaitable(started):
+            await started
+        if self.election.leadership != lead:
+            return
         self.serving = lead
         await health.set_service_serving(self.service, True)
         log.info("serving %s as the leader (term %d)", self.service, lead.revision)
@@ -161,5 +185,45 @@ class LeaderGate:
             return
         self.serving = None
         await health.set_service_serving(self.service, False)
-        self.on_term(None)
+        ended = self.on_term(None)
+        if inspect.isawaitable(ended):
+            await ended
         log.warning("no longer serving %s (standby)", self.service)
+
+
+class _GateInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, gate: LeaderGate):
+        self.gate = gate
+        self.prefix = f"/{gate.service}/"
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(self.prefix):
+            return handler
+        gate = self.gate
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def gated_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                gate.token()
+                return await unary(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                gated_unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            stream = handler.unary_stream
+
+            async def gated_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                gate.token()
+                async for item in stream(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(
+                gated_stream, handler.request_deserializer, handler.response_serializer
+            )
+        return handler

@@ -86,6 +86,7 @@ async def start_server(
     options: Iterable[tuple[str, Any]] = (),
     reject_unknown_fields: bool = False,
     gated: Iterable[str] = (),
+    inner_interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
 ) -> ServiceServer:
     """Registers the given servicers (with their full service names) plus health and reflection, and starts.
     `reject_unknown_fields`: requests with fields their message does not define are refused (the public API).
@@ -93,7 +94,8 @@ async def start_server(
     mapping = ServerInterceptor(name, registry, reject_unknown_fields=reject_unknown_fields)
     server = grpc.aio.server(
         # Authorization first: a call the table does not allow runs nothing, not even the others' interceptors.
-        interceptors=[AuthorizationInterceptor(name, registry), *extra_interceptors, mapping],
+        # Inner ones (a leader gate) run inside the error mapping, so what they raise becomes a status as usual.
+        interceptors=[AuthorizationInterceptor(name, registry), *extra_interceptors, mapping, *inner_interceptors],
         options=[
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
             ("grpc.keepalive_permit_without_calls", 1),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -37,6 +38,35 @@ def start_stack(data_dir: Path, env: dict[str, str] | None = None, config: Path 
             if attempt == 1:
                 raise
     raise AssertionError("unreachable")
+
+
+def start_replicas(data_dir: Path, names: tuple[str, ...], kinds: tuple[str, ...], ttl: int = 2) -> Stack:
+    """etcd and the named processes only (e.g. the two replicas of an active/standby service), each healthy and
+    each of `kinds` with a leader; a short lease (`ttl` s) for failover tests."""
+    stack = Stack(
+        data_dir=data_dir, config_path=FIXTURE_CONFIG, ports=Ports.free(), env={"JOBMESH_LEADER_TTL": str(ttl)}
+    )
+    try:
+        stack.start_etcd()
+        stack.wait_etcd(30)
+        for name in names:
+            stack.start_named(name)
+        for name in names:
+            stack.wait_healthy(name, 30)
+        for kind in kinds:
+            stack.wait_leader(kind, 30)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+def resume_and_stop(stack: Stack) -> None:
+    """Stops a stack of `start_replicas`, SIGCONT first to any process a test left stopped."""
+    for proc in stack.procs.values():
+        if proc.alive():
+            os.kill(proc.pid, signal.SIGCONT)
+    stack.stop()
 
 
 def without_sandbox(config: Path, dest: Path) -> Path:

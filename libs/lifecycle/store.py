@@ -6,11 +6,11 @@ from __future__ import annotations
 import base64
 import builtins
 import logging
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 
 from jobmesh.common.v1 import types_pb2 as t
 from libs.errors import Conflict, FailedPrecondition, InvalidArgument, JobMeshError, NotFound, Unavailable
-from libs.etcd.client import Etcd, KeyValue, TxnResult, op_get
+from libs.etcd.client import Compare, Etcd, KeyValue, RequestOp, TxnResult, op_get
 from libs.etcd.informer import next_page_limit
 from libs.keys import Keys, safe_segment
 from libs.lifecycle import txns
@@ -38,10 +38,23 @@ def _from_token(page_token: str) -> str:
     return after
 
 
+# Commits a transaction (etcd.txn's signature): etcd itself, or a leader's fenced commit.
+Commit = Callable[[Sequence[Compare], Sequence[RequestOp], Sequence[RequestOp]], Awaitable[TxnResult]]
+
+
 class JobStore:
-    def __init__(self, etcd: Etcd, keys: Keys, counted_pools: Collection[str] | None = None):
+    def __init__(
+        self,
+        etcd: Etcd,
+        keys: Keys,
+        counted_pools: Collection[str] | None = None,
+        *,
+        commit: Commit | None = None,
+    ):
         self.etcd = etcd
         self.keys = keys
+        # How creates and cancels are committed: fenced by its leadership for the queueing service.
+        self.commit: Commit = commit or etcd.txn
         # Pools whose workers' job counts matter (a max jobs per worker); None: count on every pool.
         self.counted_pools = None if counted_pools is None else frozenset(counted_pools)
 
@@ -52,7 +65,7 @@ class JobStore:
         txn, owner = txns.create_idempotent(self.keys, job, fence)
         failure = [owner] if owner is not None else []
         failure.append(op_get(self.keys.leader("quota")))
-        result = await self.etcd.txn(txn.compares, txn.ops, failure)
+        result = await self.commit(txn.compares, txn.ops, failure)
         if result.succeeded:
             return job, True, result.revision
         kvs = result.range_kvs(0) if owner is not None else []
@@ -75,7 +88,7 @@ class JobStore:
         is taken (astronomically rare) or a fence does not hold, each on its own, so only those fail."""
         fences = fences or [0] * len(jobs)
         txn = txns.create(self.keys, jobs, [f for f in fences if f])
-        result = await self.etcd.txn(txn.compares, txn.ops)
+        result = await self.commit(txn.compares, txn.ops, ())
         if result.succeeded:
             return [(job, True, result.revision) for job in jobs]
         outcomes: builtins.list[tuple[t.Job, bool, int] | Exception] = []
@@ -157,7 +170,7 @@ class JobStore:
             if job.state == t.JOB_STATE_RUNNING and job.worker_id:
                 assign_kv = await self.etcd.get(self.keys.assignment(job.worker_id, job.job_id))
             txn = txns.cancel(self.keys, job, revision, assign_kv, now)
-            if (await self.etcd.txn(txn.compares, txn.ops)).succeeded:
+            if (await self.commit(txn.compares, txn.ops, ())).succeeded:
                 return job
         raise Conflict(f"job {job_id} kept changing; retry the cancel")
 

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from jobmesh.cost.v1 import cost_pb2_grpc
 from jobmesh.gateway.v1 import gateway_pb2_grpc as gw
 from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
-from jobmesh.queueing.v1 import queueing_pb2_grpc
+from jobmesh.queueing.v1 import queueing_pb2, queueing_pb2_grpc
 from jobmesh.quota.v1 import quota_pb2, quota_pb2_grpc
 from libs.auth import TokenVerifier, key_paths, load_verification_keys
 from libs.clock import SystemClock
@@ -30,8 +30,9 @@ from services.gateway.servicer import (
 )
 from services.gateway.shedding import SubmitShedder
 
-# Served by the leading quota replica only: the gateway's calls follow its health (libs/leadergate.py).
+# Served by the leading quota (queueing) replica only: the gateway's calls follow its health (libs/leadergate.py).
 QUOTA_SERVICE = quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name
+QUEUEING_SERVICE = queueing_pb2.DESCRIPTOR.services_by_name["QueueingService"].full_name
 
 # The API's OpenAPI document, served at /api/v1/openapi.yaml (JOBMESH_OPENAPI_PATH to serve another file).
 OPENAPI = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
@@ -62,7 +63,8 @@ async def run(settings: CommonSettings) -> None:
     tls = settings.tls
     channels = [
         channel(peers.quota, tls, health_service=QUOTA_SERVICE),
-        *(channel(p, tls) for p in (peers.queueing, peers.poolmanager, peers.cost)),
+        channel(peers.queueing, tls, health_service=QUEUEING_SERVICE),
+        *(channel(p, tls) for p in (peers.poolmanager, peers.cost)),
     ]
     backends = Backends(
         quota=quota_pb2_grpc.QuotaServiceStub(channels[0]),

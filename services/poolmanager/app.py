@@ -43,6 +43,7 @@ from services.poolmanager.provider import LocalProcessProvider
 from services.poolmanager.registry import RegistryMetrics, WorkerRegistry
 
 REGISTRY_SERVICE = "jobmesh.poolmanager.v1.WorkerRegistryService"
+QUEUEING_SERVICE = "jobmesh.queueing.v1.QueueingService"  # served by its leading replica only
 POOLS_SERVICE = "jobmesh.poolmanager.v1.PoolManagerService"
 CERTIFICATES_SERVICE = "jobmesh.poolmanager.v1.WorkerCertificateService"
 
@@ -126,7 +127,7 @@ async def _shared(settings: CommonSettings) -> _Shared:
     etcd = Etcd.from_settings(settings.etcd)
     await etcd.wait_ready()
     keys = Keys(settings.etcd.prefix)
-    queueing = channel(settings.peers.queueing, settings.tls)
+    queueing = channel(settings.peers.queueing, settings.tls, health_service=QUEUEING_SERVICE)
     outcomes = JobOutcomes(etcd, keys, settings.server.replica_id)
     await outcomes.load()
     leader_ttl = settings.get_int("JOBMESH_LEADER_TTL", 5)

@@ -7,6 +7,7 @@ import heapq
 import logging
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -102,15 +103,22 @@ class QueueManager:
         self.finished: FinishedJobs | None = None  # set to have finished jobs deleted after their retention
         self.stored = StoredJobs(config.max_jobs_per_tenant)
         self._weights_lock = asyncio.Lock()
+        # Whether this replica leads (app.py sets it from its leader gate): a standby keeps its queue warm from the
+        # job records but records no missed deadline and saves no tags (the leader's writes are fenced anyway).
+        self.leading: Callable[[], bool] = lambda: True
 
     # Start-up ----------------------------------------------------------------------------------------
 
     async def restore(self) -> None:
         """Before the rebuild from the job records: admins' weights and the last snapshot of the tags."""
+        await self.load_weights()
+        self.queue.restore(await self.state.load_tags())
+
+    async def load_weights(self) -> None:
+        """Admins' weights as stored (again when a standby takes over: the previous leader may have set some)."""
         for tenant_id, weight in (await self.state.load_weights()).items():
             if 0 < weight <= MAX_WEIGHT:
                 self.queue.set_weight(tenant_id, weight)
-        self.queue.restore(await self.state.load_tags())
 
     def finish_rebuild(self) -> None:
         """After the informer listed every job: tenants restored as backlogged with nothing queued go idle."""
@@ -320,7 +328,8 @@ class QueueManager:
         now = self.clock.now()
         before = self.queue.version
         self.queue.promote(now)
-        await self._record_missed_deadlines(now)
+        if self.leading():
+            await self._record_missed_deadlines(now)
         if self.queue.version != before:
             await self._notify()
 
@@ -376,6 +385,8 @@ class QueueManager:
     async def run_snapshots(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
+            if not self.leading():
+                continue
             try:
                 await self.save_tags()
             except JobMeshError as exc:

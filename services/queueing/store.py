@@ -13,7 +13,7 @@ from libs.batching import GroupCommit
 from libs.etcd.client import Etcd, op_put
 from libs.keys import Keys
 from libs.lifecycle import txns
-from libs.lifecycle.store import JobStore
+from libs.lifecycle.store import Commit, JobStore
 from services.queueing.fairqueue import LaneTags, TenantTags
 
 log = logging.getLogger(__name__)
@@ -22,9 +22,10 @@ log = logging.getLogger(__name__)
 class QueueStateStore:
     """Tenant weights set by admins, and snapshots of the fair queue's tags, under {prefix}/queueing/."""
 
-    def __init__(self, etcd: Etcd, keys: Keys):
+    def __init__(self, etcd: Etcd, keys: Keys, commit: Commit | None = None):
         self.etcd = etcd
         self.keys = keys
+        self.commit: Commit = commit or etcd.txn  # the leader's fenced commit in the service
         self.weights_prefix = f"{keys.p}/queueing/weights/"
         self.tags_prefix = f"{keys.p}/queueing/tags/"
 
@@ -42,7 +43,7 @@ class QueueStateStore:
         return weights
 
     async def save_weight(self, tenant_id: str, weight: float) -> None:
-        await self.etcd.put(self.weight_key(tenant_id), repr(weight).encode())
+        await self.commit([], [op_put(self.weight_key(tenant_id), repr(weight).encode())], ())
 
     async def load_tags(self) -> dict[str, LaneTags]:
         kvs, _, _ = await self.etcd.get_prefix(self.tags_prefix)
@@ -58,12 +59,12 @@ class QueueStateStore:
         """All queues in one transaction, so a restart never mixes two snapshots."""
         ops = [op_put(self.tags_prefix + name, json.dumps(encode_lane(tags)).encode()) for name, tags in lanes.items()]
         if ops:
-            await self.etcd.txn([], ops)
+            await self.commit([], ops, ())
 
     async def mark_deadline_missed(self, job: t.Job, revision: int, now: float) -> bool:
         """Records on a still-pending job that its deadline passed; False when the record moved on meanwhile."""
         txn = txns.deadline_missed(self.keys, job, revision, now)
-        return (await self.etcd.txn(txn.compares, txn.ops)).succeeded
+        return (await self.commit(txn.compares, txn.ops, ())).succeeded
 
 
 def encode_lane(tags: LaneTags) -> dict[str, Any]:

@@ -86,7 +86,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         try:
             await self.election.fenced_txn([], ops, token=term)
         except NotLeader as exc:
-            raise Unavailable(f"quota leadership changed: {exc.message}; retry", reason="NOT_LEADER") from exc
+            raise Unavailable(f"{exc.message}; retry", reason="NOT_LEADER") from exc
 
     async def Reserve(self, request: q.ReserveRequest, context: grpc.aio.ServicerContext) -> q.ReserveResponse:
         term = self.gate.token()

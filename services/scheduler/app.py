@@ -23,6 +23,7 @@ from libs.settings import CommonSettings
 from services.scheduler.scheduler import Scheduler, SchedulerMetrics
 
 SERVICE = "jobmesh.scheduler.v1.SchedulerService"
+QUEUEING_SERVICE = "jobmesh.queueing.v1.QueueingService"  # served by its leading replica only
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
@@ -47,7 +48,7 @@ async def run(settings: CommonSettings) -> None:
     etcd = Etcd.from_settings(settings.etcd)
     await etcd.wait_ready()
     keys = Keys(settings.etcd.prefix)
-    queueing = channel(settings.peers.queueing, settings.tls)
+    queueing = channel(settings.peers.queueing, settings.tls, health_service=QUEUEING_SERVICE)
     election = LeaderElection(
         etcd, keys.leader("scheduler"), settings.server.replica_id, ttl=settings.get_int("JOBMESH_LEADER_TTL", 5)
     )

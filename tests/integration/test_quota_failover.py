@@ -7,7 +7,7 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -23,8 +23,8 @@ from jobmesh.quota.v1 import quota_pb2 as qt
 from jobmesh.quota.v1 import quota_pb2_grpc
 from libs.jobs import new_job_id
 from libs.keys import Keys
-from libs.launcher import Ports, Stack
-from tests.helpers import FIXTURE_CONFIG, wait_for
+from libs.launcher import Stack
+from tests.helpers import resume_and_stop, start_replicas, wait_for
 
 KEYS = Keys("/jobmesh")
 REPLICAS = ("quota-1", "quota-2")
@@ -34,23 +34,11 @@ QUOTA = "jobmesh.quota.v1.QuotaService"
 @pytest.fixture()
 def pair(tmp_path: Path) -> Iterator[Stack]:
     """etcd, the queueing service and two quota replicas (a 2 s lease), nothing else: the test plays the gateway."""
-    stack = Stack(
-        data_dir=tmp_path / "stack", config_path=FIXTURE_CONFIG, ports=Ports.free(), env={"JOBMESH_LEADER_TTL": "2"}
-    )
+    stack = start_replicas(tmp_path / "stack", ("queueing-1", *REPLICAS), ("quota", "queueing"))
     try:
-        stack.start_etcd()
-        stack.wait_etcd(30)
-        for name in ("queueing", *REPLICAS):
-            stack.start_named(name)
-        for name in ("queueing", *REPLICAS):
-            stack.wait_healthy(name, 30)
-        stack.wait_leader("quota", 30)
         yield stack
     finally:
-        for name in REPLICAS:  # never leave a stopped process behind
-            if name in stack.procs and stack.procs[name].alive():
-                stack.kill(name, signal.SIGCONT)
-        stack.stop()
+        resume_and_stop(stack)
 
 
 def reason_of(err: grpc.RpcError) -> str:
@@ -60,6 +48,18 @@ def reason_of(err: grpc.RpcError) -> str:
         if detail.Unpack(info):
             return info.reason
     return ""
+
+
+def outcomes_of(*calls: Callable[[], object]) -> list[str]:
+    """Each call's outcome, in order: "OK" or "CODE:REASON:message"."""
+    out = []
+    for call in calls:
+        try:
+            call()
+            out.append("OK")
+        except grpc.RpcError as err:
+            out.append(f"{err.code().name}:{reason_of(err)}:{err.details()}")
+    return out
 
 
 def reservation(job_id: str) -> qt.ReserveRequest:
@@ -75,9 +75,9 @@ class AsGateway:
     """Blocking stubs, as the gateway's identity, to each quota replica by its own port and to queueing."""
 
     def __init__(self, stack: Stack):
-        self.channels = {name: stack.channel(stack.procs[name].port, "gateway") for name in (*REPLICAS, "queueing")}
+        self.channels = {name: stack.channel(stack.procs[name].port, "gateway") for name in (*REPLICAS, "queueing-1")}
         self.quota = {name: quota_pb2_grpc.QuotaServiceStub(self.channels[name]) for name in REPLICAS}
-        self.queueing = queueing_pb2_grpc.QueueingServiceStub(self.channels["queueing"])
+        self.queueing = queueing_pb2_grpc.QueueingServiceStub(self.channels["queueing-1"])
 
     def close(self) -> None:
         for ch in self.channels.values():
@@ -154,17 +154,11 @@ def test_two_quota_leaders_cannot_both_admit_and_a_paused_leader_cannot_write_af
         update = qt.UpdateQuotaRequest(tenant_id="globex", limits=common_quota.QuotaLimits(concurrent_jobs=1))
         burst = qt.RequestBurstRequest(tenant_id="globex", cpu_millis=100, memory_mb=64, duration_seconds=60)
         late_job = new_job_id(time.time())
-        outcomes = []
-        for call in (
+        outcomes = outcomes_of(
             lambda: gw.quota[old].UpdateQuota(update, timeout=5),
             lambda: gw.quota[old].RequestBurst(burst, timeout=5),
             lambda: gw.enqueue(late_job, gw.quota[old].Reserve(reservation(late_job), timeout=5).admission_fence),
-        ):
-            try:
-                call()
-                outcomes.append("OK")
-            except grpc.RpcError as err:
-                outcomes.append(f"{err.code().name}:{reason_of(err)}:{err.details()}")
+        )
         assert all(o.startswith("UNAVAILABLE:") for o in outcomes), outcomes
         assert stored_limits(pair, "globex") == before  # nothing the old leader did landed
         assert pair.procs[old].alive()

@@ -25,8 +25,8 @@ OVERLAYS = ("dev", "prod")
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 LEADER_ELECTED = ("scheduler", "pool-manager")
 # Two replicas, the leader alone serves (libs/leadergate.py), a disruption budget of one.
-ACTIVE_STANDBY = ("quota",)
-SINGLE_WRITERS = ("queueing", "cost")
+ACTIVE_STANDBY = ("quota", "queueing")
+SINGLE_WRITERS = ("cost",)
 # Created by the operator, not by the manifests (docs/kubernetes.md): the identity provider's keys.
 EXTERNAL_SECRETS = {"jobmesh-jwt-keys", "jobmesh-join-static-general"}
 # The mesh's certificates: made by the cert-manager component or by `jobmesh pki k8s-secrets` (docs/kubernetes.md,

@@ -1,6 +1,6 @@
-"""SIGKILL of the quota leader on the whole stack while jobs are submitted at a steady rate through Envoy: the
-standby takes over within the lease, no accepted job is lost or run twice, usage returns to 0, and the supervisor
-starts the killed process again (as the standby)."""
+"""SIGKILL of the quota or the queueing leader on the whole stack while jobs are submitted at a steady rate through
+Envoy: the standby takes over within the lease, no accepted job is lost or run twice, quota usage returns to 0, and
+the supervisor starts the killed process again."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import threading
 import time
 
 import httpx
+import pytest
 from prometheus_client import CollectorRegistry
 
 from libs.launcher import Stack
@@ -36,12 +37,13 @@ def submit_steadily(stack: Stack, answers: list[tuple[float, int, str]], start: 
             answers.append((sent, resp.status_code, ident))
 
 
-def test_killing_the_quota_leader_under_steady_submits_loses_nothing_and_it_comes_back(fresh_stack: Stack) -> None:
+@pytest.mark.parametrize("kind", ["quota", "queueing"])
+def test_killing_a_leader_under_steady_submits_loses_nothing_and_it_comes_back(fresh_stack: Stack, kind: str) -> None:
     stack = fresh_stack
     said: list[str] = []
     policy = RestartPolicy(initial_backoff=0.2, max_backoff=1.0)
     sup = Supervisor(StackProcesses(stack), time.monotonic, policy, CollectorRegistry(), said.append)
-    leader = stack.wait_leader("quota")
+    leader = stack.wait_leader(kind)
     old_pid = stack.procs[leader].pid
     answers: list[tuple[float, int, str]] = []
     start = time.monotonic()
@@ -65,7 +67,7 @@ def test_killing_the_quota_leader_under_steady_submits_loses_nothing_and_it_come
     assert late and all(status == 200 for _, status, _ in late), [a for a in late if a[1] != 200]
     # The supervisor started the killed replica again (it may have won the vacancy as well as the standby:
     # both wait for the dead leader's key to go).
-    stack.wait_leader("quota", 10)
+    stack.wait_leader(kind, 10)
     assert stack.procs[leader].alive() and stack.procs[leader].pid != old_pid
     assert any(line.startswith(f"{leader} restarted") for line in said), said
     stack.wait_healthy(leader, 60)
