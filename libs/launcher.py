@@ -291,17 +291,19 @@ class Stack:
         proc.port = self.ports.console
         return self._spawn(proc)
 
+    # In this order the processes get their metrics ports (metrics_base + n): the second quota and queueing
+    # replicas come last, so the others keep the ports they had (observability/prometheus/prometheus.yml).
     SERVICES = (
         "quota-1",
-        "quota-2",
         "queueing-1",
-        "queueing-2",
         "cost",
         "scheduler-1",
         "scheduler-2",
         "poolmanager-1",
         "poolmanager-2",
         "gateway",
+        "quota-2",
+        "queueing-2",
     )
     # Active/standby services (libs/leadergate.py): the replicas of each, and the gRPC service the leader serves.
     LEADER_SERVED = {
