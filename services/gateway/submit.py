@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 # A submit admitted by a quota leader that lost its term before the job was stored is admitted again by the new
 # leader: at most this many tries (a second failover within one submit is the only reason for a third).
 ADMISSION_ATTEMPTS = 3
+# Refusals that mean "nothing was stored, a leader changed": ADMISSION_FENCED (the admitting quota term ended),
+# NOT_LEADER (the queueing replica lost its term before its fenced create committed).
+_AGAIN = frozenset({"ADMISSION_FENCED", "NOT_LEADER"})
 
 
 class Reservations(Protocol):
@@ -55,10 +58,10 @@ class SubmitSaga:
                 stored = await self._admit_and_enqueue(job, written)
                 break
             except JobMeshError as err:
-                # Admitted by a quota leader that was deposed before the job was stored: the new leader decides.
-                if err.reason != "ADMISSION_FENCED" or attempt == ADMISSION_ATTEMPTS:
+                # A leader was deposed before the job was stored: the new leaders admit and store it.
+                if err.reason not in _AGAIN or attempt == ADMISSION_ATTEMPTS:
                     raise
-                log.info("admission fenced (quota leadership changed); admitting again")
+                log.info("not stored (%s: a leader changed); admitting again", err.reason)
         if not stored.created:
             await self.quota.release(tenant_id, job.job_id)  # an idempotent replay: the first job holds the quota
         else:

@@ -120,3 +120,23 @@ async def test_a_refusal_other_than_the_fence_is_not_retried() -> None:
     with pytest.raises(Unavailable):
         await saga(quota, Queue(fail=True)).submit("acme", SpecBuilder().build())
     assert len(quota.reserved) == 1
+
+
+@pytest.mark.asyncio
+async def test_a_job_a_deposed_queueing_leader_could_not_store_is_stored_by_the_next_one() -> None:
+    quota = Quota()
+
+    class Deposed(Queue):
+        """The first enqueue reaches a queueing leader whose fenced create fails: its term is over."""
+
+        async def enqueue(self, request: q.EnqueueRequest) -> q.EnqueueResponse:
+            if not self.sent:
+                self.sent.append(request.job)
+                raise Unavailable("leadership of /jobmesh/leader/queueing was lost; retry", reason="NOT_LEADER")
+            return await super().enqueue(request)
+
+    queue = Deposed()
+    job = await saga(quota, queue).submit("acme", SpecBuilder().build())
+
+    assert [j.job_id for j in queue.sent] == [job.job_id, job.job_id]
+    assert quota.released == [job.job_id]  # the first reservation, given back before the second
