@@ -60,7 +60,7 @@ DENIED = (grpc.StatusCode.PERMISSION_DENIED, "CALLER_NOT_ALLOWED")
     [
         (
             "scheduler",
-            "queueing",
+            "queueing-1",
             lambda ch: queueing_pb2_grpc.QueueingServiceStub(ch).NextJobs(
                 queueing_pb2.NextJobsRequest(limit=1), timeout=5
             ),
@@ -68,7 +68,7 @@ DENIED = (grpc.StatusCode.PERMISSION_DENIED, "CALLER_NOT_ALLOWED")
         ),
         (
             "gateway",
-            "queueing",
+            "queueing-1",
             lambda ch: queueing_pb2_grpc.QueueingServiceStub(ch).NextJobs(
                 queueing_pb2.NextJobsRequest(limit=1), timeout=5
             ),
