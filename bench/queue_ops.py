@@ -28,7 +28,7 @@ import time
 import tracemalloc
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # normally on the venv's path already (jobmesh-dev.pth)
@@ -119,7 +119,8 @@ def engine(args: argparse.Namespace) -> dict[str, object]:
 # The service through gRPC and etcd -----------------------------------------------------------------------------------
 
 
-async def enqueue_load(target: str, tls: TlsSettings, callers: int, seconds: float) -> dict[str, object]:
+async def enqueue_load(target: str, tls: TlsSettings, callers: int, seconds: float, fence: int) -> dict[str, object]:
+    """Enqueues as the gateway does, each with `fence` as its quota admission (a stand-in quota term)."""
     import grpc
 
     from jobmesh.common.v1 import types_pb2 as t
@@ -150,7 +151,7 @@ async def enqueue_load(target: str, tls: TlsSettings, callers: int, seconds: flo
                 )
                 sent = time.perf_counter()
                 try:
-                    await stub.Enqueue(q.EnqueueRequest(job=job), timeout=10)
+                    await stub.Enqueue(q.EnqueueRequest(job=job, quota_fence=fence), timeout=10)
                     latencies.append(time.perf_counter() - sent)
                 except grpc.aio.AioRpcError:
                     errors += 1
@@ -180,6 +181,16 @@ def batch_stats(metrics_port: int) -> dict[str, float]:
     return values
 
 
+async def quota_term(stack: Any) -> int:
+    from tests.helpers import stand_in_quota_term
+
+    etcd = stack.etcd_client()
+    try:
+        return await stand_in_quota_term(etcd)
+    finally:
+        await etcd.close()
+
+
 def service(args: argparse.Namespace) -> dict[str, object]:
     from libs.launcher import Ports, Stack
     from tests.helpers import FIXTURE_CONFIG
@@ -194,12 +205,13 @@ def service(args: argparse.Namespace) -> dict[str, object]:
         try:
             stack.start_etcd()
             stack.wait_etcd(30)
-            stack.start_named("queueing")
-            stack.wait_healthy("queueing", 30)
-            result = asyncio.run(
-                enqueue_load(f"127.0.0.1:{stack.ports.queueing}", stack.identity("gateway"), args.callers, args.seconds)
-            )
-            batches = batch_stats(stack.procs["queueing"].metrics_port)
+            stack.start_named("queueing-1")
+            stack.wait_healthy("queueing-1", 30)
+            fence = asyncio.run(quota_term(stack))
+            stack.wait_leader("queueing", 30)
+            target = f"127.0.0.1:{stack.ports.queueing[0]}"
+            result = asyncio.run(enqueue_load(target, stack.identity("gateway"), args.callers, args.seconds, fence))
+            batches = batch_stats(stack.procs["queueing-1"].metrics_port)
         finally:
             stack.stop()
     transactions = batches.get("count", 0.0)

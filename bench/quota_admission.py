@@ -126,9 +126,10 @@ def main() -> int:
         try:
             stack.start_etcd()
             stack.wait_etcd(30)
-            stack.start_named("quota")
-            stack.wait_healthy("quota", 30)
-            target = f"127.0.0.1:{stack.ports.quota}"
+            stack.start_named("quota-1")
+            stack.wait_healthy("quota-1", 30)
+            stack.wait_leader("quota", 30)
+            target = f"127.0.0.1:{stack.ports.quota[0]}"
             tls = stack.identity("gateway")
             tenants = args.tenants.split(",")
             print("quota service up; unloaded latency (1 caller) ...", file=sys.stderr, flush=True)
@@ -137,7 +138,7 @@ def main() -> int:
             result = asyncio.run(run(target, tls, args.callers, args.count, args.seconds, tenants))
             result["unloaded_reserve_p50_ms"] = single["reserve_p50_ms"]
             result["unloaded_reserve_p99_ms"] = single["reserve_p99_ms"]
-            result["server_check_p99_ms"] = server_p99_ms(stack.procs["quota"].metrics_port)
+            result["server_check_p99_ms"] = server_p99_ms(stack.procs["quota-1"].metrics_port)
         finally:
             stack.stop()
     print(json.dumps(result))

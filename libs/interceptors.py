@@ -247,31 +247,49 @@ class TracingClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.Un
 # channel's longest reconnect backoff (2 s): a service that was just restarted is used as soon as it is back,
 # while one that is down is still answered UNAVAILABLE (503) soon. Only calls that reached no handler are
 # retried by gRPC; and every internal write is idempotent by its job id or key anyway.
-_RETRY_UNAVAILABLE = json.dumps(
-    {
-        "methodConfig": [
-            {
-                "name": [{}],
-                "retryPolicy": {
-                    "maxAttempts": 5,
-                    "initialBackoff": "0.2s",
-                    "maxBackoff": "1s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ]
-    }
-)
+_RETRY_UNAVAILABLE = {
+    "retryPolicy": {
+        "maxAttempts": 5,
+        "initialBackoff": "0.2s",
+        "maxBackoff": "1s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    },
+}
+
+
+def service_config(*, retry: bool, health_service: str = "") -> str:
+    """The channel's service config: retries of UNAVAILABLE (see above) and, for an active/standby service
+    (libs/leadergate.py), gRPC's client-side health checking of `health_service` under round robin: only the
+    replica that reports it SERVING (the leader) gets calls, and a flip moves them over without a reconnect."""
+    config: dict[str, object] = {}
+    method: dict[str, object] = {"name": [{}]}
+    if retry:
+        method.update(_RETRY_UNAVAILABLE)
+    if health_service:
+        config["loadBalancingConfig"] = [{"round_robin": {}}]
+        config["healthCheckConfig"] = {"serviceName": health_service}
+        # Between two leaders (up to the lease after a leader died) no replica serves: a call waits for the next
+        # one, within its own deadline, instead of failing at once.
+        method["waitForReady"] = True
+    if len(method) > 1:
+        config["methodConfig"] = [method]
+    return json.dumps(config)
 
 
 def channel(
-    target: str | tuple[str, ...], tls: TlsSettings, *, propagate: bool = True, fail_fast: bool = False
+    target: str | tuple[str, ...],
+    tls: TlsSettings,
+    *,
+    propagate: bool = True,
+    fail_fast: bool = False,
+    health_service: str = "",
 ) -> grpc.aio.Channel:
     """A client channel to another service (round-robin over several replicas) over mTLS as the identity in
     `tls` (renewed files are picked up by new calls), with trace propagation unless the caller has no trace to
     carry on (`propagate=False` spares every call the interceptor). A call that finds no connection is tried
-    again for a while, unless `fail_fast` (a caller that tries another replica itself, like a worker's heartbeat)."""
+    again for a while, unless `fail_fast` (a caller that tries another replica itself, like a worker's heartbeat).
+    With `health_service` (an active/standby service), calls go only to the replica serving it."""
     if isinstance(target, tuple):
         target = target[0] if len(target) == 1 else "ipv4:" + ",".join(target)
     return RenewingChannel(
@@ -287,6 +305,7 @@ def channel(
             ("grpc.lb_policy_name", "round_robin"),
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 2000),
-            *([] if fail_fast else [("grpc.service_config", _RETRY_UNAVAILABLE), ("grpc.enable_retries", 1)]),
+            ("grpc.service_config", service_config(retry=not fail_fast, health_service=health_service)),
+            *([] if fail_fast else [("grpc.enable_retries", 1)]),
         ],
     )

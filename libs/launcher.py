@@ -1,5 +1,5 @@
-"""Starts and stops the whole mesh as local processes: etcd, six services (two scheduler and pool-manager
-replicas), their workers and Envoy. Used by `jobmesh run` and by the integration and end-to-end tests.
+"""Starts and stops the whole mesh as local processes: etcd, six services (two quota, queueing, scheduler and
+pool-manager replicas), their workers and Envoy. Used by `jobmesh run` and by the integration and end-to-end tests.
 
 The launcher holds the dev PKI (`<data dir>/pki`, see libs/meshpki.py): it issues every process its certificate
 before starting it and renews them while it runs (a timer thread); every internal hop is mTLS, etcd included."""
@@ -73,8 +73,8 @@ class Ports:
     etcd: int = 2379
     etcd_peer: int = 2380
     gateway: int = 50051
-    quota: int = 50052
-    queueing: int = 50053
+    quota: tuple[int, ...] = (50052, 50062)
+    queueing: tuple[int, ...] = (50053, 50063)
     scheduler: tuple[int, ...] = (50054, 50064)
     poolmanager: tuple[int, ...] = (50055, 50065)
     cost: int = 50056
@@ -88,8 +88,8 @@ class Ports:
             etcd=free_port(),
             etcd_peer=free_port(),
             gateway=free_port(),
-            quota=free_port(),
-            queueing=free_port(),
+            quota=(free_port(), free_port()),
+            queueing=(free_port(), free_port()),
             scheduler=(free_port(), free_port()),
             poolmanager=(free_port(), free_port()),
             cost=free_port(),
@@ -170,8 +170,8 @@ class Stack:
             JOBMESH_CONFIG=str(self.config_path),
             JOBMESH_DATA_DIR=str(self.data_dir),
             JOBMESH_ETCD_ENDPOINTS=addr(p.etcd),
-            JOBMESH_QUOTA_ADDR=addr(p.quota),
-            JOBMESH_QUEUEING_ADDR=addr(p.queueing),
+            JOBMESH_QUOTA_ADDRS=",".join(addr(x) for x in p.quota),
+            JOBMESH_QUEUEING_ADDRS=",".join(addr(x) for x in p.queueing),
             JOBMESH_COST_ADDR=addr(p.cost),
             JOBMESH_SCHEDULER_ADDRS=",".join(addr(x) for x in p.scheduler),
             JOBMESH_POOLMANAGER_ADDRS=",".join(addr(x) for x in p.poolmanager),
@@ -292,7 +292,25 @@ class Stack:
         proc.port = self.ports.console
         return self._spawn(proc)
 
-    SERVICES = ("quota", "queueing", "cost", "scheduler-1", "scheduler-2", "poolmanager-1", "poolmanager-2", "gateway")
+    # In this order the processes get their metrics ports (metrics_base + n): the second quota and queueing
+    # replicas come last, so the others keep the ports they had (observability/prometheus/prometheus.yml).
+    SERVICES = (
+        "quota-1",
+        "queueing-1",
+        "cost",
+        "scheduler-1",
+        "scheduler-2",
+        "poolmanager-1",
+        "poolmanager-2",
+        "gateway",
+        "quota-2",
+        "queueing-2",
+    )
+    # Active/standby services (libs/leadergate.py): the replicas of each, and the gRPC service the leader serves.
+    LEADER_SERVED = {
+        "quota": ("jobmesh.quota.v1.QuotaService", ("quota-1", "quota-2")),
+        "queueing": ("jobmesh.queueing.v1.QueueingService", ("queueing-1", "queueing-2")),
+    }
 
     def start_named(self, name: str) -> Proc:
         p = self.ports
@@ -308,7 +326,11 @@ class Stack:
         if name.startswith("poolmanager-"):
             i = int(name.rsplit("-", 1)[1]) - 1
             return self.start_service(name, "services.poolmanager", p.poolmanager[i], replica=name)
-        port = {"quota": p.quota, "queueing": p.queueing, "cost": p.cost, "gateway": p.gateway}[name]
+        for kind, ports in (("quota", p.quota), ("queueing", p.queueing)):
+            if name.startswith(f"{kind}-"):
+                i = int(name.rsplit("-", 1)[1]) - 1
+                return self.start_service(name, f"services.{kind}", ports[i], replica=name)
+        port = {"cost": p.cost, "gateway": p.gateway}[name]
         return self.start_service(name, f"services.{name}", port)
 
     def metrics_targets(self) -> str:
@@ -386,6 +408,8 @@ class Stack:
         self.start_console()
         for name in self.SERVICES:
             self.wait_healthy(name, timeout)
+        for kind in self.LEADER_SERVED:
+            self.wait_leader(kind, timeout)
         self.wait_console(timeout)
         self.start_envoy()
         self.wait_envoy(timeout)
@@ -432,6 +456,31 @@ class Stack:
                 if time.monotonic() > end:
                     raise TimeoutError(f"{name} did not become healthy")
                 time.sleep(0.1)
+
+    def serving(self, name: str, service: str) -> bool:
+        """Whether process `name` answers SERVING for `service` (for an active/standby service: it leads)."""
+        try:
+            with self.channel(self.procs[name].port) as ch:
+                resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+        except grpc.RpcError:
+            return False
+        return resp.status == health_pb2.HealthCheckResponse.SERVING
+
+    def leader(self, kind: str) -> str | None:
+        """The replica of an active/standby service kind (e.g. "quota") that serves it now, if any."""
+        service, replicas = self.LEADER_SERVED[kind]
+        live = [n for n in replicas if n in self.procs and self.procs[n].alive()]
+        return next((n for n in live if self.serving(n, service)), None)
+
+    def wait_leader(self, kind: str, timeout: float = 60.0) -> str:
+        end = time.monotonic() + timeout
+        while True:
+            name = self.leader(kind)
+            if name is not None:
+                return name
+            if time.monotonic() > end:
+                raise TimeoutError(f"no {kind} replica became the leader")
+            time.sleep(0.05)
 
     def _console_client(self) -> ssl.SSLContext:
         """The launcher's own identity, to ask the console service (mTLS like every internal port) for health."""

@@ -36,11 +36,19 @@ class ServiceServer:
     port: int
     service_names: tuple[str, ...]
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Services served only while this replica leads (libs/leadergate.py opens them): not opened by `set_serving`.
+    gated: frozenset[str] = frozenset()
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *self.service_names):
-            await self.health.set(name, status)
+            if not (serving and name in self.gated):
+                await self.health.set(name, status)
+
+    async def set_service_serving(self, name: str, serving: bool) -> None:
+        """One service's health (what clients' health-checked load balancing routes by); "" is the process's."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(name, status)
 
     async def stop(self) -> None:
         # NOT_SERVING first so balancers and probes move away, then let in-flight RPCs finish.
@@ -77,13 +85,17 @@ async def start_server(
     extra_interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
     options: Iterable[tuple[str, Any]] = (),
     reject_unknown_fields: bool = False,
+    gated: Iterable[str] = (),
+    inner_interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
 ) -> ServiceServer:
     """Registers the given servicers (with their full service names) plus health and reflection, and starts.
-    `reject_unknown_fields`: requests with fields their message does not define are refused (the public API)."""
+    `reject_unknown_fields`: requests with fields their message does not define are refused (the public API).
+    `gated`: service names that stay NOT_SERVING until the caller opens them (served by the leader only)."""
     mapping = ServerInterceptor(name, registry, reject_unknown_fields=reject_unknown_fields)
     server = grpc.aio.server(
         # Authorization first: a call the table does not allow runs nothing, not even the others' interceptors.
-        interceptors=[AuthorizationInterceptor(name, registry), *extra_interceptors, mapping],
+        # Inner ones (a leader gate) run inside the error mapping, so what they raise becomes a status as usual.
+        interceptors=[AuthorizationInterceptor(name, registry), *extra_interceptors, mapping, *inner_interceptors],
         options=[
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
             ("grpc.keepalive_permit_without_calls", 1),
@@ -109,7 +121,9 @@ async def start_server(
     if settings.telemetry.metrics_port:
         start_http_server(settings.telemetry.metrics_port, addr=settings.server.host, registry=registry)
     await server.start()
-    svc = ServiceServer(name, settings, registry, server, health_servicer, port, tuple(names))
+    svc = ServiceServer(name, settings, registry, server, health_servicer, port, tuple(names), gated=frozenset(gated))
+    for gated_name in svc.gated:
+        await svc.set_service_serving(gated_name, False)
     await svc.set_serving(serving)
     log.info(
         "%s listening on %s:%d, mTLS (metrics :%d)", name, settings.server.host, port, settings.telemetry.metrics_port

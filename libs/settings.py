@@ -165,8 +165,8 @@ class ServerSettings:
 class PeerSettings:
     """Where the other services listen."""
 
-    quota: str = "127.0.0.1:50052"
-    queueing: str = "127.0.0.1:50053"
+    quota: tuple[str, ...] = ("127.0.0.1:50052",)  # active/standby replicas: calls go to the leader
+    queueing: tuple[str, ...] = ("127.0.0.1:50053",)  # active/standby replicas: calls go to the leader
     scheduler: tuple[str, ...] = ("127.0.0.1:50054",)
     poolmanager: tuple[str, ...] = ("127.0.0.1:50055",)
     cost: str = "127.0.0.1:50056"
@@ -178,8 +178,8 @@ class PeerSettings:
             return tuple(x.strip() for x in _env(env, name, default).split(",") if x.strip())
 
         return cls(
-            quota=_env(env, "JOBMESH_QUOTA_ADDR", "127.0.0.1:50052"),
-            queueing=_env(env, "JOBMESH_QUEUEING_ADDR", "127.0.0.1:50053"),
+            quota=many("JOBMESH_QUOTA_ADDRS", "127.0.0.1:50052"),
+            queueing=many("JOBMESH_QUEUEING_ADDRS", "127.0.0.1:50053"),
             scheduler=many("JOBMESH_SCHEDULER_ADDRS", "127.0.0.1:50054"),
             poolmanager=many("JOBMESH_POOLMANAGER_ADDRS", "127.0.0.1:50055"),
             cost=_env(env, "JOBMESH_COST_ADDR", "127.0.0.1:50056"),
@@ -195,7 +195,7 @@ KNOWN_VARIABLES = frozenset(
         *(f"{prefix}_{part}" for prefix in ("JOBMESH_TLS", "JOBMESH_ETCD_TLS") for part in _TLS_PARTS),
         *"""JOBMESH_CONFIG JOBMESH_DATA_DIR JOBMESH_PORT JOBMESH_HOST JOBMESH_GRACE_SECONDS JOBMESH_REPLICA_ID
         JOBMESH_LOG_LEVEL JOBMESH_METRICS_PORT JOBMESH_METRICS_TARGETS JOBMESH_OTEL_EXPORTER JOBMESH_OTEL_ENDPOINT
-        JOBMESH_ETCD_ENDPOINTS JOBMESH_ETCD_PREFIX JOBMESH_QUOTA_ADDR JOBMESH_QUEUEING_ADDR JOBMESH_SCHEDULER_ADDRS
+        JOBMESH_ETCD_ENDPOINTS JOBMESH_ETCD_PREFIX JOBMESH_QUOTA_ADDRS JOBMESH_QUEUEING_ADDRS JOBMESH_SCHEDULER_ADDRS
         JOBMESH_POOLMANAGER_ADDRS JOBMESH_COST_ADDR JOBMESH_LEADER_TTL JOBMESH_WORKER_LEASE_TTL JOBMESH_JWT_KEYS
         JOBMESH_RESULT_LINGER_MS JOBMESH_SCHEDULER_MIN_INTERVAL_MS JOBMESH_COST_RESCAN_EVERY
         JOBMESH_COST_RECORD_DELAY_SECONDS JOBMESH_COST_CYCLE_SECONDS JOBMESH_QUEUEING_START_SLACK_SECONDS

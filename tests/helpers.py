@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +17,8 @@ import psutil
 
 from libs.auth import issue_token
 from libs.config import load_config
+from libs.etcd.client import Etcd, cmp_missing, op_put
+from libs.keys import Keys
 from libs.launcher import REPO, Ports, Stack
 
 FIXTURE_CONFIG = REPO / "tests" / "fixtures" / "mesh.toml"
@@ -37,6 +40,35 @@ def start_stack(data_dir: Path, env: dict[str, str] | None = None, config: Path 
     raise AssertionError("unreachable")
 
 
+def start_replicas(data_dir: Path, names: tuple[str, ...], kinds: tuple[str, ...], ttl: int = 2) -> Stack:
+    """etcd and the named processes only (e.g. the two replicas of an active/standby service), each healthy and
+    each of `kinds` with a leader; a short lease (`ttl` s) for failover tests."""
+    stack = Stack(
+        data_dir=data_dir, config_path=FIXTURE_CONFIG, ports=Ports.free(), env={"JOBMESH_LEADER_TTL": str(ttl)}
+    )
+    try:
+        stack.start_etcd()
+        stack.wait_etcd(30)
+        for name in names:
+            stack.start_named(name)
+        for name in names:
+            stack.wait_healthy(name, 30)
+        for kind in kinds:
+            stack.wait_leader(kind, 30)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+def resume_and_stop(stack: Stack) -> None:
+    """Stops a stack of `start_replicas`, SIGCONT first to any process a test left stopped."""
+    for proc in stack.procs.values():
+        if proc.alive():
+            os.kill(proc.pid, signal.SIGCONT)
+    stack.stop()
+
+
 def without_sandbox(config: Path, dest: Path) -> Path:
     """A copy of `config` whose pools run jobs unsandboxed: for tests whose jobs leave marks on the host's file
     system as the witness of how often they ran, which a sandboxed job cannot reach (docs/security.md)."""
@@ -44,6 +76,16 @@ def without_sandbox(config: Path, dest: Path) -> Path:
     path = dest / f"{config.stem}-unsandboxed.toml"
     path.write_text(text)
     return path
+
+
+async def stand_in_quota_term(etcd: Etcd, prefix: str = "/jobmesh") -> int:
+    """For a test or bench that plays the gateway without a quota service: a quota leader key (no lease: it stays)
+    whose create revision is the admission fence its enqueues carry (the current key's, if one exists)."""
+    key = Keys(prefix).leader("quota")
+    await etcd.txn([cmp_missing(key)], [op_put(key, b"stand-in")])
+    kv = await etcd.get(key)
+    assert kv is not None
+    return kv.create_revision
 
 
 def token(stack: Stack, tenant: str = "acme", admin: bool = False, ttl: int = 3600) -> str:

@@ -48,6 +48,29 @@ class TxnResult:
         return [_kv(kv) for kv in self.responses[index].response_range.kvs]
 
 
+class WatchProgress:
+    """Asks a running watch where it is: `request()` makes etcd answer with the revision up to which the watch has
+    sent every event (`revision`, `heard` set on each answer). etcd answers only once the watch has caught up, so
+    a request may go unanswered: ask again."""
+
+    def __init__(self) -> None:
+        self.revision = 0
+        self.heard = asyncio.Event()
+        self._queue: asyncio.Queue[pb.WatchRequest] | None = None
+
+    def attach(self, queue: asyncio.Queue[pb.WatchRequest] | None) -> None:
+        self._queue = queue
+
+    def request(self) -> bool:
+        """False when no watch is running to ask."""
+        if self._queue is None:
+            return False
+        ask = pb.WatchRequest()
+        ask.progress_request.SetInParent()
+        self._queue.put_nowait(ask)
+        return True
+
+
 class WatchCompacted(Exception):
     """The revision a watch asked for was compacted away: the caller must list again."""
 
@@ -277,9 +300,14 @@ class Etcd:
             call.cancel()
         return 0
 
-    async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[WatchEvent]]:
-        """Batches of events under prefix from start_revision; raises WatchCompacted or Unavailable."""
+    async def watch(
+        self, prefix: str, start_revision: int, progress: WatchProgress | None = None
+    ) -> AsyncIterator[list[WatchEvent]]:
+        """Batches of events under prefix from start_revision; raises WatchCompacted or Unavailable. With
+        `progress`, the watch answers its requests with the revision it has sent every event up to."""
         queue: asyncio.Queue[pb.WatchRequest] = asyncio.Queue()
+        if progress is not None:
+            progress.attach(queue)
         await queue.put(
             pb.WatchRequest(
                 create_request=pb.WatchCreateRequest(
@@ -302,6 +330,11 @@ class Etcd:
                     raise WatchCompacted(resp.compact_revision)
                 if resp.canceled:
                     raise Unavailable(f"etcd watch cancelled: {resp.cancel_reason}", reason="STORE_UNAVAILABLE")
+                if not resp.events and not resp.created and progress is not None:
+                    # A progress notification: every event up to this revision was sent before it, and the
+                    # caller has handled those batches (this generator resumes only after it did).
+                    progress.revision = max(progress.revision, int(resp.header.revision))
+                    progress.heard.set()
                 if resp.events:
                     yield [
                         WatchEvent("delete" if ev.type == ev.DELETE else "put", _kv(ev.kv), ev.kv.mod_revision)
@@ -310,4 +343,6 @@ class Etcd:
         except grpc.aio.AioRpcError as exc:
             raise Unavailable(f"etcd watch: {exc.code().name}", reason="STORE_UNAVAILABLE") from exc
         finally:
+            if progress is not None:
+                progress.attach(None)
             call.cancel()

@@ -74,14 +74,25 @@ class LeaderElection:
         self.leadership = None
         self.changed.set()
 
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The campaign; done only after `stop` or when it died (see libs/leadergate.py, which acts on that)."""
+        return self._task
+
     async def _run(self) -> None:
-        while not self._resign:
-            try:
-                await self._campaign_once()
-            except Unavailable as exc:
-                log.warning("election %s: %s", self.key, exc)
-                self._lose()
-                await asyncio.sleep(0.5)
+        try:
+            while not self._resign:
+                try:
+                    await self._campaign_once()
+                except Unavailable as exc:
+                    log.warning("election %s: %s", self.key, exc)
+                    self._lose()
+                    await asyncio.sleep(0.5)
+        except Exception:
+            # Never silently: a replica whose campaign is dead must not look like a healthy standby.
+            log.exception("election %s died", self.key)
+            self._lose()
+            raise
 
     async def _campaign_once(self) -> None:
         lease_id = await self.etcd.grant(self.ttl)

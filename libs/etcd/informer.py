@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from libs.errors import Unavailable
-from libs.etcd.client import Etcd, KeyValue, WatchCompacted, WatchEvent
+from libs.etcd.client import Etcd, KeyValue, WatchCompacted, WatchEvent, WatchProgress
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class Informer:
         self.cache: dict[str, KeyValue] = {}
         self.revision = 0
         self.synced = asyncio.Event()
+        self.progress = WatchProgress()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -78,6 +79,27 @@ class Informer:
 
     async def wait_synced(self, timeout: float = 30.0) -> None:
         await asyncio.wait_for(self.synced.wait(), timeout)
+
+    @property
+    def caught_up_to(self) -> int:
+        """The revision up to which every change under the prefix has been handled."""
+        return max(self.revision, self.progress.revision) if self.synced.is_set() else 0
+
+    async def wait_revision(self, revision: int, timeout: float = 10.0) -> None:
+        """Returns once every change up to `revision` has been handled (e.g. all writes made before a leadership
+        began); TimeoutError otherwise."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while self.caught_up_to < revision:
+            left = end - loop.time()
+            if left <= 0:
+                raise TimeoutError(f"informer {self.name} did not reach revision {revision}")
+            self.progress.heard.clear()
+            self.progress.request()
+            try:
+                await asyncio.wait_for(self.progress.heard.wait(), min(left, 0.1))
+            except TimeoutError:
+                pass
 
     async def _emit(self, event: WatchEvent) -> WatchEvent:
         if event.kind == "put":
@@ -143,7 +165,7 @@ class Informer:
                     await self._list()
                     need_list = False
                     self.synced.set()
-                async for batch in self.etcd.watch(self.prefix, self.revision + 1):
+                async for batch in self.etcd.watch(self.prefix, self.revision + 1, self.progress):
                     backoff = 0.2
                     seen = []
                     for event in batch:

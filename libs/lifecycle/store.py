@@ -6,12 +6,12 @@ from __future__ import annotations
 import base64
 import builtins
 import logging
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 
 from jobmesh.common.v1 import types_pb2 as t
 from libs.config import RetryBackoff
-from libs.errors import Conflict, FailedPrecondition, InvalidArgument, JobMeshError, NotFound
-from libs.etcd.client import Etcd, KeyValue, TxnResult
+from libs.errors import Conflict, FailedPrecondition, InvalidArgument, JobMeshError, NotFound, Unavailable
+from libs.etcd.client import Compare, Etcd, KeyValue, RequestOp, TxnResult, op_get
 from libs.etcd.informer import next_page_limit
 from libs.keys import Keys, safe_segment
 from libs.lifecycle import txns
@@ -39,6 +39,10 @@ def _from_token(page_token: str) -> str:
     return after
 
 
+# Commits a transaction (etcd.txn's signature): etcd itself, or a leader's fenced commit.
+Commit = Callable[[Sequence[Compare], Sequence[RequestOp], Sequence[RequestOp]], Awaitable[TxnResult]]
+
+
 class JobStore:
     def __init__(
         self,
@@ -46,37 +50,55 @@ class JobStore:
         keys: Keys,
         counted_pools: Collection[str] | None = None,
         backoff: RetryBackoff = DEFAULT_BACKOFF,
+        *,
+        commit: Commit | None = None,
     ):
         self.etcd = etcd
         self.keys = keys
         # How long a retried job waits before its next attempt (the config's [retries] table).
         self.backoff = backoff
+        # How creates and cancels are committed: fenced by its leadership for the queueing service.
+        self.commit: Commit = commit or etcd.txn
         # Pools whose workers' job counts matter (a max jobs per worker); None: count on every pool.
         self.counted_pools = None if counted_pools is None else frozenset(counted_pools)
 
-    async def create(self, job: t.Job) -> tuple[t.Job, bool, int]:
-        """Stores a PENDING job; with an idempotency key already used, returns the first job instead."""
-        txn, owner = txns.create_idempotent(self.keys, job)
-        result = await self.etcd.txn(txn.compares, txn.ops, [owner] if owner is not None else ())
+    async def create(self, job: t.Job, fence: int = 0) -> tuple[t.Job, bool, int]:
+        """Stores a PENDING job; with an idempotency key already used, returns the first job instead. With
+        `fence` (the quota leader term that admitted it), only while that term lasts: UNAVAILABLE
+        ADMISSION_FENCED otherwise."""
+        txn, owner = txns.create_idempotent(self.keys, job, fence)
+        failure = [owner] if owner is not None else []
+        failure.append(op_get(self.keys.leader("quota")))
+        result = await self.commit(txn.compares, txn.ops, failure)
         if result.succeeded:
             return job, True, result.revision
         kvs = result.range_kvs(0) if owner is not None else []
         if kvs:
             first, revision = await self.get_with_revision(job.tenant_id, kvs[0].value.decode())
             return first, False, revision
+        if fence:
+            leader = result.range_kvs(len(failure) - 1)
+            if not leader or leader[0].create_revision != fence:
+                raise Unavailable(
+                    "the quota leader that admitted this job no longer leads; reserve again and retry",
+                    reason="ADMISSION_FENCED",
+                )
         raise Conflict("job id collision, retry")
 
-    async def create_many(self, jobs: builtins.list[t.Job]) -> builtins.list[tuple[t.Job, bool, int] | Exception]:
-        """Jobs without idempotency keys in one transaction; if an id is taken (astronomically rare), each on its
-        own, so only that one fails."""
-        txn = txns.create(self.keys, jobs)
-        result = await self.etcd.txn(txn.compares, txn.ops)
+    async def create_many(
+        self, jobs: builtins.list[t.Job], fences: builtins.list[int] | None = None
+    ) -> builtins.list[tuple[t.Job, bool, int] | Exception]:
+        """Jobs without idempotency keys in one transaction (each with its admission fence, see `create`); if an id
+        is taken (astronomically rare) or a fence does not hold, each on its own, so only those fail."""
+        fences = fences or [0] * len(jobs)
+        txn = txns.create(self.keys, jobs, [f for f in fences if f])
+        result = await self.commit(txn.compares, txn.ops, ())
         if result.succeeded:
             return [(job, True, result.revision) for job in jobs]
         outcomes: builtins.list[tuple[t.Job, bool, int] | Exception] = []
-        for job in jobs:
+        for job, fence in zip(jobs, fences, strict=True):
             try:
-                outcomes.append(await self.create(job))
+                outcomes.append(await self.create(job, fence))
             except Exception as exc:
                 outcomes.append(exc)
         return outcomes
@@ -152,7 +174,7 @@ class JobStore:
             if job.state == t.JOB_STATE_RUNNING and job.worker_id:
                 assign_kv = await self.etcd.get(self.keys.assignment(job.worker_id, job.job_id))
             txn = txns.cancel(self.keys, job, revision, assign_kv, now)
-            if (await self.etcd.txn(txn.compares, txn.ops)).succeeded:
+            if (await self.commit(txn.compares, txn.ops, ())).succeeded:
                 return job
         raise Conflict(f"job {job_id} kept changing; retry the cancel")
 

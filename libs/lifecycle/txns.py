@@ -15,6 +15,7 @@ from libs.etcd.client import (
     Compare,
     KeyValue,
     RequestOp,
+    cmp_create,
     cmp_missing,
     cmp_mod,
     cmp_none_under,
@@ -68,10 +69,13 @@ class Completion:
 # Create --------------------------------------------------------------------------------------------------------
 
 
-def create(keys: Keys, jobs: Sequence[t.Job]) -> Txn:
+def create(keys: Keys, jobs: Sequence[t.Job], fences: Iterable[int] = ()) -> Txn:
     """New PENDING records and their id index, each only if its id is free (no idempotency keys: see
-    `create_idempotent`)."""
+    `create_idempotent`), and only while the quota leader terms that admitted them (`fences`, their leader key's
+    create revisions) still lead: a deposed quota leader's admissions never land."""
     txn = Txn()
+    for fence in sorted(set(fences)):
+        txn.compares.append(cmp_create(keys.leader("quota"), fence))
     for job in jobs:
         key = keys.job(job.tenant_id, job.job_id)
         txn.compares.append(cmp_missing(key))
@@ -79,9 +83,9 @@ def create(keys: Keys, jobs: Sequence[t.Job]) -> Txn:
     return txn
 
 
-def create_idempotent(keys: Keys, job: t.Job) -> tuple[Txn, RequestOp | None]:
+def create_idempotent(keys: Keys, job: t.Job, fence: int = 0) -> tuple[Txn, RequestOp | None]:
     """`create` of one job that also claims its idempotency key; with a key, the op to read its owner on failure."""
-    txn = create(keys, [job])
+    txn = create(keys, [job], [fence] if fence else [])
     idem = job.spec.idempotency_key
     if not idem:
         return txn, None

@@ -9,8 +9,8 @@ from prometheus_client import CollectorRegistry
 from jobmesh.cost.v1 import cost_pb2_grpc
 from jobmesh.gateway.v1 import gateway_pb2_grpc as gw
 from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
-from jobmesh.queueing.v1 import queueing_pb2_grpc
-from jobmesh.quota.v1 import quota_pb2_grpc
+from jobmesh.queueing.v1 import queueing_pb2, queueing_pb2_grpc
+from jobmesh.quota.v1 import quota_pb2, quota_pb2_grpc
 from libs.auth import TokenVerifier, key_paths, load_verification_keys
 from libs.clock import SystemClock
 from libs.config import load_config
@@ -29,6 +29,10 @@ from services.gateway.servicer import (
     TenantsServicer,
 )
 from services.gateway.shedding import SubmitShedder
+
+# Served by the leading quota (queueing) replica only: the gateway's calls follow its health (libs/leadergate.py).
+QUOTA_SERVICE = quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name
+QUEUEING_SERVICE = queueing_pb2.DESCRIPTOR.services_by_name["QueueingService"].full_name
 
 # The API's OpenAPI document, served at /api/v1/openapi.yaml (JOBMESH_OPENAPI_PATH to serve another file).
 OPENAPI = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
@@ -57,7 +61,11 @@ async def run(settings: CommonSettings) -> None:
     auth = Authenticator(verifier)
     peers = settings.peers
     tls = settings.tls
-    channels = [channel(p, tls) for p in (peers.quota, peers.queueing, peers.poolmanager, peers.cost)]
+    channels = [
+        channel(peers.quota, tls, health_service=QUOTA_SERVICE),
+        channel(peers.queueing, tls, health_service=QUEUEING_SERVICE),
+        *(channel(p, tls) for p in (peers.poolmanager, peers.cost)),
+    ]
     backends = Backends(
         quota=quota_pb2_grpc.QuotaServiceStub(channels[0]),
         queueing=queueing_pb2_grpc.QueueingServiceStub(channels[1]),

@@ -44,6 +44,10 @@ from services.gateway.submit import SubmitSaga
 log = logging.getLogger(__name__)
 
 
+# How long a reservation may wait for a quota leader: longer than a failover (the lease, 5 s by default, plus the
+# takeover), so a submit during one is delayed, not refused (the channel waits for the next leader).
+QUOTA_FAILOVER_SECONDS = 10.0
+
 # Submits per batched call: bounded so that one call stays small (a job spec is at most a few KiB).
 _BATCH = 64
 
@@ -100,7 +104,7 @@ class Backends:
     async def _reserve_many(self, batch: list[_Traced[qt.ReserveRequest]]) -> list[qt.ReserveResponse | Exception]:
         with _batch_span("reserve", batch):
             request = qt.ReserveManyRequest(reservations=[r for r, _ in batch])
-            resp = await self.quota.ReserveMany(request, timeout=5.0)
+            resp = await self.quota.ReserveMany(request, timeout=QUOTA_FAILOVER_SECONDS)
         return [o.reserved if o.HasField("reserved") else from_item_error(o.error) for o in resp.outcomes]
 
     async def _enqueue_many(self, batch: list[_Traced[q.EnqueueRequest]]) -> list[q.EnqueueResponse | Exception]:

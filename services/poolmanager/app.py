@@ -21,6 +21,7 @@ from libs.etcd.election import LeaderElection
 from libs.etcd.informer import Informer
 from libs.interceptors import ServerInterceptor, channel
 from libs.keys import Keys
+from libs.leadergate import SelfCheck
 from libs.lifecycle.store import JobStore
 from libs.logstore import LogStore, log_store_from_settings
 from libs.meshpki import WorkerIssuer
@@ -42,6 +43,7 @@ from services.poolmanager.provider import LocalProcessProvider
 from services.poolmanager.registry import RegistryMetrics, WorkerRegistry
 
 REGISTRY_SERVICE = "jobmesh.poolmanager.v1.WorkerRegistryService"
+QUEUEING_SERVICE = "jobmesh.queueing.v1.QueueingService"  # served by its leading replica only
 POOLS_SERVICE = "jobmesh.poolmanager.v1.PoolManagerService"
 CERTIFICATES_SERVICE = "jobmesh.poolmanager.v1.WorkerCertificateService"
 
@@ -125,7 +127,7 @@ async def _shared(settings: CommonSettings) -> _Shared:
     etcd = Etcd.from_settings(settings.etcd)
     await etcd.wait_ready()
     keys = Keys(settings.etcd.prefix)
-    queueing = channel(settings.peers.queueing, settings.tls)
+    queueing = channel(settings.peers.queueing, settings.tls, health_service=QUEUEING_SERVICE)
     outcomes = JobOutcomes(etcd, keys, settings.server.replica_id)
     await outcomes.load()
     leader_ttl = settings.get_int("JOBMESH_LEADER_TTL", 5)
@@ -255,6 +257,10 @@ async def run(settings: CommonSettings) -> None:
         asyncio.create_task(renew_worker_certificates(issuer, election), name="worker-certificates"),
         asyncio.create_task(shared.outcomes.flush_forever(), name="outcomes-flush"),
         asyncio.create_task(_history_pruner(shared, controller).run_forever(), name="scaling-history-pruning"),
+        # A dead election or informer is not a healthy standby: NOT_SERVING and exit, to be restarted.
+        asyncio.create_task(
+            SelfCheck(election, [assignments, workers], server.service_names).run(server), name="self-check"
+        ),
     ]
 
     async def stop() -> None:

@@ -8,12 +8,14 @@ import logging
 from prometheus_client import CollectorRegistry
 
 from jobmesh.queueing.v1 import queueing_pb2_grpc
-from libs.clock import SystemClock
-from libs.config import load_config
+from libs.clock import Clock, SystemClock
+from libs.config import MeshConfig, load_config
 from libs.errors import JobMeshError
 from libs.etcd.client import Etcd, WatchEvent
+from libs.etcd.election import LeaderElection, Leadership
 from libs.etcd.informer import Informer
 from libs.keys import Keys
+from libs.leadergate import LeaderGate
 from libs.lifecycle.store import JobStore
 from libs.logstore import log_store_from_settings
 from libs.server import start_server
@@ -31,6 +33,43 @@ SERVICE = "jobmesh.queueing.v1.QueueingService"
 log = logging.getLogger(__name__)
 
 
+def _queue(
+    settings: CommonSettings,
+    config: MeshConfig,
+    own: QueueingSettings,
+    etcd: Etcd,
+    keys: Keys,
+    store: JobStore,
+    gate: LeaderGate,
+    metrics: QueueMetrics,
+    clock: Clock,
+) -> tuple[QueueManager, RetentionSweeper]:
+    """The queue and its retention sweeper, every write committed through the leader gate."""
+    manager = QueueManager(
+        writer=BatchingJobWriter(store, own.max_batch, metrics.batch_size),
+        reader=store,
+        state=QueueStateStore(etcd, keys, commit=gate.fenced_txn),
+        config=config,
+        clock=clock,
+        metrics=metrics,
+        settings=own,
+    )
+    manager.leading = lambda: gate.serving is not None
+    metrics.watch_shape(manager.shape)
+    manager.finished = FinishedJobs(keys, config.finished_job_retention_seconds)
+    logs = log_store_from_settings(str(settings.data_dir), settings.extra)
+    sweeper = RetentionSweeper(
+        etcd,
+        manager.finished,
+        clock,
+        own.retention_sweep_seconds,
+        logs,
+        commit=gate.fenced_txn,
+        may_run=manager.leading,
+    )
+    return manager, sweeper
+
+
 async def run(settings: CommonSettings) -> None:
     config = load_config(settings.config_path)
     own = QueueingSettings.from_common(settings)
@@ -39,21 +78,15 @@ async def run(settings: CommonSettings) -> None:
     etcd = Etcd.from_settings(settings.etcd)
     await etcd.wait_ready()
     keys = Keys(settings.etcd.prefix)
-    store = JobStore(etcd, keys)
-    metrics = QueueMetrics(registry)
-    manager = QueueManager(
-        writer=BatchingJobWriter(store, own.max_batch, metrics.batch_size),
-        reader=store,
-        state=QueueStateStore(etcd, keys),
-        config=config,
-        clock=clock,
-        metrics=metrics,
-        settings=own,
+    # Active/standby (docs/architecture.md): both replicas keep the queue warm from the job records; the leader
+    # alone serves, and every write it makes (creates, cancels, deadlines, tags, weights, deletions) is fenced.
+    election = LeaderElection(
+        etcd, keys.leader("queueing"), settings.server.replica_id, ttl=settings.get_int("JOBMESH_LEADER_TTL", 5)
     )
-    metrics.watch_shape(manager.shape)
-    manager.finished = FinishedJobs(keys, config.finished_job_retention_seconds)
-    logs = log_store_from_settings(str(settings.data_dir), settings.extra)
-    sweeper = RetentionSweeper(etcd, manager.finished, clock, own.retention_sweep_seconds, logs)
+    gate_informers: list[Informer] = []
+    gate = LeaderGate(election, gate_informers, SERVICE)
+    store = JobStore(etcd, keys, commit=gate.fenced_txn)
+    manager, sweeper = _queue(settings, config, own, etcd, keys, store, gate, QueueMetrics(registry), clock)
     # The queue is rebuilt before we serve: weights and tags from their snapshot, then every pending job.
     await manager.restore()
     watchers = JobWatchers()
@@ -65,9 +98,16 @@ async def run(settings: CommonSettings) -> None:
         activity.on_event(event)
 
     informer = Informer(etcd, keys.jobs, on_job_event, "jobs")
+    gate_informers.append(informer)
     informer.start()
     await informer.wait_synced()
     manager.finish_rebuild()
+
+    async def on_term(term: Leadership | None) -> None:
+        if term is not None:
+            await manager.load_weights()  # the previous leader may have changed some
+
+    gate.on_term = on_term
     timers = asyncio.create_task(manager.run_timers(), name="queueing-timers")
     snapshots = asyncio.create_task(manager.run_snapshots(own.snapshot_interval_seconds), name="queueing-tags")
     retention = asyncio.create_task(sweeper.run_forever(), name="queueing-retention")
@@ -77,16 +117,23 @@ async def run(settings: CommonSettings) -> None:
         settings,
         registry,
         [(lambda s: queueing_pb2_grpc.add_QueueingServiceServicer_to_server(servicer, s), SERVICE)],
+        gated=[SERVICE],
+        inner_interceptors=[gate.interceptor()],
     )
+    election.start()
+    gating = asyncio.create_task(gate.run(server), name="queueing-leader-gate")
 
     async def stop() -> None:
         for task in (timers, snapshots, retention):
             task.cancel()
+        if gate.serving is not None:
+            try:
+                await manager.save_tags()  # a graceful stop loses no tag: the next leader gives the same order
+            except JobMeshError as exc:
+                log.warning("could not save the fair-queue tags on the way out: %s", exc)
+        gating.cancel()
+        await election.stop()  # resign: the standby takes over at once
         await informer.stop()
-        try:
-            await manager.save_tags()  # a graceful stop loses no tag: the restart gives the same order
-        except JobMeshError as exc:
-            log.warning("could not save the fair-queue tags on the way out: %s", exc)
 
     server.on_stop.append(stop)
     try:

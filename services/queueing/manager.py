@@ -7,6 +7,7 @@ import heapq
 import logging
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -36,7 +37,7 @@ RECENTLY_GONE = 10_000  # removed jobs remembered, so a late echo of their creat
 
 
 class JobWriter(Protocol):
-    async def create(self, job: t.Job) -> tuple[t.Job, bool, int]: ...
+    async def create(self, job: t.Job, fence: int = 0) -> tuple[t.Job, bool, int]: ...
 
 
 class JobReader(Protocol):
@@ -113,15 +114,22 @@ class QueueManager:
         self.finished: FinishedJobs | None = None  # set to have finished jobs deleted after their retention
         self.stored = StoredJobs(config.max_jobs_per_tenant)
         self._weights_lock = asyncio.Lock()
+        # Whether this replica leads (app.py sets it from its leader gate): a standby keeps its queue warm from the
+        # job records but records no missed deadline and saves no tags (the leader's writes are fenced anyway).
+        self.leading: Callable[[], bool] = lambda: True
 
     # Start-up ----------------------------------------------------------------------------------------
 
     async def restore(self) -> None:
         """Before the rebuild from the job records: admins' weights and the last snapshot of the tags."""
+        await self.load_weights()
+        self.queue.restore(await self.state.load_tags())
+
+    async def load_weights(self) -> None:
+        """Admins' weights as stored (again when a standby takes over: the previous leader may have set some)."""
         for tenant_id, weight in (await self.state.load_weights()).items():
             if 0 < weight <= MAX_WEIGHT:
                 self.queue.set_weight(tenant_id, weight)
-        self.queue.restore(await self.state.load_tags())
 
     def finish_rebuild(self) -> None:
         """After the informer listed every job: tenants restored as backlogged with nothing queued go idle."""
@@ -224,13 +232,16 @@ class QueueManager:
             trace_parent=checked_traceparent(submitted.trace_parent),
         )
 
-    async def enqueue(self, submitted: t.Job) -> tuple[t.Job, bool]:
-        """Stores the record of a submission (durable before this returns), then queues it."""
+    async def enqueue(self, submitted: t.Job, quota_fence: int) -> tuple[t.Job, bool]:
+        """Stores the record of a submission (durable before this returns), then queues it. `quota_fence`: the
+        quota leader term that admitted it; the record is written only while that term lasts."""
+        if quota_fence <= 0:
+            raise InvalidArgument("quota_fence", "is required: the admission_fence of the job's quota reservation")
         job = self.new_job(submitted)
         self.stored.reserve(job.tenant_id)
         created = False
         try:
-            stored, created, revision = await self.writer.create(job)
+            stored, created, revision = await self.writer.create(job, quota_fence)
         finally:
             self.stored.release(job.tenant_id, job.job_id if created else None)
         if created:
@@ -351,7 +362,8 @@ class QueueManager:
         before = self.queue.version
         self._end_backoffs(now)
         self.queue.promote(now)
-        await self._record_missed_deadlines(now)
+        if self.leading():
+            await self._record_missed_deadlines(now)
         if self.queue.version != before:
             await self._notify()
 
@@ -423,6 +435,8 @@ class QueueManager:
     async def run_snapshots(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
+            if not self.leading():
+                continue
             try:
                 await self.save_tags()
             except JobMeshError as exc:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from jobmesh.common.v1 import types_pb2 as t
@@ -15,6 +16,7 @@ from libs.errors import JobMeshError
 from libs.etcd.client import Compare, Etcd, RequestOp
 from libs.keys import Keys
 from libs.lifecycle import txns
+from libs.lifecycle.store import Commit
 from libs.lifecycle.transitions import TERMINAL
 from libs.logstore import LogStore
 
@@ -66,15 +68,27 @@ class RetentionSweeper:
     """Deletes expired finished jobs, each only if its record has not changed since it was seen finished."""
 
     def __init__(
-        self, etcd: Etcd, finished: FinishedJobs, clock: Clock, interval: float = 30.0, logs: LogStore | None = None
+        self,
+        etcd: Etcd,
+        finished: FinishedJobs,
+        clock: Clock,
+        interval: float = 30.0,
+        logs: LogStore | None = None,
+        *,
+        commit: Commit | None = None,
+        may_run: Callable[[], bool] = lambda: True,
     ):
         self.etcd = etcd
+        self.commit: Commit = commit or etcd.txn  # the leader's fenced commit in the service
+        self.may_run = may_run  # a standby deletes nothing (its heap is kept: it may lead later)
         self.finished = finished
         self.clock = clock
         self.interval = interval
         self.logs = logs  # the jobs' output goes with their records
 
     async def sweep(self) -> int:
+        if not self.may_run():
+            return 0
         due = self.finished.due(self.clock.now())
         deleted = 0
         for first in range(0, len(due), DELETE_CHUNK):
@@ -87,10 +101,10 @@ class RetentionSweeper:
     async def _delete(self, chunk: list[Finished]) -> int:
         """All of the chunk in one transaction; when one of them changed (or is gone), one by one."""
         try:
-            if len(chunk) > 1 and (await self.etcd.txn(*self._plan(chunk))).succeeded:
+            if len(chunk) > 1 and (await self.commit(*self._plan(chunk), ())).succeeded:
                 deleted = chunk
             else:
-                deleted = [item for item in chunk if (await self.etcd.txn(*self._plan([item]))).succeeded]
+                deleted = [item for item in chunk if (await self.commit(*self._plan([item]), ())).succeeded]
         except JobMeshError as exc:
             log.warning("finished jobs not deleted (%s); retrying next sweep", exc.reason)
             self.finished.requeue(chunk)

@@ -44,7 +44,7 @@ class QueueingServicer(queueing_pb2_grpc.QueueingServiceServicer):
     async def Enqueue(self, request: q.EnqueueRequest, context: grpc.aio.ServicerContext) -> q.EnqueueResponse:
         job_id_var.set(request.job.job_id)
         tenant_id_var.set(request.job.tenant_id)
-        job, created = await self.manager.enqueue(request.job)
+        job, created = await self.manager.enqueue(request.job, request.quota_fence)
         return q.EnqueueResponse(job=job, created=created)
 
     async def EnqueueMany(
@@ -52,7 +52,7 @@ class QueueingServicer(queueing_pb2_grpc.QueueingServiceServicer):
     ) -> q.EnqueueManyResponse:
         """Stored together: the jobs' writes share the store's group commit."""
         results = await asyncio.gather(
-            *(self.manager.enqueue(item.job) for item in request.items), return_exceptions=True
+            *(self.manager.enqueue(item.job, item.quota_fence) for item in request.items), return_exceptions=True
         )
         outcomes = []
         for result in results:

@@ -11,8 +11,10 @@ from jobmesh.quota.v1 import quota_pb2_grpc
 from libs.clock import SystemClock
 from libs.config import QuotaLimits, load_config
 from libs.etcd.client import Etcd, WatchEvent
+from libs.etcd.election import LeaderElection, Leadership
 from libs.etcd.informer import Informer
 from libs.keys import Keys
+from libs.leadergate import LeaderGate
 from libs.lifecycle.codec import decode_job
 from libs.lifecycle.transitions import ACTIVE
 from libs.pruning import Entry, HistoryPruner, list_keys, time_from_key
@@ -126,25 +128,44 @@ async def run(settings: CommonSettings) -> None:
         informer.start()
     for informer in informers:
         await informer.wait_synced()
-    servicer = QuotaServicer(manager, etcd, keys, metrics)
+    # Active/standby: both replicas keep their state warm from etcd; the leader alone serves (docs/architecture.md).
+    election = LeaderElection(
+        etcd, keys.leader("quota"), settings.server.replica_id, ttl=settings.get_int("JOBMESH_LEADER_TTL", 5)
+    )
+
+    def on_term(term: Leadership | None) -> None:
+        manager.drop_reservations()  # a term's reservations are enqueued only while it lasts
+
+    gate = LeaderGate(election, informers, SERVICE, on_term)
+    servicer = QuotaServicer(manager, etcd, keys, metrics, election, gate)
     server = await start_server(
         "quota",
         settings,
         registry,
         [(lambda s: quota_pb2_grpc.add_QuotaServiceServicer_to_server(servicer, s), SERVICE)],
+        gated=[SERVICE],
     )
+    election.start()
+    gating = asyncio.create_task(gate.run(server), name="quota-leader-gate")
     gauges = asyncio.create_task(publish_gauges(manager, metrics))
     pruner = HistoryPruner(
         "burst-audit",
         lambda: audit_entries(etcd, keys),
-        etcd.txn,
+        election.fenced_txn,
         config.burst_audit,
         manager.clock,
         metrics.audit_pruned,
+        may_run=lambda: gate.serving is not None,
     )
     pruning = asyncio.create_task(pruner.run_forever(), name="burst-audit-pruning")
-    for informer in informers:
-        server.on_stop.append(informer.stop)
+
+    async def stop() -> None:
+        gating.cancel()
+        await election.stop()  # resign: the standby takes over at once
+        for informer in informers:
+            await informer.stop()
+
+    server.on_stop.append(stop)
     try:
         await server.serve_forever()
     finally:

@@ -251,6 +251,13 @@ class QuotaManager:
     def release(self, tenant_id: str, job_id: str) -> None:
         self._state(tenant_id).drop_reservation(job_id)
 
+    def drop_reservations(self) -> None:
+        """Forgets every in-flight reservation: at a change of leadership term, since what one term admitted is
+        enqueued only while that term lasts (the jobs that made it are in the store, hence in `live`)."""
+        for state in self._tenants.values():
+            for job_id in list(state.reserved):
+                state.drop_reservation(job_id)
+
     def observe(self, tenant_id: str, job_id: str, active: bool, holding: Holding | None) -> None:
         """Called for every job change seen in etcd: usage is derived from what is stored, so it cannot drift."""
         state = self._state(tenant_id)

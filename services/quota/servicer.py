@@ -11,10 +11,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from jobmesh.common.v1 import quota_pb2 as qt
 from jobmesh.quota.v1 import quota_pb2 as q
 from jobmesh.quota.v1 import quota_pb2_grpc
-from libs.errors import JobMeshError, ResourceExhausted, item_error
-from libs.etcd.client import Etcd
+from libs.errors import JobMeshError, NotLeader, ResourceExhausted, Unavailable, item_error
+from libs.etcd.client import Etcd, RequestOp, op_put
+from libs.etcd.election import LeaderElection, Leadership
 from libs.jobs import ts
 from libs.keys import Keys
+from libs.leadergate import LeaderGate
 from services.quota.manager import BurstSession, QuotaManager
 
 
@@ -59,19 +61,39 @@ def session_proto(s: BurstSession) -> qt.BurstSession:
 
 
 class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
-    def __init__(self, manager: QuotaManager, etcd: Etcd, keys: Keys, metrics: QuotaMetrics):
+    """Served by the leading replica only (`gate`): every call runs under its term, every write is fenced by it,
+    and each admission carries the term so that the enqueue can refuse a deposed leader's admissions."""
+
+    def __init__(
+        self,
+        manager: QuotaManager,
+        etcd: Etcd,
+        keys: Keys,
+        metrics: QuotaMetrics,
+        election: LeaderElection,
+        gate: LeaderGate,
+    ):
         self.manager = manager
         self.etcd = etcd
         self.keys = keys
         self.metrics = metrics
+        self.election = election
+        self.gate = gate
         # One implicit session at a time per tenant: concurrent burst submits wait for it and then join it.
         self._opening: dict[str, asyncio.Lock] = {}
 
-    async def Reserve(self, request: q.ReserveRequest, context: grpc.aio.ServicerContext) -> q.ReserveResponse:
-        await self._session_if_needed(request)
-        return self._reserve(request)
+    async def _fenced(self, ops: list[RequestOp], term: Leadership) -> None:
+        try:
+            await self.election.fenced_txn([], ops, token=term)
+        except NotLeader as exc:
+            raise Unavailable(f"{exc.message}; retry", reason="NOT_LEADER") from exc
 
-    async def _session_if_needed(self, request: q.ReserveRequest) -> None:
+    async def Reserve(self, request: q.ReserveRequest, context: grpc.aio.ServicerContext) -> q.ReserveResponse:
+        term = self.gate.token()
+        await self._session_if_needed(request, term)
+        return self._reserve(request, term)
+
+    async def _session_if_needed(self, request: q.ReserveRequest, term: Leadership) -> None:
         """A burst submit beyond the quota with no active session opens one (stored before it is used)."""
         res = request.resources
         args = (request.tenant_id, request.job_id, res.cpu_millis, res.memory_mb, request.burst)
@@ -80,16 +102,17 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         async with self._opening.setdefault(request.tenant_id, asyncio.Lock()):
             if self.manager.needs_session(*args):
                 self.manager.check_tenant(request.tenant_id)
-                await self._open(self.manager.session_at_submit(request.tenant_id))
+                await self._open(self.manager.session_at_submit(request.tenant_id), term)
 
     async def ReserveMany(
         self, request: q.ReserveManyRequest, context: grpc.aio.ServicerContext
     ) -> q.ReserveManyResponse:
+        term = self.gate.token()
         outcomes = []
         for item in request.reservations:
             try:
-                await self._session_if_needed(item)
-                outcomes.append(q.ReserveOutcome(reserved=self._reserve(item)))
+                await self._session_if_needed(item, term)
+                outcomes.append(q.ReserveOutcome(reserved=self._reserve(item, term)))
             except JobMeshError as err:
                 outcomes.append(q.ReserveOutcome(error=item_error(err)))
         return q.ReserveManyResponse(outcomes=outcomes)
@@ -99,6 +122,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
     ) -> q.CheckAdmissionResponse:
         """What Reserve would answer now, holding nothing: a burst job beyond the quota with no active session is
         admitted if the submit could open one."""
+        self.gate.token()
         r = request.reservation
         res = r.resources
         try:
@@ -115,7 +139,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
             return q.CheckAdmissionResponse(admitted=False, refusal=item_error(err))
         return q.CheckAdmissionResponse(admitted=True, burst=bool(session_id))
 
-    def _reserve(self, request: q.ReserveRequest) -> q.ReserveResponse:
+    def _reserve(self, request: q.ReserveRequest, term: Leadership) -> q.ReserveResponse:
         with self.metrics.latency.time():
             try:
                 session_id = self.manager.reserve(
@@ -129,9 +153,10 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
                 self.metrics.decisions.labels(request.tenant_id, "rejected", getattr(exc, "reason", "ERROR")).inc()
                 raise
         self.metrics.decisions.labels(request.tenant_id, "admitted", "BURST" if session_id else "QUOTA").inc()
-        return q.ReserveResponse(burst_session_id=session_id)
+        return q.ReserveResponse(burst_session_id=session_id, admission_fence=term.revision)
 
     async def Release(self, request: q.ReleaseRequest, context: grpc.aio.ServicerContext) -> q.ReleaseResponse:
+        self.gate.token()
         self.manager.release(request.tenant_id, request.job_id)
         return q.ReleaseResponse()
 
@@ -156,12 +181,14 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         return quota
 
     async def GetQuota(self, request: q.GetQuotaRequest, context: grpc.aio.ServicerContext) -> q.GetQuotaResponse:
+        self.gate.token()  # the standby's usage lacks the leader's in-flight reservations
         self.manager.check_tenant(request.tenant_id)
         return q.GetQuotaResponse(quota=self.quota(request.tenant_id))
 
     async def UpdateQuota(
         self, request: q.UpdateQuotaRequest, context: grpc.aio.ServicerContext
     ) -> q.UpdateQuotaResponse:
+        term = self.gate.token()
         lim = request.limits
         updated = self.manager.limits_after(
             request.tenant_id,
@@ -169,22 +196,19 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
             lim.memory_mb if lim.HasField("memory_mb") else None,
             lim.concurrent_jobs if lim.HasField("concurrent_jobs") else None,
         )
-        await self.etcd.put(
-            self.keys.quota_limits(request.tenant_id),
-            json.dumps(
-                {
-                    "cpu_millis": updated.cpu_millis,
-                    "memory_mb": updated.memory_mb,
-                    "concurrent_jobs": updated.concurrent_jobs,
-                }
-            ).encode(),
-        )
+        record = {
+            "cpu_millis": updated.cpu_millis,
+            "memory_mb": updated.memory_mb,
+            "concurrent_jobs": updated.concurrent_jobs,
+        }
+        await self._fenced([op_put(self.keys.quota_limits(request.tenant_id), json.dumps(record).encode())], term)
         self.manager.apply_limits(request.tenant_id, updated)  # stored first: a failed write changes nothing
         return q.UpdateQuotaResponse(quota=self.quota(request.tenant_id))
 
     async def RequestBurst(
         self, request: q.RequestBurstRequest, context: grpc.aio.ServicerContext
     ) -> q.RequestBurstResponse:
+        term = self.gate.token()
         session = self.manager.plan_burst(
             request.tenant_id,
             request.cpu_millis,
@@ -193,18 +217,21 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
             request.duration_seconds,
             request.requested_by,
         )
-        await self._open(session)
+        await self._open(session, term)
         return q.RequestBurstResponse(session=session_proto(session))
 
-    async def _open(self, session: BurstSession) -> None:
-        """Stores a claimed session (and its audit record), then opens it: a failed write opens nothing and gives
-        its claim back."""
+    async def _open(self, session: BurstSession, term: Leadership) -> None:
+        """Stores a claimed session and its audit record (together, fenced by the term), then opens it: a failed
+        write opens nothing and gives its claim back."""
         record = json.dumps(session.__dict__).encode()
         try:
             # The session key lives on a lease as long as the session, so etcd itself ends it on time.
             lease = await self.etcd.grant(max(1, int(session.expire - session.start) + 1))
-            await self.etcd.put(self.keys.burst_session(session.session_id), record, lease=lease)
-            await self.etcd.put(self.keys.burst_audit(int(session.start * 1000), session.session_id), record)
+            ops = [
+                op_put(self.keys.burst_session(session.session_id), record, lease),
+                op_put(self.keys.burst_audit(int(session.start * 1000), session.session_id), record),
+            ]
+            await self._fenced(ops, term)
         except BaseException:
             self.manager.drop_claim(session)
             raise

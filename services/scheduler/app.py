@@ -17,11 +17,13 @@ from libs.etcd.election import LeaderElection
 from libs.etcd.informer import Informer
 from libs.interceptors import channel
 from libs.keys import Keys
+from libs.leadergate import SelfCheck
 from libs.server import start_server
 from libs.settings import CommonSettings
 from services.scheduler.scheduler import Scheduler, SchedulerMetrics
 
 SERVICE = "jobmesh.scheduler.v1.SchedulerService"
+QUEUEING_SERVICE = "jobmesh.queueing.v1.QueueingService"  # served by its leading replica only
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
@@ -46,7 +48,7 @@ async def run(settings: CommonSettings) -> None:
     etcd = Etcd.from_settings(settings.etcd)
     await etcd.wait_ready()
     keys = Keys(settings.etcd.prefix)
-    queueing = channel(settings.peers.queueing, settings.tls)
+    queueing = channel(settings.peers.queueing, settings.tls, health_service=QUEUEING_SERVICE)
     election = LeaderElection(
         etcd, keys.leader("scheduler"), settings.server.replica_id, ttl=settings.get_int("JOBMESH_LEADER_TTL", 5)
     )
@@ -74,9 +76,12 @@ async def run(settings: CommonSettings) -> None:
     )
     election.start()
     loop_task = asyncio.create_task(scheduler.run(), name="scheduler-loop")
+    # Its informers run only while it leads; the election must never die unnoticed.
+    checking = asyncio.create_task(SelfCheck(election, services=server.service_names).run(server), name="self-check")
 
     async def stop() -> None:
         loop_task.cancel()
+        checking.cancel()
         await election.stop()
         for informer in (workers, assignments):
             await informer.stop()

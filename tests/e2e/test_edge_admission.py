@@ -147,11 +147,13 @@ def test_a_tenant_over_its_submit_rate_gets_429_while_another_tenant_and_its_rea
 
 def test_a_submit_beyond_the_in_flight_bound_is_shed_with_429_overloaded(edge_stack: Stack) -> None:
     initech = Api(edge_stack.url, token(edge_stack, "initech"))
-    queueing = edge_stack.procs["queueing"].pid
+    # Both queueing replicas stopped (the standby would otherwise take over within the lease).
+    queueing = [edge_stack.procs[n].pid for n in ("queueing-1", "queueing-2")]
     stats = "/stats?filter=jobmesh_gateway_submits.upstream_rq_active$"
     before = upstream_requests(edge_stack)
     # Queueing stopped: the bound's worth of submits wait in the gateway for their write.
-    os.kill(queueing, signal.SIGSTOP)
+    for pid in queueing:
+        os.kill(pid, signal.SIGSTOP)
     try:
         with concurrent.futures.ThreadPoolExecutor(INFLIGHT) as pool:
             held = [
@@ -164,10 +166,12 @@ def test_a_submit_beyond_the_in_flight_bound_is_shed_with_429_overloaded(edge_st
             )
             shed = initech.call("POST", "/api/v1/jobs", json=job_spec("one-too-many", ["true"]))
             code, info, retry = grpc_refusal(edge_stack, token(edge_stack, "initech"))
-            os.kill(queueing, signal.SIGCONT)
+            for pid in queueing:
+                os.kill(pid, signal.SIGCONT)
             held_statuses = [f.result(timeout=30).status_code for f in held]
     finally:
-        os.kill(queueing, signal.SIGCONT)
+        for pid in queueing:
+            os.kill(pid, signal.SIGCONT)
     assert shed.status_code == 429, shed.text
     assert int(shed.headers["retry-after"]) >= 1
     assert error_info(shed.json())["reason"] == "OVERLOADED"

@@ -60,7 +60,7 @@ DENIED = (grpc.StatusCode.PERMISSION_DENIED, "CALLER_NOT_ALLOWED")
     [
         (
             "scheduler",
-            "queueing",
+            "queueing-1",
             lambda ch: queueing_pb2_grpc.QueueingServiceStub(ch).NextJobs(
                 queueing_pb2.NextJobsRequest(limit=1), timeout=5
             ),
@@ -68,7 +68,7 @@ DENIED = (grpc.StatusCode.PERMISSION_DENIED, "CALLER_NOT_ALLOWED")
         ),
         (
             "gateway",
-            "queueing",
+            "queueing-1",
             lambda ch: queueing_pb2_grpc.QueueingServiceStub(ch).NextJobs(
                 queueing_pb2.NextJobsRequest(limit=1), timeout=5
             ),
@@ -76,7 +76,7 @@ DENIED = (grpc.StatusCode.PERMISSION_DENIED, "CALLER_NOT_ALLOWED")
         ),
         (
             "launcher",
-            "quota",
+            "quota-1",
             lambda ch: quota_pb2_grpc.QuotaServiceStub(ch).GetQuota(
                 quota_pb2.GetQuotaRequest(tenant_id="acme"), timeout=5
             ),
@@ -84,7 +84,7 @@ DENIED = (grpc.StatusCode.PERMISSION_DENIED, "CALLER_NOT_ALLOWED")
         ),
         (
             "scheduler",
-            "quota",
+            "quota-1",
             lambda ch: quota_pb2_grpc.QuotaServiceStub(ch).UpdateQuota(
                 quota_pb2.UpdateQuotaRequest(tenant_id="acme"), timeout=5
             ),
@@ -92,7 +92,7 @@ DENIED = (grpc.StatusCode.PERMISSION_DENIED, "CALLER_NOT_ALLOWED")
         ),
         (
             "gateway",
-            "quota",
+            "quota-1",
             lambda ch: quota_pb2_grpc.QuotaServiceStub(ch).GetQuota(
                 quota_pb2.GetQuotaRequest(tenant_id="acme"), timeout=5
             ),
@@ -238,7 +238,7 @@ def test_an_operator_mints_join_tokens_and_the_pool_manager_keeps_only_their_has
 
 def test_the_kubernetes_probe_checks_health_over_mtls_as_the_pods_identity(astack: Stack) -> None:
     identity = astack.identity("quota").env()
-    quota = str(astack.procs["quota"].port)
+    quota = str(astack.procs["quota-1"].port)
 
     assert run_module("libs.healthcheck", env={**identity, "JOBMESH_PORT": quota}).returncode == 0
     assert run_module("libs.healthcheck", env={**identity, "JOBMESH_PORT": "1"}).returncode == 1

@@ -108,9 +108,10 @@ def test_sigkill_of_the_queueing_service_loses_no_accepted_job(fresh_stack: Stac
     accepted: list[dict[str, object]] = []
     thread = submit_in_background(api, [marked(f"q{i}", marks) for i in range(40)], accepted)
     wait_for(lambda: len(accepted) >= 10, what="first submits")
-    fresh_stack.kill("queueing")
+    leader = fresh_stack.wait_leader("queueing")
+    fresh_stack.kill(leader)
     time.sleep(1.0)
-    fresh_stack.restart("queueing")
+    fresh_stack.restart(leader)
     thread.join(120)
     assert len(accepted) >= 10
     assert_each_ran_once(api, accepted, marks)

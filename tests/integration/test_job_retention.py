@@ -30,8 +30,9 @@ def queueing(tmp_path: Path) -> Iterator[Stack]:
     try:
         stack.start_etcd()
         stack.wait_etcd(30)
-        stack.start_named("queueing")
-        stack.wait_healthy("queueing", 30)
+        stack.start_named("queueing-1")
+        stack.wait_healthy("queueing-1", 30)
+        stack.wait_leader("queueing", 30)
         yield stack
     finally:
         stack.stop()

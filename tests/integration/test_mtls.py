@@ -32,7 +32,7 @@ from libs.settings import TlsSettings
 from libs.tls import RETIRE_AFTER_SECONDS, RenewingChannel, sync_channel
 from tests.helpers import Api, job_spec, start_stack, token, wait_for
 
-INTERNAL = ("gateway", "quota", "queueing", "scheduler-1", "poolmanager-1", "cost")
+INTERNAL = ("gateway", "quota-1", "quota-2", "queueing-1", "queueing-2", "scheduler-1", "poolmanager-1", "cost")
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_each_internal_port_refuses_every_caller_without_a_valid_mesh_certificat
 
 
 def test_a_refused_caller_writes_nothing_and_the_refusal_is_logged(mstack: Stack, tmp_path: Path) -> None:
-    quota = mstack.procs["quota"]
+    quota = mstack.procs["quota-1"]
     request = quota_pb2.UpdateQuotaRequest(
         tenant_id="acme", limits=common_quota.QuotaLimits(cpu_millis=1, memory_mb=1, concurrent_jobs=1)
     )
@@ -123,7 +123,7 @@ def test_a_worker_certificate_opens_the_pool_manager_and_nothing_else(mstack: St
     try:
         with sync_channel(f"127.0.0.1:{mstack.procs['poolmanager-1'].port}", tls) as ch:
             assert health_check(ch) == grpc.StatusCode.OK
-        for name in ("gateway", "quota", "queueing", "scheduler-1", "cost"):
+        for name in ("gateway", "quota-1", "queueing-1", "scheduler-1", "cost"):
             with sync_channel(f"127.0.0.1:{mstack.procs[name].port}", tls) as ch:
                 assert health_check(ch) == grpc.StatusCode.UNAVAILABLE, name
     finally:
@@ -192,9 +192,10 @@ def der(pem: bytes) -> bytes:
 
 
 def test_a_renewed_service_certificate_is_served_without_a_restart_and_no_call_fails(mstack: Stack) -> None:
-    quota = mstack.procs["quota"]
+    leader = mstack.wait_leader("quota")  # the replica the gateway's public calls below reach
+    quota = mstack.procs[leader]
     pid = quota.pid
-    files = mstack.pki.service("quota", "quota")
+    files = mstack.pki.service(leader, "quota")
     client = mstack.identity("gateway")
     api = Api(mstack.url, token(mstack, "globex"))
     failures: list[str] = []
@@ -253,7 +254,7 @@ async def test_a_client_channel_presents_renewed_files_to_new_calls_without_fail
 ) -> None:
     ca = mstack.pki.ca
     tls = bundle_files(tmp_path, "client", ca.issue(service_id("gateway"), dt.timedelta(hours=1)))
-    channel = RenewingChannel(f"127.0.0.1:{mstack.ports.queueing}", tls, check_interval=0.05)
+    channel = RenewingChannel(f"127.0.0.1:{mstack.ports.queueing[0]}", tls, check_interval=0.05)
     stub = health_pb2_grpc.HealthStub(channel)
     failures = 0
     try:

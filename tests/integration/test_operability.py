@@ -17,7 +17,7 @@ from tests.helpers import start_stack
 SERVICES = {
     "gateway": "jobmesh.gateway.v1.JobService",
     "quota": "jobmesh.quota.v1.QuotaService",
-    "queueing": "jobmesh.queueing.v1.QueueingService",
+    "queueing": "jobmesh.queueing.v1.QueueingService",  # the leader, as quota
     "cost": "jobmesh.cost.v1.CostService",
     "scheduler-1": "jobmesh.scheduler.v1.SchedulerService",
     "poolmanager-1": "jobmesh.poolmanager.v1.WorkerRegistryService",
@@ -44,7 +44,8 @@ def ostack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @pytest.mark.parametrize("name", list(SERVICES))
 def test_each_service_answers_health_reflection_and_metrics(ostack: Stack, name: str) -> None:
-    proc = ostack.procs[name]
+    # An active/standby service is SERVING on its leader only (the standby answers NOT_SERVING for it).
+    proc = ostack.procs[ostack.wait_leader(name) if name in ostack.LEADER_SERVED else name]
     with ostack.channel(proc.port) as ch:
         health = health_pb2_grpc.HealthStub(ch)
         for service in ("", SERVICES[name]):
@@ -61,11 +62,13 @@ def test_each_service_answers_health_reflection_and_metrics(ostack: Stack, name:
 
 
 def test_sigterm_stops_a_service_gracefully(fresh_stack: Stack) -> None:
-    proc = fresh_stack.procs["queueing"]
+    leader = fresh_stack.wait_leader("queueing")
+    proc = fresh_stack.procs[leader]
     assert proc.popen is not None
     proc.popen.send_signal(signal.SIGTERM)
     assert proc.popen.wait(15) == 0
     log = proc.log.read_text()
     assert "stopping queueing" in log and "queueing stopped" in log
-    # Nothing was lost by stopping: it comes back and serves the jobs stored in etcd.
-    fresh_stack.restart("queueing")
+    # Nothing was lost by stopping: the standby took over at once (the leader resigned), and it comes back.
+    fresh_stack.wait_leader("queueing", 10)
+    fresh_stack.restart(leader)

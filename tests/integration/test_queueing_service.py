@@ -24,18 +24,27 @@ from libs.keys import Keys
 from libs.launcher import Ports, Stack
 from libs.lifecycle.codec import decode_job
 from libs.lifecycle.transitions import apply_dispatch
-from tests.helpers import FIXTURE_CONFIG
+from tests.helpers import FIXTURE_CONFIG, stand_in_quota_term
 
 KEYS = Keys("/jobmesh")
+# One replica of the active/standby pair: it leads (after a restart, once the killed one's lease is over).
+QUEUEING = "queueing-1"
 
 
-def start_queueing(data_dir: Path, env: dict[str, str] | None = None) -> Stack:
-    stack = Stack(data_dir=data_dir, config_path=FIXTURE_CONFIG, ports=Ports.free(), env=dict(env or {}))
+def restart_queueing(stack: Stack) -> None:
+    stack.restart(QUEUEING)
+    stack.wait_leader("queueing", 30)
+
+
+def start_queueing(data_dir: Path, env: dict[str, str] | None = None, config: Path = FIXTURE_CONFIG) -> Stack:
+    env = {"JOBMESH_LEADER_TTL": "3", **(env or {})}
+    stack = Stack(data_dir=data_dir, config_path=config, ports=Ports.free(), env=env)
     try:
         stack.start_etcd()
         stack.wait_etcd(30)
-        stack.start_named("queueing")
-        stack.wait_healthy("queueing", 30)
+        stack.start_named(QUEUEING)
+        stack.wait_healthy(QUEUEING, 30)
+        stack.wait_leader("queueing", 30)
     except BaseException:
         stack.stop()
         raise
@@ -85,7 +94,7 @@ class Client:
         self._connect()
 
     def _connect(self) -> None:
-        self.channels = [self.stack.aio_channel(self.stack.ports.queueing, who) for who in ("gateway", "scheduler")]
+        self.channels = [self.stack.aio_channel(self.stack.ports.queueing[0], who) for who in ("gateway", "scheduler")]
         self.stub = queueing_pb2_grpc.QueueingServiceStub(self.channels[0])
         self.scheduler = queueing_pb2_grpc.QueueingServiceStub(self.channels[1])
 
@@ -100,7 +109,8 @@ class Client:
         self._connect()
 
     async def enqueue(self, job: t.Job) -> t.Job:
-        resp = await self.stub.Enqueue(q.EnqueueRequest(job=job), timeout=10)
+        fence = await stand_in_quota_term(self.etcd)
+        resp = await self.stub.Enqueue(q.EnqueueRequest(job=job, quota_fence=fence), timeout=10)
         assert resp.created
         return resp.job
 
@@ -153,7 +163,7 @@ async def client(queueing: Stack) -> AsyncIterator[Client]:
 
 def metric(stack: Stack, name: str) -> float:
     """One sample (summed over labels) from the queueing process's /metrics."""
-    port = stack.procs["queueing"].metrics_port
+    port = stack.procs[QUEUEING].metrics_port
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
@@ -270,10 +280,10 @@ async def wait_for_tags_after(client: Client, revision: int, timeout: float = 10
 
 
 async def restart(client: Client, queueing: Stack, sig: int) -> None:
-    queueing.kill("queueing", sig)
+    queueing.kill(QUEUEING, sig)
     if sig != signal.SIGKILL:
-        queueing.procs["queueing"].popen.wait(15)  # type: ignore[union-attr]
-    queueing.restart("queueing")
+        queueing.procs[QUEUEING].popen.wait(15)  # type: ignore[union-attr]
+    restart_queueing(queueing)
     await client.reconnect()
 
 
@@ -308,11 +318,11 @@ async def test_jobs_that_left_while_the_service_was_down_are_not_queued_again_an
     for tenant in ("acme", "globex"):
         ids |= set(await client.submit(tenant, 10))
     taken = (await client.heads(4))[:4]
-    queueing.kill("queueing", signal.SIGKILL)
+    queueing.kill(QUEUEING, signal.SIGKILL)
     for queued in taken:  # a scheduler with these heads in hand keeps dispatching while queueing is down
         await client.dispatch(queued)
 
-    queueing.restart("queueing")
+    restart_queueing(queueing)
     await client.reconnect()
 
     after = await client.order()
@@ -337,12 +347,8 @@ async def test_a_weight_set_before_a_graceful_restart_still_holds_after_it(clien
 async def test_a_tenant_at_its_stored_jobs_cap_gets_too_many_jobs_until_records_are_deleted(tmp_path: Path) -> None:
     config = tmp_path / "capped.toml"
     config.write_text(FIXTURE_CONFIG.read_text() + "\n[limits]\nmax_jobs_per_tenant = 5\n")
-    stack = Stack(data_dir=tmp_path / "stack", config_path=config, ports=Ports.free(), env={})
+    stack = start_queueing(tmp_path / "stack-capped", config=config)
     try:
-        stack.start_etcd()
-        stack.wait_etcd(30)
-        stack.start_named("queueing")
-        stack.wait_healthy("queueing", 30)
         client = Client(stack)
         try:
             acme = await client.submit("acme", 5)
@@ -364,8 +370,8 @@ async def test_a_tenant_at_its_stored_jobs_cap_gets_too_many_jobs_until_records_
                 pytest.fail("the deleted record's place never came back")
 
             # After a restart the count is rebuilt from the store: still at the cap.
-            stack.kill("queueing")
-            stack.restart("queueing")
+            stack.kill(QUEUEING)
+            restart_queueing(stack)
             await client.reconnect()
             with pytest.raises(grpc.aio.AioRpcError) as again:
                 await client.enqueue(pending_job("acme"))

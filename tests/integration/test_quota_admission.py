@@ -125,11 +125,13 @@ def test_usage_is_rebuilt_after_the_quota_service_is_killed_mid_flood(qstack: St
         async def flood_and_kill() -> list[httpx.Response]:
             task = asyncio.ensure_future(flood(qstack, "acme", 100))
             await asyncio.sleep(0.15)
-            qstack.kill("quota")
+            qstack.kill(leader)
             return await task
 
+        leader = qstack.wait_leader("quota")
         answers = asyncio.run(flood_and_kill())
-        qstack.restart("quota")
+        qstack.restart(leader)
+        qstack.wait_leader("quota")
         accepted = {r.json()["job_id"] for r in answers if r.status_code == 200}
         assert all(r.status_code in (200, 429, 503) for r in answers), {r.status_code for r in answers}
         live = live_jobs(api)

@@ -42,13 +42,13 @@ def test_killed_processes_come_back_and_jobs_keep_running(stack: Stack) -> None:
     registry = CollectorRegistry()
     sup = Supervisor(StackProcesses(stack), time.monotonic, POLICY, registry, said.append)
     api = Api(stack.url, token(stack))
-    for name in ("scheduler-2", "queueing"):
+    for name in ("scheduler-2", "queueing-1"):
         old = stack.procs[name].pid
         stack.kill(name, signal.SIGKILL)
         supervise_until(sup, lambda n=name, o=old: stack.procs[n].alive() and stack.procs[n].pid != o)
         stack.wait_healthy(name, 60)
         assert registry.get_sample_value("jobmesh_launcher_restarts_total", {"process": name}) == 1
-    assert any(line.startswith("queueing exited (code -9)") for line in said)
+    assert any(line.startswith("queueing-1 exited (code -9)") for line in said)
 
     job = api.submit(job_spec("after-restarts", ["true"]))
     assert api.wait_terminal(job["job_id"], timeout=60)["state"] == "JOB_STATE_SUCCEEDED"

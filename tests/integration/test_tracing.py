@@ -40,9 +40,12 @@ def test_a_submit_is_one_trace_across_gateway_quota_and_queueing(tmp_path: Path)
             if line.startswith('{"ts"') and job["job_id"] in line and "job accepted" in line
         )
         trace_id = "0x" + accepted["trace_id"]
+        # The replicas that served the submit.
+        leaders = {kind: stack.wait_leader(kind) for kind in ("quota", "queueing")}
 
         def names_in(service: str) -> set[str]:
-            return {str(s["name"]) for s in spans(logs / f"{service}.log") if s["context"]["trace_id"] == trace_id}  # type: ignore[index]
+            log = logs / f"{leaders.get(service, service)}.log"
+            return {str(s["name"]) for s in spans(log) if s["context"]["trace_id"] == trace_id}  # type: ignore[index]
 
         wait_for(
             lambda: all(names_in(s) for s in ("gateway", "quota", "queueing")),
@@ -56,7 +59,7 @@ def test_a_submit_is_one_trace_across_gateway_quota_and_queueing(tmp_path: Path)
         assert "/jobmesh.queueing.v1.QueueingService/EnqueueMany" in names_in("queueing")
         # Parent links: the quota span's parent is a span of the same trace started in the gateway.
         gateway_ids = {s["context"]["span_id"] for s in spans(logs / "gateway.log")}  # type: ignore[index]
-        quota_span = next(s for s in spans(logs / "quota.log") if s["context"]["trace_id"] == trace_id)  # type: ignore[index]
+        quota_span = next(s for s in spans(logs / f"{leaders['quota']}.log") if s["context"]["trace_id"] == trace_id)  # type: ignore[index]
         assert quota_span["parent_id"] in gateway_ids
     finally:
         stack.stop()

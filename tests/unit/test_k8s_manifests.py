@@ -24,7 +24,9 @@ BASE = K8S / "base"
 OVERLAYS = ("dev", "prod")
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 LEADER_ELECTED = ("scheduler", "pool-manager")
-SINGLE_WRITERS = ("quota", "queueing", "cost")
+# Two replicas, the leader alone serves (libs/leadergate.py), a disruption budget of one.
+ACTIVE_STANDBY = ("quota", "queueing")
+SINGLE_WRITERS = ("cost",)
 # Created by the operator, not by the manifests (docs/kubernetes.md): the identity provider's keys.
 EXTERNAL_SECRETS = {"jobmesh-jwt-keys", "jobmesh-join-static-general"}
 # The mesh's certificates: made by the cert-manager component or by `jobmesh pki k8s-secrets` (docs/kubernetes.md,
@@ -299,6 +301,20 @@ def test_leader_elected_services_run_several_replicas_named_after_their_pod(name
     assert source == "metadata.name"
 
 
+@pytest.mark.parametrize("name", ACTIVE_STANDBY)
+def test_active_standby_services_run_two_replicas_behind_a_budget_found_by_their_health(name: str) -> None:
+    docs = base_resources()
+    deployment = by_name(docs, "Deployment", name)
+
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert by_name(docs, "PodDisruptionBudget", name)["spec"]["minAvailable"] == 1
+    # Clients resolve every replica and follow the leader's health, so the Service is headless.
+    assert by_name(docs, "Service", name)["spec"]["clusterIP"] == "None"
+    [server] = containers(deployment, init=False)
+    assert env_of(server)["JOBMESH_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
 @pytest.mark.parametrize("name", SINGLE_WRITERS)
 def test_single_writer_services_never_run_two_copies(name: str) -> None:
     deployment = by_name(base_resources(), "Deployment", name)
@@ -439,6 +455,8 @@ def test_every_overlay_builds_into_the_jobmesh_namespace_with_three_etcd_members
         assert by_name(docs, "Deployment", name)["spec"]["replicas"] >= 2
     for name in SINGLE_WRITERS:
         assert by_name(docs, "Deployment", name)["spec"]["replicas"] == 1
+    for name in ACTIVE_STANDBY:
+        assert by_name(docs, "Deployment", name)["spec"]["replicas"] == 2
     for workload in workloads(docs):
         for container in containers(workload):
             assert container["image"] != "jobmesh", "the images transformer did not tag the jobmesh image"

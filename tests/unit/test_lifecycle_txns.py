@@ -200,3 +200,14 @@ def test_burst_workers_take_only_burst_admitted_jobs_and_a_pinned_job_only_its_p
     assert may_place(spec, "dynamic-large", "dynamic", False)
     assert not may_place(t.JobSpec(), "burst-large", "burst", False)
     assert may_place(t.JobSpec(), "burst-large", "burst", True)
+
+
+def test_a_create_holds_only_while_each_admitting_quota_term_still_leads() -> None:
+    jobs = [t.Job(job_id=f"j{n}", tenant_id="acme") for n in range(3)]
+
+    txn = txns.create(KEYS, jobs, [7, 7, 9])
+
+    fences = [c for c in txn.compares if c.key.decode() == KEYS.leader("quota")]
+    assert sorted(c.create_revision for c in fences) == [7, 9]  # one compare per distinct term
+    assert all(c.target == c.CREATE and c.result == c.EQUAL for c in fences)
+    assert len(txns.create(KEYS, jobs).compares) == 3  # unfenced: the id checks only

@@ -123,7 +123,7 @@ class FakeRecords:
         self.jobs[job.job_id] = (copy, self.revision)
         return self.revision
 
-    async def create(self, job: t.Job) -> tuple[t.Job, bool, int]:
+    async def create(self, job: t.Job, fence: int = 0) -> tuple[t.Job, bool, int]:
         if job.job_id in self.jobs:
             first, revision = self.jobs[job.job_id]
             return first, False, revision
@@ -217,7 +217,7 @@ class Harness:
     async def submit(self, tenant: str = "acme", count: int = 1, **spec: Any) -> list[str]:
         ids = []
         for _ in range(count):
-            stored, created = await self.manager.enqueue(self.job(tenant, **spec))
+            stored, created = await self.manager.enqueue(self.job(tenant, **spec), quota_fence=1)
             assert created
             ids.append(stored.job_id)
         return ids
@@ -608,7 +608,7 @@ class FakeJobStore(JobStore):
         super().__init__(etcd, KEYS)  # type: ignore[arg-type]
         self.single: list[str] = []
 
-    async def create(self, job: t.Job) -> tuple[t.Job, bool, int]:
+    async def create(self, job: t.Job, fence: int = 0) -> tuple[t.Job, bool, int]:
         self.single.append(job.job_id)
         return job, True, 99
 
@@ -660,3 +660,12 @@ async def test_a_batch_that_hits_a_taken_job_id_falls_back_to_one_transaction_pe
 
     assert sorted(store.single) == ["j0000", "j0001", "j0002"]
     assert all(revision == 99 for _, _, revision in results)
+
+
+@pytest.mark.asyncio
+async def test_an_enqueue_without_a_quota_admission_fence_is_refused_and_stores_nothing() -> None:
+    h = Harness()
+    with pytest.raises(InvalidArgument) as refused:
+        await h.manager.enqueue(h.job("acme"), quota_fence=0)
+    assert refused.value.field == "quota_fence"
+    assert h.records.jobs == {}

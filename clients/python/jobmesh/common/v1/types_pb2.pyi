@@ -346,6 +346,7 @@ class Job(_message.Message):
     SLA_MISS_FIELD_NUMBER: _builtins.int
     INTERRUPTIONS_FIELD_NUMBER: _builtins.int
     NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
+    TRACE_PARENT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     tenant_id: _builtins.str
     state: Global___JobState.ValueType
@@ -373,6 +374,10 @@ class Job(_message.Message):
     """Set when the job started after its SLA target wait or deadline (or can no longer meet its deadline)."""
     interruptions: _builtins.int
     """Attempts a draining or self-fenced worker interrupted: retried without using up max_retries, up to a bound."""
+    trace_parent: _builtins.str
+    """The W3C traceparent of the submit that created the job: its dispatch, run, result and cost spans join that
+    trace, so one job is one trace (docs/observability.md).
+    """
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
@@ -420,10 +425,11 @@ class Job(_message.Message):
         sla_miss: _builtins.bool = ...,
         interruptions: _builtins.int = ...,
         next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
+        trace_parent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "create_time", b"create_time", "end_time", b"end_time", "next_attempt_time", b"next_attempt_time", "spec", b"spec", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "burst_session_id", b"burst_session_id", "cost", b"cost", "create_time", b"create_time", "end_time", b"end_time", "exit_code", b"exit_code", "interruptions", b"interruptions", "job_id", b"job_id", "message", b"message", "next_attempt_time", b"next_attempt_time", "pool_id", b"pool_id", "queue", b"queue", "queue_position", b"queue_position", "reason", b"reason", "retries", b"retries", "sla_miss", b"sla_miss", "spec", b"spec", "start_time", b"start_time", "state", b"state", "tenant_id", b"tenant_id", "update_time", b"update_time", "waiting_reason", b"waiting_reason", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "burst_session_id", b"burst_session_id", "cost", b"cost", "create_time", b"create_time", "end_time", b"end_time", "exit_code", b"exit_code", "interruptions", b"interruptions", "job_id", b"job_id", "message", b"message", "next_attempt_time", b"next_attempt_time", "pool_id", b"pool_id", "queue", b"queue", "queue_position", b"queue_position", "reason", b"reason", "retries", b"retries", "sla_miss", b"sla_miss", "spec", b"spec", "start_time", b"start_time", "state", b"state", "tenant_id", b"tenant_id", "trace_parent", b"trace_parent", "update_time", b"update_time", "waiting_reason", b"waiting_reason", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -567,10 +573,13 @@ class Assignment(_message.Message):
     SPEC_FIELD_NUMBER: _builtins.int
     ASSIGN_TIME_FIELD_NUMBER: _builtins.int
     JOB_FIELD_NUMBER: _builtins.int
+    TRACE_PARENT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     tenant_id: _builtins.str
     attempt: _builtins.int
     worker_id: _builtins.str
+    trace_parent: _builtins.str
+    """The job's trace (Job.trace_parent), for the worker's span of the run."""
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
@@ -591,10 +600,11 @@ class Assignment(_message.Message):
         spec: Global___JobSpec | None = ...,
         assign_time: _timestamp_pb2.Timestamp | None = ...,
         job: Global___Job | None = ...,
+        trace_parent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["assign_time", b"assign_time", "job", b"job", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assign_time", b"assign_time", "attempt", b"attempt", "job", b"job", "job_id", b"job_id", "spec", b"spec", "tenant_id", b"tenant_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assign_time", b"assign_time", "attempt", b"attempt", "job", b"job", "job_id", b"job_id", "spec", b"spec", "tenant_id", b"tenant_id", "trace_parent", b"trace_parent", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
