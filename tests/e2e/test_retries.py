@@ -109,9 +109,13 @@ def test_a_backing_off_job_holds_up_no_one_and_survives_a_queueing_restart(slow_
     theirs = globex.submit(job_spec("meanwhile", ["true"]))
     assert globex.wait_terminal(theirs["job_id"], timeout=10)["state"] == "JOB_STATE_SUCCEEDED"
 
-    # Its backoff is in its record: a SIGKILLed queueing service comes back knowing it.
-    slow_backoff.kill("queueing")
-    slow_backoff.restart("queueing")
+    # Its backoff is in its record: the queueing service, both replicas SIGKILLed, comes back knowing it.
+    replicas = ("queueing-1", "queueing-2")
+    for name in replicas:
+        slow_backoff.kill(name)
+    for name in replicas:
+        slow_backoff.restart(name)
+    slow_backoff.wait_leader("queueing")
     again = acme.get(job["job_id"])
     assert (again["state"], again["waiting_reason"], again["attempt"]) == ("JOB_STATE_PENDING", "BACKING_OFF", 1)
 
