@@ -6,18 +6,13 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry
-
 from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.cost.v1 import cost_pb2_grpc
-from libs.clock import SystemClock
-from libs.config import load_config
-from libs.etcd.client import Etcd
 from libs.etcd.informer import Informer
 from libs.keys import Keys
 from libs.lifecycle.codec import decode_job
-from libs.server import start_server
-from libs.settings import CommonSettings
+from libs.main import Startup
+from libs.server import ServiceServer
 from services.cost.accounts import CostAccounts
 from services.cost.budget_store import BudgetStore
 from services.cost.cycle import CostCycle
@@ -27,7 +22,7 @@ from services.cost.metrics import CostMetrics
 from services.cost.recommendations import Thresholds
 from services.cost.rollup import CostRollup
 from services.cost.servicer import CostServicer
-from services.cost.settings import CostSettings
+from services.cost.settings import Settings
 from services.cost.workers import WorkerLedger
 
 SERVICE = "jobmesh.cost.v1.CostService"
@@ -44,15 +39,11 @@ def stored_job_ids(informer: Informer) -> Iterator[str]:
         yield "/".join(key.rsplit("/", 2)[-2:])
 
 
-async def run(common: CommonSettings) -> None:
-    settings = CostSettings.from_common(common)
-    config = load_config(common.config_path)
-    registry = CollectorRegistry()
-    metrics = CostMetrics(registry)
-    clock = SystemClock()
-    etcd = Etcd.from_settings(common.etcd)
-    await etcd.wait_ready()
-    keys, cost_keys = Keys(common.etcd.prefix), CostKeys(common.etcd.prefix)
+async def build(settings: Settings, startup: Startup) -> ServiceServer:
+    config, clock, keys = startup.config, startup.clock, startup.keys
+    metrics = CostMetrics(startup.registry)
+    etcd = await startup.etcd()
+    cost_keys = CostKeys(settings.common.etcd.prefix)
 
     ledger = CostLedger(etcd, keys, config, clock, metrics, record_delay=settings.record_delay_seconds)
     workers = WorkerLedger(etcd, cost_keys, config, clock, metrics)
@@ -101,9 +92,7 @@ async def run(common: CommonSettings) -> None:
     )
     cycle_task = asyncio.create_task(cycle.run_forever(), name="cost-cycle")
     servicer = CostServicer(accounts)
-    server = await start_server(
-        "cost", common, registry, [(lambda s: cost_pb2_grpc.add_CostServiceServicer_to_server(servicer, s), SERVICE)]
-    )
+    server = await startup.serve([(lambda s: cost_pb2_grpc.add_CostServiceServicer_to_server(servicer, s), SERVICE)])
 
     async def stop_cycle() -> None:
         cycle_task.cancel()
@@ -114,7 +103,4 @@ async def run(common: CommonSettings) -> None:
     for informer in reversed(informers):
         server.on_stop.append(informer.stop)
     server.on_stop.append(ledger.close)  # after the job informer: what it charged last is written before we exit
-    try:
-        await server.serve_forever()
-    finally:
-        await etcd.close()
+    return server
