@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from libs.launcher import Stack
+from devtools.launcher import Stack
 from tests.e2e.test_cost_e2e import COST_CONFIG
 from tests.helpers import FAST_FAILOVER, Api, job_spec, start_stack, token, wait_for
 

@@ -12,8 +12,8 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from libs.launcher import Stack
-from libs.supervisor import RestartPolicy, StackProcesses, Supervisor
+from devtools.launcher import Stack
+from devtools.supervisor import RestartPolicy, StackProcesses, Supervisor
 from tests.helpers import FAST_FAILOVER, Api, job_spec, token, wait_for
 
 LEASE = float(FAST_FAILOVER["JOBMESH_LEADER_TTL"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from libs.launcher import Stack
+from devtools.launcher import Stack
 from tests.helpers import Api, job_spec, wait_for
 
 

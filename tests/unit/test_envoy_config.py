@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
+from devtools.launcher import REPO
 from libs.envoy_config import PUBLIC_SERVICES, render_dev_defaults
-from libs.launcher import REPO
 
 
 def dev_defaults() -> str:

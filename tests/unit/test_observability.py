@@ -41,9 +41,9 @@ _SUFFIXES = {
 
 
 def defined_metrics() -> set[str]:
-    """Every series name the services can expose, read from libs/ and services/ source."""
+    """Every series name the mesh can expose, read from libs/, services/ and devtools/ (the launcher) source."""
     names: set[str] = set()
-    sources = {p: p.read_text() for d in ("libs", "services") for p in (REPO / d).rglob("*.py")}
+    sources = {p: p.read_text() for d in ("libs", "services", "devtools") for p in (REPO / d).rglob("*.py")}
     for text in sources.values():
         for kind, name in _CONSTRUCTOR.findall(text):
             if kind.startswith("Counter") and not name.endswith("_total"):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from libs.launcher import REPO
+from devtools.launcher import REPO
 from services.worker import cgroups
 from services.worker.cgroups import CgroupDriver, Layout
 from services.worker.executor import ExecSpec, JobExecutor
