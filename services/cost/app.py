@@ -23,6 +23,7 @@ from services.cost.recommendations import Thresholds
 from services.cost.rollup import CostRollup
 from services.cost.servicer import CostServicer
 from services.cost.settings import Settings
+from services.cost.usage import RunningUsage
 from services.cost.workers import WorkerLedger
 
 SERVICE = "jobmesh.cost.v1.CostService"
@@ -45,7 +46,8 @@ async def build(settings: Settings, startup: Startup) -> ServiceServer:
     etcd = await startup.etcd()
     cost_keys = CostKeys(settings.common.etcd.prefix)
 
-    ledger = CostLedger(etcd, keys, config, clock, metrics, record_delay=settings.record_delay_seconds)
+    usage = RunningUsage()
+    ledger = CostLedger(etcd, keys, config, clock, metrics, record_delay=settings.record_delay_seconds, usage=usage)
     workers = WorkerLedger(etcd, cost_keys, config, clock, metrics)
     budgets = BudgetStore(etcd, cost_keys, config)
     accounts = CostAccounts(ledger, workers, budgets, config, clock, Thresholds())
@@ -55,6 +57,8 @@ async def build(settings: Settings, startup: Startup) -> ServiceServer:
         # Records before jobs, so that replaying the jobs only charges what was never charged.
         Informer(etcd, keys.cost_records, ledger.on_record_event, "cost-records"),
         Informer(etcd, cost_keys.daily, ledger.on_daily_event, "cost-daily"),
+        # What running attempts used so far (the pool-manager writes it from workers' heartbeats).
+        Informer(etcd, keys.usage, usage.on_usage_event, "running-usage"),
     ]
     for informer in informers:
         informer.start()

@@ -152,6 +152,7 @@ def _registry(settings: Settings, shared: _Shared, registry: CollectorRegistry) 
         shared.outcomes,
         result_linger=settings.result_linger_seconds,
         logs=shared.logs,
+        usage_interval=settings.usage_sample_seconds,
     )
 
 
@@ -251,6 +252,7 @@ async def build(settings: Settings, startup: Startup) -> ServiceServer:
         for task in tasks:
             task.cancel()
         await election.stop()
+        await registry_servicer.usage.close()
         for informer in (assignments, workers):
             await informer.stop()
         await shared.outcomes.flush()

@@ -15,6 +15,7 @@ from libs.settings import (
     WorkerLeaseSettings,
     float_var,
 )
+from services.poolmanager.usage import DEFAULT_INTERVAL as DEFAULT_USAGE_INTERVAL
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,9 @@ class Settings:
     join_port: int | None = None
     # Under steady load a result waits this long to share its transaction with other workers' results.
     result_linger_seconds: float = 0.004
+    # How often a busy worker's usage samples are written for the cost service (0: never; running attempts are then
+    # priced at what they requested until they end).
+    usage_sample_seconds: float = DEFAULT_USAGE_INTERVAL
     # What the workers it starts inherit: our environment but our replica id (the provider also drops our
     # identities and issuing key: each worker gets a certificate of its own).
     worker_env: Mapping[str, str] = field(default_factory=dict)
@@ -46,6 +50,9 @@ class Settings:
         linger_ms = float_var(env, "JOBMESH_RESULT_LINGER_MS", 4.0)
         if linger_ms < 0:
             raise SettingsError("JOBMESH_RESULT_LINGER_MS must not be negative")
+        usage_interval = float_var(env, "JOBMESH_USAGE_SAMPLE_SECONDS", DEFAULT_USAGE_INTERVAL)
+        if usage_interval < 0:
+            raise SettingsError("JOBMESH_USAGE_SAMPLE_SECONDS must not be negative")
         return cls(
             common=common,
             leader=LeaderSettings.from_env(env),
@@ -55,5 +62,6 @@ class Settings:
             worker_certs_dir=Path(env.get("JOBMESH_WORKER_CERTS_DIR", "") or common.data_dir / "pki" / "workers"),
             join_port=int(join_port) if join_port else None,
             result_linger_seconds=linger_ms / 1000,
+            usage_sample_seconds=usage_interval,
             worker_env={k: v for k, v in env.items() if k != "JOBMESH_REPLICA_ID"},
         )

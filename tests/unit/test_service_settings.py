@@ -66,6 +66,12 @@ def gateway_env(tmp_path: Path) -> dict[str, str]:
             "JOBMESH_WORKER_LEASE_TTL",
             id="worker lease",
         ),
+        pytest.param(
+            PoolManagerSettings.from_env,
+            {"JOBMESH_WORKER_CA_DIR": "/ca", "JOBMESH_USAGE_SAMPLE_SECONDS": "-1"},
+            "JOBMESH_USAGE_SAMPLE_SECONDS",
+            id="usage samples",
+        ),
         pytest.param(GatewaySettings.from_env, {"JOBMESH_JWT_KEYS": "/nowhere"}, "JOBMESH_JWT_KEYS", id="jwt keys"),
         pytest.param(
             WorkerSettings.from_env, {"JOBMESH_WORKER_LABELS": "[1]"}, "JOBMESH_WORKER_LABELS", id="worker labels"
