@@ -57,14 +57,17 @@ def test_submits_with_the_cost_service_stopped_follow_the_configured_failure_mod
     for api, name in ((acme, "a"), (globex, "g"), (initech, "i")):
         assert submit(api, f"{name}-before") == (200, "")
 
-    stack.kill("cost", signal.SIGKILL)
+    replicas = ("cost-1", "cost-2")
+    for name in replicas:  # both: the cost service is down, not failing over
+        stack.kill(name, signal.SIGKILL)
     try:
         assert submit(acme, "a-down") == (200, "")  # no enforced budget: admitted either way
         for api, name in ((globex, "g-down"), (initech, "i-down")):
             wait_for(lambda api=api: submit(api, "probe")[0] != 200 or not closed, what="the gate to notice")
             assert submit(api, name) == ((503, "BUDGET_CHECK_UNAVAILABLE") if closed else (200, ""))
     finally:
-        stack.restart("cost")
+        for name in replicas:
+            stack.restart(name)
 
     wait_for(lambda: submit(globex, "g-back") == (200, ""), timeout=60, what="submits once cost is back")
     assert submit(initech, "i-back") == (200, "")
