@@ -213,6 +213,8 @@ def _limits(raw: dict[str, object], where: str) -> QuotaLimits:
 POOL_KINDS = ("static", "dynamic", "burst")
 # A drain longer than an hour is a job that should have been checkpointed, not a stop.
 MAX_DRAIN_GRACE_SECONDS = 3600
+# Jobs one worker may run at once (a pool's worker_slots).
+MAX_WORKER_SLOTS = 64
 
 
 def _pool(raw: dict[str, object]) -> PoolConfig:
@@ -243,8 +245,8 @@ def _pool(raw: dict[str, object]) -> PoolConfig:
     if not 0 <= drain_grace <= MAX_DRAIN_GRACE_SECONDS:
         raise ConfigError(f"pool {pool_id}: drain_grace_seconds must be between 0 and {MAX_DRAIN_GRACE_SECONDS}")
     slots = int(raw.get("worker_slots", 1))  # type: ignore[call-overload]
-    if not 1 <= slots <= 64:
-        raise ConfigError(f"pool {pool_id}: worker_slots must be between 1 and 64")
+    if not 1 <= slots <= MAX_WORKER_SLOTS:
+        raise ConfigError(f"pool {pool_id}: worker_slots must be between 1 and {MAX_WORKER_SLOTS}")
     if depth < 1 or wait < 0 or not 0 <= utilization <= 1:
         raise ConfigError(
             f"pool {pool_id}: need scale_up_queue_depth >= 1, scale_up_queue_wait_seconds >= 0 and "

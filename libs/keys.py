@@ -42,6 +42,14 @@ class Keys:
         return f"{self.p}/workers/{worker_id}"
 
     @property
+    def usage(self) -> str:
+        return f"{self.p}/usage/"
+
+    def worker_usage(self, worker_id: str) -> str:
+        """The latest use of each attempt the worker runs (under its lease): what the cost service prices them at."""
+        return f"{self.p}/usage/{worker_id}"
+
+    @property
     def assignments(self) -> str:
         return f"{self.p}/assign/"
 

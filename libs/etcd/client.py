@@ -110,6 +110,11 @@ def cmp_create(key: str, revision: int) -> pb.Compare:
     return pb.Compare(result=pb.Compare.EQUAL, target=pb.Compare.CREATE, key=key.encode(), create_revision=revision)
 
 
+def cmp_lease(key: str, lease: int) -> pb.Compare:
+    """True while `key` exists and is attached to `lease`."""
+    return pb.Compare(result=pb.Compare.EQUAL, target=pb.Compare.LEASE, key=key.encode(), lease=lease)
+
+
 def cmp_missing(key: str) -> pb.Compare:
     return cmp_create(key, 0)
 

@@ -1,8 +1,9 @@
-"""The one decoder of each stored record: job, worker, assignment."""
+"""The one decoder of each stored record: job, worker, assignment, a worker's usage samples."""
 
 from __future__ import annotations
 
 from jobmesh.common.v1 import types_pb2 as t
+from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
 
 
 def decode_job(raw: bytes) -> t.Job:
@@ -28,3 +29,9 @@ def assignment_for_worker(raw: bytes) -> t.Assignment:
     assignment = decode_assignment(raw)
     assignment.ClearField("job")
     return assignment
+
+
+def decode_worker_usage(raw: bytes) -> pm.WorkerUsage:
+    usage = pm.WorkerUsage()
+    usage.ParseFromString(raw)
+    return usage

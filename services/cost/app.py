@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.cost.v1 import cost_pb2_grpc
 from libs.clock import SystemClock
-from libs.config import load_config
+from libs.config import MeshConfig, load_config
 from libs.etcd.client import Etcd
 from libs.etcd.election import LeaderElection, Leadership
 from libs.etcd.informer import Informer
@@ -30,6 +30,7 @@ from services.cost.recommendations import Thresholds
 from services.cost.rollup import CostRollup
 from services.cost.servicer import CostServicer
 from services.cost.settings import CostSettings
+from services.cost.usage import RunningUsage
 from services.cost.workers import WorkerLedger
 
 SERVICE = "jobmesh.cost.v1.CostService"
@@ -57,6 +58,32 @@ async def follow(informers: list[Informer], more: list[Informer]) -> None:
         informers.append(informer)
         informer.start()
         await informer.wait_synced()
+
+
+def _accounts(
+    settings: CostSettings,
+    config: MeshConfig,
+    store: FencedStore,
+    keys: Keys,
+    cost_keys: CostKeys,
+    metrics: CostMetrics,
+    usage: RunningUsage,
+    leading: Callable[[], bool],
+) -> CostAccounts:
+    """The ledgers and budgets the API answers from; they write (through `store`) only while `leading`."""
+    clock = SystemClock()
+    ledger = CostLedger(
+        store,
+        keys,
+        config,
+        clock,
+        metrics,
+        record_delay=settings.record_delay_seconds,
+        usage=usage,
+        may_write=leading,
+    )
+    workers = WorkerLedger(store, cost_keys, config, clock, metrics, may_write=leading)
+    return CostAccounts(ledger, workers, BudgetStore(store, cost_keys, config), config, clock, Thresholds())
 
 
 def _cycle(
@@ -100,7 +127,6 @@ async def run(common: CommonSettings) -> None:
     config = load_config(common.config_path)
     registry = CollectorRegistry()
     metrics = CostMetrics(registry)
-    clock = SystemClock()
     etcd = Etcd.from_settings(common.etcd)
     await etcd.wait_ready()
     keys, cost_keys = Keys(common.etcd.prefix), CostKeys(common.etcd.prefix)
@@ -113,12 +139,9 @@ async def run(common: CommonSettings) -> None:
     informers: list[Informer] = []
     gate = LeaderGate(election, informers, SERVICE)
     store = FencedStore(etcd, gate)
-    ledger = CostLedger(
-        store, keys, config, clock, metrics, record_delay=settings.record_delay_seconds, may_write=gate.serves
-    )
-    workers = WorkerLedger(store, cost_keys, config, clock, metrics, may_write=gate.serves)
-    budgets = BudgetStore(store, cost_keys, config)
-    accounts = CostAccounts(ledger, workers, budgets, config, clock, Thresholds())
+    usage = RunningUsage()
+    accounts = _accounts(settings, config, store, keys, cost_keys, metrics, usage, gate.serves)
+    ledger, workers, budgets = accounts.ledger, accounts.workers, accounts.budgets
 
     worker_informer = Informer(etcd, keys.workers, workers.on_worker_event, "workers")
     job_informer = Informer(etcd, keys.jobs, name="jobs", batch_handler=ledger.on_job_events)
@@ -129,6 +152,8 @@ async def run(common: CommonSettings) -> None:
             # Records before jobs, so that replaying the jobs only charges what was never charged.
             Informer(etcd, keys.cost_records, ledger.on_record_event, "cost-records"),
             Informer(etcd, cost_keys.daily, ledger.on_daily_event, "cost-daily"),
+            # What running attempts used so far (the pool-manager writes it from workers' heartbeats).
+            Informer(etcd, keys.usage, usage.on_usage_event, "running-usage"),
             worker_informer,
             job_informer,
         ],

@@ -31,6 +31,7 @@ from services.cost.records import (
     record_for_attempt,
     running_attempt,
 )
+from services.cost.usage import RunningUsage
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("jobmesh.cost")
@@ -56,9 +57,11 @@ class CostLedger:
         clock: Clock,
         metrics: CostMetrics,
         record_delay: float = 0.0,
+        usage: RunningUsage | None = None,
         may_write: Callable[[], bool] = lambda: True,
     ):
         self.store = store
+        self.usage = usage if usage is not None else RunningUsage()  # running attempts' latest measured use
         # False on a standby: it tracks what is charged and what is pending, and writes nothing; a new leader's
         # first cycle writes what is still pending (create-only: what the last leader wrote is read back).
         self.may_write = may_write
@@ -283,18 +286,22 @@ class CostLedger:
             elif attempt.HasField("end_time"):
                 out.append(self.pending.get(key) or record_for_attempt(job, attempt, self.config))
             elif job.state == t.JOB_STATE_RUNNING and attempt.attempt == job.attempt:
-                out.append(record_for_attempt(job, attempt, self.config, end_ns=now_ns))
+                out.append(self._so_far(job, attempt, now_ns))
         return out
 
     def accruing(self) -> list[CostRecord]:
-        """The running attempts, priced from their start to now."""
+        """The running attempts, priced from their start to now at max(requested, used so far)."""
         now_ns = int(self.clock.now() * 1e9)
         out = []
         for job in self.running.values():
             attempt = running_attempt(job)
             if attempt is not None:
-                out.append(record_for_attempt(job, attempt, self.config, end_ns=now_ns))
+                out.append(self._so_far(job, attempt, now_ns))
         return out
+
+    def _so_far(self, job: t.Job, attempt: t.AttemptRecord, now_ns: int) -> CostRecord:
+        """A running attempt priced up to `now_ns`, at its worker's latest usage sample if one came."""
+        return record_for_attempt(job, attempt, self.config, end_ns=now_ns, sample=self.usage.latest(job, attempt))
 
     def spent(self, tenant_id: str, month: str | None = None, day: str | None = None) -> int:
         """Charged in a UTC month ("YYYY-MM") or day, including ended attempts not yet written; excludes running."""

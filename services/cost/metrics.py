@@ -25,7 +25,8 @@ class CostMetrics:
         )
         self.tenant_running = Gauge(
             "jobmesh_cost_tenant_running_micros",
-            "Cost accrued so far by the tenant's running attempts (priced at requested resources).",
+            "Cost accrued so far by the tenant's running attempts, at max(requested, used) from each one's latest "
+            "usage sample (at requested resources until one comes).",
             ["tenant"],
             registry=registry,
         )

@@ -28,6 +28,29 @@ def measured(value: float) -> float:
     return value if math.isfinite(value) and value >= 0 else 0.0
 
 
+@dataclass(frozen=True)
+class UsageSoFar:
+    """What a running attempt had used when its worker last measured it, `elapsed_seconds` into its run."""
+
+    elapsed_seconds: float
+    cpu_seconds: float
+    max_memory_mb: int
+
+
+def used_so_far(run_seconds: float, sample: UsageSoFar | None) -> tuple[float, int]:
+    """A running attempt's use over its `run_seconds` so far, as `price_attempt` takes it (used CPU seconds, peak
+    MB): the CPU rate of its latest sample carried over the whole run so far, and its peak memory so far, so that
+    it is charged max(requested, used) as its final charge will be. Without a sample (or one taken at its start),
+    nothing used: it is priced at what it requested."""
+    if sample is None:
+        return 0.0, 0
+    memory_mb = max(sample.max_memory_mb, 0)
+    elapsed = measured(sample.elapsed_seconds)
+    if elapsed <= 0:
+        return 0.0, memory_mb
+    return measured(sample.cpu_seconds) / elapsed * measured(run_seconds), memory_mb
+
+
 def charged_resources(u: AttemptUsage) -> tuple[Decimal, Decimal]:
     """Cores and GiB charged: the larger of what was requested and what was used (OpenCost's rule)."""
     cores_requested = Decimal(u.requested_cpu_millis) / 1000

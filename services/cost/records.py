@@ -7,8 +7,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
 
 from jobmesh.common.v1 import types_pb2 as t
+from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
 from libs.config import MeshConfig, Pricing
-from services.cost.pricing import AttemptUsage, measured, price_attempt
+from services.cost.pricing import AttemptUsage, UsageSoFar, measured, price_attempt, used_so_far
 
 
 @dataclass(frozen=True)
@@ -84,23 +85,32 @@ def month_of(seconds: float) -> str:
 
 
 def record_for_attempt(
-    job: t.Job, attempt: t.AttemptRecord, config: MeshConfig, end_ns: int | None = None
+    job: t.Job,
+    attempt: t.AttemptRecord,
+    config: MeshConfig,
+    end_ns: int | None = None,
+    sample: pm.RunningUsage | None = None,
 ) -> CostRecord:
     """The record of an attempt: charged for max(requested, used) of each resource over its run time.
 
-    `end_ns` prices a still-running attempt up to that moment; it has no usage report yet, so it is priced at the
-    resources it requested (workers report what they used only when the attempt ends).
+    `end_ns` prices a still-running attempt up to that moment, at max(requested, used) too: used as its worker's
+    latest `sample` says (the CPU rate and peak memory so far, pricing.used_so_far); without one, at what it
+    requested.
     """
     start_ns = attempt.start_time.ToNanoseconds()
     stop_ns = end_ns if end_ns is not None else attempt.end_time.ToNanoseconds()
     # Subtract in integer nanoseconds: a float epoch has only ~0.2 us resolution.
     run_seconds = max(stop_ns - start_ns, 0) / 1e9
+    if end_ns is None:
+        used_cpu, used_memory = measured(attempt.cpu_seconds), max(attempt.max_memory_mb, 0)
+    else:
+        used_cpu, used_memory = used_so_far(run_seconds, sample_so_far(sample, start_ns))
     usage = AttemptUsage(
         run_seconds=run_seconds,
         requested_cpu_millis=job.spec.resources.cpu_millis,
         requested_memory_mb=job.spec.resources.memory_mb,
-        used_cpu_seconds=measured(attempt.cpu_seconds) if end_ns is None else 0.0,
-        used_max_memory_mb=max(attempt.max_memory_mb, 0) if end_ns is None else 0,
+        used_cpu_seconds=used_cpu,
+        used_max_memory_mb=used_memory,
         burst=bool(job.burst_session_id),
     )
     return CostRecord(
@@ -119,6 +129,15 @@ def record_for_attempt(
         used_max_memory_mb=usage.used_max_memory_mb,
         currency=config.currency,
     )
+
+
+def sample_so_far(sample: pm.RunningUsage | None, start_ns: int) -> UsageSoFar | None:
+    """A stored sample as pricing takes it: its time into the run counted, as a final charge's run time is, from
+    the attempt's recorded start to when the pool-manager heard it."""
+    if sample is None:
+        return None
+    elapsed = (sample.sample_time.ToNanoseconds() - start_ns) / 1e9
+    return UsageSoFar(elapsed, sample.cpu_seconds, sample.max_memory_mb)
 
 
 def ended_attempts(job: t.Job) -> list[t.AttemptRecord]:

@@ -41,6 +41,7 @@ from services.poolmanager.outcomes import JobOutcomes
 from services.poolmanager.pools import PoolsServicer
 from services.poolmanager.provider import LocalProcessProvider
 from services.poolmanager.registry import RegistryMetrics, WorkerRegistry
+from services.poolmanager.usage import DEFAULT_INTERVAL as DEFAULT_USAGE_INTERVAL
 
 REGISTRY_SERVICE = "jobmesh.poolmanager.v1.WorkerRegistryService"
 QUEUEING_SERVICE = "jobmesh.queueing.v1.QueueingService"  # served by its leading replica only
@@ -153,6 +154,11 @@ async def _shared(settings: CommonSettings) -> _Shared:
 
 
 def _registry(settings: CommonSettings, shared: _Shared, registry: CollectorRegistry) -> WorkerRegistry:
+    # How often a busy worker's usage samples are written for the cost service (0: never; running attempts are then
+    # priced at what they requested until they end).
+    usage_interval = settings.get_float("JOBMESH_USAGE_SAMPLE_SECONDS", DEFAULT_USAGE_INTERVAL)
+    if usage_interval < 0:
+        raise SettingsError("JOBMESH_USAGE_SAMPLE_SECONDS must not be negative")
     return WorkerRegistry(
         shared.etcd,
         shared.keys,
@@ -167,6 +173,7 @@ def _registry(settings: CommonSettings, shared: _Shared, registry: CollectorRegi
         # Under steady load a result waits this long to share its transaction with other workers' results.
         result_linger=settings.get_float("JOBMESH_RESULT_LINGER_MS", 4.0) / 1000,
         logs=shared.logs,
+        usage_interval=usage_interval,
     )
 
 
@@ -269,6 +276,7 @@ async def run(settings: CommonSettings) -> None:
         for task in tasks:
             task.cancel()
         await election.stop()
+        await registry_servicer.usage.close()
         for informer in (assignments, workers):
             await informer.stop()
         await shared.outcomes.flush()

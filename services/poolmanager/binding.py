@@ -86,7 +86,13 @@ class ResultBounds:
         return cls(pool.worker_cpu_millis / 1000, pool.worker_memory_mb, elapsed)
 
 
-def check_result_numbers(run_seconds: float, cpu_seconds: float, max_memory_mb: int, bounds: ResultBounds) -> None:
+def check_result_numbers(
+    run_seconds: float,
+    cpu_seconds: float,
+    max_memory_mb: int,
+    bounds: ResultBounds,
+    cpu_floor: float = _CPU_FLOOR_SECONDS,
+) -> None:
     """Raises ResultOutOfRange unless each number could be a true measurement of an attempt within `bounds`."""
     for field, value in (("run_seconds", run_seconds), ("cpu_seconds", cpu_seconds)):
         if not math.isfinite(value) or value < 0:
@@ -98,13 +104,22 @@ def check_result_numbers(run_seconds: float, cpu_seconds: float, max_memory_mb: 
             "run_seconds",
             f"{run_seconds:.3f} s is longer than the attempt has existed ({bounds.elapsed_seconds:.3f} s)",
         )
-    cpu_limit = run_seconds * bounds.cores * SLACK + _CPU_FLOOR_SECONDS
+    cpu_limit = run_seconds * bounds.cores * SLACK + cpu_floor
     if cpu_seconds > cpu_limit:
         raise ResultOutOfRange(
             "cpu_seconds", f"{cpu_seconds:.3f} s exceeds {run_seconds:.3f} s x {bounds.cores:g} cores ({cpu_limit:.3f})"
         )
     if max_memory_mb > bounds.memory_mb * SLACK:
         raise ResultOutOfRange("max_memory_mb", f"{max_memory_mb} MB exceeds the worker's {bounds.memory_mb} MB")
+
+
+def check_sample_numbers(cpu_seconds: float, max_memory_mb: int, bounds: ResultBounds) -> None:
+    """Raises ResultOutOfRange unless a running attempt's usage so far could be true: as a result's numbers, over
+    the time since its assignment and without the floor a result gets (the cost service divides by that time, so a
+    floor would let an early sample claim many cores)."""
+    if bounds.elapsed_seconds is None:
+        raise ResultOutOfRange("sample_time", "the attempt's assignment has no time")
+    check_result_numbers(bounds.elapsed_seconds, cpu_seconds, max_memory_mb, bounds, cpu_floor=0.0)
 
 
 def process_is_worker(pid: int, worker_id: str, proc: str = "/proc") -> bool:

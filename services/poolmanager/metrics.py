@@ -85,6 +85,13 @@ class RegistryMetrics:
             ["pool", "outcome"],
             registry=registry,
         )
+        self.usage_writes = Counter(
+            "jobmesh_poolmanager_usage_writes_total",
+            "Writes of workers' running-job usage samples to etcd (at most one per worker per interval), by outcome: "
+            "written, fenced (the worker's lease had changed) or failed.",
+            ["outcome"],
+            registry=registry,
+        )
         self.refusals = Counter(
             "jobmesh_poolmanager_worker_refusals_total",
             "Worker messages refused: another worker's id or lease, or a result whose numbers cannot be true.",

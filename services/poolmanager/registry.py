@@ -1,6 +1,6 @@
 """The worker registry's gRPC adapter (any replica serves it): registration and the Attach stream, heartbeats and
-results, each checked against the caller's certificate, then handed to the sessions (sessions.py) and the result
-recorder (results.py)."""
+results, each checked against the caller's certificate, then handed to the sessions (sessions.py, which pass the
+heartbeats' usage samples to usage.py) and the result recorder (results.py)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ from services.poolmanager.metrics import RegistryMetrics
 from services.poolmanager.outcomes import JobOutcomes
 from services.poolmanager.results import EndedAttempts, RegistryParts, ResultRecorder
 from services.poolmanager.sessions import WorkerSessions
+from services.poolmanager.usage import DEFAULT_INTERVAL as DEFAULT_USAGE_INTERVAL
+from services.poolmanager.usage import UsageRecorder
 
 __all__ = ["RegistryMetrics", "WorkerRegistry"]
 
@@ -51,12 +53,14 @@ class WorkerRegistry(poolmanager_pb2_grpc.WorkerRegistryServiceServicer):
         outcomes: JobOutcomes,
         result_linger: float = 0.0,
         logs: LogStore | None = None,
+        usage_interval: float = DEFAULT_USAGE_INTERVAL,
     ):
         self.metrics = metrics
         self.logs = logs
         parts = RegistryParts(etcd, keys, store, config, clock, assignments, workers, metrics, outcomes)
         ended = EndedAttempts()
-        self.sessions = WorkerSessions(parts, lease_ttl, ended)
+        self.usage = UsageRecorder(parts, usage_interval)
+        self.sessions = WorkerSessions(parts, lease_ttl, ended, self.usage)
         self.results = ResultRecorder(parts, ended, result_linger)
         self._acks: set[asyncio.Task[None]] = set()  # results from Attach streams being recorded
 

@@ -164,9 +164,13 @@ class ResultRecorder(UsesRegistryParts):
         return self.assignments.cache.get(key) or await self.etcd.get(key)
 
     def _result_bounds(self, held: t.Assignment) -> ResultBounds | None:
-        """What the attempt being reported could have used, from the assignment the worker holds."""
-        pool = self.config.pool(held.job.pool_id)
-        if pool is None:
-            return None
-        assigned = held.assign_time.ToNanoseconds() / 1e9 if held.HasField("assign_time") else None
-        return ResultBounds.of(pool, assigned, self.clock.now())
+        return attempt_bounds(self.config, held, self.clock.now())
+
+
+def attempt_bounds(config: MeshConfig, held: t.Assignment, now: float) -> ResultBounds | None:
+    """What the attempt a worker holds could have used by `now`, from its assignment (None: an unknown pool)."""
+    pool = config.pool(held.job.pool_id)
+    if pool is None:
+        return None
+    assigned = held.assign_time.ToNanoseconds() / 1e9 if held.HasField("assign_time") else None
+    return ResultBounds.of(pool, assigned, now)

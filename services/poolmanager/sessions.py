@@ -18,6 +18,7 @@ from libs.lifecycle.codec import assignment_for_worker, decode_worker
 from libs.lifecycle.txns import Txn
 from services.poolmanager.binding import clamp_to_pool
 from services.poolmanager.results import EndedAttempts, RegistryParts, UsesRegistryParts
+from services.poolmanager.usage import UsageRecorder
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,11 @@ Event = pm.ConnectResponse | pm.ResultAck
 
 
 class WorkerSessions(UsesRegistryParts):
-    def __init__(self, parts: RegistryParts, lease_ttl: int, ended: EndedAttempts):
+    def __init__(self, parts: RegistryParts, lease_ttl: int, ended: EndedAttempts, usage: UsageRecorder):
         super().__init__(parts)
         self.lease_ttl = lease_ttl
         self.ended = ended
+        self.usage = usage
         self.streams: dict[str, asyncio.Queue[Event]] = {}
 
     def acknowledge(self, worker_id: str, ack: pm.ResultAck) -> None:
@@ -140,8 +142,8 @@ class WorkerSessions(UsesRegistryParts):
                 self.outcomes.record(job.pool_id, False)
 
     async def heartbeat(self, request: pm.HeartbeatRequest) -> bool:
-        """Refreshes the worker's own lease (and drains it when it says it is unhealthy or stopping); whether it
-        is alive."""
+        """Refreshes the worker's own lease (and drains it when it says it is unhealthy or stopping, and keeps what
+        its running jobs used so far); whether it is alive."""
         ttl = 0
         if request.lease_id:
             # Only the lease the worker's record is bound to; any other is not refreshed and the worker hears it
@@ -159,6 +161,8 @@ class WorkerSessions(UsesRegistryParts):
         if ttl > 0 and (request.unhealthy_reason or request.draining) and safe_segment(request.worker_id):
             why = f"failed its health check ({request.unhealthy_reason[:200]})" if request.unhealthy_reason else ""
             await self._mark_draining(request.worker_id, request.lease_id, why or "is stopping")
+        if ttl > 0:
+            self.usage.heard(request)
         return ttl > 0
 
     async def _lease_of(self, worker_id: str, expected: int) -> int:

@@ -230,6 +230,7 @@ class WorkerAgent:
             lease_id=self.worker.lease_id,
             unhealthy_reason=await self._health(),
             draining=self.draining.is_set(),
+            usage=await self._usage(),
         )
         # A frozen replica gets part of an interval, so that a refresh through another lands before the fence.
         timeout = self.settings.heartbeat_seconds / max(2, len(endpoints))
@@ -244,6 +245,20 @@ class WorkerAgent:
                 self._fence.refreshed(sent)
             return resp.alive, target
         return None, ""
+
+    async def _usage(self) -> list[pm.RunningUsage]:
+        """One sample per running attempt of what it used so far, for the cost of running jobs (docs/cost.md)."""
+        samples = []
+        for (job_id, attempt), executor in list(self._running.items()):
+            try:
+                cpu_seconds, max_memory_mb = await executor.used_so_far()
+            except Exception:  # best effort: the heartbeat (the lease) goes without it
+                log.exception("measuring a running job failed", extra={"job_id": job_id})
+                continue
+            samples.append(
+                pm.RunningUsage(job_id=job_id, attempt=attempt, cpu_seconds=cpu_seconds, max_memory_mb=max_memory_mb)
+            )
+        return samples
 
     async def _fence_watch(self) -> None:
         """Self-fencing: once no lease refresh has succeeded for FENCE_AT of the lease's TTL, every running job is

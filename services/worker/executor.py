@@ -196,6 +196,17 @@ class JobExecutor:
         rss_bytes = await self._sample(state)
         return (state.cpu_seconds, rss_bytes // _MIB)
 
+    async def used_so_far(self) -> tuple[float, int]:
+        """(cpu_seconds, peak memory MB) of the running job since it started, as its result will count them: the
+        cgroup's counters read now when sandboxed, else the sampler's high-water marks (no extra walk of the process
+        table); (0.0, 0) when idle."""
+        state = self._state
+        if state is None:
+            return (0.0, 0)
+        if state.cgroup is not None:
+            await self._sample(state)
+        return (state.cpu_seconds, state.peak_rss_bytes // _MIB)
+
     async def run(self, spec: ExecSpec) -> ExecResult:
         # Claim the executor before the first await so two concurrent callers cannot both get in.
         if self._state is not None:

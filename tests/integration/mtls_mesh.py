@@ -79,8 +79,8 @@ class Queueing(queueing_pb2_grpc.QueueingServiceServicer):
 
 
 @asynccontextmanager
-async def serve_mesh(etcd: Etcd, ca: CertificateAuthority) -> AsyncIterator[Mesh]:
-    """The servers, up until the block ends."""
+async def serve_mesh(etcd: Etcd, ca: CertificateAuthority, usage_interval: float = 15.0) -> AsyncIterator[Mesh]:
+    """The servers, up until the block ends (a busy worker's usage samples written every `usage_interval`)."""
     config = load_config(FIXTURE_CONFIG)
     metrics = CollectorRegistry()
     assignments = Informer(etcd, KEYS.assignments, name="assignments")
@@ -96,6 +96,7 @@ async def serve_mesh(etcd: Etcd, ca: CertificateAuthority) -> AsyncIterator[Mesh
         workers,
         RegistryMetrics(metrics),
         JobOutcomes(etcd, KEYS, "test"),
+        usage_interval=usage_interval,
     )
     assignments.handler = registry.on_assignment
     for informer in (assignments, workers):
@@ -122,6 +123,7 @@ async def serve_mesh(etcd: Etcd, ca: CertificateAuthority) -> AsyncIterator[Mesh
         yield Mesh(ca, port, open_port, registry, metrics)
     finally:
         await server.stop(0)
+        await registry.usage.close()
         for informer in (assignments, workers):
             await informer.stop()
 

@@ -207,6 +207,34 @@ def test_burst_sessions_never_grant_more_than_the_pool_holds_and_expire_on_time(
     assert time.time() - expire < 1.0
 
 
+def test_a_burst_submit_beyond_the_quota_is_refused_when_the_burst_pool_is_spent(qstack: Stack) -> None:
+    def session_of(tenant: str) -> dict[str, object] | None:
+        quota = Api(qstack.url, token(qstack, tenant)).call("GET", f"/api/v1/tenants/{tenant}/quotas").json()
+        return quota.get("burst")  # type: ignore[no-any-return]
+
+    wait_for(lambda: session_of("acme") is None and session_of("globex") is None, what="earlier sessions to end")
+    # acme and globex hold the whole burst pool (4000m CPU) between them for a few seconds.
+    for tenant, cpu in (("acme", 3000), ("globex", 1000)):
+        body = {"cpu_millis": cpu, "memory_mb": 1024, "concurrent_jobs": 1, "duration_seconds": 5}
+        granted = Api(qstack.url, token(qstack, tenant)).call("POST", f"/api/v1/tenants/{tenant}/burst", json=body)
+        assert granted.status_code == 200, granted.text
+    api = Api(qstack.url, token(qstack, "initech"))
+    set_quota(qstack, "initech", concurrent_jobs=1)
+    try:
+        holder = api.submit(job_spec("holder", ["sleep", "1"]))
+
+        refused = api.call("POST", "/api/v1/jobs", json=job_spec("burst", ["true"], burst=True))
+
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["details"][0]["reason"] == "BURST_UNAVAILABLE"
+        assert session_of("initech") is None  # nothing was opened
+        api.wait_terminal(holder["job_id"])
+    finally:
+        set_quota(qstack, "initech", concurrent_jobs=2000)
+    # The pool is free again for the tests after this one.
+    wait_for(lambda: session_of("acme") is None and session_of("globex") is None, what="the sessions to end")
+
+
 def test_a_burst_job_beyond_the_quota_runs_on_the_session_and_is_audited(qstack: Stack) -> None:
     api = Api(qstack.url, token(qstack, "initech"))
     set_quota(qstack, "initech", concurrent_jobs=1)

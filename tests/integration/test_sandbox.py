@@ -146,6 +146,23 @@ async def test_cpu_and_memory_are_measured_from_the_cgroup(executor: JobExecutor
 
 
 @pytest.mark.asyncio
+async def test_a_running_jobs_use_so_far_is_read_from_its_cgroup(executor: JobExecutor) -> None:
+    code = "b = bytearray(60 * 1024 * 1024)\nwhile True:\n    pass"
+    task = asyncio.create_task(executor.run(spec(["python3", "-c", code], memory_mb=256)))
+
+    cpu_seconds, peak_mb = 0.0, 0
+    deadline = time.monotonic() + 10.0
+    while (cpu_seconds < 0.3 or peak_mb < 55) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        cpu_seconds, peak_mb = await executor.used_so_far()
+    executor.cancel("job-1")
+    result = await asyncio.wait_for(task, 10.0)
+
+    assert cpu_seconds >= 0.3 and peak_mb >= 55
+    assert result.cpu_seconds >= cpu_seconds
+
+
+@pytest.mark.asyncio
 async def test_the_cpu_quota_holds_a_job_to_its_millicores(executor: JobExecutor) -> None:
     # 200 millicores: one second of wall time buys about 0.2 s of CPU, however hard the job spins.
     code = "import time\nend = time.time() + 1.0\nwhile time.time() < end:\n    pass"

@@ -9,10 +9,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from jobmesh.common.v1 import types_pb2 as t
+from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
 from libs.config import MeshConfig, parse_config
 from libs.errors import Unavailable
-from libs.etcd.client import Compare, KeyValue, RequestOp, TxnResult, pb
+from libs.etcd.client import Compare, KeyValue, RequestOp, TxnResult, WatchEvent, pb
 from libs.jobs import ts
+from libs.keys import Keys
 from services.cost.records import CostRecord
 
 HOUR = 3600.0
@@ -106,6 +108,24 @@ class JobBuilder:
         job = t.Job()
         job.CopyFrom(self.job)
         return job
+
+
+def sample(job: t.Job, at: float, cpu_seconds: float, memory_mb: int = 0) -> pm.RunningUsage:
+    """A usage sample of the job's current attempt as the pool-manager stores it (heard at `at`)."""
+    return pm.RunningUsage(
+        job_id=job.job_id,
+        attempt=job.attempt,
+        cpu_seconds=cpu_seconds,
+        max_memory_mb=memory_mb,
+        tenant_id=job.tenant_id,
+        sample_time=ts(at),
+    )
+
+
+def usage_event(worker_id: str, *samples: pm.RunningUsage, kind: str = "put") -> WatchEvent:
+    """A change of a worker's stored usage (`{prefix}/usage/{worker}`), as the cost service's informer hands it."""
+    value = pm.WorkerUsage(worker_id=worker_id, attempts=samples).SerializeToString()
+    return WatchEvent(kind, KeyValue(Keys("/jobmesh").worker_usage(worker_id), value, 1, 1, 1, 0), 1)
 
 
 def record(

@@ -21,7 +21,7 @@ from services.cost.ledger import CostLedger
 from services.cost.metrics import CostMetrics
 from services.cost.recommendations import Thresholds
 from services.cost.workers import WorkerLedger
-from tests.unit.cost_builders import HOUR, MIDNIGHT, FakeEtcd, JobBuilder, priced_mesh
+from tests.unit.cost_builders import HOUR, MIDNIGHT, FakeEtcd, JobBuilder, priced_mesh, sample, usage_event
 
 pytestmark = pytest.mark.asyncio
 
@@ -205,6 +205,25 @@ async def test_the_cycle_publishes_spend_per_tenant_and_cost_per_pool() -> None:
     assert service.gauge("jobmesh_cost_budget_limit_micros", tenant="acme") == 250_000
     assert service.gauge("jobmesh_cost_pool_month_micros", pool="static-general") == 0  # no workers seen
     assert service.gauge("jobmesh_cost_pool_idle_month_micros", pool="static-general") == -100_000
+
+
+async def test_the_running_gauge_and_the_budget_price_a_running_attempt_at_its_measured_use() -> None:
+    service = Service(now=MIDNIGHT + HOUR)
+    job = JobBuilder("busy", "globex").running(MIDNIGHT).build()
+    service.jobs[KEYS.job("globex", job.job_id)] = job
+    service.ledger.observe(KEYS.job("globex", job.job_id), job)
+    await service.cycle.run_once()
+    at_request = service.gauge("jobmesh_cost_tenant_running_micros", tenant="globex")
+
+    # 3 cores in its first 20 minutes, on a 1-core request: (0.05 + 3 x 0.04 + 0.01) for the hour so far.
+    worker = job.attempts[0].worker_id
+    service.ledger.usage.on_usage_event(usage_event(worker, sample(job, MIDNIGHT + 1200, cpu_seconds=3600)))
+    await service.cycle.run_once()
+
+    assert at_request == 100_000
+    assert service.gauge("jobmesh_cost_tenant_running_micros", tenant="globex") == 180_000
+    assert service.gauge("jobmesh_cost_tenant_today_micros", tenant="globex") == 180_000
+    assert service.accounts.budget("globex").spent_micros == 180_000
 
 
 async def test_a_report_defaults_to_the_last_30_days_and_refuses_an_empty_window() -> None:

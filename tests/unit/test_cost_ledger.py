@@ -18,7 +18,7 @@ from services.cost.ledger import CostLedger
 from services.cost.metrics import CostMetrics
 from services.cost.records import CostRecord
 from services.cost.workers import WorkerLedger
-from tests.unit.cost_builders import HOUR, MIDNIGHT, FakeEtcd, JobBuilder, priced_mesh
+from tests.unit.cost_builders import HOUR, MIDNIGHT, FakeEtcd, JobBuilder, priced_mesh, sample, usage_event
 
 pytestmark = pytest.mark.asyncio
 
@@ -145,6 +145,58 @@ async def test_a_running_attempt_accrues_at_its_requested_resources_as_time_pass
     assert [r.cost_micros for r in half] == [50_000]
     assert [r.cost_micros for r in whole] == [100_000]
     assert h.stored() == {}  # nothing is charged before the attempt ends
+
+
+async def test_a_running_attempt_accrues_at_its_latest_usage_sample_where_that_is_above_its_request() -> None:
+    h = Harness(now=MIDNIGHT + HOUR / 2)
+    busy = JobBuilder("busy").running(MIDNIGHT).build()
+    idle = JobBuilder("idle").running(MIDNIGHT).build()
+    await h.see(busy)
+    await h.see(idle)
+    worker = busy.attempts[0].worker_id
+    # busy: 2 cores since it started (0.14 an hour); idle: a tenth of its core (charged its request, 0.10).
+    h.ledger.usage.on_usage_event(
+        usage_event(worker, sample(busy, MIDNIGHT + 600, cpu_seconds=1200), sample(idle, MIDNIGHT + 600, 60))
+    )
+
+    assert {r.job_id: r.cost_micros for r in h.ledger.accruing()} == {"busy": 70_000, "idle": 50_000}
+    assert [r.cost_micros for r in h.ledger.job_cost(busy)] == [70_000]
+    assert h.ledger.spent_with_running("acme", h.clock.now()) == 120_000
+
+    # The worker runs neither any more (its key deleted): back to what they requested.
+    h.ledger.usage.on_usage_event(usage_event(worker, kind="delete"))
+
+    assert h.ledger.spent_with_running("acme", h.clock.now()) == 100_000
+
+
+@pytest.mark.parametrize(
+    "stray",
+    [
+        pytest.param(lambda job: ("static-general-w", sample(job, MIDNIGHT + 600, 1200), 2), id="another-attempt"),
+        pytest.param(lambda job: ("another-worker", sample(job, MIDNIGHT + 600, 1200), 1), id="another-worker"),
+    ],
+)
+async def test_a_sample_counts_only_for_its_own_attempt_on_its_own_worker(stray: Any) -> None:
+    h = Harness(now=MIDNIGHT + HOUR / 2)
+    job = JobBuilder("job-1").running(MIDNIGHT).build()
+    await h.see(job)
+    worker, usage, attempt = stray(job)
+    usage.attempt = attempt
+
+    h.ledger.usage.on_usage_event(usage_event(worker, usage))
+
+    assert [r.cost_micros for r in h.ledger.accruing()] == [50_000]
+
+
+async def test_another_tenants_sample_never_prices_a_job_of_the_same_id() -> None:
+    h = Harness(now=MIDNIGHT + HOUR / 2)
+    mine = JobBuilder("job-1", tenant_id="acme").running(MIDNIGHT).build()
+    theirs = JobBuilder("job-1", tenant_id="globex").running(MIDNIGHT).build()
+    await h.see(mine)
+
+    h.ledger.usage.on_usage_event(usage_event(theirs.attempts[0].worker_id, sample(theirs, MIDNIGHT + 600, 1200)))
+
+    assert h.ledger.spent_with_running("acme", h.clock.now()) == 50_000
 
 
 async def test_the_cost_of_an_ended_attempt_is_shown_before_its_record_is_written() -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from jobmesh.common.v1 import types_pb2 as t
 from services.cost.records import CostRecord, record_for_attempt, running_attempt
-from tests.unit.cost_builders import HOUR, MIDNIGHT, JobBuilder, priced_mesh
+from tests.unit.cost_builders import HOUR, MIDNIGHT, JobBuilder, priced_mesh, sample
 
 CONFIG = priced_mesh()
 
@@ -49,6 +51,38 @@ def test_a_running_attempt_is_priced_up_to_the_given_moment_at_its_request() -> 
     record = record_for_attempt(job, attempt, CONFIG, end_ns=int((MIDNIGHT + HOUR / 4) * 1e9))
 
     assert (record.run_seconds, record.cost_micros) == (900.0, 25_000)
+
+
+@pytest.mark.parametrize(
+    ("cpu_seconds", "memory_mb", "micros"),
+    [
+        # Requested 1 core and 1 GiB (0.10 an hour); 1,200 CPU-seconds in its first 600 s is 2 cores:
+        # (0.05 + 2 x 0.04 + 0.01) x 1/4 h.
+        pytest.param(1200, 512, 35_000, id="above-its-request"),
+        pytest.param(60, 512, 25_000, id="below-its-request"),
+        # Peak 3 GiB so far: (0.05 + 0.04 + 3 x 0.01) x 1/4 h.
+        pytest.param(300, 3072, 30_000, id="memory-above-its-request"),
+    ],
+)
+def test_a_running_attempt_is_priced_at_its_latest_sample_from_its_recorded_start(
+    cpu_seconds: float, memory_mb: int, micros: int
+) -> None:
+    job = JobBuilder().running(MIDNIGHT).build()
+    attempt = running_attempt(job)
+    assert attempt is not None
+    latest = sample(job, at=MIDNIGHT + 600, cpu_seconds=cpu_seconds, memory_mb=memory_mb)
+
+    record = record_for_attempt(job, attempt, CONFIG, end_ns=int((MIDNIGHT + HOUR / 4) * 1e9), sample=latest)
+
+    assert (record.run_seconds, record.cost_micros) == (900.0, micros)
+
+
+def test_an_ended_attempt_is_charged_from_its_result_whatever_sample_is_given() -> None:
+    job = JobBuilder().ended(MIDNIGHT, MIDNIGHT + HOUR).build()
+
+    record = record_for_attempt(job, job.attempts[0], CONFIG, sample=sample(job, MIDNIGHT + 60, cpu_seconds=600))
+
+    assert record.cost_micros == 100_000
 
 
 def test_only_a_running_jobs_open_attempt_is_running() -> None:

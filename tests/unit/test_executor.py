@@ -302,6 +302,28 @@ async def test_live_usage_reports_the_running_tree_and_zero_when_idle(executor: 
 
 
 @pytest.mark.asyncio
+async def test_use_so_far_grows_while_a_busy_job_runs_and_its_result_counts_at_least_as_much(
+    executor: JobExecutor,
+) -> None:
+    assert await executor.used_so_far() == (0.0, 0)
+    code = "x = bytearray(30 * 1024 * 1024)\nwhile True: pass"
+    task = asyncio.create_task(executor.run(make_spec([PY, "-c", code])))
+    await job_root_pid()
+
+    cpu_seconds, peak_mb = 0.0, 0
+    deadline = time.monotonic() + 10.0
+    while (cpu_seconds < 0.3 or peak_mb < 25) and time.monotonic() < deadline:
+        cpu_seconds, peak_mb = await executor.used_so_far()
+        await asyncio.sleep(0.05)
+    executor.cancel("job-1")
+    result = await asyncio.wait_for(task, 5.0)
+
+    assert cpu_seconds >= 0.3 and peak_mb >= 25
+    assert result.cpu_seconds >= cpu_seconds and result.max_memory_mb >= peak_mb
+    assert await executor.used_so_far() == (0.0, 0)
+
+
+@pytest.mark.asyncio
 async def test_the_scratch_dir_is_home_and_cwd_and_is_removed_after_the_job(
     executor: JobExecutor, tmp_path: Path
 ) -> None:

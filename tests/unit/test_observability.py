@@ -256,6 +256,22 @@ def test_the_four_seed_dashboards_exist() -> None:
     assert titles == {f"jobmesh / {t}" for t in ("Pool Overview", "Tenant Metrics", "Cost Analysis", "SLA Dashboard")}
 
 
+@pytest.mark.parametrize(
+    "dashboard, metric",
+    [
+        ("sla.json", "jobmesh_queueing_sla_compliance_ratio"),
+        ("tenant-metrics.json", "jobmesh_cost_used_cpu_seconds_total"),
+        ("tenant-metrics.json", "jobmesh_cost_used_memory_byte_seconds_total"),
+        ("tenant-metrics.json", "jobmesh_job_execution_seconds_bucket"),
+        ("tenant-metrics.json", "jobmesh_cost_tenant_running_micros"),
+        ("pool-overview.json", "jobmesh_poolmanager_queue_depth_jobs"),
+    ],
+)
+def test_the_metrics_issue_19_asked_for_are_on_their_dashboards(dashboard: str, metric: str) -> None:
+    exprs = dashboard_exprs(json.loads((OBS / "grafana" / "dashboards" / dashboard).read_text()))
+    assert any(metric in metric_names(expr) for expr in exprs), f"{dashboard} has no panel of {metric}"
+
+
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
 def test_a_dashboard_is_well_formed(path: Path) -> None:
     dashboard = json.loads(path.read_text())

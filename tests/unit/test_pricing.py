@@ -7,7 +7,14 @@ from dataclasses import replace
 import pytest
 
 from libs.config import Pricing
-from services.cost.pricing import AttemptUsage, charged_resources, format_micros, price_attempt
+from services.cost.pricing import (
+    AttemptUsage,
+    UsageSoFar,
+    charged_resources,
+    format_micros,
+    price_attempt,
+    used_so_far,
+)
 from services.cost.records import pricing_of
 from tests.unit.builders import ConfigBuilder
 
@@ -74,6 +81,63 @@ def test_half_micros_round_to_even(worker_hour: float, micros: int) -> None:
     usage = AttemptUsage(run_seconds=HOUR, requested_cpu_millis=1000, requested_memory_mb=1024)
 
     assert price_attempt(usage, Pricing(worker_hour=worker_hour), burst_premium=1.0) == micros
+
+
+def running_price(run_seconds: float, sample: UsageSoFar | None) -> int:
+    """What a running attempt of TWO_CORES_ONE_GIB_ONE_HOUR's request has cost after `run_seconds`."""
+    used_cpu, used_memory = used_so_far(run_seconds, sample)
+    usage = replace(
+        TWO_CORES_ONE_GIB_ONE_HOUR, run_seconds=run_seconds, used_cpu_seconds=used_cpu, used_max_memory_mb=used_memory
+    )
+    return price_attempt(usage, GENERAL, burst_premium=1.5)
+
+
+@pytest.mark.parametrize(
+    ("sample", "micros"),
+    [
+        # Half an hour at the request (2 cores, 1 GiB): 0.095 / 2.
+        pytest.param(None, 47_500, id="no-sample-yet-charges-the-request"),
+        pytest.param(
+            # 1,800 CPU-seconds in the first 600 s: 3 cores so far -> (0.120 + 0.005 + 0.010) / 2
+            UsageSoFar(elapsed_seconds=600, cpu_seconds=1800, max_memory_mb=512),
+            67_500,
+            id="cpu-rate-above-request-is-charged-over-the-whole-run",
+        ),
+        pytest.param(
+            UsageSoFar(elapsed_seconds=600, cpu_seconds=300, max_memory_mb=100),
+            47_500,
+            id="cpu-rate-below-request-charges-the-request",
+        ),
+        pytest.param(
+            # peak 3 GiB so far: (0.080 + 0.015 + 0.010) / 2
+            UsageSoFar(elapsed_seconds=600, cpu_seconds=600, max_memory_mb=3072),
+            52_500,
+            id="memory-peak-above-request-is-charged",
+        ),
+        pytest.param(
+            UsageSoFar(elapsed_seconds=0, cpu_seconds=5, max_memory_mb=0),
+            47_500,
+            id="a-sample-at-its-start-has-no-rate",
+        ),
+        pytest.param(
+            UsageSoFar(elapsed_seconds=600, cpu_seconds=float("nan"), max_memory_mb=-3),
+            47_500,
+            id="an-impossible-sample-is-not-measured",
+        ),
+    ],
+)
+def test_a_running_attempt_is_priced_at_the_larger_of_its_request_and_its_latest_sample(
+    sample: UsageSoFar | None, micros: int
+) -> None:
+    assert running_price(1800, sample) == micros
+
+
+def test_a_running_attempt_that_keeps_its_rate_costs_what_its_final_charge_will_be() -> None:
+    # 3 cores and a 3 GiB peak throughout: at the moment it ends, the running price is the final one.
+    final = replace(TWO_CORES_ONE_GIB_ONE_HOUR, used_cpu_seconds=3 * HOUR, used_max_memory_mb=3072)
+    sample = UsageSoFar(elapsed_seconds=HOUR / 4, cpu_seconds=3 * HOUR / 4, max_memory_mb=3072)
+
+    assert running_price(HOUR, sample) == price_attempt(final, GENERAL, burst_premium=1.5) == 145_000
 
 
 def test_the_burst_premium_multiplies_the_whole_price() -> None:
