@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from jobmesh.cost.v1 import cost_pb2_grpc
+from jobmesh.cost.v1 import cost_pb2, cost_pb2_grpc
 from jobmesh.gateway.v1 import gateway_pb2_grpc as gw
 from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
 from jobmesh.queueing.v1 import queueing_pb2, queueing_pb2_grpc
@@ -30,9 +30,11 @@ from services.gateway.servicer import (
 )
 from services.gateway.shedding import SubmitShedder
 
-# Served by the leading quota (queueing) replica only: the gateway's calls follow its health (libs/leadergate.py).
+# Served by the leading quota (queueing, cost) replica only: the gateway's calls follow its health
+# (libs/leadergate.py).
 QUOTA_SERVICE = quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name
 QUEUEING_SERVICE = queueing_pb2.DESCRIPTOR.services_by_name["QueueingService"].full_name
+COST_SERVICE = cost_pb2.DESCRIPTOR.services_by_name["CostService"].full_name
 
 # The API's OpenAPI document, served at /api/v1/openapi.yaml (JOBMESH_OPENAPI_PATH to serve another file).
 OPENAPI = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
@@ -64,7 +66,8 @@ async def run(settings: CommonSettings) -> None:
     channels = [
         channel(peers.quota, tls, health_service=QUOTA_SERVICE),
         channel(peers.queueing, tls, health_service=QUEUEING_SERVICE),
-        *(channel(p, tls) for p in (peers.poolmanager, peers.cost)),
+        channel(peers.poolmanager, tls),
+        channel(peers.cost, tls, health_service=COST_SERVICE),
     ]
     backends = Backends(
         quota=quota_pb2_grpc.QuotaServiceStub(channels[0]),
@@ -84,7 +87,8 @@ async def run(settings: CommonSettings) -> None:
     tenants = TenantsServicer(auth, backends)
     pools = PoolsServicer(auth, backends)
     costs = CostReportsServicer(auth, backends)
-    metrics = MetricsServicer(auth, peers.metrics_targets, registry)
+    own_metrics = f"{settings.server.host}:{settings.telemetry.metrics_port}"
+    metrics = MetricsServicer(auth, peers.metrics_targets, registry, own_metrics)
     api = ApiServicer(openapi_document(settings))
     names = dict(zip(("job", "tenant", "pool", "cost", "metrics", "api"), PUBLIC_SERVICES, strict=True))
     server = await start_server(

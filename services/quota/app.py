@@ -155,7 +155,7 @@ async def run(settings: CommonSettings) -> None:
         config.burst_audit,
         manager.clock,
         metrics.audit_pruned,
-        may_run=lambda: gate.serving is not None,
+        may_run=gate.serves,
     )
     pruning = asyncio.create_task(pruner.run_forever(), name="burst-audit-pruning")
 
