@@ -5,8 +5,8 @@ Starts a private stack (leader lease --leader-ttl seconds, 5 as in `make run`) a
 --rounds times: submits `true` jobs over REST at --rate jobs/s, SIGKILLs the current leader (found from its
 leader key in etcd), and measures
   takeover_s       from the kill to a new leader key held by another replica (read every 20 ms);
-  serving_s        for a kind whose calls follow its leader's health (quota, queueing): from the kill to another replica
-                   answering SERVING for the service, i.e. when clients' calls go there;
+  serving_s        for a kind whose calls follow its leader's health (quota, queueing, cost): from the kill to another
+                   replica answering SERVING for the service, i.e. when clients' calls go there;
   submit errors    submits answered other than 200 in the round, and the longest submit latency.
 Then starts the killed replica again (as the launcher's supervisor would) before the next round. Every loop is
 bounded by its count and by --timeout-seconds. Prints one JSON object.
@@ -33,6 +33,7 @@ from tests.helpers import job_spec, start_stack, token
 KINDS = {
     "quota": ("quota", ("quota-1", "quota-2")),
     "queueing": ("queueing", ("queueing-1", "queueing-2")),
+    "cost": ("cost", ("cost-1", "cost-2")),
     "scheduler": ("scheduler", ("scheduler-1", "scheduler-2")),
     "poolmanager": ("pool-manager", ("poolmanager-1", "poolmanager-2")),
 }

@@ -71,7 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"starting jobmesh (data in {stack.data_dir}, logs in {stack.log_dir}) ...", flush=True)
     # The launcher's own /metrics (restarts of the processes it supervises) joins the mesh-wide scrape.
     registry = CollectorRegistry()
-    for name in stack.SERVICES:  # the services keep their ports (9101-9110); the launcher takes the next
+    for name in stack.SERVICES:  # the services keep their ports (9101-9112); the launcher takes the next
         stack.metrics_port(name)
     launcher_metrics = stack.metrics_port("launcher")
     stack.env["JOBMESH_METRICS_TARGETS"] = f"{stack.metrics_targets()},127.0.0.1:{launcher_metrics}"

@@ -1,5 +1,6 @@
-"""Starts and stops the whole mesh as local processes: etcd, six services (two quota, queueing, scheduler and
-pool-manager replicas), their workers and Envoy. Used by `jobmesh run` and by the integration and end-to-end tests.
+"""Starts and stops the whole mesh as local processes: etcd, six services (two replicas of each: the gateway behind
+Envoy, active/standby quota, queueing and cost, leader-elected scheduler and pool-manager), their workers and Envoy.
+Used by `jobmesh run` and by the integration and end-to-end tests.
 
 The launcher holds the dev PKI (`<data dir>/pki`, see libs/meshpki.py): it issues every process its certificate
 before starting it and renews them while it runs (a timer thread); every internal hop is mTLS, etcd included."""
@@ -72,12 +73,12 @@ class Ports:
     envoy: int = 8080
     etcd: int = 2379
     etcd_peer: int = 2380
-    gateway: int = 50051
+    gateway: tuple[int, ...] = (50051, 50061)
     quota: tuple[int, ...] = (50052, 50062)
     queueing: tuple[int, ...] = (50053, 50063)
     scheduler: tuple[int, ...] = (50054, 50064)
     poolmanager: tuple[int, ...] = (50055, 50065)
-    cost: int = 50056
+    cost: tuple[int, ...] = (50056, 50066)
     console: int = 50057
     metrics_base: int = 9100  # each service gets metrics_base + n
 
@@ -87,12 +88,12 @@ class Ports:
             envoy=free_port(),
             etcd=free_port(),
             etcd_peer=free_port(),
-            gateway=free_port(),
+            gateway=(free_port(), free_port()),
             quota=(free_port(), free_port()),
             queueing=(free_port(), free_port()),
             scheduler=(free_port(), free_port()),
             poolmanager=(free_port(), free_port()),
-            cost=free_port(),
+            cost=(free_port(), free_port()),
             console=free_port(),
             metrics_base=0,
         )
@@ -172,7 +173,7 @@ class Stack:
             JOBMESH_ETCD_ENDPOINTS=addr(p.etcd),
             JOBMESH_QUOTA_ADDRS=",".join(addr(x) for x in p.quota),
             JOBMESH_QUEUEING_ADDRS=",".join(addr(x) for x in p.queueing),
-            JOBMESH_COST_ADDR=addr(p.cost),
+            JOBMESH_COST_ADDRS=",".join(addr(x) for x in p.cost),
             JOBMESH_SCHEDULER_ADDRS=",".join(addr(x) for x in p.scheduler),
             JOBMESH_POOLMANAGER_ADDRS=",".join(addr(x) for x in p.poolmanager),
         )
@@ -270,8 +271,7 @@ class Stack:
                 listen_host="127.0.0.1",
                 listen_port=p.envoy,
                 admin_socket=str(self.envoy_admin_socket),
-                gateway_host="127.0.0.1",
-                gateway_port=p.gateway,
+                gateways=[("127.0.0.1", port) for port in p.gateway],
                 descriptor_path=str(REPO / "build" / "jobmesh.pb"),
                 console_port=p.console,
                 tls=self._envoy_tls(),
@@ -292,49 +292,44 @@ class Stack:
         proc.port = self.ports.console
         return self._spawn(proc)
 
-    # In this order the processes get their metrics ports (metrics_base + n): the second quota and queueing
-    # replicas come last, so the others keep the ports they had (observability/prometheus/prometheus.yml).
+    # In this order the processes get their metrics ports (metrics_base + n): second replicas come last, in the
+    # order they were added, so the others keep the ports they had (observability/prometheus/prometheus.yml).
     SERVICES = (
         "quota-1",
         "queueing-1",
-        "cost",
+        "cost-1",
         "scheduler-1",
         "scheduler-2",
         "poolmanager-1",
         "poolmanager-2",
-        "gateway",
+        "gateway-1",
         "quota-2",
         "queueing-2",
+        "cost-2",
+        "gateway-2",
     )
     # Active/standby services (libs/leadergate.py): the replicas of each, and the gRPC service the leader serves.
     LEADER_SERVED = {
         "quota": ("jobmesh.quota.v1.QuotaService", ("quota-1", "quota-2")),
         "queueing": ("jobmesh.queueing.v1.QueueingService", ("queueing-1", "queueing-2")),
+        "cost": ("jobmesh.cost.v1.CostService", ("cost-1", "cost-2")),
     }
 
     def start_named(self, name: str) -> Proc:
-        p = self.ports
         if name == "etcd":
             return self.start_etcd()
         if name == "envoy":
             return self.start_envoy()
         if name == "console":
             return self.start_console()
-        if name.startswith("scheduler-"):
-            i = int(name.rsplit("-", 1)[1]) - 1
-            return self.start_service(name, "services.scheduler", p.scheduler[i], replica=name)
-        if name.startswith("poolmanager-"):
-            i = int(name.rsplit("-", 1)[1]) - 1
-            return self.start_service(name, "services.poolmanager", p.poolmanager[i], replica=name)
-        for kind, ports in (("quota", p.quota), ("queueing", p.queueing)):
-            if name.startswith(f"{kind}-"):
-                i = int(name.rsplit("-", 1)[1]) - 1
-                return self.start_service(name, f"services.{kind}", ports[i], replica=name)
-        port = {"cost": p.cost, "gateway": p.gateway}[name]
-        return self.start_service(name, f"services.{name}", port)
+        kind, _, n = name.rpartition("-")  # a service's replica: "<kind>-<n>", n from 1
+        ports: tuple[int, ...] = getattr(self.ports, kind)
+        return self.start_service(name, f"services.{kind}", ports[int(n) - 1], replica=name)
 
     def metrics_targets(self) -> str:
-        return ",".join(f"127.0.0.1:{self._metrics_port(n)}" for n in self.SERVICES if n != "gateway")
+        """Every service process's /metrics (the gateways too: each scrapes the other, and labels its own samples
+        with its own address, so the aggregate is the same whichever gateway answers)."""
+        return ",".join(f"127.0.0.1:{self._metrics_port(n)}" for n in self.SERVICES)
 
     def _envoy_tls(self) -> EnvoyTls:
         return write_envoy_sds(self.pki.root / "envoy", self.pki.service("envoy", "envoy"))
@@ -542,7 +537,8 @@ class Stack:
 
     def stop(self, grace: float = 10.0) -> None:
         self.stop_renewal()
-        order = ["envoy", "gateway", *[n for n in self.procs if n not in ("envoy", "gateway", "etcd")], "etcd"]
+        front = ["envoy", *(n for n in self.procs if n.startswith("gateway-"))]
+        order = [*front, *[n for n in self.procs if n not in (*front, "etcd")], "etcd"]
         for name in order:
             proc = self.procs.get(name)
             if proc is None or proc.popen is None:
@@ -557,7 +553,7 @@ class Stack:
                 os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-            if name in ("gateway", "etcd"):
+            if name in front or name == "etcd":
                 self._reap(proc, grace)
         for proc in self.procs.values():
             self._reap(proc, grace)

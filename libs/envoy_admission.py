@@ -154,10 +154,13 @@ def tenant_descriptor() -> list[dict[str, Any]]:
 
 def submit_circuit_breaker(limits: EdgeLimits) -> dict[str, Any]:
     """The submit cluster's bound on requests in flight to the gateway: beyond it Envoy answers at once (UO, mapped
-    to 429 OVERLOADED) instead of queueing."""
+    to 429 OVERLOADED) instead of queueing. Retries (only of submits that no gateway received: a gateway that just
+    died, libs/envoy_config.py) are bounded alike; a bound of 0 would turn each of them into a 429."""
     bound = limits.max_inflight_submits
     return {
-        "thresholds": [{"priority": "DEFAULT", "max_requests": bound, "max_pending_requests": bound, "max_retries": 0}]
+        "thresholds": [
+            {"priority": "DEFAULT", "max_requests": bound, "max_pending_requests": bound, "max_retries": bound}
+        ]
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,16 @@ REQUEST_HEADERS_TIMEOUT_SECONDS = 10
 ENVOY_LOG_LEVEL = "warning"
 # Where Kubernetes mounts the jobmesh-jwt-keys Secret, in the gateway's pod and in Envoy's.
 JWT_KEYS_MOUNT = "/var/run/secrets/jobmesh/jwt"
+
+# Several gateways (stateless) behind one cluster: Envoy health-checks them (gRPC health of the JobService, which a
+# stopping gateway reports NOT_SERVING first), ejects one whose connections fail at once, and sends a request that
+# no gateway received to another, so that losing a gateway costs a caller at most one retry (see _retry_policy).
+GATEWAY_HEALTH_SERVICE = "jobmesh.gateway.v1.JobService"
+HEALTH_CHECK_INTERVAL_MS = 1000
+# How long a gateway whose connection failed stays out of the balancing (each further ejection: once more).
+EJECTION_SECONDS = 2
+# Tries after the first, each on a gateway not tried yet for this request.
+GATEWAY_RETRIES = 2
 
 _GATEWAY_CLUSTER = "jobmesh_gateway"
 # The same gateway for submits alone, so that a bound on submits in flight (a circuit breaker) applies to them only.
@@ -152,14 +163,52 @@ def _upstream_tls(tls: EnvoyTls, peer_id: str = "", alpn: str = "h2") -> dict[st
     }
 
 
-def _gateway_cluster(
-    gateway_host: str, gateway_port: int, tls: EnvoyTls, limits: EdgeLimits, name: str = _GATEWAY_CLUSTER
-) -> dict[str, Any]:
+def _is_address(host: str) -> bool:
     try:
-        ipaddress.ip_address(gateway_host)
-        discovery: dict[str, Any] = {"type": "STATIC"}
+        ipaddress.ip_address(host)
     except ValueError:
+        return False
+    return True
+
+
+def _gateway_health_check() -> dict[str, Any]:
+    # Over the cluster's own mTLS (health is open to every mesh identity, libs/authz.py); a restarted gateway is
+    # back after one good answer, a dead or hung one out after two missed ones.
+    interval = f"{HEALTH_CHECK_INTERVAL_MS / 1000:g}s"
+    return {
+        "timeout": interval,
+        "interval": interval,
+        "no_traffic_interval": interval,
+        "unhealthy_threshold": 2,
+        "healthy_threshold": 1,
+        "grpc_health_check": {"service_name": GATEWAY_HEALTH_SERVICE},
+    }
+
+
+def _gateway_outlier_detection() -> dict[str, Any]:
+    # Only failures of Envoy's own to reach a gateway (refused, reset, timed out) eject it: a gateway's error answers
+    # (e.g. 503 while quota fails over) say nothing about the gateway and must not eject a healthy one.
+    return {
+        "split_external_local_origin_errors": True,
+        "consecutive_local_origin_failure": 1,
+        "enforcing_consecutive_local_origin_failure": 100,
+        "enforcing_consecutive_5xx": 0,
+        "enforcing_success_rate": 0,
+        "enforcing_local_origin_success_rate": 0,
+        "interval": "1s",
+        "base_ejection_time": _seconds(EJECTION_SECONDS),
+        "max_ejection_percent": 50,
+    }
+
+
+def _gateway_cluster(
+    gateways: Sequence[tuple[str, int]], tls: EnvoyTls, limits: EdgeLimits, name: str = _GATEWAY_CLUSTER
+) -> dict[str, Any]:
+    if all(_is_address(host) for host, _ in gateways):
+        discovery: dict[str, Any] = {"type": "STATIC"}
+    else:  # a name (a headless Service): every address it resolves to is a gateway
         discovery = {"type": "STRICT_DNS", "dns_lookup_family": "V4_PREFERRED"}
+    endpoints = [{"endpoint": {"address": _socket_address(host, port)}} for host, port in gateways]
     cluster = {
         "name": name,
         **discovery,
@@ -173,10 +222,9 @@ def _gateway_cluster(
             )
         },
         "per_connection_buffer_limit_bytes": limits.per_connection_buffer_kb * 1024,
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(gateway_host, gateway_port)}}]}],
-        },
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
+        "health_checks": [_gateway_health_check()],
+        "outlier_detection": _gateway_outlier_detection(),
     }
     if name == _SUBMIT_CLUSTER:
         cluster["circuit_breakers"] = admission.submit_circuit_breaker(limits)
@@ -330,11 +378,47 @@ def _transcoder_filter(descriptor_path: str) -> dict[str, Any]:
     }
 
 
-def _gateway_route(cluster: str) -> dict[str, Any]:
+def read_methods() -> tuple[str, ...]:
+    """The public methods the API binds to GET (reads, streams included): sending one again is harmless."""
+    from google.api import annotations_pb2
+
+    from jobmesh.gateway.v1 import gateway_pb2
+
+    return tuple(
+        f"/{service.full_name}/{method.name}"
+        for service in gateway_pb2.DESCRIPTOR.services_by_name.values()
+        if service.full_name in PUBLIC_SERVICES
+        for method in service.methods
+        if method.GetOptions().Extensions[annotations_pb2.http].WhichOneof("pattern") == "get"
+    )
+
+
+def _retry_policy(read: bool) -> dict[str, Any]:
+    # A request no gateway received (its connection was refused, or reset before the request went out: a gateway
+    # that just died) is sent to another gateway whatever it is. One a gateway may have received (reset after it
+    # went out) is sent again only for a read: a write is answered 503 UNAVAILABLE and left to the caller, who
+    # knows whether it is safe (a submit with an idempotency key is; the Python client always sends one).
+    conditions = ["connect-failure", "refused-stream", "reset-before-request", *(["reset"] if read else [])]
+    return {
+        "retry_on": ",".join(conditions),
+        "num_retries": GATEWAY_RETRIES,
+        "retry_host_predicate": [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": _typed("envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"),
+            }
+        ],
+        "host_selection_retry_max_attempts": 3,
+        "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"},
+    }
+
+
+def _gateway_route(cluster: str, read: bool = False) -> dict[str, Any]:
     return {
         "cluster": cluster,
         "timeout": _seconds(ROUTE_TIMEOUT_SECONDS),
         "max_stream_duration": {"grpc_timeout_header_max": _seconds(ROUTE_TIMEOUT_SECONDS)},
+        "retry_policy": _retry_policy(read),
     }
 
 
@@ -352,6 +436,7 @@ def _routes(limits: EdgeLimits, console: bool = False) -> list[dict[str, Any]]:
                 "timeout": "0s",
                 "idle_timeout": _seconds(STREAM_IDLE_ROUTE_SECONDS),
                 "max_stream_duration": {"grpc_timeout_header_max": "0s"},
+                "retry_policy": _retry_policy(read=True),
             },
         }
         for method in STREAMING_METHODS
@@ -363,6 +448,16 @@ def _routes(limits: EdgeLimits, console: bool = False) -> list[dict[str, Any]]:
             "route": _gateway_route(_SUBMIT_CLUSTER),
             "typed_per_filter_config": {admission.RATE_LIMIT_FILTER: admission.submit_rate_limit(limits)},
         }
+    ]
+    # Reads have routes of their own only for their retry policy; everything else goes by its service's prefix.
+    routes += [
+        {
+            "name": method.rsplit("/", 1)[-1],
+            "match": {"path": method, "grpc": {}},
+            "route": _gateway_route(_GATEWAY_CLUSTER, read=True),
+        }
+        for method in read_methods()
+        if method not in STREAMING_METHODS
     ]
     routes += [
         {"name": service, "match": {"prefix": f"/{service}/", "grpc": {}}, "route": _gateway_route(_GATEWAY_CLUSTER)}
@@ -523,8 +618,7 @@ def render_envoy_config(
     listen_host: str,
     listen_port: int,
     admin_socket: str,
-    gateway_host: str,
-    gateway_port: int,
+    gateways: Sequence[tuple[str, int]],
     descriptor_path: str,
     tls: EnvoyTls,
     auth: EdgeAuth,
@@ -538,8 +632,9 @@ def render_envoy_config(
     REST under ``/api/v1/`` is transcoded to gRPC with the descriptor set at ``descriptor_path``
     (JSON uses proto field names and enum names; gRPC errors come back as JSON google.rpc.Status
     with their details); native gRPC to the public ``jobmesh.gateway.v1`` services passes as is.
-    Both go over HTTP/2 to the gateway at ``gateway_host:gateway_port``; every other path is a
-    404 and never reaches it. The hop to the gateway is mTLS (``tls``: Envoy's certificate, the mesh CA,
+    Both go over HTTP/2 to the gateways at ``gateways`` (host, port each; a host name is resolved to every address
+    it has), health-checked, with a failed connection's request sent to another; every other path is a 404 and
+    never reaches them. The hop to the gateway is mTLS (``tls``: Envoy's certificate, the mesh CA,
     the gateway's SPIFFE id pinned). Request bodies are capped at 1 MiB (413), and Envoy's own errors to
     REST callers are JSON google.rpc.Status bodies too. Admin listens only on the unix socket
     ``admin_socket``, mode 0600 (its owner alone may read stats or change anything), never on TCP.
@@ -576,8 +671,8 @@ def render_envoy_config(
                 }
             ],
             "clusters": [
-                _gateway_cluster(gateway_host, gateway_port, tls, limits),
-                _gateway_cluster(gateway_host, gateway_port, tls, limits, _SUBMIT_CLUSTER),
+                _gateway_cluster(gateways, tls, limits),
+                _gateway_cluster(gateways, tls, limits, _SUBMIT_CLUSTER),
             ],
         },
     }
@@ -625,8 +720,7 @@ def render_dev_defaults(limits: EdgeLimits | None = None, console_port: int | No
         listen_host="127.0.0.1",
         listen_port=8080,
         admin_socket=".jobmesh/envoy-admin.sock",
-        gateway_host="127.0.0.1",
-        gateway_port=50051,
+        gateways=[("127.0.0.1", 50051), ("127.0.0.1", 50061)],  # the launcher's default gateway ports
         descriptor_path="build/jobmesh.pb",
         tls=EnvoyTls(
             identity_sds=".jobmesh/pki/envoy/identity-sds.json",
@@ -640,17 +734,17 @@ def render_dev_defaults(limits: EdgeLimits | None = None, console_port: int | No
 
 
 def render_cluster_defaults() -> str:
-    """`k8s/base/envoy.json`: the gateway Service by name, Envoy's certificate and the mesh CA from a mounted
-    Secret in /etc/jobmesh/tls (Kubernetes swaps a Secret's files by renaming a directory link, which the watch
-    on that directory sees), the SDS files beside the bootstrap, admin on a socket in the pod's /tmp. Tokens are
-    checked against the JWKS the gateway uses (the jobmesh-jwt-keys Secret), limits come from k8s/base/mesh.toml."""
+    """`k8s/base/envoy.json`: the gateway Service by name (headless: every gateway pod), Envoy's certificate and
+    the mesh CA from a mounted Secret in /etc/jobmesh/tls (Kubernetes swaps a Secret's files by renaming a directory
+    link, which the watch on that directory sees), the SDS files beside the bootstrap, admin on a socket in the
+    pod's /tmp. Tokens are checked against the JWKS the gateway uses (the jobmesh-jwt-keys Secret), limits come
+    from k8s/base/mesh.toml."""
     config = load_config(_REPO / "k8s" / "base" / "mesh.toml")
     return render_envoy_config(
         listen_host="0.0.0.0",
         listen_port=8080,
         admin_socket="/tmp/envoy-admin.sock",
-        gateway_host="gateway",
-        gateway_port=50051,
+        gateways=[("gateway", 50051)],
         descriptor_path="/etc/envoy/descriptors/jobmesh.pb",
         tls=EnvoyTls(
             identity_sds="/etc/envoy/bootstrap/identity-sds.json",

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import grpc
 
 from libs.errors import NotLeader, Unavailable
-from libs.etcd.client import Compare, RequestOp, TxnResult
+from libs.etcd.client import Compare, Etcd, KeyValue, RequestOp, TxnResult, op_put
 from libs.etcd.election import LeaderElection, Leadership
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,10 @@ class LeaderGate:
         self.serving: Leadership | None = None
         self.self_check = SelfCheck(election, informers, [service], exit_process)
 
+    def serves(self) -> bool:
+        """Whether this replica serves a term now (for leader-only work: writes, cycles, pruning)."""
+        return self.serving is not None
+
     def token(self) -> Leadership:
         """The term a call runs under; UNAVAILABLE (clients retry, health routing moves them to the leader) when
         this replica does not serve one."""
@@ -189,6 +193,29 @@ class LeaderGate:
         if inspect.isawaitable(ended):
             await ended
         log.warning("no longer serving %s (standby)", self.service)
+
+
+class FencedStore:
+    """etcd as a leader's stores see it: reads as they are, every write fenced by the term the gate serves when it
+    is made (UNAVAILABLE NOT_LEADER once that term is over, or on a standby). For stores that take an object with
+    etcd's `txn`, `put` and `get_prefix` (the cost service's ledgers)."""
+
+    def __init__(self, etcd: Etcd, gate: LeaderGate):
+        self.etcd = etcd
+        self.gate = gate
+
+    async def txn(
+        self, compare: Sequence[Compare], success: Sequence[RequestOp], failure: Sequence[RequestOp] = ()
+    ) -> TxnResult:
+        return await self.gate.fenced_txn(compare, success, failure)
+
+    async def put(self, key: str, value: bytes, lease: int = 0) -> int:
+        return (await self.gate.fenced_txn([], [op_put(key, value, lease)])).revision
+
+    async def get_prefix(
+        self, prefix: str, *, start: str | None = None, limit: int = 0, keys_only: bool = False
+    ) -> tuple[list[KeyValue], int, bool]:
+        return await self.etcd.get_prefix(prefix, start=start, limit=limit, keys_only=keys_only)
 
 
 class _GateInterceptor(grpc.aio.ServerInterceptor):

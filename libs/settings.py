@@ -179,7 +179,7 @@ class PeerSettings:
     queueing: tuple[str, ...] = ("127.0.0.1:50053",)  # active/standby replicas: calls go to the leader
     scheduler: tuple[str, ...] = ("127.0.0.1:50054",)
     poolmanager: tuple[str, ...] = ("127.0.0.1:50055",)
-    cost: str = "127.0.0.1:50056"
+    cost: tuple[str, ...] = ("127.0.0.1:50056",)  # active/standby replicas: calls go to the leader
     metrics_targets: tuple[str, ...] = ()  # host:port of every /metrics endpoint, for the mesh-wide scrape
 
     @classmethod
@@ -192,7 +192,7 @@ class PeerSettings:
             queueing=many("JOBMESH_QUEUEING_ADDRS", "127.0.0.1:50053"),
             scheduler=many("JOBMESH_SCHEDULER_ADDRS", "127.0.0.1:50054"),
             poolmanager=many("JOBMESH_POOLMANAGER_ADDRS", "127.0.0.1:50055"),
-            cost=_env(env, "JOBMESH_COST_ADDR", "127.0.0.1:50056"),
+            cost=many("JOBMESH_COST_ADDRS", "127.0.0.1:50056"),
             metrics_targets=many("JOBMESH_METRICS_TARGETS", ""),
         )
 
@@ -242,7 +242,7 @@ KNOWN_VARIABLES = frozenset(
         *"""JOBMESH_CONFIG JOBMESH_DATA_DIR JOBMESH_PORT JOBMESH_HOST JOBMESH_GRACE_SECONDS JOBMESH_REPLICA_ID
         JOBMESH_LOG_LEVEL JOBMESH_METRICS_PORT JOBMESH_METRICS_TARGETS JOBMESH_OTEL_EXPORTER JOBMESH_OTEL_ENDPOINT
         JOBMESH_ETCD_ENDPOINTS JOBMESH_ETCD_PREFIX JOBMESH_QUOTA_ADDRS JOBMESH_QUEUEING_ADDRS JOBMESH_SCHEDULER_ADDRS
-        JOBMESH_POOLMANAGER_ADDRS JOBMESH_COST_ADDR JOBMESH_LEADER_TTL JOBMESH_WORKER_LEASE_TTL JOBMESH_JWT_KEYS
+        JOBMESH_POOLMANAGER_ADDRS JOBMESH_COST_ADDRS JOBMESH_LEADER_TTL JOBMESH_WORKER_LEASE_TTL JOBMESH_JWT_KEYS
         JOBMESH_RESULT_LINGER_MS JOBMESH_SCHEDULER_MIN_INTERVAL_MS JOBMESH_COST_RESCAN_EVERY
         JOBMESH_COST_RECORD_DELAY_SECONDS JOBMESH_COST_CYCLE_SECONDS JOBMESH_QUEUEING_START_SLACK_SECONDS
         JOBMESH_QUEUEING_SNAPSHOT_INTERVAL_SECONDS JOBMESH_QUEUEING_RETENTION_SWEEP_SECONDS

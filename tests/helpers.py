@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import signal
@@ -76,6 +77,20 @@ def without_sandbox(config: Path, dest: Path) -> Path:
     path = dest / f"{config.stem}-unsandboxed.toml"
     path.write_text(text)
     return path
+
+
+def stored_value(stack: Stack, key: str) -> bytes | None:
+    """The value of one etcd key of a stack, as stored now (None: absent)."""
+
+    async def read() -> bytes | None:
+        etcd = stack.etcd_client()
+        try:
+            kv = await etcd.get(key)
+            return None if kv is None else kv.value
+        finally:
+            await etcd.close()
+
+    return asyncio.run(read())
 
 
 async def stand_in_quota_term(etcd: Etcd, prefix: str = "/jobmesh") -> int:

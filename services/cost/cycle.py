@@ -33,6 +33,7 @@ class CostCycle:
         rescan_every: int,
         rollup: CostRollup | None = None,
         lifetimes: Pruning | None = None,
+        leading: Callable[[], bool] = lambda: True,
     ):
         self.accounts = accounts
         self.rollup = rollup
@@ -42,14 +43,30 @@ class CostCycle:
         self.interval = interval
         self.rescan_every = max(rescan_every, 1)
         self.cycles = 0
+        # Only the cost leader runs cycles (every phase writes or publishes what one replica must); a standby
+        # looks again this often, so a new term's first cycle follows its start closely.
+        self.leading = leading
+        self.standby_poll = min(interval, 0.25)
+        self._wake = asyncio.Event()
+
+    def new_term(self) -> None:
+        """A term begins: its first cycle runs now, with a rescan (what ended while no leader wrote is charged)."""
+        self.cycles = 0
+        self._wake.set()
 
     async def run_forever(self) -> None:
         while True:
+            self._wake.clear()
+            leading = self.leading()
+            if leading:
+                try:
+                    await self.run_once()
+                except Exception:
+                    log.exception("cost cycle failed; next one in %.0fs", self.interval)
             try:
-                await self.run_once()
-            except Exception:
-                log.exception("cost cycle failed; next one in %.0fs", self.interval)
-            await asyncio.sleep(self.interval)
+                await asyncio.wait_for(self._wake.wait(), self.interval if leading else self.standby_poll)
+            except TimeoutError:
+                pass
 
     async def run_once(self) -> None:
         # 1. Charge: write records that failed before; now and then re-read every job for anything missed.

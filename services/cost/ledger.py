@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from opentelemetry import trace
@@ -58,9 +58,13 @@ class CostLedger:
         metrics: CostMetrics,
         record_delay: float = 0.0,
         usage: RunningUsage | None = None,
+        may_write: Callable[[], bool] = lambda: True,
     ):
         self.store = store
         self.usage = usage if usage is not None else RunningUsage()  # running attempts' latest measured use
+        # False on a standby: it tracks what is charged and what is pending, and writes nothing; a new leader's
+        # first cycle writes what is still pending (create-only: what the last leader wrote is read back).
+        self.may_write = may_write
         # 0: each watch response's ended attempts are written before the next is handled; else they wait up to
         # this long for others, in one delayed write (a crash before it is covered by the rescan).
         self.record_delay = record_delay
@@ -158,7 +162,7 @@ class CostLedger:
             if event.kind == "delete":
                 self.running.pop(event.kv.key, None)  # a deleted job's ended attempts are still charged below
             new += self.observe(event.kv.key, job)
-        if not new:
+        if not new or not self.may_write():
             return
         if self.record_delay <= 0:
             await self.flush(new)
@@ -208,6 +212,8 @@ class CostLedger:
     async def flush(self, keys: Iterable[str] | None = None) -> int:
         """Writes pending records create-only, up to WRITE_CHUNK per transaction; a failed write stays pending
         for the next cycle. Returns how many are still pending."""
+        if not self.may_write():
+            return len(self.pending)
         wanted = [key for key in (self.pending if keys is None else keys) if key in self.pending]
         for first in range(0, len(wanted), WRITE_CHUNK):
             chunk = wanted[first : first + WRITE_CHUNK]

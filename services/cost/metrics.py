@@ -73,6 +73,22 @@ class CostMetrics:
             buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
         )
 
+    def forget_published(self) -> None:
+        """A replica that stops leading stops showing the spend, pool and budget figures it published: dashboards
+        and rules add them over instances, so only the leader's may be there."""
+        for gauge in (
+            self.tenant_running,
+            self.tenant_today,
+            self.tenant_month,
+            self.pool_month,
+            self.pool_idle_month,
+            self.budget_limit,
+            self.budget_utilization,
+        ):
+            gauge.clear()
+        self.stored_records.set(0)
+        self.daily_aggregates.set(0)
+
     def _usage_metrics(self, registry: CollectorRegistry) -> None:
         """What the tenants' ended attempts used, as measured on the workers (each attempt counted once, when its
         cost record is written)."""

@@ -6,12 +6,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from libs.settings import CommonSettings, SettingsError, float_var, int_var
+from libs.settings import CommonSettings, LeaderSettings, SettingsError, float_var, int_var
 
 
 @dataclass(frozen=True)
 class Settings:
     common: CommonSettings
+    leader: LeaderSettings  # active/standby: the leader alone serves, charges and writes
     cycle_seconds: float = 5.0  # how often gauges are published and failed record writes retried
     rescan_every: int = 6  # every this many cycles, re-read all jobs for ended attempts without a record
     # How long an ended attempt's record may wait so that it shares a transaction with others: charging is not
@@ -23,6 +24,7 @@ class Settings:
         env = os.environ if env is None else env
         settings = cls(
             common=CommonSettings.from_env("cost", 50056, env),
+            leader=LeaderSettings.from_env(env),
             cycle_seconds=float_var(env, "JOBMESH_COST_CYCLE_SECONDS", cls.cycle_seconds),
             rescan_every=int_var(env, "JOBMESH_COST_RESCAN_EVERY", cls.rescan_every),
             record_delay_seconds=float_var(env, "JOBMESH_COST_RECORD_DELAY_SECONDS", cls.record_delay_seconds),

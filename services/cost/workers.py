@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from jobmesh.common.v1 import types_pb2 as t
@@ -49,8 +49,18 @@ class IntervalStore(Protocol):
 
 
 class WorkerLedger:
-    def __init__(self, store: IntervalStore, keys: CostKeys, config: MeshConfig, clock: Clock, metrics: CostMetrics):
+    def __init__(
+        self,
+        store: IntervalStore,
+        keys: CostKeys,
+        config: MeshConfig,
+        clock: Clock,
+        metrics: CostMetrics,
+        may_write: Callable[[], bool] = lambda: True,
+    ):
         self.store = store
+        # False on a standby: it follows the workers in memory and writes nothing (see `take_over`).
+        self.may_write = may_write
         self.keys = keys
         self.config = config
         self.clock = clock
@@ -67,17 +77,33 @@ class WorkerLedger:
         return list(self.lifetimes.intervals.values())
 
     async def load(self) -> None:
-        """Reads the stored lifetimes and capacity aggregates; call before following the workers."""
-        for kv in await self._read(self.keys.workers):
+        """Reads the stored lifetimes and capacity aggregates (what was in memory is dropped); call before
+        following the workers."""
+        stored = await self._read(self.keys.workers)
+        await self._load_capacity()
+        self.lifetimes, self.revisions, self.dirty = WorkerLifetimes(), {}, set()
+        for kv in stored:
             interval = WorkerInterval.from_json(kv.value)
             self.lifetimes.restore(interval)
             self.revisions[interval.worker_id] = kv.mod_revision
-        await self._load_capacity()
+
+    async def take_over(self, live: Callable[[], Iterable[t.Worker]]) -> None:
+        """A new term of the cost leader: the lifetimes as the last leader stored them, then the workers registered
+        now (`live`, read once the stored ones are in, so a worker event handled meanwhile counts): a live worker
+        keeps its first start, one that left while no leader wrote ends now. The next `flush` writes the changes."""
+        await self.load()
+        workers = list(live())  # no await between the load and here: nothing changes the lifetimes meanwhile
+        now = self.clock.now()
+        for worker in workers:
+            if self._registered(worker, now):
+                self.dirty.add(worker.worker_id)
+        await self.close_missing({w.worker_id for w in workers})
 
     async def _load_capacity(self) -> None:
+        stored = await self._read(self.keys.capacity)
         self.capacity.clear()
         self.capacity_revisions.clear()
-        for kv in await self._read(self.keys.capacity):
+        for kv in stored:
             cell = DailyCapacity.from_json(kv.value)
             self.capacity[cell.cell] = cell
             self.capacity_revisions[cell.cell] = kv.mod_revision
@@ -99,24 +125,30 @@ class WorkerLedger:
         if event.kind == "delete":
             changed = self.lifetimes.gone(worker.worker_id, now)
         else:
-            pool = self.config.pool(worker.pool_id)
-            cpu = worker.capacity.cpu_millis or (pool.worker_cpu_millis if pool else 0)
-            mem = worker.capacity.memory_mb or (pool.worker_memory_mb if pool else 0)
-            start = worker.register_time.ToNanoseconds() / 1e9 if worker.HasField("register_time") else now
-            changed = self.lifetimes.registered(worker.worker_id, worker.pool_id, start, cpu, mem)
+            changed = self._registered(worker, now)
         if changed:
             self.dirty.add(worker.worker_id)
             await self.flush()
 
+    def _registered(self, worker: t.Worker, now: float) -> bool:
+        pool = self.config.pool(worker.pool_id)
+        cpu = worker.capacity.cpu_millis or (pool.worker_cpu_millis if pool else 0)
+        mem = worker.capacity.memory_mb or (pool.worker_memory_mb if pool else 0)
+        start = worker.register_time.ToNanoseconds() / 1e9 if worker.HasField("register_time") else now
+        return self.lifetimes.registered(worker.worker_id, worker.pool_id, start, cpu, mem)
+
     async def close_missing(self, alive: set[str]) -> None:
-        """After (re)start: workers that left while this service was down end now (the error is the downtime)."""
+        """After a (re)start or a takeover: workers that left while no cost leader followed them end now (the error
+        is that gap)."""
         closed = self.lifetimes.close_missing(alive, self.clock.now())
         if closed:
-            log.info("closed the lifetimes of %d workers that left while cost was down", len(closed))
+            log.info("closed the lifetimes of %d workers that left while no cost leader followed them", len(closed))
             self.dirty.update(closed)
             await self.flush()
 
     async def flush(self) -> None:
+        if not self.may_write():
+            return
         for worker_id in sorted(self.dirty):
             interval = self.lifetimes.intervals[worker_id]
             try:

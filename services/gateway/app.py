@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jobmesh.cost.v1 import cost_pb2_grpc
+from jobmesh.cost.v1 import cost_pb2, cost_pb2_grpc
 from jobmesh.gateway.v1 import gateway_pb2_grpc as gw
 from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
 from jobmesh.queueing.v1 import queueing_pb2, queueing_pb2_grpc
@@ -26,9 +26,11 @@ from services.gateway.servicer import (
 from services.gateway.settings import Settings
 from services.gateway.shedding import SubmitShedder
 
-# Served by the leading quota (queueing) replica only: the gateway's calls follow its health (libs/leadergate.py).
+# Served by the leading quota (queueing, cost) replica only: the gateway's calls follow its health
+# (libs/leadergate.py).
 QUOTA_SERVICE = quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name
 QUEUEING_SERVICE = queueing_pb2.DESCRIPTOR.services_by_name["QueueingService"].full_name
+COST_SERVICE = cost_pb2.DESCRIPTOR.services_by_name["CostService"].full_name
 
 
 def openapi_document(path: Path) -> bytes | None:
@@ -51,7 +53,8 @@ async def build(settings: Settings, startup: Startup) -> ServiceServer:
     channels = [
         startup.channel(peers.quota, health_service=QUOTA_SERVICE),
         startup.channel(peers.queueing, health_service=QUEUEING_SERVICE),
-        *(startup.channel(p) for p in (peers.poolmanager, peers.cost)),
+        startup.channel(peers.poolmanager),
+        startup.channel(peers.cost, health_service=COST_SERVICE),
     ]
     backends = Backends(
         quota=quota_pb2_grpc.QuotaServiceStub(channels[0]),
@@ -71,7 +74,9 @@ async def build(settings: Settings, startup: Startup) -> ServiceServer:
     tenants = TenantsServicer(auth, backends)
     pools = PoolsServicer(auth, backends)
     costs = CostReportsServicer(auth, backends)
-    metrics = MetricsServicer(auth, peers.metrics_targets, startup.registry)
+    common = settings.common
+    own_metrics = f"{common.server.host}:{common.telemetry.metrics_port}"
+    metrics = MetricsServicer(auth, peers.metrics_targets, startup.registry, own_metrics)
     api = ApiServicer(openapi_document(settings.openapi_path))
     names = dict(zip(("job", "tenant", "pool", "cost", "metrics", "api"), PUBLIC_SERVICES, strict=True))
     return await startup.serve(

@@ -15,6 +15,9 @@ from libs.interceptors import error_from_rpc
 
 log = logging.getLogger(__name__)
 
+# How long a gateway remembers the cost service's answer for a tenant (each gateway its own).
+ANSWER_SECONDS = 2.0
+
 
 class BudgetGate:
     """Asks the cost service whether a tenant may still submit; remembers the answer briefly to stay off the hot
@@ -24,7 +27,7 @@ class BudgetGate:
     shortly) or, with `[cost] budget_check_failure = "closed"`, refused with 503 BUDGET_CHECK_UNAVAILABLE if the
     tenant's budget is enforced: as the cost service last said, or as the mesh config says before it has said."""
 
-    def __init__(self, cost: object, clock: Clock, config: MeshConfig, ttl: float = 2.0):
+    def __init__(self, cost: object, clock: Clock, config: MeshConfig, ttl: float = ANSWER_SECONDS):
         self.cost = cost
         self.clock = clock
         self.ttl = ttl

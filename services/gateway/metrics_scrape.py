@@ -12,8 +12,12 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-async def scrape_all(targets: tuple[str, ...], own: str, timeout: float = 2.0) -> str:
-    """Merges families by name (one HELP/TYPE each) and adds an `instance` label to every sample."""
+async def scrape_all(targets: tuple[str, ...], own: str, timeout: float = 2.0, own_address: str = "") -> str:
+    """Merges families by name (one HELP/TYPE each) and adds an `instance` label to every sample: the target's
+    address, and for this gateway's own samples (`own`) "gateway", or `own_address` (where they are served) when it
+    is one of the targets: then every gateway of several labels every process alike, itself included."""
+    own_instance = own_address if own_address in targets else "gateway"
+    targets = tuple(t for t in targets if t != own_instance)
     async with httpx.AsyncClient(timeout=timeout) as client:
 
         async def one(target: str) -> tuple[str, str]:
@@ -27,7 +31,7 @@ async def scrape_all(targets: tuple[str, ...], own: str, timeout: float = 2.0) -
         bodies = await asyncio.gather(*(one(t) for t in targets))
     families: dict[str, tuple[str, str, list[str]]] = {}
     up: list[tuple[str, int]] = []
-    for instance, text in [("gateway", own), *bodies]:
+    for instance, text in [(own_instance, own), *bodies]:
         up.append((instance, 1 if text else 0))
         for family in text_string_to_metric_families(text):
             entry = families.setdefault(family.name, (family.type, family.documentation, []))

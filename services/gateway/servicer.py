@@ -44,9 +44,11 @@ from services.gateway.submit import SubmitSaga
 log = logging.getLogger(__name__)
 
 
-# How long a reservation may wait for a quota leader: longer than a failover (the lease, 5 s by default, plus the
-# takeover), so a submit during one is delayed, not refused (the channel waits for the next leader).
-QUOTA_FAILOVER_SECONDS = 10.0
+# How long a call to an active/standby service (a reservation, a budget read or update, a cost report) may wait for
+# its leader: longer than a failover (the lease, 5 s by default, plus the takeover), so a call made during one is
+# delayed, not refused (the channel waits for the next leader). Calls with a fallback of their own keep short
+# deadlines: the submit's budget check (which fails open) and a job's cost (left out of the job when unanswered).
+LEADER_FAILOVER_SECONDS = 10.0
 
 # Submits per batched call: bounded so that one call stays small (a job spec is at most a few KiB).
 _BATCH = 64
@@ -104,7 +106,7 @@ class Backends:
     async def _reserve_many(self, batch: list[_Traced[qt.ReserveRequest]]) -> list[qt.ReserveResponse | Exception]:
         with _batch_span("reserve", batch):
             request = qt.ReserveManyRequest(reservations=[r for r, _ in batch])
-            resp = await self.quota.ReserveMany(request, timeout=QUOTA_FAILOVER_SECONDS)
+            resp = await self.quota.ReserveMany(request, timeout=LEADER_FAILOVER_SECONDS)
         return [o.reserved if o.HasField("reserved") else from_item_error(o.error) for o in resp.outcomes]
 
     async def _enqueue_many(self, batch: list[_Traced[q.EnqueueRequest]]) -> list[q.EnqueueResponse | Exception]:
@@ -390,7 +392,9 @@ class TenantsServicer(gateway_pb2_grpc.TenantServiceServicer):
 
     async def GetBudget(self, request: g.GetBudgetRequest, context: grpc.aio.ServicerContext) -> object:
         require_tenant_access(self.auth(context), request.tenant_id)
-        resp = await self.b.cost.GetBudget(c.GetBudgetRequest(tenant_id=request.tenant_id), timeout=5.0)
+        resp = await self.b.cost.GetBudget(
+            c.GetBudgetRequest(tenant_id=request.tenant_id), timeout=LEADER_FAILOVER_SECONDS
+        )
         return resp.budget
 
     async def UpdateBudget(self, request: g.UpdateBudgetRequest, context: grpc.aio.ServicerContext) -> object:
@@ -399,7 +403,7 @@ class TenantsServicer(gateway_pb2_grpc.TenantServiceServicer):
             c.UpdateBudgetRequest(
                 tenant_id=request.tenant_id, monthly_limit=request.monthly_limit, policy=request.policy
             ),
-            timeout=5.0,
+            timeout=LEADER_FAILOVER_SECONDS,
         )
         return resp.budget
 
@@ -455,7 +459,8 @@ class CostReportsServicer(gateway_pb2_grpc.CostServiceServicer):
         else:
             require_tenant_access(principal, tenant_id)
         resp = await self.b.cost.GetCostReports(
-            c.GetCostReportsRequest(tenant_id=tenant_id, start=request.start, end=request.end), timeout=10.0
+            c.GetCostReportsRequest(tenant_id=tenant_id, start=request.start, end=request.end),
+            timeout=LEADER_FAILOVER_SECONDS,
         )
         out = g.GetCostReportsResponse(reports=resp.reports)
         if principal.is_admin and resp.HasField("idle_cost"):
@@ -464,17 +469,20 @@ class CostReportsServicer(gateway_pb2_grpc.CostServiceServicer):
 
 
 class MetricsServicer(gateway_pb2_grpc.MetricsServiceServicer):
-    def __init__(self, auth: Authenticator, targets: tuple[str, ...], own_metrics: CollectorRegistry):
+    def __init__(
+        self, auth: Authenticator, targets: tuple[str, ...], own_metrics: CollectorRegistry, own_address: str = ""
+    ):
         self.auth = auth
         self.targets = targets
         self.own_metrics = own_metrics
+        self.own_address = own_address  # host:port of this gateway's own /metrics
 
     async def GetPrometheusMetrics(
         self, request: g.GetPrometheusMetricsRequest, context: grpc.aio.ServicerContext
     ) -> httpbody_pb2.HttpBody:
         require_admin(self.auth(context))
         own = generate_latest(self.own_metrics).decode()
-        text = await scrape_all(self.targets, own)
+        text = await scrape_all(self.targets, own, own_address=self.own_address)
         return httpbody_pb2.HttpBody(content_type="text/plain; version=0.0.4; charset=utf-8", data=text.encode())
 
 

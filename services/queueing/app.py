@@ -52,7 +52,7 @@ def _queue(
         metrics=metrics,
         settings=own,
     )
-    manager.leading = lambda: gate.serving is not None
+    manager.leading = gate.serves
     metrics.watch_shape(manager.shape)
     manager.finished = FinishedJobs(keys, config.finished_job_retention_seconds)
     logs = log_store_from_settings(settings.logs)
@@ -116,7 +116,7 @@ async def build(settings: Settings, startup: Startup) -> ServiceServer:
     async def stop() -> None:
         for task in (timers, snapshots, retention):
             task.cancel()
-        if gate.serving is not None:
+        if gate.serves():
             try:
                 await manager.save_tags()  # a graceful stop loses no tag: the next leader gives the same order
             except JobMeshError as exc:

@@ -145,7 +145,7 @@ async def build(settings: Settings, startup: Startup) -> ServiceServer:
         config.burst_audit,
         manager.clock,
         metrics.audit_pruned,
-        may_run=lambda: gate.serving is not None,
+        may_run=gate.serves,
     )
     startup.task(pruner.run_forever(), "burst-audit-pruning")
 

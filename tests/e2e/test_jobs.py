@@ -190,7 +190,7 @@ def test_cost_report_covers_only_the_callers_jobs(acme: Api, globex: Api, admin:
     assert "acme" in {r["tenant_id"] for r in everyone["reports"]}
 
 
-def test_prometheus_endpoint_serves_the_whole_mesh_to_admins_only(acme: Api, admin: Api) -> None:
+def test_prometheus_endpoint_serves_the_whole_mesh_to_admins_only(stack: Stack, acme: Api, admin: Api) -> None:
     assert acme.call("GET", "/api/v1/metrics/prometheus").status_code == 403
     resp = admin.call("GET", "/api/v1/metrics/prometheus")
     assert resp.status_code == 200
@@ -205,4 +205,6 @@ def test_prometheus_endpoint_serves_the_whole_mesh_to_admins_only(acme: Api, adm
         "jobmesh_cost_records_total",
     ):
         assert name in text, name
-    assert 'jobmesh_up{instance="gateway"} 1' in text
+    # Both gateways are in it, each by its address, whichever of them answered.
+    for name in ("gateway-1", "gateway-2"):
+        assert f'jobmesh_up{{instance="127.0.0.1:{stack.metrics_port(name)}"}} 1' in text, name

@@ -100,7 +100,7 @@ DENIED = (grpc.StatusCode.PERMISSION_DENIED, "CALLER_NOT_ALLOWED")
         ),
         (
             "scheduler",
-            "cost",
+            "cost-1",
             lambda ch: cost_pb2_grpc.CostServiceStub(ch).GetCostReports(cost_pb2.GetCostReportsRequest(), timeout=5),
             False,
         ),

@@ -26,6 +26,7 @@ from tests.helpers import Api, job_spec, token, wait_for
 from tests.unit.cost_builders import JobBuilder
 
 KEYS = Keys("/jobmesh")
+REPLICAS = ("cost-1", "cost-2")
 
 
 def stored(stack: Stack, prefix: str) -> dict[str, KeyValue]:
@@ -73,11 +74,13 @@ def test_killing_the_cost_service_mid_run_loses_no_record_and_charges_nothing_tw
     static = {"pool": "static-general"}
     during = [acme.submit(job_spec(f"during-{i}", ["sleep", "1"], **static)) for i in range(2)]
     acme.wait_state(during[0]["job_id"], {"JOB_STATE_RUNNING"}, timeout=30)
-    cost_stack.kill("cost", signal.SIGKILL)
+    for name in REPLICAS:  # the whole cost service down, not failing over
+        cost_stack.kill(name, signal.SIGKILL)
     late = acme.submit(job_spec("late", ["sleep", "3"], **static))
     ended = [acme.wait_terminal(j["job_id"], timeout=60) for j in during]
     time.sleep(0.5)
-    cost_stack.restart("cost")
+    for name in REPLICAS:
+        cost_stack.restart(name)
     ended += [acme.wait_terminal(j["job_id"], timeout=60) for j in (*early, late)]
 
     attempts = {(j["job_id"], a["attempt"]) for j in ended for a in j["attempts"]}
@@ -102,22 +105,35 @@ def test_killing_the_cost_service_mid_run_loses_no_record_and_charges_nothing_tw
     assert int(report["total"]["micros"]) == sum(CostRecord.from_json(kv.value).cost_micros for kv in after.values())
 
 
-def test_worker_lifetimes_survive_a_restart_of_the_cost_service(cost_stack: Stack) -> None:
+def test_worker_lifetimes_survive_a_failover_and_a_restart_of_the_cost_service(cost_stack: Stack) -> None:
     prefix = "/jobmesh/cost/workers/"
 
     def three_static_workers() -> dict[str, KeyValue] | None:
         lifetimes = stored(cost_stack, prefix)
         return lifetimes if len(lifetimes) >= 3 else None
 
+    def stored_starts() -> dict[str, float]:
+        return {k: WorkerInterval.from_json(kv.value).start for k, kv in stored(cost_stack, prefix).items()}
+
     lifetimes = wait_for(three_static_workers, what="the static workers' lifetimes")
     starts = {k: WorkerInterval.from_json(kv.value).start for k, kv in lifetimes.items()}
 
-    cost_stack.kill("cost", signal.SIGKILL)
-    cost_stack.restart("cost")
+    # The leader dies: the standby, which followed the workers from its own start, takes over from what is stored.
+    leader = cost_stack.wait_leader("cost")
+    cost_stack.kill(leader, signal.SIGKILL)
+    wait_for(lambda: cost_stack.leader("cost") not in (None, leader), timeout=30, what="the standby to take over")
     time.sleep(1.0)
+    assert {k: v for k, v in stored_starts().items() if k in starts} == starts
+    cost_stack.restart(leader)
 
-    again = stored(cost_stack, prefix)
-    assert {k: WorkerInterval.from_json(kv.value).start for k, kv in again.items() if k in starts} == starts
+    # Both die and start again.
+    for name in REPLICAS:
+        cost_stack.kill(name, signal.SIGKILL)
+    for name in REPLICAS:
+        cost_stack.restart(name)
+    cost_stack.wait_leader("cost")
+    time.sleep(1.0)
+    assert {k: v for k, v in stored_starts().items() if k in starts} == starts
 
 
 @pytest.mark.asyncio

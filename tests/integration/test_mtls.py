@@ -32,7 +32,18 @@ from libs.settings import TlsSettings
 from libs.tls import RETIRE_AFTER_SECONDS, RenewingChannel, sync_channel
 from tests.helpers import Api, job_spec, start_stack, token, wait_for
 
-INTERNAL = ("gateway", "quota-1", "quota-2", "queueing-1", "queueing-2", "scheduler-1", "poolmanager-1", "cost")
+INTERNAL = (
+    "gateway-1",
+    "gateway-2",
+    "quota-1",
+    "quota-2",
+    "queueing-1",
+    "queueing-2",
+    "scheduler-1",
+    "poolmanager-1",
+    "cost-1",
+    "cost-2",
+)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +134,7 @@ def test_a_worker_certificate_opens_the_pool_manager_and_nothing_else(mstack: St
     try:
         with sync_channel(f"127.0.0.1:{mstack.procs['poolmanager-1'].port}", tls) as ch:
             assert health_check(ch) == grpc.StatusCode.OK
-        for name in ("gateway", "quota-1", "queueing-1", "scheduler-1", "cost"):
+        for name in ("gateway-1", "quota-1", "queueing-1", "scheduler-1", "cost-1"):
             with sync_channel(f"127.0.0.1:{mstack.procs[name].port}", tls) as ch:
                 assert health_check(ch) == grpc.StatusCode.UNAVAILABLE, name
     finally:
@@ -234,9 +245,9 @@ def test_a_renewed_service_certificate_is_served_without_a_restart_and_no_call_f
 
 
 def test_an_expired_service_certificate_is_renewed_by_the_launcher_without_a_restart(mstack: Stack) -> None:
-    cost = mstack.procs["cost"]
+    cost = mstack.procs["cost-1"]
     pid = cost.pid
-    files = mstack.pki.service("cost", "cost")
+    files = mstack.pki.service("cost-1", "cost")
     mstack.stop_renewal()
     try:
         write_identity(files, mstack.pki.ca.issue(service_id("cost"), dt.timedelta(minutes=-1)))

@@ -15,10 +15,10 @@ from devtools.launcher import Stack
 from tests.helpers import start_stack
 
 SERVICES = {
-    "gateway": "jobmesh.gateway.v1.JobService",
+    "gateway-1": "jobmesh.gateway.v1.JobService",
     "quota": "jobmesh.quota.v1.QuotaService",
     "queueing": "jobmesh.queueing.v1.QueueingService",  # the leader, as quota
-    "cost": "jobmesh.cost.v1.CostService",
+    "cost": "jobmesh.cost.v1.CostService",  # the leader, as quota
     "scheduler-1": "jobmesh.scheduler.v1.SchedulerService",
     "poolmanager-1": "jobmesh.poolmanager.v1.WorkerRegistryService",
 }

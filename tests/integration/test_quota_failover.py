@@ -3,7 +3,6 @@ past its lease (SIGSTOP) is replaced, and whatever it admitted or writes after S
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import time
@@ -24,7 +23,7 @@ from jobmesh.quota.v1 import quota_pb2 as qt
 from jobmesh.quota.v1 import quota_pb2_grpc
 from libs.jobs import new_job_id
 from libs.keys import Keys
-from tests.helpers import resume_and_stop, start_replicas, wait_for
+from tests.helpers import resume_and_stop, start_replicas, stored_value, wait_for
 
 KEYS = Keys("/jobmesh")
 REPLICAS = ("quota-1", "quota-2")
@@ -88,15 +87,8 @@ class AsGateway:
 
 
 def stored_limits(stack: Stack, tenant: str) -> dict[str, int] | None:
-    async def read() -> dict[str, int] | None:
-        etcd = stack.etcd_client()
-        try:
-            kv = await etcd.get(KEYS.quota_limits(tenant))
-            return None if kv is None else dict(json.loads(kv.value))
-        finally:
-            await etcd.close()
-
-    return asyncio.run(read())
+    value = stored_value(stack, KEYS.quota_limits(tenant))
+    return None if value is None else dict(json.loads(value))
 
 
 def test_the_standby_refuses_every_call_and_reports_the_service_not_serving(pair: Stack) -> None:

@@ -56,8 +56,8 @@ def test_killed_processes_come_back_and_jobs_keep_running(stack: Stack) -> None:
 
 def test_a_process_that_keeps_dying_stops_the_stack_with_its_name(stack: Stack) -> None:
     sup = Supervisor(StackProcesses(stack), time.monotonic, POLICY, CollectorRegistry(), lambda _: None)
-    with pytest.raises(CrashLoop, match=r"cost keeps crashing .*cost\.log"):
+    with pytest.raises(CrashLoop, match=r"cost-1 keeps crashing .*cost-1\.log"):
         for _ in range(10):
-            old = stack.procs["cost"].pid
-            stack.kill("cost", signal.SIGKILL)
-            supervise_until(sup, lambda o=old: stack.procs["cost"].alive() and stack.procs["cost"].pid != o)
+            old = stack.procs["cost-1"].pid
+            stack.kill("cost-1", signal.SIGKILL)
+            supervise_until(sup, lambda o=old: stack.procs["cost-1"].alive() and stack.procs["cost-1"].pid != o)

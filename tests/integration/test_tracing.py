@@ -34,14 +34,15 @@ def test_a_submit_is_one_trace_across_gateway_quota_and_queueing(tmp_path: Path)
         job = api.submit(job_spec("traced", ["true"]))
         api.wait_terminal(job["job_id"])
         logs = stack.log_dir
-        accepted = next(
-            json.loads(line)
-            for line in (logs / "gateway.log").read_text().splitlines()
+        # The replicas that served the submit: the gateway Envoy sent it to, and the quota and queueing leaders.
+        accepted, gateway = next(
+            (json.loads(line), name)
+            for name in ("gateway-1", "gateway-2")
+            for line in (logs / f"{name}.log").read_text().splitlines()
             if line.startswith('{"ts"') and job["job_id"] in line and "job accepted" in line
         )
         trace_id = "0x" + accepted["trace_id"]
-        # The replicas that served the submit.
-        leaders = {kind: stack.wait_leader(kind) for kind in ("quota", "queueing")}
+        leaders = {"gateway": gateway, **{kind: stack.wait_leader(kind) for kind in ("quota", "queueing")}}
 
         def names_in(service: str) -> set[str]:
             log = logs / f"{leaders.get(service, service)}.log"
@@ -58,7 +59,7 @@ def test_a_submit_is_one_trace_across_gateway_quota_and_queueing(tmp_path: Path)
         assert "/jobmesh.quota.v1.QuotaService/ReserveMany" in names_in("quota")
         assert "/jobmesh.queueing.v1.QueueingService/EnqueueMany" in names_in("queueing")
         # Parent links: the quota span's parent is a span of the same trace started in the gateway.
-        gateway_ids = {s["context"]["span_id"] for s in spans(logs / "gateway.log")}  # type: ignore[index]
+        gateway_ids = {s["context"]["span_id"] for s in spans(logs / f"{gateway}.log")}  # type: ignore[index]
         quota_span = next(s for s in spans(logs / f"{leaders['quota']}.log") if s["context"]["trace_id"] == trace_id)  # type: ignore[index]
         assert quota_span["parent_id"] in gateway_ids
     finally:

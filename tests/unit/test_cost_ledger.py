@@ -234,12 +234,40 @@ async def test_records_read_back_from_etcd_count_towards_spend_once() -> None:
     assert h.ledger.spent("acme", month="2026-03") == 100_000
 
 
+async def test_a_standby_ledger_writes_nothing_and_its_first_term_writes_what_no_leader_wrote() -> None:
+    leading = False
+    h = Harness()
+    h.ledger.may_write = lambda: leading
+    charged_elsewhere = JobBuilder("job-2").ended(MIDNIGHT, MIDNIGHT + HOUR).build()
+
+    await h.see(ONE_HOUR)
+    await h.see(charged_elsewhere)
+    await h.ledger.flush()
+    assert h.stored() == {} and h.metric("jobmesh_cost_records_total") == 0
+    # The leader's record of one of them comes back through the records informer: no longer pending here.
+    h.etcd.data[KEYS.cost_record("acme", "job-2", 1)] = h.ledger.pending[KEYS.cost_record("acme", "job-2", 1)].to_json()
+    key = KEYS.cost_record("acme", "job-2", 1)
+    h.ledger.on_record_event(WatchEvent("put", KeyValue(key, h.etcd.data[key], 1, 1, 1, 0), 1))
+
+    leading = True  # the leader died before writing job-1's record; this replica's term begins
+    assert await h.ledger.rescan([]) == 0
+
+    assert sorted(h.stored()) == sorted([KEYS.cost_record("acme", "job-1", 1), key])
+    assert h.metric("jobmesh_cost_records_total") == 1  # job-1's, written here; job-2's was the leader's
+    assert h.ledger.spent("acme", month="2026-03") == 200_000
+
+
 class TestWorkerLedger:
     @staticmethod
-    def event(kind: str, worker_id: str, registered: float) -> WatchEvent:
+    def worker(worker_id: str, registered: float) -> t.Worker:
         worker = t.Worker(worker_id=worker_id, pool_id="static-general", capacity=t.Resources(cpu_millis=1000))
         worker.register_time.FromNanoseconds(int(registered * 1e9))
-        return WatchEvent(kind, KeyValue(KEYS.worker(worker_id), worker.SerializeToString(), 1, 1, 1, 0), 1)
+        return worker
+
+    @classmethod
+    def event(cls, kind: str, worker_id: str, registered: float) -> WatchEvent:
+        raw = cls.worker(worker_id, registered).SerializeToString()
+        return WatchEvent(kind, KeyValue(KEYS.worker(worker_id), raw, 1, 1, 1, 0), 1)
 
     async def test_a_worker_lifetime_is_persisted_from_registration_to_deletion(self) -> None:
         etcd, clock = FakeEtcd(), FakeClock(MIDNIGHT)
@@ -268,6 +296,34 @@ class TestWorkerLedger:
 
         ends = {i.worker_id: (i.start, i.end) for i in second.intervals}
         assert ends == {"w1": (MIDNIGHT, MIDNIGHT + HOUR), "w2": (MIDNIGHT, None)}
+
+    async def test_a_takeover_keeps_stored_starts_adds_workers_seen_meanwhile_and_ends_those_gone(self) -> None:
+        etcd, clock = FakeEtcd(), FakeClock(MIDNIGHT)
+        leader = WorkerLedger(etcd, CostKeys("/jobmesh"), CONFIG, clock, CostMetrics(CollectorRegistry()))
+        await leader.on_worker_event(self.event("put", "w1", MIDNIGHT))
+        await leader.on_worker_event(self.event("put", "w2", MIDNIGHT))
+        standby = WorkerLedger(
+            etcd, CostKeys("/jobmesh"), CONFIG, clock, CostMetrics(CollectorRegistry()), may_write=lambda: False
+        )
+        # The standby followed the workers from a later start (re-registrations), and wrote nothing.
+        for worker_id in ("w1", "w2"):
+            await standby.on_worker_event(self.event("put", worker_id, MIDNIGHT + HOUR))
+        written = dict(etcd.data)
+
+        # The leader dies; meanwhile w2 leaves and w3 joins. Then the standby's term begins.
+        clock.advance(2 * HOUR)
+        live = [self.worker("w1", MIDNIGHT + HOUR), self.worker("w3", MIDNIGHT + 2 * HOUR)]
+        standby.may_write = lambda: True
+        await standby.take_over(lambda: live)
+        assert etcd.data != written  # w2's end and w3's start, written by the takeover's flush
+
+        ends = {i.worker_id: (i.start, i.end) for i in standby.intervals}
+        assert ends == {
+            "w1": (MIDNIGHT, None),  # the stored start, not the standby's later one
+            "w2": (MIDNIGHT, MIDNIGHT + 2 * HOUR),  # ended at the takeover: it left while no leader wrote
+            "w3": (MIDNIGHT + 2 * HOUR, None),
+        }
+        assert standby.dirty == set()
 
     async def test_a_lifetime_that_cannot_be_written_is_retried(self) -> None:
         etcd, registry = FakeEtcd(), CollectorRegistry()

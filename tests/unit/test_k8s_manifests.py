@@ -25,8 +25,7 @@ OVERLAYS = ("dev", "prod")
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 LEADER_ELECTED = ("scheduler", "pool-manager")
 # Two replicas, the leader alone serves (libs/leadergate.py), a disruption budget of one.
-ACTIVE_STANDBY = ("quota", "queueing")
-SINGLE_WRITERS = ("cost",)
+ACTIVE_STANDBY = ("quota", "queueing", "cost")
 # Created by the operator, not by the manifests (docs/kubernetes.md): the identity provider's keys.
 EXTERNAL_SECRETS = {"jobmesh-jwt-keys", "jobmesh-join-static-general"}
 # The mesh's certificates: made by the cert-manager component or by `jobmesh pki k8s-secrets` (docs/kubernetes.md,
@@ -315,12 +314,21 @@ def test_active_standby_services_run_two_replicas_behind_a_budget_found_by_their
     assert env_of(server)["JOBMESH_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
 
 
-@pytest.mark.parametrize("name", SINGLE_WRITERS)
-def test_single_writer_services_never_run_two_copies(name: str) -> None:
-    deployment = by_name(base_resources(), "Deployment", name)
+def test_no_service_is_a_single_writer_stopped_for_its_rollouts() -> None:
+    for workload in workloads(base_resources()):
+        strategy = workload["spec"].get("strategy", {}).get("type", "RollingUpdate")
+        assert strategy == "RollingUpdate", workload["metadata"]["name"]
 
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+
+def test_two_gateways_behind_envoy_and_a_budget_that_keeps_one() -> None:
+    docs = base_resources()
+
+    assert by_name(docs, "Deployment", "gateway")["spec"]["replicas"] == 2
+    assert by_name(docs, "PodDisruptionBudget", "gateway")["spec"]["minAvailable"] == 1
+    # Envoy resolves every gateway pod through the headless Service, and health-checks each.
+    assert by_name(docs, "Service", "gateway")["spec"]["clusterIP"] == "None"
+    cluster = json.loads((BASE / "envoy.json").read_text())["static_resources"]["clusters"][0]
+    assert cluster["type"] == "STRICT_DNS" and cluster["health_checks"]
 
 
 def test_static_pool_workers_match_the_mesh_config() -> None:
@@ -453,8 +461,6 @@ def test_every_overlay_builds_into_the_jobmesh_namespace_with_three_etcd_members
     assert by_name(docs, "StatefulSet", "etcd")["spec"]["replicas"] == 3
     for name in LEADER_ELECTED:
         assert by_name(docs, "Deployment", name)["spec"]["replicas"] >= 2
-    for name in SINGLE_WRITERS:
-        assert by_name(docs, "Deployment", name)["spec"]["replicas"] == 1
     for name in ACTIVE_STANDBY:
         assert by_name(docs, "Deployment", name)["spec"]["replicas"] == 2
     for workload in workloads(docs):

@@ -107,3 +107,14 @@ async def test_a_counter_keeps_its_type_through_the_merge() -> None:
     types = {s.name: f.type for f in text_string_to_metric_families(text) for s in f.samples}
     assert types["jobmesh_jobs_total"] == "counter"
     assert re.search(r"^# TYPE jobmesh_jobs_total counter$", text, re.MULTILINE)
+
+
+@pytest.mark.asyncio
+async def test_a_gateway_among_the_targets_labels_itself_with_its_address_and_does_not_fetch_itself() -> None:
+    # Port 9 (discard) on loopback: nothing answers there, so a fetch of it would report it down.
+    text = await scrape_all(("127.0.0.1:9",), OWN, own_address="127.0.0.1:9")
+
+    lines = samples(text)
+    assert 'jobmesh_up{instance="127.0.0.1:9"} 1' in lines
+    assert 'jobmesh_queue_depth{instance="127.0.0.1:9",queue="gpu"} 1.0' in lines
+    assert not any('instance="gateway"' in line for line in lines), lines
