@@ -60,7 +60,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     # The stack's processes get none of this shell's JOBMESH_* variables (a JOBMESH_TOKEN exported for the CLI is
     # not theirs) but its telemetry settings: JOBMESH_OTEL_EXPORTER=console make run traces every process.
     telemetry = {k: v for k, v in os.environ.items() if k.startswith("OTEL_") or k in TELEMETRY_VARIABLES}
-    stack = Stack(data_dir=args.data_dir, config_path=args.config, ports=Ports(envoy=args.port), env=telemetry)
+    # Three etcd members (a quorum survives one's loss, as on Kubernetes) on fixed ports next to the first's:
+    # a member's data dir remembers its peers, so a data dir keeps the member count it was made with.
+    more = tuple((2381 + 2 * i, 2382 + 2 * i) for i in range(args.etcd_members - 1))
+    ports = Ports(envoy=args.port, etcd_more=more)
+    stack = Stack(data_dir=args.data_dir, config_path=args.config, ports=ports, env=telemetry)
     stop = {"now": False}
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -207,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     jwks.set_defaults(func=cmd_jwks)
     run = sub.add_parser("run", help="start the whole mesh here, in the foreground")
     run.add_argument("--port", type=int, default=8080)
+    run.add_argument(
+        "--etcd-members", type=int, default=1, choices=(1, 3), help="etcd cluster size (3: survives a member's loss)"
+    )
     run.set_defaults(func=cmd_run)
     add_cost_parser(sub)
     add_admin_parser(sub)

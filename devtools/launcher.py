@@ -81,10 +81,13 @@ class Ports:
     cost: tuple[int, ...] = (50056, 50066)
     console: int = 50057
     metrics_base: int = 9100  # each service gets metrics_base + n
+    # etcd members beyond the first (client, peer), for a three-member cluster on one machine (`--etcd-members 3`).
+    etcd_more: tuple[tuple[int, int], ...] = ()
 
     @classmethod
-    def free(cls) -> Ports:
+    def free(cls, etcd_members: int = 1) -> Ports:
         return cls(
+            etcd_more=tuple((free_port(), free_port()) for _ in range(etcd_members - 1)),
             envoy=free_port(),
             etcd=free_port(),
             etcd_peer=free_port(),
@@ -170,7 +173,7 @@ class Stack:
             GRPC_ENABLE_FORK_SUPPORT="0",
             JOBMESH_CONFIG=str(self.config_path),
             JOBMESH_DATA_DIR=str(self.data_dir),
-            JOBMESH_ETCD_ENDPOINTS=addr(p.etcd),
+            JOBMESH_ETCD_ENDPOINTS=",".join(self.etcd_endpoints()),
             JOBMESH_QUOTA_ADDRS=",".join(addr(x) for x in p.quota),
             JOBMESH_QUEUEING_ADDRS=",".join(addr(x) for x in p.queueing),
             JOBMESH_COST_ADDRS=",".join(addr(x) for x in p.cost),
@@ -198,22 +201,42 @@ class Stack:
         self.procs[proc.name] = proc
         return proc
 
-    def start_etcd(self) -> Proc:
-        p = self.ports
+    # etcd: one member ("etcd"), or three ("etcd", "etcd-2", "etcd-3") with Ports.etcd_more ----------------
+
+    def etcd_names(self) -> list[str]:
+        return ["etcd", *(f"etcd-{i}" for i in range(2, len(self.ports.etcd_more) + 2))]
+
+    def _etcd_ports(self, name: str) -> tuple[int, int]:
+        if name == "etcd":
+            return self.ports.etcd, self.ports.etcd_peer
+        return self.ports.etcd_more[int(name.rsplit("-", 1)[1]) - 2]
+
+    @staticmethod
+    def _etcd_member(name: str) -> str:
+        return "jobmesh-dev" if name == "etcd" else f"jobmesh-dev-{name.rsplit('-', 1)[1]}"
+
+    def etcd_endpoints(self) -> list[str]:
+        return [f"127.0.0.1:{self._etcd_ports(n)[0]}" for n in self.etcd_names()]
+
+    def start_etcd(self, name: str = "etcd") -> Proc:
+        client, peer = self._etcd_ports(name)
+        peers = {self._etcd_member(n): self._etcd_ports(n)[1] for n in self.etcd_names()}
+        cluster = ",".join(f"{member}=https://127.0.0.1:{port}" for member, port in peers.items())
         # TLS on both sides: clients must present a certificate from the etcd CA (only the services that use
         # etcd get one), and so must peers. etcd reads its certificate files at each handshake: renewed files
-        # are used without a restart.
+        # are used without a restart. A member restarted on its data dir rejoins its cluster (the initial flags
+        # are read only when the data dir is new).
         tls = self.pki.etcd("etcd", "etcd")
         argv = [
             etcd_binary(),
             "--name",
-            "jobmesh-dev",
+            self._etcd_member(name),
             "--data-dir",
-            str(self.data_dir / "etcd"),
+            str(self.data_dir / name),
             "--listen-client-urls",
-            f"https://127.0.0.1:{p.etcd}",
+            f"https://127.0.0.1:{client}",
             "--advertise-client-urls",
-            f"https://127.0.0.1:{p.etcd}",
+            f"https://127.0.0.1:{client}",
             "--cert-file",
             str(tls.cert),
             "--key-file",
@@ -222,11 +245,11 @@ class Stack:
             str(tls.ca),
             "--client-cert-auth",
             "--listen-peer-urls",
-            f"https://127.0.0.1:{p.etcd_peer}",
+            f"https://127.0.0.1:{peer}",
             "--initial-advertise-peer-urls",
-            f"https://127.0.0.1:{p.etcd_peer}",
+            f"https://127.0.0.1:{peer}",
             "--initial-cluster",
-            f"jobmesh-dev=https://127.0.0.1:{p.etcd_peer}",
+            cluster,
             "--peer-cert-file",
             str(tls.cert),
             "--peer-key-file",
@@ -241,7 +264,7 @@ class Stack:
             "--log-level",
             "warn",
         ]
-        return self._spawn(Proc("etcd", argv, dict(os.environ), self.log_dir / "etcd.log", p.etcd))
+        return self._spawn(Proc(name, argv, dict(os.environ), self.log_dir / f"{name}.log", client))
 
     def start_service(
         self, name: str, module: str, port: int, replica: str = "", extra: dict[str, str] | None = None
@@ -316,8 +339,8 @@ class Stack:
     }
 
     def start_named(self, name: str) -> Proc:
-        if name == "etcd":
-            return self.start_etcd()
+        if name in self.etcd_names():
+            return self.start_etcd(name)
         if name == "envoy":
             return self.start_envoy()
         if name == "console":
@@ -364,7 +387,7 @@ class Stack:
     def etcd_client(self, identity: str = "launcher", timeout: float = 5.0) -> Etcd:
         """An etcd client with a client certificate from the etcd CA."""
         tls = self.pki.etcd(f"client-{identity}", identity)
-        return Etcd([f"127.0.0.1:{self.ports.etcd}"], tls, timeout=timeout)
+        return Etcd(self.etcd_endpoints(), tls, timeout=timeout)
 
     def start_renewal(self, interval: float | None = None) -> None:
         """Renews every certificate issued here before it expires, while the launcher runs."""
@@ -396,8 +419,11 @@ class Stack:
         for name in self.SERVICES:
             self._metrics_port(name)
         self.env.setdefault("JOBMESH_METRICS_TARGETS", self.metrics_targets())
-        self.start_etcd()
-        self.wait_etcd(timeout)
+        # Every member before waiting: a cluster of three is healthy only once a quorum of it runs.
+        for name in self.etcd_names():
+            self.start_etcd(name)
+        for name in self.etcd_names():
+            self.wait_etcd(timeout, name)
         for name in self.SERVICES:
             self.start_named(name)
         self.start_console()
@@ -417,22 +443,22 @@ class Stack:
             tail = proc.log.read_text(errors="replace")[-3000:] if proc.log.exists() else ""
             raise RuntimeError(f"{name} exited with {proc.popen.returncode if proc.popen else '?'}:\n{tail}")
 
-    def wait_etcd(self, timeout: float) -> None:
+    def wait_etcd(self, timeout: float, name: str = "etcd") -> None:
         tls = self.pki.etcd("client-launcher", "launcher")
         context = ssl.create_default_context(cafile=str(tls.ca))
         context.load_cert_chain(str(tls.cert), str(tls.key))
         end = time.monotonic() + timeout
         while True:
-            self._check_alive("etcd")
+            self._check_alive(name)
             try:
-                url = f"https://127.0.0.1:{self.ports.etcd}/health"
+                url = f"https://127.0.0.1:{self._etcd_ports(name)[0]}/health"
                 with urllib.request.urlopen(url, timeout=1, context=context) as resp:
                     if b'"true"' in resp.read():
                         return
             except OSError:
                 pass
             if time.monotonic() > end:
-                raise TimeoutError("etcd did not become healthy")
+                raise TimeoutError(f"{name} did not become healthy")
             time.sleep(0.1)
 
     def wait_healthy(self, name: str, timeout: float) -> None:
@@ -525,8 +551,8 @@ class Stack:
 
     def restart(self, name: str, timeout: float = 60.0) -> Proc:
         proc = self.start_named(name)
-        if name == "etcd":
-            self.wait_etcd(timeout)
+        if name in self.etcd_names():
+            self.wait_etcd(timeout, name)
         elif name == "envoy":
             self.wait_envoy(timeout)
         elif name == "console":
@@ -538,22 +564,23 @@ class Stack:
     def stop(self, grace: float = 10.0) -> None:
         self.stop_renewal()
         front = ["envoy", *(n for n in self.procs if n.startswith("gateway-"))]
-        order = [*front, *[n for n in self.procs if n not in (*front, "etcd")], "etcd"]
+        etcd = self.etcd_names()
+        order = [*front, *[n for n in self.procs if n not in (*front, *etcd)], *etcd]
         for name in order:
             proc = self.procs.get(name)
             if proc is None or proc.popen is None:
                 continue
-            if name == "etcd":
+            if name in etcd:
                 # The services write their last state on the way out (e.g. the pool-manager's outcome counts):
                 # etcd goes only once they are gone.
                 for other in self.procs.values():
-                    if other is not proc:
+                    if other.name not in etcd:
                         self._reap(other, grace)
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-            if name in front or name == "etcd":
+            if name in front:
                 self._reap(proc, grace)
         for proc in self.procs.values():
             self._reap(proc, grace)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import shutil
 import signal
 import threading
 import time
@@ -27,10 +28,13 @@ TERMINAL = {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"}
 FAST_FAILOVER = {"JOBMESH_WORKER_LEASE_TTL": "3", "JOBMESH_LEADER_TTL": "3"}
 
 
-def start_stack(data_dir: Path, env: dict[str, str] | None = None, config: Path = FIXTURE_CONFIG) -> Stack:
+def start_stack(
+    data_dir: Path, env: dict[str, str] | None = None, config: Path = FIXTURE_CONFIG, etcd_members: int = 1
+) -> Stack:
     """A whole stack on free ports; a second try on fresh ports if a port was taken in between."""
     for attempt in range(2):
-        stack = Stack(data_dir=data_dir, config_path=config, ports=Ports.free(), env=dict(env or FAST_FAILOVER))
+        ports = Ports.free(etcd_members)
+        stack = Stack(data_dir=data_dir, config_path=config, ports=ports, env=dict(env or FAST_FAILOVER))
         try:
             stack.start()
             return stack
@@ -38,6 +42,8 @@ def start_stack(data_dir: Path, env: dict[str, str] | None = None, config: Path 
             stack.stop()
             if attempt == 1:
                 raise
+            for name in stack.etcd_names():  # its members remember the ports they were made with
+                shutil.rmtree(data_dir / name, ignore_errors=True)
     raise AssertionError("unreachable")
 
 
