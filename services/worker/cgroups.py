@@ -17,9 +17,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-# The CFS period of a job's CPU quota. Longer than the kernel's usual 100 ms because starting the sandbox (four
-# execs, a dozen mounts) costs a few ms of CPU charged to the job's own group: at 100 millicores a 100 ms
-# period allows 10 ms, which that alone can use up, stalling a trivial job for the rest of the period.
+# The CFS period of a job's CPU quota. Longer than the kernel's usual 100 ms because the part of the sandbox's start
+# after its init joined the job's group (what is left of bwrap's mounts, the fork of the job's first process,
+# setpriv's and env's execs) costs a few ms of CPU charged to the job's own group: at 100 millicores a 100 ms
+# period allows 10 ms, which that and a short job can use up, stalling it for the rest of the period.
 CPU_PERIOD_US = 250_000
 _MIN_CPU_QUOTA_US = 1_000  # the kernel refuses less
 _V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
@@ -131,7 +132,7 @@ def _join(point: str, path: str) -> str:
 
 
 class JobCgroup(Protocol):
-    """One job's group: the sandbox's first process writes its pid into every file of `procs_files`."""
+    """One job's group: the agent writes the sandbox init's pid into every file of `procs_files`."""
 
     @property
     def procs_files(self) -> tuple[str, ...]: ...

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from services.worker.cgroups import JobCgroup, signal_pids
-from services.worker.sandbox import JOB_PATH, SCRATCH, JobSandbox, Sandbox, SandboxError, SlotNetwork
+from services.worker.sandbox import JOB_PATH, SCRATCH, JobSandbox, Sandbox, SandboxError, SlotNetwork, StartGate
 
 REASON_EXITED = "EXITED"
 REASON_KILLED = "KILLED"
@@ -266,9 +266,16 @@ class JobExecutor:
                 return _start_failed(f"cannot create scratch directory: {exc}")
             state.cgroup = job.cgroup
             env = _job_env(spec.env, home=SCRATCH, path=JOB_PATH)
-            argv = job.argv(spec.command, env, scratch, inner_cwd)
-            # The root shell and bwrap get nothing of the job's environment: env -i sets it, as the job's uid.
-            return await self._spawn_and_supervise(spec, state, argv, "/", {"PATH": JOB_PATH}, job)
+            try:
+                gate = StartGate()
+            except OSError as exc:
+                return _start_failed(f"cannot set up the job's sandbox: {exc}")
+            try:
+                argv = job.argv(spec.command, env, scratch, gate, inner_cwd)
+                # bwrap and setpriv get nothing of the job's environment: env -i sets it, as the job's uid.
+                return await self._spawn_and_supervise(spec, state, argv, "/", {"PATH": JOB_PATH}, job, gate)
+            finally:
+                gate.close()
         finally:
             state.cgroup = None
             if await _empty_cgroup(job.cgroup):
@@ -350,6 +357,7 @@ class JobExecutor:
         cwd: str,
         env: dict[str, str],
         job: JobSandbox | None = None,
+        gate: StartGate | None = None,
     ) -> ExecResult:
         if not spec.command:
             return _start_failed("empty command")
@@ -382,7 +390,10 @@ class JobExecutor:
                         env=env,
                         # Own session => own process group, so one killpg reaches everything the job forked.
                         start_new_session=True,
+                        pass_fds=gate.child_fds if gate is not None else (),
                     )
+                if gate is not None:
+                    gate.spawned(proc.pid)  # from here on, closing the gate kills bwrap: nothing runs unconfined
             finally:
                 # The child holds its own copies; ours would keep the pipes from ever reaching EOF.
                 os.close(out_write)
@@ -394,7 +405,18 @@ class JobExecutor:
             output.close()
             raise
 
-        return await self._supervise(spec, state, _Child(proc, loop), output, started, job)
+        child = _Child(proc, loop)
+        if job is not None and gate is not None:
+            try:
+                failure = await _confine_at_gate(gate, job, child)
+            except BaseException:
+                output.close()
+                raise
+            if failure is not None:
+                output.close()
+                await child.exited
+                return _start_failed(failure)
+        return await self._supervise(spec, state, child, output, started, job)
 
     async def _supervise(
         self,
@@ -752,6 +774,27 @@ def _make_inner_dirs(scratch: str, inner_cwd: str, owner: int) -> None:
         current = os.path.join(current, part)
         os.mkdir(current, 0o700)
         os.chown(current, owner, owner)
+
+
+async def _confine_at_gate(gate: StartGate, job: JobSandbox, bwrap: _Child) -> str | None:
+    """Confines the sandbox bwrap holds at its gate (cgroup, rlimits), then lets its job start. Otherwise closes the
+    gate (bwrap and its init are killed before the job ran): why the job cannot start, or None when bwrap failed by
+    itself (its exit and its output say why)."""
+    try:
+        init = await gate.init_pid(bwrap.exited)
+        if init is None:
+            gate.close()
+            return None if bwrap.exited.done() else "bwrap did not report its sandbox"
+        # Off the event loop: the first write to a cgroup.procs can wait for an RCU grace period (ms).
+        await asyncio.get_running_loop().run_in_executor(None, job.confine, init)
+    except OSError as exc:
+        gate.close()
+        return f"cannot confine the job's sandbox: {exc.strerror or exc}"
+    except BaseException:
+        gate.close()
+        raise
+    gate.let_go()
+    return None
 
 
 def _children_of(pid: int) -> list[int]:

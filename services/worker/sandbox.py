@@ -1,34 +1,42 @@
 """The job sandbox: one unprivileged uid, one set of namespaces (bubblewrap) and one cgroup per job.
 
-A sandboxed job starts as this chain of execs, each step doing one thing and then getting out of the way:
+A sandboxed job starts as this chain, each step doing one thing and then getting out of the way:
 
-  sh (root, on the host)   sets the rlimits, writes its own pid into the job's cgroup(s), execs
-  bwrap (root)             new pid, mount, ipc, uts and cgroup namespaces; a root file system of
-                           read-only system directories, a fresh /proc, a minimal /dev, private tmpfs /tmp and
-                           /dev/shm and the job's scratch directory; every capability dropped but the four
-                           setpriv needs; dies with the agent; execs, as pid 2 of the namespace,
+  bwrap (root)             started by the agent itself (no shell): new pid, mount, ipc, uts and cgroup
+                           namespaces; a root file system of read-only system directories, a fresh /proc, a
+                           minimal /dev, private tmpfs /tmp and /dev/shm and the job's scratch directory; every
+                           capability dropped but the four setpriv needs; dies with the agent. Its init (pid 1 of
+                           the namespace) then waits at the start gate (--info-fd, --block-fd, see StartGate)
+                           while the agent puts it in the job's cgroup(s) and sets its rlimits; once let go it
+                           execs, as pid 2 of the namespace,
   setpriv                  switches to the job's uid and gid, drops every group and capability (bounding set
                            included) and sets no_new_privs, then execs
   env -i                   with the job's environment only (so nothing the tenant sets, LD_PRELOAD say, ever
                            reaches a process that runs as root), which execs the job's command.
 
-With `network = "none"` the job starts in its slot's network namespace (loopback only), made once per slot and
-entered by the agent's thread just for the fork of `sh`: a slot runs one job at a time, and whatever a job left
+Nothing of the job's runs before its init is confined: every process of the job descends from it. With
+`network = "none"` the job starts in its slot's network namespace (loopback only), made once per slot and
+entered by the agent's thread just for the fork of bwrap: a slot runs one job at a time, and whatever a job left
 listening there died with it. Everything the job starts is in its cgroup and its pid namespace: when its first
 process ends, bwrap's init (pid 1 of the namespace) dies and the kernel kills the rest; the agent then empties
-and removes the cgroup.
+the cgroup (kept for the slot's next job, or removed).
 See docs/security.md ("Job sandbox").
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import fcntl
+import json
 import logging
 import os
 import random
+import resource
+import select
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -36,6 +44,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 from libs.config import NETWORK_MODES, SANDBOX_MODES
 from services.worker.cgroups import CgroupDriver, CgroupError, JobCgroup, limits_for
@@ -83,13 +92,6 @@ NSS_FILES_ONLY = ("passwd", "group", "shadow", "gshadow")
 # merged-/usr system) they are symlinks into /usr. Not /opt, /srv, /home, /root, /var or /run: what lives there
 # is some installation's or some user's, not the system's.
 SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
-
-# Sets the rlimits, joins the cgroup(s) listed before "--", execs the rest. Builtins only: no fork.
-_ENTER = (
-    'ulimit -n "$1" && ulimit -f "$2" && shift 2 || exit 125\n'
-    'while [ "$1" != -- ]; do echo $$ >"$1" || exit 125; shift; done\n'
-    'shift\nexec "$@"\n'
-)
 
 
 class SandboxError(RuntimeError):
@@ -182,32 +184,151 @@ class UidPool:
         os.close(fd)  # drops the flock
 
 
+class StartGate:
+    """Where bwrap holds a job's sandbox before anything of the job's runs. bwrap writes the pid of the sandbox's
+    init (pid 1 of its namespace: bwrap's own code, as root, its mounts under way) to `info_fd` as JSON, and the init
+    waits for a byte on `block_fd` before it forks the job's first process. Meanwhile the agent confines it
+    (``JobSandbox.confine``). The two fds are bwrap's (``child_fds``: pass them to it, then call ``spawned``).
+
+    bwrap lets the job go on end of file too, not only on a byte. So ``close`` without ``let_go`` first SIGKILLs
+    bwrap's process group, which holds the init until it is let go: a start that fails never runs the job."""
+
+    def __init__(self) -> None:
+        self._info, self.info_fd = os.pipe()
+        try:
+            self.block_fd, self._go = os.pipe()
+        except OSError:
+            os.close(self._info)
+            os.close(self.info_fd)
+            raise
+        os.set_blocking(self._info, False)
+        self._data = b""
+        self._bwrap = 0  # bwrap's pid (and process group), while it may be held at the gate
+
+    @property
+    def child_fds(self) -> tuple[int, int]:
+        return (self.info_fd, self.block_fd)
+
+    def spawned(self, pid: int) -> None:
+        """bwrap (`pid`, its own process group) has its ends; ours are closed, so its death reads as end of file."""
+        self._bwrap = pid
+        for fd in self.child_fds:
+            os.close(fd)
+        self.info_fd = self.block_fd = -1
+
+    def read_init_pid(self) -> int | None:
+        """Reads what `info` has now: the init's pid once bwrap has written it all; 0 while it has not (yet);
+        None when bwrap closed it without (it failed before making the sandbox)."""
+        try:
+            chunk = os.read(self._info, 4096)
+        except BlockingIOError:
+            return 0
+        self._data += chunk
+        pid = init_pid_of(self._data)
+        if pid is None and not chunk:
+            return None
+        return pid or 0
+
+    async def init_pid(self, exited: asyncio.Future[Any]) -> int | None:
+        """The init's pid, as soon as bwrap has reported it; None if bwrap ends (`exited`) or fails first."""
+        loop = asyncio.get_running_loop()
+        found: asyncio.Future[int | None] = loop.create_future()
+
+        def readable() -> None:
+            pid = self.read_init_pid()
+            if pid != 0 and not found.done():
+                found.set_result(pid)
+
+        def ended(_: object) -> None:
+            if not found.done():
+                found.set_result(None)
+
+        loop.add_reader(self._info, readable)
+        exited.add_done_callback(ended)
+        try:
+            return await found
+        finally:
+            loop.remove_reader(self._info)
+            exited.remove_done_callback(ended)
+
+    def wait_init_pid(self, timeout: float) -> int | None:
+        """The init's pid, blocking for at most `timeout` seconds (None without it)."""
+        poller = select.poll()
+        poller.register(self._info, select.POLLIN)
+        while poller.poll(timeout * 1000):
+            pid = self.read_init_pid()
+            if pid != 0:
+                return pid
+        return None
+
+    def let_go(self) -> None:
+        """The confined init forks the job's first process."""
+        os.write(self._go, b"1")
+        self._bwrap = 0
+        self.close()
+
+    def close(self) -> None:
+        if self._bwrap:
+            kill_group(self._bwrap)  # not let go: neither bwrap nor its init may go on
+            self._bwrap = 0
+        for fd in (self._info, self._go, self.info_fd, self.block_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._info = self._go = self.info_fd = self.block_fd = -1
+
+
+def init_pid_of(info: bytes) -> int | None:
+    """The sandbox init's pid from bwrap's --info-fd JSON, None until the whole document is there."""
+    try:
+        pid = json.loads(info).get("child-pid")
+    except (ValueError, AttributeError):
+        return None
+    return pid if isinstance(pid, int) and pid > 0 else None
+
+
 @dataclass
 class JobSandbox:
-    """One job's sandbox: its uid (held until released), its cgroup, and how to start its command."""
+    """One job's sandbox: its uid (held until released), its cgroup and rlimits, and how to start its command."""
 
     uid: int
     cgroup: JobCgroup
-    _enter: list[str]  # the root shell that sets rlimits and joins the cgroup, up to bwrap
     _bwrap: list[str]
     _switch: list[str]  # setpriv and env -i
     _lock_fd: int
     network: SlotNetwork | None = field(default=None)  # the slot's network namespace the job starts in
+    rlimits: tuple[tuple[int, int], ...] = ()  # (resource.RLIMIT_*, soft and hard limit) for the job's processes
 
     def spawning(self) -> AbstractContextManager[None]:
-        """Around the fork of the job's first process: puts the forking thread in the job's network namespace."""
+        """Around the fork of bwrap: puts the forking thread in the job's network namespace."""
         return self.network.entered() if self.network is not None else nullcontext()
 
-    def argv(self, command: list[str], env: Mapping[str, str], scratch: str, cwd: str = SCRATCH) -> list[str]:
-        """The whole command line: `scratch` (a host directory) is the job's /scratch, `cwd` is inside the sandbox."""
+    def argv(
+        self, command: list[str], env: Mapping[str, str], scratch: str, gate: StartGate, cwd: str = SCRATCH
+    ) -> list[str]:
+        """The whole command line: `scratch` (a host directory) is the job's /scratch, `cwd` is inside the sandbox.
+        bwrap holds the job at `gate` until ``confine`` (its fds must be passed to bwrap as they are)."""
         return [
-            *self._enter,
             *self._bwrap,
+            *("--info-fd", str(gate.info_fd), "--block-fd", str(gate.block_fd)),
             *("--bind", scratch, SCRATCH, "--chdir", cwd, "--"),
             *self._switch,
             *(f"{k}={v}" for k, v in env.items()),
             *command,
         ]
+
+    def confine(self, init: int) -> None:
+        """Puts the sandbox's init (held at its gate) under the job's rlimits and into the job's cgroup(s), so that
+        every process of the job starts there. The first write to a cgroup.procs can wait for an RCU grace period
+        (a few ms): call this off the event loop."""
+        for limit, value in self.rlimits:
+            resource.prlimit(init, limit, (value, value))
+        pid = str(init).encode()
+        for path in self.cgroup.procs_files:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, pid)
+            finally:
+                os.close(fd)
 
 
 _CLONE_NEWNET = 0x40000000
@@ -321,6 +442,14 @@ def nsswitch_files_only(lines: list[str]) -> list[str]:
     return out
 
 
+def kill_group(pgid: int) -> None:
+    """SIGKILLs a process group, if there is one left."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -354,6 +483,8 @@ class Sandbox:
             self._host_net = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self._setpriv = setpriv
         self._env = env
+        s = settings
+        self._rlimits = ((resource.RLIMIT_NOFILE, s.max_open_files), (resource.RLIMIT_FSIZE, s.max_file_mb * _MIB))
 
     @classmethod
     def for_this_machine(cls, settings: SandboxSettings) -> Sandbox:
@@ -392,28 +523,50 @@ class Sandbox:
                 raise
             try:
                 os.chown(scratch, job.uid, job.uid)
-                with job.spawning():
-                    child = subprocess.Popen(
-                        job.argv(["true"], {"PATH": JOB_PATH}, scratch),
-                        env={"PATH": JOB_PATH},
-                        stdin=subprocess.DEVNULL,
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT,
-                    )
-                try:
-                    output, _ = child.communicate(timeout=10)
-                finally:
-                    child.kill()
-                    child.wait()
+                returncode, output = self._run_test_job(job, scratch)
             finally:
                 job.cgroup.kill()
                 job.cgroup.remove()
                 self.release(job)
                 if network is not None:
                     network.close()
-        if child.returncode != 0:
+        if returncode != 0:
             detail = output.decode(errors="replace").strip()[-300:]
-            raise SandboxError(f"a sandboxed test job failed (exit {child.returncode}): {detail}")
+            raise SandboxError(f"a sandboxed test job failed (exit {returncode}): {detail}")
+
+    @staticmethod
+    def _run_test_job(job: JobSandbox, scratch: str) -> tuple[int, bytes]:
+        """`true` in `job`'s sandbox, through its start gate as every job starts: (exit code, output)."""
+        gate = StartGate()
+        try:
+            with job.spawning():
+                child = subprocess.Popen(
+                    job.argv(["true"], {"PATH": JOB_PATH}, scratch, gate),
+                    env={"PATH": JOB_PATH},
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    pass_fds=gate.child_fds,
+                    start_new_session=True,
+                )
+        except BaseException:
+            gate.close()
+            raise
+        try:
+            gate.spawned(child.pid)
+            init = gate.wait_init_pid(timeout=10)
+            if init is not None:  # None: bwrap failed before making the sandbox, and says why in its output
+                try:
+                    job.confine(init)
+                except OSError as exc:
+                    raise SandboxError(f"cannot put a test job in its cgroup: {exc.strerror or exc}") from exc
+                gate.let_go()
+            output, _ = child.communicate(timeout=10)
+        finally:
+            gate.close()  # kills bwrap and its init unless they were let go
+            child.kill()
+            child.wait()
+        return child.returncode, output
 
     def slot_network(self) -> SlotNetwork | None:
         """A network namespace for one slot's jobs when the pool says network = "none"; None for "host"."""
@@ -443,17 +596,6 @@ class Sandbox:
         except BaseException:
             self._uids.release(fd)
             raise
-        s = self.settings
-        enter = [
-            "/bin/sh",
-            "-c",
-            _ENTER,
-            "jobmesh-enter",
-            str(s.max_open_files),
-            str(s.max_file_mb * _MIB // 512),  # POSIX ulimit -f counts 512-byte blocks
-            *cgroup.procs_files,
-            "--",
-        ]
         switch = [
             self._setpriv,
             f"--reuid={uid}",
@@ -470,7 +612,7 @@ class Sandbox:
         if self._host_net < 0:
             network = None  # network = "host"
         bwrap = self._static if network is not None or self._host_net < 0 else self._unshare_net
-        return JobSandbox(uid, cgroup, enter, bwrap, switch, fd, network)
+        return JobSandbox(uid, cgroup, bwrap, switch, fd, network, self._rlimits)
 
     def release(self, job: JobSandbox) -> None:
         """Gives the uid back: only once every process of the job is gone."""
@@ -501,7 +643,7 @@ class Sandbox:
             elif os.path.isdir(host):
                 args += ["--ro-bind", host, host]
         # One bind of a copy rather than one per allowed file: bwrap rereads the mount table for every
-        # read-only bind, and that cost (a few ms of CPU, charged to the job's cgroup) grows with their number.
+        # read-only bind, and that cost (a few ms of CPU per start) grows with their number.
         args += ["--ro-bind", self._etc, "/etc"]
         args += ["--proc", "/proc", "--dev", "/dev"]
         args += ["--perms", "1777", "--tmpfs", "/dev/shm", "--perms", "1777", "--tmpfs", "/tmp"]

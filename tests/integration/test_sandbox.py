@@ -4,6 +4,7 @@ its own uid, namespaces and cgroup), each of which must fail; and the ordinary j
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import pytest
 
 from devtools.launcher import REPO, free_port
 from services.worker.executor import ExecSpec, JobExecutor
-from services.worker.sandbox import Sandbox, SandboxError, SandboxSettings
+from services.worker.sandbox import JobSandbox, Sandbox, SandboxError, SandboxSettings, StartGate
 
 PIDS_MAX = 64
 
@@ -305,6 +306,82 @@ async def test_a_job_cannot_start_more_processes_than_the_pids_limit(executor: J
     assert processes_with("python3 -c import os, time") == []
 
 
+def exactly(cmdline: list[str]) -> list[int]:
+    """Processes running just `cmdline` (not bwrap, whose command line holds the job's)."""
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == cmdline]
+
+
+def host_cgroups(pid: int) -> dict[str, str]:
+    """The v1 controllers' paths of a process as the host sees them (controller -> path)."""
+    paths = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(","):
+            paths[controller] = path
+    return paths
+
+
+@pytest.mark.asyncio
+async def test_a_jobs_first_process_starts_in_its_cgroup_under_its_rlimits(executor: JobExecutor) -> None:
+    # The job's first process is forked by bwrap's init: it is in the job's group only if the init was before it
+    # forked, and nothing moves it there later.
+    task = asyncio.create_task(executor.run(sh("cat /proc/self/limits; exec sleep 6.25", job_id="confined")))
+    deadline = time.monotonic() + 10
+    while not (first := exactly(["sleep", "6.25"])) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    try:
+        assert len(first) == 1, first
+        groups = host_cgroups(first[0])
+    finally:
+        executor.cancel("confined", kill_now=True)
+        result = await task
+
+    slot = executor._cgroup_name
+    assert all(groups[c].endswith(f"/jobmesh-worker-{os.getpid()}/{slot}") for c in ("memory", "pids", "cpu")), groups
+    limits = {line[:26].strip(): line[26:].split()[:2] for line in result.output_tail.splitlines()[1:]}
+    assert limits["Max open files"] == ["4096", "4096"], result.output_tail
+    assert limits["Max file size"] == [str(4096 << 20)] * 2, result.output_tail
+
+
+@pytest.mark.asyncio
+async def test_a_job_whose_sandbox_cannot_be_confined_never_runs(
+    executor: JobExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # bwrap lets its init go on at end of file as well as on a byte: a failed start must kill it, not just close up.
+    def cgroup_write_fails(job: JobSandbox, init: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(JobSandbox, "confine", cgroup_write_fails)
+    run = asyncio.create_task(executor.run(sh("exec sleep 7.75")))
+    seen: list[int] = []
+    until = time.monotonic() + 30
+    while time.monotonic() < until:  # watched until 0.3 s after the start failed: an unconfined job would be up
+        seen += exactly(["sleep", "7.75"])
+        if run.done():
+            until = min(until, time.monotonic() + 0.3)
+        await asyncio.sleep(0.01)
+    result = await run
+
+    assert (result.reason, result.message) == (
+        "START_FAILED",
+        "cannot confine the job's sandbox: No space left on device",
+    )
+    assert seen == [] and processes_with("sleep 7.75") == []
+    monkeypatch.undo()
+    after = await executor.run(sh("echo fine", job_id="job-2"))
+    assert (after.reason, after.output_tail.strip()) == ("EXITED", "fine")
+
+
+@pytest.mark.asyncio
+async def test_a_job_sees_no_cgroup_path_of_the_host_above_its_agents_group(executor: JobExecutor) -> None:
+    agent = {path.strip("/") for path in host_cgroups(os.getpid()).values() if path.strip("/")}
+
+    result = await executor.run(sh("cat /proc/self/cgroup"))
+
+    assert result.reason == "EXITED" and result.output_tail, result
+    assert agent and not [path for path in agent if path in result.output_tail], result.output_tail
+
+
 @pytest.mark.asyncio
 async def test_a_job_cannot_write_outside_its_scratch_dir(executor: JobExecutor, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
@@ -437,11 +514,13 @@ def test_a_job_prepared_without_its_slots_network_still_gets_a_network_of_its_ow
     assert network is not None  # the fixture's pool says network = "none"
     alone = sandbox.prepare("net-check-1", memory_mb=64, cpu_millis=1000)
     in_slot = sandbox.prepare("net-check-2", memory_mb=64, cpu_millis=1000, network=network)
+    gate = StartGate()
     try:
-        assert "--unshare-net" in alone.argv(["true"], {}, "/nonexistent")
-        assert "--unshare-net" not in in_slot.argv(["true"], {}, "/nonexistent")
+        assert "--unshare-net" in alone.argv(["true"], {}, "/nonexistent", gate)
+        assert "--unshare-net" not in in_slot.argv(["true"], {}, "/nonexistent", gate)
         assert (alone.network, in_slot.network) == (None, network)
     finally:
+        gate.close()
         for job in (alone, in_slot):
             job.cgroup.remove()
             sandbox.release(job)

@@ -20,7 +20,9 @@ from services.worker.sandbox import (
     Sandbox,
     SandboxError,
     SandboxSettings,
+    StartGate,
     UidPool,
+    init_pid_of,
     nsswitch_files_only,
     parse_uid_range,
 )
@@ -99,17 +101,25 @@ def test_the_jobs_environment_is_set_only_after_the_uid_switch_and_its_command_c
     job = JobSandbox(
         uid=200_123,
         cgroup=_Group(),  # type: ignore[arg-type]
-        _enter=["/bin/sh", "-c", "...", "enter", "--"],
         _bwrap=["bwrap", "--unshare-pid"],
         _switch=["setpriv", "--reuid=200123", "--", "env", "-i", "--"],
         _lock_fd=-1,
     )
+    gate = StartGate()
+    info_fd, block_fd = gate.child_fds
+    try:
+        argv = job.argv(["python3", "-c", "print(1)"], {"LD_PRELOAD": "/scratch/x.so"}, "/data/scratch/j-1", gate)
+    finally:
+        gate.close()
 
-    argv = job.argv(["python3", "-c", "print(1)"], {"LD_PRELOAD": "/scratch/x.so"}, "/data/scratch/j-1", "/scratch")
-
-    assert argv[argv.index("bwrap") :] == [
+    assert argv[0] == "bwrap"  # started by the agent itself: no root shell before it
+    assert argv == [
         "bwrap",
         "--unshare-pid",
+        "--info-fd",
+        str(info_fd),
+        "--block-fd",
+        str(block_fd),
         "--bind",
         "/data/scratch/j-1",
         "/scratch",
@@ -127,6 +137,20 @@ def test_the_jobs_environment_is_set_only_after_the_uid_switch_and_its_command_c
         "-c",
         "print(1)",
     ]
+
+
+@pytest.mark.parametrize(
+    ("written", "pid"),
+    [
+        pytest.param(b"", None, id="nothing-yet"),
+        pytest.param(b'{\n    "child-pid": 4321,\n    "ipc-namespace": 40265', None, id="half-written"),
+        pytest.param(b'{\n    "child-pid": 4321,\n    "ipc-namespace": 4026532175\n}\n', 4321, id="whole"),
+        pytest.param(b'{"child-pid": "4321"}', None, id="not-a-number"),
+        pytest.param(b"[4321]", None, id="not-an-object"),
+    ],
+)
+def test_the_sandbox_inits_pid_is_read_only_from_bwraps_whole_report(written: bytes, pid: int | None) -> None:
+    assert init_pid_of(written) == pid
 
 
 def test_jobs_look_users_and_groups_up_in_their_copied_files_only() -> None:
