@@ -47,9 +47,13 @@ K8S_BASE = BENCH.parent / "k8s" / "base"
 SPEC = {"name": "overload", "command": ["true"], "resources": {"cpu_millis": 10, "memory_mb": 16}}
 # Envoy's access log line: ... "POST /api/v1/jobs HTTP/1.1" 200 grpc=0 flags=- in=.. out=.. 3ms ...
 ACCESS = re.compile(r'"POST /api/v1/jobs HTTP/1.1" (\d{3}) .* (\d+)ms ')
-# Stack process -> the workload whose memory limit applies to it in Kubernetes.
-WORKLOADS = {"scheduler-1": "scheduler", "scheduler-2": "scheduler", "poolmanager-1": "pool-manager"}
-WORKLOADS |= {"poolmanager-2": "pool-manager"}
+
+
+def workload(process: str) -> str:
+    """The Kubernetes workload whose memory limit applies to a stack process (its replicas share one)."""
+    kind = re.sub(r"-\d+$", "", process)
+    return {"poolmanager": "pool-manager", "worker": "worker-static-general"}.get(kind, kind)
+
 
 # A fixed request (built once by wrk, no per-request Lua): the load generator spends as little CPU as it can, since
 # it shares the machine with the mesh. wrk counts the non-2xx answers itself (summary.errors.status).
@@ -241,7 +245,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         memory = {
             name: {
                 "peak_rss_mib": round(peak / 1024**2, 1),
-                "limit_mib": limits.get(WORKLOADS.get(name, name), 0) // 1024**2,
+                "limit_mib": limits.get(workload(name), 0) // 1024**2,
             }
             for name, peak in sorted(rss.peak.items())
         }
