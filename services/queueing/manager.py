@@ -463,7 +463,11 @@ class QueueManager:
         now = self.clock.now()
         return burst, {queue: max(0.0, now - submitted) for queue, submitted in oldest.items()}
 
-    def shape(self) -> QueueShape:
+    def shape(self) -> QueueShape | None:
+        """The queue's figures for the metrics, on the leader; a standby shows none (its queue is the same, and
+        dashboards add the gauges over instances)."""
+        if not self.leading():
+            return None
         by_queue, by_tenant = self.queue.depth_by()
         counts = dict(self.shares.counts)
         tenants = set(by_tenant) | set(counts)

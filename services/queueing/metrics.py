@@ -47,7 +47,7 @@ class QueueShape:
 
 
 class QueueShapeCollector(Collector):
-    def __init__(self, read: Callable[[], QueueShape]):
+    def __init__(self, read: Callable[[], QueueShape | None]):
         self.read = read
 
     def describe(self) -> Iterator[Metric]:
@@ -158,5 +158,5 @@ class QueueMetrics:
         met, known = self._outcomes.get(tier, [0, 0])
         return met / known if known else None
 
-    def watch_shape(self, read: Callable[[], QueueShape]) -> None:
+    def watch_shape(self, read: Callable[[], QueueShape | None]) -> None:
         self.registry.register(QueueShapeCollector(read))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 
 from jobmesh.quota.v1 import quota_pb2_grpc
 from libs.config import QuotaLimits
@@ -76,8 +77,17 @@ def audit_handler(manager: QuotaManager):  # type: ignore[no-untyped-def]
     return handle
 
 
-async def publish_gauges(manager: QuotaManager, metrics: QuotaMetrics) -> None:
+async def publish_gauges(manager: QuotaManager, metrics: QuotaMetrics, leading: Callable[[], bool]) -> None:
+    """The leader's usage, limits and burst figures every 2 s; a standby shows none (its state is the same, and
+    dashboards add the gauges over instances)."""
+    labelled = (metrics.usage, metrics.limit, metrics.utilization, metrics.burst_left)
     while True:
+        if not leading():
+            for gauge in labelled:
+                gauge.clear()
+            metrics.burst_active.set(0)
+            await asyncio.sleep(2)
+            continue
         for tenant_id in manager.config.tenants:
             limits = manager.limits(tenant_id)
             usage = manager.usage(tenant_id)
@@ -137,7 +147,7 @@ async def build(settings: Settings, startup: Startup) -> ServiceServer:
     )
     election.start()
     gating = asyncio.create_task(gate.run(server), name="quota-leader-gate")
-    startup.task(publish_gauges(manager, metrics), "quota-gauges")
+    startup.task(publish_gauges(manager, metrics, gate.serves), "quota-gauges")
     pruner = HistoryPruner(
         "burst-audit",
         lambda: audit_entries(etcd, keys),

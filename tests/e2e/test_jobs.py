@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import httpx
+
 from devtools.launcher import Stack
 from tests.helpers import Api, job_spec, wait_for
 
@@ -208,3 +210,19 @@ def test_prometheus_endpoint_serves_the_whole_mesh_to_admins_only(stack: Stack, 
     # Both gateways are in it, each by its address, whichever of them answered.
     for name in ("gateway-1", "gateway-2"):
         assert f'jobmesh_up{{instance="127.0.0.1:{stack.metrics_port(name)}"}} 1' in text, name
+
+
+def test_only_the_leaders_of_quota_and_queueing_show_their_state_gauges(stack: Stack, acme: Api) -> None:
+    # A pending-free queue still has a depth sample per queue and every tenant a usage sample, on the leader only:
+    # a standby holds the same state, and dashboards add these gauges over instances.
+    acme.wait_terminal(acme.submit(job_spec("gauges", ["true"]))["job_id"])
+    for kind, gauge in (("quota", "jobmesh_quota_usage{"), ("queueing", "jobmesh_queueing_tenant_weight{")):
+        leader = stack.wait_leader(kind)
+        standby = next(n for n in stack.LEADER_SERVED[kind][1] if n != leader)
+
+        def shown(name: str, gauge: str = gauge) -> bool:
+            text = httpx.get(f"http://127.0.0.1:{stack.metrics_port(name)}/metrics", timeout=5).text
+            return any(line.startswith(gauge) for line in text.splitlines())
+
+        wait_for(lambda leader=leader: shown(leader), timeout=10, what=f"{kind} leader's gauges")
+        wait_for(lambda standby=standby: not shown(standby), timeout=10, what=f"{kind} standby without gauges")
