@@ -521,7 +521,11 @@ class Sandbox:
             cgroups = CgroupDriver.detect()
         except CgroupError as exc:
             raise SandboxError(f"no cgroups for jobs: {exc.strerror or exc}") from exc
-        sandbox = cls(settings, cgroups, tools["bwrap"] or "", tools["setpriv"] or "", tools["env"] or "")
+        try:
+            sandbox = cls(settings, cgroups, tools["bwrap"] or "", tools["setpriv"] or "", tools["env"] or "")
+        except BaseException:
+            cgroups.close()
+            raise
         try:
             sandbox.self_test()
         except BaseException:
