@@ -69,7 +69,9 @@ proto: venv gen/.stamp $(CLIENT_STUBS)
 
 # The job sandbox (docs/security.md) runs each job through bubblewrap and util-linux's setpriv, as root. Installed
 # here when missing and we are root on a Debian-like system; otherwise we say how, and workers refuse tenant jobs
-# (unless their pool says sandbox = "none").
+# (unless their pool says sandbox = "none"). Its seccomp filter is built with libseccomp (Debian's libseccomp2),
+# not installed here: apt and systemd depend on it, so every Debian-like host has it; the worker refuses tenant
+# jobs without it too.
 sandbox-tools:
 	@if ! command -v bwrap >/dev/null 2>&1 || ! command -v setpriv >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

@@ -267,7 +267,7 @@ class JobExecutor:
             state.cgroup = job.cgroup
             env = _job_env(spec.env, home=SCRATCH, path=JOB_PATH)
             try:
-                gate = StartGate()
+                gate = job.start_gate()
             except OSError as exc:
                 return _start_failed(f"cannot set up the job's sandbox: {exc}")
             try:

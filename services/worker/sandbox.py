@@ -8,7 +8,8 @@ A sandboxed job starts as this chain, each step doing one thing and then getting
                            capability dropped but the four setpriv needs; dies with the agent. Its init (pid 1 of
                            the namespace) then waits at the start gate (--info-fd, --block-fd, see StartGate)
                            while the agent puts it in the job's cgroup(s) and sets its rlimits; once let go it
-                           execs, as pid 2 of the namespace,
+                           forks the job's first process (pid 2 of the namespace), which execs, under the jobs'
+                           seccomp filter (--seccomp, loaded by bwrap; services/worker/seccomp.py),
   setpriv                  switches to the job's uid and gid, drops every group and capability (bounding set
                            included) and sets no_new_privs, then execs
   env -i                   with the job's environment only (so nothing the tenant sets, LD_PRELOAD say, ever
@@ -48,6 +49,7 @@ from typing import Any
 
 from libs.config import NETWORK_MODES, SANDBOX_MODES
 from services.worker.cgroups import CgroupDriver, CgroupError, JobCgroup, limits_for
+from services.worker.seccomp import SeccompError, write_program
 
 log = logging.getLogger(__name__)
 
@@ -191,30 +193,34 @@ class StartGate:
     (``JobSandbox.confine``). The two fds are bwrap's (``child_fds``: pass them to it, then call ``spawned``).
 
     bwrap lets the job go on end of file too, not only on a byte. So ``close`` without ``let_go`` first SIGKILLs
-    bwrap's process group, which holds the init until it is let go: a start that fails never runs the job."""
+    bwrap's process group, which holds the init until it is let go: a start that fails never runs the job.
 
-    def __init__(self) -> None:
+    With `program` (the seccomp filter's file) the gate also holds a fresh fd of it for bwrap (``seccomp_fd``)."""
+
+    def __init__(self, program: str | None = None) -> None:
+        self._bwrap = 0  # bwrap's pid (and process group), while it may be held at the gate
+        self._data = b""
         self._info, self.info_fd = os.pipe()
+        self.block_fd = self._go = self.seccomp_fd = -1
         try:
             self.block_fd, self._go = os.pipe()
+            if program is not None:
+                self.seccomp_fd = os.open(program, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
-            os.close(self._info)
-            os.close(self.info_fd)
+            self.close()
             raise
         os.set_blocking(self._info, False)
-        self._data = b""
-        self._bwrap = 0  # bwrap's pid (and process group), while it may be held at the gate
 
     @property
-    def child_fds(self) -> tuple[int, int]:
-        return (self.info_fd, self.block_fd)
+    def child_fds(self) -> tuple[int, ...]:
+        return (self.info_fd, self.block_fd) if self.seccomp_fd < 0 else (self.info_fd, self.block_fd, self.seccomp_fd)
 
     def spawned(self, pid: int) -> None:
         """bwrap (`pid`, its own process group) has its ends; ours are closed, so its death reads as end of file."""
         self._bwrap = pid
         for fd in self.child_fds:
             os.close(fd)
-        self.info_fd = self.block_fd = -1
+        self.info_fd = self.block_fd = self.seccomp_fd = -1
 
     def read_init_pid(self) -> int | None:
         """Reads what `info` has now: the init's pid once bwrap has written it all; 0 while it has not (yet);
@@ -271,10 +277,10 @@ class StartGate:
         if self._bwrap:
             kill_group(self._bwrap)  # not let go: neither bwrap nor its init may go on
             self._bwrap = 0
-        for fd in (self._info, self._go, self.info_fd, self.block_fd):
+        for fd in (self._info, self._go, self.info_fd, self.block_fd, self.seccomp_fd):
             if fd >= 0:
                 os.close(fd)
-        self._info = self._go = self.info_fd = self.block_fd = -1
+        self._info = self._go = self.info_fd = self.block_fd = self.seccomp_fd = -1
 
 
 def init_pid_of(info: bytes) -> int | None:
@@ -297,6 +303,11 @@ class JobSandbox:
     _lock_fd: int
     network: SlotNetwork | None = field(default=None)  # the slot's network namespace the job starts in
     rlimits: tuple[tuple[int, int], ...] = ()  # (resource.RLIMIT_*, soft and hard limit) for the job's processes
+    seccomp: str | None = None  # the file of the job's seccomp filter (services/worker/seccomp.py)
+
+    def start_gate(self) -> StartGate:
+        """A gate for one start of this job, with a fresh fd of its seccomp filter."""
+        return StartGate(self.seccomp)
 
     def spawning(self) -> AbstractContextManager[None]:
         """Around the fork of bwrap: puts the forking thread in the job's network namespace."""
@@ -306,10 +317,14 @@ class JobSandbox:
         self, command: list[str], env: Mapping[str, str], scratch: str, gate: StartGate, cwd: str = SCRATCH
     ) -> list[str]:
         """The whole command line: `scratch` (a host directory) is the job's /scratch, `cwd` is inside the sandbox.
-        bwrap holds the job at `gate` until ``confine`` (its fds must be passed to bwrap as they are)."""
+        bwrap holds the job at `gate` (from ``start_gate``) until ``confine``; its fds must be passed to bwrap as
+        they are."""
+        if self.seccomp is not None and gate.seccomp_fd < 0:
+            raise SandboxError("a job's start gate without its seccomp filter")  # never start a job without it
+        filtered = ("--seccomp", str(gate.seccomp_fd)) if gate.seccomp_fd >= 0 else ()
         return [
             *self._bwrap,
-            *("--info-fd", str(gate.info_fd), "--block-fd", str(gate.block_fd)),
+            *("--info-fd", str(gate.info_fd), "--block-fd", str(gate.block_fd), *filtered),
             *("--bind", scratch, SCRATCH, "--chdir", cwd, "--"),
             *self._switch,
             *(f"{k}={v}" for k, v in env.items()),
@@ -474,6 +489,12 @@ class Sandbox:
         )
         self._own_dir = os.path.join(settings.state_dir, f"agent-{os.getpid()}")
         self._etc = _copy_etc(self._own_dir, settings.state_dir)
+        self._seccomp = os.path.join(self._own_dir, "seccomp.bpf")
+        try:
+            write_program(self._seccomp)
+        except (SeccompError, OSError) as exc:
+            shutil.rmtree(self._own_dir, ignore_errors=True)
+            raise SandboxError(f"cannot build the jobs' seccomp filter: {exc}") from exc
         self._static = self._static_bwrap_args(bwrap, own_network=False)
         # network = "none": each slot's jobs start in the slot's own namespace (SlotNetwork); a job prepared
         # without one gets a namespace of its own from bwrap, as it never starts in the host's.
@@ -500,7 +521,11 @@ class Sandbox:
             cgroups = CgroupDriver.detect()
         except CgroupError as exc:
             raise SandboxError(f"no cgroups for jobs: {exc.strerror or exc}") from exc
-        sandbox = cls(settings, cgroups, tools["bwrap"] or "", tools["setpriv"] or "", tools["env"] or "")
+        try:
+            sandbox = cls(settings, cgroups, tools["bwrap"] or "", tools["setpriv"] or "", tools["env"] or "")
+        except BaseException:
+            cgroups.close()
+            raise
         try:
             sandbox.self_test()
         except BaseException:
@@ -537,7 +562,7 @@ class Sandbox:
     @staticmethod
     def _run_test_job(job: JobSandbox, scratch: str) -> tuple[int, bytes]:
         """`true` in `job`'s sandbox, through its start gate as every job starts: (exit code, output)."""
-        gate = StartGate()
+        gate = job.start_gate()
         try:
             with job.spawning():
                 child = subprocess.Popen(
@@ -612,7 +637,7 @@ class Sandbox:
         if self._host_net < 0:
             network = None  # network = "host"
         bwrap = self._static if network is not None or self._host_net < 0 else self._unshare_net
-        return JobSandbox(uid, cgroup, bwrap, switch, fd, network, self._rlimits)
+        return JobSandbox(uid, cgroup, bwrap, switch, fd, network, self._rlimits, self._seccomp)
 
     def release(self, job: JobSandbox) -> None:
         """Gives the uid back: only once every process of the job is gone."""

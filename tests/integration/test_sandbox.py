@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -20,15 +21,16 @@ import pytest
 
 from devtools.launcher import REPO, free_port
 from services.worker.executor import ExecSpec, JobExecutor
-from services.worker.sandbox import JobSandbox, Sandbox, SandboxError, SandboxSettings, StartGate
+from services.worker.sandbox import JobSandbox, Sandbox, SandboxError, SandboxSettings
 
 PIDS_MAX = 64
 
 
-@pytest.fixture(scope="module")
-def sandbox() -> Iterator[Sandbox]:
+@contextmanager
+def sandbox_of(settings: SandboxSettings) -> Iterator[Sandbox]:
+    """A sandbox with `settings`, closed after; the test is skipped on a machine that cannot sandbox jobs."""
     try:
-        box = Sandbox.for_this_machine(SandboxSettings(pids_max=PIDS_MAX))
+        box = Sandbox.for_this_machine(settings)
     except SandboxError as exc:
         if os.environ.get("CI") == "true":
             raise  # CI runs as root with bubblewrap installed (.ci/run): never a silent skip there
@@ -39,11 +41,25 @@ def sandbox() -> Iterator[Sandbox]:
         box.close()
 
 
+@contextmanager
+def executor_of(tmp_path: Path, sandbox: Sandbox) -> Iterator[JobExecutor]:
+    executor = JobExecutor(str(tmp_path / "scratch"), sample_interval=0.05, kill_grace_seconds=0.5, sandbox=sandbox)
+    try:
+        yield executor
+    finally:
+        executor.close()
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[Sandbox]:
+    with sandbox_of(SandboxSettings(pids_max=PIDS_MAX)) as box:
+        yield box
+
+
 @pytest.fixture
 def executor(tmp_path: Path, sandbox: Sandbox) -> Iterator[JobExecutor]:
-    executor = JobExecutor(str(tmp_path / "scratch"), sample_interval=0.05, kill_grace_seconds=0.5, sandbox=sandbox)
-    yield executor
-    executor.close()
+    with executor_of(tmp_path, sandbox) as executor:
+        yield executor
 
 
 def spec(command: list[str], job_id: str = "job-1", **overrides: object) -> ExecSpec:
@@ -514,7 +530,7 @@ def test_a_job_prepared_without_its_slots_network_still_gets_a_network_of_its_ow
     assert network is not None  # the fixture's pool says network = "none"
     alone = sandbox.prepare("net-check-1", memory_mb=64, cpu_millis=1000)
     in_slot = sandbox.prepare("net-check-2", memory_mb=64, cpu_millis=1000, network=network)
-    gate = StartGate()
+    gate = alone.start_gate()  # the same filter for every job of the agent
     try:
         assert "--unshare-net" in alone.argv(["true"], {}, "/nonexistent", gate)
         assert "--unshare-net" not in in_slot.argv(["true"], {}, "/nonexistent", gate)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from devtools.launcher import REPO
-from services.worker import cgroups
+from services.worker import cgroups, seccomp
 from services.worker.cgroups import CgroupDriver, Layout
 from services.worker.executor import ExecSpec, JobExecutor
 from services.worker.sandbox import (
@@ -248,3 +248,56 @@ async def test_a_refusing_executor_ends_the_job_start_failed_with_the_reason(tmp
 
     assert (result.reason, result.message) == ("START_FAILED", "this worker cannot sandbox jobs (missing bwrap)")
     assert not (tmp_path / "scratch").exists()  # nothing ran, nothing was made
+
+
+def test_the_agent_compiles_the_jobs_seccomp_filter_once_into_a_root_only_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cgroups, "_rmdir", lambda path: shutil.rmtree(path, ignore_errors=True) or True)
+    (tmp_path / "cgroup").mkdir()
+    (tmp_path / "cgroup" / "cgroup.subtree_control").write_text("cpu memory pids")
+    driver = CgroupDriver(Layout(2, {"": str(tmp_path / "cgroup")}), agent_pid=7)
+    driver.start()
+    box = Sandbox(SandboxSettings(state_dir=str(tmp_path / "state")), driver, "bwrap", "setpriv", "env")
+    program = tmp_path / "state" / f"agent-{os.getpid()}" / "seccomp.bpf"
+    try:
+        assert program.stat().st_mode & 0o777 == 0o600
+        size = program.stat().st_size
+        assert size > 0 and size % 8 == 0  # whole BPF instructions (8 bytes each)
+        job = box.prepare("slot-1", memory_mb=64, cpu_millis=100)
+        box.release(job)
+        job.cgroup.remove()
+        assert job.seccomp == str(program)
+    finally:
+        box.close()
+
+
+def test_a_job_never_starts_without_its_seccomp_filter(tmp_path: Path) -> None:
+    program = tmp_path / "filter.bpf"
+    program.write_bytes(b"\0" * 8)
+    job = JobSandbox(200_123, _Group(), ["bwrap"], ["setpriv"], -1, seccomp=str(program))  # type: ignore[arg-type]
+    bare, gate = StartGate(), job.start_gate()
+    try:
+        with pytest.raises(SandboxError, match="seccomp"):
+            job.argv(["true"], {}, "/data/scratch/j-1", bare)
+        argv = job.argv(["true"], {}, "/data/scratch/j-1", gate)
+        assert argv[argv.index("--seccomp") + 1] == str(gate.seccomp_fd) and gate.seccomp_fd in gate.child_fds
+        assert argv.index("--seccomp") < argv.index("--")
+    finally:
+        bare.close()
+        gate.close()
+    assert gate.seccomp_fd == -1
+
+
+def test_without_libseccomp_the_sandbox_cannot_be_made_and_says_what_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_library(name: str, **_: object) -> object:
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(seccomp.ctypes, "CDLL", no_library)
+    driver = CgroupDriver(Layout(2, {"": str(tmp_path / "cgroup")}), agent_pid=7)
+
+    with pytest.raises(SandboxError, match="missing libseccomp"):
+        Sandbox(SandboxSettings(state_dir=str(tmp_path / "state")), driver, "bwrap", "setpriv", "env")
+    assert not (tmp_path / "state" / f"agent-{os.getpid()}").exists()
