@@ -19,10 +19,10 @@ $(BIN)/python:
 $(VENV)/.installed: requirements.txt Makefile | $(BIN)/python
 	$(BIN)/pip install -q -r requirements.txt
 	@# Put the repo (libs/, services/), the client package (clients/python: its `jobmesh` package takes in
-	@# gen/jobmesh's internal stubs) and generated code on the venv's path, and add the CLI (libs/cli.py: the
+	@# gen/jobmesh's internal stubs) and generated code on the venv's path, and add the CLI (devtools/cli.py: the
 	@# dev verbs token, run, ...; every other verb goes to the client package's CLI).
 	printf '%s\n%s\n%s\n' "$(CURDIR)" "$(CURDIR)/clients/python" "$(CURDIR)/gen" > "$(SITE)/jobmesh-dev.pth"
-	printf '#!/usr/bin/env bash\nexec "%s/python" -m libs.cli "$$@"\n' "$(CURDIR)/$(BIN)" > $(BIN)/jobmesh
+	printf '#!/usr/bin/env bash\nexec "%s/python" -m devtools.cli "$$@"\n' "$(CURDIR)/$(BIN)" > $(BIN)/jobmesh
 	chmod +x $(BIN)/jobmesh
 	touch $@
 
@@ -121,11 +121,11 @@ lint: proto
 	git archive $(BREAKING_AGAINST) buf.yaml protos | tar -x -C build/against
 	cp -r $(DEPS) build/against/build/
 	$(BIN)/buf breaking --against build/against
-	$(BIN)/ruff check libs services tests bench clients/python
-	$(BIN)/ruff format --check libs services tests bench clients/python
+	$(BIN)/ruff check libs services devtools tests bench clients/python
+	$(BIN)/ruff format --check libs services devtools tests bench clients/python
 
 typecheck: proto
-	$(BIN)/mypy libs services
+	$(BIN)/mypy libs services devtools
 	cd clients/python && ../../$(BIN)/mypy
 
 test-unit: proto tools

@@ -31,12 +31,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from devtools.launcher import Ports, Stack  # noqa: E402
 from jobmesh.common.v1 import types_pb2 as t  # noqa: E402
 from jobmesh.gateway.v1 import gateway_pb2 as g  # noqa: E402
 from jobmesh.gateway.v1 import gateway_pb2_grpc  # noqa: E402
 from libs.auth import issue_token  # noqa: E402
 from libs.config import load_config  # noqa: E402
-from libs.launcher import Ports, Stack  # noqa: E402
 
 CHROMIUM_ARGS = [
     "--headless",

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from devtools.launcher import Ports, Stack
 from libs.clock import FakeClock
 from libs.etcd.client import Etcd, KeyValue, WatchEvent
 from libs.keys import Keys
-from libs.launcher import Ports, Stack
 from services.cost.accounts import CostAccounts
 from services.cost.budget_store import BudgetStore
 from services.cost.daily import Limits

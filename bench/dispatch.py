@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 
 from bench.submit_latency import stack_cpu
-from libs.launcher import REPO, Stack
+from devtools.launcher import REPO, Stack
 from tests.helpers import job_spec, start_stack, token, wait_for
 from tests.integration.test_faults import scheduler_leader
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import httpx
 
+from devtools.launcher import Stack
 from libs.keys import Keys
-from libs.launcher import Stack
 from tests.helpers import job_spec, start_stack, token
 
 # kind -> (leader key role, the replicas' process names)

@@ -15,7 +15,7 @@ sends its next request as soon as it has an answer, which is the worst case for 
 The goals (issue 14): accepted >= 90% of the unloaded maximum, accepted p99 <= 100 ms, every excess answered 429
 fast (< 10 ms), no process above its memory limit. The report ends with a one-line JSON summary.
 
-The same script measures an older checkout's stack when that checkout comes first on the path (its libs.launcher
+The same script measures an older checkout's stack when that checkout comes first on the path (its devtools.launcher
 starts the stack), e.g. PYTHONPATH=/tmp/before:/tmp/before/gen .venv/bin/python bench/overload.py.
 
 Needs `wrk` (Debian: apt-get install wrk).
@@ -210,9 +210,9 @@ def prepare(stack: Any, token_for: Any) -> None:
 
 
 def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    from devtools.launcher import Ports, Stack
     from libs.auth import issue_token
     from libs.config import load_config
-    from libs.launcher import Ports, Stack
 
     config = load_config(args.config)
     stack = Stack(data_dir=workdir / "stack", config_path=args.config, ports=Ports.free(), env={})
@@ -269,7 +269,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def _git_head(stack: Any) -> str:
-    from libs.launcher import REPO
+    from devtools.launcher import REPO
 
     out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     dirty = subprocess.run(

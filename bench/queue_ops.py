@@ -192,7 +192,7 @@ async def quota_term(stack: Any) -> int:
 
 
 def service(args: argparse.Namespace) -> dict[str, object]:
-    from libs.launcher import Ports, Stack
+    from devtools.launcher import Ports, Stack
     from tests.helpers import FIXTURE_CONFIG
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import grpc
 
+from devtools.launcher import Ports, Stack
 from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.quota.v1 import quota_pb2 as q
 from jobmesh.quota.v1 import quota_pb2_grpc
-from libs.launcher import Ports, Stack
 from libs.settings import TlsSettings
 from libs.tls import RenewingChannel
 from tests.helpers import FIXTURE_CONFIG

@@ -18,8 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+from devtools.launcher import Stack
 from libs.keys import Keys
-from libs.launcher import Stack
 from tests.helpers import FAST_FAILOVER, TERMINAL, Api, job_spec, start_stack, token
 
 KEYS = Keys("/jobmesh")

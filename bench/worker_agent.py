@@ -31,10 +31,10 @@ from pathlib import Path
 
 import grpc
 
+from devtools.launcher import REPO
 from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
 from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
-from libs.launcher import REPO
 from libs.meshpki import MeshPki, WorkerIssuer
 from libs.settings import TlsSettings
 from libs.tls import server_credentials

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from libs.keys import safe_segment
+from libs.settings import LogStoreSettings
 
 # What one attempt's log may hold; beyond it the oldest output goes.
-DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+DEFAULT_MAX_BYTES = LogStoreSettings.max_bytes
 
 
 @dataclass(frozen=True)
@@ -179,12 +180,7 @@ def _read_all(path: str) -> bytes:
         return b""
 
 
-def log_store_from_settings(data_dir: str, extra: dict[str, str]) -> DirectoryLogStore:
+def log_store_from_settings(settings: LogStoreSettings) -> DirectoryLogStore:
     """The store every service of one mesh shares: `JOBMESH_LOG_DIR` (default `<data dir>/job-logs`), each attempt's
     log bounded by `JOBMESH_LOG_MAX_BYTES` (default 10 MiB)."""
-    root = extra.get("JOBMESH_LOG_DIR") or os.path.join(data_dir, "job-logs")
-    try:
-        max_bytes = int(extra.get("JOBMESH_LOG_MAX_BYTES", "") or DEFAULT_MAX_BYTES)
-    except ValueError:
-        max_bytes = DEFAULT_MAX_BYTES
-    return DirectoryLogStore(root, max_bytes)
+    return DirectoryLogStore(str(settings.directory), settings.max_bytes)

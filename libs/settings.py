@@ -5,11 +5,14 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class SettingsError(ValueError):
@@ -23,7 +26,7 @@ def _env(env: Mapping[str, str], name: str, default: str | None = None) -> str:
     return value
 
 
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
+def int_var(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -33,7 +36,14 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise SettingsError(f"{name} must be an integer, got {raw!r}") from exc
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
+def positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = int_var(env, name, default)
+    if value < 1:
+        raise SettingsError(f"{name} must be at least 1, got {value}")
+    return value
+
+
+def float_var(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -137,7 +147,7 @@ class TelemetrySettings:
             exporter=exporter,
             otlp_endpoint=_env(env, "JOBMESH_OTEL_ENDPOINT", endpoint or "127.0.0.1:4317"),
             log_level=_env(env, "JOBMESH_LOG_LEVEL", "INFO").upper(),
-            metrics_port=_int(env, "JOBMESH_METRICS_PORT", 0),
+            metrics_port=int_var(env, "JOBMESH_METRICS_PORT", 0),
         )
 
 
@@ -150,13 +160,13 @@ class ServerSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], default_port: int) -> ServerSettings:
-        port = _int(env, "JOBMESH_PORT", default_port)
+        port = int_var(env, "JOBMESH_PORT", default_port)
         if not 0 <= port < 65536:
             raise SettingsError("JOBMESH_PORT out of range")
         return cls(
             host=_env(env, "JOBMESH_HOST", "127.0.0.1"),
             port=port,
-            grace_seconds=_float(env, "JOBMESH_GRACE_SECONDS", 5.0),
+            grace_seconds=float_var(env, "JOBMESH_GRACE_SECONDS", 5.0),
             replica_id=_env(env, "JOBMESH_REPLICA_ID", f"{os.uname().nodename}-{os.getpid()}"),
         )
 
@@ -185,6 +195,42 @@ class PeerSettings:
             cost=many("JOBMESH_COST_ADDRS", "127.0.0.1:50056"),
             metrics_targets=many("JOBMESH_METRICS_TARGETS", ""),
         )
+
+
+@dataclass(frozen=True)
+class LeaderSettings:
+    """Leader election of the replicated services (quota, queueing, scheduler, pool-manager)."""
+
+    ttl_seconds: int = 5  # the leader key's lease: how long a dead leader's term lasts before a standby takes over
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> LeaderSettings:
+        return cls(positive_int(env, "JOBMESH_LEADER_TTL", cls.ttl_seconds))
+
+
+@dataclass(frozen=True)
+class WorkerLeaseSettings:
+    """The worker's lease in etcd, which the pool-manager grants and the worker's heartbeats keep alive."""
+
+    ttl_seconds: int = 6
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> WorkerLeaseSettings:
+        return cls(positive_int(env, "JOBMESH_WORKER_LEASE_TTL", cls.ttl_seconds))
+
+
+@dataclass(frozen=True)
+class LogStoreSettings:
+    """Where jobs' output is kept (libs/logstore.py): one directory every service of a mesh shares, and the bound
+    on each attempt's log."""
+
+    directory: Path
+    max_bytes: int = 10 << 20
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], data_dir: Path) -> LogStoreSettings:
+        directory = Path(env.get("JOBMESH_LOG_DIR") or data_dir / "job-logs")
+        return cls(directory, positive_int(env, "JOBMESH_LOG_MAX_BYTES", cls.max_bytes))
 
 
 # Every JOBMESH_* variable a jobmesh process reads (tests/unit/test_settings_env.py keeps this equal to the code),
@@ -239,7 +285,6 @@ class CommonSettings:
     config_path: Path
     data_dir: Path
     tls: TlsSettings
-    extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, service_name: str, default_port: int, env: Mapping[str, str] | None = None) -> CommonSettings:
@@ -257,11 +302,13 @@ class CommonSettings:
             config_path=config_path,
             data_dir=Path(_env(env, "JOBMESH_DATA_DIR", ".jobmesh")),
             tls=TlsSettings.required(env, service_name),
-            extra={k: v for k, v in env.items() if k.startswith("JOBMESH_")},
         )
 
-    def get_float(self, name: str, default: float) -> float:
-        return _float(self.extra, name, default)
 
-    def get_int(self, name: str, default: int) -> int:
-        return _int(self.extra, name, default)
+def load_settings(name: str, from_env: Callable[[Mapping[str, str]], T], env: Mapping[str, str] | None = None) -> T:
+    """A process's settings from the environment; a bad one stops it at once (exit 2), naming the variable."""
+    try:
+        return from_env(os.environ if env is None else env)
+    except SettingsError as exc:
+        print(f"{name}: bad settings: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc

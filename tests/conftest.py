@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from libs.launcher import Stack
+from devtools.launcher import Stack
 from tests.helpers import Api, start_stack, token, wait_for
 
 

@@ -17,11 +17,11 @@ from typing import Any
 import httpx
 import psutil
 
+from devtools.launcher import REPO, Ports, Stack
 from libs.auth import issue_token
 from libs.config import load_config
 from libs.etcd.client import Etcd, cmp_missing, op_put
 from libs.keys import Keys
-from libs.launcher import REPO, Ports, Stack
 
 FIXTURE_CONFIG = REPO / "tests" / "fixtures" / "mesh.toml"
 TERMINAL = {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"}

@@ -1,50 +1,21 @@
-"""Composition root of the console service: settings from the environment, the assets, the server, SIGTERM."""
+"""Composition root of the console service: the assets, the server, SIGTERM."""
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
-from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
 
-from libs.settings import SettingsError, TlsSettings
+from libs.settings import load_settings
 from services.console.assets import ConsoleAssets
 from services.console.server import ConsoleServer
+from services.console.settings import Settings
 from services.console.tls import ServerTls
 
-REPO = Path(__file__).resolve().parent.parent.parent
 log = logging.getLogger("jobmesh.console")
 
 
-@dataclass(frozen=True)
-class ConsoleSettings:
-    tls: TlsSettings
-    port: int = 50057
-    host: str = "127.0.0.1"
-    assets_dir: Path = REPO / "console" / "dist"
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> ConsoleSettings:
-        try:
-            port = int(env.get("JOBMESH_PORT") or 50057)
-        except ValueError as exc:
-            raise SettingsError("JOBMESH_PORT must be an integer") from exc
-        host = env.get("JOBMESH_CONSOLE_HOST") or "127.0.0.1"
-        if host not in ("127.0.0.1", "::1", "localhost"):
-            # Only Envoy, on this host, may reach it: the public port is Envoy's.
-            raise SettingsError("JOBMESH_CONSOLE_HOST must be a loopback address")
-        return cls(
-            tls=TlsSettings.required(env, "console"),
-            port=port,
-            host=host,
-            assets_dir=Path(env.get("JOBMESH_CONSOLE_DIR") or cls.assets_dir),
-        )
-
-
-def run(settings: ConsoleSettings) -> None:
+def run(settings: Settings) -> None:
     assets = ConsoleAssets(settings.assets_dir)
     server = ConsoleServer((settings.host, settings.port), assets, ServerTls(settings.tls))
 
@@ -68,5 +39,6 @@ def run(settings: ConsoleSettings) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=os.environ.get("JOBMESH_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
-    run(ConsoleSettings.from_env(os.environ))
+    settings = load_settings("console", Settings.from_env)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(message)s")
+    run(settings)

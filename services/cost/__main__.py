@@ -1,7 +1,8 @@
 """Run the cost service: `python -m services.cost`."""
 
 from libs.main import run_service
-from services.cost.app import run
+from services.cost.app import build
+from services.cost.settings import Settings
 
 if __name__ == "__main__":
-    run_service("cost", 50056, run)
+    run_service("cost", Settings.from_env, build)

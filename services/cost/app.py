@@ -6,20 +6,17 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry
-
 from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.cost.v1 import cost_pb2_grpc
 from libs.clock import SystemClock
-from libs.config import MeshConfig, load_config
-from libs.etcd.client import Etcd
-from libs.etcd.election import LeaderElection, Leadership
+from libs.config import MeshConfig
+from libs.etcd.election import Leadership
 from libs.etcd.informer import Informer
 from libs.keys import Keys
 from libs.leadergate import FencedStore, LeaderGate
 from libs.lifecycle.codec import decode_job, decode_worker
-from libs.server import start_server
-from libs.settings import CommonSettings
+from libs.main import Startup
+from libs.server import ServiceServer
 from services.cost.accounts import CostAccounts
 from services.cost.budget_store import BudgetStore
 from services.cost.cycle import CostCycle
@@ -29,7 +26,7 @@ from services.cost.metrics import CostMetrics
 from services.cost.recommendations import Thresholds
 from services.cost.rollup import CostRollup
 from services.cost.servicer import CostServicer
-from services.cost.settings import CostSettings
+from services.cost.settings import Settings
 from services.cost.usage import RunningUsage
 from services.cost.workers import WorkerLedger
 
@@ -61,7 +58,7 @@ async def follow(informers: list[Informer], more: list[Informer]) -> None:
 
 
 def _accounts(
-    settings: CostSettings,
+    settings: Settings,
     config: MeshConfig,
     store: FencedStore,
     keys: Keys,
@@ -87,7 +84,7 @@ def _accounts(
 
 
 def _cycle(
-    settings: CostSettings,
+    settings: Settings,
     accounts: CostAccounts,
     store: FencedStore,
     keys: Keys,
@@ -122,20 +119,15 @@ def _cycle(
     )
 
 
-async def run(common: CommonSettings) -> None:
-    settings = CostSettings.from_common(common)
-    config = load_config(common.config_path)
-    registry = CollectorRegistry()
-    metrics = CostMetrics(registry)
-    etcd = Etcd.from_settings(common.etcd)
-    await etcd.wait_ready()
-    keys, cost_keys = Keys(common.etcd.prefix), CostKeys(common.etcd.prefix)
+async def build(settings: Settings, startup: Startup) -> ServiceServer:
+    config, keys = startup.config, startup.keys
+    metrics = CostMetrics(startup.registry)
+    etcd = await startup.etcd()
+    cost_keys = CostKeys(settings.common.etcd.prefix)
 
     # Active/standby (docs/architecture.md): both replicas follow the records, jobs and workers; the leader alone
     # serves, charges, writes lifetimes and publishes the spend gauges, every write fenced by its term.
-    election = LeaderElection(
-        etcd, keys.leader("cost"), common.server.replica_id, ttl=common.get_int("JOBMESH_LEADER_TTL", 5)
-    )
+    election = startup.election(etcd, "cost", settings.leader)
     informers: list[Informer] = []
     gate = LeaderGate(election, informers, SERVICE)
     store = FencedStore(etcd, gate)
@@ -171,10 +163,7 @@ async def run(common: CommonSettings) -> None:
 
     gate.on_term = on_term
     servicer = CostServicer(accounts)
-    server = await start_server(
-        "cost",
-        common,
-        registry,
+    server = await startup.serve(
         [(lambda s: cost_pb2_grpc.add_CostServiceServicer_to_server(servicer, s), SERVICE)],
         gated=[SERVICE],
         inner_interceptors=[gate.interceptor()],
@@ -194,7 +183,4 @@ async def run(common: CommonSettings) -> None:
         await election.stop()  # resign: the standby takes over at once
 
     server.on_stop.append(stop)
-    try:
-        await server.serve_forever()
-    finally:
-        await etcd.close()
+    return server

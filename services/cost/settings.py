@@ -1,15 +1,18 @@
-"""Settings of the cost service: the shared ones plus its cycle, validated at start-up."""
+"""Settings of the cost service: the shared ones plus its cycle, read once and validated at start-up."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from libs.settings import CommonSettings, SettingsError
+from libs.settings import CommonSettings, LeaderSettings, SettingsError, float_var, int_var
 
 
 @dataclass(frozen=True)
-class CostSettings:
+class Settings:
     common: CommonSettings
+    leader: LeaderSettings  # active/standby: the leader alone serves, charges and writes
     cycle_seconds: float = 5.0  # how often gauges are published and failed record writes retried
     rescan_every: int = 6  # every this many cycles, re-read all jobs for ended attempts without a record
     # How long an ended attempt's record may wait so that it shares a transaction with others: charging is not
@@ -17,12 +20,14 @@ class CostSettings:
     record_delay_seconds: float = 0.25
 
     @classmethod
-    def from_common(cls, common: CommonSettings) -> CostSettings:
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
         settings = cls(
-            common=common,
-            cycle_seconds=common.get_float("JOBMESH_COST_CYCLE_SECONDS", 5.0),
-            rescan_every=common.get_int("JOBMESH_COST_RESCAN_EVERY", 6),
-            record_delay_seconds=common.get_float("JOBMESH_COST_RECORD_DELAY_SECONDS", 0.25),
+            common=CommonSettings.from_env("cost", 50056, env),
+            leader=LeaderSettings.from_env(env),
+            cycle_seconds=float_var(env, "JOBMESH_COST_CYCLE_SECONDS", cls.cycle_seconds),
+            rescan_every=int_var(env, "JOBMESH_COST_RESCAN_EVERY", cls.rescan_every),
+            record_delay_seconds=float_var(env, "JOBMESH_COST_RECORD_DELAY_SECONDS", cls.record_delay_seconds),
         )
         if settings.cycle_seconds <= 0:
             raise SettingsError("JOBMESH_COST_CYCLE_SECONDS must be positive")

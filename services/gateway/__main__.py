@@ -1,7 +1,8 @@
 """Run the gateway: `python -m services.gateway`."""
 
 from libs.main import run_service
-from services.gateway.app import run
+from services.gateway.app import build
+from services.gateway.settings import Settings
 
 if __name__ == "__main__":
-    run_service("gateway", 50051, run)
+    run_service("gateway", Settings.from_env, build)

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
-
 from jobmesh.cost.v1 import cost_pb2, cost_pb2_grpc
 from jobmesh.gateway.v1 import gateway_pb2_grpc as gw
 from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
 from jobmesh.queueing.v1 import queueing_pb2, queueing_pb2_grpc
 from jobmesh.quota.v1 import quota_pb2, quota_pb2_grpc
-from libs.auth import TokenVerifier, key_paths, load_verification_keys
-from libs.clock import SystemClock
-from libs.config import load_config
+from libs.auth import TokenVerifier, load_verification_keys
 from libs.envoy_config import PUBLIC_SERVICES
-from libs.interceptors import channel
-from libs.server import start_server
-from libs.settings import CommonSettings, SettingsError
+from libs.main import Startup
+from libs.server import ServiceServer
 from services.gateway.servicer import (
     ApiServicer,
     Authenticator,
@@ -28,6 +23,7 @@ from services.gateway.servicer import (
     PoolsServicer,
     TenantsServicer,
 )
+from services.gateway.settings import Settings
 from services.gateway.shedding import SubmitShedder
 
 # Served by the leading quota (queueing, cost) replica only: the gateway's calls follow its health
@@ -36,38 +32,29 @@ QUOTA_SERVICE = quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name
 QUEUEING_SERVICE = queueing_pb2.DESCRIPTOR.services_by_name["QueueingService"].full_name
 COST_SERVICE = cost_pb2.DESCRIPTOR.services_by_name["CostService"].full_name
 
-# The API's OpenAPI document, served at /api/v1/openapi.yaml (JOBMESH_OPENAPI_PATH to serve another file).
-OPENAPI = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
 
-
-def openapi_document(settings: CommonSettings) -> bytes | None:
-    path = Path(settings.extra.get("JOBMESH_OPENAPI_PATH") or OPENAPI)
+def openapi_document(path: Path) -> bytes | None:
     try:
         return path.read_bytes()
     except OSError:
         return None
 
 
-async def run(settings: CommonSettings) -> None:
-    config = load_config(settings.config_path)
-    registry = CollectorRegistry()
-    key_file = Path(settings.extra.get("JOBMESH_JWT_KEYS") or key_paths(settings.data_dir)[1])
-    if not key_file.is_file():
-        raise SettingsError(f"JOBMESH_JWT_KEYS: no verification key at {key_file}")
+async def build(settings: Settings, startup: Startup) -> ServiceServer:
+    config = startup.config
     verifier = TokenVerifier(
-        load_verification_keys(key_file),
+        load_verification_keys(settings.jwt_keys),
         issuer=config.issuer,
         audience=config.audience,
         tenants=set(config.tenants),
     )
     auth = Authenticator(verifier)
-    peers = settings.peers
-    tls = settings.tls
+    peers = settings.common.peers
     channels = [
-        channel(peers.quota, tls, health_service=QUOTA_SERVICE),
-        channel(peers.queueing, tls, health_service=QUEUEING_SERVICE),
-        channel(peers.poolmanager, tls),
-        channel(peers.cost, tls, health_service=COST_SERVICE),
+        startup.channel(peers.quota, health_service=QUOTA_SERVICE),
+        startup.channel(peers.queueing, health_service=QUEUEING_SERVICE),
+        startup.channel(peers.poolmanager),
+        startup.channel(peers.cost, health_service=COST_SERVICE),
     ]
     backends = Backends(
         quota=quota_pb2_grpc.QuotaServiceStub(channels[0]),
@@ -75,7 +62,7 @@ async def run(settings: CommonSettings) -> None:
         poolmanager=poolmanager_pb2_grpc.PoolManagerServiceStub(channels[2]),
         cost=cost_pb2_grpc.CostServiceStub(channels[3]),
     )
-    clock = SystemClock()
+    clock = startup.clock
     edge = config.edge
     shedder = SubmitShedder(
         max_inflight=edge.max_inflight_submits,
@@ -87,14 +74,12 @@ async def run(settings: CommonSettings) -> None:
     tenants = TenantsServicer(auth, backends)
     pools = PoolsServicer(auth, backends)
     costs = CostReportsServicer(auth, backends)
-    own_metrics = f"{settings.server.host}:{settings.telemetry.metrics_port}"
-    metrics = MetricsServicer(auth, peers.metrics_targets, registry, own_metrics)
-    api = ApiServicer(openapi_document(settings))
+    common = settings.common
+    own_metrics = f"{common.server.host}:{common.telemetry.metrics_port}"
+    metrics = MetricsServicer(auth, peers.metrics_targets, startup.registry, own_metrics)
+    api = ApiServicer(openapi_document(settings.openapi_path))
     names = dict(zip(("job", "tenant", "pool", "cost", "metrics", "api"), PUBLIC_SERVICES, strict=True))
-    server = await start_server(
-        "gateway",
-        settings,
-        registry,
+    return await startup.serve(
         [
             (lambda s: gw.add_JobServiceServicer_to_server(jobs, s), names["job"]),
             (lambda s: gw.add_TenantServiceServicer_to_server(tenants, s), names["tenant"]),
@@ -105,8 +90,3 @@ async def run(settings: CommonSettings) -> None:
         ],
         reject_unknown_fields=True,
     )
-    try:
-        await server.serve_forever()
-    finally:
-        for ch in channels:
-            await ch.close()

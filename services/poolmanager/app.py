@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from prometheus_client import CollectorRegistry
@@ -15,19 +13,19 @@ from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
 from jobmesh.queueing.v1 import queueing_pb2_grpc
 from libs.authz import AuthorizationInterceptor
 from libs.clock import SystemClock
-from libs.config import MeshConfig, load_config
+from libs.config import MeshConfig
 from libs.etcd.client import Etcd, WatchEvent
 from libs.etcd.election import LeaderElection
 from libs.etcd.informer import Informer
-from libs.interceptors import ServerInterceptor, channel
+from libs.interceptors import ServerInterceptor
 from libs.keys import Keys
 from libs.leadergate import SelfCheck
 from libs.lifecycle.store import JobStore
 from libs.logstore import LogStore, log_store_from_settings
+from libs.main import Startup
 from libs.meshpki import WorkerIssuer
 from libs.pruning import Entry, HistoryPruner, list_keys, time_from_key
-from libs.server import start_server
-from libs.settings import CommonSettings, SettingsError
+from libs.server import ServiceServer
 from services.poolmanager.controller import PoolController, QueueDepthSource
 from services.poolmanager.join import (
     JoinTokens,
@@ -41,7 +39,7 @@ from services.poolmanager.outcomes import JobOutcomes
 from services.poolmanager.pools import PoolsServicer
 from services.poolmanager.provider import LocalProcessProvider
 from services.poolmanager.registry import RegistryMetrics, WorkerRegistry
-from services.poolmanager.usage import DEFAULT_INTERVAL as DEFAULT_USAGE_INTERVAL
+from services.poolmanager.settings import Settings
 
 REGISTRY_SERVICE = "jobmesh.poolmanager.v1.WorkerRegistryService"
 QUEUEING_SERVICE = "jobmesh.queueing.v1.QueueingService"  # served by its leading replica only
@@ -49,14 +47,6 @@ POOLS_SERVICE = "jobmesh.poolmanager.v1.PoolManagerService"
 CERTIFICATES_SERVICE = "jobmesh.poolmanager.v1.WorkerCertificateService"
 
 log = logging.getLogger(__name__)
-
-
-def worker_issuer(settings: CommonSettings) -> WorkerIssuer:
-    ca_dir = settings.extra.get("JOBMESH_WORKER_CA_DIR", "")
-    if not ca_dir:
-        raise SettingsError("JOBMESH_WORKER_CA_DIR must name the worker CA's directory (the workers' certificates)")
-    workers_dir = settings.extra.get("JOBMESH_WORKER_CERTS_DIR", "") or str(settings.data_dir / "pki" / "workers")
-    return WorkerIssuer(Path(ca_dir), Path(workers_dir))
 
 
 async def renew_worker_certificates(issuer: WorkerIssuer, election: LeaderElection, every: float = 300.0) -> None:
@@ -76,22 +66,20 @@ async def renew_worker_certificates(issuer: WorkerIssuer, election: LeaderElecti
 
 
 async def maybe_start_join_server(
-    settings: CommonSettings, registry: CollectorRegistry, servicer: WorkerJoinServicer
+    settings: Settings, registry: CollectorRegistry, servicer: WorkerJoinServicer
 ) -> grpc.aio.Server | None:
     """The join port (JOBMESH_JOIN_PORT; unset: none), for static workers started elsewhere: server-only TLS
     and WorkerJoinService alone (docs/security.md, "Authorization")."""
-    raw = settings.extra.get("JOBMESH_JOIN_PORT", "")
-    if not raw:
+    if settings.join_port is None:
         return None
-    if not raw.isdigit() or int(raw) > 65535:
-        raise SettingsError("JOBMESH_JOIN_PORT must be a port number")
     interceptors = [
         # Its own registry for the table's counter: the main server's interceptor already owns that name.
         AuthorizationInterceptor("poolmanager", CollectorRegistry()),
         ServerInterceptor("poolmanager_join", registry),
     ]
+    common = settings.common
     server, _ = await start_join_server(
-        settings.server.host, int(raw), server_only_credentials(settings.tls), servicer, interceptors
+        common.server.host, settings.join_port, server_only_credentials(common.tls), servicer, interceptors
     )
     return server
 
@@ -123,18 +111,15 @@ class _Shared:
     logs: LogStore | None
 
 
-async def _shared(settings: CommonSettings) -> _Shared:
-    config = load_config(settings.config_path)
-    etcd = Etcd.from_settings(settings.etcd)
-    await etcd.wait_ready()
-    keys = Keys(settings.etcd.prefix)
-    queueing = channel(settings.peers.queueing, settings.tls, health_service=QUEUEING_SERVICE)
-    outcomes = JobOutcomes(etcd, keys, settings.server.replica_id)
+async def _shared(settings: Settings, startup: Startup) -> _Shared:
+    config, keys = startup.config, startup.keys
+    etcd = await startup.etcd()
+    queueing = startup.channel(settings.common.peers.queueing, health_service=QUEUEING_SERVICE)
+    outcomes = JobOutcomes(etcd, keys, settings.common.server.replica_id)
     await outcomes.load()
-    leader_ttl = settings.get_int("JOBMESH_LEADER_TTL", 5)
     return _Shared(
         config=config,
-        clock=SystemClock(),
+        clock=startup.clock,
         etcd=etcd,
         keys=keys,
         queueing=queueing,
@@ -148,32 +133,26 @@ async def _shared(settings: CommonSettings) -> _Shared:
             counted_pools=[p.pool_id for p in config.pools if p.max_jobs_per_worker],
             backoff=config.retries,
         ),
-        election=LeaderElection(etcd, keys.leader("pool-manager"), settings.server.replica_id, ttl=leader_ttl),
-        logs=log_store_from_settings(str(settings.data_dir), settings.extra),
+        election=startup.election(etcd, "pool-manager", settings.leader),
+        logs=log_store_from_settings(settings.logs),
     )
 
 
-def _registry(settings: CommonSettings, shared: _Shared, registry: CollectorRegistry) -> WorkerRegistry:
-    # How often a busy worker's usage samples are written for the cost service (0: never; running attempts are then
-    # priced at what they requested until they end).
-    usage_interval = settings.get_float("JOBMESH_USAGE_SAMPLE_SECONDS", DEFAULT_USAGE_INTERVAL)
-    if usage_interval < 0:
-        raise SettingsError("JOBMESH_USAGE_SAMPLE_SECONDS must not be negative")
+def _registry(settings: Settings, shared: _Shared, registry: CollectorRegistry) -> WorkerRegistry:
     return WorkerRegistry(
         shared.etcd,
         shared.keys,
         shared.store,
         shared.config,
         shared.clock,
-        settings.get_int("JOBMESH_WORKER_LEASE_TTL", 6),
+        settings.lease.ttl_seconds,
         shared.assignments,
         shared.workers,
         RegistryMetrics(registry),
         shared.outcomes,
-        # Under steady load a result waits this long to share its transaction with other workers' results.
-        result_linger=settings.get_float("JOBMESH_RESULT_LINGER_MS", 4.0) / 1000,
+        result_linger=settings.result_linger_seconds,
         logs=shared.logs,
-        usage_interval=usage_interval,
+        usage_interval=settings.usage_sample_seconds,
     )
 
 
@@ -207,14 +186,14 @@ def _history_pruner(shared: _Shared, controller: PoolController) -> HistoryPrune
     )
 
 
-async def run(settings: CommonSettings) -> None:
-    registry = CollectorRegistry()
-    shared = await _shared(settings)
+async def build(settings: Settings, startup: Startup) -> ServiceServer:
+    registry = startup.registry
+    shared = await _shared(settings, startup)
     registry_servicer = _registry(settings, shared, registry)
     # Workers we start inherit our settings (etcd is not theirs to use; they only talk to us) but not our
     # identities: each gets a worker certificate we issue.
-    issuer = worker_issuer(settings)
-    provider = LocalProcessProvider({k: v for k, v in os.environ.items() if k != "JOBMESH_REPLICA_ID"}, issuer)
+    issuer = WorkerIssuer(settings.worker_ca_dir, settings.worker_certs_dir)
+    provider = LocalProcessProvider(dict(settings.worker_env), issuer)
     controller = _controller(shared, provider, registry)
     assignments, workers, election = shared.assignments, shared.workers, shared.election
 
@@ -241,10 +220,7 @@ async def run(settings: CommonSettings) -> None:
         shared.logs,
     )
     certificates = WorkerCertificateServicer(issuer.ca, shared.config)
-    server = await start_server(
-        "poolmanager",
-        settings,
-        registry,
+    server = await startup.serve(
         [
             (
                 lambda s: poolmanager_pb2_grpc.add_WorkerRegistryServiceServicer_to_server(registry_servicer, s),
@@ -272,7 +248,7 @@ async def run(settings: CommonSettings) -> None:
 
     async def stop() -> None:
         if join_server is not None:
-            await join_server.stop(settings.server.grace_seconds)
+            await join_server.stop(settings.common.server.grace_seconds)
         for task in tasks:
             task.cancel()
         await election.stop()
@@ -282,8 +258,4 @@ async def run(settings: CommonSettings) -> None:
         await shared.outcomes.flush()
 
     server.on_stop.append(stop)
-    try:
-        await server.serve_forever()
-    finally:
-        await shared.queueing.close()
-        await shared.etcd.close()
+    return server

@@ -1,7 +1,8 @@
 """Run the queueing service: `python -m services.queueing`."""
 
 from libs.main import run_service
-from services.queueing.app import run
+from services.queueing.app import build
+from services.queueing.settings import Settings
 
 if __name__ == "__main__":
-    run_service("queueing", 50053, run)
+    run_service("queueing", Settings.from_env, build)

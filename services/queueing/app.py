@@ -5,26 +5,24 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from prometheus_client import CollectorRegistry
-
 from jobmesh.queueing.v1 import queueing_pb2_grpc
-from libs.clock import Clock, SystemClock
-from libs.config import MeshConfig, load_config
+from libs.clock import Clock
+from libs.config import MeshConfig
 from libs.errors import JobMeshError
 from libs.etcd.client import Etcd, WatchEvent
-from libs.etcd.election import LeaderElection, Leadership
+from libs.etcd.election import Leadership
 from libs.etcd.informer import Informer
 from libs.keys import Keys
 from libs.leadergate import LeaderGate
 from libs.lifecycle.store import JobStore
 from libs.logstore import log_store_from_settings
-from libs.server import start_server
-from libs.settings import CommonSettings
+from libs.main import Startup
+from libs.server import ServiceServer
 from services.queueing.manager import QueueManager
 from services.queueing.metrics import QueueMetrics
 from services.queueing.retention import FinishedJobs, RetentionSweeper
 from services.queueing.servicer import QueueingServicer
-from services.queueing.settings import QueueingSettings
+from services.queueing.settings import Settings
 from services.queueing.store import BatchingJobWriter, QueueStateStore
 from services.queueing.watch import JobWatchers, RecentActivity
 
@@ -34,9 +32,8 @@ log = logging.getLogger(__name__)
 
 
 def _queue(
-    settings: CommonSettings,
+    settings: Settings,
     config: MeshConfig,
-    own: QueueingSettings,
     etcd: Etcd,
     keys: Keys,
     store: JobStore,
@@ -45,6 +42,7 @@ def _queue(
     clock: Clock,
 ) -> tuple[QueueManager, RetentionSweeper]:
     """The queue and its retention sweeper, every write committed through the leader gate."""
+    own = settings.queue
     manager = QueueManager(
         writer=BatchingJobWriter(store, own.max_batch, metrics.batch_size),
         reader=store,
@@ -57,7 +55,7 @@ def _queue(
     manager.leading = gate.serves
     metrics.watch_shape(manager.shape)
     manager.finished = FinishedJobs(keys, config.finished_job_retention_seconds)
-    logs = log_store_from_settings(str(settings.data_dir), settings.extra)
+    logs = log_store_from_settings(settings.logs)
     sweeper = RetentionSweeper(
         etcd,
         manager.finished,
@@ -70,23 +68,16 @@ def _queue(
     return manager, sweeper
 
 
-async def run(settings: CommonSettings) -> None:
-    config = load_config(settings.config_path)
-    own = QueueingSettings.from_common(settings)
-    registry = CollectorRegistry()
-    clock = SystemClock()
-    etcd = Etcd.from_settings(settings.etcd)
-    await etcd.wait_ready()
-    keys = Keys(settings.etcd.prefix)
+async def build(settings: Settings, startup: Startup) -> ServiceServer:
+    config, clock, keys = startup.config, startup.clock, startup.keys
+    etcd = await startup.etcd()
     # Active/standby (docs/architecture.md): both replicas keep the queue warm from the job records; the leader
     # alone serves, and every write it makes (creates, cancels, deadlines, tags, weights, deletions) is fenced.
-    election = LeaderElection(
-        etcd, keys.leader("queueing"), settings.server.replica_id, ttl=settings.get_int("JOBMESH_LEADER_TTL", 5)
-    )
+    election = startup.election(etcd, "queueing", settings.leader)
     gate_informers: list[Informer] = []
     gate = LeaderGate(election, gate_informers, SERVICE)
     store = JobStore(etcd, keys, commit=gate.fenced_txn)
-    manager, sweeper = _queue(settings, config, own, etcd, keys, store, gate, QueueMetrics(registry), clock)
+    manager, sweeper = _queue(settings, config, etcd, keys, store, gate, QueueMetrics(startup.registry), clock)
     # The queue is rebuilt before we serve: weights and tags from their snapshot, then every pending job.
     await manager.restore()
     watchers = JobWatchers()
@@ -109,13 +100,12 @@ async def run(settings: CommonSettings) -> None:
 
     gate.on_term = on_term
     timers = asyncio.create_task(manager.run_timers(), name="queueing-timers")
-    snapshots = asyncio.create_task(manager.run_snapshots(own.snapshot_interval_seconds), name="queueing-tags")
+    snapshots = asyncio.create_task(
+        manager.run_snapshots(settings.queue.snapshot_interval_seconds), name="queueing-tags"
+    )
     retention = asyncio.create_task(sweeper.run_forever(), name="queueing-retention")
     servicer = QueueingServicer(manager, store, clock, watchers, activity)
-    server = await start_server(
-        "queueing",
-        settings,
-        registry,
+    server = await startup.serve(
         [(lambda s: queueing_pb2_grpc.add_QueueingServiceServicer_to_server(servicer, s), SERVICE)],
         gated=[SERVICE],
         inner_interceptors=[gate.interceptor()],
@@ -136,7 +126,4 @@ async def run(settings: CommonSettings) -> None:
         await informer.stop()
 
     server.on_stop.append(stop)
-    try:
-        await server.serve_forever()
-    finally:
-        await etcd.close()
+    return server

@@ -1,10 +1,12 @@
-"""The queueing service's own settings (on top of CommonSettings), read once and validated at start-up."""
+"""Settings of the queueing service: the shared ones and the queue's own, read once and validated at start-up."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from libs.settings import CommonSettings, SettingsError
+from libs.settings import CommonSettings, LeaderSettings, LogStoreSettings, SettingsError, float_var, int_var
 
 
 @dataclass(frozen=True)
@@ -23,17 +25,17 @@ class QueueingSettings:
     retention_sweep_seconds: float = 30.0
 
     @classmethod
-    def from_common(cls, settings: CommonSettings) -> QueueingSettings:
+    def from_env(cls, env: Mapping[str, str]) -> QueueingSettings:
         built = cls(
-            boost_fraction=settings.get_float("JOBMESH_QUEUEING_BOOST_FRACTION", cls.boost_fraction),
-            start_slack_seconds=settings.get_float("JOBMESH_QUEUEING_START_SLACK_SECONDS", cls.start_slack_seconds),
-            offer_window_seconds=settings.get_float("JOBMESH_QUEUEING_OFFER_WINDOW_SECONDS", cls.offer_window_seconds),
-            snapshot_interval_seconds=settings.get_float(
-                "JOBMESH_QUEUEING_SNAPSHOT_INTERVAL_SECONDS", cls.snapshot_interval_seconds
+            boost_fraction=float_var(env, "JOBMESH_QUEUEING_BOOST_FRACTION", cls.boost_fraction),
+            start_slack_seconds=float_var(env, "JOBMESH_QUEUEING_START_SLACK_SECONDS", cls.start_slack_seconds),
+            offer_window_seconds=float_var(env, "JOBMESH_QUEUEING_OFFER_WINDOW_SECONDS", cls.offer_window_seconds),
+            snapshot_interval_seconds=float_var(
+                env, "JOBMESH_QUEUEING_SNAPSHOT_INTERVAL_SECONDS", cls.snapshot_interval_seconds
             ),
-            max_batch=settings.get_int("JOBMESH_QUEUEING_MAX_BATCH", cls.max_batch),
-            retention_sweep_seconds=settings.get_float(
-                "JOBMESH_QUEUEING_RETENTION_SWEEP_SECONDS", cls.retention_sweep_seconds
+            max_batch=int_var(env, "JOBMESH_QUEUEING_MAX_BATCH", cls.max_batch),
+            retention_sweep_seconds=float_var(
+                env, "JOBMESH_QUEUEING_RETENTION_SWEEP_SECONDS", cls.retention_sweep_seconds
             ),
         )
         built.validate()
@@ -52,3 +54,22 @@ class QueueingSettings:
             raise SettingsError("JOBMESH_QUEUEING_MAX_BATCH must be between 1 and 64")
         if self.retention_sweep_seconds <= 0:
             raise SettingsError("JOBMESH_QUEUEING_RETENTION_SWEEP_SECONDS must be greater than 0")
+
+
+@dataclass(frozen=True)
+class Settings:
+    common: CommonSettings
+    leader: LeaderSettings
+    logs: LogStoreSettings  # retention deletes a finished job's logs with its record
+    queue: QueueingSettings
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        common = CommonSettings.from_env("queueing", 50053, env)
+        return cls(
+            common=common,
+            leader=LeaderSettings.from_env(env),
+            logs=LogStoreSettings.from_env(env, common.data_dir),
+            queue=QueueingSettings.from_env(env),
+        )

@@ -1,7 +1,8 @@
 """Run the quota service: `python -m services.quota`."""
 
 from libs.main import run_service
-from services.quota.app import run
+from services.quota.app import build
+from services.quota.settings import Settings
 
 if __name__ == "__main__":
-    run_service("quota", 50052, run)
+    run_service("quota", Settings.from_env, build)

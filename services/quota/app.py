@@ -6,23 +6,21 @@ import asyncio
 import json
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry
-
 from jobmesh.quota.v1 import quota_pb2_grpc
-from libs.clock import SystemClock
-from libs.config import QuotaLimits, load_config
+from libs.config import QuotaLimits
 from libs.etcd.client import Etcd, WatchEvent
-from libs.etcd.election import LeaderElection, Leadership
+from libs.etcd.election import Leadership
 from libs.etcd.informer import Informer
 from libs.keys import Keys
 from libs.leadergate import LeaderGate
 from libs.lifecycle.codec import decode_job
 from libs.lifecycle.transitions import ACTIVE
+from libs.main import Startup
 from libs.pruning import Entry, HistoryPruner, list_keys, time_from_key
-from libs.server import start_server
-from libs.settings import CommonSettings
+from libs.server import ServiceServer
 from services.quota.manager import BurstPolicy, BurstSession, Holding, QuotaManager
 from services.quota.servicer import QuotaMetrics, QuotaServicer
+from services.quota.settings import Settings
 
 SERVICE = "jobmesh.quota.v1.QuotaService"
 
@@ -110,12 +108,10 @@ async def audit_entries(etcd: Etcd, keys: Keys) -> list[list[Entry]]:
     return [[Entry(kv.key, time_from_key(kv.key), kv.mod_revision) for kv in await list_keys(etcd, keys.burst_audits)]]
 
 
-async def run(settings: CommonSettings) -> None:
-    config = load_config(settings.config_path)
-    registry = CollectorRegistry()
-    etcd = Etcd.from_settings(settings.etcd)
-    await etcd.wait_ready()
-    keys = Keys(settings.etcd.prefix)
+async def build(settings: Settings, startup: Startup) -> ServiceServer:
+    config = startup.config
+    etcd = await startup.etcd()
+    keys = startup.keys
     pool = config.burst_pool
     policy = BurstPolicy(
         pool.cpu_millis if pool else 0,
@@ -125,8 +121,8 @@ async def run(settings: CommonSettings) -> None:
         config.burst_max_tenant_share,
         config.burst_session_at_submit_seconds,
     )
-    manager = QuotaManager(config, SystemClock(), policy)
-    metrics = QuotaMetrics(registry)
+    manager = QuotaManager(config, startup.clock, policy)
+    metrics = QuotaMetrics(startup.registry)
     informers = [
         Informer(etcd, keys.quota_overrides, overrides_handler(manager), "quota-limits"),
         Informer(etcd, keys.burst_sessions, burst_handler(manager), "burst-sessions"),
@@ -139,25 +135,19 @@ async def run(settings: CommonSettings) -> None:
     for informer in informers:
         await informer.wait_synced()
     # Active/standby: both replicas keep their state warm from etcd; the leader alone serves (docs/architecture.md).
-    election = LeaderElection(
-        etcd, keys.leader("quota"), settings.server.replica_id, ttl=settings.get_int("JOBMESH_LEADER_TTL", 5)
-    )
+    election = startup.election(etcd, "quota", settings.leader)
 
     def on_term(term: Leadership | None) -> None:
         manager.drop_reservations()  # a term's reservations are enqueued only while it lasts
 
     gate = LeaderGate(election, informers, SERVICE, on_term)
     servicer = QuotaServicer(manager, etcd, keys, metrics, election, gate)
-    server = await start_server(
-        "quota",
-        settings,
-        registry,
-        [(lambda s: quota_pb2_grpc.add_QuotaServiceServicer_to_server(servicer, s), SERVICE)],
-        gated=[SERVICE],
+    server = await startup.serve(
+        [(lambda s: quota_pb2_grpc.add_QuotaServiceServicer_to_server(servicer, s), SERVICE)], gated=[SERVICE]
     )
     election.start()
     gating = asyncio.create_task(gate.run(server), name="quota-leader-gate")
-    gauges = asyncio.create_task(publish_gauges(manager, metrics, gate.serves))
+    startup.task(publish_gauges(manager, metrics, gate.serves), "quota-gauges")
     pruner = HistoryPruner(
         "burst-audit",
         lambda: audit_entries(etcd, keys),
@@ -167,7 +157,7 @@ async def run(settings: CommonSettings) -> None:
         metrics.audit_pruned,
         may_run=gate.serves,
     )
-    pruning = asyncio.create_task(pruner.run_forever(), name="burst-audit-pruning")
+    startup.task(pruner.run_forever(), "burst-audit-pruning")
 
     async def stop() -> None:
         gating.cancel()
@@ -176,9 +166,4 @@ async def run(settings: CommonSettings) -> None:
             await informer.stop()
 
     server.on_stop.append(stop)
-    try:
-        await server.serve_forever()
-    finally:
-        gauges.cancel()
-        pruning.cancel()
-        await etcd.close()
+    return server

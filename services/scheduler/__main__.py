@@ -1,7 +1,8 @@
-"""Run a scheduler replica: `python -m services.scheduler`."""
+"""Run the scheduler: `python -m services.scheduler`."""
 
 from libs.main import run_service
-from services.scheduler.app import run
+from services.scheduler.app import build
+from services.scheduler.settings import Settings
 
 if __name__ == "__main__":
-    run_service("scheduler", 50054, run)
+    run_service("scheduler", Settings.from_env, build)

@@ -5,22 +5,17 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-from prometheus_client import CollectorRegistry
 
 from jobmesh.queueing.v1 import queueing_pb2_grpc
 from jobmesh.scheduler.v1 import scheduler_pb2 as s
 from jobmesh.scheduler.v1 import scheduler_pb2_grpc
-from libs.clock import SystemClock
-from libs.config import load_config
-from libs.etcd.client import Etcd
 from libs.etcd.election import LeaderElection
 from libs.etcd.informer import Informer
-from libs.interceptors import channel
-from libs.keys import Keys
 from libs.leadergate import SelfCheck
-from libs.server import start_server
-from libs.settings import CommonSettings
+from libs.main import Startup
+from libs.server import ServiceServer
 from services.scheduler.scheduler import Scheduler, SchedulerMetrics
+from services.scheduler.settings import Settings
 
 SERVICE = "jobmesh.scheduler.v1.SchedulerService"
 QUEUEING_SERVICE = "jobmesh.queueing.v1.QueueingService"  # served by its leading replica only
@@ -42,37 +37,29 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         )
 
 
-async def run(settings: CommonSettings) -> None:
-    config = load_config(settings.config_path)
-    registry = CollectorRegistry()
-    etcd = Etcd.from_settings(settings.etcd)
-    await etcd.wait_ready()
-    keys = Keys(settings.etcd.prefix)
-    queueing = channel(settings.peers.queueing, settings.tls, health_service=QUEUEING_SERVICE)
-    election = LeaderElection(
-        etcd, keys.leader("scheduler"), settings.server.replica_id, ttl=settings.get_int("JOBMESH_LEADER_TTL", 5)
-    )
+async def build(settings: Settings, startup: Startup) -> ServiceServer:
+    etcd = await startup.etcd()
+    keys = startup.keys
+    queueing = startup.channel(settings.common.peers.queueing, health_service=QUEUEING_SERVICE)
+    election = startup.election(etcd, "scheduler", settings.leader)
     workers = Informer(etcd, keys.workers, name="workers")
     assignments = Informer(etcd, keys.assignments, name="assignments")
     scheduler = Scheduler(
         keys,
-        config,
-        SystemClock(),
+        startup.config,
+        startup.clock,
         election,
         workers,
         assignments,
         queueing_pb2_grpc.QueueingServiceStub(queueing),
-        SchedulerMetrics(registry),
-        min_interval=settings.get_float("JOBMESH_SCHEDULER_MIN_INTERVAL_MS", 10.0) / 1000,
+        SchedulerMetrics(startup.registry),
+        min_interval=settings.min_interval_seconds,
     )
     workers.handler = scheduler.on_change
     assignments.handler = scheduler.on_assignment  # both watched only while this replica leads
-    servicer = SchedulerServicer(scheduler, election, settings.server.replica_id)
-    server = await start_server(
-        "scheduler",
-        settings,
-        registry,
-        [(lambda srv: scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, srv), SERVICE)],
+    servicer = SchedulerServicer(scheduler, election, settings.common.server.replica_id)
+    server = await startup.serve(
+        [(lambda srv: scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, srv), SERVICE)]
     )
     election.start()
     loop_task = asyncio.create_task(scheduler.run(), name="scheduler-loop")
@@ -87,8 +74,4 @@ async def run(settings: CommonSettings) -> None:
             await informer.stop()
 
     server.on_stop.append(stop)
-    try:
-        await server.serve_forever()
-    finally:
-        await queueing.close()
-        await etcd.close()
+    return server

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +35,8 @@ from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
 from libs.identity import parse_spiffe
 from libs.interceptors import channel
 from libs.pki import needs_renewal, uri_of, write_private, write_public
-from libs.settings import TlsSettings
+from libs.settings import TlsSettings, load_settings
+from services.worker.settings import JoinSettings
 
 log = logging.getLogger(__name__)
 
@@ -147,38 +146,27 @@ async def renew_forever(targets: tuple[str, ...], tls: TlsSettings, stop: asynci
                 log.warning("renewing the worker certificate through %s failed: %s", target, exc.code().name)
 
 
-def _tokens(env: Mapping[str, str]) -> list[str]:
-    if env.get("JOBMESH_JOIN_TOKEN"):
-        return [env["JOBMESH_JOIN_TOKEN"]]
-    if env.get("JOBMESH_JOIN_TOKEN_FILE"):
-        tokens = Path(env["JOBMESH_JOIN_TOKEN_FILE"]).read_text().split()[:1000]
+def _tokens(settings: JoinSettings) -> list[str]:
+    if settings.token:
+        return [settings.token]
+    if settings.token_file is not None:
+        tokens = settings.token_file.read_text().split()[:1000]
         random.shuffle(tokens)  # pods starting together mostly try different ones
         return tokens
     return []
 
 
 def main() -> int:
-    env = os.environ
-    missing = [n for n in ("JOBMESH_JOIN_ADDR", "JOBMESH_JOIN_CA", "JOBMESH_JOIN_DIR") if not env.get(n)]
-    tokens = _tokens(env)
+    settings = load_settings("join", JoinSettings.from_env)
+    tokens = _tokens(settings)
     if not tokens:
-        missing.append("JOBMESH_JOIN_TOKEN or JOBMESH_JOIN_TOKEN_FILE")
-    if missing:
-        print(f"{', '.join(missing)} must be set", file=sys.stderr)
+        print("JOBMESH_JOIN_TOKEN or JOBMESH_JOIN_TOKEN_FILE must be set", file=sys.stderr)
         return 2
-    ca_pem = Path(env["JOBMESH_JOIN_CA"]).read_bytes()
+    ca_pem = settings.ca.read_bytes()
     last = ""
     for token in tokens:
         try:
-            joined = asyncio.run(
-                join_pool(
-                    env["JOBMESH_JOIN_ADDR"],
-                    token,
-                    ca_pem,
-                    Path(env["JOBMESH_JOIN_DIR"]),
-                    env.get("JOBMESH_JOIN_SERVER_NAME", ""),
-                )
-            )
+            joined = asyncio.run(join_pool(settings.address, token, ca_pem, settings.directory, settings.server_name))
         except grpc.aio.AioRpcError as exc:
             last = f"{exc.code().name}: {exc.details()}"
             if exc.code() == grpc.StatusCode.PERMISSION_DENIED:

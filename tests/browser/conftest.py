@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from libs.launcher import REPO
+from devtools.launcher import REPO
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from libs.launcher import Stack
+from devtools.launcher import Stack
 from tests.browser.conftest import Watched
 from tests.helpers import Api, job_spec, wait_for
 

@@ -8,7 +8,7 @@ import json
 from typing import Any
 from urllib.parse import urlsplit
 
-from libs.launcher import Stack
+from devtools.launcher import Stack
 from tests.browser.conftest import Watched
 from tests.browser.test_console import sign_in, unique
 from tests.helpers import Api, job_spec, wait_for

@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from libs.launcher import Stack
+from devtools.launcher import Stack
 from tests.helpers import Api, job_spec, token
 
 

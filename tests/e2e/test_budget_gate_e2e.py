@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from libs.launcher import Stack
+from devtools.launcher import Stack
 from services.gateway.budgets import ANSWER_SECONDS
 from tests.e2e.test_cost_e2e import COST_CONFIG
 from tests.helpers import FAST_FAILOVER, Api, job_spec, start_stack, token, wait_for

@@ -13,9 +13,9 @@ import pytest
 
 import jobmesh
 import jobmesh.aio
+from devtools.launcher import Stack
 from jobmesh import errors
 from jobmesh.common.v1 import types_pb2 as t
-from libs.launcher import Stack
 from tests.helpers import token
 
 JOBMESH = str(Path(sys.executable).parent / "jobmesh")

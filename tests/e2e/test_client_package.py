@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from libs.launcher import Stack
+from devtools.launcher import Stack
 from tests.helpers import token
 
 REPO = Path(__file__).resolve().parents[2]

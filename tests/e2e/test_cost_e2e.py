@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from libs import cli_cost
+from devtools import cli_cost
+from devtools.launcher import REPO, Stack
 from libs.config import MeshConfig, load_config
-from libs.launcher import REPO, Stack
 from tests.helpers import FAST_FAILOVER, Api, job_spec, start_stack, token, wait_for
 
 COST_CONFIG = REPO / "tests" / "fixtures" / "cost.toml"

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from devtools.launcher import Stack
 from libs.keys import Keys
-from libs.launcher import Stack
 from services.cost.keys import CostKeys
 from tests.e2e.test_cost_e2e import COST_CONFIG, REPORTS
 from tests.helpers import FAST_FAILOVER, Api, job_spec, start_stack, token, wait_for

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-from libs.launcher import Stack
+from devtools.launcher import Stack
 from tests.helpers import Api, Copies, job_spec, start_stack, token, wait_for, worker_pid
 
 

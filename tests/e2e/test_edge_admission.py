@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from devtools.launcher import Stack, admin_get
 from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.gateway.v1 import gateway_pb2 as g
 from jobmesh.gateway.v1 import gateway_pb2_grpc
-from libs.launcher import Stack, admin_get
 from tests.helpers import FIXTURE_CONFIG, Api, job_spec, start_stack, token, wait_for
 
 # acme and globex share nothing but the rules: a bucket of SUBMIT_BURST submits each that does not refill within

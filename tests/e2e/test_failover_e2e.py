@@ -19,11 +19,11 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
+from devtools.launcher import Stack, admin_get
+from devtools.supervisor import RestartPolicy, StackProcesses, Supervisor
 from libs.errors import Unavailable
 from libs.etcd.maintenance import EtcdMaintenance
 from libs.keys import Keys
-from libs.launcher import Stack, admin_get
-from libs.supervisor import RestartPolicy, StackProcesses, Supervisor
 from tests.helpers import FAST_FAILOVER, Api, job_spec, start_stack, token, wait_for
 
 LEASE = float(FAST_FAILOVER["JOBMESH_LEADER_TTL"])

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from libs.launcher import REPO, Stack
+from devtools.launcher import REPO, Stack
 from tests.helpers import FAST_FAILOVER, Api, job_spec, start_stack, token, wait_for
 
 FAIRNESS_CONFIG = REPO / "tests" / "fixtures" / "fairness.toml"

@@ -6,7 +6,7 @@ import time
 
 import httpx
 
-from libs.launcher import Stack
+from devtools.launcher import Stack
 from tests.helpers import Api, job_spec, wait_for
 
 

@@ -7,7 +7,7 @@ import asyncio
 
 import httpx
 
-from libs.launcher import Stack
+from devtools.launcher import Stack
 from tests.helpers import Api, job_spec, token
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from libs.launcher import Stack
+from devtools.launcher import Stack
 from tests.helpers import Api, job_spec
 
 REPO = Path(__file__).resolve().parents[2]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from devtools.launcher import Stack
 from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.gateway.v1 import gateway_pb2 as g
 from jobmesh.gateway.v1 import gateway_pb2_grpc
-from libs.launcher import Stack
 from tests.helpers import token, wait_for
 
 

@@ -13,8 +13,8 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 import jobmesh
+from devtools.launcher import REPO, Stack
 from jobmesh.common.v1 import types_pb2 as t
-from libs.launcher import REPO, Stack
 from tests.e2e.test_client import cli
 from tests.helpers import FAST_FAILOVER, Api, job_spec, start_stack, token, wait_for
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from devtools.launcher import Stack
 from libs.config import load_config
-from libs.launcher import Stack
 from services.cost.pricing import AttemptUsage, price_attempt
 from tests.helpers import FAST_FAILOVER, Api, job_spec, start_stack, token, wait_for, without_sandbox
 from tests.tools import require_tool

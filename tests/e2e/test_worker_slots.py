@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from libs.launcher import REPO, Stack
+from devtools.launcher import REPO, Stack
 from tests.helpers import FAST_FAILOVER, Api, job_spec, start_stack, token, wait_for, without_sandbox
 from tests.integration.test_faults import worker_pid
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from devtools.launcher import Ports, Stack
 from libs.etcd.client import Etcd
-from libs.launcher import Ports, Stack
 from libs.pki import CertificateAuthority
 from tests.helpers import FIXTURE_CONFIG
 from tests.integration.mtls_mesh import Mesh, serve_mesh

@@ -15,6 +15,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from devtools.launcher import Stack
 from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.cost.v1 import cost_pb2, cost_pb2_grpc
 from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
@@ -22,7 +23,6 @@ from jobmesh.poolmanager.v1 import poolmanager_pb2_grpc
 from jobmesh.queueing.v1 import queueing_pb2, queueing_pb2_grpc
 from jobmesh.quota.v1 import quota_pb2, quota_pb2_grpc
 from jobmesh.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
-from libs.launcher import Stack
 from libs.meshpki import WorkerIssuer
 from libs.tls import sync_channel
 from services.poolmanager.join import token_digest
@@ -204,7 +204,7 @@ def run_module(module: str, *args: str, env: dict[str, str] | None = None) -> su
 def test_an_operator_mints_join_tokens_and_the_pool_manager_keeps_only_their_hashes(astack: Stack) -> None:
     port = astack.procs["poolmanager-1"].port
     minted = run_module(
-        "libs.cli",
+        "devtools.cli",
         "--data-dir",
         str(astack.data_dir),
         "join-token",
@@ -231,7 +231,7 @@ def test_an_operator_mints_join_tokens_and_the_pool_manager_keeps_only_their_has
     # Any other identity is refused.
     gateway = astack.identity("gateway").env()
     refused = run_module(
-        "libs.cli", "join-token", "--pool", "static-general", "--addr", f"127.0.0.1:{port}", env=gateway
+        "devtools.cli", "join-token", "--pool", "static-general", "--addr", f"127.0.0.1:{port}", env=gateway
     )
     assert refused.returncode == 1 and "PERMISSION_DENIED" in refused.stderr
 

@@ -9,7 +9,7 @@ from datetime import datetime
 
 import pytest
 
-from libs.launcher import REPO, Stack
+from devtools.launcher import REPO, Stack
 from tests.helpers import Api, job_spec, pool_view, stack_with_idle_worker, token, wait_for
 
 CONFIG = REPO / "tests" / "fixtures" / "autoscale.toml"

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from libs.launcher import REPO, Stack
+from devtools.launcher import REPO, Stack
 from tests.helpers import Api, job_spec, pool_view, stack_with_idle_worker, token, wait_for
 
 CONFIG = REPO / "tests" / "fixtures" / "burst.toml"

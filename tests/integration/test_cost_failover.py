@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from devtools.launcher import Stack
 from jobmesh.cost.v1 import cost_pb2 as c
 from jobmesh.cost.v1 import cost_pb2_grpc
-from libs.launcher import Stack
 from services.cost.keys import CostKeys
 from tests.helpers import resume_and_stop, start_replicas, stored_value, wait_for
 from tests.integration.test_quota_failover import outcomes_of, reason_of

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from devtools.launcher import Ports, Stack
 from libs.clock import SystemClock
 from libs.config import load_config
 from libs.etcd.client import KeyValue
 from libs.keys import Keys
-from libs.launcher import Ports, Stack
 from services.cost.idle import WorkerInterval
 from services.cost.ledger import CostLedger
 from services.cost.metrics import CostMetrics

@@ -10,7 +10,7 @@ import uuid
 
 import psutil
 
-from libs.launcher import Stack
+from devtools.launcher import Stack
 from tests.helpers import Api, Copies, job_spec, pool_view, token, wait_for, worker_pid
 
 LEASE_TTL = 3.0  # FAST_FAILOVER's JOBMESH_WORKER_LEASE_TTL

@@ -27,6 +27,7 @@ from google.protobuf import any_pb2, descriptor_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from devtools.launcher import write_envoy_sds
 from jobmesh.common.v1 import types_pb2
 from jobmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from jobmesh.quota.v1 import quota_pb2, quota_pb2_grpc
@@ -34,7 +35,6 @@ from libs.auth import jwks_document
 from libs.config import EdgeLimits
 from libs.envoy_admission import EdgeAuth
 from libs.envoy_config import PUBLIC_SERVICES, envoy_argv, render_envoy_config
-from libs.launcher import write_envoy_sds
 from libs.meshpki import MeshPki
 from libs.tls import RenewingChannel, server_credentials
 

@@ -9,11 +9,11 @@ import re
 import pytest
 from etcd3aio import _protobuf as pb
 
-from libs.cli import main
+from devtools.cli import main
+from devtools.launcher import Stack
 from libs.errors import Unavailable
 from libs.etcd.client import WatchCompacted
 from libs.etcd.maintenance import EtcdMaintenance, MemberStatus
-from libs.launcher import Stack
 
 VALUE = b"x" * 16 * 1024
 

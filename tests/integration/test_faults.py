@@ -13,8 +13,8 @@ import grpc
 import psutil
 import pytest
 
+from devtools.launcher import Stack
 from jobmesh.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
-from libs.launcher import Stack
 from tests.helpers import FIXTURE_CONFIG, Api, job_spec, start_stack, token, wait_for, without_sandbox, worker_pid
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from devtools.launcher import Ports, Stack
 from jobmesh.common.v1 import types_pb2 as t
 from libs.etcd.client import Etcd, op_put
 from libs.jobs import new_job_id, ts
 from libs.keys import Keys
-from libs.launcher import Ports, Stack
 from tests.helpers import FIXTURE_CONFIG
 
 KEYS = Keys("/jobmesh")

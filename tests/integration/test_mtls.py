@@ -22,10 +22,10 @@ from cryptography import x509
 from etcd3aio import _protobuf as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from devtools.launcher import Stack, admin_get
 from jobmesh.common.v1 import quota_pb2 as common_quota
 from jobmesh.quota.v1 import quota_pb2, quota_pb2_grpc
 from libs.etcd.client import Etcd
-from libs.launcher import Stack, admin_get
 from libs.meshpki import WorkerIssuer, write_identity
 from libs.pki import Bundle, CertificateAuthority, service_id
 from libs.settings import TlsSettings

@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from libs.launcher import Stack
+from devtools.launcher import Stack
 from tests.helpers import start_stack
 
 SERVICES = {

@@ -14,7 +14,7 @@ from datetime import datetime
 import httpx
 import pytest
 
-from libs.launcher import Stack
+from devtools.launcher import Stack
 from tests.helpers import Api, job_spec, pool_view, start_stack, token, wait_for
 from tests.integration.test_faults import leader_etcd_value, scheduler_leader
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import grpc
 import pytest
 
+from devtools.launcher import Stack
 from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.queueing.v1 import queueing_pb2 as q
 from jobmesh.queueing.v1 import queueing_pb2_grpc
 from libs.jobs import new_job_id
 from libs.keys import Keys
-from libs.launcher import Stack
 from tests.helpers import resume_and_stop, stand_in_quota_term, start_replicas, wait_for
 from tests.integration.test_quota_failover import outcomes_of, reason_of
 

@@ -15,13 +15,13 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from devtools.launcher import Ports, Stack
 from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.queueing.v1 import queueing_pb2 as q
 from jobmesh.queueing.v1 import queueing_pb2_grpc
 from libs.etcd.client import cmp_mod, op_put
 from libs.jobs import new_job_id, ts
 from libs.keys import Keys
-from libs.launcher import Ports, Stack
 from libs.lifecycle.codec import decode_job
 from libs.lifecycle.transitions import apply_dispatch
 from tests.helpers import FIXTURE_CONFIG, stand_in_quota_term

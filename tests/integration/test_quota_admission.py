@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from libs.launcher import Stack
+from devtools.launcher import Stack
 from tests.helpers import Api, job_spec, start_stack, token, wait_for
 
 LIVE = {"JOB_STATE_PENDING", "JOB_STATE_RUNNING"}

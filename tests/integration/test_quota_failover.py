@@ -14,6 +14,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from devtools.launcher import Stack
 from jobmesh.common.v1 import quota_pb2 as common_quota
 from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.queueing.v1 import queueing_pb2 as q
@@ -22,7 +23,6 @@ from jobmesh.quota.v1 import quota_pb2 as qt
 from jobmesh.quota.v1 import quota_pb2_grpc
 from libs.jobs import new_job_id
 from libs.keys import Keys
-from libs.launcher import Stack
 from tests.helpers import resume_and_stop, start_replicas, stored_value, wait_for
 
 KEYS = Keys("/jobmesh")

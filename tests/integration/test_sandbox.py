@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from libs.launcher import REPO, free_port
+from devtools.launcher import REPO, free_port
 from services.worker.executor import ExecSpec, JobExecutor
 from services.worker.sandbox import JobSandbox, Sandbox, SandboxError, SandboxSettings
 

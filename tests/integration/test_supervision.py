@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from libs.launcher import Stack
-from libs.supervisor import CrashLoop, RestartPolicy, StackProcesses, Supervisor
+from devtools.launcher import Stack
+from devtools.supervisor import CrashLoop, RestartPolicy, StackProcesses, Supervisor
 from tests.helpers import Api, job_spec, start_stack, token
 
 POLICY = RestartPolicy(initial_backoff=0.2, max_backoff=1.0, crash_loop_restarts=3, crash_loop_window=60.0)

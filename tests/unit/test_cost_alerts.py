@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from libs.launcher import REPO
+from devtools.launcher import REPO
 
 RULES = REPO / "observability" / "alerts" / "cost.rules.yml"
 PROMTOOL = shutil.which("promtool")

@@ -1,4 +1,4 @@
-"""`jobmesh cost report` (libs/cli_cost.py): arguments, tokens, HTTP errors and the printed tables."""
+"""`jobmesh cost report` (devtools/cli_cost.py): arguments, tokens, HTTP errors and the printed tables."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
-from libs import cli_cost
+from devtools import cli_cost
+from devtools.launcher import REPO, free_port
 from libs.auth import TokenVerifier, key_paths, load_verification_keys
-from libs.launcher import REPO, free_port
 
 FIXTURE_CONFIG = REPO / "tests" / "fixtures" / "mesh.toml"
 

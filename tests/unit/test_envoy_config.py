@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from devtools.launcher import REPO
 from libs.envoy_config import PUBLIC_SERVICES, read_methods, render_dev_defaults
-from libs.launcher import REPO
 
 
 def dev_defaults() -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from libs.cli import main
+from devtools.cli import main
 from libs.etcd.maintenance import MemberStatus, compaction_revision, defrag_order, size
 
 

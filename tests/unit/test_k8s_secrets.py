@@ -9,8 +9,8 @@ from pathlib import Path
 import yaml
 from cryptography import x509
 
+from devtools.k8s_secrets import build_secrets, render
 from libs.identity import parse_spiffe
-from libs.k8s_secrets import build_secrets, render
 from libs.pki import uri_of
 
 COMPONENT = Path(__file__).resolve().parents[2] / "k8s" / "components" / "cert-manager"

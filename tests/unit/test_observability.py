@@ -41,19 +41,19 @@ _SUFFIXES = {
 
 
 def defined_metrics() -> set[str]:
-    """Every series name the services can expose, read from libs/ and services/ source."""
+    """Every series name the mesh can expose, read from libs/, services/ and devtools/ (the launcher) source."""
     names: set[str] = set()
-    sources = {p: p.read_text() for d in ("libs", "services") for p in (REPO / d).rglob("*.py")}
+    sources = {p: p.read_text() for d in ("libs", "services", "devtools") for p in (REPO / d).rglob("*.py")}
     for text in sources.values():
         for kind, name in _CONSTRUCTOR.findall(text):
             if kind.startswith("Counter") and not name.endswith("_total"):
                 name += "_total"  # prometheus_client appends it
             names.update(name + suffix for suffix in _SUFFIXES[kind])
         names.update(re.findall(r"# TYPE (jobmesh_\w+) ", text))  # written by hand, e.g. the gateway's jobmesh_up
-    # The shared server interceptor names its metrics after the service that start_server() was given.
+    # The shared server interceptor names its metrics after the service that run_service() was given.
     interceptor = (REPO / "libs" / "interceptors.py").read_text()
     templates = dict(re.findall(r"(Histogram|Counter)\(\s*f\"jobmesh_\{metric\}_(\w+)\"", interceptor))
-    services = {m.replace("-", "_") for t in sources.values() for m in re.findall(r"start_server\(\s*\"([\w-]+)\"", t)}
+    services = {m.replace("-", "_") for t in sources.values() for m in re.findall(r"run_service\(\s*\"([\w-]+)\"", t)}
     for service in services:
         for kind, rest in templates.items():
             names.update(f"jobmesh_{service}_{rest}{suffix}" for suffix in _SUFFIXES[kind])

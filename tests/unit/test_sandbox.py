@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from libs.launcher import REPO
+from devtools.launcher import REPO
 from services.worker import cgroups, seccomp
 from services.worker.cgroups import CgroupDriver, Layout
 from services.worker.executor import ExecSpec, JobExecutor
@@ -177,7 +177,7 @@ def test_jobs_look_users_and_groups_up_in_their_copied_files_only() -> None:
 def test_the_agent_marks_itself_non_dumpable() -> None:
     # In a process of its own: the flag cannot be undone, and the test run must stay debuggable.
     code = (
-        "import ctypes\nfrom services.worker.__main__ import make_non_dumpable\nmake_non_dumpable()\n"
+        "import ctypes\nfrom services.worker.app import make_non_dumpable\nmake_non_dumpable()\n"
         "print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))"  # PR_GET_DUMPABLE
     )
 
@@ -212,22 +212,32 @@ def test_a_v2_slot_gets_a_new_group_of_the_same_name_for_each_job(
 def test_a_worker_that_cannot_sandbox_refuses_every_job_unless_its_pool_says_none(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setenv("GRPC_ENABLE_FORK_SUPPORT", "0")  # what importing the worker's entry point sets
-    from services.worker import __main__ as worker_main
+    from services.worker.app import job_sandbox
 
     def no_namespaces(settings: SandboxSettings) -> Sandbox:
         raise SandboxError("missing bwrap")
 
     monkeypatch.setattr(Sandbox, "for_this_machine", staticmethod(no_namespaces))
-    monkeypatch.setenv("JOBMESH_WORKER_SANDBOX", "bwrap")
 
-    sandbox, refusal = worker_main.job_sandbox("static-general")
+    sandbox, refusal = job_sandbox("static-general", SandboxSettings.from_env({"JOBMESH_WORKER_SANDBOX": "bwrap"}))
 
     assert sandbox is None and refusal is not None and "missing bwrap" in refusal
     assert "REFUSING TENANT JOBS" in caplog.text
-    monkeypatch.setenv("JOBMESH_WORKER_SANDBOX", "none")
-    assert worker_main.job_sandbox("laptop") == (None, None)
+    assert job_sandbox("laptop", SandboxSettings.from_env({"JOBMESH_WORKER_SANDBOX": "none"})) == (None, None)
     assert "JOB SANDBOX OFF" in caplog.text
+
+
+def test_a_worker_whose_sandbox_settings_are_invalid_starts_and_refuses_every_job_saying_why() -> None:
+    from services.worker.app import job_sandbox
+    from services.worker.settings import Settings
+
+    env = {"JOBMESH_CONFIG": str(REPO / "config" / "dev.toml"), "JOBMESH_TLS_DIR": "/certs"}
+    settings = Settings.from_env({**env, "JOBMESH_WORKER_NETWORK": "everywhere"})
+
+    sandbox, refusal = job_sandbox("static-general", settings.sandbox, settings.sandbox_error)
+
+    assert sandbox is None
+    assert refusal == "this worker's sandbox settings are invalid: network must be one of none, host"
 
 
 @pytest.mark.asyncio

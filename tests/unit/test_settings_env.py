@@ -17,7 +17,7 @@ CLIENT_SIDE = {"JOBMESH_URL", "JOBMESH_TOKEN"}
 
 def names_in_code() -> set[str]:
     found: set[str] = set()
-    for folder in ("libs", "services"):
+    for folder in ("libs", "services", "devtools"):
         for source in (REPO / folder).rglob("*.py"):
             text = source.read_text()
             if source == REPO / "libs" / "settings.py":  # what it reads, not the list itself

@@ -1,11 +1,11 @@
-"""The supervisor of `jobmesh run` (libs/supervisor.py) on a fake stack and a fake clock."""
+"""The supervisor of `jobmesh run` (devtools/supervisor.py) on a fake stack and a fake clock."""
 
 from __future__ import annotations
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from libs.supervisor import CrashLoop, RestartPolicy, Supervisor
+from devtools.supervisor import CrashLoop, RestartPolicy, Supervisor
 
 
 class FakeStack:

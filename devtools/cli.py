@@ -11,12 +11,12 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from devtools.cli_admin import add_admin_parser
+from devtools.cli_cost import add_cost_parser
+from devtools.launcher import REPO, Ports, Stack
+from devtools.supervisor import CrashLoop, StackProcesses, Supervisor
 from libs.auth import ensure_dev_keys, issue_token, jwks_document, key_paths
-from libs.cli_admin import add_admin_parser
-from libs.cli_cost import add_cost_parser
 from libs.config import ConfigError, load_config
-from libs.launcher import REPO, Ports, Stack
-from libs.supervisor import CrashLoop, StackProcesses, Supervisor
 
 DEFAULT_DATA = Path(os.environ.get("JOBMESH_DATA_DIR", REPO / ".jobmesh"))
 DEFAULT_CONFIG = Path(os.environ.get("JOBMESH_CONFIG", REPO / "config" / "dev.toml"))
@@ -126,7 +126,7 @@ def _say(line: str) -> None:
 
 
 def cmd_pki_k8s_secrets(args: argparse.Namespace) -> int:
-    from libs.k8s_secrets import build_secrets, render
+    from devtools.k8s_secrets import build_secrets, render
 
     sys.stdout.write(render(build_secrets(args.ca_dir, args.namespace)))
     return 0

@@ -13,7 +13,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 
-from libs.launcher import Stack
+from devtools.launcher import Stack
 
 log = logging.getLogger(__name__)
 
