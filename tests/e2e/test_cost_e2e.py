@@ -110,7 +110,12 @@ def report_of(api: Api, **params: str) -> dict[str, Any]:
 
 def test_reported_costs_match_a_hand_computation_from_the_recorded_attempt_times(acme: Api, config: MeshConfig) -> None:
     since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1))
-    hog = "b = bytearray(80 * 1024 * 1024); import time; end = time.time() + 1\nwhile time.time() < end: pass"
+    # Spins until it has used 0.8 s of CPU (bounded by 20 s of wall time): on a loaded machine a second of wall
+    # time can be well under half a second of CPU.
+    hog = (
+        "b = bytearray(80 * 1024 * 1024); import time; end = time.time() + 20\n"
+        "while time.process_time() < 0.8 and time.time() < end: pass"
+    )
     specs = [
         job_spec("sleep-small", ["sleep", "1"]),
         job_spec("sleep-bigger", ["sleep", "1"], resources={"cpu_millis": 500, "memory_mb": 512}),
