@@ -69,15 +69,15 @@ proto: venv gen/.stamp $(CLIENT_STUBS)
 
 # The job sandbox (docs/security.md) runs each job through bubblewrap and util-linux's setpriv, as root. Installed
 # here when missing and we are root on a Debian-like system; otherwise we say how, and workers refuse tenant jobs
-# (unless their pool says sandbox = "none"). Its seccomp filter is built with libseccomp (Debian's libseccomp2),
-# not installed here: apt and systemd depend on it, so every Debian-like host has it; the worker refuses tenant
-# jobs without it too.
+# (unless their pool says sandbox = "none"). Its seccomp filter is built with libseccomp (Debian's libseccomp2,
+# which apt itself depends on; installed here too if missing): the worker refuses tenant jobs without it as well.
 sandbox-tools:
-	@if ! command -v bwrap >/dev/null 2>&1 || ! command -v setpriv >/dev/null 2>&1; then \
+	@if ! command -v bwrap >/dev/null 2>&1 || ! command -v setpriv >/dev/null 2>&1 || \
+	    ! ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2'; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing bubblewrap for the job sandbox"; \
+	    echo "installing bubblewrap and libseccomp for the job sandbox"; \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	      bubblewrap util-linux >/dev/null) || echo "warning: could not install bubblewrap" >&2; \
+	      bubblewrap util-linux libseccomp2 >/dev/null) || echo "warning: could not install bubblewrap" >&2; \
 	  else \
 	    echo "warning: the job sandbox needs bubblewrap and setpriv, and root: run 'sudo apt-get install" \
 	      "bubblewrap' (or your system's package) and start the mesh as root; until then workers refuse" \
