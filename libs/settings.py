@@ -199,9 +199,11 @@ class PeerSettings:
 
 @dataclass(frozen=True)
 class LeaderSettings:
-    """Leader election of the replicated services (quota, queueing, scheduler, pool-manager)."""
+    """Leader election of the replicated services (quota, queueing, cost, scheduler, pool-manager)."""
 
-    ttl_seconds: int = 5  # the leader key's lease: how long a dead leader's term lasts before a standby takes over
+    # The leader key's lease: how long a dead leader's term lasts before a standby takes over (renewed every third
+    # of it, so a leader loses its term only after two missed renewals in a row).
+    ttl_seconds: int = 3
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> LeaderSettings:

@@ -37,7 +37,7 @@ class Leadership:
 class LeaderElection:
     """Campaigns for `key`; `leadership` is set while this replica leads and cleared the moment it may not."""
 
-    def __init__(self, etcd: Etcd, key: str, identity: str, ttl: int = 5):
+    def __init__(self, etcd: Etcd, key: str, identity: str, ttl: int = 3):
         self.etcd = etcd
         self.key = key
         self.identity = identity
