@@ -63,9 +63,14 @@ def validate_spec(spec: t.JobSpec, config: MeshConfig, now: float | None = None)
         raise InvalidArgument("env", f"has more than {MAX_ENV} variables")
     if sum(len(k) + len(v.encode()) for k, v in spec.env.items()) > MAX_ENV_BYTES:
         raise InvalidArgument("env", f"is larger than {MAX_ENV_BYTES // 1024} KiB")
-    for key in spec.env:
+    for key, value in spec.env.items():
         if not _ENV_NAME.match(key):
             raise InvalidArgument("env", f"{key!r} is not a valid variable name")
+        if "\0" in value:
+            raise InvalidArgument(f"env.{key}", "contains a NUL byte")
+    for i, arg in enumerate(spec.command):
+        if "\0" in arg:
+            raise InvalidArgument(f"command[{i}]", "contains a NUL byte")
     if not spec.HasField("resources"):
         raise InvalidArgument("resources", "is required (cpu_millis and memory_mb)")
     if spec.resources.cpu_millis <= 0:

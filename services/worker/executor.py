@@ -271,8 +271,12 @@ class JobExecutor:
             except OSError as exc:
                 return _start_failed(f"cannot set up the job's sandbox: {exc}")
             try:
-                argv = job.argv(spec.command, env, scratch, gate, inner_cwd)
-                # bwrap and setpriv get nothing of the job's environment: env -i sets it, as the job's uid.
+                try:
+                    argv = job.argv(spec.command, env, scratch, gate, inner_cwd)
+                except (OSError, ValueError) as exc:
+                    return _start_failed(f"cannot set up the job's sandbox: {exc}")
+                # bwrap and setpriv get nothing of the job's environment: sh exports it, as the job's uid, from the
+                # gate's memfd on its standard input.
                 return await self._spawn_and_supervise(spec, state, argv, "/", {"PATH": JOB_PATH}, job, gate)
             finally:
                 gate.close()
@@ -383,7 +387,7 @@ class JobExecutor:
                 with job.spawning() if job is not None else nullcontext():
                     proc = subprocess.Popen(  # noqa: ASYNC220
                         argv,
-                        stdin=_devnull(),
+                        stdin=gate.stdin if gate is not None and gate.stdin >= 0 else _devnull(),
                         stdout=out_write,
                         stderr=err_write,
                         cwd=cwd,

@@ -12,8 +12,11 @@ A sandboxed job starts as this chain, each step doing one thing and then getting
                            seccomp filter (--seccomp, loaded by bwrap; services/worker/seccomp.py),
   setpriv                  switches to the job's uid and gid, drops every group and capability (bounding set
                            included) and sets no_new_privs, then execs
-  env -i                   with the job's environment only (so nothing the tenant sets, LD_PRELOAD say, ever
-                           reaches a process that runs as root), which execs the job's command.
+  sh                       (as the job's uid) which exports the job's environment, read from its standard input
+                           (a memfd the agent wrote, never a command line: /proc/<pid>/cmdline is readable by
+                           every user of the host), points standard input at /dev/null and execs the job's
+                           command. Nothing the tenant sets (LD_PRELOAD, say) ever reaches a process that runs as
+                           root: bwrap and setpriv get only PATH.
 
 Nothing of the job's runs before its init is confined: every process of the job descends from it. With
 `network = "none"` the job starts in its slot's network namespace (loopback only), made once per slot and
@@ -34,6 +37,7 @@ import json
 import logging
 import os
 import random
+import re
 import resource
 import select
 import shutil
@@ -186,6 +190,22 @@ class UidPool:
         os.close(fd)  # drops the flock
 
 
+# What the job's uid runs first: the job's environment only (PWD and PATH, set by sh or inherited from bwrap, are
+# dropped first; the file sets PATH), exported from standard input, then /dev/null as standard input and the command.
+_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+ENV_FROM_STDIN = 'unset PWD PATH; set -a; . /dev/stdin; set +a; exec </dev/null; exec "$@"'
+
+
+def env_script(env: Mapping[str, str]) -> bytes:
+    """`env` as assignments for ``ENV_FROM_STDIN``, every value single-quoted. ValueError for a name that is not a
+    shell variable's or a value with a NUL (the API refuses both; an environment cannot hold them either)."""
+    quote = "'\\''"
+    for name, value in env.items():
+        if not _VARIABLE.fullmatch(name) or "\0" in value:
+            raise ValueError(f"environment variable {name[:64]!r}: not a valid name, or a value with a NUL byte")
+    return "".join(f"{name}='{value.replace(chr(39), quote)}'\n" for name, value in env.items()).encode()
+
+
 class StartGate:
     """Where bwrap holds a job's sandbox before anything of the job's runs. bwrap writes the pid of the sandbox's
     init (pid 1 of its namespace: bwrap's own code, as root, its mounts under way) to `info_fd` as JSON, and the init
@@ -201,7 +221,7 @@ class StartGate:
         self._bwrap = 0  # bwrap's pid (and process group), while it may be held at the gate
         self._data = b""
         self._info, self.info_fd = os.pipe()
-        self.block_fd = self._go = self.seccomp_fd = -1
+        self.block_fd = self._go = self.seccomp_fd = self.stdin = -1
         try:
             self.block_fd, self._go = os.pipe()
             if program is not None:
@@ -215,12 +235,29 @@ class StartGate:
     def child_fds(self) -> tuple[int, ...]:
         return (self.info_fd, self.block_fd) if self.seccomp_fd < 0 else (self.info_fd, self.block_fd, self.seccomp_fd)
 
+    def carry_env(self, env: Mapping[str, str]) -> None:
+        """Puts the job's environment in ``stdin``, a memfd for bwrap's standard input (see ENV_FROM_STDIN): in no
+        command line, and readable only through the job's own fd 0 until its shell has read it."""
+        fd = os.memfd_create("jobmesh-job-env", os.MFD_CLOEXEC)
+        try:
+            data = env_script(env)
+            while data:
+                data = data[os.write(fd, data) :]
+            os.lseek(fd, 0, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
+        if self.stdin >= 0:
+            os.close(self.stdin)
+        self.stdin = fd
+
     def spawned(self, pid: int) -> None:
         """bwrap (`pid`, its own process group) has its ends; ours are closed, so its death reads as end of file."""
         self._bwrap = pid
-        for fd in self.child_fds:
-            os.close(fd)
-        self.info_fd = self.block_fd = self.seccomp_fd = -1
+        for fd in (*self.child_fds, self.stdin):
+            if fd >= 0:
+                os.close(fd)
+        self.info_fd = self.block_fd = self.seccomp_fd = self.stdin = -1
 
     def read_init_pid(self) -> int | None:
         """Reads what `info` has now: the init's pid once bwrap has written it all; 0 while it has not (yet);
@@ -277,10 +314,10 @@ class StartGate:
         if self._bwrap:
             kill_group(self._bwrap)  # not let go: neither bwrap nor its init may go on
             self._bwrap = 0
-        for fd in (self._info, self._go, self.info_fd, self.block_fd, self.seccomp_fd):
+        for fd in (self._info, self._go, self.info_fd, self.block_fd, self.seccomp_fd, self.stdin):
             if fd >= 0:
                 os.close(fd)
-        self._info = self._go = self.info_fd = self.block_fd = self.seccomp_fd = -1
+        self._info = self._go = self.info_fd = self.block_fd = self.seccomp_fd = self.stdin = -1
 
 
 def init_pid_of(info: bytes) -> int | None:
@@ -299,7 +336,7 @@ class JobSandbox:
     uid: int
     cgroup: JobCgroup
     _bwrap: list[str]
-    _switch: list[str]  # setpriv and env -i
+    _switch: list[str]  # setpriv, then sh exporting the environment from stdin
     _lock_fd: int
     network: SlotNetwork | None = field(default=None)  # the slot's network namespace the job starts in
     rlimits: tuple[tuple[int, int], ...] = ()  # (resource.RLIMIT_*, soft and hard limit) for the job's processes
@@ -318,16 +355,16 @@ class JobSandbox:
     ) -> list[str]:
         """The whole command line: `scratch` (a host directory) is the job's /scratch, `cwd` is inside the sandbox.
         bwrap holds the job at `gate` (from ``start_gate``) until ``confine``; its fds must be passed to bwrap as
-        they are."""
+        they are, and its ``stdin`` (which carries `env`, see ``StartGate.carry_env``) as bwrap's standard input."""
         if self.seccomp is not None and gate.seccomp_fd < 0:
             raise SandboxError("a job's start gate without its seccomp filter")  # never start a job without it
+        gate.carry_env(env)
         filtered = ("--seccomp", str(gate.seccomp_fd)) if gate.seccomp_fd >= 0 else ()
         return [
             *self._bwrap,
             *("--info-fd", str(gate.info_fd), "--block-fd", str(gate.block_fd), *filtered),
             *("--bind", scratch, SCRATCH, "--chdir", cwd, "--"),
             *self._switch,
-            *(f"{k}={v}" for k, v in env.items()),
             *command,
         ]
 
@@ -478,7 +515,7 @@ def _pid_alive(pid: int) -> bool:
 class Sandbox:
     """Sets up the sandbox of each job of one agent; shared by the agent's slots."""
 
-    def __init__(self, settings: SandboxSettings, cgroups: CgroupDriver, bwrap: str, setpriv: str, env: str):
+    def __init__(self, settings: SandboxSettings, cgroups: CgroupDriver, bwrap: str, setpriv: str, sh: str):
         self.settings = settings
         self.cgroups = cgroups
         self._uids = UidPool(
@@ -503,7 +540,7 @@ class Sandbox:
         if settings.network == "none":
             self._host_net = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self._setpriv = setpriv
-        self._env = env
+        self._sh = sh
         s = settings
         self._rlimits = ((resource.RLIMIT_NOFILE, s.max_open_files), (resource.RLIMIT_FSIZE, s.max_file_mb * _MIB))
 
@@ -512,7 +549,7 @@ class Sandbox:
         """The sandbox, checked to work here by starting one; SandboxError saying what is missing otherwise."""
         if os.geteuid() != 0:
             raise SandboxError("the worker must run as root to start jobs under their own uids")
-        tools = {name: shutil.which(name, path=JOB_PATH) for name in ("bwrap", "setpriv", "env")}
+        tools = {name: shutil.which(name, path=JOB_PATH) for name in ("bwrap", "setpriv", "sh")}
         missing = [name for name, path in tools.items() if path is None]
         if missing:
             hint = " (Debian: apt-get install bubblewrap)" if "bwrap" in missing else ""
@@ -522,7 +559,7 @@ class Sandbox:
         except CgroupError as exc:
             raise SandboxError(f"no cgroups for jobs: {exc.strerror or exc}") from exc
         try:
-            sandbox = cls(settings, cgroups, tools["bwrap"] or "", tools["setpriv"] or "", tools["env"] or "")
+            sandbox = cls(settings, cgroups, tools["bwrap"] or "", tools["setpriv"] or "", tools["sh"] or "")
         except BaseException:
             cgroups.close()
             raise
@@ -568,7 +605,7 @@ class Sandbox:
                 child = subprocess.Popen(
                     job.argv(["true"], {"PATH": JOB_PATH}, scratch, gate),
                     env={"PATH": JOB_PATH},
-                    stdin=subprocess.DEVNULL,
+                    stdin=gate.stdin,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
                     pass_fds=gate.child_fds,
@@ -630,9 +667,10 @@ class Sandbox:
             "--inh-caps=-all",
             "--bounding-set=-all",
             "--",
-            self._env,
-            "-i",
-            "--",  # a command that starts with "-" is the job's command, not an option of env
+            self._sh,
+            "-c",
+            ENV_FROM_STDIN,
+            "jobmesh-job",  # $0; the job's command and its arguments are "$@"
         ]
         if self._host_net < 0:
             network = None  # network = "host"

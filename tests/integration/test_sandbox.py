@@ -236,6 +236,45 @@ async def test_a_job_cannot_read_the_environment_of_another_job_or_of_its_agent(
 
 
 @pytest.mark.asyncio
+async def test_a_jobs_environment_is_in_no_command_line_another_user_of_the_host_can_read(
+    executor: JobExecutor,
+) -> None:
+    secret = "tenant-secret-7f3e91"
+    job = asyncio.create_task(executor.run(sh("sleep 2; echo done", env={"API_TOKEN": secret})))
+    await asyncio.sleep(0.7)
+    try:
+        # What any user of the host sees: every process's command line (the job's own env needs its uid or root).
+        seen = (
+            await asyncio.to_thread(
+                subprocess.run,
+                ["sh", "-c", "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '"],
+                user=65534,
+                group=65534,
+                extra_groups=[],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+        ).stdout
+        assert "sleep 2; echo done" in seen  # the job was running and visible
+        assert secret not in seen
+    finally:
+        result = await job
+    assert "done" in result.output_tail
+
+
+@pytest.mark.asyncio
+async def test_a_job_gets_exactly_its_environment_whatever_its_values_hold(executor: JobExecutor) -> None:
+    env = {"QUOTED": 'it\'s "x" $HOME `id`', "MULTI": "a\nb", "PWD": "/given", "EMPTY": ""}
+
+    result = await executor.run(spec(["env", "-0"], env=env))
+
+    got = dict(item.split("=", 1) for item in result.output_tail.split("\0") if item)
+    assert {k: got.get(k) for k in env} == env
+    assert set(got) == {*env, "PATH", "HOME", "LANG"}  # and nothing of bwrap's, setpriv's or the shell's
+
+
+@pytest.mark.asyncio
 async def test_nothing_a_job_starts_outlives_it(executor: JobExecutor) -> None:
     script = (
         "setsid sleep 301.5 >/dev/null 2>&1 < /dev/null &\n"

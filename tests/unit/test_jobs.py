@@ -44,6 +44,8 @@ INVALID_SPECS = [
     ),
     pytest.param(spec().with_(env={"1BAD": "v"}), "env", "INVALID_ARGUMENT", id="env-name-starts-with-digit"),
     pytest.param(spec().with_(env={"BAD-NAME": "v"}), "env", "INVALID_ARGUMENT", id="env-name-with-dash"),
+    pytest.param(spec().with_(env={"K": "a\0b"}), "env.K", "INVALID_ARGUMENT", id="env-value-with-nul"),
+    pytest.param(spec().with_(command=["echo", "a\0b"]), "command[1]", "INVALID_ARGUMENT", id="arg-with-nul"),
     pytest.param(spec().with_(env={"BIG": "v" * (64 * 1024)}), "spec", "SPEC_TOO_LARGE", id="env-too-large"),
     pytest.param(spec().without_resources(), "resources", "INVALID_ARGUMENT", id="missing-resources"),
     pytest.param(spec().resources(0, 256), "resources.cpu_millis", "INVALID_ARGUMENT", id="zero-cpu"),

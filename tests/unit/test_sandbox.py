@@ -16,12 +16,14 @@ from services.worker import cgroups, seccomp
 from services.worker.cgroups import CgroupDriver, Layout
 from services.worker.executor import ExecSpec, JobExecutor
 from services.worker.sandbox import (
+    ENV_FROM_STDIN,
     JobSandbox,
     Sandbox,
     SandboxError,
     SandboxSettings,
     StartGate,
     UidPool,
+    env_script,
     init_pid_of,
     nsswitch_files_only,
     parse_uid_range,
@@ -97,46 +99,38 @@ class _Group:
     procs_files = ("/cg/memory/job/cgroup.procs",)
 
 
-def test_the_jobs_environment_is_set_only_after_the_uid_switch_and_its_command_comes_last() -> None:
+def test_the_jobs_environment_is_in_no_command_line_and_is_set_only_after_the_uid_switch() -> None:
     job = JobSandbox(
         uid=200_123,
         cgroup=_Group(),  # type: ignore[arg-type]
         _bwrap=["bwrap", "--unshare-pid"],
-        _switch=["setpriv", "--reuid=200123", "--", "env", "-i", "--"],
+        _switch=["setpriv", "--reuid=200123", "--", "sh", "-c", ENV_FROM_STDIN, "jobmesh-job"],
         _lock_fd=-1,
     )
     gate = StartGate()
     info_fd, block_fd = gate.child_fds
     try:
-        argv = job.argv(["python3", "-c", "print(1)"], {"LD_PRELOAD": "/scratch/x.so"}, "/data/scratch/j-1", gate)
+        argv = job.argv(["python3", "-c", "print(1)"], {"LD_PRELOAD": "/scratch/x.so", "Q": "it's"}, "/j-1", gate)
+        carried = os.pread(gate.stdin, 4096, 0)
     finally:
         gate.close()
 
-    assert argv[0] == "bwrap"  # started by the agent itself: no root shell before it
     assert argv == [
-        "bwrap",
+        "bwrap",  # started by the agent itself: no root shell before it
         "--unshare-pid",
-        "--info-fd",
-        str(info_fd),
-        "--block-fd",
-        str(block_fd),
-        "--bind",
-        "/data/scratch/j-1",
-        "/scratch",
-        "--chdir",
-        "/scratch",
-        "--",
-        "setpriv",
-        "--reuid=200123",
-        "--",
-        "env",
-        "-i",
-        "--",
-        "LD_PRELOAD=/scratch/x.so",
-        "python3",
-        "-c",
-        "print(1)",
+        *("--info-fd", str(info_fd), "--block-fd", str(block_fd)),
+        *("--bind", "/j-1", "/scratch", "--chdir", "/scratch", "--"),
+        *("setpriv", "--reuid=200123", "--", "sh", "-c", ENV_FROM_STDIN, "jobmesh-job"),
+        *("python3", "-c", "print(1)"),
     ]
+    assert carried == b"LD_PRELOAD='/scratch/x.so'\nQ='it'\\''s'\n"  # bwrap's stdin, read by the job's uid
+    assert gate.stdin == -1
+
+
+@pytest.mark.parametrize("env", [{"BAD-NAME": "v"}, {"A;id": "v"}, {"K": "a\0b"}])
+def test_an_environment_a_shell_cannot_carry_exactly_is_refused(env: dict[str, str]) -> None:
+    with pytest.raises(ValueError):
+        env_script(env)
 
 
 @pytest.mark.parametrize(
@@ -196,7 +190,7 @@ def test_a_v2_slot_gets_a_new_group_of_the_same_name_for_each_job(
     (cgroup_root / "cgroup.subtree_control").write_text("cpu memory pids")
     driver = CgroupDriver(Layout(2, {"": str(cgroup_root)}), agent_pid=7)
     driver.start()
-    box = Sandbox(SandboxSettings(state_dir=str(tmp_path / "state")), driver, "bwrap", "setpriv", "env")
+    box = Sandbox(SandboxSettings(state_dir=str(tmp_path / "state")), driver, "bwrap", "setpriv", "sh")
     first = box.prepare("slot-1", memory_mb=64, cpu_millis=100)
     box.release(first)
 
@@ -258,7 +252,7 @@ def test_the_agent_compiles_the_jobs_seccomp_filter_once_into_a_root_only_file(
     (tmp_path / "cgroup" / "cgroup.subtree_control").write_text("cpu memory pids")
     driver = CgroupDriver(Layout(2, {"": str(tmp_path / "cgroup")}), agent_pid=7)
     driver.start()
-    box = Sandbox(SandboxSettings(state_dir=str(tmp_path / "state")), driver, "bwrap", "setpriv", "env")
+    box = Sandbox(SandboxSettings(state_dir=str(tmp_path / "state")), driver, "bwrap", "setpriv", "sh")
     program = tmp_path / "state" / f"agent-{os.getpid()}" / "seccomp.bpf"
     try:
         assert program.stat().st_mode & 0o777 == 0o600
@@ -299,5 +293,5 @@ def test_without_libseccomp_the_sandbox_cannot_be_made_and_says_what_is_missing(
     driver = CgroupDriver(Layout(2, {"": str(tmp_path / "cgroup")}), agent_pid=7)
 
     with pytest.raises(SandboxError, match="missing libseccomp"):
-        Sandbox(SandboxSettings(state_dir=str(tmp_path / "state")), driver, "bwrap", "setpriv", "env")
+        Sandbox(SandboxSettings(state_dir=str(tmp_path / "state")), driver, "bwrap", "setpriv", "sh")
     assert not (tmp_path / "state" / f"agent-{os.getpid()}").exists()
