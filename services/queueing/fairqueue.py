@@ -57,7 +57,11 @@ class WeightedFairQueue:
         self._items: dict[str, QueueItem] = {}
         self._lanes: dict[str, Lane] = {}
         self._seq = count(1)
-        self.version = 0  # bumped by every change of the order
+        # Bumped by every change that can give a reader of the heads something new: an arrival, a reorder, and a
+        # removal that leaves jobs behind. A removal that empties the queue does not bump it: nothing is left to
+        # offer, and the scheduler waiting for a newer queue after dispatching the last head would only be woken
+        # to be told so (one round trip per job at light load).
+        self.version = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -120,7 +124,8 @@ class WeightedFairQueue:
             return None
         self._lanes[item.queue].remove(item, dispatched)
         del self._items[job_id]
-        self.version += 1
+        if self._items:
+            self.version += 1
         return item
 
     def pop(self, queue: str = DEFAULT_QUEUE, now: float = -NEVER) -> QueueItem | None:
@@ -133,7 +138,8 @@ class WeightedFairQueue:
         head = lane.pop_head()
         if head is not None:
             del self._items[head.job_id]
-            self.version += 1
+            if self._items:
+                self.version += 1
         return head
 
     def promote(self, now: float) -> int:

@@ -686,3 +686,15 @@ def test_a_new_weight_changes_shares_from_then_on_without_refunding_past_service
 def test_a_weight_that_is_not_positive_is_refused(weight: float) -> None:
     with pytest.raises(ValueError):
         WeightedFairQueue().set_weight("a", weight)
+
+
+def test_a_removal_bumps_the_version_only_when_jobs_are_left_to_offer() -> None:
+    queue = QueueBuilder().tenant("a").job("j1", "a").job("j2", "a").build()
+    version = queue.version
+
+    queue.remove("j1", dispatched=True)  # j2 is a new head: a reader waiting past `version` must wake
+    assert queue.version == version + 1
+    queue.remove("j2", dispatched=True)  # nothing left: nobody has anything new to read
+    assert queue.version == version + 1 and len(queue) == 0
+    queue.push(QueueItem("j3", "a", "default", 1.0))
+    assert queue.version == version + 2

@@ -51,27 +51,52 @@ def test_a_head_still_backing_off_is_passed_over_and_the_next_head_takes_the_wor
 
 
 class FakeQueue:
-    def __init__(self) -> None:
+    def __init__(self, heads: int = 1) -> None:
         self.requests: list[q.NextJobsRequest] = []
+        self.heads = heads
 
     async def NextJobs(self, request: q.NextJobsRequest, timeout: float) -> q.NextJobsResponse:
         self.requests.append(request)
-        return q.NextJobsResponse(version=7)
+        return q.NextJobsResponse(jobs=[head(f"j-{i}", 100) for i in range(self.heads)], version=7)
 
 
 @pytest.mark.asyncio
 async def test_after_a_fruitless_cycle_the_next_asks_only_for_a_newer_queue_unless_capacity_moved() -> None:
-    stub = FakeQueue()
+    stub = FakeQueue(heads=1)  # a head no worker suits
     client = QueueClient(stub)
     changed = asyncio.Event()
 
     await client.heads(2, epoch=1, capacity_changed=changed)
     client.settle(placed=0, epoch=1)
     await client.heads(2, epoch=1, capacity_changed=changed)
-    await client.heads(2, epoch=2, capacity_changed=changed)  # a worker changed meanwhile
+    await client.heads(2, epoch=2, capacity_changed=changed)  # a worker changed meanwhile: the head may fit now
 
     assert [r.after_version for r in stub.requests] == [-1, 7, -1]
     assert stub.requests[0].limit == 2 * 2 + 4
+
+
+@pytest.mark.asyncio
+async def test_once_the_whole_queue_was_placed_or_empty_even_new_capacity_waits_for_a_newer_queue() -> None:
+    changed = asyncio.Event()
+    for given, placed in ((2, 2), (0, 0)):  # every head placed, from an answer that held the whole queue; empty
+        stub = FakeQueue(heads=given)
+        client = QueueClient(stub)
+        await client.heads(2, epoch=1, capacity_changed=changed)
+        client.settle(placed=placed, epoch=1)
+        await client.heads(2, epoch=2, capacity_changed=changed)
+        assert [r.after_version for r in stub.requests] == [-1, 7], (given, placed)
+
+
+@pytest.mark.asyncio
+async def test_a_truncated_or_partly_placed_answer_is_followed_by_an_ask_that_does_not_wait() -> None:
+    changed = asyncio.Event()
+    for given, placed in ((8, 8), (2, 1)):  # as many heads as asked for (more may be behind); one left unplaced
+        stub = FakeQueue(heads=given)
+        client = QueueClient(stub)
+        await client.heads(2, epoch=1, capacity_changed=changed)
+        client.settle(placed=placed, epoch=1)
+        await client.heads(2, epoch=1, capacity_changed=changed)
+        assert [r.after_version for r in stub.requests] == [-1, -1], (given, placed)
 
 
 @pytest.mark.asyncio
