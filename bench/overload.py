@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -148,11 +149,44 @@ class RssSampler:
         self._thread.join(5)
 
 
-def run_wrk(url: str, script: Path, connections: int, seconds: int, access_log: Path) -> dict[str, Any]:
-    """One closed-loop wrk run; the answers' statuses and latencies from wrk and from Envoy's access log."""
+def cpu_seconds(procs: dict[str, int]) -> dict[str, float]:
+    """CPU (user + system) each stack process has used so far, its own and its reaped children's."""
+    used = {}
+    for name, pid in procs.items():
+        try:
+            t = psutil.Process(pid).cpu_times()
+            used[name] = t.user + t.system + t.children_user + t.children_system
+        except psutil.Error:
+            continue
+    return used
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all of the machine's cores have spent not idle so far (/proc/stat)."""
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def run_wrk(
+    url: str, script: Path, connections: int, seconds: int, access_log: Path, procs: dict[str, int]
+) -> dict[str, Any]:
+    """One closed-loop wrk run; the answers' statuses and latencies from wrk and from Envoy's access log, and the
+    cores each stack process and wrk itself used meanwhile."""
     offset = access_log.stat().st_size
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "-s", str(script), url]
+    cpu_before, busy_before = cpu_seconds(procs), machine_busy_seconds()
+    wrk_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
+    elapsed = time.monotonic() - started
+    wrk_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_after, busy_after = cpu_seconds(procs), machine_busy_seconds()
+    cores = {name: round((cpu_after[name] - cpu_before[name]) / elapsed, 3) for name in cpu_after if name in cpu_before}
+    wrk_cpu = (wrk_after.ru_utime + wrk_after.ru_stime) - (wrk_before.ru_utime + wrk_before.ru_stime)
+    cores["wrk"] = round(wrk_cpu / elapsed, 3)
+    cores["machine"] = round((busy_after - busy_before) / elapsed, 3)
     wrk = json.loads(next(line[4:] for line in out.splitlines() if line.startswith("WRK ")))
     time.sleep(2.5)  # Envoy flushes its access log every second
     by_status: dict[str, list[int]] = defaultdict(list)
@@ -169,6 +203,7 @@ def run_wrk(url: str, script: Path, connections: int, seconds: int, access_log: 
         "accepted_per_s": round(len(by_status.get("200", [])) / seconds_run, 1),
         "answers_per_s": round(wrk["requests"] / seconds_run, 1),
         "wrk": wrk,
+        "cores": cores,
         "envoy_ms": {
             status: {
                 "count": len(v),
@@ -232,14 +267,14 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         url = f"{stack.url}/api/v1/jobs"
         load_before = os.getloadavg()
         unloaded = []
+        procs = {name: proc.pid for name, proc in stack.procs.items() if proc.alive()}
         for connections in args.unloaded_connections:
             log(f"unloaded: {connections} connections, {args.unloaded_seconds} s ...")
-            unloaded.append(run_wrk(url, script, connections, args.unloaded_seconds, access_log))
+            unloaded.append(run_wrk(url, script, connections, args.unloaded_seconds, access_log, procs))
             log(f"  {unloaded[-1]['accepted_per_s']} accepted/s")
-        procs = {name: proc.pid for name, proc in stack.procs.items() if proc.alive()}
         log(f"overload: {args.connections} connections, {args.seconds} s ...")
         with RssSampler(procs) as rss:
-            overload = run_wrk(url, script, args.connections, args.seconds, access_log)
+            overload = run_wrk(url, script, args.connections, args.seconds, access_log, procs)
         load_after = os.getloadavg()
         limits = memory_limits()
         memory = {
@@ -292,6 +327,8 @@ def print_report(r: dict[str, Any]) -> None:
         w = phase["wrk"]
         wrk = f"p50 {w['p50_ms']:.1f} p99 {w['p99_ms']:.1f} max {w['max_ms']:.1f} ms"
         print(f"{'':<22}wrk, all answers: {wrk}, socket errors {w['socket_errors']}")
+        top = sorted(phase["cores"].items(), key=lambda kv: -kv[1])
+        print(f"{'':<22}cores used: " + ", ".join(f"{n} {c:.2f}" for n, c in top if c >= 0.01))
     print(f"accepted under overload / unloaded max: {r['accepted_share_of_unloaded_max']:.0%}")
     print(
         "peak RSS (MiB) / k8s limit: "

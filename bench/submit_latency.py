@@ -29,6 +29,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -209,6 +210,45 @@ def machine_busy() -> float:
     iowait or steal)."""
     values = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     return sum(values[i] for i in (0, 1, 2, 5, 6) if i < len(values)) / CLK_TCK
+
+
+# Messages per job (private stack only) -------------------------------------------------------------
+
+_RPC_COUNT = re.compile(r'^jobmesh_\w+_rpc_duration_seconds_count\{.*method="(\w+)".*\} ([0-9.e+]+)$', re.M)
+_ETCD_HANDLED = re.compile(r'^grpc_server_handled_total\{[^}]*grpc_method="(\w+)"[^}]*grpc_type="unary"\} (\d+)$', re.M)
+_ETCD_STREAMED = re.compile(
+    r'^grpc_server_msg_(sent|received)_total\{grpc_method="(Watch|LeaseKeepAlive)"[^}]*\} (\d+)$', re.M
+)
+
+
+def message_counter(stack: Any) -> Callable[[], dict[str, float]]:
+    """What each service answered so far (its RPCs by method, from its /metrics) and what etcd did (unary calls by
+    method, watch events sent, lease keep-alives received), for counting the messages each job costs."""
+    import ssl
+
+    ports = {name: proc.metrics_port for name, proc in stack.procs.items() if proc.metrics_port}
+    pki = stack.data_dir / "pki"
+    tls = ssl.create_default_context(cafile=str(pki / "etcd-ca" / "ca.crt"))
+    tls.load_cert_chain(str(pki / "etcd" / "client-launcher.crt"), str(pki / "etcd" / "client-launcher.key"))
+    etcd = stack.etcd_endpoints()[0]
+    etcd = etcd if "://" in etcd else f"https://{etcd}"
+
+    def scrape() -> dict[str, float]:
+        out: dict[str, float] = {}
+        with httpx.Client(timeout=5) as client:
+            for name, port in ports.items():
+                text = client.get(f"http://127.0.0.1:{port}/metrics").text
+                for method, value in _RPC_COUNT.findall(text):
+                    out[f"{name} {method}"] = out.get(f"{name} {method}", 0.0) + float(value)
+        text = httpx.get(f"{etcd}/metrics", verify=tls, timeout=5).text
+        for method, value in _ETCD_HANDLED.findall(text):
+            out[f"etcd {method}"] = out.get(f"etcd {method}", 0.0) + float(value)
+        for way, method, value in _ETCD_STREAMED.findall(text):
+            key = "etcd watch events sent" if method == "Watch" else f"etcd {method} messages {way}"
+            out[key] = out.get(key, 0.0) + float(value)
+        return out
+
+    return scrape
 
 
 # Statistics ----------------------------------------------------------------------------------------
@@ -518,7 +558,14 @@ async def wait_terminal(url: str, token: str, run: Run, timeout: float) -> dict[
 # Main --------------------------------------------------------------------------------------------
 
 
-async def bench(args: argparse.Namespace, url: str, token: str, admin_token: str, groups: dict[int, str]) -> dict:
+async def bench(
+    args: argparse.Namespace,
+    url: str,
+    token: str,
+    admin_token: str,
+    groups: dict[int, str],
+    messages: Callable[[], dict[str, float]] | None = None,
+) -> dict:
     # Before the run: the stack's own background CPU (elections, informers, workers polling), subtracted
     # below, and whatever else keeps the machine busy (other processes skew every figure).
     stack_before = sum(stack_cpu(groups).values()) if groups else 0.0
@@ -538,6 +585,7 @@ async def bench(args: argparse.Namespace, url: str, token: str, admin_token: str
     run = Run(count=args.count, rate=args.rate, concurrency=args.concurrency, deadline_s=args.timeout_seconds)
 
     cpu0 = stack_cpu(groups) if groups else {}
+    counted0 = messages() if messages else {}
     window0 = time.perf_counter()
     busy0 = machine_busy()
     client_cpu0 = time.process_time()
@@ -604,6 +652,11 @@ async def bench(args: argparse.Namespace, url: str, token: str, admin_token: str
         result["other_cpu_cores"] = round((busy1 - busy0 - stack_total - client_cpu) / window, 2)
     if args.wait and run.job_ids:
         result["wait"] = await wait_terminal(url, token, run, args.wait_timeout)
+    if messages and run.ok:
+        # Over the submits and, with --wait, the jobs' whole lives (and whatever the stack did meanwhile anyway).
+        counted1 = messages()
+        per_job = {k: round((v - counted0.get(k, 0.0)) / run.ok, 2) for k, v in sorted(counted1.items())}
+        result["messages_per_job"] = {k: v for k, v in per_job.items() if v > 0}
     return result
 
 
@@ -628,6 +681,8 @@ def print_report(r: dict[str, Any]) -> None:
     if "stack_cpu_s" in r:
         procs = ", ".join(f"{k} {v}" for k, v in sorted(r["stack_cpu_by_process_s"].items(), key=lambda kv: -kv[1]))
         print(f"stack CPU         {r['stack_cpu_s']} s = {r['stack_cpu_ms_per_job']} ms/job ({procs})")
+        if "messages_per_job" in r:
+            print("messages/job      " + ", ".join(f"{k} {v}" for k, v in r["messages_per_job"].items()))
         if "stack_idle_cpu_cores" in r:
             print(
                 f"stack CPU net     {r['stack_cpu_ms_per_job_net']} ms/job after subtracting the idle "
@@ -684,7 +739,8 @@ def main(argv: list[str] | None = None) -> int:
             admin_token = stack_token(stack, args.tenant, admin=True, ttl=ttl)
             groups = {proc.pid: name for name, proc in stack.procs.items() if proc.popen is not None}
             wait_for_workers(url, token, WORKER_WAIT_SECONDS)
-        result = asyncio.run(bench(args, url, token, admin_token, groups))
+        counter = message_counter(stack) if stack is not None else None
+        result = asyncio.run(bench(args, url, token, admin_token, groups, counter))
         if stack is not None:
             dead = [name for name, proc in stack.procs.items() if not proc.alive()]
             if dead:
