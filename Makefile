@@ -141,7 +141,7 @@ test-browser: proto console chromium
 	$(BIN)/python -m pytest tests/browser -q
 
 test: lint typecheck tools sandbox-tools console chromium client-wheel
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q --durations=30
 
 # The OpenAPI document of the REST API (docs/openapi.yaml), from the protos' HTTP bindings; tests check it matches.
 openapi: proto
