@@ -316,6 +316,34 @@ async def test_a_job_requeued_after_its_worker_was_lost_queues_again_after_its_b
     assert (await h.shown(job_id)).waiting_reason == RETRYING_AFTER_WORKER_LOST
 
 
+@pytest.mark.asyncio
+async def test_autoscaling_reads_the_burst_jobs_and_the_oldest_wait_of_the_jobs_that_may_run_now() -> None:
+    h = Harness()
+    first = h.job("acme", max_retries=2)
+    first.burst_session_id = "burst-1"
+    await h.manager.enqueue(first, quota_fence=1)
+    h.clock.advance(10)
+    [second] = await h.submit("globex")
+    h.clock.advance(5)
+    assert h.manager.demand_by_queue() == ({"default": 1}, {"default": 15.0})
+
+    await h.dispatch(first.job_id)
+    assert h.manager.demand_by_queue() == ({}, {"default": 5.0})
+
+    running, _ = h.records.jobs[first.job_id]
+    await h.manager.on_job_event(h.records.update(apply_worker_lost(running, h.clock.now())))
+    assert h.manager.demand_by_queue() == ({}, {"default": 5.0})  # backing off: no worker may take it yet
+    h.clock.advance(1)
+    await h.manager.tick()
+    assert h.manager.demand_by_queue() == ({"default": 1}, {"default": 16.0})  # it waits since its submission
+
+    for job_id in (first.job_id, second):
+        job, _ = h.records.jobs[job_id]
+        job.state = t.JOB_STATE_CANCELLED
+        await h.manager.on_job_event(h.records.update(job))
+    assert h.manager.demand_by_queue() == ({}, {})
+
+
 # What GetJob shows ---------------------------------------------------------------------------------------------
 
 
