@@ -70,6 +70,39 @@ def deadline_of(job: t.Job) -> float | None:
     return seconds(job.spec.deadline) if job.spec.HasField("deadline") else None
 
 
+class PendingJobs:
+    """The pending job records by id, each kept serialized with its mod revision: a decoded record costs about ten
+    times its encoding in memory (2.6 KB against 0.2 KB for a small job), and only the few handed out or looked at
+    are needed decoded. `get` and `pop` decode on the way out (a fresh message: changing it changes nothing here)."""
+
+    def __init__(self) -> None:
+        self._raw: dict[str, tuple[bytes, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._raw
+
+    def __setitem__(self, job_id: str, entry: tuple[t.Job, int]) -> None:
+        self._raw[job_id] = (entry[0].SerializeToString(), entry[1])
+
+    def __getitem__(self, job_id: str) -> tuple[t.Job, int]:
+        raw, revision = self._raw[job_id]
+        return decode_job(raw), revision
+
+    def revision(self, job_id: str) -> int | None:
+        entry = self._raw.get(job_id)
+        return None if entry is None else entry[1]
+
+    def get(self, job_id: str) -> tuple[t.Job, int] | None:
+        return self[job_id] if job_id in self._raw else None
+
+    def pop(self, job_id: str) -> tuple[t.Job, int] | None:
+        entry = self._raw.pop(job_id, None)
+        return None if entry is None else (decode_job(entry[0]), entry[1])
+
+
 class QueueManager:
     """Keeps the fair queue equal to the PENDING job records in etcd, and answers questions about it.
 
@@ -99,7 +132,7 @@ class QueueManager:
         # Queues whose jobs wait for a pool to grow rather than for a busy worker to free up.
         self.dynamic_queues = {p.pool_id for p in config.pools if p.kind in ("dynamic", "burst")}
         self.queue = WeightedFairQueue({tid: tc.weight for tid, tc in config.tenants.items()})
-        self.pending: dict[str, tuple[t.Job, int]] = {}  # job id -> (record, mod revision)
+        self.pending = PendingJobs()  # job id -> (record, mod revision)
         self.shares = ShareWindow()
         self._offered: dict[str, float] = {}  # job id -> monotonic time NextJobs last handed it out
         self._gone: OrderedDict[str, int] = OrderedDict()  # job id -> revision at which it left
@@ -154,9 +187,9 @@ class QueueManager:
         )
 
     def _admit(self, job: t.Job, revision: int) -> bool:
-        known = self.pending.get(job.job_id)
+        known = self.pending.revision(job.job_id)
         if known is not None:
-            if revision > known[1]:
+            if revision > known:
                 self.pending[job.job_id] = (job, revision)  # the same wait, a newer record (e.g. sla_miss set)
             return False
         left_at = self._gone.get(job.job_id)
@@ -181,7 +214,7 @@ class QueueManager:
         self.demand.add(job.job_id, job.queue, seconds(job.create_time), bool(job.burst_session_id))
 
     def _remove(self, job_id: str, running: t.Job | None, revision: int) -> None:
-        known = self.pending.pop(job_id, None)
+        known = self.pending.pop(job_id)
         self._offered.pop(job_id, None)
         self._backing_off.pop(job_id, None)
         self.demand.discard(job_id)

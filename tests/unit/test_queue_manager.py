@@ -19,7 +19,7 @@ from libs.keys import Keys
 from libs.lifecycle.store import JobStore
 from libs.lifecycle.transitions import apply_dispatch, apply_worker_lost
 from services.queueing.fairqueue import LaneTags
-from services.queueing.manager import QueueManager
+from services.queueing.manager import PendingJobs, QueueManager
 from services.queueing.metrics import QueueMetrics
 from services.queueing.reasons import (
     BEHIND_FAIR_SHARE,
@@ -342,6 +342,19 @@ async def test_autoscaling_reads_the_burst_jobs_and_the_oldest_wait_of_the_jobs_
         job.state = t.JOB_STATE_CANCELLED
         await h.manager.on_job_event(h.records.update(job))
     assert h.manager.demand_by_queue() == ({}, {})
+
+
+def test_pending_records_are_kept_encoded_and_read_back_equal_and_unshared() -> None:
+    pending = PendingJobs()
+    job = Harness().job("acme", max_retries=2)
+    pending[job.job_id] = (job, 7)
+
+    read, revision = pending[job.job_id]
+    assert (read, revision, pending.revision(job.job_id), len(pending)) == (job, 7, 7, 1)
+    read.state = t.JOB_STATE_CANCELLED  # a decoded copy: the kept record does not change
+    assert pending[job.job_id][0] == job
+    assert pending.pop(job.job_id) == (job, 7)
+    assert (pending.get(job.job_id), pending.pop(job.job_id), job.job_id in pending) == (None, None, False)
 
 
 # What GetJob shows ---------------------------------------------------------------------------------------------
