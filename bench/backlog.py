@@ -30,6 +30,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -242,17 +243,21 @@ async def measured(args: argparse.Namespace, stack: Any, token: str, groups: dic
     }
 
 
-def failover(stack: Any) -> dict[str, Any]:
-    """Start-up of a standby replica and takeover by it, for each replicated service (bounded waits)."""
+def failover(stack: Any, killed: list[int]) -> dict[str, Any]:
+    """Start-up of a standby replica and takeover by it, for each replicated service (bounded waits). The process
+    groups of the replicas it SIGKILLs go into `killed`: what they started (a pool-manager's workers) outlives them,
+    and the stack's stop reaches only the groups of the processes it runs at the end."""
     out: dict[str, Any] = {}
     for kind in LEADER_KINDS:
         leader = stack.wait_leader(kind, 30)
         _, replicas = stack.LEADER_SERVED[kind]
         standby = next(n for n in replicas if n != leader)
+        killed.append(stack.procs[standby].pid)
         stack.kill(standby)
         t0 = time.perf_counter()
         stack.restart(standby, timeout=300)
         startup = time.perf_counter() - t0
+        killed.append(stack.procs[leader].pid)
         stack.kill(leader)
         t0 = time.perf_counter()
         now = stack.wait_leader(kind, 60)
@@ -275,6 +280,7 @@ def failover(stack: Any) -> dict[str, Any]:
             out[kind] = {"error": f"no leader key for {role}: {held}"}
             continue
         leader = held[0]
+        killed.append(stack.procs[leader].pid)
         stack.kill(leader)
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < 60:
@@ -291,6 +297,23 @@ def failover(stack: Any) -> dict[str, Any]:
         }
         log(f"{kind}: {out[kind]}")
     return out
+
+
+def reap_orphans(groups: list[int], data_dir: Path) -> None:
+    """SIGKILLs what is left in the process groups of replicas killed during the run (a killed pool-manager's
+    workers), only processes started for this stack (their environment names its data dir)."""
+    mark = f"JOBMESH_DATA_DIR={data_dir}".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry)) not in groups:
+                continue
+            if mark not in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                continue
+            os.kill(int(entry), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
 
 
 # Main ----------------------------------------------------------------------------------------------
@@ -366,6 +389,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     stack = Stack(data_dir=workdir / "stack", config_path=args.config, ports=Ports.free(), env=env)
     log(f"starting a private stack in {stack.data_dir} ...")
     started = time.perf_counter()
+    killed: list[int] = []
     try:
         stack.start()
         log(f"stack up in {time.perf_counter() - started:.1f}s")
@@ -390,12 +414,13 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             summary["memory_bytes_per_pending_job_by_service"] = per_service(mem[max(mem, key=int)])
         if args.failover:
             log("failover at the last step ...")
-            summary["failover"] = failover(stack)
+            summary["failover"] = failover(stack, killed)
         summary["dead"] = [name for name, proc in stack.procs.items() if not proc.alive()]
         return summary
     finally:
         log("stopping the stack ...")
         stack.stop()
+        reap_orphans(killed, stack.data_dir)
 
 
 def print_report(r: dict[str, Any]) -> None:
