@@ -33,9 +33,13 @@ from services.cost.workers import WorkerLedger
 SERVICE = "jobmesh.cost.v1.CostService"
 
 
-def decoded_jobs(informer: Informer) -> Iterator[tuple[str, t.Job]]:
-    for kv in list(informer.cache.values()):
-        yield kv.key, decode_job(kv.value)
+def attempted_jobs(informer: Informer, attempted: set[str]) -> Iterator[tuple[str, t.Job]]:
+    """The stored jobs that have had an attempt (`CostLedger.attempted`), decoded: what a rescan reads, without
+    decoding the pending backlog, which has nothing to charge."""
+    for key in list(attempted):
+        kv = informer.cache.get(key)
+        if kv is not None:
+            yield kv.key, decode_job(kv.value)
 
 
 def stored_job_ids(informer: Informer) -> Iterator[str]:
@@ -109,7 +113,7 @@ def _cycle(
     )
     return CostCycle(
         accounts,
-        lambda: decoded_jobs(jobs),
+        lambda: attempted_jobs(jobs, ledger.attempted),
         metrics,
         interval=settings.cycle_seconds,
         rescan_every=settings.rescan_every,

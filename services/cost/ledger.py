@@ -77,6 +77,9 @@ class CostLedger:
         self.pending: dict[str, CostRecord] = {}  # record key -> ended attempt whose record is not written yet
         self._traces: dict[str, str] = {}  # record key -> its job's trace (Job.trace_parent), while pending
         self.running: dict[str, t.Job] = {}  # job key -> job whose current attempt has not ended
+        # Job keys of the stored jobs that have had an attempt: the only ones a rescan reads again (a job that never
+        # started has nothing to charge, and a backlog of pending jobs must not be decoded every few cycles).
+        self.attempted: set[str] = set()
         self._by_day: dict[tuple[str, str], int] = {}  # (tenant, UTC day) -> micros of durable records
         self._base: dict[str, int] = {}  # record key -> its price without burst premium, for idle cost
         # (pool, UTC day) -> base micros of durable records that fall on that day: idle cost without a rescan.
@@ -161,6 +164,9 @@ class CostLedger:
             job = decode_job(event.kv.value)
             if event.kind == "delete":
                 self.running.pop(event.kv.key, None)  # a deleted job's ended attempts are still charged below
+                self.attempted.discard(event.kv.key)
+            elif job.attempts:
+                self.attempted.add(event.kv.key)
             new += self.observe(event.kv.key, job)
         if not new or not self.may_write():
             return

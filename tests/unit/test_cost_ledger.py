@@ -125,6 +125,26 @@ async def test_a_rescan_charges_ended_attempts_that_no_event_delivered() -> None
     assert len(h.stored()) == 1
 
 
+async def test_a_rescan_reads_again_only_the_stored_jobs_that_have_had_an_attempt_not_the_pending_backlog() -> None:
+    from libs.etcd.informer import Informer
+    from services.cost.app import attempted_jobs
+
+    h = Harness()
+    waiting = [JobBuilder(f"waiting-{i}").build() for i in range(3)]
+    running = JobBuilder("job-2").running(MIDNIGHT).build()
+    for job in [*waiting, ONE_HOUR, running]:
+        await h.see(job)
+    assert h.ledger.attempted == {job_key(ONE_HOUR), job_key(running)}
+
+    jobs = Informer(None, KEYS.jobs)  # type: ignore[arg-type]  # a cache only: never started
+    for job in [*waiting, ONE_HOUR, running]:
+        jobs.cache[job_key(job)] = KeyValue(job_key(job), job.SerializeToString(), 1, 1, 1, 0)
+    assert sorted(key for key, _ in attempted_jobs(jobs, h.ledger.attempted)) == sorted(h.ledger.attempted)
+
+    await h.see(ONE_HOUR, kind="delete")
+    assert h.ledger.attempted == {job_key(running)}
+
+
 async def test_a_deleted_job_still_has_its_ended_attempts_charged() -> None:
     h = Harness()
 

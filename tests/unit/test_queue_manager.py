@@ -19,7 +19,7 @@ from libs.keys import Keys
 from libs.lifecycle.store import JobStore
 from libs.lifecycle.transitions import apply_dispatch, apply_worker_lost
 from services.queueing.fairqueue import LaneTags
-from services.queueing.manager import QueueManager
+from services.queueing.manager import PendingJobs, QueueManager
 from services.queueing.metrics import QueueMetrics
 from services.queueing.reasons import (
     BEHIND_FAIR_SHARE,
@@ -314,6 +314,47 @@ async def test_a_job_requeued_after_its_worker_was_lost_queues_again_after_its_b
 
     assert await h.heads() == [job_id]
     assert (await h.shown(job_id)).waiting_reason == RETRYING_AFTER_WORKER_LOST
+
+
+@pytest.mark.asyncio
+async def test_autoscaling_reads_the_burst_jobs_and_the_oldest_wait_of_the_jobs_that_may_run_now() -> None:
+    h = Harness()
+    first = h.job("acme", max_retries=2)
+    first.burst_session_id = "burst-1"
+    await h.manager.enqueue(first, quota_fence=1)
+    h.clock.advance(10)
+    [second] = await h.submit("globex")
+    h.clock.advance(5)
+    assert h.manager.demand_by_queue() == ({"default": 1}, {"default": 15.0})
+
+    await h.dispatch(first.job_id)
+    assert h.manager.demand_by_queue() == ({}, {"default": 5.0})
+
+    running, _ = h.records.jobs[first.job_id]
+    await h.manager.on_job_event(h.records.update(apply_worker_lost(running, h.clock.now())))
+    assert h.manager.demand_by_queue() == ({}, {"default": 5.0})  # backing off: no worker may take it yet
+    h.clock.advance(1)
+    await h.manager.tick()
+    assert h.manager.demand_by_queue() == ({"default": 1}, {"default": 16.0})  # it waits since its submission
+
+    for job_id in (first.job_id, second):
+        job, _ = h.records.jobs[job_id]
+        job.state = t.JOB_STATE_CANCELLED
+        await h.manager.on_job_event(h.records.update(job))
+    assert h.manager.demand_by_queue() == ({}, {})
+
+
+def test_pending_records_are_kept_encoded_and_read_back_equal_and_unshared() -> None:
+    pending = PendingJobs()
+    job = Harness().job("acme", max_retries=2)
+    pending[job.job_id] = (job, 7)
+
+    read, revision = pending[job.job_id]
+    assert (read, revision, pending.revision(job.job_id), len(pending)) == (job, 7, 7, 1)
+    read.state = t.JOB_STATE_CANCELLED  # a decoded copy: the kept record does not change
+    assert pending[job.job_id][0] == job
+    assert pending.pop(job.job_id) == (job, 7)
+    assert (pending.get(job.job_id), pending.pop(job.job_id), job.job_id in pending) == (None, None, False)
 
 
 # What GetJob shows ---------------------------------------------------------------------------------------------
