@@ -177,17 +177,22 @@ def test_a_worker_killed_mid_job_is_declared_lost_and_the_job_retried_elsewhere(
 
 def test_restarting_the_whole_stack_resumes_pending_jobs(tmp_path: Path, marks: Path) -> None:
     data = tmp_path / "stack"
+    release = tmp_path / "release"
     config = without_sandbox(FIXTURE_CONFIG, tmp_path)
     stack = start_stack(data, config=config)
     try:
         api = ready(stack)
-        blockers = [api.submit(job_spec(f"block{i}", ["sleep", "60"], pool="static-general")) for i in range(3)]
+        # Each holds its worker until the stack is down (`release` appears only then): the later jobs stay pending
+        # across the restart, and the blockers (requeued by their workers' drain) end at once after it.
+        hold = ["sh", "-c", f"while [ ! -e {release} ]; do sleep 0.2; done"]
+        blockers = [api.submit(job_spec(f"block{i}", hold, pool="static-general")) for i in range(3)]
         for b in blockers:
             api.wait_state(b["job_id"], {"JOB_STATE_RUNNING"}, timeout=30)
         pending = [api.submit(marked(f"later{i}", marks) | {"pool": "static-general"}) for i in range(5)]
         assert all(api.get(p["job_id"])["state"] == "JOB_STATE_PENDING" for p in pending)
     finally:
         stack.stop()
+    release.touch()
     stack = start_stack(data, config=config)
     try:
         api = Api(stack.url, token(stack))
