@@ -215,6 +215,7 @@ def machine_busy() -> float:
 # Messages per job (private stack only) -------------------------------------------------------------
 
 _RPC_COUNT = re.compile(r'^jobmesh_\w+_rpc_duration_seconds_count\{.*method="(\w+)".*\} ([0-9.e+]+)$', re.M)
+_INFORMER_EVENTS = re.compile(r'^jobmesh_informer_events_total\{informer="([\w-]+)"\} ([0-9.e+]+)$', re.M)
 _ETCD_HANDLED = re.compile(r'^grpc_server_handled_total\{[^}]*grpc_method="(\w+)"[^}]*grpc_type="unary"\} (\d+)$', re.M)
 _ETCD_STREAMED = re.compile(
     r'^grpc_server_msg_(sent|received)_total\{grpc_method="(Watch|LeaseKeepAlive)"[^}]*\} (\d+)$', re.M
@@ -222,8 +223,9 @@ _ETCD_STREAMED = re.compile(
 
 
 def message_counter(stack: Any) -> Callable[[], dict[str, float]]:
-    """What each service answered so far (its RPCs by method, from its /metrics) and what etcd did (unary calls by
-    method, watch events sent, lease keep-alives received), for counting the messages each job costs."""
+    """What each service answered so far (its RPCs by method, from its /metrics), the changes its informers received
+    (by informer), and what etcd did (unary calls by method, watch events sent, lease keep-alives received), for
+    counting the messages each job costs."""
     import ssl
 
     ports = {name: proc.metrics_port for name, proc in stack.procs.items() if proc.metrics_port}
@@ -240,6 +242,8 @@ def message_counter(stack: Any) -> Callable[[], dict[str, float]]:
                 text = client.get(f"http://127.0.0.1:{port}/metrics").text
                 for method, value in _RPC_COUNT.findall(text):
                     out[f"{name} {method}"] = out.get(f"{name} {method}", 0.0) + float(value)
+                for informer, value in _INFORMER_EVENTS.findall(text):
+                    out[f"{name} {informer} events"] = float(value)
         text = httpx.get(f"{etcd}/metrics", verify=tls, timeout=5).text
         for method, value in _ETCD_HANDLED.findall(text):
             out[f"etcd {method}"] = out.get(f"etcd {method}", 0.0) + float(value)

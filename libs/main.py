@@ -19,6 +19,7 @@ from libs.clock import SystemClock
 from libs.config import MeshConfig, load_config
 from libs.etcd.client import Etcd
 from libs.etcd.election import LeaderElection
+from libs.etcd.informer import WATCH_EVENTS, WATCH_MESSAGES
 from libs.interceptors import channel
 from libs.keys import Keys
 from libs.server import Registrar, ServiceServer, start_server
@@ -94,6 +95,8 @@ class Startup:
         self.common = common
         self.config: MeshConfig = load_config(common.config_path)
         self.registry = CollectorRegistry()
+        for shared in (WATCH_MESSAGES, WATCH_EVENTS):  # the process's informers count into these
+            self.registry.register(shared)
         self.clock = SystemClock()
         self.keys = Keys(common.etcd.prefix)
         self._etcd: Etcd | None = None

@@ -6,8 +6,25 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from prometheus_client import Counter
+
 from libs.errors import Unavailable
 from libs.etcd.client import Etcd, KeyValue, WatchCompacted, WatchEvent, WatchProgress
+
+# What each informer of this process received from its watch (a service registers these in its registry: see
+# libs/main.py): the fan-out of etcd's writes, which decides much of what a job costs (docs/benchmarks.md, issue 17).
+WATCH_MESSAGES = Counter(
+    "jobmesh_informer_watch_messages_total",
+    "Watch responses an informer received, each one message from etcd.",
+    ["informer"],
+    registry=None,
+)
+WATCH_EVENTS = Counter(
+    "jobmesh_informer_events_total",
+    "Changes of stored keys an informer received through its watch.",
+    ["informer"],
+    registry=None,
+)
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +182,11 @@ class Informer:
                     await self._list()
                     need_list = False
                     self.synced.set()
+                messages, events = WATCH_MESSAGES.labels(self.name), WATCH_EVENTS.labels(self.name)
                 async for batch in self.etcd.watch(self.prefix, self.revision + 1, self.progress):
                     backoff = 0.2
+                    messages.inc()
+                    events.inc(len(batch))
                     seen = []
                     for event in batch:
                         seen.append(await self._emit(event))

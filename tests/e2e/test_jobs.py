@@ -226,3 +226,21 @@ def test_only_the_leaders_of_quota_and_queueing_show_their_state_gauges(stack: S
 
         wait_for(lambda leader=leader: shown(leader), timeout=10, what=f"{kind} leader's gauges")
         wait_for(lambda standby=standby: not shown(standby), timeout=10, what=f"{kind} standby without gauges")
+
+
+def test_every_service_watching_the_jobs_counts_the_events_its_informers_received(stack: Stack, acme: Api) -> None:
+    # The fan-out of etcd's writes (what much of a job's cost is, docs/benchmarks.md) is visible per process:
+    # leader and standby of each service that keeps the job records receive every change of one.
+    def events(name: str) -> float:
+        text = httpx.get(f"http://127.0.0.1:{stack.metrics_port(name)}/metrics", timeout=5).text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith('jobmesh_informer_events_total{informer="jobs"}')
+        )
+
+    watchers = [name for kind in ("quota", "queueing", "cost") for name in stack.LEADER_SERVED[kind][1]]
+    before = {name: events(name) for name in watchers}
+    acme.wait_terminal(acme.submit(job_spec("watched", ["true"]))["job_id"])
+    for name in watchers:  # created, started and ended: at least three changes of the record
+        wait_for(lambda name=name: events(name) >= before[name] + 3, timeout=10, what=f"{name}'s jobs informer")
