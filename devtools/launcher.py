@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -443,40 +444,47 @@ class Stack:
             tail = proc.log.read_text(errors="replace")[-3000:] if proc.log.exists() else ""
             raise RuntimeError(f"{name} exited with {proc.popen.returncode if proc.popen else '?'}:\n{tail}")
 
-    def wait_etcd(self, timeout: float, name: str = "etcd") -> None:
-        tls = self.pki.etcd("client-launcher", "launcher")
-        context = ssl.create_default_context(cafile=str(tls.ca))
-        context.load_cert_chain(str(tls.cert), str(tls.key))
+    def _wait_ready(self, name: str, ready: Callable[[], bool], timeout: float, what: str) -> None:
+        """Polls `ready` (an OSError or RpcError counts as not yet) while process `name` lives, for `timeout` s."""
         end = time.monotonic() + timeout
         while True:
             self._check_alive(name)
             try:
-                url = f"https://127.0.0.1:{self._etcd_ports(name)[0]}/health"
-                with urllib.request.urlopen(url, timeout=1, context=context) as resp:
-                    if b'"true"' in resp.read():
-                        return
-            except OSError:
+                if ready():
+                    return
+            except (OSError, grpc.RpcError):
                 pass
             if time.monotonic() > end:
-                raise TimeoutError(f"{name} did not become healthy")
+                raise TimeoutError(f"{name} did not become {what}")
             time.sleep(0.1)
 
+    @staticmethod
+    def _client_context(tls: TlsSettings) -> ssl.SSLContext:
+        """An mTLS client context from an identity (cert, key, CA), to ask an internal port for its health."""
+        context = ssl.create_default_context(cafile=str(tls.ca))
+        context.load_cert_chain(str(tls.cert), str(tls.key))
+        return context
+
+    def wait_etcd(self, timeout: float, name: str = "etcd") -> None:
+        context = self._client_context(self.pki.etcd("client-launcher", "launcher"))
+        url = f"https://127.0.0.1:{self._etcd_ports(name)[0]}/health"
+
+        def ready() -> bool:
+            with urllib.request.urlopen(url, timeout=1, context=context) as resp:
+                return b'"true"' in resp.read()
+
+        self._wait_ready(name, ready, timeout, "healthy")
+
     def wait_healthy(self, name: str, timeout: float) -> None:
-        port = self.procs[name].port
-        end = time.monotonic() + timeout
-        with self.channel(port) as ch:
+        with self.channel(self.procs[name].port) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
-            while True:
-                self._check_alive(name)
-                try:
-                    resp = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > end:
-                    raise TimeoutError(f"{name} did not become healthy")
-                time.sleep(0.1)
+            serving = health_pb2.HealthCheckResponse.SERVING
+            self._wait_ready(
+                name,
+                lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == serving,
+                timeout,
+                "healthy",
+            )
 
     def serving(self, name: str, service: str) -> bool:
         """Whether process `name` answers SERVING for `service` (for an active/standby service: it leads)."""
@@ -503,41 +511,19 @@ class Stack:
                 raise TimeoutError(f"no {kind} replica became the leader")
             time.sleep(0.05)
 
-    def _console_client(self) -> ssl.SSLContext:
-        """The launcher's own identity, to ask the console service (mTLS like every internal port) for health."""
-        tls = self.identity("launcher")
-        context = ssl.create_default_context(cafile=str(tls.ca))
-        context.load_cert_chain(str(tls.cert), str(tls.key))
-        return context
-
     def wait_console(self, timeout: float) -> None:
-        end = time.monotonic() + timeout
-        while True:
-            self._check_alive("console")
-            try:
-                with urllib.request.urlopen(
-                    f"https://127.0.0.1:{self.ports.console}/healthz", timeout=1, context=self._console_client()
-                ) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > end:
-                raise TimeoutError("console did not become healthy")
-            time.sleep(0.1)
+        # The launcher's own identity: the console service is mTLS like every internal port.
+        context = self._client_context(self.identity("launcher"))
+        url = f"https://127.0.0.1:{self.ports.console}/healthz"
+
+        def ready() -> bool:
+            with urllib.request.urlopen(url, timeout=1, context=context) as r:
+                return bool(r.status == 200)
+
+        self._wait_ready("console", ready, timeout, "healthy")
 
     def wait_envoy(self, timeout: float) -> None:
-        end = time.monotonic() + timeout
-        while True:
-            self._check_alive("envoy")
-            try:
-                if admin_get(self.envoy_admin_socket, "/ready")[0] == 200:
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > end:
-                raise TimeoutError("envoy did not become ready")
-            time.sleep(0.1)
+        self._wait_ready("envoy", lambda: admin_get(self.envoy_admin_socket, "/ready")[0] == 200, timeout, "ready")
 
     # Stop, kill, restart -----------------------------------------------------------------------------
 

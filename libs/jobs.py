@@ -22,7 +22,7 @@ MAX_ENV = 128
 MAX_ENV_BYTES = 64 * 1024
 MAX_RUNTIME = 7 * 24 * 3600
 MAX_RETRIES = 10
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # whole names only: fullmatch
 _LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,62})$")
 _IDEM = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -64,7 +64,7 @@ def validate_spec(spec: t.JobSpec, config: MeshConfig, now: float | None = None)
     if sum(len(k) + len(v.encode()) for k, v in spec.env.items()) > MAX_ENV_BYTES:
         raise InvalidArgument("env", f"is larger than {MAX_ENV_BYTES // 1024} KiB")
     for key, value in spec.env.items():
-        if not _ENV_NAME.match(key):
+        if not ENV_NAME.fullmatch(key):
             raise InvalidArgument("env", f"{key!r} is not a valid variable name")
         if "\0" in value:
             raise InvalidArgument(f"env.{key}", "contains a NUL byte")

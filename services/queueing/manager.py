@@ -98,6 +98,10 @@ class PendingJobs:
     def get(self, job_id: str) -> tuple[t.Job, int] | None:
         return self[job_id] if job_id in self._raw else None
 
+    def take(self, job_id: str) -> tuple[bytes, int] | None:
+        """Removes a record and gives it back still encoded (decoding is for the caller that needs it)."""
+        return self._raw.pop(job_id, None)
+
     def pop(self, job_id: str) -> tuple[t.Job, int] | None:
         entry = self._raw.pop(job_id, None)
         return None if entry is None else (decode_job(entry[0]), entry[1])
@@ -214,7 +218,7 @@ class QueueManager:
         self.demand.add(job.job_id, job.queue, seconds(job.create_time), bool(job.burst_session_id))
 
     def _remove(self, job_id: str, running: t.Job | None, revision: int) -> None:
-        known = self.pending.pop(job_id)
+        known = self.pending.take(job_id)
         self._offered.pop(job_id, None)
         self._backing_off.pop(job_id, None)
         self.demand.discard(job_id)
@@ -223,7 +227,7 @@ class QueueManager:
             self._gone.popitem(last=False)
         item = self.queue.remove(job_id, dispatched=running is not None)
         if item is not None and running is not None and known is not None:
-            self._account_dispatch(known[0], running)
+            self._account_dispatch(decode_job(known[0]), running)  # decoded only for a dispatch
         self._deadline_counted.discard(job_id)
 
     def _account_dispatch(self, waited: t.Job, running: t.Job) -> None:

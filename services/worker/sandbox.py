@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import random
-import re
 import resource
 import select
 import shutil
@@ -52,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from libs.config import NETWORK_MODES, SANDBOX_MODES
+from libs.jobs import ENV_NAME
 from services.worker.cgroups import CgroupDriver, CgroupError, JobCgroup, limits_for
 from services.worker.seccomp import SeccompError, write_program
 
@@ -192,7 +192,6 @@ class UidPool:
 
 # What the job's uid runs first: the job's environment only (PWD and PATH, set by sh or inherited from bwrap, are
 # dropped first; the file sets PATH), exported from standard input, then /dev/null as standard input and the command.
-_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 ENV_FROM_STDIN = 'unset PWD PATH; set -a; . /dev/stdin; set +a; exec </dev/null; exec "$@"'
 
 
@@ -201,7 +200,7 @@ def env_script(env: Mapping[str, str]) -> bytes:
     shell variable's or a value with a NUL (the API refuses both; an environment cannot hold them either)."""
     quote = "'\\''"
     for name, value in env.items():
-        if not _VARIABLE.fullmatch(name) or "\0" in value:
+        if not ENV_NAME.fullmatch(name) or "\0" in value:
             raise ValueError(f"environment variable {name[:64]!r}: not a valid name, or a value with a NUL byte")
     return "".join(f"{name}='{value.replace(chr(39), quote)}'\n" for name, value in env.items()).encode()
 

@@ -44,6 +44,7 @@ INVALID_SPECS = [
     ),
     pytest.param(spec().with_(env={"1BAD": "v"}), "env", "INVALID_ARGUMENT", id="env-name-starts-with-digit"),
     pytest.param(spec().with_(env={"BAD-NAME": "v"}), "env", "INVALID_ARGUMENT", id="env-name-with-dash"),
+    pytest.param(spec().with_(env={"K\n": "v"}), "env", "INVALID_ARGUMENT", id="env-name-ending-in-newline"),
     pytest.param(spec().with_(env={"K": "a\0b"}), "env.K", "INVALID_ARGUMENT", id="env-value-with-nul"),
     pytest.param(spec().with_(command=["echo", "a\0b"]), "command[1]", "INVALID_ARGUMENT", id="arg-with-nul"),
     pytest.param(spec().with_(env={"BIG": "v" * (64 * 1024)}), "spec", "SPEC_TOO_LARGE", id="env-too-large"),

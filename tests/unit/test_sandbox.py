@@ -127,7 +127,7 @@ def test_the_jobs_environment_is_in_no_command_line_and_is_set_only_after_the_ui
     assert gate.stdin == -1
 
 
-@pytest.mark.parametrize("env", [{"BAD-NAME": "v"}, {"A;id": "v"}, {"K": "a\0b"}])
+@pytest.mark.parametrize("env", [{"BAD-NAME": "v"}, {"A;id": "v"}, {"K": "a\0b"}, {"A\nid": "v"}, {"A\n": "v"}])
 def test_an_environment_a_shell_cannot_carry_exactly_is_refused(env: dict[str, str]) -> None:
     with pytest.raises(ValueError):
         env_script(env)
