@@ -42,6 +42,8 @@ import httpx
 import psutil
 import yaml
 
+from bench.submit_latency import leader_losses, lost_since
+
 BENCH = Path(__file__).resolve().parent
 CONFIG = BENCH / "configs" / "overload.toml"
 K8S_BASE = BENCH.parent / "k8s" / "base"
@@ -273,8 +275,11 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             unloaded.append(run_wrk(url, script, connections, args.unloaded_seconds, access_log, procs))
             log(f"  {unloaded[-1]['accepted_per_s']} accepted/s")
         log(f"overload: {args.connections} connections, {args.seconds} s ...")
+        losses_before = leader_losses(stack)
         with RssSampler(procs) as rss:
             overload = run_wrk(url, script, args.connections, args.seconds, access_log, procs)
+        # Terms lost without resigning while the machine was saturated: a leadership that flapped (0 expected).
+        overload["leader_losses"] = lost_since(losses_before, leader_losses(stack))
         load_after = os.getloadavg()
         limits = memory_limits()
         memory = {
@@ -330,6 +335,8 @@ def print_report(r: dict[str, Any]) -> None:
         top = sorted(phase["cores"].items(), key=lambda kv: -kv[1])
         print(f"{'':<22}cores used: " + ", ".join(f"{n} {c:.2f}" for n, c in top if c >= 0.01))
     print(f"accepted under overload / unloaded max: {r['accepted_share_of_unloaded_max']:.0%}")
+    losses = r["overload"]["leader_losses"]
+    print(f"leader terms lost under overload: {sum(losses.values()):g} {losses or ''}")
     print(
         "peak RSS (MiB) / k8s limit: "
         + ", ".join(f"{n} {m['peak_rss_mib']}/{m['limit_mib'] or '-'}" for n, m in r["memory"].items())

@@ -222,6 +222,32 @@ _ETCD_STREAMED = re.compile(
 )
 
 
+_LEADER_LOSSES = re.compile(r'^jobmesh_leader_losses_total\{election="([\w-]+)",reason="(\w+)"\} ([0-9.e+]+)$', re.M)
+
+
+def losses_in(text: str, process: str) -> dict[str, float]:
+    """Leader terms a process lost without resigning, by election and reason, from its /metrics text."""
+    return {f"{process} {e} {r}": float(v) for e, r, v in _LEADER_LOSSES.findall(text)}
+
+
+def leader_losses(stack: Any) -> dict[str, float]:
+    """Leader terms lost so far without resigning, by process, election and reason (jobmesh_leader_losses_total
+    on each service's /metrics): compared before and after a run, a leadership that flapped under the load."""
+    out: dict[str, float] = {}
+    with httpx.Client(timeout=5) as client:
+        for name, proc in stack.procs.items():
+            if proc.metrics_port and proc.alive():
+                out |= losses_in(client.get(f"http://127.0.0.1:{proc.metrics_port}/metrics").text, name)
+    return out
+
+
+LOST = "leader term lost:"  # the prefix of those counts among the scraped ones (not divided by jobs)
+
+
+def lost_since(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0.0) for k, v in sorted(after.items()) if v > before.get(k, 0.0)}
+
+
 def message_counter(stack: Any) -> Callable[[], dict[str, float]]:
     """What each service answered so far (its RPCs by method, from its /metrics), the changes its informers received
     (by informer), and what etcd did (unary calls by method, watch events sent, lease keep-alives received), for
@@ -244,6 +270,7 @@ def message_counter(stack: Any) -> Callable[[], dict[str, float]]:
                     out[f"{name} {method}"] = out.get(f"{name} {method}", 0.0) + float(value)
                 for informer, value in _INFORMER_EVENTS.findall(text):
                     out[f"{name} {informer} events"] = float(value)
+                out |= {f"{LOST} {k}": v for k, v in losses_in(text, name).items()}
         text = httpx.get(f"{etcd}/metrics", verify=tls, timeout=5).text
         for method, value in _ETCD_HANDLED.findall(text):
             out[f"etcd {method}"] = out.get(f"etcd {method}", 0.0) + float(value)
@@ -659,8 +686,13 @@ async def bench(
     if messages and run.ok:
         # Over the submits and, with --wait, the jobs' whole lives (and whatever the stack did meanwhile anyway).
         counted1 = messages()
-        per_job = {k: round((v - counted0.get(k, 0.0)) / run.ok, 2) for k, v in sorted(counted1.items())}
+        losses = {k: v for k, v in counted1.items() if k.startswith(LOST)}
+        per_job = {
+            k: round((v - counted0.get(k, 0.0)) / run.ok, 2) for k, v in sorted(counted1.items()) if k not in losses
+        }
         result["messages_per_job"] = {k: v for k, v in per_job.items() if v > 0}
+        # Terms lost without resigning during the run: a leadership that flapped under this load (0 expected).
+        result["leader_losses"] = {k.removeprefix(LOST).strip(): v for k, v in lost_since(counted0, losses).items()}
     return result
 
 
@@ -687,6 +719,8 @@ def print_report(r: dict[str, Any]) -> None:
         print(f"stack CPU         {r['stack_cpu_s']} s = {r['stack_cpu_ms_per_job']} ms/job ({procs})")
         if "messages_per_job" in r:
             print("messages/job      " + ", ".join(f"{k} {v}" for k, v in r["messages_per_job"].items()))
+        if "leader_losses" in r:
+            print(f"leader terms lost {sum(r['leader_losses'].values()):g} {r['leader_losses'] or ''}")
         if "stack_idle_cpu_cores" in r:
             print(
                 f"stack CPU net     {r['stack_cpu_ms_per_job_net']} ms/job after subtracting the idle "

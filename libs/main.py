@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from libs.clock import SystemClock
 from libs.config import MeshConfig, load_config
 from libs.etcd.client import Etcd
-from libs.etcd.election import LeaderElection
+from libs.etcd.election import LOSSES, TERMS, LeaderElection
 from libs.etcd.informer import WATCH_EVENTS, WATCH_MESSAGES
 from libs.interceptors import channel
 from libs.keys import Keys
@@ -95,7 +95,7 @@ class Startup:
         self.common = common
         self.config: MeshConfig = load_config(common.config_path)
         self.registry = CollectorRegistry()
-        for shared in (WATCH_MESSAGES, WATCH_EVENTS):  # the process's informers count into these
+        for shared in (WATCH_MESSAGES, WATCH_EVENTS, TERMS, LOSSES):  # the process's informers and elections
             self.registry.register(shared)
         self.clock = SystemClock()
         self.keys = Keys(common.etcd.prefix)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
+from prometheus_client import Counter
 
 from libs.errors import JobMeshError, NotLeader, Unavailable
 from libs.etcd.client import (
@@ -23,6 +24,18 @@ from libs.etcd.client import (
 )
 
 log = logging.getLogger(__name__)
+
+# Every replica's terms (a service registers these in its registry: see libs/main.py). A loss is a term that ended
+# without this replica resigning: a flapping leadership, e.g. a leader that cannot renew its lease in time on a
+# starved machine, shows here (alert LeaderFlapping) and in the benchmarks (issue 17).
+TERMS = Counter("jobmesh_leader_terms_total", "Terms this replica began as leader.", ["election"], registry=None)
+LOSSES = Counter(
+    "jobmesh_leader_losses_total",
+    "Terms that ended without this replica resigning, by why: renewal (the lease could not be renewed in time), "
+    "store (etcd unreachable), fence (a fenced write found another leader), crash (the campaign failed).",
+    ["election", "reason"],
+    registry=None,
+)
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,7 @@ class LeaderElection:
         self.changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._resign = False
+        self.name = key.rstrip("/").rsplit("/", 1)[-1]  # the metrics' `election` label
 
     @property
     def is_leader(self) -> bool:
@@ -66,11 +80,14 @@ class LeaderElection:
         lead = self.leadership
         self._lose()
         if lead is not None:
+            log.info("resigned leadership of %s", self.key)
             await self.etcd.revoke(lead.lease_id)
 
-    def _lose(self) -> None:
-        if self.leadership is not None:
-            log.warning("lost leadership of %s", self.key)
+    def _lose(self, reason: str = "") -> None:
+        """Ends the term, if any: `reason` says why when this replica did not resign (see LOSSES)."""
+        if self.leadership is not None and reason:
+            log.warning("lost leadership of %s (%s)", self.key, reason)
+            LOSSES.labels(self.name, reason).inc()
         self.leadership = None
         self.changed.set()
 
@@ -86,12 +103,12 @@ class LeaderElection:
                     await self._campaign_once()
                 except Unavailable as exc:
                     log.warning("election %s: %s", self.key, exc)
-                    self._lose()
+                    self._lose("store")
                     await asyncio.sleep(0.5)
         except Exception:
             # Never silently: a replica whose campaign is dead must not look like a healthy standby.
             log.exception("election %s died", self.key)
-            self._lose()
+            self._lose("crash")
             raise
 
     async def _campaign_once(self) -> None:
@@ -105,6 +122,7 @@ class LeaderElection:
         if kv is None or kv.lease != lease_id:
             return
         self.leadership = Leadership(self.key, kv.create_revision, lease_id)
+        TERMS.labels(self.name).inc()
         self.changed.set()
         log.info("became leader of %s at revision %d", self.key, kv.create_revision)
         # Refresh at a third of the TTL; give up leadership *before* the lease can have expired.
@@ -120,7 +138,7 @@ class LeaderElection:
                 last_ok = loop.time()
                 continue
             if ttl_left == 0 or loop.time() - last_ok > self.ttl * 2 / 3:
-                self._lose()
+                self._lose("renewal")
                 return
 
     async def _wait_for_vacancy(self) -> None:
@@ -174,7 +192,7 @@ class LeaderElection:
             # Tell a lost fence from a lost race on the caller's own compares.
             kv = await self.etcd.get(lead.key)
             if kv is None or kv.create_revision != lead.revision:
-                self._lose()
+                self._lose("fence")
                 raise NotLeader(f"leadership of {self.key} was lost")
         return result
 

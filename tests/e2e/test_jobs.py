@@ -244,3 +244,25 @@ def test_every_service_watching_the_jobs_counts_the_events_its_informers_receive
     acme.wait_terminal(acme.submit(job_spec("watched", ["true"]))["job_id"])
     for name in watchers:  # created, started and ended: at least three changes of the record
         wait_for(lambda name=name: events(name) >= before[name] + 3, timeout=10, what=f"{name}'s jobs informer")
+
+
+def test_every_replicated_service_counts_its_leader_terms(stack: Stack) -> None:
+    # A flapping leadership shows in jobmesh_leader_losses_total (alert LeaderFlapping); each election has begun at
+    # least one term on one of its replicas, and every replica exposes the loss counter.
+    replicas = {
+        "quota": ("quota-1", "quota-2"),
+        "queueing": ("queueing-1", "queueing-2"),
+        "cost": ("cost-1", "cost-2"),
+        "scheduler": ("scheduler-1", "scheduler-2"),
+        "pool-manager": ("poolmanager-1", "poolmanager-2"),
+    }
+    for election, names in replicas.items():
+        texts = [httpx.get(f"http://127.0.0.1:{stack.metrics_port(n)}/metrics", timeout=5).text for n in names]
+        begun = sum(
+            float(line.rsplit(" ", 1)[1])
+            for text in texts
+            for line in text.splitlines()
+            if line.startswith(f'jobmesh_leader_terms_total{{election="{election}"}}')
+        )
+        assert begun >= 1, election
+        assert all("# TYPE jobmesh_leader_losses_total counter" in text for text in texts), election
