@@ -1,7 +1,7 @@
 """Failover benchmark: how long each replicated service kind is without a leader after its leader is SIGKILLed,
 and what submits see meanwhile.
 
-Starts a private stack (leader lease --leader-ttl seconds, 3 as in `make run`) and, for each kind in --kinds,
+Starts a private stack (leader lease --leader-ttl seconds, 2 as in `make run`) and, for each kind in --kinds,
 --rounds times: submits `true` jobs over REST at --rate jobs/s, SIGKILLs the current leader (found from its
 leader key in etcd), and measures
   takeover_s       from the kill to a new leader key held by another replica (read every 20 ms);
@@ -132,6 +132,6 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rate", type=float, default=10.0, help="submits per second during a round")
     parser.add_argument("--round-seconds", type=float, default=12.0)
-    parser.add_argument("--leader-ttl", type=int, default=3)
+    parser.add_argument("--leader-ttl", type=int, default=2)
     parser.add_argument("--timeout-seconds", type=float, default=30.0)
     print(json.dumps(measure(parser.parse_args())))

@@ -201,9 +201,10 @@ class PeerSettings:
 class LeaderSettings:
     """Leader election of the replicated services (quota, queueing, cost, scheduler, pool-manager)."""
 
-    # The leader key's lease: how long a dead leader's term lasts before a standby takes over (renewed every third
-    # of it, so a leader loses its term only after two missed renewals in a row).
-    ttl_seconds: int = 3
+    # The leader key's lease: how long a dead leader's term lasts before a standby takes over. Renewed every third
+    # of it from a thread of its own (libs/etcd/client.py LeaseKeeper), so a busy event loop does not end a term;
+    # a leader steps down after two thirds of it without a successful renewal.
+    ttl_seconds: int = 2
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> LeaderSettings:

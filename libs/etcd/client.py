@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Sequence
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -13,7 +15,7 @@ from etcd3aio import _protobuf as pb  # etcd's generated messages and stubs; wor
 
 from libs.errors import Unavailable
 from libs.settings import EtcdSettings, SettingsError, TlsSettings
-from libs.tls import RenewingChannel
+from libs.tls import RenewingChannel, sync_channel
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +177,7 @@ class Etcd:
     def __init__(self, endpoints: Sequence[str], tls: TlsSettings, *, timeout: float = 5.0):
         self.endpoints = list(endpoints)
         self.timeout = timeout
+        self._tls = tls
         self._channel = RenewingChannel(
             grpc_target(self.endpoints),
             tls,
@@ -305,6 +308,10 @@ class Etcd:
             call.cancel()
         return 0
 
+    def lease_keeper(self, lease_id: int, ttl: int, on_lost: Callable[[], None]) -> LeaseKeeper:
+        """A keeper of `lease_id` on a thread and channel of its own (see LeaseKeeper); not started."""
+        return LeaseKeeper(self._channel.target, self._tls, lease_id, ttl, on_lost)
+
     async def watch(
         self, prefix: str, start_revision: int, progress: WatchProgress | None = None
     ) -> AsyncIterator[list[WatchEvent]]:
@@ -351,3 +358,64 @@ class Etcd:
             if progress is not None:
                 progress.attach(None)
             call.cancel()
+
+
+class LeaseKeeper:
+    """Keeps one lease alive from a thread of its own, over a blocking channel of its own, so that renewals go on
+    however long the event loop is busy: a relist of a large backlog at takeover, a burst of work, a starved
+    machine (the interpreter hands the thread the GIL every few milliseconds). A leader's term must not end
+    because its loop was late, nor a second leader start beside one that is alive.
+
+    Renews every third of `ttl`. Calls `on_lost`, from the thread and once, when the lease can no longer be
+    counted on: etcd answered that it is gone, or no renewal succeeded for two thirds of `ttl` (the caller then
+    gives up before the lease can have expired on etcd's side). ``stop`` ends the thread without calling it."""
+
+    def __init__(self, target: str, tls: TlsSettings, lease_id: int, ttl: int, on_lost: Callable[[], None]):
+        self.target = target
+        self.tls = tls
+        self.lease_id = lease_id
+        self.ttl = ttl
+        self.on_lost = on_lost
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-keeper-{lease_id:x}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        period = self.ttl / 3
+        last_ok = time.monotonic()
+        channel: grpc.Channel | None = None
+        try:
+            while not self._stop.wait(period):
+                if channel is None:  # the identity's files as they are now: a renewed certificate is picked up
+                    channel = sync_channel(self.target, self.tls)
+                try:
+                    left = self._renew(pb.LeaseStub(channel), timeout=period)
+                except grpc.RpcError as exc:
+                    log.warning("lease %x: keep-alive failed: %s", self.lease_id, exc.code().name)  # type: ignore[attr-defined]
+                    left = -1
+                    channel.close()
+                    channel = None
+                now = time.monotonic()
+                if left > 0:
+                    last_ok = now
+                elif (left == 0 or now - last_ok > self.ttl * 2 / 3) and not self._stop.is_set():
+                    self.on_lost()
+                    return
+        finally:
+            if channel is not None:
+                channel.close()
+
+    def _renew(self, stub: pb.LeaseStub, timeout: float) -> int:
+        """One keep-alive: the lease's remaining TTL, 0 when etcd no longer has it."""
+        answers = stub.LeaseKeepAlive(iter([pb.LeaseKeepAliveRequest(ID=self.lease_id)]), timeout=timeout)
+        try:
+            for answer in answers:
+                return int(answer.TTL)
+        finally:
+            answers.cancel()
+        return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ class LeaderElection:
         self.changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._resign = False
+        self._term_over = asyncio.Event()  # set when the current term ends
         self.name = key.rstrip("/").rsplit("/", 1)[-1]  # the metrics' `election` label
 
     @property
@@ -89,6 +91,7 @@ class LeaderElection:
             log.warning("lost leadership of %s (%s)", self.key, reason)
             LOSSES.labels(self.name, reason).inc()
         self.leadership = None
+        self._term_over.set()
         self.changed.set()
 
     @property
@@ -121,25 +124,30 @@ class LeaderElection:
         kv = await self.etcd.get(self.key)
         if kv is None or kv.lease != lease_id:
             return
-        self.leadership = Leadership(self.key, kv.create_revision, lease_id)
+        lead = self.leadership = Leadership(self.key, kv.create_revision, lease_id)
         TERMS.labels(self.name).inc()
+        self._term_over = asyncio.Event()
         self.changed.set()
         log.info("became leader of %s at revision %d", self.key, kv.create_revision)
-        # Refresh at a third of the TTL; give up leadership *before* the lease can have expired.
+        # The lease is renewed off the event loop (a busy loop must not end the term); the term ends when the
+        # keeper gives up (before the lease can have expired), a fenced write finds another leader, or we stop.
         loop = asyncio.get_running_loop()
-        last_ok = loop.time()
-        while True:
-            await asyncio.sleep(self.ttl / 3)
-            try:
-                ttl_left = await self.etcd.refresh(lease_id)
-            except Unavailable:
-                ttl_left = -1
-            if ttl_left > 0:
-                last_ok = loop.time()
-                continue
-            if ttl_left == 0 or loop.time() - last_ok > self.ttl * 2 / 3:
-                self._lose("renewal")
-                return
+
+        def lost() -> None:  # on the keeper's thread
+            with contextlib.suppress(RuntimeError):  # the loop is already closed: the process is ending
+                loop.call_soon_threadsafe(self._expired, lead)
+
+        keeper = self.etcd.lease_keeper(lease_id, self.ttl, lost)
+        keeper.start()
+        try:
+            await self._term_over.wait()
+        finally:
+            keeper.stop()
+        await self.etcd.revoke(lease_id)  # a term lost to a fence leaves a live lease behind
+
+    def _expired(self, lead: Leadership) -> None:
+        if self.leadership == lead:
+            self._lose("renewal")
 
     async def _wait_for_vacancy(self) -> None:
         """Returns once the leader key is gone: at once through a watch on it (a crashed leader's key goes when

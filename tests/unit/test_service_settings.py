@@ -111,7 +111,7 @@ def test_each_service_reads_its_own_variables_into_typed_fields(gateway_env: dic
     assert (pools.leader.ttl_seconds, pools.lease.ttl_seconds, pools.result_linger_seconds) == (3, 9, 0.008)
     assert (pools.join_port, pools.logs.directory, pools.logs.max_bytes) == (50057, Path("/logs"), 4096)
     assert "JOBMESH_REPLICA_ID" not in pools.worker_env and pools.worker_env["JOBMESH_LEADER_TTL"] == "3"
-    assert (queueing.queue.boost_fraction, queueing.leader.ttl_seconds) == (0.25, 3)
+    assert (queueing.queue.boost_fraction, queueing.leader.ttl_seconds) == (0.25, 2)  # the default lease
     assert queueing.logs.directory == Path(".jobmesh") / "job-logs"
     assert gateway.openapi_path == Path("/api.yaml")
 
