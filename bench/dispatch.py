@@ -208,7 +208,7 @@ async def run(args: argparse.Namespace, stack: Stack) -> dict[str, object]:
             "succeeded": sum(1 for j in jobs if j["state"] == "JOB_STATE_SUCCEEDED"),
             "max_attempt": max((int(str(j["attempt"])) for j in jobs), default=0),
             "first_dispatch_after_kill_s": round(after[0] - killed_at, 2) if after else None,
-            "leader_ttl_s": int(stack.env.get("JOBMESH_LEADER_TTL", "3")),
+            "leader_ttl_s": int(stack.env.get("JOBMESH_LEADER_TTL", "2")),
         }
     return result
 
@@ -227,7 +227,7 @@ def main() -> int:
     )
     parser.add_argument("--failover-count", type=int, default=300)
     parser.add_argument("--failover-rate", type=float, default=30.0)
-    parser.add_argument("--leader-ttl", type=int, default=3)
+    parser.add_argument("--leader-ttl", type=int, default=2)  # the default lease (libs/settings.py LeaderSettings)
     parser.add_argument("--timeout-seconds", type=float, default=180.0)
     parser.add_argument(
         "--worker-slots", type=int, default=None, help="jobs each static worker runs at once (default: the config's)"
