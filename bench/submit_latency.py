@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --url: mesh config giving the token issuer/audience (default: %(default)s)",
     )
     target.add_argument(
+        "--stack-config",
+        type=Path,
+        default=None,
+        help="private stack: its mesh config (default: the test fixture, tests/fixtures/mesh.toml; "
+        "bench/configs/steady.toml runs the jobs on four long-lived workers)",
+    )
+    target.add_argument(
         "--keep-data",
         action="store_true",
         help="private stack: keep its temp dir (logs under <dir>/stack/logs) instead of deleting it "
@@ -767,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"starting a private stack in {tmp / 'stack'} (logs in {tmp / 'stack' / 'logs'}) ...")
             started = time.perf_counter()
             try:
-                stack = start_stack(tmp / "stack")
+                stack = start_stack(tmp / "stack", **({"config": args.stack_config} if args.stack_config else {}))
             except BaseException:
                 failed = True
                 raise
