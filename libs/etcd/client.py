@@ -308,9 +308,12 @@ class Etcd:
             call.cancel()
         return 0
 
-    def lease_keeper(self, lease_id: int, ttl: int, on_lost: Callable[[], None]) -> LeaseKeeper:
-        """A keeper of `lease_id` on a thread and channel of its own (see LeaseKeeper); not started."""
-        return LeaseKeeper(self._channel.target, self._tls, lease_id, ttl, on_lost)
+    def lease_keeper(
+        self, lease_id: int, ttl: int, on_lost: Callable[[], None], since: float | None = None
+    ) -> LeaseKeeper:
+        """A keeper of `lease_id` (granted at `since`, time.monotonic()) on a thread and channel of its own (see
+        LeaseKeeper); not started."""
+        return LeaseKeeper(self._channel.target, self._tls, lease_id, ttl, on_lost, since)
 
     async def watch(
         self, prefix: str, start_revision: int, progress: WatchProgress | None = None
@@ -366,16 +369,26 @@ class LeaseKeeper:
     machine (the interpreter hands the thread the GIL every few milliseconds). A leader's term must not end
     because its loop was late, nor a second leader start beside one that is alive.
 
-    Renews every third of `ttl`. Calls `on_lost`, from the thread and once, when the lease can no longer be
-    counted on: etcd answered that it is gone, or no renewal succeeded for two thirds of `ttl` (the caller then
-    gives up before the lease can have expired on etcd's side). ``stop`` ends the thread without calling it."""
+    Renews every third of `ttl` (sooner again after a failed try). Calls `on_lost`, from the thread and once, when
+    the lease can no longer be counted on: etcd answered that it is gone, or no renewal sent in the last two thirds
+    of `ttl` succeeded (the caller then gives up a third of `ttl` before the lease can expire on etcd's side; a
+    renewal that hangs is cut off at that moment). ``stop`` ends the thread without calling it."""
 
-    def __init__(self, target: str, tls: TlsSettings, lease_id: int, ttl: int, on_lost: Callable[[], None]):
+    def __init__(
+        self,
+        target: str,
+        tls: TlsSettings,
+        lease_id: int,
+        ttl: int,
+        on_lost: Callable[[], None],
+        since: float | None = None,
+    ):
         self.target = target
         self.tls = tls
         self.lease_id = lease_id
         self.ttl = ttl
         self.on_lost = on_lost
+        self.since = time.monotonic() if since is None else since  # when the lease was granted (monotonic clock)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-keeper-{lease_id:x}", daemon=True)
 
@@ -387,25 +400,31 @@ class LeaseKeeper:
 
     def _run(self) -> None:
         period = self.ttl / 3
-        last_ok = time.monotonic()
+        give_up_after = self.ttl * 2 / 3
+        last_ok = self.since  # the lease was granted or last renewed no earlier than this
+        wait = period
         channel: grpc.Channel | None = None
         try:
-            while not self._stop.wait(period):
+            while not self._stop.wait(wait):
                 if channel is None:  # the identity's files as they are now: a renewed certificate is picked up
                     channel = sync_channel(self.target, self.tls)
+                sent = time.monotonic()
+                # A renewal that hangs must not carry the leader past the moment it has to give up.
+                timeout = max(0.05, min(period, last_ok + give_up_after - sent))
                 try:
-                    left = self._renew(pb.LeaseStub(channel), timeout=period)
+                    left = self._renew(pb.LeaseStub(channel), timeout)
                 except grpc.RpcError as exc:
                     log.warning("lease %x: keep-alive failed: %s", self.lease_id, exc.code().name)  # type: ignore[attr-defined]
                     left = -1
                     channel.close()
                     channel = None
-                now = time.monotonic()
-                if left > 0:
-                    last_ok = now
-                elif (left == 0 or now - last_ok > self.ttl * 2 / 3) and not self._stop.is_set():
+                if left > 0:  # etcd renewed it at or after `sent`: it ends no sooner than ttl after that
+                    last_ok, wait = sent, period
+                    continue
+                if (left == 0 or time.monotonic() - last_ok >= give_up_after) and not self._stop.is_set():
                     self.on_lost()
                     return
+                wait = min(0.1, period)  # failed: try again soon, within the time left
         finally:
             if channel is not None:
                 channel.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -115,6 +116,7 @@ class LeaderElection:
             raise
 
     async def _campaign_once(self) -> None:
+        granted = time.monotonic()  # the lease lasts at least its TTL from here
         lease_id = await self.etcd.grant(self.ttl)
         result = await self.etcd.txn([cmp_missing(self.key)], [op_put(self.key, self.identity.encode(), lease_id)])
         if not result.succeeded:
@@ -137,7 +139,7 @@ class LeaderElection:
             with contextlib.suppress(RuntimeError):  # the loop is already closed: the process is ending
                 loop.call_soon_threadsafe(self._expired, lead)
 
-        keeper = self.etcd.lease_keeper(lease_id, self.ttl, lost)
+        keeper = self.etcd.lease_keeper(lease_id, self.ttl, lost, since=granted)
         keeper.start()
         try:
             await self._term_over.wait()

@@ -5,10 +5,13 @@ its place) is one, with the reason that ended it; the other replica then begins 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import pytest
 
+from devtools.launcher import Stack
 from libs.errors import NotLeader
 from libs.etcd.client import Etcd, op_put
 from libs.etcd.election import LOSSES, TERMS, LeaderElection, Leadership
@@ -98,3 +101,22 @@ async def test_a_leader_whose_event_loop_is_starved_for_longer_than_its_lease_ke
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_a_leader_cut_off_from_etcd_steps_down_before_its_lease_can_have_expired(
+    etcd_stack: Stack, etcd: Etcd
+) -> None:
+    # etcd frozen (SIGSTOP): renewals hang. The leader must have given up its term by the time its lease can have
+    # expired on etcd's side, or two replicas could act as leader at once.
+    a = LeaderElection(etcd, KEYS.leader("pool-manager"), "replica-a", ttl=2)
+    a.start()
+    await asyncio.wait_for(a.wait_leader(), 10)
+    pid = etcd_stack.procs[etcd_stack.etcd_names()[0]].pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(a.ttl)  # the last renewal that succeeded was before the freeze
+        assert not a.is_leader
+        assert count(LOSSES, election="pool-manager", reason="renewal") >= 1
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        await a.stop()
