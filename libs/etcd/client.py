@@ -308,9 +308,7 @@ class Etcd:
             call.cancel()
         return 0
 
-    def lease_keeper(
-        self, lease_id: int, ttl: int, on_lost: Callable[[], None], since: float | None = None
-    ) -> LeaseKeeper:
+    def lease_keeper(self, lease_id: int, ttl: int, on_lost: Callable[[], None], since: float) -> LeaseKeeper:
         """A keeper of `lease_id` (granted at `since`, time.monotonic()) on a thread and channel of its own (see
         LeaseKeeper); not started."""
         return LeaseKeeper(self._channel.target, self._tls, lease_id, ttl, on_lost, since)
@@ -381,14 +379,14 @@ class LeaseKeeper:
         lease_id: int,
         ttl: int,
         on_lost: Callable[[], None],
-        since: float | None = None,
+        since: float,
     ):
         self.target = target
         self.tls = tls
         self.lease_id = lease_id
         self.ttl = ttl
         self.on_lost = on_lost
-        self.since = time.monotonic() if since is None else since  # when the lease was granted (monotonic clock)
+        self.since = since  # when the lease was granted, on time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-keeper-{lease_id:x}", daemon=True)
 
