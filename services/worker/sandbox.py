@@ -543,6 +543,16 @@ class Sandbox:
         s = settings
         self._rlimits = ((resource.RLIMIT_NOFILE, s.max_open_files), (resource.RLIMIT_FSIZE, s.max_file_mb * _MIB))
 
+    @property
+    def etc_dir(self) -> str:
+        """The copy of /etc jobs see (the spawner prototype binds it too: services/worker/spawner.py)."""
+        return self._etc
+
+    @property
+    def seccomp_program(self) -> str:
+        """The file of the jobs' compiled seccomp filter."""
+        return self._seccomp
+
     @classmethod
     def for_this_machine(cls, settings: SandboxSettings) -> Sandbox:
         """The sandbox, checked to work here by starting one; SandboxError saying what is missing otherwise."""
