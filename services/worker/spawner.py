@@ -75,8 +75,10 @@ _SYS_OPEN_TREE, _SYS_MOVE_MOUNT = 428, 429
 _OPEN_TREE_CLONE, _OPEN_TREE_CLOEXEC, _AT_SYMLINK_NOFOLLOW, _AT_FDCWD = 1, os.O_CLOEXEC, 0x100, -100
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _CAP_VERSION_3 = 0x20080522
-# Namespaces and mounts; back into its own mount namespace (setns) after each job's; the job's ids and bounding set.
-SPAWNER_CAPS = ("CAP_SYS_ADMIN", "CAP_SYS_CHROOT", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP")
+# Namespaces and mounts; back into its own mount namespace (setns) after each job's; the job's ids and bounding set;
+# CAP_KILL for the parent-death signal alone: the kernel sends it with the dying parent's credentials, and a root
+# spawner without it may not signal a job's init once that runs as the job's uid.
+SPAWNER_CAPS = ("CAP_SYS_ADMIN", "CAP_SYS_CHROOT", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_KILL")
 SCRATCH = "/scratch"
 
 
@@ -274,6 +276,10 @@ class _Slot:
         self.own_mounts = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         self.own_ipc = os.open("/proc/self/ns/ipc", os.O_RDONLY | os.O_CLOEXEC)
         self.own_pid = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)  # unshare(NEWPID) again needs it
+        # A pipe nobody writes to: its write end lives only in the spawner, so its read end reads end of file once
+        # the spawner is gone (see _init).
+        self.lifeline, self.lifeline_end = os.pipe()
+        os.set_blocking(self.lifeline, False)
 
 
 def _send(fd: int, data: bytes) -> None:
@@ -305,6 +311,7 @@ def _start(slot: _Slot, request: Request, fds: list[int]) -> None:
             k.mount(None, SCRATCH.encode(), None, _MS_REMOUNT | _MS_BIND | _MS_NOSUID | _MS_NODEV, None)
             init = os.fork()
             if init == 0:
+                os.close(slot.lifeline_end)
                 os.close(scratch)
                 _init(slot, request, control, stdout, stderr)
         finally:
@@ -350,16 +357,22 @@ def _init(slot: _Slot, request: Request, control: int, stdout: int, stderr: int)
         # Clears the effective and permitted sets (the bounding set is empty since the spawner's start), and the
         # dumpable flag: the job can neither ptrace its init nor read its /proc files.
         os.setresuid(request.uid, request.uid, request.uid)
+        # A change of uid clears the parent-death signal: set again, then make sure the spawner did not die before.
+        k.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, "pdeathsig")
+        try:
+            if not os.read(slot.lifeline, 1):
+                os._exit(1)
+        except BlockingIOError:
+            pass  # the spawner lives (and holds the write end)
         k.clear_capabilities()  # the inheritable set too
         k.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, "clear ambient capabilities")
         k.prctl(_PR_SET_NO_NEW_PRIVS, 1, "no_new_privs")
         os.chdir(request.cwd)  # as the job: a directory it may not enter stays closed
         env = dict(entry.split(b"=", 1) for entry in request.env)
-        program = _find(request.argv[0], env.get(b"PATH", b"/usr/bin:/bin"))
         k.load_seccomp(slot.seccomp, slot.seccomp_length)  # the filter holds for the init and the job alike
         try:
             job = os.posix_spawn(
-                program,
+                _find(request.argv[0], env.get(b"PATH", b"/usr/bin:/bin")),
                 request.argv,
                 env,  # type: ignore[arg-type]  # bytes names and values: what execve takes
                 file_actions=[
