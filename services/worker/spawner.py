@@ -75,10 +75,10 @@ _SYS_OPEN_TREE, _SYS_MOVE_MOUNT = 428, 429
 _OPEN_TREE_CLONE, _OPEN_TREE_CLOEXEC, _AT_SYMLINK_NOFOLLOW, _AT_FDCWD = 1, os.O_CLOEXEC, 0x100, -100
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _CAP_VERSION_3 = 0x20080522
-# Namespaces and mounts; back into its own mount namespace (setns) after each job's; the job's ids and bounding set;
+# Namespaces and mounts; the job's ids; the bounding set (emptied at the start);
 # CAP_KILL for the parent-death signal alone: the kernel sends it with the dying parent's credentials, and a root
 # spawner without it may not signal a job's init once that runs as the job's uid.
-SPAWNER_CAPS = ("CAP_SYS_ADMIN", "CAP_SYS_CHROOT", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_KILL")
+SPAWNER_CAPS = ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_KILL")
 SCRATCH = "/scratch"
 
 
@@ -272,9 +272,6 @@ class _Slot:
         self.hidden = hidden
         with open("/proc/sys/kernel/cap_last_cap", "rb") as fh:
             self.cap_last = int(fh.read())
-        # The slot's own namespaces, to come back to after making each job's.
-        self.own_mounts = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-        self.own_ipc = os.open("/proc/self/ns/ipc", os.O_RDONLY | os.O_CLOEXEC)
         self.own_pid = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)  # unshare(NEWPID) again needs it
         # A pipe nobody writes to: its write end lives only in the spawner, so its read end reads end of file once
         # the spawner is gone (see _init).
@@ -290,48 +287,47 @@ def _send(fd: int, data: bytes) -> None:
 
 
 def _start(slot: _Slot, request: Request, fds: list[int]) -> None:
-    """One job: its namespaces and mounts made by the spawner itself (unshare, then back with setns), its init
-    forked into them, its pid sent to the agent. The spawner is back at its socket at once: the init talks to the
-    agent from here on, and its end is reaped by the kernel (SIGCHLD ignored)."""
+    """One job: its init forked into a new pid namespace, its pid sent to the agent. That is all the spawner does
+    per job: the init makes the rest of the job's namespaces itself, talks to the agent from here on, and its end
+    is reaped by the kernel (SIGCHLD ignored). Every page the spawner writes while an init lives is copied."""
     control, stdout, stderr, scratch = fds
     k = slot.kernel
-    init = 0
     try:
-        # A new mount and ipc namespace for this process, and a new pid namespace for its next child (the init).
-        k.unshare(_CLONE_NEWNS | _CLONE_NEWIPC | _CLONE_NEWPID)
+        k.unshare(_CLONE_NEWPID)  # for our next child only: it is pid 1 of a new pid namespace
         try:
-            for path in slot.hidden:  # the interpreter's own directory, when not a system one: no job sees it
-                k.umount(path)
-            for path in (b"/tmp", b"/dev/shm"):  # the slot's tmpfs goes, with all below it; a fresh one comes
-                k.umount(path)
-                k.mount(b"tmpfs", path, b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=1777")
-            # The scratch directory: a detached bind mount the agent made of it (open_tree), attached here: no path
-            # of the host is resolved in here (and a bind from the agent's namespace would be refused).
-            k.move_mount(scratch, SCRATCH.encode())
-            k.mount(None, SCRATCH.encode(), None, _MS_REMOUNT | _MS_BIND | _MS_NOSUID | _MS_NODEV, None)
             init = os.fork()
             if init == 0:
                 os.close(slot.lifeline_end)
-                os.close(scratch)
-                _init(slot, request, control, stdout, stderr)
+                _init(slot, request, control, stdout, stderr, scratch)
         finally:
-            # Back to the slot's own namespaces, whatever happened: the next job starts from them. If that fails,
-            # this process is in a job's mount namespace for good: it must not start another job.
-            try:
-                k.setns(slot.own_mounts, _CLONE_NEWNS)
-                k.setns(slot.own_ipc, _CLONE_NEWIPC)
-                k.setns(slot.own_pid, _CLONE_NEWPID)
-            except OSError:
-                os._exit(70)
+            k.setns(slot.own_pid, _CLONE_NEWPID)  # our own again, or the next unshare(CLONE_NEWPID) fails
         _send(control, _PID.pack(b"P", init))
     except OSError as exc:
-        _send(control, b"E" + f"cannot set up the job's namespaces: {exc}".encode(errors="replace"))
+        _send(control, b"E" + f"cannot start the job's init: {exc}".encode(errors="replace"))
     finally:
         for fd in fds:
             os.close(fd)
 
 
-def _init(slot: _Slot, request: Request, control: int, stdout: int, stderr: int) -> None:
+def _namespaces(k: _Kernel, hidden: list[bytes], scratch: int) -> None:
+    """The init's mount and ipc namespaces: the spawner's view (whose mounts are all private: nothing propagates
+    back) minus the interpreter's directory, with a fresh /tmp, /dev/shm and /proc, the job's scratch at /scratch."""
+    k.unshare(_CLONE_NEWNS | _CLONE_NEWIPC)
+    for path in hidden:  # the interpreter's own directory, when not a system one: no job sees it
+        k.umount(path)
+    for path in (b"/tmp", b"/dev/shm"):  # the slot's tmpfs goes, with all below it; a fresh one comes
+        k.umount(path)
+        k.mount(b"tmpfs", path, b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=1777")
+    # The scratch directory: a detached bind mount the agent made of it (open_tree), attached here: no path of the
+    # host is resolved in here (and a bind from the agent's mount namespace would be refused).
+    k.move_mount(scratch, SCRATCH.encode())
+    k.mount(None, SCRATCH.encode(), None, _MS_REMOUNT | _MS_BIND | _MS_NOSUID | _MS_NODEV, None)
+    os.close(scratch)
+    k.umount(b"/proc")  # the spawner's /proc shows the host's processes; this one only the job's
+    k.mount(b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
+
+
+def _init(slot: _Slot, request: Request, control: int, stdout: int, stderr: int, scratch: int) -> None:
     """The job's init: pid 1 of its pid namespace. Mounts the namespace's /proc, waits at the gate, then becomes
     the job's uid with nothing else (no group, no capability, no_new_privs, the seccomp filter), starts the job's
     command with posix_spawn (a vfork: no copy of this interpreter's memory), reaps every process of the namespace
@@ -344,8 +340,11 @@ def _init(slot: _Slot, request: Request, control: int, stdout: int, stderr: int)
         # SIGINT cannot end its init. SIGCHLD back to the default, for waitpid.
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        k.umount(b"/proc")  # the spawner's /proc shows the host's processes; this one only the job's
-        k.mount(b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
+        try:
+            _namespaces(k, slot.hidden, scratch)
+        except OSError as exc:
+            _send(control, b"E" + f"cannot set up the job's namespaces: {exc}".encode(errors="replace"))
+            os._exit(1)
         # The gate: nothing of the job's runs before the agent has put this process in the job's cgroup. End of
         # file (the agent gave up, or died) is not a go.
         if os.read(control, 16) != GATE:
