@@ -307,3 +307,37 @@ def test_a_job_never_runs_unless_let_go_and_dies_with_its_spawner(tmp_path: Path
     finally:
         os.close(out)
         spawner.close()
+
+
+def test_a_running_job_dies_with_its_agent(tmp_path: Path) -> None:
+    """The agent (a process of its own here) is SIGKILLed while its job runs: bwrap dies with it (--die-with-parent),
+    the spawner with bwrap, the job's init with the spawner (its parent-death signal), and the namespace with it."""
+    script = f"""
+import asyncio, sys
+from services.worker.executor import ExecSpec
+from services.worker.sandbox import Sandbox, SandboxSettings
+from services.worker.spawner_executor import SpawnerExecutor
+box = Sandbox.for_this_machine(SandboxSettings())
+ex = SpawnerExecutor({str(tmp_path / "agent-scratch")!r}, box)
+print("started", flush=True)
+asyncio.run(ex.run(ExecSpec("job-1", 1, ["sh", "-c", "sleep 331.5 & exec sleep 332.5"], {{}}, None, 60.0, 1000, 128)))
+"""
+    agent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert agent.stdout is not None and agent.stdout.readline().strip() == "started"
+        deadline = time.monotonic() + 15
+        while len(sleeps()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(sleeps()) == 2
+    finally:
+        agent.kill()
+        agent.wait()
+    deadline = time.monotonic() + 10
+    while sleeps() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sleeps() == []
+
+
+def sleeps() -> list[int]:
+    """The job's two sleeps (not the agent, whose command line names them too)."""
+    return [pid for pid in processes_with("sleep 33") if psutil.Process(pid).name() == "sleep"]
