@@ -79,6 +79,8 @@ _CAP_VERSION_3 = 0x20080522
 # CAP_KILL for the parent-death signal alone: the kernel sends it with the dying parent's credentials, and a root
 # spawner without it may not signal a job's init once that runs as the job's uid.
 SPAWNER_CAPS = ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_KILL")
+# What it keeps once its bounding set is empty: CAP_KILL (5), CAP_SETGID (6), CAP_SETUID (7), CAP_SYS_ADMIN (21).
+SPAWNER_KEEPS = (1 << 5) | (1 << 6) | (1 << 7) | (1 << 21)
 SCRATCH = "/scratch"
 
 
@@ -251,10 +253,12 @@ class _Kernel:
     def prctl(self, option: int, arg: int = 0, what: str = "prctl") -> None:
         self._ok(self._prctl(option, arg, 0, 0, 0), what)
 
-    def clear_capabilities(self) -> None:
-        """Empties the effective, permitted and inheritable sets (a lowering: allowed without any capability)."""
+    def clear_capabilities(self, keep: int = 0) -> None:
+        """Leaves only `keep` (a mask of capabilities numbered below 32) in the effective and permitted sets, nothing
+        in the inheritable set: a lowering, allowed without any capability."""
         header = _CapHeader(_CAP_VERSION_3, 0)
         data = (_CapData * 2)()
+        data[0].effective = data[0].permitted = keep
         self._ok(self._capset(ctypes.byref(header), ctypes.byref(data)), "capset")
 
     def load_seccomp(self, program: ctypes.Array[ctypes.c_char], length: int) -> None:
@@ -426,6 +430,7 @@ def serve(sock_fd: int, seccomp_fd: int, hidden: list[bytes]) -> None:
     # process it starts can ever gain a capability by an exec.
     for cap in range(slot.cap_last + 1):
         slot.kernel.prctl(_PR_CAPBSET_DROP, cap, "drop from the bounding set")
+    slot.kernel.clear_capabilities(keep=SPAWNER_KEEPS)  # CAP_SETPCAP was for the line above only
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the jobs' inits are reaped by the kernel
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C at the agent's terminal is for the agent
     # Every later fork copies this process's page tables, and a collection would write to every object of it:

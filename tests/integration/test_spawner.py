@@ -19,8 +19,8 @@ import pytest
 
 from devtools.launcher import REPO
 from services.worker.executor import ExecSpec
-from services.worker.sandbox import Sandbox, SandboxSettings
-from services.worker.spawner import Request, Spawner
+from services.worker.sandbox import JOB_PATH, Sandbox, SandboxSettings
+from services.worker.spawner import SPAWNER_KEEPS, Request, Spawner
 from services.worker.spawner_executor import SpawnerExecutor
 from tests.integration.test_sandbox import processes_with, sandbox_of, sh, spec
 
@@ -96,6 +96,23 @@ async def test_the_job_runs_as_its_own_uid_without_any_capability(tmp_path: Path
         assert fields[cap] == ["0000000000000000"], (cap, fields)
     assert fields["NoNewPrivs"] == ["1"] and fields["Seccomp"] == ["2"]
     assert "u=0" not in result.output_tail  # no user namespace (seccomp), so no capability anywhere
+
+
+@pytest.mark.asyncio
+async def test_the_spawner_holds_four_capabilities_no_environment_and_no_file_of_the_mesh(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    async with slot(tmp_path, sandbox) as executor:
+        await executor.run(spec(["true"]))
+        spawner = spawner_processes(executor)[-1]
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{spawner}/status").read_text().splitlines())
+        environ = Path(f"/proc/{spawner}/environ").read_bytes()
+        cmdline = Path(f"/proc/{spawner}/cmdline").read_bytes()
+
+    assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == SPAWNER_KEEPS
+    assert int(status["CapBnd"], 16) == int(status["CapInh"], 16) == int(status["CapAmb"], 16) == 0
+    assert set(environ.split(b"\0")[:-1]) <= {b"PATH=" + JOB_PATH.encode(), b"PWD=/"}  # PWD: bwrap's
+    assert str(REPO).encode() not in cmdline and b"/proc/self/fd/" in cmdline  # its program came in a memfd
 
 
 @pytest.mark.asyncio
@@ -315,7 +332,7 @@ def test_a_running_job_dies_with_its_agent(tmp_path: Path) -> None:
     script = f"""
 import asyncio, sys
 from services.worker.executor import ExecSpec
-from services.worker.sandbox import Sandbox, SandboxSettings
+from services.worker.sandbox import JOB_PATH, Sandbox, SandboxSettings
 from services.worker.spawner_executor import SpawnerExecutor
 box = Sandbox.for_this_machine(SandboxSettings())
 ex = SpawnerExecutor({str(tmp_path / "agent-scratch")!r}, box)
