@@ -149,7 +149,7 @@ def encode_request(request: Request) -> bytes:
     return message
 
 
-def decode_request(data: bytes | memoryview) -> Request:
+def decode_request(data: bytes | bytearray | memoryview) -> Request:
     """The request in `data`; RequestError when it is malformed (short, long, a count or length past its end)."""
     view = memoryview(data)
     if len(view) < _HEADER.size or len(view) > MAX_REQUEST:
@@ -290,10 +290,11 @@ def _send(fd: int, data: bytes) -> None:
         pass  # the agent closed its end: it has given up on this job
 
 
-def _start(slot: _Slot, request: Request, fds: list[int]) -> None:
+def _start(slot: _Slot, message: bytearray, fds: list[int]) -> None:
     """One job: its init forked into a new pid namespace, its pid sent to the agent. That is all the spawner does
-    per job: the init makes the rest of the job's namespaces itself, talks to the agent from here on, and its end
-    is reaped by the kernel (SIGCHLD ignored). Every page the spawner writes while an init lives is copied."""
+    per job: the init decodes the request (the spawner's heap never holds a job's environment, so no later job's
+    init, a copy of that heap, does), makes the rest of the job's namespaces, talks to the agent from here on, and
+    its end is reaped by the kernel (SIGCHLD ignored). Every page the spawner writes while an init lives is copied."""
     control, stdout, stderr, scratch = fds
     k = slot.kernel
     try:
@@ -302,6 +303,11 @@ def _start(slot: _Slot, request: Request, fds: list[int]) -> None:
             init = os.fork()
             if init == 0:
                 os.close(slot.lifeline_end)
+                try:
+                    request = decode_request(message)
+                except RequestError as exc:
+                    _send(control, b"E" + str(exc).encode())
+                    os._exit(1)
                 _init(slot, request, control, stdout, stderr, scratch)
         finally:
             k.setns(slot.own_pid, _CLONE_NEWPID)  # our own again, or the next unshare(CLONE_NEWPID) fails
@@ -309,6 +315,7 @@ def _start(slot: _Slot, request: Request, fds: list[int]) -> None:
     except OSError as exc:
         _send(control, b"E" + f"cannot start the job's init: {exc}".encode(errors="replace"))
     finally:
+        message[:] = bytes(len(message))  # the job's environment stays in no buffer of ours
         for fd in fds:
             os.close(fd)
 
@@ -450,20 +457,14 @@ def serve(sock_fd: int, seccomp_fd: int, hidden: list[bytes]) -> None:
         for level, kind, data in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds += struct.unpack(f"{len(data) // 4}i", data[: len(data) - len(data) % 4])
-        try:
-            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) != REQUEST_FDS:
-                raise RequestError("a request without its four fds, or cut short")
-            request = decode_request(memoryview(buffer)[:received])
-        except RequestError as exc:
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) != REQUEST_FDS or received != len(buffer):
+            buffer[:] = bytes(len(buffer))
             if fds:
-                _send(fds[0], b"E" + str(exc).encode())
+                _send(fds[0], b"Ea request without its four fds, or cut short")
             for fd in fds:
                 os.close(fd)
             continue
-        finally:
-            buffer[:] = bytes(len(buffer))  # the job's environment stays in no buffer of ours
-        _start(slot, request, fds)
-        del request
+        _start(slot, buffer, fds)
 
 
 def main(argv: list[str]) -> None:

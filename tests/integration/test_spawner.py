@@ -221,6 +221,46 @@ async def test_a_jobs_environment_is_in_no_command_line_or_other_process(tmp_pat
     assert "done" in result.output_tail
 
 
+def memory_holds(pid: int, needle: bytes) -> bool:
+    """Whether any readable, private mapping of `pid` holds `needle` (read as root through /proc/<pid>/mem)."""
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if not perms.startswith("r") or "p" not in perms:
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                mem.seek(start)
+                if needle in mem.read(end - start):
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+@pytest.mark.asyncio
+async def test_no_later_jobs_init_nor_the_spawner_holds_an_earlier_jobs_environment(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    secret = "ghost-of-job-a-5e7d1c"
+    async with slot(tmp_path, sandbox) as executor:
+        # Many variables of many sizes: a later, smaller request does not happen to reuse all of their memory.
+        env = {f"TOKEN_{n}": secret + "x" * (n * 7) for n in range(24)}
+        first = await executor.run(sh("echo ${#TOKEN_0}", env=env))
+        later = asyncio.create_task(executor.run(sh("sleep 1.75", job_id="job-2")))
+        deadline = time.monotonic() + 10
+        while not processes_with("sleep 1.75") and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        init = psutil.Process(processes_with("sleep 1.75")[0]).ppid()
+        try:
+            assert memory_holds(init, b"sleep 1.75")  # the search finds what is there
+            assert not memory_holds(init, secret.encode())
+            assert not memory_holds(spawner_processes(executor)[-1], secret.encode())
+        finally:
+            await later
+    assert first.output_tail.strip() == str(len(secret))
+
+
 @pytest.mark.asyncio
 async def test_nothing_a_job_starts_outlives_it(tmp_path: Path, sandbox: Sandbox) -> None:
     script = (
