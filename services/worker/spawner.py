@@ -12,26 +12,29 @@ Once per slot the agent starts (``Spawner``), in the slot's network namespace:
                    Every capability dropped but the five the spawner needs (SPAWNER_CAPS); dies with the agent. No
                    pid namespace of its own: the pids the spawner reports are the agent's, for its cgroup.procs.
   python -S -I     this module's ``serve``: os, socket, struct, signal, resource and ctypes on the C library only.
-                   Makes its mounts private, empties its bounding set (inherited by every job), reads the seccomp
-                   filter (services/worker/seccomp.py) once, then one request per job from its socketpair with the
-                   agent (SOCK_SEQPACKET: one message, one request) with four fds (SCM_RIGHTS): the job's control
-                   socket, stdout, stderr and scratch directory (a detached mount, open_tree). The environment
-                   travels only in that message: no command line ever holds it.
+                   Makes its mounts private, empties its bounding set (inherited by every job) and then drops
+                   CAP_SETPCAP (SPAWNER_KEEPS stay), reads the seccomp filter (services/worker/seccomp.py) once, then
+                   one request per job from its socketpair with the agent (SOCK_SEQPACKET: one message, one request)
+                   with four fds (SCM_RIGHTS): the job's control socket, stdout, stderr and scratch directory (a
+                   detached mount, open_tree). The environment travels only in that message (no command line ever
+                   holds it), which the spawner does not even decode: it zeroes it once the job's init has forked.
 
-Per job (``_start``), the spawner itself unshares a mount, ipc and pid namespace, unmounts the interpreter's
-directory, mounts fresh tmpfs on /tmp and /dev/shm and attaches the scratch directory at /scratch (nosuid, nodev),
-forks the job's init into them, goes back to its own namespaces (setns) and sends the init's pid to the agent. It is
-then at its socket again: no per-job state is left in the root process.
+Per job (``_start``) the spawner unshares a pid namespace for its next child, forks the job's init, returns to its
+own pid namespace (setns) and sends the init's pid to the agent. It is then at its socket again: no per-job state is
+left in the root process, and its own namespaces never change.
 
-  init (pid 1)     the job's init (``_init``); dies with the spawner (PDEATHSIG). Mounts the namespace's own /proc;
-                   waits for the gate byte on the control socket while the agent puts it in the job's cgroup (end of
-                   file: the job never runs); then rlimits, no groups, the job's gid and uid (which empties its
-                   capabilities and makes it undumpable: the job can neither ptrace it nor read its /proc files),
-                   no inheritable or ambient capability, no_new_privs, chdir as the job, the seccomp filter; then the
-                   job's command by posix_spawn (a vfork, in a session of its own, stdin /dev/null) with exactly the
-                   job's environment. It reaps every process of the namespace until the job's first one ends and
-                   sends that status (128 + N for a signal, as bwrap reports it) to the agent; its exit makes the
-                   kernel kill whatever is left in the namespace.
+  init (pid 1)     the job's init (``_init``); dies with the spawner (PDEATHSIG, set again after the uid switch,
+                   which clears it; a lifeline pipe covers the moment between). Decodes the request; unshares a
+                   mount and ipc namespace: unmounts the interpreter's directory, fresh tmpfs on /tmp and /dev/shm, the
+                   scratch directory at /scratch (nosuid, nodev), a /proc of its own (``_namespaces``). Waits for the
+                   gate byte on the control socket while the agent puts it in the job's cgroup (end of file: the job
+                   never runs); then rlimits, no groups, the job's gid and uid (which empties its capabilities and
+                   makes it undumpable: the job can neither ptrace it nor read its /proc files), no inheritable or
+                   ambient capability, no_new_privs, chdir as the job, the seccomp filter; then the job's command by
+                   posix_spawn (a vfork, in a session of its own, stdin /dev/null) with exactly the job's
+                   environment. It reaps every process of the namespace until the job's first one ends and sends
+                   that status (128 + N for a signal, as bwrap reports it) to the agent; its exit makes the kernel
+                   kill whatever is left in the namespace.
 
 The agent's side of one job (``SpawnedJob``): read the init's pid, confine it (cgroup.procs), ``let_go``, read the
 status and the end of file that follows the init's exit; to end a job, SIGKILL its init (through a pidfd opened while
