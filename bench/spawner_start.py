@@ -1,6 +1,6 @@
 """Spawner start benchmark: bench/sandbox_start.py's measure (the same jobs, the same cpuacct group counting the CPU
 of everything, the same JSON fields), with each job started through its slot's spawner (services/worker/spawner.py,
-driven by the prototype SpawnerExecutor) instead of a bwrap -> setpriv -> sh chain per job. The spawner itself is
+driven by the prototype JobExecutor) instead of a bwrap -> setpriv -> sh chain per job. The spawner itself is
 started by the warm-up jobs, before the measure, as it would be once per slot. Bounded by --jobs.
 """
 
@@ -13,8 +13,8 @@ import os
 import tempfile
 
 from bench.sandbox_start import join_own_cpuacct_group, leave, measure
+from services.worker.executor import JobExecutor
 from services.worker.sandbox import Sandbox, SandboxSettings
-from services.worker.spawner_executor import SpawnerExecutor
 
 
 def main() -> int:
@@ -27,7 +27,7 @@ def main() -> int:
         sandbox = Sandbox.for_this_machine(SandboxSettings(network=args.network))
         try:
             with tempfile.TemporaryDirectory(prefix="jobmesh-spawner-start-") as scratch:
-                executor = SpawnerExecutor(scratch, sandbox)
+                executor = JobExecutor(scratch, sandbox=sandbox)
                 try:
                     figures = asyncio.run(measure(executor, args.jobs, group))
                 finally:

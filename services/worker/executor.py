@@ -18,13 +18,13 @@ import stat
 import subprocess
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import psutil
 
 from services.worker.cgroups import JobCgroup, signal_pids
-from services.worker.sandbox import JOB_PATH, SCRATCH, JobSandbox, Sandbox, SandboxError, SlotNetwork, StartGate
+from services.worker.sandbox import JOB_PATH, SCRATCH, JobSandbox, Sandbox, SandboxError, SlotNetwork
+from services.worker.spawner import Request, RequestError, SpawnedJob, Spawner, SpawnerError
 
 REASON_EXITED = "EXITED"
 REASON_KILLED = "KILLED"
@@ -155,6 +155,9 @@ class JobExecutor:
         # network = "none": this slot's network namespace, made at its first sandboxed job and kept for the next
         # ones (one at a time), dropped with a job whose processes could not all be killed.
         self._network: SlotNetwork | None = None
+        # This slot's spawner (services/worker/spawner.py), started at its first sandboxed job, in its network
+        # namespace, and kept for the next ones; replaced with the network namespace.
+        self._spawner: Spawner | None = None
         # Set when the pool wants a sandbox this machine cannot give: every job is refused, none runs unconfined.
         self._refusal = refusal
         self._state: _RunState | None = None
@@ -172,6 +175,11 @@ class JobExecutor:
             self._sandbox,
             self._refusal,
         )
+
+    @property
+    def spawner_pid(self) -> int:
+        """The slot's spawner (bwrap's pid, its outermost process), 0 before the slot's first sandboxed job."""
+        return self._spawner.pid if self._spawner is not None else 0
 
     @property
     def running_job_id(self) -> str | None:
@@ -243,7 +251,8 @@ class JobExecutor:
                 await self._keep_or_remove(scratch, os.getuid())
 
     async def _run_sandboxed(self, spec: ExecSpec, state: _RunState, sandbox: Sandbox) -> ExecResult:
-        """The job in its own sandbox; its uid is given back only once the last of its processes is gone."""
+        """The job in its own sandbox, started by the slot's spawner; its uid is given back only once the last of
+        its processes is gone."""
         if not spec.command:
             return _start_failed("empty command")
         inner_cwd = _inner_working_dir(spec.working_dir)
@@ -251,10 +260,12 @@ class JobExecutor:
             return _start_failed(f"working_dir must be {SCRATCH} or inside it for a sandboxed job: {spec.working_dir}")
         kept, self._cgroup = self._cgroup, None
         try:
-            if self._network is None:
-                self._network = sandbox.slot_network()
+            if self._spawner is None:
+                if self._network is None:
+                    self._network = sandbox.slot_network()
+                self._spawner = sandbox.spawner(self._network)
             # The slot's group from its last job is reused if it can be; prepare removes it otherwise.
-            job = sandbox.prepare(self._cgroup_name, spec.memory_mb, spec.cpu_millis, reuse=kept, network=self._network)
+            job = sandbox.prepare(self._cgroup_name, spec.memory_mb, spec.cpu_millis, reuse=kept)
         except (OSError, SandboxError, ValueError) as exc:
             return _start_failed(f"cannot set up the job's sandbox: {exc}")
         scratch: str | None = None
@@ -264,22 +275,12 @@ class JobExecutor:
                 _make_inner_dirs(scratch, inner_cwd, job.uid)
             except OSError as exc:
                 return _start_failed(f"cannot create scratch directory: {exc}")
+            try:
+                request = job.request(spec.command, _job_env(spec.env, home=SCRATCH, path=JOB_PATH), inner_cwd)
+            except RequestError as exc:
+                return _start_failed(f"invalid command or environment: {exc}")
             state.cgroup = job.cgroup
-            env = _job_env(spec.env, home=SCRATCH, path=JOB_PATH)
-            try:
-                gate = job.start_gate()
-            except OSError as exc:
-                return _start_failed(f"cannot set up the job's sandbox: {exc}")
-            try:
-                try:
-                    argv = job.argv(spec.command, env, scratch, gate, inner_cwd)
-                except (OSError, ValueError) as exc:
-                    return _start_failed(f"cannot set up the job's sandbox: {exc}")
-                # bwrap and setpriv get nothing of the job's environment: sh exports it, as the job's uid, from the
-                # gate's memfd on its standard input.
-                return await self._spawn_and_supervise(spec, state, argv, "/", {"PATH": JOB_PATH}, job, gate)
-            finally:
-                gate.close()
+            return await self._start_spawned(spec, state, job, self._spawner, request, scratch)
         finally:
             state.cgroup = None
             if await _empty_cgroup(job.cgroup):
@@ -288,11 +289,92 @@ class JobExecutor:
                 self._cgroup = job.cgroup
             else:
                 # Keep the uid (and the group) out of use rather than hand a live process's uid to another job,
-                # and give the slot's next job a network namespace those processes are not in.
+                # and give the slot's next job a spawner and network namespace those processes are not in.
                 log.error("job %s left processes in its cgroup; its uid %d stays reserved", spec.job_id, job.uid)
-                self._drop_network()
+                self._drop_spawner()
             if scratch is not None:
                 await self._keep_or_remove(scratch, job.uid)
+
+    async def _start_spawned(
+        self, spec: ExecSpec, state: _RunState, job: JobSandbox, spawner: Spawner, request: Request, scratch: str
+    ) -> ExecResult:
+        """Asks the slot's spawner to start the job, puts the job's init (held at its gate) in the job's cgroup,
+        lets it go and supervises it."""
+        loop = asyncio.get_running_loop()
+        out_read, out_write = os.pipe()
+        err_read, err_write = os.pipe()
+        try:
+            output = _OutputTail((out_read, err_read), loop, spec.output)
+        except BaseException:
+            for fd in (out_read, out_write, err_read, err_write):
+                os.close(fd)
+            raise
+        started = time.monotonic()
+        try:
+            try:
+                handle = spawner.spawn(request, out_write, err_write, scratch)
+            finally:
+                os.close(out_write)  # the spawner's init holds its own copies
+                os.close(err_write)
+        except (OSError, SpawnerError) as exc:
+            output.close()
+            self._drop_spawner()  # a spawner that cannot take a job is not asked again
+            return _start_failed(f"cannot start the job: {exc}")
+        except RequestError as exc:
+            output.close()
+            return _start_failed(f"invalid command or environment: {exc}")
+        try:
+            # Any failure before let_go: closing `handle` kills the init at its gate, and nothing of the job's has run.
+            try:
+                init = await handle.init_pid()
+            except (OSError, SpawnerError) as exc:
+                return _start_failed(f"cannot start the job's sandbox: {exc}")
+            try:
+                # Off the event loop: the first write to a cgroup.procs can wait for an RCU grace period (ms).
+                await loop.run_in_executor(None, job.confine, init)
+            except OSError as exc:
+                return _start_failed(f"cannot confine the job's sandbox: {exc.strerror or exc}")
+            handle.let_go()
+            return await self._supervise_spawned(spec, state, job, handle, output, started)
+        finally:
+            handle.close()
+            output.close()
+
+    async def _supervise_spawned(
+        self,
+        spec: ExecSpec,
+        state: _RunState,
+        job: JobSandbox,
+        handle: SpawnedJob,
+        output: _OutputTail,
+        started: float,
+    ) -> ExecResult:
+        """Waits for the job's end, a stop or its time limit; its usage is the cgroup's (exact, no sampling)."""
+        ended = asyncio.ensure_future(handle.exit_status())
+        stop = state.stop_requested
+        limit = _time_limit(spec)
+        reason, escalated = REASON_EXITED, False
+        try:
+            waiting: set[asyncio.Future[object]] = {ended, stop}  # type: ignore[arg-type]
+            done, _ = await asyncio.wait(waiting, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+            if ended not in done:
+                reason = REASON_KILLED if stop in done else REASON_TIMEOUT
+                await self._sample(state)
+                grace = 0.0 if state.kill_now else self._kill_grace_seconds
+                escalated = await _terminate_spawned(handle, job.cgroup, ended, grace)
+            returncode = await ended
+        except SpawnerError as exc:
+            return _start_failed(f"the job's spawner failed: {exc}")
+        finally:
+            if not ended.done():
+                ended.cancel()
+        run_seconds = time.monotonic() - started
+        await _empty_cgroup(job.cgroup)
+        final = job.cgroup.usage()
+        state.cpu_seconds = max(state.cpu_seconds, final.cpu_seconds)
+        state.peak_rss_bytes = max(state.peak_rss_bytes, final.peak_memory_bytes)
+        await asyncio.wait({output.closed}, timeout=_DRAIN_TIMEOUT_SECONDS)
+        return self._result(spec, state, output, reason, returncode, run_seconds, escalated, final.oom_kills, True)
 
     async def _keep_or_remove(self, scratch: str, owner: int) -> None:
         if self._spare is None and _empty_own_dir(scratch, owner):
@@ -306,8 +388,8 @@ class JobExecutor:
         await _remove_tree(scratch)
 
     def close(self) -> None:
-        """Removes the kept scratch directory and cgroup, and lets go of the slot's network (the agent stops)."""
-        self._drop_network()
+        """Removes the kept scratch directory and cgroup, and stops the slot's spawner (the agent stops)."""
+        self._drop_spawner()
         cgroup, self._cgroup = self._cgroup, None
         if cgroup is not None:
             _remove_cgroup(cgroup)
@@ -315,7 +397,11 @@ class JobExecutor:
         if spare is not None:
             shutil.rmtree(spare, ignore_errors=True)
 
-    def _drop_network(self) -> None:
+    def _drop_spawner(self) -> None:
+        """Stops the slot's spawner (and any job it still runs) and lets go of the slot's network namespace."""
+        spawner, self._spawner = self._spawner, None
+        if spawner is not None:
+            spawner.close()
         network, self._network = self._network, None
         if network is not None:
             network.close()
@@ -360,8 +446,6 @@ class JobExecutor:
         argv: list[str],
         cwd: str,
         env: dict[str, str],
-        job: JobSandbox | None = None,
-        gate: StartGate | None = None,
     ) -> ExecResult:
         if not spec.command:
             return _start_failed("empty command")
@@ -382,22 +466,17 @@ class JobExecutor:
         started = time.monotonic()
         try:
             try:
-                # Popen only forks and execs (vfork), then returns; the child is reaped through its pidfd. A
-                # sandboxed job's first process is forked in its slot's network namespace (network = "none").
-                with job.spawning() if job is not None else nullcontext():
-                    proc = subprocess.Popen(  # noqa: ASYNC220
-                        argv,
-                        stdin=gate.stdin if gate is not None and gate.stdin >= 0 else _devnull(),
-                        stdout=out_write,
-                        stderr=err_write,
-                        cwd=cwd,
-                        env=env,
-                        # Own session => own process group, so one killpg reaches everything the job forked.
-                        start_new_session=True,
-                        pass_fds=gate.child_fds if gate is not None else (),
-                    )
-                if gate is not None:
-                    gate.spawned(proc.pid)  # from here on, closing the gate kills bwrap: nothing runs unconfined
+                # Popen only forks and execs (vfork), then returns; the child is reaped through its pidfd.
+                proc = subprocess.Popen(  # noqa: ASYNC220
+                    argv,
+                    stdin=_devnull(),
+                    stdout=out_write,
+                    stderr=err_write,
+                    cwd=cwd,
+                    env=env,
+                    # Own session => own process group, so one killpg reaches everything the job forked.
+                    start_new_session=True,
+                )
             finally:
                 # The child holds its own copies; ours would keep the pipes from ever reaching EOF.
                 os.close(out_write)
@@ -410,17 +489,7 @@ class JobExecutor:
             raise
 
         child = _Child(proc, loop)
-        if job is not None and gate is not None:
-            try:
-                failure = await _confine_at_gate(gate, job, child)
-            except BaseException:
-                output.close()
-                raise
-            if failure is not None:
-                output.close()
-                await child.exited
-                return _start_failed(failure)
-        return await self._supervise(spec, state, child, output, started, job)
+        return await self._supervise(spec, state, child, output, started)
 
     async def _supervise(
         self,
@@ -429,8 +498,8 @@ class JobExecutor:
         child: _Child,
         output: _OutputTail,
         started: float,
-        job: JobSandbox | None,
     ) -> ExecResult:
+        """An unsandboxed job (sandbox = "none"): its process group, sampled from the process table."""
         pgid = child.pid
         state.pid = child.pid
         sampler: asyncio.Task[None] | None = None
@@ -439,14 +508,11 @@ class JobExecutor:
             nonlocal sampler
             sampler = asyncio.create_task(self._sample_forever(state))
 
-        # A job that ends before the first sample (most) never starts a sampler. A sandboxed job never does: its
-        # cgroup keeps the exact CPU total and memory peak, read when it ends (and by live_usage on demand).
-        first_sample = None if job is not None else state.loop.call_later(self._first_sample_delay, start_sampling)
+        # A job that ends before the first sample (most) never starts a sampler.
+        first_sample = state.loop.call_later(self._first_sample_delay, start_sampling)
         exited = child.exited
         stop = state.stop_requested
-        limit = spec.max_runtime_seconds
-        if limit is not None and limit <= 0:
-            limit = None
+        limit = _time_limit(spec)
         reason = REASON_EXITED
         escalated = False
         try:
@@ -457,36 +523,39 @@ class JobExecutor:
                 # Last look before the tree disappears, so the report covers the whole run.
                 await self._sample(state)
                 grace = 0.0 if state.kill_now else self._kill_grace_seconds
-                if job is not None:
-                    escalated = await self._terminate_sandbox(child.pid, job.cgroup, exited, grace)
-                else:
-                    escalated = await self._terminate(pgid, exited, grace)
+                escalated = await self._terminate(pgid, exited, grace)
             returncode, usage = await exited
             run_seconds = time.monotonic() - started
             state.root, state.pid = None, 0
             # The kernel's account of the root and every descendant it waited for: exact, however short the job.
             state.cpu_seconds = max(state.cpu_seconds, usage.ru_utime + usage.ru_stime)
             state.peak_rss_bytes = max(state.peak_rss_bytes, usage.ru_maxrss * 1024)
-            # Whatever the job left behind in its group (its cgroup, when sandboxed) must not outlive it.
+            # Whatever the job left behind in its group must not outlive it.
             _signal_group(pgid, signal.SIGKILL)
-            oom_kills = 0
-            if job is not None:
-                await _empty_cgroup(job.cgroup)
-                final = job.cgroup.usage()
-                state.cpu_seconds = max(state.cpu_seconds, final.cpu_seconds)
-                state.peak_rss_bytes = max(state.peak_rss_bytes, final.peak_memory_bytes)
-                oom_kills = final.oom_kills
             await asyncio.wait({output.closed}, timeout=_DRAIN_TIMEOUT_SECONDS)
         finally:
             _signal_group(pgid, signal.SIGKILL)
-            if first_sample is not None:
-                first_sample.cancel()
+            first_sample.cancel()
             if sampler is not None:
                 sampler.cancel()
             output.close()
+        return self._result(spec, state, output, reason, returncode, run_seconds, escalated, 0, False)
 
+    def _result(
+        self,
+        spec: ExecSpec,
+        state: _RunState,
+        output: _OutputTail,
+        reason: str,
+        returncode: int,
+        run_seconds: float,
+        escalated: bool,
+        oom_kills: int,
+        sandboxed: bool,
+    ) -> ExecResult:
+        """How the job ended, in words, with what it used (``state``) and the tails of its output."""
         if reason == REASON_TIMEOUT:
-            message = f"killed after {_fmt_seconds(limit or 0.0)}s max runtime"
+            message = f"killed after {_fmt_seconds(_time_limit(spec) or 0.0)}s max runtime"
         elif reason == REASON_KILLED:
             message = "cancelled on request"
             if state.kill_now:
@@ -497,7 +566,7 @@ class JobExecutor:
             reason = REASON_OOM_KILLED
             message = f"out of memory: a process was killed at the job's {spec.memory_mb} MB limit"
         else:
-            message = _describe_exit(returncode, sandboxed=job is not None)
+            message = _describe_exit(returncode, sandboxed=sandboxed)
         return ExecResult(
             exit_code=_shell_exit_code(returncode),
             reason=reason,
@@ -521,26 +590,6 @@ class JobExecutor:
         if done:
             return False
         _signal_group(pgid, signal.SIGKILL)
-        return True
-
-    async def _terminate_sandbox(
-        self,
-        outer: int,
-        cgroup: JobCgroup,
-        exited: asyncio.Future[tuple[int, resource.struct_rusage]],
-        grace: float,
-    ) -> bool:
-        """SIGTERM the job's own processes (not bwrap: that would kill the namespace at once), then SIGKILL the
-        whole namespace and cgroup if the job's first process outlives the grace period (at once without one);
-        True if escalated."""
-        if grace > 0:
-            keep = {outer, *_children_of(outer)}  # bwrap, and bwrap as pid 1 of the job's namespace
-            signal_pids([p for p in cgroup.pids() if p not in keep], signal.SIGTERM)
-            done, _ = await asyncio.wait({exited}, timeout=grace)
-            if done:
-                return False
-        signal_pids([outer], signal.SIGKILL)
-        cgroup.kill()
         return True
 
     async def _sample_forever(self, state: _RunState) -> None:
@@ -780,33 +829,23 @@ def _make_inner_dirs(scratch: str, inner_cwd: str, owner: int) -> None:
         os.chown(current, owner, owner)
 
 
-async def _confine_at_gate(gate: StartGate, job: JobSandbox, bwrap: _Child) -> str | None:
-    """Confines the sandbox bwrap holds at its gate (cgroup, rlimits), then lets its job start. Otherwise closes the
-    gate (bwrap and its init are killed before the job ran): why the job cannot start, or None when bwrap failed by
-    itself (its exit and its output say why)."""
-    try:
-        init = await gate.init_pid(bwrap.exited)
-        if init is None:
-            gate.close()
-            return None if bwrap.exited.done() else "bwrap did not report its sandbox"
-        # Off the event loop: the first write to a cgroup.procs can wait for an RCU grace period (ms).
-        await asyncio.get_running_loop().run_in_executor(None, job.confine, init)
-    except OSError as exc:
-        gate.close()
-        return f"cannot confine the job's sandbox: {exc.strerror or exc}"
-    except BaseException:
-        gate.close()
-        raise
-    gate.let_go()
-    return None
+async def _terminate_spawned(handle: SpawnedJob, cgroup: JobCgroup, ended: asyncio.Future[int], grace: float) -> bool:
+    """SIGTERM the job's processes but its init (pid 1 of the namespace: killing it kills the namespace at once), then
+    SIGKILL the init (its whole pid namespace) and the cgroup if the job outlives `grace` (at once without one); True
+    if it came to that."""
+    if grace > 0:
+        signal_pids([p for p in cgroup.pids() if p != handle.pid], signal.SIGTERM)
+        done, _ = await asyncio.wait({ended}, timeout=grace)
+        if done:
+            return False
+    handle.kill()
+    cgroup.kill()
+    return True
 
 
-def _children_of(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            return [int(p) for p in fh.read().split()]
-    except (OSError, ValueError):
-        return []
+def _time_limit(spec: ExecSpec) -> float | None:
+    limit = spec.max_runtime_seconds
+    return limit if limit is not None and limit > 0 else None
 
 
 async def _empty_cgroup(cgroup: JobCgroup) -> bool:

@@ -1,59 +1,45 @@
-"""The job sandbox: one unprivileged uid, one set of namespaces (bubblewrap) and one cgroup per job.
+"""The job sandbox: one unprivileged uid, one set of namespaces and one cgroup per job.
 
-A sandboxed job starts as this chain, each step doing one thing and then getting out of the way:
-
-  bwrap (root)             started by the agent itself (no shell): new pid, mount, ipc, uts and cgroup
-                           namespaces; a root file system of read-only system directories, a fresh /proc, a
-                           minimal /dev, private tmpfs /tmp and /dev/shm and the job's scratch directory; every
-                           capability dropped but the four setpriv needs; dies with the agent. Its init (pid 1 of
-                           the namespace) then waits at the start gate (--info-fd, --block-fd, see StartGate)
-                           while the agent puts it in the job's cgroup(s) and sets its rlimits; once let go it
-                           forks the job's first process (pid 2 of the namespace), which execs, under the jobs'
-                           seccomp filter (--seccomp, loaded by bwrap; services/worker/seccomp.py),
-  setpriv                  switches to the job's uid and gid, drops every group and capability (bounding set
-                           included) and sets no_new_privs, then execs
-  sh                       (as the job's uid) which exports the job's environment, read from its standard input
-                           (a memfd the agent wrote, never a command line: /proc/<pid>/cmdline is readable by
-                           every user of the host), points standard input at /dev/null and execs the job's
-                           command. Nothing the tenant sets (LD_PRELOAD, say) ever reaches a process that runs as
-                           root: bwrap and setpriv get only PATH.
+Each worker slot has a spawner (services/worker/spawner.py; its compiled form spawner.c when built): bubblewrap
+makes, once per slot, the view of the system every job of the slot gets (read-only system directories, a copy of the
+allowed part of /etc, a minimal /dev, no file of the mesh), and runs the spawner in it as root with four capabilities
+and an empty bounding set. For each job the spawner starts the job's init in new pid, mount and ipc namespaces (a
+fresh /proc, /tmp and /dev/shm, the job's scratch directory at /scratch). The init waits at its gate while the agent
+puts it in the job's cgroup(s) (``JobSandbox.confine``); then it sets the job's rlimits, becomes the job's uid and gid
+with no group and no capability, sets no_new_privs, loads the jobs' seccomp filter (services/worker/seccomp.py) and
+starts the job's command with exactly the job's environment, which travels only in the agent's message to the
+spawner (no command line, no file). Nothing the tenant sets (LD_PRELOAD, say) reaches a process that runs as root.
 
 Nothing of the job's runs before its init is confined: every process of the job descends from it. With
-`network = "none"` the job starts in its slot's network namespace (loopback only), made once per slot and
-entered by the agent's thread just for the fork of bwrap: a slot runs one job at a time, and whatever a job left
-listening there died with it. Everything the job starts is in its cgroup and its pid namespace: when its first
-process ends, bwrap's init (pid 1 of the namespace) dies and the kernel kills the rest; the agent then empties
-the cgroup (kept for the slot's next job, or removed).
+`network = "none"` the slot's spawner, and so every job of the slot, runs in the slot's network namespace (loopback
+only), made once per slot: a slot runs one job at a time, and whatever a job left listening there died with it.
+Everything the job starts is in its cgroup and its pid namespace: when its first process ends its init exits and the
+kernel kills the rest; the agent then empties the cgroup (kept for the slot's next job, or removed).
 See docs/security.md ("Job sandbox").
 """
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import errno
 import fcntl
-import json
 import logging
 import os
 import random
 import resource
-import select
 import shutil
-import signal
 import socket
 import struct
-import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
-from typing import Any
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 from libs.config import NETWORK_MODES, SANDBOX_MODES
 from libs.jobs import ENV_NAME
 from services.worker.cgroups import CgroupDriver, CgroupError, JobCgroup, limits_for
 from services.worker.seccomp import SeccompError, write_program
+from services.worker.spawner import Request, RequestError, Spawner, SpawnerError
 
 log = logging.getLogger(__name__)
 
@@ -190,189 +176,33 @@ class UidPool:
         os.close(fd)  # drops the flock
 
 
-# What the job's uid runs first: the job's environment only (PWD and PATH, set by sh or inherited from bwrap, are
-# dropped first; the file sets PATH), exported from standard input, then /dev/null as standard input and the command.
-ENV_FROM_STDIN = 'unset PWD PATH; set -a; . /dev/stdin; set +a; exec </dev/null; exec "$@"'
-
-
-def env_script(env: Mapping[str, str]) -> bytes:
-    """`env` as assignments for ``ENV_FROM_STDIN``, every value single-quoted. ValueError for a name that is not a
-    shell variable's or a value with a NUL (the API refuses both; an environment cannot hold them either)."""
-    quote = "'\\''"
-    for name, value in env.items():
-        if not ENV_NAME.fullmatch(name) or "\0" in value:
-            raise ValueError(f"environment variable {name[:64]!r}: not a valid name, or a value with a NUL byte")
-    return "".join(f"{name}='{value.replace(chr(39), quote)}'\n" for name, value in env.items()).encode()
-
-
-class StartGate:
-    """Where bwrap holds a job's sandbox before anything of the job's runs. bwrap writes the pid of the sandbox's
-    init (pid 1 of its namespace: bwrap's own code, as root, its mounts under way) to `info_fd` as JSON, and the init
-    waits for a byte on `block_fd` before it forks the job's first process. Meanwhile the agent confines it
-    (``JobSandbox.confine``). The two fds are bwrap's (``child_fds``: pass them to it, then call ``spawned``).
-
-    bwrap lets the job go on end of file too, not only on a byte. So ``close`` without ``let_go`` first SIGKILLs
-    bwrap's process group, which holds the init until it is let go: a start that fails never runs the job.
-
-    With `program` (the seccomp filter's file) the gate also holds a fresh fd of it for bwrap (``seccomp_fd``)."""
-
-    def __init__(self, program: str | None = None) -> None:
-        self._bwrap = 0  # bwrap's pid (and process group), while it may be held at the gate
-        self._data = b""
-        self._info, self.info_fd = os.pipe()
-        self.block_fd = self._go = self.seccomp_fd = self.stdin = -1
-        try:
-            self.block_fd, self._go = os.pipe()
-            if program is not None:
-                self.seccomp_fd = os.open(program, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            self.close()
-            raise
-        os.set_blocking(self._info, False)
-
-    @property
-    def child_fds(self) -> tuple[int, ...]:
-        return (self.info_fd, self.block_fd) if self.seccomp_fd < 0 else (self.info_fd, self.block_fd, self.seccomp_fd)
-
-    def carry_env(self, env: Mapping[str, str]) -> None:
-        """Puts the job's environment in ``stdin``, a memfd for bwrap's standard input (see ENV_FROM_STDIN): in no
-        command line, and readable only through the job's own fd 0 until its shell has read it."""
-        fd = os.memfd_create("jobmesh-job-env", os.MFD_CLOEXEC)
-        try:
-            data = env_script(env)
-            while data:
-                data = data[os.write(fd, data) :]
-            os.lseek(fd, 0, os.SEEK_SET)
-        except BaseException:
-            os.close(fd)
-            raise
-        if self.stdin >= 0:
-            os.close(self.stdin)
-        self.stdin = fd
-
-    def spawned(self, pid: int) -> None:
-        """bwrap (`pid`, its own process group) has its ends; ours are closed, so its death reads as end of file."""
-        self._bwrap = pid
-        for fd in (*self.child_fds, self.stdin):
-            if fd >= 0:
-                os.close(fd)
-        self.info_fd = self.block_fd = self.seccomp_fd = self.stdin = -1
-
-    def read_init_pid(self) -> int | None:
-        """Reads what `info` has now: the init's pid once bwrap has written it all; 0 while it has not (yet);
-        None when bwrap closed it without (it failed before making the sandbox)."""
-        try:
-            chunk = os.read(self._info, 4096)
-        except BlockingIOError:
-            return 0
-        self._data += chunk
-        pid = init_pid_of(self._data)
-        if pid is None and not chunk:
-            return None
-        return pid or 0
-
-    async def init_pid(self, exited: asyncio.Future[Any]) -> int | None:
-        """The init's pid, as soon as bwrap has reported it; None if bwrap ends (`exited`) or fails first."""
-        loop = asyncio.get_running_loop()
-        found: asyncio.Future[int | None] = loop.create_future()
-
-        def readable() -> None:
-            pid = self.read_init_pid()
-            if pid != 0 and not found.done():
-                found.set_result(pid)
-
-        def ended(_: object) -> None:
-            if not found.done():
-                found.set_result(None)
-
-        loop.add_reader(self._info, readable)
-        exited.add_done_callback(ended)
-        try:
-            return await found
-        finally:
-            loop.remove_reader(self._info)
-            exited.remove_done_callback(ended)
-
-    def wait_init_pid(self, timeout: float) -> int | None:
-        """The init's pid, blocking for at most `timeout` seconds (None without it)."""
-        poller = select.poll()
-        poller.register(self._info, select.POLLIN)
-        while poller.poll(timeout * 1000):
-            pid = self.read_init_pid()
-            if pid != 0:
-                return pid
-        return None
-
-    def let_go(self) -> None:
-        """The confined init forks the job's first process."""
-        os.write(self._go, b"1")
-        self._bwrap = 0
-        self.close()
-
-    def close(self) -> None:
-        if self._bwrap:
-            kill_group(self._bwrap)  # not let go: neither bwrap nor its init may go on
-            self._bwrap = 0
-        for fd in (self._info, self._go, self.info_fd, self.block_fd, self.seccomp_fd, self.stdin):
-            if fd >= 0:
-                os.close(fd)
-        self._info = self._go = self.info_fd = self.block_fd = self.seccomp_fd = self.stdin = -1
-
-
-def init_pid_of(info: bytes) -> int | None:
-    """The sandbox init's pid from bwrap's --info-fd JSON, None until the whole document is there."""
-    try:
-        pid = json.loads(info).get("child-pid")
-    except (ValueError, AttributeError):
-        return None
-    return pid if isinstance(pid, int) and pid > 0 else None
-
-
 @dataclass
 class JobSandbox:
-    """One job's sandbox: its uid (held until released), its cgroup and rlimits, and how to start its command."""
+    """One job's sandbox: its uid (held until released), its cgroup, and the rlimits its spawner sets."""
 
     uid: int
     cgroup: JobCgroup
-    _bwrap: list[str]
-    _switch: list[str]  # setpriv, then sh exporting the environment from stdin
     _lock_fd: int
-    network: SlotNetwork | None = field(default=None)  # the slot's network namespace the job starts in
     rlimits: tuple[tuple[int, int], ...] = ()  # (resource.RLIMIT_*, soft and hard limit) for the job's processes
-    seccomp: str | None = None  # the file of the job's seccomp filter (services/worker/seccomp.py)
 
-    def start_gate(self) -> StartGate:
-        """A gate for one start of this job, with a fresh fd of its seccomp filter."""
-        return StartGate(self.seccomp)
-
-    def spawning(self) -> AbstractContextManager[None]:
-        """Around the fork of bwrap: puts the forking thread in the job's network namespace."""
-        return self.network.entered() if self.network is not None else nullcontext()
-
-    def argv(
-        self, command: list[str], env: Mapping[str, str], scratch: str, gate: StartGate, cwd: str = SCRATCH
-    ) -> list[str]:
-        """The whole command line: `scratch` (a host directory) is the job's /scratch, `cwd` is inside the sandbox.
-        bwrap holds the job at `gate` (from ``start_gate``) until ``confine``; its fds must be passed to bwrap as
-        they are, and its ``stdin`` (which carries `env`, see ``StartGate.carry_env``) as bwrap's standard input."""
-        if self.seccomp is not None and gate.seccomp_fd < 0:
-            raise SandboxError("a job's start gate without its seccomp filter")  # never start a job without it
-        gate.carry_env(env)
-        filtered = ("--seccomp", str(gate.seccomp_fd)) if gate.seccomp_fd >= 0 else ()
-        return [
-            *self._bwrap,
-            *("--info-fd", str(gate.info_fd), "--block-fd", str(gate.block_fd), *filtered),
-            *("--bind", scratch, SCRATCH, "--chdir", cwd, "--"),
-            *self._switch,
-            *command,
-        ]
+    def request(self, command: list[str], env: Mapping[str, str], cwd: str = SCRATCH) -> Request:
+        """What the slot's spawner is asked to start (RequestError for a command or environment it would refuse)."""
+        for name, value in env.items():
+            if not ENV_NAME.fullmatch(name) or "\0" in value:
+                raise RequestError(f"environment variable {name[:64]!r}: not a valid name, or a value with a NUL byte")
+        return Request(
+            self.uid,
+            self.uid,
+            [arg.encode() for arg in command],
+            [f"{name}={value}".encode() for name, value in env.items()],
+            cwd.encode(),
+            list(self.rlimits),
+        )
 
     def confine(self, init: int) -> None:
-        """Puts the sandbox's init (held at its gate) under the job's rlimits and into the job's cgroup(s), so that
-        every process of the job starts there. The first write to a cgroup.procs can wait for an RCU grace period
-        (a few ms): call this off the event loop."""
-        for limit, value in self.rlimits:
-            resource.prlimit(init, limit, (value, value))
+        """Puts the job's init (held at its gate) into the job's cgroup(s), so that every process of the job starts
+        there. The first write to a cgroup.procs can wait for an RCU grace period (a few ms): call this off the
+        event loop."""
         pid = str(init).encode()
         for path in self.cgroup.procs_files:
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
@@ -493,14 +323,6 @@ def nsswitch_files_only(lines: list[str]) -> list[str]:
     return out
 
 
-def kill_group(pgid: int) -> None:
-    """SIGKILLs a process group, if there is one left."""
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -512,11 +334,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 class Sandbox:
-    """Sets up the sandbox of each job of one agent; shared by the agent's slots."""
+    """Sets up the sandbox of each job of one agent; shared by the agent's slots (each has its own spawner)."""
 
-    def __init__(self, settings: SandboxSettings, cgroups: CgroupDriver, bwrap: str, setpriv: str, sh: str):
+    def __init__(self, settings: SandboxSettings, cgroups: CgroupDriver, bwrap: str):
         self.settings = settings
         self.cgroups = cgroups
+        self.bwrap = bwrap
         self._uids = UidPool(
             os.path.join(settings.state_dir, "job-uids"),
             settings.uid_first,
@@ -531,21 +354,15 @@ class Sandbox:
         except (SeccompError, OSError) as exc:
             shutil.rmtree(self._own_dir, ignore_errors=True)
             raise SandboxError(f"cannot build the jobs' seccomp filter: {exc}") from exc
-        self._static = self._static_bwrap_args(bwrap, own_network=False)
-        # network = "none": each slot's jobs start in the slot's own namespace (SlotNetwork); a job prepared
-        # without one gets a namespace of its own from bwrap, as it never starts in the host's.
-        self._unshare_net = self._static_bwrap_args(bwrap, own_network=True)
         self._host_net = -1
         if settings.network == "none":
             self._host_net = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        self._setpriv = setpriv
-        self._sh = sh
         s = settings
         self._rlimits = ((resource.RLIMIT_NOFILE, s.max_open_files), (resource.RLIMIT_FSIZE, s.max_file_mb * _MIB))
 
     @property
     def etc_dir(self) -> str:
-        """The copy of /etc jobs see (the spawner prototype binds it too: services/worker/spawner.py)."""
+        """The copy of /etc jobs see (bound read-only by every slot's spawner)."""
         return self._etc
 
     @property
@@ -558,17 +375,15 @@ class Sandbox:
         """The sandbox, checked to work here by starting one; SandboxError saying what is missing otherwise."""
         if os.geteuid() != 0:
             raise SandboxError("the worker must run as root to start jobs under their own uids")
-        tools = {name: shutil.which(name, path=JOB_PATH) for name in ("bwrap", "setpriv", "sh")}
-        missing = [name for name, path in tools.items() if path is None]
-        if missing:
-            hint = " (Debian: apt-get install bubblewrap)" if "bwrap" in missing else ""
-            raise SandboxError(f"missing {', '.join(missing)}{hint}")
+        bwrap = shutil.which("bwrap", path=JOB_PATH)
+        if bwrap is None:
+            raise SandboxError("missing bwrap (Debian: apt-get install bubblewrap)")
         try:
             cgroups = CgroupDriver.detect()
         except CgroupError as exc:
             raise SandboxError(f"no cgroups for jobs: {exc.strerror or exc}") from exc
         try:
-            sandbox = cls(settings, cgroups, tools["bwrap"] or "", tools["setpriv"] or "", tools["sh"] or "")
+            sandbox = cls(settings, cgroups, bwrap)
         except BaseException:
             cgroups.close()
             raise
@@ -579,6 +394,12 @@ class Sandbox:
             raise
         return sandbox
 
+    def spawner(self, network: SlotNetwork | None) -> Spawner:
+        """A slot's spawner, in the slot's network namespace (`network`, from ``slot_network``)."""
+        if network is None and self._host_net >= 0:
+            raise SandboxError('network = "none": a spawner never starts in the host\'s network namespace')
+        return Spawner(self.bwrap, self._etc, self._seccomp, network)
+
     def self_test(self) -> None:
         """Starts `true` in a sandbox the way jobs start: a machine without namespaces fails here, not per job."""
         with tempfile.TemporaryDirectory(prefix="jobmesh-sandbox-check-") as scratch:
@@ -587,14 +408,14 @@ class Sandbox:
             except OSError as exc:
                 raise SandboxError(f"cannot make a network namespace for jobs: {exc.strerror or exc}") from exc
             try:
-                job = self.prepare("self-test", memory_mb=64, cpu_millis=1000, network=network)
+                job = self.prepare("self-test", memory_mb=64, cpu_millis=1000)
             except BaseException:
                 if network is not None:
                     network.close()
                 raise
             try:
                 os.chown(scratch, job.uid, job.uid)
-                returncode, output = self._run_test_job(job, scratch)
+                returncode, output = self._run_test_job(job, scratch, network)
             finally:
                 job.cgroup.kill()
                 job.cgroup.remove()
@@ -605,56 +426,41 @@ class Sandbox:
             detail = output.decode(errors="replace").strip()[-300:]
             raise SandboxError(f"a sandboxed test job failed (exit {returncode}): {detail}")
 
-    @staticmethod
-    def _run_test_job(job: JobSandbox, scratch: str) -> tuple[int, bytes]:
-        """`true` in `job`'s sandbox, through its start gate as every job starts: (exit code, output)."""
-        gate = job.start_gate()
+    def _run_test_job(self, job: JobSandbox, scratch: str, network: SlotNetwork | None) -> tuple[int, bytes]:
+        """`true` in `job`'s sandbox, started by a spawner through the gate as every job starts: (exit code, output)."""
         try:
-            with job.spawning():
-                child = subprocess.Popen(
-                    job.argv(["true"], {"PATH": JOB_PATH}, scratch, gate),
-                    env={"PATH": JOB_PATH},
-                    stdin=gate.stdin,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    pass_fds=gate.child_fds,
-                    start_new_session=True,
-                )
-        except BaseException:
-            gate.close()
-            raise
+            spawner = self.spawner(network)
+        except OSError as exc:
+            raise SandboxError(f"cannot start a spawner: {exc.strerror or exc}") from exc
+        read, write = os.pipe()
         try:
-            gate.spawned(child.pid)
-            init = gate.wait_init_pid(timeout=10)
-            if init is not None:  # None: bwrap failed before making the sandbox, and says why in its output
-                try:
-                    job.confine(init)
-                except OSError as exc:
-                    raise SandboxError(f"cannot put a test job in its cgroup: {exc.strerror or exc}") from exc
-                gate.let_go()
-            output, _ = child.communicate(timeout=10)
+            try:
+                handle = spawner.spawn(job.request(["true"], {"PATH": JOB_PATH}), write, write, scratch)
+            finally:
+                os.close(write)
+            try:
+                returncode = handle.wait_blocking(10, confine=job.confine)
+            except (OSError, SpawnerError) as exc:
+                return 1, f"the spawner failed: {exc}".encode()
+            finally:
+                handle.close()
+            os.set_blocking(read, False)
+            try:
+                output = os.read(read, 4096)
+            except BlockingIOError:
+                output = b""
+            return returncode, output
         finally:
-            gate.close()  # kills bwrap and its init unless they were let go
-            child.kill()
-            child.wait()
-        return child.returncode, output
+            os.close(read)
+            spawner.close()
 
     def slot_network(self) -> SlotNetwork | None:
         """A network namespace for one slot's jobs when the pool says network = "none"; None for "host"."""
         return SlotNetwork(self._host_net) if self._host_net >= 0 else None
 
-    def prepare(
-        self,
-        name: str,
-        memory_mb: int,
-        cpu_millis: int,
-        reuse: JobCgroup | None = None,
-        network: SlotNetwork | None = None,
-    ) -> JobSandbox:
+    def prepare(self, name: str, memory_mb: int, cpu_millis: int, reuse: JobCgroup | None = None) -> JobSandbox:
         """Takes a uid and readies the job's cgroup: `reuse` (the slot's group from its last job, empty) when it
-        can be, a new one called `name` otherwise. With network = "none" the job starts in `network` (the slot's,
-        see ``slot_network``), or in a namespace of its own without one. ``release`` gives the uid back once
-        the job is gone."""
+        can be, a new one called `name` otherwise. ``release`` gives the uid back once the job is gone."""
         uid, fd = self._uids.acquire()
         try:
             limits = limits_for(memory_mb, cpu_millis, self.settings.pids_max)
@@ -667,24 +473,7 @@ class Sandbox:
         except BaseException:
             self._uids.release(fd)
             raise
-        switch = [
-            self._setpriv,
-            f"--reuid={uid}",
-            f"--regid={uid}",
-            "--clear-groups",
-            "--no-new-privs",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-            "--",
-            self._sh,
-            "-c",
-            ENV_FROM_STDIN,
-            "jobmesh-job",  # $0; the job's command and its arguments are "$@"
-        ]
-        if self._host_net < 0:
-            network = None  # network = "host"
-        bwrap = self._static if network is not None or self._host_net < 0 else self._unshare_net
-        return JobSandbox(uid, cgroup, bwrap, switch, fd, network, self._rlimits, self._seccomp)
+        return JobSandbox(uid, cgroup, fd, self._rlimits)
 
     def release(self, job: JobSandbox) -> None:
         """Gives the uid back: only once every process of the job is gone."""
@@ -698,26 +487,3 @@ class Sandbox:
         if self._host_net >= 0:
             os.close(self._host_net)
             self._host_net = -1
-
-    def _static_bwrap_args(self, bwrap: str, own_network: bool) -> list[str]:
-        args = [bwrap, "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
-        if own_network:
-            args.append("--unshare-net")
-        args += ["--die-with-parent", "--new-session", "--hostname", "jobmesh-job", "--cap-drop", "ALL"]
-        # What setpriv needs to become the job's uid and drop the bounding set (and to chdir into the job's
-        # 0700 scratch dir before it has): all gone once it has switched uid.
-        for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_DAC_OVERRIDE"):
-            args += ["--cap-add", cap]
-        for name in SYSTEM_DIRS:
-            host = f"/{name}"
-            if os.path.islink(host):
-                args += ["--symlink", os.readlink(host), host]
-            elif os.path.isdir(host):
-                args += ["--ro-bind", host, host]
-        # One bind of a copy rather than one per allowed file: bwrap rereads the mount table for every
-        # read-only bind, and that cost (a few ms of CPU per start) grows with their number.
-        args += ["--ro-bind", self._etc, "/etc"]
-        args += ["--proc", "/proc", "--dev", "/dev"]
-        args += ["--perms", "1777", "--tmpfs", "/dev/shm", "--perms", "1777", "--tmpfs", "/tmp"]
-        args += ["--perms", "0755", "--dir", "/var", "--symlink", "/tmp", "/var/tmp"]
-        return args

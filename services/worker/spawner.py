@@ -607,11 +607,14 @@ class SpawnedJob:
         assert self.wait_status is not None
         return os.waitstatus_to_exitcode(self.wait_status)
 
-    def wait_blocking(self, timeout: float) -> int:
-        """``init_pid``, ``let_go`` without confining and ``exit_status`` in one, blocking (tests)."""
+    def wait_blocking(self, timeout: float, confine: object = None) -> int:
+        """``init_pid``, `confine` (given the init's pid), ``let_go`` and ``exit_status`` in one, blocking (the
+        sandbox's self-test, tests). `confine` is a callable (typed loosely: this module imports no typing)."""
         self.control.settimeout(timeout)
         while not self.pid:
             self._take(self.control.recv(4096))
+        if callable(confine):
+            confine(self.pid)
         self.let_go()
         while not self._ended:
             self._take(self.control.recv(4096))

@@ -317,18 +317,20 @@ print(json.dumps(dataclasses.asdict(result)))
 
 
 def test_a_job_cannot_kill_or_trace_its_agent(tmp_path: Path) -> None:
+    # The job's parent is its init (pid 1 of its namespace, the job's uid once it let the job go): the kernel drops
+    # SIGKILL and SIGSTOP sent to it from inside, so the job lives on to say so; it is undumpable (it changed uid),
+    # so its memory and environment stay closed. Nothing outside the namespace (spawner, agent) is even visible.
     script = (
-        "kill -9 $PPID; echo ppid=$?; kill -9 1; echo init=$?; "
-        "for p in /proc/[0-9]*; do kill -9 ${p#/proc/} 2>/dev/null; done; "
-        "cat /proc/1/mem 2>/dev/null | head -c1 | wc -c; cat /proc/1/environ 2>/dev/null | wc -c"
+        "kill -9 $PPID; kill -STOP 1; kill -9 1; echo survived; "
+        "echo mem=$(cat /proc/1/mem 2>/dev/null | head -c1 | wc -c) env=$(cat /proc/1/environ 2>/dev/null | wc -c); "
+        "for p in /proc/[0-9]*; do kill -9 ${p#/proc/} 2>/dev/null; done"
     )
 
     rc, result = run_in_agent_process(tmp_path, ["sh", "-c", script])
 
     assert rc == 0, result  # the agent lived to report
-    assert result["reason"] in ("EXITED", "KILLED"), result
-    tail = str(result["output_tail"])
-    assert "ppid=0" not in tail and "init=0" not in tail, tail
+    assert result["reason"] == "EXITED", result  # killed itself last: not the timeout a stopped init would cause
+    assert str(result["output_tail"]).split("\n")[:2] == ["survived", "mem=0 env=0"], result
 
 
 @pytest.mark.asyncio
@@ -562,21 +564,3 @@ async def test_a_slots_back_to_back_jobs_each_find_its_group_empty(
 
     assert {(r.reason, r.exit_code) for r in results} == {("EXITED", 0)}
     assert [r.message for r in caplog.records if r.levelno >= logging.WARNING] == []
-
-
-def test_a_job_prepared_without_its_slots_network_still_gets_a_network_of_its_own(sandbox: Sandbox) -> None:
-    network = sandbox.slot_network()
-    assert network is not None  # the fixture's pool says network = "none"
-    alone = sandbox.prepare("net-check-1", memory_mb=64, cpu_millis=1000)
-    in_slot = sandbox.prepare("net-check-2", memory_mb=64, cpu_millis=1000, network=network)
-    gate = alone.start_gate()  # the same filter for every job of the agent
-    try:
-        assert "--unshare-net" in alone.argv(["true"], {}, "/nonexistent", gate)
-        assert "--unshare-net" not in in_slot.argv(["true"], {}, "/nonexistent", gate)
-        assert (alone.network, in_slot.network) == (None, network)
-    finally:
-        gate.close()
-        for job in (alone, in_slot):
-            job.cgroup.remove()
-            sandbox.release(job)
-        network.close()

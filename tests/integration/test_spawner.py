@@ -18,10 +18,9 @@ import psutil
 import pytest
 
 from devtools.launcher import REPO
-from services.worker.executor import ExecSpec
+from services.worker.executor import ExecSpec, JobExecutor
 from services.worker.sandbox import JOB_PATH, Sandbox, SandboxSettings
 from services.worker.spawner import SPAWNER_KEEPS, Request, Spawner
-from services.worker.spawner_executor import SpawnerExecutor
 from tests.integration.test_sandbox import processes_with, sandbox_of, sh, spec
 
 PIDS_MAX = 64
@@ -34,16 +33,16 @@ def sandbox() -> Iterator[Sandbox]:
 
 
 @asynccontextmanager
-async def slot(tmp_path: Path, sandbox: Sandbox, name: str = "scratch") -> AsyncIterator[SpawnerExecutor]:
+async def slot(tmp_path: Path, sandbox: Sandbox, name: str = "scratch") -> AsyncIterator[JobExecutor]:
     """One slot's executor, its spawner started by its first job and stopped after."""
-    executor = SpawnerExecutor(str(tmp_path / name), sandbox, sample_interval=0.05, kill_grace_seconds=0.5)
+    executor = JobExecutor(str(tmp_path / name), sandbox=sandbox, sample_interval=0.05, kill_grace_seconds=0.5)
     try:
         yield executor
     finally:
         executor.close()
 
 
-def spawner_processes(executor: SpawnerExecutor) -> list[int]:
+def spawner_processes(executor: JobExecutor) -> list[int]:
     """bwrap and the spawner below it (host pids)."""
     outer = executor.spawner_pid
     return [outer, *(p.pid for p in psutil.Process(outer).children())] if outer else []
@@ -373,9 +372,9 @@ def test_a_running_job_dies_with_its_agent(tmp_path: Path) -> None:
 import asyncio, sys
 from services.worker.executor import ExecSpec
 from services.worker.sandbox import JOB_PATH, Sandbox, SandboxSettings
-from services.worker.spawner_executor import SpawnerExecutor
+from services.worker.executor import JobExecutor
 box = Sandbox.for_this_machine(SandboxSettings())
-ex = SpawnerExecutor({str(tmp_path / "agent-scratch")!r}, box)
+ex = JobExecutor({str(tmp_path / "agent-scratch")!r}, sandbox=box)
 print("started", flush=True)
 asyncio.run(ex.run(ExecSpec("job-1", 1, ["sh", "-c", "sleep 331.5 & exec sleep 332.5"], {{}}, None, 60.0, 1000, 128)))
 """

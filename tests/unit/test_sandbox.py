@@ -16,15 +16,11 @@ from services.worker import cgroups, seccomp
 from services.worker.cgroups import CgroupDriver, Layout
 from services.worker.executor import ExecSpec, JobExecutor
 from services.worker.sandbox import (
-    ENV_FROM_STDIN,
     JobSandbox,
     Sandbox,
     SandboxError,
     SandboxSettings,
-    StartGate,
     UidPool,
-    env_script,
-    init_pid_of,
     nsswitch_files_only,
     parse_uid_range,
 )
@@ -99,52 +95,22 @@ class _Group:
     procs_files = ("/cg/memory/job/cgroup.procs",)
 
 
-def test_the_jobs_environment_is_in_no_command_line_and_is_set_only_after_the_uid_switch() -> None:
-    job = JobSandbox(
-        uid=200_123,
-        cgroup=_Group(),  # type: ignore[arg-type]
-        _bwrap=["bwrap", "--unshare-pid"],
-        _switch=["setpriv", "--reuid=200123", "--", "sh", "-c", ENV_FROM_STDIN, "jobmesh-job"],
-        _lock_fd=-1,
-    )
-    gate = StartGate()
-    info_fd, block_fd = gate.child_fds
-    try:
-        argv = job.argv(["python3", "-c", "print(1)"], {"LD_PRELOAD": "/scratch/x.so", "Q": "it's"}, "/j-1", gate)
-        carried = os.pread(gate.stdin, 4096, 0)
-    finally:
-        gate.close()
+def test_the_spawner_is_asked_for_the_jobs_uid_command_environment_and_rlimits() -> None:
+    job = JobSandbox(200_123, _Group(), -1, ((7, 4096),))  # type: ignore[arg-type]
 
-    assert argv == [
-        "bwrap",  # started by the agent itself: no root shell before it
-        "--unshare-pid",
-        *("--info-fd", str(info_fd), "--block-fd", str(block_fd)),
-        *("--bind", "/j-1", "/scratch", "--chdir", "/scratch", "--"),
-        *("setpriv", "--reuid=200123", "--", "sh", "-c", ENV_FROM_STDIN, "jobmesh-job"),
-        *("python3", "-c", "print(1)"),
-    ]
-    assert carried == b"LD_PRELOAD='/scratch/x.so'\nQ='it'\\''s'\n"  # bwrap's stdin, read by the job's uid
-    assert gate.stdin == -1
+    request = job.request(["python3", "-c", "print(1)"], {"LD_PRELOAD": "/scratch/x.so", "Q": "it's"}, "/scratch/w")
+
+    assert (request.uid, request.gid) == (200_123, 200_123)
+    assert request.argv == [b"python3", b"-c", b"print(1)"]
+    # Exactly the job's environment, for the job's command alone: the spawner and its init run without it.
+    assert request.env == [b"LD_PRELOAD=/scratch/x.so", b"Q=it's"]
+    assert (request.cwd, request.rlimits) == (b"/scratch/w", [(7, 4096)])
 
 
 @pytest.mark.parametrize("env", [{"BAD-NAME": "v"}, {"A;id": "v"}, {"K": "a\0b"}, {"A\nid": "v"}, {"A\n": "v"}])
-def test_an_environment_a_shell_cannot_carry_exactly_is_refused(env: dict[str, str]) -> None:
+def test_an_environment_entry_that_is_not_a_variables_is_refused(env: dict[str, str]) -> None:
     with pytest.raises(ValueError):
-        env_script(env)
-
-
-@pytest.mark.parametrize(
-    ("written", "pid"),
-    [
-        pytest.param(b"", None, id="nothing-yet"),
-        pytest.param(b'{\n    "child-pid": 4321,\n    "ipc-namespace": 40265', None, id="half-written"),
-        pytest.param(b'{\n    "child-pid": 4321,\n    "ipc-namespace": 4026532175\n}\n', 4321, id="whole"),
-        pytest.param(b'{"child-pid": "4321"}', None, id="not-a-number"),
-        pytest.param(b"[4321]", None, id="not-an-object"),
-    ],
-)
-def test_the_sandbox_inits_pid_is_read_only_from_bwraps_whole_report(written: bytes, pid: int | None) -> None:
-    assert init_pid_of(written) == pid
+        JobSandbox(200_123, _Group(), -1).request(["true"], env)  # type: ignore[arg-type]
 
 
 def test_jobs_look_users_and_groups_up_in_their_copied_files_only() -> None:
@@ -190,7 +156,7 @@ def test_a_v2_slot_gets_a_new_group_of_the_same_name_for_each_job(
     (cgroup_root / "cgroup.subtree_control").write_text("cpu memory pids")
     driver = CgroupDriver(Layout(2, {"": str(cgroup_root)}), agent_pid=7)
     driver.start()
-    box = Sandbox(SandboxSettings(state_dir=str(tmp_path / "state")), driver, "bwrap", "setpriv", "sh")
+    box = Sandbox(SandboxSettings(state_dir=str(tmp_path / "state")), driver, "bwrap")
     first = box.prepare("slot-1", memory_mb=64, cpu_millis=100)
     box.release(first)
 
@@ -252,35 +218,15 @@ def test_the_agent_compiles_the_jobs_seccomp_filter_once_into_a_root_only_file(
     (tmp_path / "cgroup" / "cgroup.subtree_control").write_text("cpu memory pids")
     driver = CgroupDriver(Layout(2, {"": str(tmp_path / "cgroup")}), agent_pid=7)
     driver.start()
-    box = Sandbox(SandboxSettings(state_dir=str(tmp_path / "state")), driver, "bwrap", "setpriv", "sh")
+    box = Sandbox(SandboxSettings(state_dir=str(tmp_path / "state")), driver, "bwrap")
     program = tmp_path / "state" / f"agent-{os.getpid()}" / "seccomp.bpf"
     try:
         assert program.stat().st_mode & 0o777 == 0o600
         size = program.stat().st_size
         assert size > 0 and size % 8 == 0  # whole BPF instructions (8 bytes each)
-        job = box.prepare("slot-1", memory_mb=64, cpu_millis=100)
-        box.release(job)
-        job.cgroup.remove()
-        assert job.seccomp == str(program)
+        assert box.seccomp_program == str(program)
     finally:
         box.close()
-
-
-def test_a_job_never_starts_without_its_seccomp_filter(tmp_path: Path) -> None:
-    program = tmp_path / "filter.bpf"
-    program.write_bytes(b"\0" * 8)
-    job = JobSandbox(200_123, _Group(), ["bwrap"], ["setpriv"], -1, seccomp=str(program))  # type: ignore[arg-type]
-    bare, gate = StartGate(), job.start_gate()
-    try:
-        with pytest.raises(SandboxError, match="seccomp"):
-            job.argv(["true"], {}, "/data/scratch/j-1", bare)
-        argv = job.argv(["true"], {}, "/data/scratch/j-1", gate)
-        assert argv[argv.index("--seccomp") + 1] == str(gate.seccomp_fd) and gate.seccomp_fd in gate.child_fds
-        assert argv.index("--seccomp") < argv.index("--")
-    finally:
-        bare.close()
-        gate.close()
-    assert gate.seccomp_fd == -1
 
 
 def test_without_libseccomp_the_sandbox_cannot_be_made_and_says_what_is_missing(
@@ -293,5 +239,5 @@ def test_without_libseccomp_the_sandbox_cannot_be_made_and_says_what_is_missing(
     driver = CgroupDriver(Layout(2, {"": str(tmp_path / "cgroup")}), agent_pid=7)
 
     with pytest.raises(SandboxError, match="missing libseccomp"):
-        Sandbox(SandboxSettings(state_dir=str(tmp_path / "state")), driver, "bwrap", "setpriv", "sh")
+        Sandbox(SandboxSettings(state_dir=str(tmp_path / "state")), driver, "bwrap")
     assert not (tmp_path / "state" / f"agent-{os.getpid()}").exists()
