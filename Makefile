@@ -84,6 +84,18 @@ sandbox-tools:
 	      "tenant jobs unless their pool says sandbox = \"none\" (docs/security.md)" >&2; \
 	  fi; \
 	fi
+	@$(MAKE) --no-print-directory build/jobmesh-spawner
+
+# The compiled per-slot spawner (services/worker/spawner.c; spawner.py runs it when built, its Python program
+# otherwise). A warning, not a failure, without a C compiler.
+SPAWNER_CFLAGS := -O2 -Wall -Wextra -Werror -D_GNU_SOURCE -fstack-protector-strong -D_FORTIFY_SOURCE=2 -fPIE
+SPAWNER_LDFLAGS := -pie -Wl,-z,relro,-z,now
+build/jobmesh-spawner: services/worker/spawner.c
+	@if command -v $(CC) >/dev/null 2>&1; then \
+	  mkdir -p build && $(CC) $(SPAWNER_CFLAGS) $(SPAWNER_LDFLAGS) -o $@ $<; \
+	else \
+	  echo "warning: no C compiler ($(CC)): the spawner prototype runs its Python program" >&2; \
+	fi
 
 # The web console (console/): TypeScript built by Vite into console/dist, which the console service serves
 # under /console/. Node.js and npm are the machine's, or Debian's when missing (installed as root).

@@ -482,13 +482,22 @@ if __name__ == "__main__":
 # ---- The agent's side. Its imports stay in its functions: the spawner program (above) runs without the mesh. ----
 
 
-def spawner_argv(bwrap: str, etc_dir: str, program_fd: int, sock_fd: int, seccomp_fd: int) -> list[str]:
-    """bwrap's command line for a slot's spawner: the job's view of the system, made once, and this module (read
-    from `program_fd`, see ``program``) run by the base interpreter: nothing of the mesh's checkout or venv is bound."""
+def compiled_spawner() -> str | None:
+    """The compiled spawner (services/worker/spawner.c, built by `make sandbox-tools` into build/jobmesh-spawner),
+    or None when it is not built."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "build")
+    path = os.path.join(path, "jobmesh-spawner")
+    return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
+
+
+def spawner_argv(
+    bwrap: str, etc_dir: str, program_fd: int, sock_fd: int, seccomp_fd: int, compiled: bool = False
+) -> list[str]:
+    """bwrap's command line for a slot's spawner: the job's view of the system, made once, and the spawner's program
+    (read from `program_fd`, see ``program``): the compiled one executed from that fd, or this module run by the
+    base interpreter. Nothing of the mesh's checkout or venv is bound."""
     from services.worker.sandbox import SYSTEM_DIRS
 
-    python = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
-    prefix = os.path.realpath(sys.base_prefix)
     args = [bwrap, "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--die-with-parent", "--new-session"]
     args += ["--hostname", "jobmesh-job", "--cap-drop", "ALL"]
     for cap in SPAWNER_CAPS:
@@ -502,6 +511,11 @@ def spawner_argv(bwrap: str, etc_dir: str, program_fd: int, sock_fd: int, seccom
     args += ["--ro-bind", etc_dir, "/etc", "--proc", "/proc", "--dev", "/dev"]
     args += ["--perms", "1777", "--tmpfs", "/dev/shm", "--perms", "1777", "--tmpfs", "/tmp"]
     args += ["--perms", "0755", "--dir", "/var", "--symlink", "/tmp", "/var/tmp", "--perms", "0755", "--dir", SCRATCH]
+    program = f"/proc/self/fd/{program_fd}"
+    if compiled:  # no interpreter: nothing to bind, nothing to hide again
+        return [*args, "--", program, str(sock_fd), str(seccomp_fd)]
+    python = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+    prefix = os.path.realpath(sys.base_prefix)
     hidden: list[str] = []
     top = "/" + prefix.strip("/").split("/", 1)[0]
     if top.strip("/") not in SYSTEM_DIRS:
@@ -511,13 +525,13 @@ def spawner_argv(bwrap: str, etc_dir: str, program_fd: int, sock_fd: int, seccom
             raise OSError(f"the interpreter's directory {prefix} cannot be hidden from jobs")
         args += ["--perms", "0755", "--tmpfs", top, "--ro-bind", prefix, prefix]
         hidden.append(top)
-    program = f"/proc/self/fd/{program_fd}"
     return [*args, "--", python, "-S", "-I", program, str(sock_fd), str(seccomp_fd), *hidden]
 
 
-def program() -> int:
-    """A sealed memfd holding this module's source: what the spawner runs, with no path of the mesh's checkout."""
-    with open(__file__, "rb") as fh:
+def program(path: str | None = None) -> int:
+    """A sealed memfd holding the spawner's program (`path`, the compiled one, or this module's source): what the
+    spawner runs, with no path of the mesh's checkout."""
+    with open(path or __file__, "rb") as fh:
         source = fh.read()
     import fcntl
 
@@ -527,6 +541,11 @@ def program() -> int:
             source = source[os.write(fd, source) :]
         seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+        if path is not None:
+            # An executable must have no writable fd open (ETXTBSY): a read-only one of the same file instead.
+            readonly = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            os.close(fd)
+            fd = readonly
     except BaseException:
         os.close(fd)
         raise
@@ -641,19 +660,33 @@ class Spawner:
 
     _SO_SNDBUFFORCE = 32  # root may send a message above net.core.wmem_max: a request is one message
 
-    def __init__(self, bwrap: str, etc_dir: str, seccomp_program: str, network: object | None = None) -> None:
+    def __init__(
+        self,
+        bwrap: str,
+        etc_dir: str,
+        seccomp_program: str,
+        network: object | None = None,
+        *,
+        compiled: bool | None = None,
+    ) -> None:
+        """`compiled`: run the compiled spawner (``compiled_spawner``; SpawnerError when it is not built), or this
+        module's Python program; None: the compiled one when it is built."""
         import subprocess
         from contextlib import nullcontext
 
         from services.worker.sandbox import JOB_PATH, SlotNetwork
 
+        binary = compiled_spawner() if compiled is not False else None
+        if compiled and binary is None:
+            raise SpawnerError("the compiled spawner is not built (make sandbox-tools)")
+        self.compiled = binary is not None
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         seccomp_fd = source = -1
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, self._SO_SNDBUFFORCE, 2 * MAX_REQUEST)
             seccomp_fd = os.open(seccomp_program, os.O_RDONLY | os.O_CLOEXEC)
-            source = program()
-            argv = spawner_argv(bwrap, etc_dir, source, theirs.fileno(), seccomp_fd)
+            source = program(binary)
+            argv = spawner_argv(bwrap, etc_dir, source, theirs.fileno(), seccomp_fd, compiled=self.compiled)
             entered = network.entered() if isinstance(network, SlotNetwork) else nullcontext()
             with entered:
                 self._process = subprocess.Popen(
