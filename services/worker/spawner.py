@@ -432,6 +432,9 @@ def _find(command: bytes, path: bytes) -> bytes:
 
 def serve(sock_fd: int, seccomp_fd: int, hidden: list[bytes]) -> None:
     """The spawner's loop: one request, one job started and seen to its end; returns when the agent closes its end."""
+    # The agent passed our socket inheritable: no job's init may hand it to its job (which could then ask us for
+    # processes outside its cgroup, as any uid but root's).
+    os.set_inheritable(sock_fd, False)
     with os.fdopen(seccomp_fd, "rb") as fh:
         slot = _Slot(fh.read(), hidden)
     # The jobs' mounts never propagate back here (nor to the next job): every mount of ours is private.
