@@ -72,7 +72,10 @@ static unsigned char message[MAX_REQUEST + 1];
 struct request {
     uint32_t uid, gid;
     uint16_t n_rlimits, n_argv, n_env;
-    const unsigned char *rlimits; /* n_rlimits records of RLIMIT_SIZE bytes, in the message */
+    struct limit {
+        uint32_t resource;
+        uint64_t value;
+    } *rlimits;
     char *cwd;
     char **argv; /* NULL-terminated copies: execve's form */
     char **env;
@@ -155,8 +158,12 @@ static const char *decode_request(const unsigned char *data, size_t size, struct
     size_t offset = HEADER_SIZE;
     if ((size_t)req->n_rlimits * RLIMIT_SIZE > size - offset)
         return "truncated rlimits";
-    req->rlimits = data + offset;
-    offset += (size_t)req->n_rlimits * RLIMIT_SIZE;
+    if ((req->rlimits = calloc((size_t)req->n_rlimits + 1, sizeof *req->rlimits)) == NULL)
+        return "out of memory";
+    for (size_t i = 0; i < req->n_rlimits; i++, offset += RLIMIT_SIZE) {
+        req->rlimits[i].resource = u32_at(data + offset);
+        req->rlimits[i].value = u64_at(data + offset + 4);
+    }
     req->argv = calloc((size_t)req->n_argv + 1, sizeof(char *));
     req->env = calloc((size_t)req->n_env + 1, sizeof(char *));
     size_t *argv_len = calloc((size_t)req->n_argv + 1, sizeof(size_t));
@@ -327,7 +334,7 @@ static void job_init(size_t size, int control, int out, int err, int scratch) {
     struct request req;
     memset(&req, 0, sizeof req);
     const char *why = decode_request(message, size, &req);
-    explicit_bzero(message, size); /* our copy of it: the job's strings live on in `req` alone */
+    explicit_bzero(message, size); /* our copy of it: the job's request lives on in `req` alone (copies) */
     if (why != NULL) {
         send_error(control, why);
         _exit(1);
@@ -355,9 +362,8 @@ static void job_init(size_t size, int control, int out, int err, int scratch) {
 
     const char *step = NULL;
     for (size_t i = 0; i < req.n_rlimits; i++) { /* lowering only: no CAP_SYS_RESOURCE needed */
-        const unsigned char *record = req.rlimits + i * RLIMIT_SIZE;
-        struct rlimit limit = {(rlim_t)u64_at(record + 4), (rlim_t)u64_at(record + 4)};
-        if (setrlimit((int)u32_at(record), &limit) != 0) {
+        struct rlimit limit = {(rlim_t)req.rlimits[i].value, (rlim_t)req.rlimits[i].value};
+        if (setrlimit((int)req.rlimits[i].resource, &limit) != 0) {
             step = "setrlimit";
             goto failed;
         }
