@@ -13,7 +13,9 @@ import os
 import tempfile
 
 from bench.sandbox_start import join_own_cpuacct_group, leave, measure
+from services.worker import spawner_executor
 from services.worker.sandbox import Sandbox, SandboxSettings
+from services.worker.spawner import spawner_class
 from services.worker.spawner_executor import SpawnerExecutor
 
 
@@ -21,7 +23,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--network", choices=["none", "host"], default="none")
+    parser.add_argument(
+        "--spawner",
+        choices=["compiled", "python"],
+        default="compiled",
+        help="services/worker/spawner.c (build/jobmesh-spawner, `make sandbox-tools`) or spawner.py's Python program",
+    )
     args = parser.parse_args()
+    spawner_executor.Spawner = spawner_class(args.spawner == "compiled")  # type: ignore[misc]
     group = join_own_cpuacct_group()
     try:
         sandbox = Sandbox.for_this_machine(SandboxSettings(network=args.network))
@@ -39,7 +48,13 @@ def main() -> int:
     load = os.getloadavg()[0]
     print(
         json.dumps(
-            {"jobs": args.jobs, "sandbox": "spawner", "network": args.network, "load": round(load, 2), **figures}
+            {
+                "jobs": args.jobs,
+                "sandbox": f"spawner-{args.spawner}",
+                "network": args.network,
+                "load": round(load, 2),
+                **figures,
+            }
         )
     )
     return 0

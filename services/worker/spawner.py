@@ -742,3 +742,14 @@ class Spawner:
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()
+
+
+def spawner_class(compiled: bool | None) -> type[Spawner]:
+    """``Spawner`` with `compiled` chosen, for code that makes its spawners itself (SpawnerExecutor): the tests and
+    the bench put it in place of spawner_executor.Spawner."""
+
+    class Chosen(Spawner):
+        def __init__(self, bwrap: str, etc_dir: str, seccomp_program: str, network: object | None = None) -> None:
+            super().__init__(bwrap, etc_dir, seccomp_program, network, compiled=compiled)
+
+    return Chosen

@@ -15,7 +15,6 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
@@ -24,7 +23,15 @@ from devtools.launcher import REPO
 from services.worker import spawner_executor
 from services.worker.executor import ExecSpec
 from services.worker.sandbox import JOB_PATH, Sandbox, SandboxSettings
-from services.worker.spawner import MAX_REQUEST, SPAWNER_KEEPS, Request, Spawner, compiled_spawner, detached_mount
+from services.worker.spawner import (
+    MAX_REQUEST,
+    SPAWNER_KEEPS,
+    Request,
+    Spawner,
+    compiled_spawner,
+    detached_mount,
+    spawner_class,
+)
 from services.worker.spawner_executor import SpawnerExecutor
 from tests.integration.test_sandbox import processes_with, sandbox_of, sh, spec
 from tests.unit.test_spawner import _reencode_unchecked, request
@@ -47,12 +54,7 @@ def compiled(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
         if os.environ.get("CI") == "true":
             raise AssertionError("the compiled spawner is not built (make sandbox-tools)")
         pytest.skip("the compiled spawner is not built (make sandbox-tools)")
-
-    class Chosen(Spawner):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs, compiled=chosen)
-
-    monkeypatch.setattr(spawner_executor, "Spawner", Chosen)
+    monkeypatch.setattr(spawner_executor, "Spawner", spawner_class(chosen))
     return chosen
 
 
@@ -408,12 +410,10 @@ def test_a_running_job_dies_with_its_agent(tmp_path: Path, compiled: bool) -> No
 import asyncio, sys
 from services.worker.executor import ExecSpec
 from services.worker.sandbox import JOB_PATH, Sandbox, SandboxSettings
-from services.worker import spawner, spawner_executor
+from services.worker import spawner_executor
+from services.worker.spawner import spawner_class
 from services.worker.spawner_executor import SpawnerExecutor
-class Chosen(spawner.Spawner):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs, compiled={compiled!r})
-spawner_executor.Spawner = Chosen
+spawner_executor.Spawner = spawner_class({compiled!r})
 box = Sandbox.for_this_machine(SandboxSettings())
 ex = SpawnerExecutor({str(tmp_path / "agent-scratch")!r}, box)
 print("started", flush=True)
