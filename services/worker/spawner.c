@@ -597,6 +597,7 @@ int main(int argc, char **argv) {
         if (program_fd > 2 && fcntl(program_fd, F_GETFD) >= 0)
             close(program_fd);
     }
+    prctl(PR_SET_NAME, "jobmesh-spawner", 0, 0, 0); /* not "8", after the fd it was exec'd from; best effort */
     request_socket = parse_fd(argv[1]);
     int seccomp_fd = parse_fd(argv[2]);
     if (request_socket < 0 || seccomp_fd < 0 || fcntl(request_socket, F_SETFD, FD_CLOEXEC) != 0) {
