@@ -1,7 +1,8 @@
 """A per-slot spawner: one long-lived, already-confined root process that starts each of its slot's jobs with one
 fork and a few system calls instead of a chain of tools (bwrap -> setpriv -> sh) exec'd per job. PROTOTYPE: not used
 by the worker yet (services/worker/spawner_executor.py, bench/spawner_start.py and tests/integration/test_spawner.py
-drive it).
+drive it). services/worker/spawner.c is the same spawner compiled (build/jobmesh-spawner, `make sandbox-tools`):
+``Spawner`` runs it when it is built, and this module's Python program otherwise.
 
 Once per slot the agent starts (``Spawner``), in the slot's network namespace:
 
