@@ -67,22 +67,33 @@ client-wheel: proto
 
 proto: venv gen/.stamp $(CLIENT_STUBS)
 
-# The job sandbox (docs/security.md) runs each job through bubblewrap and util-linux's setpriv, as root. Installed
-# here when missing and we are root on a Debian-like system; otherwise we say how, and workers refuse tenant jobs
+# The job sandbox (docs/security.md) confines each worker slot's spawner with bubblewrap, as root. Installed here
+# when missing and we are root on a Debian-like system; otherwise we say how, and workers refuse tenant jobs
 # (unless their pool says sandbox = "none"). Its seccomp filter is built with libseccomp (Debian's libseccomp2,
 # which apt itself depends on; installed here too if missing): the worker refuses tenant jobs without it as well.
 sandbox-tools:
-	@if ! command -v bwrap >/dev/null 2>&1 || ! command -v setpriv >/dev/null 2>&1 || \
-	    ! ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2'; then \
+	@if ! command -v bwrap >/dev/null 2>&1 || ! ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2'; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing bubblewrap and libseccomp for the job sandbox"; \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	      bubblewrap util-linux libseccomp2 >/dev/null) || echo "warning: could not install bubblewrap" >&2; \
+	      bubblewrap libseccomp2 >/dev/null) || echo "warning: could not install bubblewrap" >&2; \
 	  else \
-	    echo "warning: the job sandbox needs bubblewrap and setpriv, and root: run 'sudo apt-get install" \
+	    echo "warning: the job sandbox needs bubblewrap and root: run 'sudo apt-get install" \
 	      "bubblewrap' (or your system's package) and start the mesh as root; until then workers refuse" \
 	      "tenant jobs unless their pool says sandbox = \"none\" (docs/security.md)" >&2; \
 	  fi; \
+	fi
+	@$(MAKE) --no-print-directory build/jobmesh-spawner
+
+# The compiled per-slot spawner (services/worker/spawner.c; spawner.py runs it when built, its Python program
+# otherwise). A warning, not a failure, without a C compiler.
+SPAWNER_CFLAGS := -O2 -Wall -Wextra -Werror -D_GNU_SOURCE -fstack-protector-strong -D_FORTIFY_SOURCE=2 -fPIE
+SPAWNER_LDFLAGS := -pie -Wl,-z,relro,-z,now
+build/jobmesh-spawner: services/worker/spawner.c
+	@if command -v $(CC) >/dev/null 2>&1; then \
+	  mkdir -p build && $(CC) $(SPAWNER_CFLAGS) $(SPAWNER_LDFLAGS) -o $@.tmp $< && mv -f $@.tmp $@; \
+	else \
+	  echo "warning: no C compiler ($(CC)): workers run the spawner's Python program (slower job starts)" >&2; \
 	fi
 
 # The web console (console/): TypeScript built by Vite into console/dist, which the console service serves

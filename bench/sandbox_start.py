@@ -5,7 +5,9 @@ the real sandbox (--network none|host) or unsandboxed (--sandbox none), and prin
 CPU (the agent's part: cgroup set-up, spawning, reaping, reading usage), the CPU of the processes it reaped, the
 CPU of everything (this process, every process of every job, the kernel's work for them: it runs in a cpuacct
 group of its own, cgroup v1, as root), and the wall time. The reaped processes' CPU misses what runs in a job's
-pid namespace (bwrap's outer process does not wait for the namespace's init); the cpuacct group does not.
+pid namespace (a job's init is the slot's spawner's child, not this process's); the cpuacct group does not. The
+slot's spawner (--spawner compiled|python) is started by the warm-up jobs, before the measure, as it is once per
+slot.
 
 No gRPC, no stand-in: less to disturb the figures than bench/worker_agent.py, so several short runs, alternated
 with another checkout's (`cd <checkout> && PYTHONPATH=$PWD:$PWD/gen <this venv>/bin/python <this script>`),
@@ -81,12 +83,20 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--sandbox", choices=["bwrap", "none"], default="bwrap")
     parser.add_argument("--network", choices=["none", "host"], default="none")
+    parser.add_argument(
+        "--spawner",
+        choices=["compiled", "python"],
+        default="compiled",
+        help="the slot's spawner: services/worker/spawner.c (build/jobmesh-spawner, `make sandbox-tools`) or the "
+        "Python program of spawner.py",
+    )
     args = parser.parse_args()
     group = join_own_cpuacct_group()
     sandbox = None
     try:
         if args.sandbox == "bwrap":
             sandbox = Sandbox.for_this_machine(SandboxSettings(network=args.network))
+            sandbox.compiled = args.spawner == "compiled"
         with tempfile.TemporaryDirectory(prefix="jobmesh-sandbox-start-") as scratch:
             executor = JobExecutor(scratch, sandbox=sandbox)
             try:
@@ -100,7 +110,14 @@ def main() -> int:
     load = os.getloadavg()[0]
     print(
         json.dumps(
-            {"jobs": args.jobs, "sandbox": args.sandbox, "network": args.network, "load": round(load, 2), **figures}
+            {
+                "jobs": args.jobs,
+                "sandbox": args.sandbox,
+                "spawner": args.spawner if sandbox is not None else None,
+                "network": args.network,
+                "load": round(load, 2),
+                **figures,
+            }
         )
     )
     return 0

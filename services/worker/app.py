@@ -19,6 +19,7 @@ from services.worker.health import HealthCheck
 from services.worker.join import bind_to_certificate, renew_forever
 from services.worker.sandbox import Sandbox, SandboxError, SandboxSettings
 from services.worker.settings import Settings, WorkerSettings
+from services.worker.spawner import compiled_spawner
 
 log = logging.getLogger("services.worker")
 _PR_SET_DUMPABLE = 4
@@ -68,7 +69,8 @@ def job_sandbox(pool_id: str, settings: SandboxSettings | None, error: str = "")
         log.error("REFUSING TENANT JOBS on pool %s: %s", pool_id, reason)
         return None, reason
     log.info(
-        "jobs sandboxed: bwrap, cgroup v%d, network %s, uids %d-%d, pids.max %d",
+        "jobs sandboxed: bwrap and a %s spawner per slot, cgroup v%d, network %s, uids %d-%d, pids.max %d",
+        "compiled" if compiled_spawner() else "Python (no build/jobmesh-spawner: make sandbox-tools)",
         sandbox.cgroups.version,
         settings.network,
         settings.uid_first,

@@ -340,6 +340,9 @@ class Sandbox:
         self.settings = settings
         self.cgroups = cgroups
         self.bwrap = bwrap
+        # Which spawner program the slots run: None = the compiled one when it is built (services/worker/spawner.py,
+        # ``compiled_spawner``), True = only that one, False = the Python one (tests and benchmarks choose).
+        self.compiled: bool | None = None
         self._uids = UidPool(
             os.path.join(settings.state_dir, "job-uids"),
             settings.uid_first,
@@ -398,7 +401,7 @@ class Sandbox:
         """A slot's spawner, in the slot's network namespace (`network`, from ``slot_network``)."""
         if network is None and self._host_net >= 0:
             raise SandboxError('network = "none": a spawner never starts in the host\'s network namespace')
-        return Spawner(self.bwrap, self._etc, self._seccomp, network)
+        return Spawner(self.bwrap, self._etc, self._seccomp, network, compiled=self.compiled)
 
     def self_test(self) -> None:
         """Starts `true` in a sandbox the way jobs start: a machine without namespaces fails here, not per job."""

@@ -1,7 +1,7 @@
 """A per-slot spawner: one long-lived, already-confined root process that starts each of its slot's jobs with one
-fork and a few system calls instead of a chain of tools (bwrap -> setpriv -> sh) exec'd per job. PROTOTYPE: not used
-by the worker yet (services/worker/spawner_executor.py, bench/spawner_start.py and tests/integration/test_spawner.py
-drive it).
+fork and a few system calls (the worker's executor, services/worker/executor.py, asks it for every sandboxed job).
+services/worker/spawner.c is the same spawner compiled (build/jobmesh-spawner, `make sandbox-tools`): ``Spawner``
+runs it when it is built, and this module's Python program otherwise (the same protocol, the same steps).
 
 Once per slot the agent starts (``Spawner``), in the slot's network namespace:
 
@@ -432,6 +432,9 @@ def _find(command: bytes, path: bytes) -> bytes:
 
 def serve(sock_fd: int, seccomp_fd: int, hidden: list[bytes]) -> None:
     """The spawner's loop: one request, one job started and seen to its end; returns when the agent closes its end."""
+    # The agent passed our socket inheritable: no job's init may hand it to its job (which could then ask us for
+    # processes outside its cgroup, as any uid but root's).
+    os.set_inheritable(sock_fd, False)
     with os.fdopen(seccomp_fd, "rb") as fh:
         slot = _Slot(fh.read(), hidden)
     # The jobs' mounts never propagate back here (nor to the next job): every mount of ours is private.
@@ -482,13 +485,40 @@ if __name__ == "__main__":
 # ---- The agent's side. Its imports stay in its functions: the spawner program (above) runs without the mesh. ----
 
 
-def spawner_argv(bwrap: str, etc_dir: str, program_fd: int, sock_fd: int, seccomp_fd: int) -> list[str]:
-    """bwrap's command line for a slot's spawner: the job's view of the system, made once, and this module (read
-    from `program_fd`, see ``program``) run by the base interpreter: nothing of the mesh's checkout or venv is bound."""
+def compiled_spawner(repo: str | None = None) -> str | None:
+    """The compiled spawner (services/worker/spawner.c, built by `make sandbox-tools` into build/jobmesh-spawner),
+    or None when it is not built, or not to be trusted: it and its directory must belong to root or to this
+    process's user and be writable by no one else (it runs as root), and it must not be older than its source (a
+    build not remade after a change would speak an old protocol)."""
+    if repo is None:
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.path.join(repo, "build", "jobmesh-spawner")
+    owners = {0, os.geteuid()}
+    try:
+        binary, directory = os.stat(path), os.stat(os.path.dirname(path))
+    except OSError:
+        return None
+    for st in (binary, directory):
+        if st.st_uid not in owners or st.st_mode & 0o022:
+            return None
+    if not binary.st_mode & 0o100:
+        return None
+    try:
+        if os.stat(os.path.join(repo, "services", "worker", "spawner.c")).st_mtime > binary.st_mtime:
+            return None
+    except OSError:
+        pass  # an installation without the source: the binary is what was installed
+    return path
+
+
+def spawner_argv(
+    bwrap: str, etc_dir: str, program_fd: int, sock_fd: int, seccomp_fd: int, compiled: bool = False
+) -> list[str]:
+    """bwrap's command line for a slot's spawner: the job's view of the system, made once, and the spawner's program
+    (read from `program_fd`, see ``program``): the compiled one executed from that fd, or this module run by the
+    base interpreter. Nothing of the mesh's checkout or venv is bound."""
     from services.worker.sandbox import SYSTEM_DIRS
 
-    python = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
-    prefix = os.path.realpath(sys.base_prefix)
     args = [bwrap, "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--die-with-parent", "--new-session"]
     args += ["--hostname", "jobmesh-job", "--cap-drop", "ALL"]
     for cap in SPAWNER_CAPS:
@@ -502,6 +532,11 @@ def spawner_argv(bwrap: str, etc_dir: str, program_fd: int, sock_fd: int, seccom
     args += ["--ro-bind", etc_dir, "/etc", "--proc", "/proc", "--dev", "/dev"]
     args += ["--perms", "1777", "--tmpfs", "/dev/shm", "--perms", "1777", "--tmpfs", "/tmp"]
     args += ["--perms", "0755", "--dir", "/var", "--symlink", "/tmp", "/var/tmp", "--perms", "0755", "--dir", SCRATCH]
+    program = f"/proc/self/fd/{program_fd}"
+    if compiled:  # no interpreter: nothing to bind, nothing to hide again
+        return [*args, "--", program, str(sock_fd), str(seccomp_fd)]
+    python = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+    prefix = os.path.realpath(sys.base_prefix)
     hidden: list[str] = []
     top = "/" + prefix.strip("/").split("/", 1)[0]
     if top.strip("/") not in SYSTEM_DIRS:
@@ -511,13 +546,13 @@ def spawner_argv(bwrap: str, etc_dir: str, program_fd: int, sock_fd: int, seccom
             raise OSError(f"the interpreter's directory {prefix} cannot be hidden from jobs")
         args += ["--perms", "0755", "--tmpfs", top, "--ro-bind", prefix, prefix]
         hidden.append(top)
-    program = f"/proc/self/fd/{program_fd}"
     return [*args, "--", python, "-S", "-I", program, str(sock_fd), str(seccomp_fd), *hidden]
 
 
-def program() -> int:
-    """A sealed memfd holding this module's source: what the spawner runs, with no path of the mesh's checkout."""
-    with open(__file__, "rb") as fh:
+def program(path: str | None = None) -> int:
+    """A sealed memfd holding the spawner's program (`path`, the compiled one, or this module's source): what the
+    spawner runs, with no path of the mesh's checkout."""
+    with open(path or __file__, "rb") as fh:
         source = fh.read()
     import fcntl
 
@@ -527,6 +562,11 @@ def program() -> int:
             source = source[os.write(fd, source) :]
         seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+        if path is not None:
+            # An executable must have no writable fd open (ETXTBSY): a read-only one of the same file instead.
+            readonly = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            os.close(fd)
+            fd = readonly
     except BaseException:
         os.close(fd)
         raise
@@ -644,19 +684,33 @@ class Spawner:
 
     _SO_SNDBUFFORCE = 32  # root may send a message above net.core.wmem_max: a request is one message
 
-    def __init__(self, bwrap: str, etc_dir: str, seccomp_program: str, network: object | None = None) -> None:
+    def __init__(
+        self,
+        bwrap: str,
+        etc_dir: str,
+        seccomp_program: str,
+        network: object | None = None,
+        *,
+        compiled: bool | None = None,
+    ) -> None:
+        """`compiled`: run the compiled spawner (``compiled_spawner``; SpawnerError when it is not built), or this
+        module's Python program; None: the compiled one when it is built."""
         import subprocess
         from contextlib import nullcontext
 
         from services.worker.sandbox import JOB_PATH, SlotNetwork
 
+        binary = compiled_spawner() if compiled is not False else None
+        if compiled and binary is None:
+            raise SpawnerError("the compiled spawner is not built (make sandbox-tools)")
+        self.compiled = binary is not None
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         seccomp_fd = source = -1
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, self._SO_SNDBUFFORCE, 2 * MAX_REQUEST)
             seccomp_fd = os.open(seccomp_program, os.O_RDONLY | os.O_CLOEXEC)
-            source = program()
-            argv = spawner_argv(bwrap, etc_dir, source, theirs.fileno(), seccomp_fd)
+            source = program(binary)
+            argv = spawner_argv(bwrap, etc_dir, source, theirs.fileno(), seccomp_fd, compiled=self.compiled)
             entered = network.entered() if isinstance(network, SlotNetwork) else nullcontext()
             with entered:
                 self._process = subprocess.Popen(

@@ -1,12 +1,14 @@
-"""Attacks a tenant's job tries through the spawner prototype (services/worker/spawner.py, driven by
-services/worker/spawner_executor.py): real processes, as root, each attack of which must fail; and the ordinary
-jobs that must keep working. The same attacks as tests/integration/test_sandbox.py's, for the new start path."""
+"""Attacks a tenant's job tries through its slot's spawner (services/worker/spawner.c and the Python program of
+spawner.py, both, driven by services/worker/executor.py) and requests straight to a spawner's socket: real
+processes, as root, each attack of which must fail; and the ordinary jobs that must keep working."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -20,8 +22,16 @@ import pytest
 from devtools.launcher import REPO
 from services.worker.executor import ExecSpec, JobExecutor
 from services.worker.sandbox import JOB_PATH, Sandbox, SandboxSettings
-from services.worker.spawner import SPAWNER_KEEPS, Request, Spawner
+from services.worker.spawner import (
+    MAX_REQUEST,
+    SPAWNER_KEEPS,
+    Request,
+    Spawner,
+    compiled_spawner,
+    detached_mount,
+)
 from tests.integration.test_sandbox import processes_with, sandbox_of, sh, spec
+from tests.unit.test_spawner import _reencode_unchecked, request
 
 PIDS_MAX = 64
 
@@ -30,6 +40,19 @@ PIDS_MAX = 64
 def sandbox() -> Iterator[Sandbox]:
     with sandbox_of(SandboxSettings(pids_max=PIDS_MAX)) as box:
         yield box
+
+
+@pytest.fixture(params=["compiled", "python"], autouse=True)
+def compiled(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, sandbox: Sandbox) -> bool:
+    """Every test runs against both spawners: services/worker/spawner.c (built by `make sandbox-tools`) and the
+    Python program of spawner.py. The sandbox's spawners are made with the choice."""
+    chosen = request.param == "compiled"
+    if chosen and compiled_spawner() is None:
+        if os.environ.get("CI") == "true":
+            raise AssertionError("the compiled spawner is not built (make sandbox-tools)")
+        pytest.skip("the compiled spawner is not built (make sandbox-tools)")
+    monkeypatch.setattr(sandbox, "compiled", chosen)
+    return chosen
 
 
 @asynccontextmanager
@@ -112,6 +135,16 @@ async def test_the_spawner_holds_four_capabilities_no_environment_and_no_file_of
     assert int(status["CapBnd"], 16) == int(status["CapInh"], 16) == int(status["CapAmb"], 16) == 0
     assert set(environ.split(b"\0")[:-1]) <= {b"PATH=" + JOB_PATH.encode(), b"PWD=/"}  # PWD: bwrap's
     assert str(REPO).encode() not in cmdline and b"/proc/self/fd/" in cmdline  # its program came in a memfd
+    assert (b"python" in cmdline) is not compiled  # the spawner the test asked for
+
+
+@pytest.mark.asyncio
+async def test_a_job_holds_no_fd_but_its_own(tmp_path: Path, sandbox: Sandbox) -> None:
+    """Not the spawner's socket above all: with it a job could ask for processes outside its cgroup."""
+    async with slot(tmp_path, sandbox) as executor:
+        result = await executor.run(sh("ls /proc/self/fd; echo end"))
+
+    assert result.output_tail.split() == ["0", "1", "2", "3", "end"], result.output_tail  # 3: ls's own directory
 
 
 @pytest.mark.asyncio
@@ -302,13 +335,13 @@ async def test_a_jobs_init_is_in_its_cgroup_before_the_job_runs_and_memory_is_li
 ) -> None:
     hog = "b = bytearray(256 * 1024 * 1024); print('allocated')"
     async with slot(tmp_path, sandbox) as executor:
-        where = await executor.run(sh("cat /proc/self/cgroup; ulimit -n"))
+        where = await executor.run(sh("cat /proc/self/cgroup; ulimit -t; ulimit -n"))
         oom = await executor.run(spec(["python3", "-c", hog], job_id="job-2", memory_mb=64))
         after = await executor.run(spec(["python3", "-c", "b = bytearray(100 * 1024 * 1024)"], job_id="job-3"))
 
     memory = [line for line in where.output_tail.splitlines() if ":memory:" in line]
     assert memory and memory[0].endswith(executor._cgroup_name), where.output_tail  # the job's group, from its start
-    assert where.output_tail.split()[-1] == str(SandboxSettings().max_open_files)
+    assert where.output_tail.split()[-2:] == ["unlimited", str(SandboxSettings().max_open_files)]  # just the job's
     assert oom.reason == "OOM_KILLED" and "allocated" not in oom.output_tail, oom
     assert (after.reason, after.exit_code) == ("EXITED", 0), after
 
@@ -327,11 +360,13 @@ async def test_a_job_cannot_start_more_processes_than_the_pids_limit(tmp_path: P
     assert processes_with("python3 -c import os, time") == []
 
 
-def test_a_job_never_runs_unless_let_go_and_dies_with_its_spawner(tmp_path: Path, sandbox: Sandbox) -> None:
+def test_a_job_never_runs_unless_let_go_and_dies_with_its_spawner(
+    tmp_path: Path, sandbox: Sandbox, compiled: bool
+) -> None:
     scratch = tmp_path / "scratch"
     scratch.mkdir(mode=0o700)
     os.chown(scratch, 200_777, 200_777)
-    spawner = Spawner("/usr/bin/bwrap", sandbox.etc_dir, sandbox.seccomp_program)
+    spawner = Spawner("/usr/bin/bwrap", sandbox.etc_dir, sandbox.seccomp_program, compiled=compiled)
     out = os.open(os.devnull, os.O_WRONLY)
     try:
         run = Request(200_777, 200_777, [b"sh", b"-c", b"touch /scratch/ran; exec sleep 321.5"], [], b"/scratch", [])
@@ -365,7 +400,7 @@ def test_a_job_never_runs_unless_let_go_and_dies_with_its_spawner(tmp_path: Path
         spawner.close()
 
 
-def test_a_running_job_dies_with_its_agent(tmp_path: Path) -> None:
+def test_a_running_job_dies_with_its_agent(tmp_path: Path, compiled: bool) -> None:
     """The agent (a process of its own here) is SIGKILLed while its job runs: bwrap dies with it (--die-with-parent),
     the spawner with bwrap, the job's init with the spawner (its parent-death signal), and the namespace with it."""
     script = f"""
@@ -374,6 +409,7 @@ from services.worker.executor import ExecSpec
 from services.worker.sandbox import JOB_PATH, Sandbox, SandboxSettings
 from services.worker.executor import JobExecutor
 box = Sandbox.for_this_machine(SandboxSettings())
+box.compiled = {compiled!r}
 ex = JobExecutor({str(tmp_path / "agent-scratch")!r}, sandbox=box)
 print("started", flush=True)
 asyncio.run(ex.run(ExecSpec("job-1", 1, ["sh", "-c", "sleep 331.5 & exec sleep 332.5"], {{}}, None, 60.0, 1000, 128)))
@@ -397,3 +433,83 @@ asyncio.run(ex.run(ExecSpec("job-1", 1, ["sh", "-c", "sleep 331.5 & exec sleep 3
 def sleeps() -> list[int]:
     """The job's two sleeps (not the agent, whose command line names them too)."""
     return [pid for pid in processes_with("sleep 33") if psutil.Process(pid).name() == "sleep"]
+
+
+# --- what reaches the spawner's socket straight, not through encode_request ---
+
+
+def _reply_kinds(control: socket.socket) -> list[bytes]:
+    """The first byte of every reply on a job's control socket, until its end of file."""
+    control.settimeout(10)
+    kinds = []
+    while reply := control.recv(4096):
+        kinds.append(reply[:1])
+    return kinds
+
+
+def _malformed() -> list[bytes]:
+    good = _reencode_unchecked(request(rlimits=[]))
+    header = struct.calcsize("<4sIIHHH")
+    cases = [good[:3], good[:header], good[:-1], good + b"\0", b"XXXX" + good[4:], bytes(MAX_REQUEST + 1)]
+    for offset, value in ((12, 60_000), (14, 60_000), (16, 60_000), (14, 0)):  # counts past the end; no argv
+        cases.append(good[:offset] + struct.pack("<H", value) + good[offset + 2 :])
+    for length in (2**31, 2**32 - 1, 2**32 - header):  # the cwd's length, past the end
+        cases.append(good[:header] + struct.pack("<I", length) + good[header + 4 :])
+    for overrides in (
+        {"uid": 0},
+        {"gid": 0},
+        {"uid": 2**32 - 1},
+        {"argv": [b"sh", b"a\0b"]},
+        {"argv": [b""]},
+        {"env": [b"X=a\0b"]},
+        {"env": [b"=x"]},
+        {"cwd": b"/etc"},
+        {"cwd": b"/scratchy"},
+        {"cwd": b"/scratch/../etc"},
+        {"cwd": b"/scratch/.."},
+        {"cwd": b"/scratch\0/x"},
+    ):
+        cases.append(_reencode_unchecked(request(**overrides)))
+    return cases
+
+
+def test_a_malformed_request_is_answered_e_and_the_spawner_keeps_serving(
+    tmp_path: Path, sandbox: Sandbox, compiled: bool
+) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(mode=0o700)
+    os.chown(scratch, 200_778, 200_778)
+    spawner = Spawner("/usr/bin/bwrap", sandbox.etc_dir, sandbox.seccomp_program, compiled=compiled)
+    out = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for message in _malformed():
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            tree = detached_mount(str(scratch))
+            with mine, theirs:
+                socket.send_fds(spawner._sock, [message], [theirs.fileno(), out, out, tree])
+                os.close(tree)
+                theirs.close()
+                kinds = _reply_kinds(mine)
+            assert b"E" in kinds and b"X" not in kinds, (message[:40], kinds)
+        # The wrong number of fds (or none at all: nobody to answer then), and for the compiled one an empty message.
+        good = _reencode_unchecked(request(uid=200_778, gid=200_778, cwd=b"/scratch"))
+        for count in (0, 1, 3, 5):
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            with mine, theirs:
+                socket.send_fds(spawner._sock, [good], [theirs.fileno(), *[out] * (count - 1)] if count else [])
+                theirs.close()
+                assert _reply_kinds(mine) == ([b"E"] if count else [])
+        if compiled:
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            with mine, theirs:
+                socket.send_fds(spawner._sock, [b""], [theirs.fileno(), out, out, out])
+                theirs.close()
+                kinds = _reply_kinds(mine)
+            assert b"E" in kinds and b"X" not in kinds, kinds
+            spawner._sock.send(b"")  # no fd, no reply: not an end of file either
+        job = spawner.spawn(Request(200_778, 200_778, [b"true"], [], b"/scratch", []), out, out, str(scratch))
+        assert job.wait_blocking(10) == 0  # served as ever
+        job.close()
+    finally:
+        os.close(out)
+        spawner.close()

@@ -3,8 +3,10 @@ before anything is started, and the replies decode to what the agent acts on."""
 
 from __future__ import annotations
 
+import os
 import resource
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +14,7 @@ from services.worker.spawner import (
     MAX_REQUEST,
     Request,
     RequestError,
+    compiled_spawner,
     decode_reply,
     decode_request,
     encode_request,
@@ -124,3 +127,28 @@ def test_replies_decode_to_what_the_agent_acts_on() -> None:
     for junk in (b"P12", b"Q", struct.pack("<ci", b"X", 1) + b"!"):
         with pytest.raises(RequestError):
             decode_reply(junk)
+
+
+def _built(repo: Path, *, mode: int = 0o755, source_later: bool = False) -> str:
+    (repo / "services" / "worker").mkdir(parents=True)
+    (repo / "build").mkdir(mode=0o755)
+    source, binary = repo / "services" / "worker" / "spawner.c", repo / "build" / "jobmesh-spawner"
+    source.write_text("/* the source */\n")
+    binary.write_bytes(b"\x7fELF")
+    binary.chmod(mode)
+    os.utime(source, (1_000_000, 2_000_000 if source_later else 1_000_000))
+    os.utime(binary, (1_500_000, 1_500_000))
+    return str(binary)
+
+
+def test_the_compiled_spawner_is_used_only_when_built_private_and_not_older_than_its_source(tmp_path: Path) -> None:
+    assert compiled_spawner(str(tmp_path / "not-built")) is None
+    assert compiled_spawner(str(tmp_path / "good")) is None  # no repo there yet
+    good = _built(tmp_path / "good")
+    assert compiled_spawner(str(tmp_path / "good")) == good
+    _built(tmp_path / "writable", mode=0o775)  # another user could put a root program in its place
+    assert compiled_spawner(str(tmp_path / "writable")) is None
+    _built(tmp_path / "stale", source_later=True)  # a build not remade after a change speaks an old protocol
+    assert compiled_spawner(str(tmp_path / "stale")) is None
+    _built(tmp_path / "not-executable", mode=0o644)
+    assert compiled_spawner(str(tmp_path / "not-executable")) is None
