@@ -329,15 +329,17 @@ def _namespaces(k: _Kernel, hidden: list[bytes], scratch: int) -> None:
     k.unshare(_CLONE_NEWNS | _CLONE_NEWIPC)
     for path in hidden:  # the interpreter's own directory, when not a system one: no job sees it
         k.umount(path)
-    for path in (b"/tmp", b"/dev/shm"):  # the slot's tmpfs goes, with all below it; a fresh one comes
-        k.umount(path)
+    # Fresh file systems go over the spawner's, never in their place: each unmount makes the kernel wait for an
+    # expedited RCU grace period (an interrupt to every CPU), a large part of a start. What lies below is empty (/tmp,
+    # /dev/shm) or the spawner's /proc, out of the job's reach (it has no capability to unmount what covers them).
+    for path in (b"/tmp", b"/dev/shm"):
         k.mount(b"tmpfs", path, b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=1777")
     # The scratch directory: a detached bind mount the agent made of it (open_tree), attached here: no path of the
     # host is resolved in here (and a bind from the agent's mount namespace would be refused).
     k.move_mount(scratch, SCRATCH.encode())
     k.mount(None, SCRATCH.encode(), None, _MS_REMOUNT | _MS_BIND | _MS_NOSUID | _MS_NODEV, None)
     os.close(scratch)
-    k.umount(b"/proc")  # the spawner's /proc shows the host's processes; this one only the job's
+    # The spawner's /proc shows the host's processes; this one, over it, only the job's.
     k.mount(b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
 
 

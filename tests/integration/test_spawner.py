@@ -202,6 +202,27 @@ async def test_a_job_cannot_write_outside_its_scratch_dir_and_its_tmp_is_its_own
     assert "end" in second.output_tail and "one" not in second.output_tail  # a fresh /tmp and /dev/shm per job
 
 
+UNCOVER = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+for target in (b"/proc", b"/tmp", b"/dev/shm"):
+    print(target.decode(), libc.umount2(target, 2), ctypes.get_errno())
+print("pids", sorted(int(p) for p in os.listdir("/proc") if p.isdigit()))
+"""
+
+
+@pytest.mark.asyncio
+async def test_a_job_cannot_uncover_what_its_fresh_mounts_cover(tmp_path: Path, sandbox: Sandbox) -> None:
+    # Its /proc, /tmp and /dev/shm are mounted over the spawner's (no unmount per start): what lies below must stay
+    # out of reach, the spawner's /proc above all (it lists the host's processes).
+    async with slot(tmp_path, sandbox) as executor:
+        result = await executor.run(spec(["python3", "-c", UNCOVER]))
+
+    lines = result.output_tail.splitlines()
+    assert lines[:3] == ["/proc -1 1", "/tmp -1 1", "/dev/shm -1 1"], result.output_tail  # EPERM each time
+    assert lines[3] == "pids [1, 2]", result.output_tail  # its init and itself: no process of the host
+
+
 @pytest.mark.asyncio
 async def test_a_job_cannot_see_another_jobs_processes_or_environment(tmp_path: Path, sandbox: Sandbox) -> None:
     async with slot(tmp_path, sandbox, "a") as victim_slot, slot(tmp_path, sandbox, "b") as attacker_slot:
