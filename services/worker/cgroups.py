@@ -210,8 +210,12 @@ class _KeptReads:
 
 
 def _write(path: str, value: str) -> None:
-    with open(path, "w") as fh:
-        fh.write(value)
+    # A bare descriptor, not a text file object: a few of these per job start (a slot's group reused).
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
 
 
 def _pids_of(procs: str) -> list[int]:
