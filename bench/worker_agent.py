@@ -5,11 +5,12 @@ WorkerRegistryService: Attach, Connect, Heartbeat, ReportResult). The stand-in h
 --command at a time and the next one as soon as the previous result is reported, --jobs times. Prints the
 worker's CPU per job (its own, and that of the job processes it reaped), the wall time per job and the
 stand-in's own CPU per job. --sandbox none runs the jobs unsandboxed (the pool setting sandbox = "none"); the
-default is the job sandbox (bubblewrap, a uid and a cgroup per job), so the difference is its cost per job start.
+default is the job sandbox (a bwrap-confined spawner per slot, a uid, namespaces and a cgroup per job), so the
+difference is its cost per job start.
 Bounded by --jobs and --timeout-seconds.
 
 "job processes" is the CPU of the processes the worker reaped, and of those they reaped in turn. It misses what
-runs inside a job's pid namespace: bwrap's outer process exits without waiting for the namespace's init. So,
+runs inside a job's pid namespace: a job's init is its slot's spawner's child, reaped by the kernel. So,
 where cgroup v1's cpuacct is mounted and we are root, the worker starts in a cpuacct group of its own, and
 "worker and everything it started" is that group's CPU: the worker, every process of every job, and the
 kernel's work for them (namespaces and mounts made and torn down), but not what the kernel defers to its own
