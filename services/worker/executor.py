@@ -17,8 +17,9 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 
@@ -301,14 +302,7 @@ class JobExecutor:
         """Asks the slot's spawner to start the job, puts the job's init (held at its gate) in the job's cgroup,
         lets it go and supervises it."""
         loop = asyncio.get_running_loop()
-        out_read, out_write = os.pipe()
-        err_read, err_write = os.pipe()
-        try:
-            output = _OutputTail((out_read, err_read), loop, spec.output)
-        except BaseException:
-            for fd in (out_read, out_write, err_read, err_write):
-                os.close(fd)
-            raise
+        output, out_write, err_write = _output_pipes(loop, spec)
         started = time.monotonic()
         try:
             try:
@@ -351,17 +345,10 @@ class JobExecutor:
     ) -> ExecResult:
         """Waits for the job's end, a stop or its time limit; its usage is the cgroup's (exact, no sampling)."""
         ended = asyncio.ensure_future(handle.exit_status())
-        stop = state.stop_requested
-        limit = _time_limit(spec)
-        reason, escalated = REASON_EXITED, False
         try:
-            waiting: set[asyncio.Future[object]] = {ended, stop}  # type: ignore[arg-type]
-            done, _ = await asyncio.wait(waiting, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
-            if ended not in done:
-                reason = REASON_KILLED if stop in done else REASON_TIMEOUT
-                await self._sample(state)
-                grace = 0.0 if state.kill_now else self._kill_grace_seconds
-                escalated = await _terminate_spawned(handle, job.cgroup, ended, grace)
+            reason, escalated = await self._until_end(
+                spec, state, ended, lambda grace: _terminate_spawned(handle, job.cgroup, ended, grace)
+            )
             returncode = await ended
         except SpawnerError as exc:
             return _start_failed(f"the job's spawner failed: {exc}")
@@ -450,19 +437,8 @@ class JobExecutor:
         if not spec.command:
             return _start_failed("empty command")
 
-        # Our own pipes rather than stdout=PIPE: asyncio's Process.wait() also waits for PIPE streams to
-        # close, which a backgrounded grandchild can hold open long after the job itself exited. Two pipes, so
-        # that stderr's tail can be told apart; both go to the job's log as they come.
-        out_read, out_write = os.pipe()
-        err_read, err_write = os.pipe()
         loop = asyncio.get_running_loop()
-        try:
-            output = _OutputTail((out_read, err_read), loop, spec.output)
-        except BaseException:
-            for fd in (out_read, out_write, err_read, err_write):
-                os.close(fd)
-            raise
-
+        output, out_write, err_write = _output_pipes(loop, spec)
         started = time.monotonic()
         try:
             try:
@@ -511,19 +487,10 @@ class JobExecutor:
         # A job that ends before the first sample (most) never starts a sampler.
         first_sample = state.loop.call_later(self._first_sample_delay, start_sampling)
         exited = child.exited
-        stop = state.stop_requested
-        limit = _time_limit(spec)
-        reason = REASON_EXITED
-        escalated = False
         try:
-            waiting: set[asyncio.Future[object]] = {exited, stop}  # type: ignore[arg-type]
-            done, _ = await asyncio.wait(waiting, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
-            if exited not in done:
-                reason = REASON_KILLED if stop in done else REASON_TIMEOUT
-                # Last look before the tree disappears, so the report covers the whole run.
-                await self._sample(state)
-                grace = 0.0 if state.kill_now else self._kill_grace_seconds
-                escalated = await self._terminate(pgid, exited, grace)
+            reason, escalated = await self._until_end(
+                spec, state, exited, lambda grace: self._terminate(pgid, exited, grace)
+            )
             returncode, usage = await exited
             run_seconds = time.monotonic() - started
             state.root, state.pid = None, 0
@@ -540,6 +507,26 @@ class JobExecutor:
                 sampler.cancel()
             output.close()
         return self._result(spec, state, output, reason, returncode, run_seconds, escalated, 0, False)
+
+    async def _until_end(
+        self,
+        spec: ExecSpec,
+        state: _RunState,
+        ended: asyncio.Future[Any],
+        terminate: Callable[[float], Awaitable[bool]],
+    ) -> tuple[str, bool]:
+        """Waits for the job's end (`ended`), a stop or its time limit, and in the last two cases stops it
+        (`terminate`, given the grace: True if it came to SIGKILL). (reason, escalated)."""
+        stop = state.stop_requested
+        waiting: set[asyncio.Future[Any]] = {ended, stop}
+        done, _ = await asyncio.wait(waiting, timeout=_time_limit(spec), return_when=asyncio.FIRST_COMPLETED)
+        if ended in done:
+            return REASON_EXITED, False
+        reason = REASON_KILLED if stop in done else REASON_TIMEOUT
+        # Last look before the tree disappears, so the report covers the whole run.
+        await self._sample(state)
+        grace = 0.0 if state.kill_now else self._kill_grace_seconds
+        return reason, await terminate(grace)
 
     def _result(
         self,
@@ -622,6 +609,21 @@ def _devnull() -> int:
     if _DEVNULL < 0:
         _DEVNULL = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     return _DEVNULL
+
+
+def _output_pipes(loop: asyncio.AbstractEventLoop, spec: ExecSpec) -> tuple[_OutputTail, int, int]:
+    """The job's stdout and stderr: our own pipes rather than stdout=PIPE (asyncio's Process.wait() also waits for
+    PIPE streams to close, which a backgrounded grandchild can hold open long after the job itself exited). Two, so
+    that stderr's tail can be told apart; both go to the job's log as they come. Returns the reading side and the
+    two write ends, for the job's first process only (close ours once it has them)."""
+    out_read, out_write = os.pipe()
+    err_read, err_write = os.pipe()
+    try:
+        return _OutputTail((out_read, err_read), loop, spec.output), out_write, err_write
+    except BaseException:
+        for fd in (out_read, out_write, err_read, err_write):
+            os.close(fd)
+        raise
 
 
 def _job_env(extra: dict[str, str], home: str, path: str | None) -> dict[str, str]:

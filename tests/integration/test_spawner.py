@@ -30,7 +30,7 @@ from services.worker.spawner import (
     compiled_spawner,
     detached_mount,
 )
-from tests.integration.test_sandbox import processes_with, sandbox_of, sh, spec
+from tests.integration.test_sandbox import command_lines_seen_by_nobody, processes_with, sandbox_of, sh, spec
 from tests.unit.test_spawner import _reencode_unchecked, request
 
 PIDS_MAX = 64
@@ -249,18 +249,7 @@ async def test_a_jobs_environment_is_in_no_command_line_or_other_process(tmp_pat
         job = asyncio.create_task(executor.run(sh("sleep 2; echo done", env={"API_TOKEN": secret})))
         await asyncio.sleep(0.7)
         try:
-            seen = (
-                await asyncio.to_thread(
-                    subprocess.run,
-                    ["sh", "-c", "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '"],
-                    user=65534,
-                    group=65534,
-                    extra_groups=[],
-                    capture_output=True,
-                    text=True,
-                    timeout=10,
-                )
-            ).stdout
+            seen = await command_lines_seen_by_nobody()
             assert "sleep 2; echo done" in seen  # the job was running and visible
             assert secret not in seen
             # Root's view: only the job's own processes (its uid) hold it, not bwrap, the spawner or the job's init.
@@ -381,14 +370,19 @@ async def test_a_job_cannot_start_more_processes_than_the_pids_limit(tmp_path: P
     assert processes_with("python3 -c import os, time") == []
 
 
+def bare_spawner(tmp_path: Path, sandbox: Sandbox, compiled: bool, uid: int) -> tuple[Path, Spawner, int]:
+    """A spawner of its own (no executor), a scratch directory for `uid` and /dev/null to write to."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(mode=0o700)
+    os.chown(scratch, uid, uid)
+    spawner = Spawner(sandbox.bwrap, sandbox.etc_dir, sandbox.seccomp_program, compiled=compiled)
+    return scratch, spawner, os.open(os.devnull, os.O_WRONLY)
+
+
 def test_a_job_never_runs_unless_let_go_and_dies_with_its_spawner(
     tmp_path: Path, sandbox: Sandbox, compiled: bool
 ) -> None:
-    scratch = tmp_path / "scratch"
-    scratch.mkdir(mode=0o700)
-    os.chown(scratch, 200_777, 200_777)
-    spawner = Spawner("/usr/bin/bwrap", sandbox.etc_dir, sandbox.seccomp_program, compiled=compiled)
-    out = os.open(os.devnull, os.O_WRONLY)
+    scratch, spawner, out = bare_spawner(tmp_path, sandbox, compiled, 200_777)
     try:
         run = Request(200_777, 200_777, [b"sh", b"-c", b"touch /scratch/ran; exec sleep 321.5"], [], b"/scratch", [])
         held = spawner.spawn(run, out, out, str(scratch))
@@ -497,11 +491,7 @@ def _malformed() -> list[bytes]:
 def test_a_malformed_request_is_answered_e_and_the_spawner_keeps_serving(
     tmp_path: Path, sandbox: Sandbox, compiled: bool
 ) -> None:
-    scratch = tmp_path / "scratch"
-    scratch.mkdir(mode=0o700)
-    os.chown(scratch, 200_778, 200_778)
-    spawner = Spawner("/usr/bin/bwrap", sandbox.etc_dir, sandbox.seccomp_program, compiled=compiled)
-    out = os.open(os.devnull, os.O_WRONLY)
+    scratch, spawner, out = bare_spawner(tmp_path, sandbox, compiled, 200_778)
     try:
         for message in _malformed():
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
