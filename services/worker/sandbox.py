@@ -3,7 +3,7 @@
 Each worker slot has a spawner (services/worker/spawner.py; its compiled form spawner.c when built): bubblewrap
 makes, once per slot, the view of the system every job of the slot gets (read-only system directories, a copy of the
 allowed part of /etc, a minimal /dev, no file of the mesh), and runs the spawner in it as root with four capabilities
-and an empty bounding set. For each job the spawner starts the job's init in new pid, mount and ipc namespaces (a
+and an empty bounding set. For each job the spawner starts the job's init in new pid, mount, ipc and uts namespaces (a
 fresh /proc, /tmp and /dev/shm, the job's scratch directory at /scratch). The init waits at its gate while the agent
 puts it in the job's cgroup(s) (``JobSandbox.confine``); then it sets the job's rlimits, becomes the job's uid and gid
 with no group and no capability, sets no_new_privs, loads the jobs' seccomp filter (services/worker/seccomp.py) and

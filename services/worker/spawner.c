@@ -8,7 +8,7 @@
  * ``_namespaces``, ``_find`` and ``decode_request`` step by step. The C library only (no libseccomp: the filter's
  * program comes compiled, read once from the seccomp fd).
  *
- * Per job the spawner clones the job's init straight into new pid, mount and ipc namespaces (its own never change)
+ * Per job the spawner clones the job's init straight into new pid, mount, ipc and uts namespaces (its own never change)
  * and sends its pid; the init decodes and checks the request (never the spawner: its memory holds no job's
  * environment, and it zeroes the message once the init exists), makes its mounts, waits at the gate, becomes the
  * job's uid with nothing else, posix_spawns the command, reaps, and reports the job's status.
@@ -318,7 +318,7 @@ static void report_and_exit(int control, int code) {
     _exit(code);
 }
 
-/* The job's init: pid 1 of its pid namespace, in its own mount and ipc namespaces. Never returns. */
+/* The job's init: pid 1 of its pid namespace, in its own mount, ipc and uts namespaces. Never returns. */
 static void job_init(size_t size, int control, int out, int err, int scratch) {
     char text[600];
     close(lifeline_end);
@@ -464,10 +464,13 @@ failed: {
 
 /* ---- the spawner ---- */
 
-/* One job: its init cloned into new pid, mount and ipc namespaces, its pid sent to the agent; the message zeroed. */
+/* One job: its init cloned into new pid, mount, ipc and uts namespaces, its pid sent to the agent; the message
+ * zeroed. */
 static void start(size_t size, const int fds[REQUEST_FDS]) {
     int control = fds[0];
-    long init = syscall(SYS_clone, CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | SIGCHLD, NULL, NULL, NULL, NULL);
+    /* Its own uts namespace too (the slot's hostname, which no job can change, but never one another job had). */
+    long flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | SIGCHLD;
+    long init = syscall(SYS_clone, flags, NULL, NULL, NULL, NULL);
     if (init == 0)
         job_init(size, control, fds[1], fds[2], fds[3]);
     explicit_bzero(message, size); /* the job's environment stays in no buffer of ours */

@@ -24,9 +24,10 @@ own pid namespace (setns) and sends the init's pid to the agent. It is then at i
 left in the root process, and its own namespaces never change.
 
   init (pid 1)     the job's init (``_init``); dies with the spawner (PDEATHSIG, set again after the uid switch,
-                   which clears it; a lifeline pipe covers the moment between). Decodes the request; unshares a
-                   mount and ipc namespace: unmounts the interpreter's directory, fresh tmpfs on /tmp and /dev/shm, the
-                   scratch directory at /scratch (nosuid, nodev), a /proc of its own (``_namespaces``). Waits for the
+                   which clears it; a lifeline pipe covers the moment between). Decodes the request; unshares
+                   mount, ipc and uts namespaces: unmounts the interpreter's directory, fresh tmpfs on /tmp and
+                   /dev/shm (over the spawner's), the scratch directory at /scratch (nosuid, nodev), a /proc of its
+                   own (``_namespaces``). Waits for the
                    gate byte on the control socket while the agent puts it in the job's cgroup (end of file: the job
                    never runs); then rlimits, no groups, the job's gid and uid (which empties its capabilities and
                    makes it undumpable: the job can neither ptrace it nor read its /proc files), no inheritable or
@@ -68,7 +69,7 @@ GATE = b"G"
 KILL = b"K"
 
 # Kernel constants (linux/sched.h, linux/mount.h, linux/prctl.h, linux/capability.h, linux/seccomp.h).
-_CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWPID = 0x00020000, 0x08000000, 0x20000000
+_CLONE_NEWNS, _CLONE_NEWUTS, _CLONE_NEWIPC, _CLONE_NEWPID = 0x00020000, 0x04000000, 0x08000000, 0x20000000
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 2, 4, 8, 32, 4096, 16384, 1 << 18
 _MNT_DETACH = 2
 _PR_SET_PDEATHSIG, _PR_SET_SECCOMP, _PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS, _PR_CAP_AMBIENT = 1, 22, 24, 38, 47
@@ -324,9 +325,9 @@ def _start(slot: _Slot, message: bytearray, fds: list[int]) -> None:
 
 
 def _namespaces(k: _Kernel, hidden: list[bytes], scratch: int) -> None:
-    """The init's mount and ipc namespaces: the spawner's view (whose mounts are all private: nothing propagates
+    """The init's mount, ipc and uts namespaces: the spawner's view (whose mounts are all private: nothing propagates
     back) minus the interpreter's directory, with a fresh /tmp, /dev/shm and /proc, the job's scratch at /scratch."""
-    k.unshare(_CLONE_NEWNS | _CLONE_NEWIPC)
+    k.unshare(_CLONE_NEWNS | _CLONE_NEWIPC | _CLONE_NEWUTS)
     for path in hidden:  # the interpreter's own directory, when not a system one: no job sees it
         k.umount(path)
     # Fresh file systems go over the spawner's, never in their place: each unmount makes the kernel wait for an

@@ -202,6 +202,22 @@ async def test_a_job_cannot_write_outside_its_scratch_dir_and_its_tmp_is_its_own
     assert "end" in second.output_tail and "one" not in second.output_tail  # a fresh /tmp and /dev/shm per job
 
 
+@pytest.mark.asyncio
+async def test_each_job_has_namespaces_of_its_own_and_cannot_rename_its_host(tmp_path: Path, sandbox: Sandbox) -> None:
+    script = (
+        "for n in pid mnt ipc uts; do readlink /proc/self/ns/$n; done; cat /proc/sys/kernel/hostname; "
+        "if (echo tenant-x > /proc/sys/kernel/hostname) 2>/dev/null; then echo renamed; else echo denied; fi"
+    )
+    async with slot(tmp_path, sandbox) as executor:
+        first = await executor.run(sh(script))
+        second = await executor.run(sh(script, job_id="job-2"))
+
+    a, b = first.output_tail.split(), second.output_tail.split()
+    assert len(a) == len(b) == 6, (first.output_tail, second.output_tail)
+    assert all(x != y for x, y in zip(a[:4], b[:4], strict=True)), (a, b)  # not one namespace is the last job's
+    assert a[4:] == b[4:] == ["jobmesh-job", "denied"]  # the slot's hostname, which a job cannot change
+
+
 UNCOVER = """
 import ctypes, os
 libc = ctypes.CDLL(None, use_errno=True)
