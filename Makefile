@@ -67,16 +67,18 @@ client-wheel: proto
 
 proto: venv gen/.stamp $(CLIENT_STUBS)
 
-# The job sandbox (docs/security.md) confines each worker slot's spawner with bubblewrap, as root. Installed here
-# when missing and we are root on a Debian-like system; otherwise we say how, and workers refuse tenant jobs
+# The job sandbox (docs/security.md) confines each worker slot's spawner with bubblewrap, as root; the spawner is
+# compiled (a C compiler; without one the slower Python spawner runs). Installed here when missing and we are root on
+# a Debian-like system; otherwise we say how, and workers refuse tenant jobs
 # (unless their pool says sandbox = "none"). Its seccomp filter is built with libseccomp (Debian's libseccomp2,
 # which apt itself depends on; installed here too if missing): the worker refuses tenant jobs without it as well.
 sandbox-tools:
-	@if ! command -v bwrap >/dev/null 2>&1 || ! ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2'; then \
+	@if ! command -v bwrap >/dev/null 2>&1 || ! command -v $(CC) >/dev/null 2>&1 || \
+	    ! ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2'; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing bubblewrap and libseccomp for the job sandbox"; \
+	    echo "installing bubblewrap, libseccomp and a C compiler (the spawner) for the job sandbox"; \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	      bubblewrap libseccomp2 >/dev/null) || echo "warning: could not install bubblewrap" >&2; \
+	      bubblewrap libseccomp2 gcc libc6-dev >/dev/null) || echo "warning: could not install bubblewrap" >&2; \
 	  else \
 	    echo "warning: the job sandbox needs bubblewrap and root: run 'sudo apt-get install" \
 	      "bubblewrap' (or your system's package) and start the mesh as root; until then workers refuse" \
