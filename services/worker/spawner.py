@@ -433,6 +433,15 @@ def _find(command: bytes, path: bytes) -> bytes:
     raise FileNotFoundError(2, "command not found")
 
 
+def _hung_up(fd: int) -> bool:
+    """Whether the agent has closed its end of the spawner's socket."""
+    import select
+
+    poller = select.poll()
+    poller.register(fd, select.POLLRDHUP)
+    return any(events & (select.POLLHUP | select.POLLRDHUP | select.POLLERR) for _, events in poller.poll(0))
+
+
 def serve(sock_fd: int, seccomp_fd: int, hidden: list[bytes]) -> None:
     """The spawner's loop: one request, one job started and seen to its end; returns when the agent closes its end."""
     # The agent passed our socket inheritable: no job's init may hand it to its job (which could then ask us for
@@ -458,8 +467,8 @@ def serve(sock_fd: int, seccomp_fd: int, hidden: list[bytes]) -> None:
     while True:
         # The size first (MSG_PEEK | MSG_TRUNC: the whole message's), then a buffer of just that size.
         size = sock.recv_into(bytearray(1), 1, socket.MSG_PEEK | socket.MSG_TRUNC)
-        if size == 0:
-            return  # the agent has gone
+        if size == 0 and _hung_up(sock_fd):
+            return  # the agent has gone (an empty message reads as 0 bytes too, and is refused below)
         buffer = bytearray(min(size, MAX_REQUEST + 1))
         received, ancillary, flags, _ = sock.recvmsg_into([buffer], fd_space, socket.MSG_CMSG_CLOEXEC)
         fds: list[int] = []
