@@ -8,6 +8,7 @@ import asyncio
 import signal
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +49,20 @@ def count(stack: Stack, prefix: str) -> int:
     return asyncio.run(read())
 
 
-def today(api: Api) -> dict[str, Any]:
-    """The tenant's report over today's whole UTC day, without the recommendations' wording (it says how busy the
+def the_day() -> str:
+    """Today's UTC date; with less than 30 s of it left, tomorrow's, once it has begun: the test's jobs all run (and
+    are charged) within the day its reports cover."""
+    left = 86400 - time.time() % 86400
+    if left < 30:
+        time.sleep(left + 1)
+    return time.strftime("%Y-%m-%d", time.gmtime())
+
+
+def report_of(api: Api, day: str) -> dict[str, Any]:
+    """The tenant's report over one whole UTC day, without the recommendations' wording (it says how busy the
     tenant was over the part of the day that has passed, which grows)."""
-    day = time.strftime("%Y-%m-%d", time.gmtime())
-    start = f"{day}T00:00:00Z"
-    end = time.strftime("%Y-%m-%dT00:00:00Z", time.gmtime(time.time() + 86400))
+    first = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC)
+    start, end = (t.strftime("%Y-%m-%dT%H:%M:%SZ") for t in (first, first + timedelta(days=1)))
     resp = api.call("GET", REPORTS, params={"start": start, "end": end})
     assert resp.status_code == 200, resp.text
     (report,) = resp.json()["reports"]
@@ -63,21 +72,20 @@ def today(api: Api) -> dict[str, Any]:
 
 
 def test_a_day_s_report_is_the_same_once_its_records_rolled_up_and_after_a_cost_restart(stack: Stack) -> None:
-    if time.gmtime().tm_hour == 23 and time.gmtime().tm_min >= 58:
-        time.sleep(150)  # the test's day must not end under it
+    day = the_day()
     acme = Api(stack.url, token(stack, "acme"))
     jobs = [acme.submit(job_spec(f"r{i}", ["sleep", "0.2"], pool="static-general")) for i in range(4)]
     wait_for(lambda: count(stack, RECORDS) == 4, timeout=60, what="the four cost records")
-    before = today(acme)
+    before = report_of(acme, day)
     assert before["jobs"] == 4 and int(before["total"]["micros"]) > 0, before
 
     wait_for(lambda: count(stack, RECORDS) == 0, timeout=60, what="the records to roll up")
     assert count(stack, KEYS.daily) >= 1
     assert all(acme.call("GET", f"/api/v1/jobs/{j['job_id']}").status_code == 404 for j in jobs)
-    assert today(acme) == before
+    assert report_of(acme, day) == before
 
     leader = stack.wait_leader("cost")  # the standby takes over; the killed leader comes back as the standby
     stack.kill(leader, signal.SIGKILL)
     stack.restart(leader)
     wait_for(lambda: acme.call("GET", REPORTS).status_code == 200, timeout=60, what="cost to answer again")
-    assert today(acme) == before
+    assert report_of(acme, day) == before
