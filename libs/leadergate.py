@@ -8,6 +8,8 @@ call takes the term's token (`token()`), and every write it makes is fenced by i
 
 Self-checks: the process's own health ("") goes NOT_SERVING and the process exits non-zero when the election
 task dies or an informer's task stopped, so a supervisor (the launcher, Kubernetes' liveness probe) restarts it.
+The gate and the self-check read the list of informers they are given each time (not a copy): a service may fill it
+after building the gate.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class SelfCheck:
         exit_process: Callable[[int], None] = _exit_now,
     ):
         self.election = election
-        self.informers = list(informers)
+        self.informers = informers  # read at each check: the service may change the list
         self.services = list(services)
         self.exit_process = exit_process
         self.failed = ""  # why, once it has
@@ -109,7 +111,7 @@ class LeaderGate:
         exit_process: Callable[[int], None] = _exit_now,
     ):
         self.election = election
-        self.informers = list(informers)
+        self.informers = informers  # read at each term: the service may fill it after building the gate
         self.service = service
         self.on_term = on_term
         self.catch_up_timeout = catch_up_timeout

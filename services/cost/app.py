@@ -180,7 +180,10 @@ async def build(settings: Settings, startup: Startup) -> ServiceServer:
         cycle_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await cycle_task
-        for informer in reversed(informers):
+        # Off the gate's list first: the gate's self-check would take a stopped informer for a dead one.
+        following = informers[:]
+        informers.clear()
+        for informer in reversed(following):
             await informer.stop()
         await ledger.close()  # while it leads: what it charged last is written before it resigns
         gating.cancel()

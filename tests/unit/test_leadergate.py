@@ -165,3 +165,23 @@ async def test_a_replica_without_a_gated_service_fails_its_self_check_when_its_e
     await settle()
     assert runner.done() and exits == [SELF_CHECK_FAILED]
     assert health.status == {"": False}
+
+
+@pytest.mark.asyncio
+async def test_the_gate_waits_for_informers_added_to_its_list_after_it_was_built() -> None:
+    # The cost and queueing services fill the list once their informers exist, after building the gate.
+    election, health = Election(), Health()
+    informers: list[Informer] = []
+    gate = LeaderGate(election, informers, SERVICE, poll=0.01)  # type: ignore[arg-type]
+    late = Informer()
+    informers.append(late)
+    runner = asyncio.create_task(gate.run(health))
+    try:
+        election.lead(7)
+        await settle()
+        assert health.status.get(SERVICE) is not True
+        late.advance(7)
+        await settle()
+        assert health.status[SERVICE] is True
+    finally:
+        runner.cancel()
