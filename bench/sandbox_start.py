@@ -23,57 +23,33 @@ import os
 import resource
 import tempfile
 import time
-from pathlib import Path
 
+from bench.cpuacct import CpuacctGroup
 from services.worker.executor import ExecSpec, JobExecutor
 from services.worker.sandbox import Sandbox, SandboxSettings
-
-CPUACCT = Path("/sys/fs/cgroup/cpuacct")
-
-
-def join_own_cpuacct_group() -> Path:
-    """A cpuacct group holding this process and so everything it starts (job groups nest below it)."""
-    if os.geteuid() != 0 or not (CPUACCT / "cpuacct.usage").exists():
-        raise SystemExit("needs root and cgroup v1's cpuacct controller mounted at /sys/fs/cgroup/cpuacct")
-    group = CPUACCT / f"jobmesh-sandbox-start-{os.getpid()}"
-    group.mkdir()
-    (group / "cgroup.procs").write_text(str(os.getpid()))
-    return group
-
-
-def leave(group: Path) -> None:
-    (CPUACCT / "cgroup.procs").write_text(str(os.getpid()))
-    for _ in range(50):
-        try:
-            for child in sorted(group.glob("**/"), key=lambda p: len(p.parts), reverse=True):
-                child.rmdir()
-            return
-        except OSError:
-            time.sleep(0.1)
 
 
 def spec(n: int) -> ExecSpec:
     return ExecSpec(f"start-{n}", 1, ["true"], {}, None, 20.0, cpu_millis=100, memory_mb=64)
 
 
-async def measure(executor: JobExecutor, jobs: int, group: Path) -> dict[str, float]:
+async def measure(executor: JobExecutor, jobs: int, group: CpuacctGroup) -> dict[str, float]:
     for n in range(5):  # the slot's cgroup, network namespace and spare scratch dir exist from here on
         await executor.run(spec(-1 - n))
-    usage = group / "cpuacct.usage"
     own0, kids0 = time.process_time(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    tree0, wall0 = int(usage.read_text()), time.perf_counter()
+    tree0, wall0 = group.seconds(), time.perf_counter()
     failed = 0
     for n in range(jobs):
         result = await executor.run(spec(n))
         failed += result.exit_code != 0
     own1, kids1 = time.process_time(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    tree1, wall1 = int(usage.read_text()), time.perf_counter()
+    tree1, wall1 = group.seconds(), time.perf_counter()
     reaped = kids1.ru_utime + kids1.ru_stime - kids0.ru_utime - kids0.ru_stime
     return {
         "failed": failed,
         "agent_cpu_ms_per_job": round((own1 - own0) * 1000 / jobs, 3),
         "reaped_processes_cpu_ms_per_job": round(reaped * 1000 / jobs, 3),
-        "everything_cpu_ms_per_job": round((tree1 - tree0) / 1e6 / jobs, 3),
+        "everything_cpu_ms_per_job": round((tree1 - tree0) * 1000 / jobs, 3),
         "wall_ms_per_job": round((wall1 - wall0) * 1000 / jobs, 3),
     }
 
@@ -91,7 +67,10 @@ def main() -> int:
         "Python program of spawner.py",
     )
     args = parser.parse_args()
-    group = join_own_cpuacct_group()
+    group = CpuacctGroup.make("jobmesh-sandbox-start")
+    if group is None:
+        raise SystemExit("needs root and cgroup v1's cpuacct controller mounted at /sys/fs/cgroup/cpuacct")
+    group.join()  # everything this process starts, job groups included, counts in it
     sandbox = None
     try:
         if args.sandbox == "bwrap":
@@ -106,7 +85,8 @@ def main() -> int:
     finally:
         if sandbox is not None:
             sandbox.close()
-        leave(group)
+        group.leave()
+        group.remove()
     load = os.getloadavg()[0]
     print(
         json.dumps(

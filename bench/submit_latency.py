@@ -49,6 +49,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from bench.cpuacct import CpuacctGroup
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # normally on the venv's path already (jobmesh-dev.pth)
     sys.path.insert(0, str(REPO))
@@ -214,47 +216,6 @@ def stack_cpu(groups: dict[int, str]) -> dict[str, float]:
             name = "workers" if name.startswith("poolmanager") else f"{name}-children"
         out[name] = out.get(name, 0.0) + stat[1]
     return out
-
-
-CPUACCT = Path("/sys/fs/cgroup/cpuacct")
-
-
-class StackGroup:
-    """A cgroup v1 cpuacct group holding the private stack and everything it starts: its workers, their spawners,
-    every job's processes and the kernel's work for them, which per-process counters miss (a job's processes are
-    reaped inside its pid namespace, not by the worker). Made only as root where cpuacct is mounted; this process
-    joins it just while it starts the stack, so the client's own CPU stays out."""
-
-    def __init__(self) -> None:
-        self.path = CPUACCT / f"jobmesh-bench-{os.getpid()}"
-        self.path.mkdir()
-        (self.path / "cgroup.procs").write_text(str(os.getpid()))
-
-    @classmethod
-    def make(cls) -> StackGroup | None:
-        if os.geteuid() != 0 or not (CPUACCT / "cpuacct.usage").exists():
-            return None
-        try:
-            return cls()
-        except OSError as exc:
-            log(f"no cpuacct group for the stack ({exc}): per-process CPU only")
-            return None
-
-    def leave(self) -> None:
-        """This process back in the root group; the stack stays."""
-        (CPUACCT / "cgroup.procs").write_text(str(os.getpid()))
-
-    def cpu_seconds(self) -> float:
-        return int((self.path / "cpuacct.usage").read_text()) / 1e9
-
-    def remove(self) -> None:
-        for _ in range(50):  # the stack's last processes may still be exiting
-            try:
-                for group in sorted(self.path.glob("**/"), key=lambda p: len(p.parts), reverse=True):
-                    group.rmdir()
-                return
-            except OSError:
-                time.sleep(0.1)
 
 
 def machine_busy() -> float:
@@ -648,17 +609,17 @@ async def bench(
     admin_token: str,
     groups: dict[int, str],
     messages: Callable[[], dict[str, float]] | None = None,
-    cgroup: StackGroup | None = None,
+    cgroup: CpuacctGroup | None = None,
 ) -> dict:
     # Before the run: the stack's own background CPU (elections, informers, workers polling), subtracted
     # below, and whatever else keeps the machine busy (other processes skew every figure).
     stack_before = sum(stack_cpu(groups).values()) if groups else 0.0
-    group_before = cgroup.cpu_seconds() if cgroup else 0.0
+    group_before = cgroup.seconds() if cgroup else 0.0
     machine_before, t_before = machine_busy(), time.perf_counter()
     await asyncio.sleep(BASELINE_SECONDS)
     span = time.perf_counter() - t_before
     idle_cores = (sum(stack_cpu(groups).values()) - stack_before) / span if groups else None
-    group_idle_cores = (cgroup.cpu_seconds() - group_before) / span if cgroup else 0.0
+    group_idle_cores = (cgroup.seconds() - group_before) / span if cgroup else 0.0
     busy_before = (machine_busy() - machine_before) / span
     others_before = busy_before - (idle_cores or 0.0)
     if others_before > FOREIGN_LOAD_WARN_CORES:
@@ -671,7 +632,7 @@ async def bench(
     run = Run(count=args.count, rate=args.rate, concurrency=args.concurrency, deadline_s=args.timeout_seconds)
 
     cpu0 = stack_cpu(groups) if groups else {}
-    group0 = cgroup.cpu_seconds() if cgroup else 0.0
+    group0 = cgroup.seconds() if cgroup else 0.0
     counted0 = messages() if messages else {}
     window0 = time.perf_counter()
     busy0 = machine_busy()
@@ -694,7 +655,7 @@ async def bench(
     client_cpu = time.process_time() - client_cpu0
     busy1 = machine_busy()
     cpu1 = stack_cpu(groups) if groups else {}
-    group1 = cgroup.cpu_seconds() if cgroup else 0.0
+    group1 = cgroup.seconds() if cgroup else 0.0
     window = time.perf_counter() - window0
 
     elapsed = (run.last_done or run.t0) - run.t0
@@ -737,7 +698,7 @@ async def bench(
             result["stack_idle_cpu_cores"] = round(idle_cores, 3)
             result["stack_cpu_ms_per_job_net"] = round(net / run.ok * 1000, 2) if run.ok else None
         if cgroup is not None and run.ok:
-            # Everything the stack ran, its jobs' starts included (what per-process counters miss, see StackGroup).
+            # Everything the stack ran, its jobs' starts included (what per-process counters miss: bench/cpuacct.py).
             whole = group1 - group0
             result["stack_cpu_s_cgroup"] = round(whole, 2)
             result["stack_cpu_ms_per_job_cgroup"] = round(whole / run.ok * 1000, 2)
@@ -816,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stack = None
     tmp: Path | None = None
-    cgroup: StackGroup | None = None
+    cgroup: CpuacctGroup | None = None
     failed = False
     groups: dict[int, str] = {}
     ttl = int(args.timeout_seconds + (args.wait_timeout if args.wait else 0) + 3600)
@@ -836,7 +797,10 @@ def main(argv: list[str] | None = None) -> int:
             tmp = Path(tempfile.mkdtemp(prefix="jobmesh-bench-"))
             log(f"starting a private stack in {tmp / 'stack'} (logs in {tmp / 'stack' / 'logs'}) ...")
             started = time.perf_counter()
-            cgroup = StackGroup.make()
+            # The stack in a cpuacct group of its own (bench/cpuacct.py): the client's CPU stays out of it.
+            cgroup = CpuacctGroup.make("jobmesh-bench")
+            if cgroup is not None:
+                cgroup.join()
             try:
                 stack = start_stack(tmp / "stack", **({"config": args.stack_config} if args.stack_config else {}))
             except BaseException:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import grpc
 
+from bench.cpuacct import CpuacctGroup
 from devtools.launcher import REPO
 from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
@@ -140,42 +141,6 @@ class ConnectOnly(StandIn):
     Attach = poolmanager_pb2_grpc.WorkerRegistryServiceServicer.Attach  # type: ignore[assignment]
 
 
-class TreeCpu:
-    """A cpuacct (cgroup v1) group for the worker, if this machine has one and we may make it: its CPU counts the
-    worker and everything below it, wherever in a namespace it runs."""
-
-    ROOT = Path("/sys/fs/cgroup/cpuacct")
-
-    def __init__(self) -> None:
-        self.path: Path | None = None
-        if os.geteuid() == 0 and (self.ROOT / "cpuacct.usage").exists():
-            path = self.ROOT / f"jobmesh-bench-{os.getpid()}"
-            path.mkdir()
-            self.path = path
-
-    def wrap(self, argv: list[str]) -> list[str]:
-        """`argv` started inside the group (the shell joins it, then execs)."""
-        if self.path is None:
-            return argv
-        return ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.path / "cgroup.procs"), *argv]
-
-    def seconds(self) -> float | None:
-        return int((self.path / "cpuacct.usage").read_text()) / 1e9 if self.path is not None else None
-
-    def remove(self) -> None:
-        if self.path is None:
-            return
-        for _ in range(50):  # the worker removes its job groups as it stops; the last exits take a moment
-            try:
-                for child in sorted(self.path.glob("**/"), key=lambda p: len(p.parts), reverse=True):
-                    if child != self.path:
-                        child.rmdir()
-                self.path.rmdir()
-                return
-            except OSError:
-                time.sleep(0.1)
-
-
 def cpu_seconds(pid: int) -> tuple[float, float]:
     """(own, reaped children) CPU seconds of a process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -191,11 +156,11 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         poolmanager_pb2_grpc.add_WorkerRegistryServiceServicer_to_server(stand_in, server)
         port = server.add_secure_port("127.0.0.1:0", server_creds)
         await server.start()
-        tree = TreeCpu()
+        tree = CpuacctGroup.make("jobmesh-bench")
         worker = start_worker(port, Path(data_dir), worker_tls, args.sandbox, args.network, tree)
         try:
             await asyncio.sleep(1.0)  # registered, first heartbeat out of the way
-            tree0 = tree.seconds()
+            tree0 = tree.seconds() if tree else None
             own0, kids0 = cpu_seconds(worker.pid)
             ours0, wall0 = time.process_time(), time.perf_counter()
             stand_in.outbox.put_nowait(stand_in.assignment(0))
@@ -205,13 +170,14 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             finally:
                 progress.cancel()
             own1, kids1 = cpu_seconds(worker.pid)
-            tree1 = tree.seconds()
+            tree1 = tree.seconds() if tree else None
             ours1, wall1 = time.process_time(), time.perf_counter()
         finally:
             worker.terminate()
             await asyncio.to_thread(worker.wait, 10)  # the stand-in keeps serving while the worker stops
             await server.stop(0)
-            tree.remove()
+            if tree:
+                tree.remove()
     n = stand_in.reported
     tree_ms = None if tree0 is None or tree1 is None else round((tree1 - tree0) * 1000 / n, 3)
     return {
@@ -244,7 +210,7 @@ def start_worker(
     tls: TlsSettings,
     sandbox: str = "bwrap",
     network: str = "none",
-    tree: TreeCpu | None = None,
+    tree: CpuacctGroup | None = None,
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,

@@ -214,11 +214,11 @@ class JobSandbox:
 
 _CLONE_NEWNET = 0x40000000
 _SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
-_libc = ctypes.CDLL(None, use_errno=True)
+LIBC = ctypes.CDLL(None, use_errno=True)  # the agent's: the calls os lacks (setns, unshare, open_tree)
 
 
 def _setns(fd: int) -> None:
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+    if LIBC.setns(fd, _CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"setns: {os.strerror(err)}")
 
@@ -232,7 +232,7 @@ class SlotNetwork:
 
     def __init__(self, host: int) -> None:
         self._host = host  # the agent's own network namespace, to go back to
-        if _libc.unshare(_CLONE_NEWNET) != 0:
+        if LIBC.unshare(_CLONE_NEWNET) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
         try:

@@ -585,19 +585,12 @@ def program(path: str | None = None) -> int:
     return fd
 
 
-_LIBC: list[ctypes.CDLL] = []
-
-
-def _agent_libc() -> ctypes.CDLL:
-    if not _LIBC:
-        _LIBC.append(ctypes.CDLL(None, use_errno=True))
-    return _LIBC[0]
-
-
 def detached_mount(path: str) -> int:
     """A detached bind mount of `path` (a directory of the agent's mount namespace, no symlink followed), as an fd
     another mount namespace can attach (open_tree with OPEN_TREE_CLONE)."""
-    syscall = _agent_libc().syscall
+    from services.worker.sandbox import LIBC
+
+    syscall = LIBC.syscall
     flags = _OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC | _AT_SYMLINK_NOFOLLOW
     fd = int(syscall(_SYS_OPEN_TREE, _AT_FDCWD, path.encode(), flags))
     if fd < 0:

@@ -211,11 +211,16 @@ async def test_each_job_has_namespaces_of_its_own_and_cannot_rename_its_host(tmp
     async with slot(tmp_path, sandbox) as executor:
         first = await executor.run(sh(script))
         second = await executor.run(sh(script, job_id="job-2"))
+        # The slot's spawner lives on, so none of its namespaces' numbers can have gone to a job (a job's, once it
+        # ended, can: comparing two jobs' would be flaky).
+        spawner = spawner_processes(executor)[-1]
+        slots = [os.readlink(f"/proc/{spawner}/ns/{kind}") for kind in ("pid", "mnt", "ipc", "uts")]
 
-    a, b = first.output_tail.split(), second.output_tail.split()
-    assert len(a) == len(b) == 6, (first.output_tail, second.output_tail)
-    assert all(x != y for x, y in zip(a[:4], b[:4], strict=True)), (a, b)  # not one namespace is the last job's
-    assert a[4:] == b[4:] == ["jobmesh-job", "denied"]  # the slot's hostname, which a job cannot change
+    for result in (first, second):
+        seen = result.output_tail.split()
+        assert len(seen) == 6, result.output_tail
+        assert all(job != its_slot for job, its_slot in zip(seen[:4], slots, strict=True)), (seen, slots)
+        assert seen[4:] == ["jobmesh-job", "denied"]  # the slot's hostname, which a job cannot change
 
 
 UNCOVER = """
