@@ -81,11 +81,17 @@ def sh(script: str, **overrides: object) -> ExecSpec:
     return spec(["sh", "-c", script], **overrides)
 
 
-def processes_with(marker: str) -> list[int]:
+def processes_with(marker: str, name: str | None = None) -> list[int]:
+    """Live processes whose command line holds marker (and, given a name, whose name it is), read in one pass so
+    a process that ends meanwhile is skipped, not raised."""
     found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
+    for proc in psutil.process_iter(["cmdline", "status", "name"]):
         try:
-            if marker in " ".join(proc.info["cmdline"] or []) and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            if (
+                marker in " ".join(proc.info["cmdline"] or [])
+                and proc.info["status"] != psutil.STATUS_ZOMBIE
+                and (name is None or proc.info["name"] == name)
+            ):
                 found.append(proc.pid)
         except psutil.Error:
             continue

@@ -468,7 +468,7 @@ asyncio.run(ex.run(ExecSpec("job-1", 1, ["sh", "-c", "sleep 331.5 & exec sleep 3
 
 def sleeps() -> list[int]:
     """The job's two sleeps (not the agent, whose command line names them too)."""
-    return [pid for pid in processes_with("sleep 33") if psutil.Process(pid).name() == "sleep"]
+    return processes_with("sleep 33", name="sleep")
 
 
 # --- what reaches the spawner's socket straight, not through encode_request ---
