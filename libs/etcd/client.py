@@ -178,6 +178,9 @@ class Etcd:
         self.endpoints = list(endpoints)
         self.timeout = timeout
         self._tls = tls
+        # The highest raft term any answer of etcd carried. It grows with every leader election (a restart
+        # included), when etcd gives every lease its full TTL again: see Worker.etcd_term.
+        self.raft_term = 0
         self._channel = RenewingChannel(
             grpc_target(self.endpoints),
             tls,
@@ -200,11 +203,17 @@ class Etcd:
     async def close(self) -> None:
         await self._channel.close()
 
+    def _heard(self, header: pb.rpc_pb2.ResponseHeader) -> None:  # type: ignore[name-defined]
+        if header.raft_term > self.raft_term:
+            self.raft_term = int(header.raft_term)
+
     async def _call(self, fn, request, attempts: int = 3):  # type: ignore[no-untyped-def]
         delay = 0.1
         for attempt in range(attempts):
             try:
-                return await fn(request, timeout=self.timeout)
+                resp = await fn(request, timeout=self.timeout)
+                self._heard(resp.header)
+                return resp
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
                     # A read pinned to a revision that was compacted meanwhile: the caller reads afresh.
@@ -301,6 +310,7 @@ class Etcd:
         call = self._lease.LeaseKeepAlive(one(), timeout=self.timeout)
         try:
             async for resp in call:
+                self._heard(resp.header)
                 return int(resp.TTL)
         except grpc.aio.AioRpcError as exc:
             raise Unavailable(f"etcd keepalive: {exc.code().name}", reason="STORE_UNAVAILABLE") from exc
@@ -339,6 +349,7 @@ class Etcd:
         call = self._watch.Watch(requests())
         try:
             async for resp in call:
+                self._heard(resp.header)
                 if resp.compact_revision:
                     raise WatchCompacted(resp.compact_revision)
                 if resp.canceled:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
 from libs.errors import Conflict, InvalidArgument
-from libs.etcd.client import Compare, KeyValue, TxnResult, WatchEvent, cmp_missing, cmp_mod
+from libs.etcd.client import Compare, KeyValue, TxnResult, WatchEvent, cmp_missing, cmp_mod, op_put
 from libs.jobs import ts
 from libs.keys import Keys, safe_segment
 from libs.lifecycle import txns
@@ -85,6 +85,7 @@ class WorkerSessions(UsesRegistryParts):
             lease_id = await self.etcd.grant(self.lease_ttl)
         worker.lease_id = lease_id
         worker.register_time.CopyFrom(ts(self.clock.now()))
+        worker.etcd_term = self.etcd.raft_term
         if existing is not None and existing.lease == lease_id:
             known = decode_worker(existing.value)
             if worker.state != t.WORKER_STATE_DRAINING:  # a draining worker says so when it registers again
@@ -163,7 +164,25 @@ class WorkerSessions(UsesRegistryParts):
             await self._mark_draining(request.worker_id, request.lease_id, why or "is stopping")
         if ttl > 0:
             self.usage.heard(request)
+            await self._confirm(request.worker_id, request.lease_id)
         return ttl > 0
+
+    async def _confirm(self, worker_id: str, lease_id: int) -> None:
+        """Brings the worker's record up to etcd's current raft term once it is heard in that term (see
+        Worker.etcd_term): one write per worker per etcd leader election, none otherwise. Fenced by the record as
+        cached and its lease; a lost race is left to the next heartbeat."""
+        key = self.keys.worker(worker_id)
+        kv = self.workers.cache.get(key)
+        if kv is None or kv.lease != lease_id:
+            return
+        worker = decode_worker(kv.value)
+        term = self.etcd.raft_term
+        if worker.etcd_term >= term:
+            return
+        worker.etcd_term = term
+        put = op_put(key, worker.SerializeToString(), lease_id)
+        if (await self.etcd.txn([cmp_mod(key, kv.mod_revision)], [put])).succeeded:
+            log.info("worker %s heard in etcd term %d: schedulable again", worker_id, term)
 
     async def _lease_of(self, worker_id: str, expected: int) -> int:
         """The lease `worker_id`'s record is bound to (0: no record): the watch cache when it agrees with

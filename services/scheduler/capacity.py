@@ -4,7 +4,7 @@ watch caches plus the dispatches it made that the caches do not show yet (its cl
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -47,8 +47,18 @@ class Capacity:
     """Workers with room, as of the caches and our claims. `changed` is set (and `epoch` bumped) whenever room may
     have appeared: a worker's record changed, or an assignment went away."""
 
-    def __init__(self, config: MeshConfig, clock: Clock, workers: Cache, assignments: Cache):
+    def __init__(
+        self,
+        config: MeshConfig,
+        clock: Clock,
+        workers: Cache,
+        assignments: Cache,
+        etcd_term: Callable[[], int] = lambda: 0,
+    ):
         self.clock = clock
+        # etcd's current raft term as the scheduler last heard it: a worker not heard in it may be dead (see
+        # Worker.etcd_term) and gets nothing until a heartbeat brings its record up to date.
+        self.etcd_term = etcd_term
         self.workers = workers
         self.assignments = assignments
         self.tiers = {p.pool_id: TIERS[p.kind] for p in config.pools}
@@ -95,15 +105,16 @@ class Capacity:
     # The snapshot -----------------------------------------------------------------------------------------------
 
     def snapshot(self) -> list[Candidate]:
-        """Workers with room for another job (an idle one, or one with a free slot)."""
+        """Workers with room for another job (an idle one, or one with a free slot), heard in etcd's current term."""
         holdings = self._holdings()
         out = []
         decoded: dict[str, tuple[int, t.Worker]] = {}
+        term = self.etcd_term()
         for key, kv in self.workers.cache.items():
             known = self._decoded.get(key)
             worker = known[1] if known is not None and known[0] == kv.mod_revision else decode_worker(kv.value)
             decoded[key] = (kv.mod_revision, worker)
-            if worker.state == t.WORKER_STATE_DRAINING:
+            if worker.state == t.WORKER_STATE_DRAINING or worker.etcd_term < term:
                 continue
             jobs, cpu, memory = holdings.get(worker.worker_id, (0, 0, 0))
             slots = self.slots.get(worker.pool_id, 1) - jobs

@@ -44,7 +44,7 @@ class Scheduler:
         self.election = election
         self.informers = (workers, assignments)
         self.metrics = metrics
-        self.capacity = Capacity(config, clock, workers, assignments)
+        self.capacity = Capacity(config, clock, workers, assignments, etcd_term=lambda: workers.etcd.raft_term)
         self.queue = QueueClient(queueing)
         self.dispatcher = Dispatcher(keys, clock, election, self.capacity, metrics)
         self.on_change = self.capacity.on_worker

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import threading
 import time
@@ -14,8 +15,19 @@ import psutil
 import pytest
 
 from devtools.launcher import Stack
+from jobmesh.common.v1 import types_pb2
 from jobmesh.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
-from tests.helpers import FIXTURE_CONFIG, Api, job_spec, start_stack, token, wait_for, without_sandbox, worker_pid
+from tests.helpers import (
+    FAST_FAILOVER,
+    FIXTURE_CONFIG,
+    Api,
+    job_spec,
+    start_stack,
+    token,
+    wait_for,
+    without_sandbox,
+    worker_pid,
+)
 
 
 @pytest.fixture()
@@ -203,6 +215,85 @@ def test_restarting_the_whole_stack_resumes_pending_jobs(tmp_path: Path, marks: 
             assert api.wait_terminal(b["job_id"], timeout=90)["state"] in ("JOB_STATE_FAILED", "JOB_STATE_SUCCEEDED")
     finally:
         stack.stop()
+
+
+def registered_workers(stack: Stack) -> set[str]:
+    async def read() -> set[str]:
+        etcd = stack.etcd_client()
+        try:
+            kvs, _, _ = await etcd.get_prefix("/jobmesh/workers/")
+            return {kv.key.rsplit("/", 1)[1] for kv in kvs}
+        finally:
+            await etcd.close()
+
+    return asyncio.run(read())
+
+
+@pytest.mark.parametrize("how", ["stopped", "killed"])
+def test_jobs_submitted_right_after_a_whole_stack_restart_never_land_on_the_old_workers(
+    tmp_path: Path, marks: Path, how: str
+) -> None:
+    """etcd gives every lease its full TTL again when it restarts, so the records of the last run's workers (all
+    gone) look alive for one more lease. A job placed on one of them would end WORKER_LOST without ever running;
+    none may be. A long worker lease (10 s) keeps those records in etcd well past the stack's start."""
+    data = tmp_path / "stack"
+    config = without_sandbox(FIXTURE_CONFIG, tmp_path)
+    env = FAST_FAILOVER | {"JOBMESH_WORKER_LEASE_TTL": "10"}
+    stack = start_stack(data, env=env, config=config)
+    try:
+        ready(stack)
+        old = registered_workers(stack)
+        assert len(old) >= 3
+    finally:
+        if how == "killed":
+            for proc in stack.procs.values():
+                if proc.alive():
+                    os.killpg(proc.pid, signal.SIGKILL)
+        stack.stop()
+    stack = start_stack(data, env=env, config=config)
+    try:
+        api = Api(stack.url, token(stack))
+        assert old <= registered_workers(stack)  # the old records are still there, on leases etcd renewed
+        jobs = [api.submit(marked(f"after{i}", marks) | {"max_retries": 0}) for i in range(8)]
+        for job in jobs:
+            done = api.wait_terminal(job["job_id"], timeout=60)
+            assert (done["state"], done["attempt"]) == ("JOB_STATE_SUCCEEDED", 1), done
+            assert done["worker_id"] not in old
+            assert runs(marks, job["spec"]["name"]) == 1
+    finally:
+        stack.stop()
+
+
+def worker_terms(stack: Stack) -> dict[str, int]:
+    async def read() -> dict[str, int]:
+        etcd = stack.etcd_client()
+        try:
+            kvs, _, _ = await etcd.get_prefix("/jobmesh/workers/")
+            return {w.worker_id: w.etcd_term for w in (types_pb2.Worker.FromString(kv.value) for kv in kvs)}
+        finally:
+            await etcd.close()
+
+    return asyncio.run(read())
+
+
+def test_live_workers_take_jobs_again_once_heard_after_etcd_restarts(fresh_stack: Stack, marks: Path) -> None:
+    """The other side of the rule above: after an etcd restart every record is of an older term, and the workers
+    still alive are brought up to the new one by their next heartbeat, and take jobs again."""
+    api = ready(fresh_stack)
+    before = worker_terms(fresh_stack)
+    fresh_stack.kill("etcd")
+    fresh_stack.restart("etcd")
+    jobs = [api.submit(marked(f"after{i}", marks) | {"max_retries": 0}) for i in range(6)]
+    for job in jobs:
+        done = api.wait_terminal(job["job_id"], timeout=60)
+        assert (done["state"], done["attempt"]) == ("JOB_STATE_SUCCEEDED", 1), done
+        assert runs(marks, job["spec"]["name"]) == 1
+    after = wait_for(
+        lambda: (terms := worker_terms(fresh_stack)) and len(set(terms.values())) == 1 and terms,
+        what="every worker heard in the new term",
+    )
+    assert set(after) & set(before)  # the same workers, alive through the restart
+    assert min(after.values()) > max(before.values())
 
 
 def test_a_worker_paused_past_its_lease_cannot_finish_its_old_attempt(fresh_stack: Stack, marks: Path) -> None:

@@ -124,3 +124,24 @@ def test_only_a_freed_worker_wakes_the_scheduling_loop() -> None:
     sched.on_assignment(WatchEvent("delete", kv(key, assignment.SerializeToString(), 11), 11))
 
     assert sched.capacity.changed.is_set()
+
+
+def test_a_worker_not_heard_in_etcds_current_term_is_not_offered_until_its_record_is() -> None:
+    """etcd renews every lease when it elects a leader (a restart), so a record of an older term may be a dead
+    worker's: it is offered again only once a heartbeat has brought it up to the current term."""
+    workers, assignments = Cache(), Cache()
+    term = [7]
+    for n, (worker_id, heard) in enumerate([("w-old", 6), ("w-new", 7)], start=1):
+        worker = t.Worker(worker_id=worker_id, pool_id="static-general", state=t.WORKER_STATE_IDLE, etcd_term=heard)
+        worker.capacity.cpu_millis, worker.capacity.memory_mb = 1000, 1024
+        workers.cache[KEYS.worker(worker_id)] = kv(KEYS.worker(worker_id), worker.SerializeToString(), n)
+    capacity = Capacity(
+        load_config(FIXTURE_CONFIG), FakeClock(1_700_000_000.0), workers, assignments, etcd_term=lambda: term[0]
+    )
+    assert [c.worker.worker_id for c in capacity.snapshot()] == ["w-new"]
+    confirmed = t.Worker.FromString(workers.cache[KEYS.worker("w-old")].value)
+    confirmed.etcd_term = 7
+    workers.cache[KEYS.worker("w-old")] = kv(KEYS.worker("w-old"), confirmed.SerializeToString(), 3)
+    assert sorted(c.worker.worker_id for c in capacity.snapshot()) == ["w-new", "w-old"]
+    term[0] = 8  # a new election: nobody is offered until heard again
+    assert capacity.snapshot() == []

@@ -519,6 +519,7 @@ class Worker(_message.Message):
     JOBS_RUN_FIELD_NUMBER: _builtins.int
     SPAWN_TIME_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    ETCD_TERM_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     pool_id: _builtins.str
     lease_id: _builtins.int
@@ -527,6 +528,11 @@ class Worker(_message.Message):
     jobs_run: _builtins.int
     state: Global___WorkerState.ValueType
     """DRAINING: chosen for removal, takes no new jobs."""
+    etcd_term: _builtins.int
+    """The etcd raft term in which the pool-manager last heard from the worker (its registration or a heartbeat).
+    etcd gives every lease its full TTL again when it elects a leader (a restart included), so a record of an
+    older term may be a dead worker's: the scheduler places nothing on it until a heartbeat brings it up to date.
+    """
     @_builtins.property
     def capacity(self) -> Global___Resources: ...
     @_builtins.property
@@ -551,10 +557,11 @@ class Worker(_message.Message):
         jobs_run: _builtins.int = ...,
         spawn_time: _timestamp_pb2.Timestamp | None = ...,
         state: Global___WorkerState.ValueType = ...,
+        etcd_term: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "register_time", b"register_time", "spawn_time", b"spawn_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "host", b"host", "jobs_run", b"jobs_run", "labels", b"labels", "lease_id", b"lease_id", "pid", b"pid", "pool_id", b"pool_id", "register_time", b"register_time", "spawn_time", b"spawn_time", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "etcd_term", b"etcd_term", "host", b"host", "jobs_run", b"jobs_run", "labels", b"labels", "lease_id", b"lease_id", "pid", b"pid", "pool_id", b"pool_id", "register_time", b"register_time", "spawn_time", b"spawn_time", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
