@@ -7,9 +7,11 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from jobmesh.common.v1 import types_pb2 as t
 from jobmesh.poolmanager.v1 import poolmanager_pb2 as pm
-from libs.errors import Conflict, InvalidArgument
+from libs.errors import Conflict, InvalidArgument, JobMeshError
 from libs.etcd.client import Compare, KeyValue, TxnResult, WatchEvent, cmp_missing, cmp_mod, op_put
 from libs.jobs import ts
 from libs.keys import Keys, safe_segment
@@ -35,6 +37,7 @@ class WorkerSessions(UsesRegistryParts):
         self.ended = ended
         self.usage = usage
         self.streams: dict[str, asyncio.Queue[Event]] = {}
+        self._marks: set[asyncio.Task[None]] = set()  # records of disconnected workers being marked
 
     def acknowledge(self, worker_id: str, ack: pm.ResultAck) -> None:
         queue = self.streams.get(worker_id)
@@ -109,7 +112,31 @@ class WorkerSessions(UsesRegistryParts):
         finally:
             if self.streams.get(worker.worker_id) is queue:
                 del self.streams[worker.worker_id]
+                # Its stream is gone: the worker may be dead. Nothing more is placed on it until it is heard again.
+                task = asyncio.create_task(self._unheard(worker.worker_id, lease_id, worker.register_time))
+                self._marks.add(task)
+                task.add_done_callback(self._marks.discard)
             self.metrics.connected.set(len(self.streams))
+
+    async def _unheard(self, worker_id: str, lease_id: int, registered: Timestamp) -> None:
+        """Marks the worker's record as not heard in any term (`etcd_term` 0), so the scheduler places nothing on
+        it until its next heartbeat or registration says it lives (a dead worker's record would otherwise be
+        offered until its lease ran out, and a job placed there would end WORKER_LOST without running). Only the
+        record this session wrote: same lease, same registration, unchanged since read."""
+        key = self.keys.worker(worker_id)
+        try:
+            kv = await self.etcd.get(key)
+            if kv is None or kv.lease != lease_id or worker_id in self.streams:
+                return
+            record = decode_worker(kv.value)
+            if record.register_time != registered or record.etcd_term == 0:
+                return
+            record.etcd_term = 0
+            put = op_put(key, record.SerializeToString(), lease_id)
+            if (await self.etcd.txn([cmp_mod(key, kv.mod_revision)], [put])).succeeded:
+                log.info("worker %s disconnected: no new jobs until it is heard again", worker_id)
+        except JobMeshError as exc:  # etcd unreachable: its lease still bounds how long it is offered
+            log.warning("could not mark worker %s disconnected: %s", worker_id, exc)
 
     async def _reclaim_previous(self, worker_id: str) -> None:
         """Takes back what the worker's previous incarnation held, through the one reclaim path, fenced by the

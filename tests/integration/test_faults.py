@@ -296,6 +296,27 @@ def test_live_workers_take_jobs_again_once_heard_after_etcd_restarts(fresh_stack
     assert min(after.values()) > max(before.values())
 
 
+def test_no_job_is_placed_on_a_worker_whose_stream_broke(fresh_stack: Stack, marks: Path) -> None:
+    """A worker killed while idle keeps its record until its lease runs out; its stream breaks at once, and from
+    then on nothing is placed on it: jobs submitted in that window wait for a live worker, none ends WORKER_LOST."""
+    api = ready(fresh_stack)
+    static = {w for w in worker_terms(fresh_stack) if w.startswith("static-general-")}
+    for worker_id in static:
+        psutil.Process(worker_pid(worker_id)).send_signal(signal.SIGKILL)
+    wait_for(
+        lambda: all(worker_terms(fresh_stack).get(w, 0) == 0 for w in static),
+        timeout=10,
+        what="the killed workers' records marked as not heard",
+    )
+    assert static <= set(worker_terms(fresh_stack))  # still there: their leases have not run out
+    jobs = [api.submit(marked(f"after{i}", marks) | {"max_retries": 0, "pool": "static-general"}) for i in range(4)]
+    for job in jobs:
+        done = api.wait_terminal(job["job_id"], timeout=60)
+        assert (done["state"], done["attempt"]) == ("JOB_STATE_SUCCEEDED", 1), done
+        assert done["worker_id"] not in static
+        assert runs(marks, job["spec"]["name"]) == 1
+
+
 def test_a_worker_paused_past_its_lease_cannot_finish_its_old_attempt(fresh_stack: Stack, marks: Path) -> None:
     api = ready(fresh_stack)
     script = f"echo run >> {marks / 'paused'}; sleep 4"

@@ -532,6 +532,7 @@ class Worker(_message.Message):
     """The etcd raft term in which the pool-manager last heard from the worker (its registration or a heartbeat).
     etcd gives every lease its full TTL again when it elects a leader (a restart included), so a record of an
     older term may be a dead worker's: the scheduler places nothing on it until a heartbeat brings it up to date.
+    0 once the worker's stream broke (it may be dead), until it is heard again.
     """
     @_builtins.property
     def capacity(self) -> Global___Resources: ...
