@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from libs.errors import Unavailable
 from libs.etcd import informer as informer_module
 from libs.etcd.client import Etcd, KeyValue, WatchEvent
 from libs.etcd.informer import Informer
@@ -91,3 +92,44 @@ def test_the_page_limit_follows_the_largest_value() -> None:
     assert informer_module.next_page_limit(100) == informer_module.PAGE_KEYS
     assert informer_module.next_page_limit(64 * 1024) == 128
     assert informer_module.next_page_limit(64 * 1024 * 1024) == 1
+
+
+@pytest.mark.asyncio
+async def test_wait_revision_returns_only_once_a_resumed_watch_has_replayed_what_it_missed(
+    etcd: Etcd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watch that broke resumes from the revision after the last change it handled, and etcd (3.5.1) replays
+    what it missed a moment later, while it answers a progress request at once with its current revision. Taking
+    that answer as "caught up" would let a new leader serve its term (LeaderGate) before its cache holds the
+    last writes: wait_revision must wait for them."""
+    prefix = f"{PREFIX}resume/"
+    await etcd.put(f"{prefix}first", b"0")
+    real_watch = etcd.watch
+    broken, resumed = asyncio.Event(), asyncio.Event()
+    calls = 0
+
+    async def watch(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # the first watch breaks once the writes below are made
+            await broken.wait()
+            raise Unavailable("etcd watch: UNAVAILABLE", reason="STORE_UNAVAILABLE")
+            yield  # an async generator, as the real one
+        resumed.set()
+        async for batch in real_watch(*args, **kwargs):
+            yield batch
+
+    monkeypatch.setattr(etcd, "watch", watch)
+    informer = Informer(etcd, prefix, name="resume-test")
+    informer.start()
+    try:
+        await informer.wait_synced(10)
+        last = 0
+        for i in range(100):
+            last = await etcd.put(f"{prefix}k{i:03d}", b"x")
+        broken.set()
+        await asyncio.wait_for(resumed.wait(), 10)
+        await informer.wait_revision(last, timeout=10)
+        assert len(informer.cache) == 101
+    finally:
+        await informer.stop()
