@@ -219,12 +219,12 @@ def test_restarting_the_whole_stack_resumes_pending_jobs(tmp_path: Path, marks: 
         stack.stop()
 
 
-def registered_workers(stack: Stack) -> set[str]:
-    async def read() -> set[str]:
+def worker_terms(stack: Stack) -> dict[str, int]:
+    async def read() -> dict[str, int]:
         etcd = stack.etcd_client()
         try:
             kvs, _, _ = await etcd.get_prefix("/jobmesh/workers/")
-            return {kv.key.rsplit("/", 1)[1] for kv in kvs}
+            return {w.worker_id: w.etcd_term for w in (types_pb2.Worker.FromString(kv.value) for kv in kvs)}
         finally:
             await etcd.close()
 
@@ -237,14 +237,14 @@ def test_jobs_submitted_right_after_a_whole_stack_restart_never_land_on_the_old_
 ) -> None:
     """etcd gives every lease its full TTL again when it restarts, so the records of the last run's workers (all
     gone) look alive for one more lease. A job placed on one of them would end WORKER_LOST without ever running;
-    none may be. A long worker lease (10 s) keeps those records in etcd well past the stack's start."""
+    none may be. A long worker lease (15 s) keeps those records in etcd well past the stack's start."""
     data = tmp_path / "stack"
     config = without_sandbox(FIXTURE_CONFIG, tmp_path)
-    env = FAST_FAILOVER | {"JOBMESH_WORKER_LEASE_TTL": "10"}
+    env = FAST_FAILOVER | {"JOBMESH_WORKER_LEASE_TTL": "15"}
     stack = start_stack(data, env=env, config=config)
     try:
         ready(stack)
-        old = registered_workers(stack)
+        old = set(worker_terms(stack))
         assert len(old) >= 3
     finally:
         if how == "killed":
@@ -255,7 +255,7 @@ def test_jobs_submitted_right_after_a_whole_stack_restart_never_land_on_the_old_
     stack = start_stack(data, env=env, config=config)
     try:
         api = Api(stack.url, token(stack))
-        assert old <= registered_workers(stack)  # the old records are still there, on leases etcd renewed
+        assert old <= set(worker_terms(stack))  # the old records are still there, on leases etcd renewed
         jobs = [api.submit(marked(f"after{i}", marks) | {"max_retries": 0}) for i in range(8)]
         for job in jobs:
             done = api.wait_terminal(job["job_id"], timeout=60)
@@ -264,18 +264,6 @@ def test_jobs_submitted_right_after_a_whole_stack_restart_never_land_on_the_old_
             assert runs(marks, job["spec"]["name"]) == 1
     finally:
         stack.stop()
-
-
-def worker_terms(stack: Stack) -> dict[str, int]:
-    async def read() -> dict[str, int]:
-        etcd = stack.etcd_client()
-        try:
-            kvs, _, _ = await etcd.get_prefix("/jobmesh/workers/")
-            return {w.worker_id: w.etcd_term for w in (types_pb2.Worker.FromString(kv.value) for kv in kvs)}
-        finally:
-            await etcd.close()
-
-    return asyncio.run(read())
 
 
 def test_live_workers_take_jobs_again_once_heard_after_etcd_restarts(fresh_stack: Stack, marks: Path) -> None:
