@@ -57,8 +57,9 @@ REPLAY_GRACE_SECONDS = 0.5
 
 class WatchProgress:
     """Asks a running watch where it is: `request()` makes etcd answer with the revision up to which the watch has
-    sent every event (`revision`, `heard` set on each answer). etcd answers only once the watch has caught up, so
-    a request may go unanswered: ask again."""
+    sent every event (`revision`, `heard` set on each answer). A request may go unanswered: ask again. (etcd 3.5.1
+    answers at once, even while a new watch is still being sent what it missed: Etcd.watch holds back such
+    answers.)"""
 
     def __init__(self) -> None:
         self.revision = 0
