@@ -59,6 +59,7 @@ class Capacity:
         # etcd's current raft term as the scheduler last heard it: a worker not heard in it may be dead (see
         # Worker.etcd_term) and gets nothing until a heartbeat brings its record up to date.
         self.etcd_term = etcd_term
+        self.unheard = 0  # workers the last snapshot left out for not being heard in the current term
         self.workers = workers
         self.assignments = assignments
         self.tiers = {p.pool_id: TIERS[p.kind] for p in config.pools}
@@ -110,11 +111,15 @@ class Capacity:
         out = []
         decoded: dict[str, tuple[int, t.Worker]] = {}
         term = self.etcd_term()
+        unheard = 0
         for key, kv in self.workers.cache.items():
             known = self._decoded.get(key)
             worker = known[1] if known is not None and known[0] == kv.mod_revision else decode_worker(kv.value)
             decoded[key] = (kv.mod_revision, worker)
-            if worker.state == t.WORKER_STATE_DRAINING or worker.etcd_term < term:
+            if worker.state == t.WORKER_STATE_DRAINING:
+                continue
+            if worker.etcd_term < term:
+                unheard += 1
                 continue
             jobs, cpu, memory = holdings.get(worker.worker_id, (0, 0, 0))
             slots = self.slots.get(worker.pool_id, 1) - jobs
@@ -129,6 +134,7 @@ class Capacity:
             tier = self.tiers.get(worker.pool_id, TIER_DYNAMIC)
             out.append(Candidate(worker, kv.mod_revision, tier, slots=slots, free=free))
         self._decoded = decoded
+        self.unheard = unheard
         return out
 
     def _holdings(self) -> dict[str, list[int]]:

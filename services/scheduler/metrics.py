@@ -25,6 +25,12 @@ class SchedulerMetrics:
         self.unplaced = Gauge(
             "jobmesh_scheduler_unplaced_jobs", "Jobs seen last cycle with no suitable idle worker.", registry=registry
         )
+        self.unheard = Gauge(
+            "jobmesh_scheduler_unheard_workers",
+            "Registered workers offered no job last cycle because they were not heard in etcd's current term "
+            "(their stream broke, or etcd elected a leader since their last heartbeat).",
+            registry=registry,
+        )
         self.leader = Gauge("jobmesh_scheduler_is_leader", "1 while this replica leads.", registry=registry)
         self.allocation = Histogram(
             "jobmesh_scheduler_allocation_seconds",

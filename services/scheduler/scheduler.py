@@ -95,6 +95,7 @@ class Scheduler:
         self.capacity.changed.clear()
         epoch = self.capacity.epoch
         idle = self.capacity.snapshot()
+        self.metrics.unheard.set(self.capacity.unheard)
         mark = self._phase("1_snapshot", started)
         if not idle:
             await self._wait_for_capacity(1.0)

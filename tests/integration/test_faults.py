@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import psutil
 import pytest
 
@@ -299,6 +300,15 @@ def test_no_job_is_placed_on_a_worker_whose_stream_broke(fresh_stack: Stack, mar
         what="the killed workers' records marked as not heard",
     )
     assert static <= set(worker_terms(fresh_stack))  # still there: their leases have not run out
+    leader = fresh_stack.metrics_port(scheduler_leader(fresh_stack))
+    wait_for(
+        lambda: (
+            f"jobmesh_scheduler_unheard_workers {float(len(static))}"
+            in httpx.get(f"http://127.0.0.1:{leader}/metrics", timeout=5).text
+        ),
+        timeout=10,
+        what="the scheduler to count them as unheard",
+    )
     jobs = [api.submit(marked(f"after{i}", marks) | {"max_retries": 0, "pool": "static-general"}) for i in range(4)]
     for job in jobs:
         done = api.wait_terminal(job["job_id"], timeout=60)

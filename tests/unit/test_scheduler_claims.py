@@ -139,9 +139,12 @@ def test_a_worker_not_heard_in_etcds_current_term_is_not_offered_until_its_recor
         load_config(FIXTURE_CONFIG), FakeClock(1_700_000_000.0), workers, assignments, etcd_term=lambda: term[0]
     )
     assert [c.worker.worker_id for c in capacity.snapshot()] == ["w-new"]
+    assert capacity.unheard == 1
     confirmed = t.Worker.FromString(workers.cache[KEYS.worker("w-old")].value)
     confirmed.etcd_term = 7
     workers.cache[KEYS.worker("w-old")] = kv(KEYS.worker("w-old"), confirmed.SerializeToString(), 3)
     assert sorted(c.worker.worker_id for c in capacity.snapshot()) == ["w-new", "w-old"]
+    assert capacity.unheard == 0
     term[0] = 8  # a new election: nobody is offered until heard again
     assert capacity.snapshot() == []
+    assert capacity.unheard == 2
